@@ -1,0 +1,1 @@
+"""The `squashstore` command line: one module per group of commands, wired in `main`."""

@@ -1,0 +1,126 @@
+"""Entry point of `squashstore`: global options, error conventions and command dispatch.
+
+Every command lives in a module of this package that exposes ``register(subparsers)``;
+``register`` adds its sub-parsers and sets ``func`` (called with the parsed namespace, returns
+an exit code) on each. This module owns the conventions of ``shared/notes/cli.md``: the store
+location, one-line errors on stderr starting ``squashstore: `` (exit 1; 2 for usage errors),
+``--debug`` for the traceback and ``--version``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from squashstore import __version__
+from squashstore.image import SquashstoreError
+
+# Command modules, in the order their commands appear in --help. A module that does not
+# exist yet is skipped, so the command line grows as the project does.
+COMMAND_MODULES = (
+    "squashstore.cli.export",
+    "squashstore.cli.squash",
+    "squashstore.cli.store",
+    "squashstore.cli.mounts",
+)
+
+
+class UsageError(SquashstoreError):
+    """A command was called with arguments that do not fit (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"squashstore: {message}\n")
+        raise SystemExit(2)
+
+
+def default_store() -> Path:
+    """The store: ``$SQUASHSTORE_STORE``, else root's or the user's default location."""
+    env = os.environ.get("SQUASHSTORE_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/squashstore/store")
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+    return Path(data_home) / "squashstore" / "store"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="squashstore",
+        description="Squash OCI images into one squashfs file each, in a podman "
+        "additional image store, and serve them to containers.",
+    )
+    parser.add_argument("--store", type=Path, default=None,
+                        help="the squash store (default: $SQUASHSTORE_STORE, else "
+                        "/var/lib/squashstore/store for root, "
+                        "$XDG_DATA_HOME/squashstore/store otherwise)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"squashstore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store is None:
+        args.store = default_store()
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("squashstore: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (`squashstore ls ... | head`): not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except UsageError as exc:
+        return _fail(args, exc, 2)
+    except (SquashstoreError, OSError) as exc:
+        return _fail(args, exc, 1)
+    return int(code or 0)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    if args.debug:
+        traceback.print_exc()
+    sys.stderr.write(f"squashstore: {one_line(exc)}\n")
+    return code
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: OSErrors with their file name, no newlines."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename:
+            text = f"{exc.filename}: {text}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""A native squashfs 4.0 implementation: format structs, codecs, writer and reader."""
