@@ -1,0 +1,242 @@
+"""Opening a layer blob as a verified, uncompressed tar stream.
+
+This module owns what every transport does with a layer blob once it has a raw byte stream:
+recognising its compression (uncompressed, gzip, zstd), decompressing it with bounded memory
+while it is read, hashing both the compressed bytes (the blob digest) and the uncompressed
+bytes (the ``diff_id``), and, when the consumer has finished normally, reading the rest of the
+stream and checking the digests and size the source promised. Any failure (corrupt or
+truncated compression, digest or size mismatch) becomes a `SourceError` naming the layer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, cast
+
+import zstandard
+
+from squashstore.image import SourceError
+
+CHUNK = 1 << 20
+"""Bytes read at a time when draining or copying."""
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OTHER_MAGICS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4"}
+
+
+class Compression:
+    """Names of the compressions a layer blob may have."""
+
+    NONE = "none"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+
+def sniff_compression(head: bytes) -> str:
+    """The compression of a blob whose first bytes are `head` (at least 6 bytes if present)."""
+    if head.startswith(GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(ZSTD_MAGIC):
+        return Compression.ZSTD
+    for magic, name in _OTHER_MAGICS.items():
+        if head.startswith(magic):
+            raise SourceError(f"{name} compressed layers are not supported")
+    return Compression.NONE
+
+
+def parse_digest(digest: str, what: str) -> tuple[str, str]:
+    """``(algorithm, hex)`` of an ``algorithm:hex`` digest; `what` names it in errors."""
+    algorithm, sep, value = digest.partition(":")
+    if not sep or algorithm not in ("sha256", "sha512") or not _is_hex(value, algorithm):
+        raise SourceError(f"{what}: invalid or unsupported digest {digest!r}")
+    return algorithm, value
+
+
+def _is_hex(value: str, algorithm: str) -> bool:
+    length = 64 if algorithm == "sha256" else 128
+    return len(value) == length and all(c in "0123456789abcdef" for c in value)
+
+
+def digest_bytes(data: bytes, algorithm: str = "sha256") -> str:
+    """The ``algorithm:hex`` digest of `data`."""
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def check_bytes(data: bytes, digest: str, what: str) -> None:
+    """Raise `SourceError` unless `data` has `digest`."""
+    algorithm, _ = parse_digest(digest, what)
+    actual = digest_bytes(data, algorithm)
+    if actual != digest:
+        raise SourceError(f"{what}: digest mismatch (expected {digest}, got {actual})")
+
+
+class HashingReader(io.RawIOBase):
+    """A raw reader that hashes and counts every byte read through it."""
+
+    def __init__(self, inner: BinaryIO, algorithm: str = "sha256") -> None:
+        super().__init__()
+        self._inner = inner
+        self.algorithm = algorithm
+        self._hash = hashlib.new(algorithm)
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._inner.read(len(buffer))
+        if not data:
+            return 0
+        n = len(data)
+        buffer[:n] = data
+        self._hash.update(data)
+        self.count += n
+        return n
+
+    def digest(self) -> str:
+        """``algorithm:hex`` of the bytes read so far."""
+        return f"{self.algorithm}:{self._hash.hexdigest()}"
+
+
+class IterReader(io.RawIOBase):
+    """A raw reader over an iterator of byte chunks (for generated tar streams)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+class _GuardedReader(io.RawIOBase):
+    """Reads the decompressed stream, turning decompression failures into `SourceError`."""
+
+    def __init__(self, inner: BinaryIO, describe: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._describe = describe
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._inner.read(len(buffer))
+        except EOFError as exc:
+            raise SourceError(f"{self._describe}: blob is truncated ({exc})") from exc
+        except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
+            raise SourceError(f"{self._describe}: blob is corrupt ({exc})") from exc
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a source promised about one blob; empty strings and -1 mean 'not promised'."""
+
+    describe: str
+    """How errors name the blob (`Layer.describe()`)."""
+    digest: str = ""
+    """Digest of the blob as stored (possibly compressed)."""
+    diff_id: str = ""
+    """Digest of the uncompressed tar."""
+    size: int = -1
+    """Size in bytes of the blob as stored."""
+    compression: str | None = None
+    """Known compression, or None to recognise it from the first bytes."""
+
+
+def _decompressor(raw: BinaryIO, compression: str) -> BinaryIO:
+    if compression == Compression.GZIP:
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
+    if compression == Compression.ZSTD:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return cast(BinaryIO, reader)
+    return raw
+
+
+def _drain(stream: BinaryIO) -> None:
+    while stream.read(CHUNK):
+        pass
+
+
+@contextmanager
+def open_verified(raw: BinaryIO, expect: Expect) -> Iterator[BinaryIO]:
+    """The uncompressed stream of the blob `raw`; checks `expect` when read to its end.
+
+    `raw` is closed when the context exits. Digests are checked only on a normal exit: the
+    remaining bytes are read first, so a consumer may stop at the tar's end-of-archive.
+    """
+    try:
+        outer_alg = parse_digest(expect.digest, expect.describe)[0] if expect.digest else "sha256"
+        inner_alg = parse_digest(expect.diff_id, expect.describe)[0] if expect.diff_id else "sha256"
+        blob = HashingReader(raw, outer_alg)
+        hashed_raw = io.BufferedReader(blob, CHUNK)
+        compression = expect.compression
+        if compression is None:
+            compression = sniff_compression(hashed_raw.peek(8)[:8])
+        decompressed = _decompressor(hashed_raw, compression)
+        hashed = HashingReader(io.BufferedReader(_GuardedReader(decompressed, expect.describe),
+                                                 CHUNK), inner_alg)
+        stream = io.BufferedReader(hashed, CHUNK)
+        yield stream
+        _drain(stream)
+        _drain(hashed_raw)
+        _check(expect, blob, hashed)
+    except SourceError as exc:
+        if expect.describe in str(exc):
+            raise
+        raise SourceError(f"{expect.describe}: {exc}") from exc
+    finally:
+        raw.close()
+
+
+def _check(expect: Expect, blob: HashingReader, tar: HashingReader) -> None:
+    name = expect.describe
+    if expect.size >= 0 and blob.count != expect.size:
+        raise SourceError(f"{name}: blob is {blob.count} bytes, expected {expect.size} "
+                          "(truncated or corrupt)")
+    if expect.digest and blob.digest() != expect.digest:
+        raise SourceError(f"{name}: blob digest mismatch (expected {expect.digest}, "
+                          f"got {blob.digest()})")
+    if expect.diff_id and tar.digest() != expect.diff_id:
+        raise SourceError(f"{name}: uncompressed content does not match its diff_id "
+                          f"(expected {expect.diff_id}, got {tar.digest()})")
+
+
+def opener(open_raw: Callable[[], BinaryIO], expect: Expect
+           ) -> Callable[[], AbstractContextManager[BinaryIO]]:
+    """A `Layer.opener`: opens the raw blob with `open_raw` and verifies it against `expect`.
+
+    `open_raw` may raise `OSError`; it becomes a `SourceError` naming the blob.
+    """
+
+    def open_layer() -> AbstractContextManager[BinaryIO]:
+        try:
+            raw = open_raw()
+        except OSError as exc:
+            raise SourceError(f"{expect.describe}: cannot open blob: {exc}") from exc
+        return open_verified(raw, expect)
+
+    return open_layer

@@ -1,0 +1,218 @@
+"""Rebuilding a containers/storage layer's tar stream from its tar-split and its diff directory.
+
+containers/storage keeps no layer tars: it keeps each layer's files unpacked (overlay's
+``<graphroot>/overlay/<id>/diff``) plus ``overlay-layers/<id>.tar-split.gz``, gzip'd JSON lines
+in vbatts/tar-split's format. A line of type 2 (segment) carries raw tar bytes (headers,
+padding, the end-of-archive blocks) base64'd in ``payload``; a line of type 1 (file) names an
+entry (``name``, or base64 ``name_raw`` when not UTF-8) whose ``size`` content bytes are read
+from the diff directory. Concatenated they reproduce the original layer tar byte for byte.
+This module owns that reconstruction and, for a layer without a tar-split, an equivalent tar
+made by walking the diff directory (overlay whiteouts and opaque directories turned into OCI
+``.wh.`` entries). Both are produced as iterators of byte chunks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from squashstore.image import SourceError
+
+CHUNK = 1 << 20
+SEGMENT = 2
+FILE = 1
+_OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+_SKIPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+
+def _entry_name(entry: dict[str, object], where: str) -> bytes:
+    raw = entry.get("name_raw")
+    if isinstance(raw, str) and raw:
+        try:
+            return base64.b64decode(raw, validate=True)
+        except binascii.Error as exc:
+            raise SourceError(f"{where}: invalid name_raw ({exc})") from exc
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise SourceError(f"{where}: file entry without a name")
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _safe_relative(name: bytes, where: str) -> bytes:
+    """`name` as a path relative to the diff directory; never leaves it."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts or not parts:
+        raise SourceError(f"{where}: entry name {name!r} escapes the layer")
+    return b"/".join(parts)
+
+
+def _file_content(diff: bytes, name: bytes, size: int, where: str) -> Iterator[bytes]:
+    path = os.path.join(diff, _safe_relative(name, where))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        remaining = size
+        while remaining:
+            data = f.read(min(CHUNK, remaining))
+            if not data:
+                raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
+                                  f"{size} bytes the layer recorded")
+            remaining -= len(data)
+            yield data
+
+
+def _parse_line(line: bytes, where: str) -> dict[str, object]:
+    try:
+        entry = json.loads(line)
+    except ValueError as exc:
+        raise SourceError(f"{where}: invalid tar-split line ({exc})") from exc
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: invalid tar-split line")
+    return entry
+
+
+def _payload(entry: dict[str, object], where: str) -> bytes:
+    payload = entry.get("payload")
+    if payload is None:
+        return b""
+    if not isinstance(payload, str):
+        raise SourceError(f"{where}: invalid segment payload")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise SourceError(f"{where}: invalid segment payload ({exc})") from exc
+
+
+def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[bytes]:
+    """The layer tar rebuilt from `tar_split` (a ``.tar-split.gz``) and `diff_dir`.
+
+    `where` names the layer in errors.
+    """
+    diff = os.fsencode(diff_dir)
+    try:
+        with gzip.open(tar_split, "rb") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                entry = _parse_line(line, where)
+                kind = entry.get("type")
+                if kind == SEGMENT:
+                    data = _payload(entry, where)
+                    if data:
+                        yield data
+                elif kind == FILE:
+                    size = entry.get("size", 0)
+                    if not isinstance(size, int) or size < 0:
+                        raise SourceError(f"{where}: invalid size in tar-split")
+                    if size:
+                        yield from _file_content(diff, _entry_name(entry, where), size, where)
+                else:
+                    raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+    except (OSError, EOFError) as exc:
+        raise SourceError(f"{where}: cannot read {tar_split}: {exc}") from exc
+
+
+# --- a layer without a tar-split: walk the diff directory ----------------------------------
+
+
+def _xattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    values: dict[bytes, bytes] = {}
+    for name in sorted(names):
+        key = os.fsencode(name)
+        try:
+            values[key] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return values
+
+
+def _header(name: bytes, st: os.stat_result, kind: bytes, xattrs: dict[bytes, bytes],
+            linkname: bytes = b"", size: int = 0) -> bytes:
+    info = tarfile.TarInfo(os.fsdecode(name))
+    info.type = kind
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = int(st.st_mtime)
+    info.size = size
+    info.linkname = os.fsdecode(linkname)
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    info.pax_headers = {
+        "SCHILY.xattr." + key.decode("utf-8", "surrogateescape"):
+            value.decode("utf-8", "surrogateescape")
+        for key, value in xattrs.items() if not key.startswith(_SKIPPED_XATTR_PREFIXES)
+    }
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _whiteout(name: bytes, st: os.stat_result) -> bytes:
+    info = tarfile.TarInfo(os.fsdecode(name))
+    info.mtime = int(st.st_mtime)
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _is_opaque(xattrs: dict[bytes, bytes]) -> bool:
+    return any(xattrs.get(k) == b"y" for k in _OPAQUE_XATTRS)
+
+
+def _walk_entry(root: bytes, rel: bytes, links: dict[tuple[int, int], bytes],
+                where: str) -> Iterator[bytes]:
+    path = os.path.join(root, rel)
+    st = os.lstat(path)
+    mode = st.st_mode
+    parent, _, base = rel.rpartition(b"/")
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        yield _whiteout((parent + b"/" if parent else b"") + b".wh." + base, st)
+        return
+    xattrs = _xattrs(path)
+    if stat.S_ISDIR(mode):
+        yield _header(rel + b"/", st, tarfile.DIRTYPE, xattrs)
+        if _is_opaque(xattrs):
+            yield _whiteout(rel + b"/.wh..wh..opq", st)
+        for child in sorted(os.listdir(path)):
+            yield from _walk_entry(root, rel + b"/" + child, links, where)
+        return
+    if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+        first = links.setdefault((st.st_dev, st.st_ino), rel)
+        if first != rel:
+            yield _header(rel, st, tarfile.LNKTYPE, xattrs, linkname=first)
+            return
+    if stat.S_ISREG(mode):
+        yield _header(rel, st, tarfile.REGTYPE, xattrs, size=st.st_size)
+        yield from _file_content(root, rel, st.st_size, where)
+        if st.st_size % tarfile.BLOCKSIZE:
+            yield bytes(tarfile.BLOCKSIZE - st.st_size % tarfile.BLOCKSIZE)
+    elif stat.S_ISLNK(mode):
+        yield _header(rel, st, tarfile.SYMTYPE, xattrs, linkname=os.readlink(path))
+    elif stat.S_ISCHR(mode):
+        yield _header(rel, st, tarfile.CHRTYPE, xattrs)
+    elif stat.S_ISBLK(mode):
+        yield _header(rel, st, tarfile.BLKTYPE, xattrs)
+    elif stat.S_ISFIFO(mode):
+        yield _header(rel, st, tarfile.FIFOTYPE, xattrs)
+    # sockets cannot be represented in a tar and are left out, as tar does
+
+
+def tar_from_diff_dir(diff_dir: Path, where: str) -> Iterator[bytes]:
+    """A tar equivalent to the layer whose unpacked files are `diff_dir` (overlay layout)."""
+    root = os.fsencode(diff_dir)
+    links: dict[tuple[int, int], bytes] = {}
+    try:
+        for child in sorted(os.listdir(root)):
+            yield from _walk_entry(root, child, links, where)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {diff_dir}: {exc.strerror}") from exc
+    yield bytes(2 * tarfile.BLOCKSIZE)
