@@ -1,0 +1,289 @@
+"""Squash mounts: the per-host mount registry and the mounter backends.
+
+The registry lives in the runtime directory (see `squashstore.runtime.runtime_dir`): a lock
+file and one JSON record per mount point (image id, layer id, squash file, mount point,
+backend, server pid, since, and the users the mount program recorded). Every mount and
+unmount happens under the registry's lock, so an image's layer is mounted at most once however
+many containers start together, and a dead FUSE mount (ENOTCONN) is lazily unmounted and
+replaced. Backends implement the small `Mounter` interface; `kernel` (root: a read-only loop
+mount) and `squashfuse` (``squashfuse_ll``, rootless) exist now, and another registers itself
+with `register_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from squashstore import locking, runtime
+from squashstore.image import SquashstoreError
+from squashstore.store import atomic_write_json
+
+MOUNT_TIMEOUT = 30.0
+"""Seconds a FUSE server may take before its mount appears."""
+
+
+class MountError(SquashstoreError):
+    """A squash file could not be mounted or unmounted."""
+
+
+class Mounter(Protocol):
+    """A way to serve a squash file read-only on a directory."""
+
+    name: str
+
+    def mount(self, squash: Path, mountpoint: Path) -> int | None:
+        """Mount; return the server's pid (None for in-kernel mounts). Returns once mounted."""
+
+    def umount(self, mountpoint: Path, lazy: bool) -> None:
+        """Unmount; raise MountError (errno EBUSY on the cause) when it is busy."""
+
+    def is_alive(self, mountpoint: Path) -> bool:
+        """Whether a mount on ``mountpoint`` answers (False for a dead FUSE server)."""
+
+
+def _run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()
+                 or f"exit status {proc.returncode}").splitlines()
+        raise MountError(f"{what}: {lines[-1]}")
+
+
+def answers(mountpoint: Path) -> bool:
+    """stat() the mount point: a FUSE mount whose server died gives ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            return False
+        raise
+    return True
+
+
+class KernelMounter:
+    """The kernel's squashfs on a loop device (root only)."""
+
+    name = "kernel"
+
+    def mount(self, squash: Path, mountpoint: Path) -> int | None:
+        if not runtime.is_real_root():
+            raise MountError("the kernel backend needs root; use --backend squashfuse")
+        _run(["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", str(squash),
+              str(mountpoint)], f"mount {squash}")
+        return None
+
+    def umount(self, mountpoint: Path, lazy: bool) -> None:
+        _run(["umount", *(["-l"] if lazy else []), str(mountpoint)], f"umount {mountpoint}")
+
+    def is_alive(self, mountpoint: Path) -> bool:
+        return answers(mountpoint)
+
+
+class SquashfuseMounter:
+    """``squashfuse_ll``, the C FUSE server (works rootless); unmounted by fusermount3."""
+
+    name = "squashfuse"
+    program = "squashfuse_ll"
+
+    def mount(self, squash: Path, mountpoint: Path) -> int | None:
+        binary = shutil.which(self.program)
+        if binary is None:
+            raise MountError(f"{self.program} not found on PATH")
+        options = ["-o", "allow_other"] if runtime.is_real_root() else []
+        log_dir = runtime.runtime_dir() / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / (hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24] + ".log")
+        with open(log, "wb") as err:
+            server = subprocess.Popen(
+                [binary, "-f", *options, str(squash), str(mountpoint)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while time.monotonic() < deadline:
+            entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+            if entry is not None and entry.fstype.startswith("fuse"):
+                return server.pid
+            if server.poll() is not None:
+                message = log.read_text(errors="replace").strip().splitlines()
+                raise MountError(f"{self.program} {squash}: "
+                                 + (message[-1] if message else f"exit {server.returncode}"))
+            time.sleep(0.02)
+        server.kill()
+        raise MountError(f"{self.program} {squash}: no mount after {MOUNT_TIMEOUT:.0f}s")
+
+    def umount(self, mountpoint: Path, lazy: bool) -> None:
+        _run(["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
+             f"fusermount3 -u {mountpoint}")
+
+    def is_alive(self, mountpoint: Path) -> bool:
+        return answers(mountpoint)
+
+
+BACKENDS: dict[str, Callable[[], Mounter]] = {
+    "kernel": KernelMounter,
+    "squashfuse": SquashfuseMounter,
+}
+FSTYPE_BACKENDS = {"squashfs": "kernel", "fuse.squashfuse_ll": "squashfuse",
+                   "fuse.squashfuse": "squashfuse"}
+
+
+def register_backend(name: str, factory: Callable[[], Mounter], fstype: str = "") -> None:
+    """Add a backend (``fstype``: how /proc/self/mountinfo shows its mounts)."""
+    BACKENDS[name] = factory
+    if fstype:
+        FSTYPE_BACKENDS[fstype] = name
+
+
+def default_backend() -> str:
+    """``[mount] backend`` of the config, else kernel for root and squashfuse otherwise."""
+    fallback = "kernel" if runtime.is_real_root() else "squashfuse"
+    return runtime.config_value("mount", "backend", fallback, tuple(BACKENDS))
+
+
+def mounter(name: str | None = None) -> Mounter:
+    name = name or default_backend()
+    if name not in BACKENDS:
+        raise MountError(f"unknown mount backend {name!r} (known: {', '.join(BACKENDS)})")
+    return BACKENDS[name]()
+
+
+def mounter_for_fstype(fstype: str) -> Mounter:
+    if fstype.startswith("fuse") and fstype not in FSTYPE_BACKENDS:
+        return SquashfuseMounter()
+    return mounter(FSTYPE_BACKENDS.get(fstype, "kernel"))
+
+
+@dataclass
+class MountRecord:
+    """The registry's knowledge of one mount."""
+
+    image: str
+    layer: str
+    squash: str
+    mountpoint: str
+    backend: str
+    pid: int | None
+    since: float
+    users: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Registry:
+    """The mount registry of this host / user namespace."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.dir = directory or runtime.runtime_dir()
+        self.records_dir = self.dir / "mounts"
+        self.lock_file = self.dir / "lock"
+
+    def _key(self, mountpoint: Path) -> str:
+        return hashlib.sha256(runtime.real_path(mountpoint).encode()).hexdigest()[:32]
+
+    def _record_path(self, mountpoint: Path) -> Path:
+        return self.records_dir / f"{self._key(mountpoint)}.json"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with locking.exclusive(self.lock_file):
+            yield
+
+    def record(self, mountpoint: Path) -> MountRecord | None:
+        try:
+            data = json.loads(self._record_path(mountpoint).read_bytes())
+            return MountRecord(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def records(self) -> list[MountRecord]:
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(self.records_dir.iterdir()):
+                if entry.suffix != ".json":
+                    continue
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    out.append(MountRecord(**json.loads(entry.read_bytes())))
+        return out
+
+    def _write(self, record: MountRecord) -> None:
+        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
+
+    def _forget(self, mountpoint: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(mountpoint).unlink()
+
+    def ensure_mounted(self, image: str, layer: str, squash: Path, mountpoint: Path,
+                       backend: str | None = None,
+                       user: dict[str, Any] | None = None) -> MountRecord:
+        """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``."""
+        with self.locked():
+            record = self._live_record(image, layer, squash, mountpoint)
+            if record is None:
+                chosen = mounter(backend)
+                pid = chosen.mount(squash, mountpoint)
+                record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
+                                     chosen.name, pid, time.time())
+            if user is not None:
+                key = user.get("merged")
+                record.users = [u for u in record.users if u.get("merged") != key] + [user]
+            self._write(record)
+            return record
+
+    def _live_record(self, image: str, layer: str, squash: Path,
+                     mountpoint: Path) -> MountRecord | None:
+        """The record of a live mount on ``mountpoint``; dead mounts are removed."""
+        entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+        record = self.record(mountpoint)
+        if entry is None:
+            if record is not None:
+                self._forget(mountpoint)
+            return None
+        existing = mounter_for_fstype(entry.fstype)
+        if not existing.is_alive(mountpoint):
+            existing.umount(mountpoint, lazy=True)
+            self._forget(mountpoint)
+            return None
+        if record is None:
+            record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
+                                 existing.name, None, time.time())
+        return record
+
+    def umount(self, mountpoint: Path, lazy: bool = False) -> bool:
+        """Unmount (if mounted) and forget; False when the mount is busy."""
+        with self.locked():
+            return self._umount_locked(mountpoint, lazy)
+
+    def _umount_locked(self, mountpoint: Path, lazy: bool) -> bool:
+        entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+        if entry is not None:
+            existing = mounter_for_fstype(entry.fstype)
+            alive = existing.is_alive(mountpoint)
+            try:
+                existing.umount(mountpoint, lazy=lazy or not alive)
+            except MountError:
+                if runtime.is_mountpoint(mountpoint):
+                    return False
+        self._forget(mountpoint)
+        return True
+
+    def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, bool]]:
+        with self.locked():
+            return [(r, self._umount_locked(Path(r.mountpoint), lazy)) for r in self.records()]
+
+    def is_mounted(self, mountpoint: Path) -> bool:
+        return runtime.is_mountpoint(mountpoint)

@@ -1,0 +1,752 @@
+"""The squash store: a podman additional image store treated as a database.
+
+Owns the store's layout (podman's ``overlay/``, ``overlay-layers/``, ``overlay-images/`` as
+containers/storage 1.43 reads them, plus squashstore's own ``squashstore/`` directory holding
+the format-version file, the project lock, the squash files, per-image and per-layer metadata
+and writers' temporary directories), and every change to it: ``init``, ``publish`` (slow data
+staged outside the lock, then a few atomic renames under the project lock and podman's own
+lock files: squash file and image data first, layer record next, image record last), names
+(a name is never on two images), removal, ``gc`` of crash leftovers (never a live writer's:
+temporary names carry the writer's host, pid and start time) and the structural check. Every
+JSON rewrite is temp + fsync + rename; files are world-readable and directories
+world-searchable so a site can share a store read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from squashstore import locking, runtime
+from squashstore.image import SquashstoreError
+
+FORMAT_VERSION = 1
+META = "squashstore"
+LINK_LENGTH = 26
+TMP_SUFFIX = ".sqtmp"
+FOREIGN_LEFTOVER_AGE = 24 * 3600
+"""Leftovers of writers on other hosts are removed only when older than this (seconds)."""
+
+
+class StoreError(SquashstoreError):
+    """The store is missing, of another format, damaged, or the request does not fit it."""
+
+
+class ImageNotFound(StoreError):
+    """No image in the store matches a reference."""
+
+
+class NameError_(StoreError):
+    """A name is not a valid image name."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def big_data_file_name(key: str) -> str:
+    """containers/storage's file name for an image big-data item."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", key) and not key.startswith("="):
+        return key
+    return "=" + base64.standard_b64encode(key.encode()).decode()
+
+
+def link_name(layer_id: str) -> str:
+    """The layer's 26-character short name (deterministic, so re-publishing is idempotent)."""
+    digest = hashlib.sha256(f"squashstore-link:{layer_id}".encode()).digest()
+    return base64.b32encode(digest).decode()[:LINK_LENGTH]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(target: Path) -> Path:
+    """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
+    return target.with_name(f".{target.name}.{runtime.me().tag()}.{secrets.token_hex(4)}"
+                            f"{TMP_SUFFIX}")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return default
+    except ValueError as exc:
+        raise StoreError(f"{path}: damaged JSON ({exc})") from exc
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or directory tree, never descending into a mount point."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    mounted = runtime.mount_table()
+    for root, dirs, _files in os.walk(path):
+        for name in dirs:
+            if runtime.real_path(Path(root) / name) in mounted:
+                raise StoreError(f"{Path(root) / name}: still mounted")
+    shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------- names
+
+_NAME_RE = re.compile(r"[a-z0-9]+(?:[._/-][a-z0-9]+|__|--+)*(?::[0-9]+)?"
+                      r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                      r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+
+
+def _split_domain(name: str) -> tuple[str, str]:
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return "", name
+
+
+def normalize_name(name: str) -> str:
+    """A name as podman stores it: ``localhost/x:latest``, ``docker.io/library/alpine:3``."""
+    if not name or not _NAME_RE.fullmatch(name) or name.startswith("sha256:"):
+        raise NameError_(f"invalid image name {name!r}")
+    domain, remainder = _split_domain(name)
+    if not domain:
+        domain = "localhost"
+    if domain == "docker.io" and "/" not in remainder:
+        remainder = "library/" + remainder
+    last = remainder.rsplit("/", 1)[-1]
+    if ":" not in last and "@" not in last:
+        remainder += ":latest"
+    return f"{domain}/{remainder}"
+
+
+def name_candidates(reference: str) -> list[str]:
+    """Full names a user's short reference may mean, most likely first."""
+    ref = reference
+    last = ref.rsplit("/", 1)[-1]
+    if ":" not in last and "@" not in last:
+        ref += ":latest"
+    domain, _ = _split_domain(ref)
+    if domain:
+        out = [ref]
+        if domain == "docker.io" and ref.count("/") == 1:
+            out.append(ref.replace("docker.io/", "docker.io/library/", 1))
+        return out
+    return [ref, f"localhost/{ref}", f"docker.io/library/{ref}", f"docker.io/{ref}"]
+
+
+# --------------------------------------------------------------------------- data types
+
+@dataclass(frozen=True)
+class StoreImage:
+    """One image of the store as squashstore presents it."""
+
+    id: str
+    names: tuple[str, ...]
+    layer: str
+    digest: str
+    created: str
+    size: int
+    squash: Path
+    diff: Path
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "names": list(self.names), "layer": self.layer,
+                "digest": self.digest, "created": self.created, "size": self.size,
+                "squash": str(self.squash), "diff": str(self.diff), **self.metadata}
+
+
+@dataclass(frozen=True)
+class Publication:
+    """Everything a writer staged for one image, ready to publish."""
+
+    squash: Path
+    """The squash file, inside the writer's staging directory."""
+    diff_digest: str
+    diff_size: int
+    config: bytes
+    manifest: bytes
+    names: tuple[str, ...]
+    created: str
+    tar_split: Path | None = None
+    layer_metadata: dict[str, Any] = field(default_factory=dict)
+    image_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+Unmounter = Callable[[Path], bool]
+"""Unmounts a layer's diff directory; returns False when it is busy and stays mounted."""
+
+
+def _no_unmount(diff: Path) -> bool:
+    return not runtime.is_mountpoint(diff)
+
+
+# --------------------------------------------------------------------------- the store
+
+class Store:
+    """A squash store rooted at ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.meta = self.root / META
+        self.format_file = self.meta / "format-version"
+        self.lock_file = self.meta / "lock"
+        self.image_meta_dir = self.meta / "images"
+        self.layer_meta_dir = self.meta / "layers"
+        self.squash_dir = self.meta / "squash"
+        self.tmp_dir = self.meta / "tmp"
+        self.overlay = self.root / "overlay"
+        self.links = self.overlay / "l"
+        self.layers_dir = self.root / "overlay-layers"
+        self.images_dir = self.root / "overlay-images"
+        self.layers_json = self.layers_dir / "layers.json"
+        self.images_json = self.images_dir / "images.json"
+        self.layers_lock = self.layers_dir / "layers.lock"
+        self.images_lock = self.images_dir / "images.lock"
+
+    # ----------------------------------------------------------------- layout
+
+    @staticmethod
+    def is_store(path: Path) -> bool:
+        return (path / META / "format-version").is_file()
+
+    def diff_dir(self, layer_id: str) -> Path:
+        return self.overlay / layer_id / "diff"
+
+    def squash_file(self, layer_id: str) -> Path:
+        return self.squash_dir / f"{layer_id}.sqfs"
+
+    def tar_split_file(self, layer_id: str) -> Path:
+        return self.layers_dir / f"{layer_id}.tar-split.gz"
+
+    def check(self) -> None:
+        """Raise StoreError unless this is a store of our format."""
+        try:
+            text = self.format_file.read_text().strip()
+        except FileNotFoundError:
+            raise StoreError(f"{self.root}: not a squash store (run `squashstore init`)")\
+                from None
+        if text != str(FORMAT_VERSION):
+            raise StoreError(f"{self.root}: store format {text!r}, this squashstore reads "
+                             f"format {FORMAT_VERSION}")
+
+    def init(self) -> None:
+        """Create the store (idempotent); podman accepts it empty and read-only."""
+        if self.format_file.exists():
+            self.check()
+            return
+        for directory in (self.root, self.meta, self.image_meta_dir, self.layer_meta_dir,
+                          self.squash_dir, self.tmp_dir, self.overlay, self.links,
+                          self.layers_dir, self.images_dir):
+            try:
+                directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the store: {directory}: "
+                                 f"{exc.strerror}") from exc
+            os.chmod(directory, 0o755)
+        with locking.exclusive(self.lock_file):
+            for lock in (self.layers_lock, self.images_lock):
+                with locking.exclusive(lock):
+                    pass
+            for path in (self.layers_json, self.images_json):
+                if not path.exists():
+                    atomic_write_json(path, [])
+            if not self.format_file.exists():
+                atomic_write(self.format_file, f"{FORMAT_VERSION}\n".encode())
+
+    # ----------------------------------------------------------------- reading
+
+    def layer_records(self) -> list[dict[str, Any]]:
+        records = read_json(self.layers_json, [])
+        if not isinstance(records, list):
+            raise StoreError(f"{self.layers_json}: not a JSON array")
+        return records
+
+    def image_records(self) -> list[dict[str, Any]]:
+        records = read_json(self.images_json, [])
+        if not isinstance(records, list):
+            raise StoreError(f"{self.images_json}: not a JSON array")
+        return records
+
+    def _store_image(self, record: dict[str, Any],
+                     layers: dict[str, dict[str, Any]]) -> StoreImage:
+        iid = str(record["id"])
+        lid = str(record.get("layer", ""))
+        layer = layers.get(lid, {})
+        meta = read_json(self.image_meta_dir / f"{iid}.json", {})
+        layer_meta = read_json(self.layer_meta_dir / f"{lid}.json", {})
+        metadata = {"source": meta.get("source", {}), "squash": layer_meta,
+                    "migrated": meta.get("migrated", "")}
+        return StoreImage(
+            id=iid, names=tuple(record.get("names") or ()), layer=lid,
+            digest=str(record.get("digest", "")), created=str(record.get("created", "")),
+            size=int(layer.get("diff-size", 0)), squash=self.squash_file(lid),
+            diff=self.diff_dir(lid), metadata=metadata)
+
+    def images(self) -> list[StoreImage]:
+        self.check()
+        layers = {str(r.get("id")): r for r in self.layer_records()}
+        return [self._store_image(r, layers) for r in self.image_records()]
+
+    def resolve(self, reference: str) -> StoreImage:
+        """An image by name (as podman resolves it), id, ``sha256:`` id or unique prefix."""
+        images = self.images()
+        ref = reference.removeprefix("sha256:")
+        by_id = [i for i in images if i.id == ref]
+        if by_id:
+            return by_id[0]
+        for candidate in name_candidates(reference):
+            named = [i for i in images if candidate in i.names]
+            if named:
+                return named[0]
+        if re.fullmatch(r"[0-9a-f]{3,64}", ref):
+            prefixed = [i for i in images if i.id.startswith(ref)]
+            if len(prefixed) == 1:
+                return prefixed[0]
+            if len(prefixed) > 1:
+                raise StoreError(f"{reference}: id prefix matches {len(prefixed)} images")
+        suffix = name_candidates(reference)[0]
+        short = [i for i in images if any(n.endswith("/" + suffix) for n in i.names)]
+        if len(short) == 1:
+            return short[0]
+        if len(short) > 1:
+            raise StoreError(f"{reference}: short name matches {len(short)} images; "
+                             "give the full name")
+        raise ImageNotFound(f"{reference}: image not found in store {self.root}")
+
+    def find_by_source(self, config_digest: str, manifest_digest: str,
+                       options: dict[str, Any]) -> StoreImage | None:
+        """An image migrated from this source with these squash options, if any."""
+        for image in self.images():
+            source = image.metadata.get("source", {})
+            same_source = (source.get("config_digest") == config_digest
+                           and source.get("digest") == manifest_digest)
+            if same_source and image.metadata.get("squash", {}).get("options") == options:
+                return image
+        return None
+
+    # ----------------------------------------------------------------- writing
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private temporary directory for a writer's slow work (outside the lock)."""
+        self.init()
+        path = self.tmp_dir / f"{runtime.me().tag()}.{secrets.token_hex(6)}"
+        path.mkdir(mode=0o755)
+        os.chmod(path, 0o755)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError, StoreError):
+                remove_tree(path)
+
+    @contextmanager
+    def write_lock(self, unmount: Unmounter = _no_unmount) -> Iterator[None]:
+        """The project lock; leftovers of dead writers are removed on entry."""
+        self.init()
+        with locking.exclusive(self.lock_file):
+            self._clean_leftovers(unmount)
+            yield
+
+    @contextmanager
+    def _podman_lock(self, lock: Path) -> Iterator[None]:
+        with locking.exclusive(lock, create=False) as fd:
+            yield
+            locking.touch_token(fd)
+
+    def _write_layers(self, records: list[dict[str, Any]]) -> None:
+        with self._podman_lock(self.layers_lock):
+            atomic_write_json(self.layers_json, records)
+
+    def _write_images(self, records: list[dict[str, Any]]) -> None:
+        with self._podman_lock(self.images_lock):
+            atomic_write_json(self.images_json, records)
+
+    def publish(self, pub: Publication, unmount: Unmounter = _no_unmount) -> StoreImage:
+        """Make a staged image visible: a few renames, then the layer and image records."""
+        if not pub.diff_digest.startswith("sha256:"):
+            raise StoreError(f"bad diff digest {pub.diff_digest!r}")
+        names = tuple(dict.fromkeys(normalize_name(n) for n in pub.names))
+        lid = pub.diff_digest.removeprefix("sha256:")
+        iid = sha256_hex(pub.config)
+        staged_image = self._stage_image_dir(pub, iid)
+        staged_layer = self._stage_layer_dir(pub.squash.parent, lid)
+        with self.write_lock(unmount):
+            self._install_layer_files(pub, lid, staged_layer)
+            self._install_image_files(pub, iid, staged_image)
+            layers = [r for r in self.layer_records() if r.get("id") != lid]
+            layers.append(self._layer_record(pub, lid))
+            self._write_layers(layers)
+            images = self.image_records()
+            old = next((r for r in images if r.get("id") == iid), None)
+            record = self._image_record(pub, iid, lid, old)
+            for other in images:
+                if other.get("id") != iid:
+                    other["names"] = [n for n in other.get("names") or [] if n not in names]
+            images = [r for r in images if r.get("id") != iid] + [record]
+            all_names = [*record["names"], *names]
+            record["names"] = list(dict.fromkeys(all_names))
+            self._write_images(images)
+        return self.resolve(iid)
+
+    def _stage_image_dir(self, pub: Publication, iid: str) -> Path:
+        staged = pub.squash.parent / f"image-{iid}"
+        staged.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(staged, 0o755)
+        config_key = "sha256:" + iid
+        manifest_key = "manifest-sha256:" + sha256_hex(pub.manifest)
+        for key, data in ((config_key, pub.config), (manifest_key, pub.manifest),
+                          ("manifest", pub.manifest)):
+            atomic_write(staged / big_data_file_name(key), data)
+        return staged
+
+    def _stage_layer_dir(self, staging: Path, lid: str) -> Path:
+        staged = staging / f"layer-{lid}"
+        (staged / "diff").mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(staged, 0o755)
+        os.chmod(staged / "diff", 0o755)
+        atomic_write(staged / "link", link_name(lid).encode())
+        return staged
+
+    def _install_layer_files(self, pub: Publication, lid: str, staged_layer: Path) -> None:
+        os.chmod(pub.squash, 0o644)
+        os.rename(pub.squash, self.squash_file(lid))
+        if pub.tar_split is not None:
+            os.chmod(pub.tar_split, 0o644)
+            os.rename(pub.tar_split, self.tar_split_file(lid))
+        layer_dir = self.overlay / lid
+        if not (layer_dir / "diff").is_dir() or not (layer_dir / "link").is_file():
+            if os.path.lexists(layer_dir) and not runtime.is_mountpoint(layer_dir / "diff"):
+                remove_tree(layer_dir)
+            if not os.path.lexists(layer_dir):
+                os.rename(staged_layer, layer_dir)
+        link = self.links / link_name(lid)
+        target = f"../{lid}/diff"
+        if not link.is_symlink() or os.readlink(link) != target:
+            tmp = temp_name(link)
+            os.symlink(target, tmp)
+            os.rename(tmp, link)
+        layer_meta = {**pub.layer_metadata, "file": str(self.squash_file(lid).name),
+                      "bytes": self.squash_file(lid).stat().st_size}
+        atomic_write_json(self.layer_meta_dir / f"{lid}.json", layer_meta)
+        _fsync_dir(self.squash_dir)
+
+    def _install_image_files(self, pub: Publication, iid: str, staged_image: Path) -> None:
+        image_dir = self.images_dir / iid
+        if os.path.lexists(image_dir):
+            remove_tree(image_dir)
+        os.rename(staged_image, image_dir)
+        atomic_write_json(self.image_meta_dir / f"{iid}.json", pub.image_metadata)
+
+    def _layer_record(self, pub: Publication, lid: str) -> dict[str, Any]:
+        return {"id": lid, "created": pub.created,
+                "compressed-diff-digest": pub.diff_digest, "compressed-size": pub.diff_size,
+                "diff-digest": pub.diff_digest, "diff-size": pub.diff_size,
+                "compression": 0}
+
+    def _image_record(self, pub: Publication, iid: str, lid: str,
+                      old: dict[str, Any] | None) -> dict[str, Any]:
+        config_key = "sha256:" + iid
+        manifest_digest = "sha256:" + sha256_hex(pub.manifest)
+        manifest_key = "manifest-" + manifest_digest
+        items = {config_key: pub.config, manifest_key: pub.manifest, "manifest": pub.manifest}
+        return {
+            "id": iid,
+            "digest": manifest_digest,
+            "names": list((old or {}).get("names") or []),
+            "layer": lid,
+            "metadata": "{}",
+            "big-data-names": list(items),
+            "big-data-sizes": {k: len(v) for k, v in items.items()},
+            "big-data-digests": {k: "sha256:" + sha256_hex(v) for k, v in items.items()},
+            "created": pub.created,
+        }
+
+    # ----------------------------------------------------------------- names
+
+    def add_names(self, iid: str, names: tuple[str, ...]) -> StoreImage:
+        """Give ``iid`` these names, taking them from any other image."""
+        full = tuple(dict.fromkeys(normalize_name(n) for n in names))
+        with self.write_lock():
+            images = self.image_records()
+            if not any(r.get("id") == iid for r in images):
+                raise ImageNotFound(f"{iid}: image not found in store {self.root}")
+            for record in images:
+                current = [n for n in record.get("names") or [] if n not in full]
+                if record.get("id") == iid:
+                    current = list(dict.fromkeys([*(record.get("names") or []), *full]))
+                record["names"] = current
+            self._write_images(images)
+        return self.resolve(iid)
+
+    def remove_name(self, iid: str, name: str) -> StoreImage:
+        full = normalize_name(name)
+        with self.write_lock():
+            images = self.image_records()
+            record = next((r for r in images if r.get("id") == iid), None)
+            if record is None:
+                raise ImageNotFound(f"{iid}: image not found in store {self.root}")
+            if full not in (record.get("names") or []):
+                raise StoreError(f"image {iid[:12]} has no name {full}")
+            record["names"] = [n for n in record["names"] if n != full]
+            self._write_images(images)
+        return self.resolve(iid)
+
+    # ----------------------------------------------------------------- removal and gc
+
+    def remove_image(self, iid: str, unmount: Unmounter = _no_unmount) -> list[str]:
+        """Remove an image (record first, then its files and unshared layer)."""
+        with self.write_lock(unmount):
+            images = self.image_records()
+            if not any(r.get("id") == iid for r in images):
+                raise ImageNotFound(f"{iid}: image not found in store {self.root}")
+            self._write_images([r for r in images if r.get("id") != iid])
+            return [iid, *self._clean_leftovers(unmount)]
+
+    def gc(self, in_use: Callable[[StoreImage], bool],
+           unmount: Unmounter = _no_unmount) -> list[str]:
+        """Remove dangling images nothing uses and all leftovers; returns what went."""
+        removed: list[str] = []
+        with self.write_lock(unmount):
+            images = self.image_records()
+            layers = {str(r.get("id")): r for r in self.layer_records()}
+            keep = []
+            for record in images:
+                if not record.get("names") and not in_use(self._store_image(record, layers)):
+                    removed.append(f"image {record['id']}")
+                else:
+                    keep.append(record)
+            if len(keep) != len(images):
+                self._write_images(keep)
+            removed.extend(self._clean_leftovers(unmount))
+        return removed
+
+    def _clean_leftovers(self, unmount: Unmounter) -> list[str]:
+        """Remove everything no record reaches. Call only under the project lock."""
+        removed = self._clean_temporaries()
+        images = self.image_records()
+        image_ids = {str(r.get("id")) for r in images}
+        used_layers = {str(r.get("layer")) for r in images}
+        layers = self.layer_records()
+        orphans = [r for r in layers if str(r.get("id")) not in used_layers]
+        if orphans:
+            self._write_layers([r for r in layers if str(r.get("id")) in used_layers])
+            removed.extend(f"layer record {r.get('id')}" for r in orphans)
+        layer_ids = used_layers & {str(r.get("id")) for r in layers}
+        removed.extend(self._clean_layer_dirs(layer_ids, unmount))
+        removed.extend(self._clean_files(self.images_dir, image_ids, "",
+                                         keep={"images.json", "images.lock"}))
+        removed.extend(self._clean_files(self.image_meta_dir, image_ids, ".json"))
+        removed.extend(self._clean_files(self.layer_meta_dir, layer_ids, ".json"))
+        removed.extend(self._clean_files(self.squash_dir, layer_ids, ".sqfs"))
+        removed.extend(self._clean_files(self.layers_dir, layer_ids, ".tar-split.gz",
+                                         keep={"layers.json", "layers.lock"}))
+        return removed
+
+    def _clean_layer_dirs(self, layer_ids: set[str], unmount: Unmounter) -> list[str]:
+        removed = []
+        for entry in self._listdir(self.overlay):
+            if entry == "l" or entry in layer_ids:
+                continue
+            path = self.overlay / entry
+            diff = path / "diff"
+            if runtime.is_mountpoint(diff) and not unmount(diff):
+                continue
+            with contextlib.suppress(StoreError):
+                remove_tree(path)
+                removed.append(f"layer dir {entry}")
+        for entry in self._listdir(self.links):
+            link = self.links / entry
+            target = os.readlink(link) if link.is_symlink() else ""
+            lid = target.split("/")[1] if target.count("/") == 2 else ""
+            if lid not in layer_ids or entry != link_name(lid):
+                if entry.endswith(TMP_SUFFIX) and self._live_temp(entry):
+                    continue
+                link.unlink()
+                removed.append(f"link {entry}")
+        return removed
+
+    def _clean_files(self, directory: Path, ids: set[str], suffix: str,
+                     keep: set[str] | None = None) -> list[str]:
+        removed = []
+        for entry in self._listdir(directory):
+            if entry in (keep or set()) or entry.endswith(TMP_SUFFIX):
+                continue
+            if entry.endswith(suffix) and entry[:len(entry) - len(suffix)] in ids:
+                continue
+            if entry.endswith(".lock"):
+                continue
+            remove_tree(directory / entry)
+            removed.append(str((directory / entry).relative_to(self.root)))
+        return removed
+
+    def _clean_temporaries(self) -> list[str]:
+        """Writers' staging dirs and atomic-write temp files whose writer is dead."""
+        removed = []
+        for entry in self._listdir(self.tmp_dir):
+            writer = runtime.ProcessId.parse(entry.rsplit(".", 1)[0])
+            if writer is None or not self._writer_alive(writer, self.tmp_dir / entry):
+                with contextlib.suppress(StoreError):
+                    remove_tree(self.tmp_dir / entry)
+                    removed.append(f"staging {entry}")
+        for directory in (self.meta, self.image_meta_dir, self.layer_meta_dir, self.squash_dir,
+                          self.layers_dir, self.images_dir, self.links):
+            for entry in self._listdir(directory):
+                if entry.endswith(TMP_SUFFIX) and not self._live_temp(entry, directory):
+                    remove_tree(directory / entry)
+                    removed.append(f"temporary {entry}")
+        return removed
+
+    def _live_temp(self, entry: str, directory: Path | None = None) -> bool:
+        parts = entry.removesuffix(TMP_SUFFIX).rsplit(".", 4)
+        writer = runtime.ProcessId.parse(".".join(parts[-4:-1])) if len(parts) == 5 else None
+        if writer is None:
+            return False
+        return self._writer_alive(writer, (directory or self.links) / entry)
+
+    @staticmethod
+    def _writer_alive(writer: runtime.ProcessId, path: Path) -> bool:
+        if writer.host == runtime.hostname():
+            return writer.is_alive()
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            return False
+        return age < FOREIGN_LEFTOVER_AGE
+
+    @staticmethod
+    def _listdir(directory: Path) -> list[str]:
+        try:
+            return sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
+
+    # ----------------------------------------------------------------- verification
+
+    def verify_structure(self) -> list[str]:
+        """Problems found in the store's records and files (empty when sound)."""
+        self.check()
+        problems: list[str] = []
+        layers = {str(r.get("id")): r for r in self.layer_records()}
+        images = self.image_records()
+        for path in (self.layers_lock, self.images_lock):
+            if not path.is_file():
+                problems.append(f"{path}: missing (podman needs it)")
+        owners: dict[str, str] = {}
+        for record in images:
+            iid = str(record.get("id"))
+            for name in record.get("names") or []:
+                if name in owners:
+                    problems.append(f"name {name} on images {owners[name]} and {iid}")
+                owners[name] = iid
+            problems.extend(self._verify_image(record, layers))
+        for lid in layers:
+            problems.extend(self._verify_layer(lid))
+        problems.extend(self._verify_modes())
+        return problems
+
+    def _verify_image(self, record: dict[str, Any],
+                      layers: dict[str, dict[str, Any]]) -> list[str]:
+        iid = str(record.get("id"))
+        problems = []
+        if record.get("layer") not in layers:
+            problems.append(f"image {iid}: layer {record.get('layer')} has no record")
+        for key, digest in (record.get("big-data-digests") or {}).items():
+            path = self.images_dir / iid / big_data_file_name(key)
+            try:
+                actual = "sha256:" + sha256_hex(path.read_bytes())
+            except OSError as exc:
+                problems.append(f"image {iid}: {key}: {exc.strerror}")
+                continue
+            if actual != digest:
+                problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
+        if "sha256:" + iid not in (record.get("big-data-digests") or {}):
+            problems.append(f"image {iid}: no config whose digest is the image id")
+        return problems
+
+    def _verify_layer(self, lid: str) -> list[str]:
+        problems = []
+        if not self.squash_file(lid).is_file():
+            problems.append(f"layer {lid}: squash file missing")
+        try:
+            link = (self.overlay / lid / "link").read_text()
+        except OSError:
+            return [*problems, f"layer {lid}: link file missing"]
+        if len(link) != LINK_LENGTH:
+            problems.append(f"layer {lid}: link name {link!r} is not {LINK_LENGTH} characters")
+        target = self.links / link
+        if not target.is_symlink() or os.readlink(target) != f"../{lid}/diff":
+            problems.append(f"layer {lid}: {target} does not point at its diff directory")
+        if not runtime.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
+            problems.append(f"layer {lid}: diff directory missing")
+        return problems
+
+    def _verify_modes(self) -> list[str]:
+        problems = []
+        mounted = runtime.mount_table()
+        for root, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs
+                       if runtime.real_path(Path(root) / d) not in mounted and d != "tmp"]
+            for name in dirs:
+                mode = (Path(root) / name).stat().st_mode
+                if mode & 0o005 != 0o005:
+                    problems.append(f"{Path(root) / name}: not world-searchable")
+            for name in files:
+                mode = (Path(root) / name).lstat().st_mode
+                if mode & 0o004 == 0 and not name.endswith(TMP_SUFFIX):
+                    problems.append(f"{Path(root) / name}: not world-readable")
+        return problems
+
+
+def free_space_error(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
