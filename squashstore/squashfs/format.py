@@ -257,7 +257,8 @@ class InodeHeader(_Record):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<4H2I")
     inode_type: int
     mode: int
-    """Permission bits only (the type is in `inode_type`)."""
+    """Permission bits only, ``0o7777`` (mksquashfs stores no type bits; readers must
+    take the type from `inode_type`)."""
     uid_index: int
     gid_index: int
     mtime: int
