@@ -1,0 +1,89 @@
+"""Pipelines from an image to one flattened artefact: a tar stream or a squash file.
+
+`export_image` streams the merged layers into one tar (``squashstore export``).
+`squash_image` streams them into the native squashfs writer in one pass: each surviving
+file's bytes go to the writer as they stream past, and through a `TarStream` that computes
+the digest of the canonical tar of the flattened tree and records its tar-split, so the
+store can give podman a layer whose ``diff-digest`` is true and reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from squashstore.image import Image, LayerError
+from squashstore.layers import LayerMerge
+from squashstore.squashfs.writer import SquashOptions, SquashWriter
+from squashstore.tarstream import TarSplitRecorder, TarStream, TeeReader
+
+
+@dataclass(frozen=True)
+class SquashResult:
+    path: Path
+    diff_digest: str
+    """``sha256:`` of the canonical tar of the flattened tree (the layer's diff_id)."""
+    diff_size: int
+    tar_split: Path | None
+    """A gzip'd tar-split that rebuilds that tar from the mounted squash file."""
+    files: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    digest: str
+    size: int
+    files: int
+    bytes_in: int
+
+
+def export_image(image: Image, out: BinaryIO) -> ExportResult:
+    """Write the flattened root filesystem of `image` to `out` as one tar stream."""
+    merge = LayerMerge(image.layers)
+    stream = TarStream(out)
+    try:
+        for entry in merge.entries():
+            stream.add(entry)
+    except EOFError as exc:
+        raise LayerError(f"{image.reference}: {exc}") from exc
+    stream.close()
+    return ExportResult(stream.digest, stream.size, merge.files, merge.bytes)
+
+
+def squash_image(image: Image, dest: Path, options: SquashOptions,
+                 tar_split: Path | None = None) -> SquashResult:
+    """Write `image` flattened to the squash file `dest` (atomically) in one pass.
+
+    With `tar_split`, the tar-split record of the canonical tar is written there too.
+    """
+    started = time.monotonic()
+    merge = LayerMerge(image.layers)
+    split_file = tar_split.open("wb") if tar_split is not None else None
+    try:
+        recorder = TarSplitRecorder(split_file) if split_file is not None else None
+        stream = TarStream(None, recorder)
+        with SquashWriter(dest, options) as writer:
+            for entry in merge.entries():
+                stream.begin(entry)
+                if entry.content is not None:
+                    entry.inode.data = writer.add_file(
+                        TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
+                stream.end()
+            stream.close()
+            summary = writer.finish(merge.root)
+    except BaseException:
+        if split_file is not None:
+            split_file.close()
+            tar_split.unlink(missing_ok=True)  # type: ignore[union-attr]
+        raise
+    if split_file is not None:
+        split_file.close()
+    return SquashResult(
+        path=dest, diff_digest=stream.digest, diff_size=stream.size, tar_split=tar_split,
+        files=merge.files, bytes_in=merge.bytes, bytes_out=summary.bytes_out,
+        seconds=time.monotonic() - started)

@@ -1,0 +1,387 @@
+"""The layer merge: an image's layer tars flattened into one tree, streaming, top layer first.
+
+`LayerMerge` reads each layer's tar once, from the top layer down. An entry of a lower layer
+survives unless a higher layer shadows it: the same path exists higher up (a directory over a
+directory only hides the lower one's metadata), an ancestor is a non-directory, a whiteout
+(``.wh.NAME``) or an opaque directory (``.wh..wh..opq``) higher up. Because every higher layer
+has been read when an entry streams past, a surviving entry is final at once: `entries()`
+yields it with its file content readable from the tar stream, so a sink (the squashfs writer,
+a tar writer) takes the bytes without anything being extracted or held in memory. When the
+iteration ends, `root` is the complete tree (`squashstore.tree`). Hard links join one
+`Inode`; a link whose target a higher layer shadowed gets the content from a second read of
+that layer. Hostile paths are normalised like Docker does (absolute paths kept inside the
+root) or rejected (``..`` above the root, entries below a non-directory of the same layer,
+links out of the layer); owners, modes, devices and xattrs are kept without root.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import posixpath
+import tarfile
+import urllib.parse
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+from squashstore.image import Layer, LayerError
+from squashstore.tree import Inode, Kind, name_bytes, new_dir
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+MAX_NAME = 255
+MAX_FILE_SIZE = 1 << 46  # 64 TiB: larger than any real layer, smaller than absurd headers
+
+
+@dataclass(slots=True)
+class MergedEntry:
+    """One surviving entry, in stream order. `content` is readable only until the next one."""
+
+    path: str
+    """Relative path without a leading slash; ``""`` is the root directory."""
+    inode: Inode
+    content: IO[bytes] | None = None
+    """A regular file's bytes (``inode.size`` of them), for the first name of its inode."""
+    link_to: str | None = None
+    """For a further name of an already yielded inode: the path it was first yielded at."""
+
+
+@dataclass(slots=True)
+class _Upper:
+    """What the layers above the current one say about a path (a trie node)."""
+
+    kind: str | None = None
+    """``"dir"``, ``"other"``, or None when only implied by deeper paths."""
+    hides_below: bool = False
+    """A whiteout or opaque marker above: nothing of this path's lower subtree survives."""
+    children: dict[str, _Upper] = field(default_factory=dict)
+
+
+@dataclass
+class _LayerState:
+    """Paths the current layer has, and what it hides from the layers below it."""
+
+    kinds: dict[str, str] = field(default_factory=dict)
+    whiteouts: set[str] = field(default_factory=set)
+    opaque: set[str] = field(default_factory=set)
+    yielded: dict[str, Inode] = field(default_factory=dict)
+    """Surviving paths of this layer and their inodes (hard-link targets)."""
+    hidden_files: set[str] = field(default_factory=set)
+    """Non-directories of this layer that a higher layer shadowed."""
+    pending_links: dict[str, list[str]] = field(default_factory=dict)
+    """Shadowed link target -> surviving link paths waiting for its content."""
+    link_of: dict[str, str] = field(default_factory=dict)
+    """Hard-link member path -> the path of the member holding the content."""
+
+
+def normalise(name: str, layer: Layer) -> str:
+    """A tar member name as a clean relative path; LayerError when it leaves the root."""
+    path = posixpath.normpath("/" + name) if name.startswith("/") else posixpath.normpath(name)
+    path = path.lstrip("/")
+    if path == ".":
+        return ""
+    if path == ".." or path.startswith("../"):
+        raise LayerError(f"{layer.describe()}: entry {name!r} points outside the root")
+    for part in path.split("/"):
+        if len(name_bytes(part)) > MAX_NAME:
+            raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in {name!r}")
+    return path
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
+    """Extended attributes from PAX headers (``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``)."""
+    found: dict[str, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            found[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            xname = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
+            found.setdefault(xname, base64.b64decode(value + "=" * (-len(value) % 4)))
+    return found
+
+
+def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
+    """The metadata of a tar member (not a hard link) as an `Inode`."""
+    if member.isreg():
+        kind = Kind.FILE
+    elif member.isdir():
+        kind = Kind.DIR
+    elif member.issym():
+        kind = Kind.SYMLINK
+    elif member.ischr():
+        kind = Kind.CHARDEV
+    elif member.isblk():
+        kind = Kind.BLOCKDEV
+    elif member.isfifo():
+        kind = Kind.FIFO
+    else:
+        raise LayerError(f"{layer.describe()}: {member.name!r} has unsupported tar type "
+                         f"{member.type!r}")
+    if kind is Kind.FILE and not 0 <= member.size <= MAX_FILE_SIZE:
+        raise LayerError(f"{layer.describe()}: {member.name!r} has an absurd size {member.size}")
+    inode = Inode(
+        kind,
+        mode=member.mode & 0o7777,
+        uid=member.uid,
+        gid=member.gid,
+        mtime=int(member.mtime),
+        size=member.size if kind is Kind.FILE else 0,
+        target=member.linkname if kind is Kind.SYMLINK else "",
+        rdev=(member.devmajor, member.devminor) if kind in (Kind.CHARDEV, Kind.BLOCKDEV)
+        else (0, 0),
+        xattrs=member_xattrs(member),
+    )
+    if kind is Kind.DIR:
+        inode.children = {}
+    return inode
+
+
+class _Content(io.RawIOBase):
+    """A member's bytes; a broken or truncated layer becomes a LayerError naming it."""
+
+    def __init__(self, raw: IO[bytes], layer: Layer, name: str) -> None:
+        super().__init__()
+        self._raw, self._layer, self._name = raw, layer, name
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self._raw.read(-1 if size is None else size)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise LayerError(f"{self._layer.describe()}: content of {self._name!r} is "
+                             f"truncated or corrupt ({exc})") from exc
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer) -> IO[bytes]:
+    raw = tar.extractfile(member)
+    assert raw is not None
+    return cast(IO[bytes], _Content(raw, layer, member.name))
+
+
+class LayerMerge:
+    """Flatten `layers` (bottom first, as in the manifest) by reading them top first."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+        self.root: Inode = new_dir()
+        self._implicit: set[int] = {id(self.root)}
+        self._upper = _Upper(kind="dir")
+        self._first_path: dict[int, str] = {}
+        self.files = 0
+        self.bytes = 0
+
+    # -- the stream --------------------------------------------------------------------
+    def entries(self) -> Iterator[MergedEntry]:
+        """Yield every surviving entry; afterwards `root` holds the finished tree."""
+        for layer in reversed(self.layers):
+            yield from self._merge_layer(layer)
+        yield from self._finish_implicit()
+
+    def _merge_layer(self, layer: Layer) -> Iterator[MergedEntry]:
+        state = _LayerState()
+        with layer.open() as stream:
+            try:
+                with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:
+                    for member in tar:
+                        yield from self._member(tar, member, layer, state)
+            except tarfile.TarError as exc:
+                raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
+            except EOFError as exc:
+                raise LayerError(f"{layer.describe()}: truncated tar stream") from exc
+        if state.pending_links:
+            yield from self._resolve_pending(layer, state)
+        self._absorb(state)
+
+    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer,
+                state: _LayerState) -> Iterator[MergedEntry]:
+        path = normalise(member.name, layer)
+        base = path.rpartition("/")[2]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._check_parents(path, layer, state)
+            if base == OPAQUE_MARKER:
+                state.opaque.add(_parent(path))
+            else:
+                hidden = posixpath.join(_parent(path), base[len(WHITEOUT_PREFIX):])
+                state.whiteouts.add(hidden)
+            return
+        if path == "" and not member.isdir():
+            raise LayerError(f"{layer.describe()}: the root {member.name!r} is not a directory")
+        self._check_parents(path, layer, state)
+        if member.islnk():
+            yield from self._hard_link(member, path, layer, state)
+            return
+        inode = inode_from_member(member, layer)
+        state.kinds[path] = "dir" if inode.kind is Kind.DIR else "other"
+        if self._hidden(path, inode.kind is Kind.DIR):
+            if inode.kind is not Kind.DIR:
+                state.hidden_files.add(path)
+            return
+        state.hidden_files.discard(path)
+        state.yielded[path] = inode
+        content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
+        yield self._place(path, inode, content)
+
+    def _check_parents(self, path: str, layer: Layer, state: _LayerState) -> None:
+        """Reject an entry below a non-directory of its own layer (a path through a symlink)."""
+        parent = _parent(path)
+        while parent:
+            if state.kinds.get(parent) == "other":
+                raise LayerError(f"{layer.describe()}: entry {path!r} lies below "
+                                 f"non-directory {parent!r}")
+            parent = _parent(parent)
+
+    def _hard_link(self, member: tarfile.TarInfo, path: str, layer: Layer,
+                   state: _LayerState) -> Iterator[MergedEntry]:
+        target = normalise(member.linkname, layer)
+        target = state.link_of.get(target, target)
+        state.link_of[path] = target
+        if target in state.yielded:
+            inode = state.yielded[target]
+        elif target in state.hidden_files:
+            inode = None
+        else:
+            raise LayerError(f"{layer.describe()}: hard link {path!r} points to "
+                             f"{member.linkname!r}, which is not a file of this layer")
+        if inode is not None and inode.kind is Kind.DIR:
+            raise LayerError(f"{layer.describe()}: hard link {path!r} to a directory")
+        state.kinds[path] = "other"
+        if self._hidden(path, False):
+            state.hidden_files.add(path)
+            return
+        if inode is None:
+            state.pending_links.setdefault(target, []).append(path)
+            return
+        state.yielded[path] = inode
+        yield self._place(path, inode, None)
+
+    def _resolve_pending(self, layer: Layer, state: _LayerState) -> Iterator[MergedEntry]:
+        """Read `layer` again for link targets that a higher layer shadowed."""
+        wanted = dict(state.pending_links)
+        with layer.open() as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if not wanted:
+                    break
+                if member.islnk() or normalise(member.name, layer) not in wanted:
+                    continue
+                links = wanted.pop(normalise(member.name, layer))
+                inode = inode_from_member(member, layer)
+                content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
+                yield self._place(links[0], inode, content)
+                for path in links[1:]:
+                    yield self._place(path, inode, None)
+        if wanted:
+            raise LayerError(f"{layer.describe()}: hard-link target {next(iter(wanted))!r} "
+                             "vanished on the second read")
+
+    # -- shadowing ---------------------------------------------------------------------
+    def _hidden(self, path: str, is_dir: bool) -> bool:
+        """Whether the layers above shadow an entry of the current layer at `path`."""
+        node = self._upper
+        if not path:
+            return False  # the root: `_place` keeps the highest layer's metadata
+        for part in path.split("/"):
+            if node.kind == "other" or node.hides_below:
+                return True
+            child = node.children.get(part)
+            if child is None:
+                return False
+            node = child
+        if node.hides_below or node.kind == "other":
+            return True
+        if node.kind == "dir":
+            return True
+        # Only implied by deeper paths above: a directory here supplies the metadata,
+        # anything else is replaced by that implied directory.
+        return not is_dir
+
+    def _absorb(self, state: _LayerState) -> None:
+        """Add what the finished layer shadows to the view of the layers above."""
+        for path, kind in state.kinds.items():
+            node = self._upper_node(path)
+            if node.kind is None:
+                node.kind = kind
+            if kind == "other":
+                # A non-directory cuts off the lower subtree, even under a directory above.
+                node.hides_below = True
+        for path in state.whiteouts | state.opaque:
+            self._upper_node(path).hides_below = True
+
+    def _upper_node(self, path: str) -> _Upper:
+        node = self._upper
+        if path:
+            for part in path.split("/"):
+                node = node.children.setdefault(part, _Upper())
+        return node
+
+    # -- the tree ----------------------------------------------------------------------
+    def _place(self, path: str, inode: Inode, content: IO[bytes] | None) -> MergedEntry:
+        """Put a surviving entry into the tree and describe it for the sinks."""
+        if not path:
+            self._fill_implicit(self.root, inode)
+            return MergedEntry("", self.root)
+        parent = self._directory(_parent(path), inode.mtime)
+        name = path.rpartition("/")[2]
+        assert parent.children is not None
+        existing = parent.children.get(name)
+        if existing is not None and existing.is_dir() and inode.is_dir():
+            self._fill_implicit(existing, inode)
+            return MergedEntry(path, existing)
+        parent.children[name] = inode
+        first = self._first_path.setdefault(id(inode), path)
+        if first != path:
+            return MergedEntry(path, inode, link_to=first)
+        if inode.kind is Kind.FILE:
+            self.files += 1
+            self.bytes += inode.size
+        return MergedEntry(path, inode, content=content)
+
+    def _fill_implicit(self, directory: Inode, source: Inode) -> None:
+        """Give a directory made implicitly (or the root) the metadata of its real entry."""
+        if id(directory) not in self._implicit:
+            return
+        self._implicit.discard(id(directory))
+        directory.mode, directory.uid, directory.gid = source.mode, source.uid, source.gid
+        directory.mtime, directory.xattrs = source.mtime, source.xattrs
+
+    def _directory(self, path: str, mtime: int) -> Inode:
+        """The directory at `path`, made implicitly (0755, root) where missing."""
+        node = self.root
+        if not path:
+            return node
+        for part in path.split("/"):
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None or not child.is_dir():
+                child = new_dir(mtime=mtime)
+                self._implicit.add(id(child))
+                node.children[part] = child
+            node = child
+        return node
+
+    def _finish_implicit(self) -> Iterator[MergedEntry]:
+        """Yield the directories that no layer described (so tar sinks write them too)."""
+        if not self._implicit:
+            return
+        stack: list[tuple[str, Inode]] = [("", self.root)]
+        while stack:
+            path, node = stack.pop()
+            if id(node) in self._implicit:
+                yield MergedEntry(path, node)
+            assert node.children is not None
+            for name, child in node.children.items():
+                if child.is_dir():
+                    stack.append((f"{path}/{name}" if path else name, child))
+        self._implicit.clear()
