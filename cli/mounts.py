@@ -1,0 +1,72 @@
+"""Mount commands: ``mount IMAGE [--backend B]``, ``umount IMAGE | --all``, ``mounts``.
+
+Thin layer over `squashstore.mounts.Registry`: explicit mounts of a store image's squash file
+over its layer's ``diff`` directory, and the listing of every mount this host/user has.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from squashstore.cli.output import add_format_option, print_json, print_table
+
+from squashstore.image import SquashstoreError
+from squashstore.mounts import BACKENDS, Registry
+from squashstore.store import Store
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    store = Store(Path(args.store))
+    image = store.resolve(args.image)
+    record = Registry().ensure_mounted(image.id, image.layer, image.squash, image.diff,
+                                       backend=args.backend)
+    print(record.mountpoint)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    registry = Registry()
+    if args.all:
+        failed = [r.mountpoint for r, ok in registry.umount_all(lazy=args.lazy) if not ok]
+        if failed:
+            raise SquashstoreError(f"{len(failed)} mount(s) busy: {', '.join(failed)}")
+        return 0
+    if args.image is None:
+        raise SquashstoreError("umount: give IMAGE or --all")
+    image = Store(Path(args.store)).resolve(args.image)
+    if not registry.umount(image.diff, lazy=args.lazy):
+        raise SquashstoreError(f"{image.diff}: busy (try --lazy)")
+    return 0
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    records = Registry().records()
+    if args.format == "json":
+        print_json([r.to_json() for r in records])
+        return 0
+    rows = [[r.image[:12], r.backend, r.pid if r.pid is not None else "-",
+             datetime.fromtimestamp(r.since, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+             len(r.users), r.mountpoint] for r in records]
+    print_table(["image", "backend", "pid", "since", "users", "mount point"], rows)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("mount", help="mount a store image's squash file")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default=None,
+                   help="mounter (default: kernel for root, squashfuse otherwise; config)")
+    p.set_defaults(func=cmd_mount)
+
+    p = subparsers.add_parser("umount", help="unmount a store image, or all (--all)")
+    p.add_argument("image", metavar="IMAGE", nargs="?")
+    p.add_argument("--all", action="store_true", help="every mount of this host/user")
+    p.add_argument("--lazy", action="store_true", help="detach even when busy")
+    p.set_defaults(func=cmd_umount)
+
+    p = subparsers.add_parser("mounts", help="list this host's squash mounts")
+    add_format_option(p)
+    p.set_defaults(func=cmd_mounts)

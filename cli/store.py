@@ -1,0 +1,356 @@
+"""Store commands: init, migrate, images, inspect, tag, untag, rmi, gc, verify, config.
+
+Each is a thin layer over `squashstore.store`, `squashstore.migrate` and
+`squashstore.mounts`: parse arguments, call the library, print. Squash options are parsed
+here (`--compression`, `--level`, `--block-size` with K/M suffixes, `--jobs`); their defaults
+favour fast container start-up on HPC nodes (zstd level 3: files far smaller than lz4's so
+less is read from the parallel filesystem, and decompression still fast; 128K blocks: the
+kernel's and squashfuse's natural read size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from squashstore.cli.output import add_format_option, print_json, print_table
+
+from squashstore import runtime
+from squashstore.image import Image, SquashstoreError
+from squashstore.mounts import Registry
+from squashstore.store import Store, StoreError, StoreImage
+
+COMPRESSIONS = ("gzip", "xz", "lz4", "zstd", "none")
+DEFAULT_COMPRESSION = "zstd"
+DEFAULT_LEVEL = 3
+DEFAULT_BLOCK_SIZE = 128 * 1024
+
+
+def parse_size(text: str) -> int:
+    """``128K``, ``1M``, ``131072`` -> bytes."""
+    match = re.fullmatch(r"(\d+)\s*([kKmM]?)(i?[bB])?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 128K, 1M)")
+    factor = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    return int(match.group(1)) * factor
+
+
+def add_squash_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
+                        help=f"codec (default {DEFAULT_COMPRESSION})")
+    parser.add_argument("--level", type=int, default=None,
+                        help=f"compression level (default {DEFAULT_LEVEL} for zstd)")
+    parser.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE,
+                        help="data block size, 4K..1M, a power of two (default 128K)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="compression threads (default: the CPUs available)")
+
+
+def squash_options(args: argparse.Namespace) -> Any:
+    """The writer's SquashOptions from the command line."""
+    import dataclasses
+
+    from squashstore.squashfs.writer import SquashOptions
+
+    values: dict[str, Any] = {
+        "compression": args.compression, "block_size": args.block_size,
+        "level": args.level if args.level is not None else (
+            DEFAULT_LEVEL if args.compression == "zstd" else None),
+        "jobs": args.jobs or len(os.sched_getaffinity(0)),
+    }
+    known = {f.name for f in dataclasses.fields(SquashOptions)}
+    return SquashOptions(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(Path(args.store))
+
+
+def _time(stamp: str | float) -> str:
+    if isinstance(stamp, float):
+        return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return stamp[:19].replace("T", " ")
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.3g}{unit}"
+        value /= 1000
+    return str(size)
+
+
+# --------------------------------------------------------------------------- usage checks
+
+def users_of(image: StoreImage, registry: Registry) -> list[str]:
+    """Containers and images (of the local podman and of recorded mounts) using ``image``."""
+    users: list[str] = []
+    graphroot = runtime.podman_graphroot()
+    if graphroot is not None:
+        users += [f"layer {lid[:12]}" for lid in runtime.layer_children(graphroot, image.layer)]
+    record = registry.record(image.diff)
+    if record is not None:
+        mounted = runtime.mount_table()
+        users += [f"container at {u['merged']}" for u in record.users
+                  if isinstance(u.get("merged"), str) and u["merged"] in mounted]
+    return users
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_init(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.init()
+    print(store.root)
+    return 0
+
+
+def _open_sources(references: list[str], platform: str | None) -> list[Image]:
+    from squashstore.sources import open_image
+
+    images = [open_image(ref, platform=platform) for ref in references]
+    owners: dict[str, str] = {}
+    for image in images:
+        for name in image.names:
+            if name in owners and owners[name] != image.reference:
+                raise StoreError(f"name clash: {name} names both {owners[name]} and "
+                                 f"{image.reference}")
+            owners[name] = image.reference
+    return images
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from squashstore.migrate import migrate_image
+
+    store = _store(args)
+    options = squash_options(args)
+    images = _open_sources(args.sources, args.platform)
+    store.init()
+    for image in images:
+        result = migrate_image(store, image, options, mount=not args.no_mount,
+                               backend=args.backend)
+        stats = result.metadata.get("squash", {})
+        print(f"{image.reference} -> {result.id[:12]} "
+              f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "
+              f"{_human(int(stats.get('bytes', 0)))} squash file)")
+        if args.rm_source:
+            _remove_source(image)
+    return 0
+
+
+def _remove_source(image: Image) -> None:
+    ref = image.reference
+    transport, sep, rest = ref.partition(":")
+    if sep and transport in ("oci", "oci-archive", "docker-archive", "docker", "dir"):
+        return
+    if transport == "containers-storage":
+        ref = rest
+    runtime.podman("rmi", ref)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = _store(args)
+    images = store.images()
+    mounted = runtime.mount_table()
+    rows = [{**i.to_json(), "mounted": runtime.real_path(i.diff) in mounted} for i in images]
+    if args.format == "json":
+        print_json(rows)
+        return 0
+    table = []
+    for row in rows:
+        for name in row["names"] or ["<none>"]:
+            table.append([name, row["id"][:12], _human(row["size"]), _time(row["created"]),
+                          "yes" if row["mounted"] else "no"])
+    print_table(["name", "image id", "size", "created", "mounted"], table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = store.resolve(args.image)
+    record = Registry().record(image.diff)
+    config_file = store.images_dir / image.id
+    from squashstore.store import big_data_file_name
+
+    config = json.loads((config_file / big_data_file_name("sha256:" + image.id)).read_bytes())
+    print_json({**image.to_json(), "config": config,
+                "mounted": runtime.is_mountpoint(image.diff),
+                "mount": record.to_json() if record else None})
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = store.resolve(args.image)
+    store.add_names(image.id, (args.name,))
+    return 0
+
+
+def cmd_untag(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = store.resolve(args.image)
+    store.remove_name(image.id, args.name)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = _store(args)
+    image = store.resolve(args.image)
+    name = next((n for n in image.names if n in _candidates(args.image)), None)
+    if name is not None and len(image.names) > 1:
+        store.remove_name(image.id, name)
+        print(f"untagged {name}")
+        return 0
+    registry = Registry()
+    users = users_of(image, registry)
+    if users and not args.force:
+        raise StoreError(f"image {image.id[:12]} is in use by {len(users)} container(s) or "
+                         f"image(s) ({', '.join(users[:3])}); use --force")
+    if args.force:
+        store.remove_image(image.id, unmount=lambda p: registry.umount(p, lazy=True))
+    else:
+        store.remove_image(image.id, unmount=registry.umount)
+    print(f"deleted {image.id}")
+    return 0
+
+
+def _candidates(reference: str) -> list[str]:
+    from squashstore.store import name_candidates
+
+    try:
+        return name_candidates(reference)
+    except StoreError:
+        return []
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = _store(args)
+    registry = Registry()
+    removed = store.gc(lambda image: bool(users_of(image, registry)), unmount=registry.umount)
+    for line in removed:
+        print(f"removed {line}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    problems = store.verify_structure()
+    images = [store.resolve(args.image)] if args.image else store.images()
+    for image in images:
+        problems.extend(verify_squash_file(image.squash))
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise StoreError(f"{len(problems)} problem(s) in store {store.root}")
+    print(f"ok: {len(images)} image(s)")
+    return 0
+
+
+def verify_squash_file(path: Path) -> list[str]:
+    """Read every directory, symlink and file byte of a squash file with the project's reader."""
+    from squashstore import tree
+    from squashstore.squashfs.reader import SquashReader
+
+    try:
+        with SquashReader(path) as reader:
+            stack = [reader.root]
+            while stack:
+                directory = stack.pop()
+                for entry in reader.readdir(directory):
+                    child = reader.lookup(directory, entry.name)
+                    if child is None:
+                        return [f"{path}: {entry.name!r} listed but not found"]
+                    if child.kind is tree.Kind.DIR:
+                        stack.append(child)
+                    elif child.kind is tree.Kind.SYMLINK:
+                        reader.readlink(child)
+                    elif child.kind is tree.Kind.FILE:
+                        offset = 0
+                        while offset < child.size:
+                            offset += len(reader.read(child, offset, 1 << 20)) or child.size
+    except (SquashstoreError, OSError) as exc:
+        return [f"{path}: {exc}"]
+    return []
+
+
+def mount_program_path() -> str:
+    beside = Path(sys.executable).parent / "squashstore-mount-program"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("squashstore-mount-program") or str(beside)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.hooks:
+        squashstore = shutil.which("squashstore") or str(Path(sys.executable).parent
+                                                         / "squashstore")
+        print_json({"version": "1.0.0",
+                    "hook": {"path": squashstore,
+                             "args": ["squashstore", "--store", str(store.root), "hook",
+                                      "poststop"]},
+                    "when": {"always": True}, "stages": ["poststop"]})
+        return 0
+    print("[storage.options]")
+    print(f"additionalimagestores = [{json.dumps(str(store.root))}]")
+    print()
+    print("[storage.options.overlay]")
+    print(f"mount_program = {json.dumps(mount_program_path())}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("init", help="create an empty store podman accepts")
+    p.set_defaults(func=cmd_init)
+
+    p = subparsers.add_parser("migrate", help="squash images into the store")
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    add_squash_options(p)
+    p.add_argument("--rm-source", action="store_true",
+                   help="then remove the image from the local podman store")
+    p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch source")
+    p.add_argument("--backend", default=None, help="mount backend (default from config)")
+    p.add_argument("--no-mount", action="store_true", help="do not leave the image mounted")
+    p.set_defaults(func=cmd_migrate)
+
+    p = subparsers.add_parser("images", help="list the store's images")
+    add_format_option(p)
+    p.set_defaults(func=cmd_images)
+
+    p = subparsers.add_parser("inspect", help="one image as JSON")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=cmd_inspect)
+
+    p = subparsers.add_parser("tag", help="add a name (taken from any other image)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_tag)
+
+    p = subparsers.add_parser("untag", help="remove a name")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_untag)
+
+    p = subparsers.add_parser("rmi", help="remove a name, or the image with its last name")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--force", action="store_true", help="even while something uses it")
+    p.set_defaults(func=cmd_rmi)
+
+    p = subparsers.add_parser("gc", help="remove leftovers and dangling images nothing uses")
+    p.set_defaults(func=cmd_gc)
+
+    p = subparsers.add_parser("verify", help="check the store and read every squash file")
+    p.add_argument("image", metavar="IMAGE", nargs="?")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("config", help="print the storage.conf lines for this store")
+    p.add_argument("--hooks", action="store_true", help="print the OCI hook JSON instead")
+    p.set_defaults(func=cmd_config)
