@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from squashstore.image import Image, LayerError
 from squashstore.layers import LayerMerge
-from squashstore.squashfs.writer import SquashOptions, SquashWriter
 from squashstore.tarstream import TarSplitRecorder, TarStream, TeeReader
+
+if TYPE_CHECKING:
+    from squashstore.squashfs.writer import SquashOptions
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
 
     With `tar_split`, the tar-split record of the canonical tar is written there too.
     """
+    from squashstore.squashfs.writer import SquashWriter
+
     started = time.monotonic()
     merge = LayerMerge(image.layers)
     split_file = tar_split.open("wb") if tar_split is not None else None
