@@ -229,7 +229,8 @@ def opener(open_raw: Callable[[], BinaryIO], expect: Expect
            ) -> Callable[[], AbstractContextManager[BinaryIO]]:
     """A `Layer.opener`: opens the raw blob with `open_raw` and verifies it against `expect`.
 
-    `open_raw` may raise `OSError`; it becomes a `SourceError` naming the blob.
+    `open_raw` may raise `OSError` or `SourceError`; either becomes a `SourceError` naming
+    the blob.
     """
 
     def open_layer() -> AbstractContextManager[BinaryIO]:
@@ -237,6 +238,8 @@ def opener(open_raw: Callable[[], BinaryIO], expect: Expect
             raw = open_raw()
         except OSError as exc:
             raise SourceError(f"{expect.describe}: cannot open blob: {exc}") from exc
+        except SourceError as exc:
+            raise SourceError(f"{expect.describe}: {exc}") from exc
         return open_verified(raw, expect)
 
     return open_layer

@@ -158,9 +158,14 @@ def _header(name: bytes, st: os.stat_result, kind: bytes, xattrs: dict[bytes, by
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _whiteout(name: bytes, st: os.stat_result) -> bytes:
+def _whiteout(name: bytes, st: os.stat_result, mtime: int | None = None) -> bytes:
+    """An empty regular file `name` with the owner, mode and time of `st` (the whiteout
+    device, or for an opaque marker its directory, then with time 0), as containers/storage
+    writes them."""
     info = tarfile.TarInfo(os.fsdecode(name))
-    info.mtime = int(st.st_mtime)
+    info.mode = stat.S_IMODE(st.st_mode) & 0o777
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = int(st.st_mtime) if mtime is None else mtime
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
@@ -181,7 +186,7 @@ def _walk_entry(root: bytes, rel: bytes, links: dict[tuple[int, int], bytes],
     if stat.S_ISDIR(mode):
         yield _header(rel + b"/", st, tarfile.DIRTYPE, xattrs)
         if _is_opaque(xattrs):
-            yield _whiteout(rel + b"/.wh..wh..opq", st)
+            yield _whiteout(rel + b"/.wh..wh..opq", st, mtime=0)
         for child in sorted(os.listdir(path)):
             yield from _walk_entry(root, rel + b"/" + child, links, where)
         return

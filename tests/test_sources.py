@@ -1,0 +1,656 @@
+"""Image sources: every transport against the real podman, hand-made layouts, bad input."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from squashstore import oci
+from squashstore.image import Image, SourceError
+from squashstore.podmanconf import load_storage_config
+from squashstore.sources import normalize_name, open_image, parse_reference
+
+BASE = "localhost/sqs-sources-base:1"
+MULTI = "localhost/sqs-sources-multi:latest"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def layer_bytes(image: Image) -> list[bytes]:
+    out = []
+    for layer in image.layers:
+        with layer.open() as f:
+            out.append(f.read())
+    return out
+
+
+# -- a private podman with two small images ------------------------------------------------
+
+
+def _base_tar(dest: Path) -> Path:
+    """A rootfs tar: busybox and the applets the RUN steps below use."""
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("bin", "tmp"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        tar.add("/bin/busybox", "bin/busybox")
+        for applet in ("sh", "mkdir", "rm", "ln", "echo", "mkfifo", "chmod", "cat", "touch"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+    return dest
+
+
+MULTI_CONTAINERFILE = f"""\
+FROM {BASE}
+COPY payload.bin /data/payload.bin
+RUN mkdir -p /d/sub /keep && echo one > /d/sub/f && echo x > "/keep/é name" && \
+    ln /keep/"é name" /keep/hard && ln -s ../keep/hard /d/link && mkfifo /keep/fifo && \
+    echo gone > /keep/gone && chmod 4755 /keep/hard
+RUN rm /keep/gone && rm -rf /d && mkdir /d && echo two > /d/g
+"""
+
+
+class _Podman:
+    """What these tests need of a podman: the shared harness's, or a private one."""
+
+    def __init__(self, impl: Any) -> None:
+        self.impl = impl
+        self.env: dict[str, str] = impl.env
+        self.graphroot = Path(impl.graphroot)
+
+    def run(self, *args: str) -> bytes:
+        return bytes(self.impl.run(*args).stdout)
+
+
+@pytest.fixture(scope="module")
+def src_podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[_Podman]:
+    """The harness's session podman (tests/conftest.py) when there is one, else a private
+    one for this module."""
+    try:
+        shared = request.getfixturevalue("podman")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        yield _Podman(shared)
+        return
+    from support.podman import make_podman
+
+    private = make_podman(tmp_path_factory.mktemp("sources-podman"))
+    try:
+        yield _Podman(private)
+    finally:
+        private.close()
+
+
+@pytest.fixture(scope="module")
+def images(src_podman: _Podman, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Builds BASE and MULTI and saves MULTI in the three file formats."""
+    work = tmp_path_factory.mktemp("sources-images")
+    src_podman.run("import", str(_base_tar(work / "base.tar")), BASE)
+    ctx = work / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(MULTI_CONTAINERFILE)
+    (ctx / "payload.bin").write_bytes(os.urandom(200_000))
+    src_podman.run("build", "--network", "none", "--pull=never", "-t", MULTI, str(ctx))
+    saved = {"oci-archive": work / "multi-oci.tar", "docker-archive": work / "multi-docker.tar",
+             "oci-dir": work / "multi-oci-dir"}
+    for fmt, dest in saved.items():
+        src_podman.run("save", "--format", fmt, "-o", str(dest), MULTI)
+    return saved
+
+
+@pytest.fixture
+def storage_env(src_podman: _Podman, monkeypatch: pytest.MonkeyPatch) -> _Podman:
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, src_podman.env[key])
+    return src_podman
+
+
+def podman_diff_ids(podman: _Podman, name: str) -> list[str]:
+    inspect = json.loads(podman.run("image", "inspect", name))[0]
+    return list(inspect["RootFS"]["Layers"])
+
+
+# -- the four transports agree -------------------------------------------------------------
+
+
+@pytest.mark.podman
+def test_all_transports_give_the_same_image(storage_env: _Podman, images: dict[str, Path]
+                                            ) -> None:
+    refs = [MULTI, f"containers-storage:{MULTI}", f"oci:{images['oci-dir']}",
+            f"oci-archive:{images['oci-archive']}",
+            f"docker-archive:{images['docker-archive']}"]
+    expected_ids = podman_diff_ids(storage_env, MULTI)
+    assert len(expected_ids) == 4
+    results = [open_image(ref) for ref in refs]
+    first = results[0]
+    config_id = json.loads(storage_env.run("image", "inspect", MULTI))[0]["Id"]
+    assert first.config_digest == f"sha256:{config_id}"
+    assert first.source_id == config_id
+    contents = None
+    for ref, image in zip(refs, results, strict=True):
+        assert image.reference == ref
+        assert image.names == ("localhost/sqs-sources-multi:latest",), ref
+        assert sha256(image.config) == image.config_digest == first.config_digest, ref
+        assert image.config == first.config, ref
+        assert sha256(image.manifest) == image.manifest_digest, ref
+        manifest = oci.parse_manifest(image.manifest, ref)
+        assert manifest.config.digest == image.config_digest
+        assert [lay.digest for lay in manifest.layers] == [lay.digest for lay in image.layers]
+        assert [lay.diff_id for lay in image.layers] == expected_ids, ref
+        data = layer_bytes(image)
+        assert [sha256(d) for d in data] == expected_ids, ref
+        if contents is None:
+            contents = data
+        assert data == contents, ref
+    # podman's own oci layouts compress the layers with gzip.
+    assert all(lay.media_type.endswith("+gzip") for lay in results[2].layers)
+
+
+@pytest.mark.podman
+def test_layer_stream_works_in_tarfile_stream_mode_and_verifies_on_exit(
+        storage_env: _Podman, images: dict[str, Path]) -> None:
+    image = open_image(f"oci-archive:{images['oci-archive']}")
+    names = []
+    with image.layers[1].open() as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            names.append(member.name)
+    assert "data/payload.bin" in names or "data/payload.bin" in [n.lstrip("./") for n in names]
+
+
+@pytest.mark.podman
+def test_containers_storage_resolves_names_like_podman(storage_env: _Podman,
+                                                       images: dict[str, Path]) -> None:
+    image_id = json.loads(storage_env.run("image", "inspect", MULTI))[0]["Id"]
+    base_id = json.loads(storage_env.run("image", "inspect", BASE))[0]["Id"]
+    for name in ("sqs-sources-multi", "sqs-sources-multi:latest", "localhost/sqs-sources-multi",
+                 image_id, image_id[:12], f"sha256:{image_id}",
+                 f"containers-storage:{image_id[:10]}",
+                 f"containers-storage:[overlay@{storage_env.graphroot}]sqs-sources-multi"):
+        assert open_image(name).source_id == image_id, name
+    assert open_image("sqs-sources-base:1").source_id == base_id
+    # short names: localhost/ before docker.io/library/
+    storage_env.run("tag", BASE, "docker.io/library/sqs-sources-dual:latest")
+    assert open_image("sqs-sources-dual").source_id == base_id
+    assert "docker.io/library/sqs-sources-dual:latest" in open_image("sqs-sources-dual").names
+    storage_env.run("tag", MULTI, "localhost/sqs-sources-dual:latest")
+    assert open_image("sqs-sources-dual").source_id == image_id
+    with pytest.raises(SourceError, match="no such image"):
+        open_image("sqs-sources-multi:nosuchtag")
+    with pytest.raises(SourceError, match="no such image"):
+        open_image("containers-storage:localhost/sqs-sources-missing")
+
+
+@pytest.mark.podman
+def test_layer_without_tar_split_is_rebuilt_from_its_diff_directory(
+        storage_env: _Podman, images: dict[str, Path]) -> None:
+    reference = open_image(MULTI)
+    expected = [_tar_listing(data) for data in layer_bytes(reference)]
+    assert any(".wh..wh..opq" in name for name in expected[3]), expected[3].keys()
+    assert any(name.endswith(".wh.gone") for name in expected[3])
+    layers_dir = storage_env.graphroot / "overlay-layers"
+    layer_ids = [_layer_id(storage_env, d) for d in podman_diff_ids(storage_env, MULTI)]
+    moved = []
+    try:
+        for layer_id in layer_ids:
+            split = layers_dir / f"{layer_id}.tar-split.gz"
+            split.rename(split.with_suffix(".moved"))
+            moved.append(split)
+        rebuilt = [_tar_listing(data) for data in layer_bytes(open_image(MULTI))]
+    finally:
+        for split in moved:
+            split.with_suffix(".moved").rename(split)
+    for want, got in zip(expected, rebuilt, strict=True):
+        keys = sorted(set(got) | set(want))
+        assert got == want, [(k, str(got.get(k)), str(want.get(k))) for k in keys
+                             if got.get(k) != want.get(k)]
+
+
+def _layer_id(podman: _Podman, diff_id: str) -> str:
+    records = json.loads((podman.graphroot / "overlay-layers" / "layers.json").read_text())
+    return str(next(r["id"] for r in records if r.get("diff-digest") == diff_id))
+
+
+def _tar_listing(data: bytes) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar:
+            content = tar.extractfile(m).read() if m.isreg() else b""  # type: ignore[union-attr]
+            xattrs = {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+            mtime = None if m.isdir() else int(m.mtime)
+            mode = None if m.issym() else m.mode & 0o7777  # symlink modes mean nothing
+            out[m.name.rstrip("/")] = (m.type, mode, m.uid, m.gid, m.size, m.linkname,
+                                       hashlib.sha256(content).hexdigest(), mtime, xattrs)
+    return out
+
+
+@pytest.mark.podman
+def test_reading_waits_for_a_writer_holding_the_store_lock(storage_env: _Podman,
+                                                           images: dict[str, Path]) -> None:
+    lock = storage_env.graphroot / "overlay-images" / "images.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(lock)!r}, os.O_RDWR)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(1.5)\n"],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"locked"
+        start = time.monotonic()
+        open_image(MULTI)
+        assert time.monotonic() - start > 0.8
+    finally:
+        holder.wait(timeout=30)
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # nothing left locked
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.podman
+def test_storage_conf_is_found_through_the_environment(storage_env: _Podman,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    config = load_storage_config()
+    assert config.graphroot == storage_env.graphroot
+    assert config.driver == "overlay"
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(tmp_path / "absent.conf"))
+    with pytest.raises(SourceError, match=r"absent.conf"):
+        open_image(MULTI)
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[storage\n")
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(bad))
+    with pytest.raises(SourceError, match=r"bad.conf"):
+        open_image(MULTI)
+    empty_root = tmp_path / "graph"
+    good = tmp_path / "good.conf"
+    good.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{empty_root}"\n'
+                    '[storage.options]\nadditionalimagestores = ["/nonexistent/store"]\n')
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", str(good))
+    assert load_storage_config().additional_image_stores == (Path("/nonexistent/store"),)
+    with pytest.raises(SourceError, match="no such image"):
+        open_image(MULTI)
+
+
+# -- hand-made OCI layouts -----------------------------------------------------------------
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def compress(data: bytes, kind: str) -> bytes:
+    if kind == "gzip":
+        return gzip.compress(data, mtime=0)
+    if kind == "zstd":
+        return bytes(zstandard.ZstdCompressor().compress(data))
+    return data
+
+
+MEDIA = {"none": oci.OCI_LAYER, "gzip": oci.OCI_LAYER + "+gzip",
+         "zstd": oci.OCI_LAYER + "+zstd"}
+
+
+class Layout:
+    """Writes an OCI image layout by hand."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "blobs" / "sha256").mkdir(parents=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+    def blob(self, data: bytes, media_type: str) -> dict[str, Any]:
+        digest = sha256(data)
+        (self.root / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def image(self, tars: list[tuple[bytes, str]], arch: str = "amd64", variant: str = "",
+              diff_ids: list[str] | None = None) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "architecture": arch, "os": "linux", "config": {"Env": [f"ARCH={arch}"]},
+            "rootfs": {"type": "layers",
+                       "diff_ids": diff_ids or [sha256(t) for t, _ in tars]}}
+        if variant:
+            config["variant"] = variant
+        config_desc = self.blob(json.dumps(config).encode(), oci.OCI_CONFIG)
+        layers = [self.blob(compress(t, kind), MEDIA[kind]) for t, kind in tars]
+        manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": config_desc,
+                    "layers": layers}
+        desc = self.blob(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
+        desc["platform"] = {"os": "linux", "architecture": arch}
+        if variant:
+            desc["platform"]["variant"] = variant
+        return desc
+
+    def index_blob(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        doc = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": manifests}
+        return self.blob(json.dumps(doc).encode(), oci.OCI_INDEX)
+
+    def write_index(self, manifests: list[dict[str, Any]]) -> None:
+        doc = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": manifests}
+        (self.root / "index.json").write_text(json.dumps(doc))
+
+    def blob_path(self, desc: dict[str, Any]) -> Path:
+        return self.root / "blobs" / "sha256" / str(desc["digest"])[7:]
+
+
+def archive_of(layout: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w") as tar:
+        for name in sorted(os.listdir(layout)):
+            tar.add(layout / name, name)
+    return dest
+
+
+TARS = [make_tar({"a": b"first" * 1000}), make_tar({"b": os.urandom(70_000), "c": b""}),
+        make_tar({"a": b"third"})]
+
+
+def test_gzip_zstd_and_plain_layers(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "lay")
+    desc = layout.image([(TARS[0], "gzip"), (TARS[1], "zstd"), (TARS[2], "none")])
+    desc["annotations"] = {oci.REF_NAME: "v1"}
+    layout.write_index([desc])
+    for ref in (f"oci:{layout.root}", f"oci:{layout.root}:v1",
+                f"oci-archive:{archive_of(layout.root, tmp_path / 'a.tar')}:v1"):
+        image = open_image(ref)
+        assert layer_bytes(image) == TARS
+        assert [lay.media_type for lay in image.layers] == [MEDIA["gzip"], MEDIA["zstd"],
+                                                             MEDIA["none"]]
+        assert image.names == ()  # a bare tag is no name
+        assert sha256(image.config) == image.config_digest
+        assert image.manifest_digest == desc["digest"]
+    with pytest.raises(SourceError, match=r"no image tagged 'v2'.*v1"):
+        open_image(f"oci:{layout.root}:v2")
+
+
+def test_ref_name_annotation_becomes_the_image_name(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "lay")
+    desc = layout.image([(TARS[0], "gzip")])
+    desc["annotations"] = {oci.REF_NAME: "example.com/team/tool:2.0"}
+    layout.write_index([desc])
+    assert open_image(f"oci:{layout.root}").names == ("example.com/team/tool:2.0",)
+
+
+def _single_layer_layout(root: Path, kind: str) -> tuple[Layout, dict[str, Any]]:
+    layout = Layout(root)
+    desc = layout.image([(TARS[1], kind)])
+    layout.write_index([desc])
+    manifest = json.loads(layout.blob_path(desc).read_bytes())
+    return layout, manifest["layers"][0]
+
+
+def _read_all(reference: str) -> None:
+    layer_bytes(open_image(reference))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "none"])
+def test_corrupt_blob_is_an_error_naming_the_layer(tmp_path: Path, kind: str) -> None:
+    layout, layer = _single_layer_layout(tmp_path / "lay", kind)
+    path = layout.blob_path(layer)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:"):
+        _read_all(f"oci:{layout.root}")
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "none"])
+def test_truncated_blob_is_an_error_naming_the_layer(tmp_path: Path, kind: str) -> None:
+    layout, layer = _single_layer_layout(tmp_path / "lay", kind)
+    path = layout.blob_path(layer)
+    path.write_bytes(path.read_bytes()[: layer["size"] // 2])
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*(truncated|mismatch)"):
+        _read_all(f"oci:{layout.root}")
+
+
+def test_truncated_gzip_with_a_matching_digest_is_reported_as_truncated(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "lay")
+    cut = compress(TARS[1], "gzip")[:-100]
+    desc = layout.image([(TARS[1], "none")])
+    manifest = json.loads(layout.blob_path(desc).read_bytes())
+    manifest["layers"][0] = layout.blob(cut, MEDIA["gzip"])
+    new_desc = layout.blob(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
+    layout.write_index([new_desc])
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*truncated"):
+        _read_all(f"oci:{layout.root}")
+
+
+def test_wrong_diff_id_is_an_error_naming_the_layer(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "lay")
+    wrong = sha256(b"not this")
+    layout.write_index([layout.image([(TARS[0], "gzip")], diff_ids=[wrong])])
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*diff_id"):
+        _read_all(f"oci:{layout.root}")
+
+
+def test_wrong_digests_of_manifest_and_config_are_errors(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "lay")
+    desc = layout.image([(TARS[0], "gzip")])
+    layout.write_index([desc])
+    manifest = json.loads(layout.blob_path(desc).read_bytes())
+    config_path = layout.blob_path(manifest["config"])
+    config_path.write_bytes(config_path.read_bytes() + b" ")
+    with pytest.raises(SourceError, match=r"config.*digest mismatch"):
+        open_image(f"oci:{layout.root}")
+    layout.blob_path(desc).write_bytes(b"{}")
+    with pytest.raises(SourceError, match=f"{desc['digest']}.*digest mismatch"):
+        open_image(f"oci:{layout.root}")
+
+
+def test_missing_blob_is_an_error_naming_the_layer(tmp_path: Path) -> None:
+    layout, layer = _single_layer_layout(tmp_path / "lay", "gzip")
+    layout.blob_path(layer).unlink()
+    image = open_image(f"oci:{layout.root}")
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*missing"):
+        layer_bytes(image)
+
+
+def test_digest_is_not_checked_when_the_reader_fails(tmp_path: Path) -> None:
+    layout, _ = _single_layer_layout(tmp_path / "lay", "gzip")
+    image = open_image(f"oci:{layout.root}")
+    with pytest.raises(KeyError), image.layers[0].open() as f:
+        f.read(10)
+        raise KeyError("consumer failed")
+
+
+# -- multi-arch indexes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_multi_arch_index_chooses_the_platform(tmp_path: Path, nested: bool) -> None:
+    layout = Layout(tmp_path / "lay")
+    amd = layout.image([(TARS[0], "gzip")], arch="amd64")
+    arm = layout.image([(TARS[1], "zstd")], arch="arm64")
+    armv7 = layout.image([(TARS[2], "none")], arch="arm", variant="v7")
+    if nested:
+        top = layout.index_blob([amd, arm, armv7])
+        top["annotations"] = {oci.REF_NAME: "latest"}
+        layout.write_index([top])
+    else:
+        layout.write_index([amd, arm, armv7])
+    ref = f"oci:{layout.root}"
+    host = oci.host_platform()
+    by_arch = {"amd64": TARS[0], "arm64": TARS[1], "arm": TARS[2]}
+    if host.architecture in by_arch:
+        assert layer_bytes(open_image(ref)) == [by_arch[host.architecture]]
+    arm_image = open_image(ref, platform="linux/arm64")
+    assert layer_bytes(arm_image) == [TARS[1]]
+    assert arm_image.manifest_digest == arm["digest"]
+    assert arm_image.config_json["architecture"] == "arm64"
+    assert layer_bytes(open_image(ref, platform="linux/arm/v7")) == [TARS[2]]
+    assert layer_bytes(open_image(ref, platform="linux/amd64")) == [TARS[0]]
+    with pytest.raises(SourceError, match=r"linux/s390x.*linux/amd64, linux/arm/v7, linux/arm64"):
+        open_image(ref, platform="linux/s390x")
+    with pytest.raises(SourceError, match="invalid platform"):
+        open_image(ref, platform="linux//")
+
+
+# -- docker-archive ------------------------------------------------------------------------
+
+
+def _docker_archive(dest: Path) -> tuple[Path, list[bytes]]:
+    """Two images: a newer docker save (OCI blobs) and a legacy one (gzip'd layer.tar)."""
+    layer_a, layer_b = compress(TARS[0], "gzip"), compress(TARS[1], "gzip")
+    config_a = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [sha256(TARS[0]), sha256(TARS[2])]}}).encode()
+    config_b = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [sha256(TARS[1])]}}).encode()
+    members = {
+        f"blobs/sha256/{sha256(layer_a)[7:]}": layer_a,
+        f"blobs/sha256/{sha256(TARS[2])[7:]}": TARS[2],
+        f"blobs/sha256/{sha256(config_a)[7:]}": config_a,
+        "0123abcd/layer.tar": layer_b,
+        f"{sha256(config_b)[7:]}.json": config_b,
+    }
+    manifest = [
+        {"Config": f"blobs/sha256/{sha256(config_a)[7:]}", "RepoTags": ["sqs-tool:1"],
+         "Layers": [f"blobs/sha256/{sha256(layer_a)[7:]}", f"blobs/sha256/{sha256(TARS[2])[7:]}"]},
+        {"Config": f"{sha256(config_b)[7:]}.json", "RepoTags": ["example.com/x/y:2"],
+         "Layers": ["0123abcd/layer.tar"]},
+    ]
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(dest, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return dest, [layer_a, layer_b]
+
+
+def test_docker_archive_with_compressed_layers_and_two_images(tmp_path: Path) -> None:
+    archive, (layer_a, layer_b) = _docker_archive(tmp_path / "d.tar")
+    with pytest.raises(SourceError, match=r"holds 2 images.*sqs-tool:1"):
+        open_image(f"docker-archive:{archive}")
+    first = open_image(f"docker-archive:{archive}:sqs-tool:1")
+    assert first.names == ("docker.io/library/sqs-tool:1",)
+    assert layer_bytes(first) == [TARS[0], TARS[2]]
+    manifest = oci.parse_manifest(first.manifest, "synthesised")
+    assert sha256(first.manifest) == first.manifest_digest
+    assert manifest.config.digest == first.config_digest == sha256(first.config)
+    assert [(d.digest, d.media_type, d.size) for d in manifest.layers] == [
+        (sha256(layer_a), MEDIA["gzip"], len(layer_a)), (sha256(TARS[2]), MEDIA["none"],
+                                                          len(TARS[2]))]
+    second = open_image(f"docker-archive:{archive}:@1")
+    assert second.names == ("example.com/x/y:2",)
+    assert layer_bytes(second) == [TARS[1]]
+    assert second.layers[0].digest == sha256(layer_b)
+    assert open_image(f"docker-archive:{archive}:example.com/x/y:2").config == second.config
+    with pytest.raises(SourceError, match="no image named other"):
+        open_image(f"docker-archive:{archive}:other")
+
+
+def test_docker_archive_corrupt_layer(tmp_path: Path) -> None:
+    archive, _ = _docker_archive(tmp_path / "d.tar")
+    data = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar if m.name.endswith("layer.tar"))
+    data[member.offset_data + 40] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:"):
+        _read_all(f"docker-archive:{archive}:@1")
+
+
+# -- references and bad input --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "transport", "path", "name"), [
+    ("alpine", "containers-storage", "", "alpine"),
+    ("alpine:3.19", "containers-storage", "", "alpine:3.19"),
+    ("localhost:5000/x/y:1", "containers-storage", "", "localhost:5000/x/y:1"),
+    ("x@sha256:" + "a" * 64, "containers-storage", "", "x@sha256:" + "a" * 64),
+    ("containers-storage:busybox", "containers-storage", "", "busybox"),
+    ("containers-storage:[vfs@/g+/r]busybox", "containers-storage", "vfs@/g+/r", "busybox"),
+    ("oci:/some/dir", "oci", "/some/dir", ""),
+    ("oci:/some/dir:v1", "oci", "/some/dir", "v1"),
+    ("oci-archive:img.tar:localhost/a:b", "oci-archive", "img.tar", "localhost/a:b"),
+    ("docker-archive:/x.tar:@1", "docker-archive", "/x.tar", "@1"),
+])
+def test_parse_reference(text: str, transport: str, path: str, name: str) -> None:
+    ref = parse_reference(text)
+    assert (ref.transport, ref.path, ref.name, ref.text) == (transport, path, name, text)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("docker://alpine", "docker:// is not supported yet"),
+    ("docker://localhost:5000/a:b", "docker:// is not supported yet"),
+    ("foo:/some/path", "unknown or unsupported transport 'foo'"),
+    ("dir:/some/path", "unknown or unsupported transport 'dir'"),
+    ("", "empty image reference"),
+    ("oci:", "needs a path"),
+    ("containers-storage:", "no image name"),
+])
+def test_bad_references(text: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        open_image(text)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    for transport in ("oci", "oci-archive", "docker-archive"):
+        with pytest.raises(SourceError, match=str(missing)):
+            open_image(f"{transport}:{missing}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="not an OCI layout"):
+        open_image(f"oci:{tmp_path / 'empty'}")
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    with pytest.raises(SourceError, match=r"junk.tar.*not a readable tar"):
+        open_image(f"oci-archive:{tmp_path / 'junk.tar'}")
+
+
+@pytest.mark.parametrize(("name", "full"), [
+    ("alpine", "docker.io/library/alpine:latest"),
+    ("alpine:3.19", "docker.io/library/alpine:3.19"),
+    ("user/repo", "docker.io/user/repo:latest"),
+    ("localhost/x", "localhost/x:latest"),
+    ("quay.io/a/b:c", "quay.io/a/b:c"),
+    ("localhost:5000/a", "localhost:5000/a:latest"),
+    ("a@sha256:" + "0" * 64, "docker.io/library/a@sha256:" + "0" * 64),
+])
+def test_normalize_name(name: str, full: str) -> None:
+    assert normalize_name(name) == full
+
+
+_component = st.from_regex(r"[a-z0-9]{1,8}(-[a-z0-9]{1,4})?", fullmatch=True)
+
+
+@given(domain=st.sampled_from(["", "localhost/", "quay.io/", "r.example:5000/"]),
+       path=st.lists(_component, min_size=1, max_size=3),
+       tag=st.one_of(st.just(""), st.from_regex(r":[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,10}",
+                                                fullmatch=True)))
+def test_normalize_name_is_idempotent_and_qualified(domain: str, path: list[str],
+                                                    tag: str) -> None:
+    full = normalize_name(domain + "/".join(path) + tag)
+    assert normalize_name(full) == full
+    assert full.split("/")[0] in ("docker.io", "localhost", "quay.io", "r.example:5000")
+    assert full.endswith(tag or ":latest")
