@@ -7,8 +7,11 @@ links) to ``S/overlay/<LID>/diff`` of a squashstore store (recognised by its for
 file), the layer's squash file is mounted on that ``diff`` unless a live mount is there (under
 the mount registry's lock, so many containers starting at once mount it once; a dead FUSE
 mount is replaced), and the container is recorded as a user. Then the overlay itself is
-mounted by exec'ing ``fuse-overlayfs`` with the same arguments, or for root with
-``[mount] overlay = "kernel"`` in the project config, ``mount -t overlay``.
+mounted by exec'ing ``fuse-overlayfs`` with the same arguments, or ``mount -t overlay``:
+``[mount] overlay`` in the project config is ``auto`` (the default: the kernel overlay for
+real root when podman's options are plain overlay options, else fuse-overlayfs),
+``fuse-overlayfs`` or ``kernel``. fuse-overlayfs over the kernel's squashfs refuses non-root
+container users (its ACL check gets EOPNOTSUPP from squashfs), hence the kernel default.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from squashstore.mounts import Registry
 from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
-OVERLAYS = ("fuse-overlayfs", "kernel")
+OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
+KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr",
+                          "metacopy", "redirect_dir", "index", "xino", "nfs_export")
 
 
 class MountProgramError(SquashstoreError):
@@ -115,10 +120,14 @@ def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
 
 def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = runtime.config_value("mount", "overlay", "fuse-overlayfs", OVERLAYS)
-    if choice == "kernel" and runtime.is_real_root():
-        options = ",".join(item for group in call.options for item in group.split(",") if item)
-        return ["mount", "-t", "overlay", "overlay", "-o", options, call.merged]
+    choice = runtime.config_value("mount", "overlay", "auto", OVERLAYS)
+    items = [item for group in call.options for item in group.split(",") if item]
+    kernel_ok = runtime.is_real_root() and all(
+        item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
+    if choice == "kernel" and not kernel_ok:
+        raise MountProgramError("the kernel overlay needs root and plain overlay options")
+    if choice == "kernel" or (choice == "auto" and kernel_ok):
+        return ["mount", "-t", "overlay", "overlay", "-o", ",".join(items), call.merged]
     binary = shutil.which("fuse-overlayfs")
     if binary is None:
         raise MountProgramError("fuse-overlayfs not found on PATH")
