@@ -14,6 +14,7 @@ unbounded allocation.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import threading
@@ -65,6 +66,7 @@ _FRAGMENT = format.FragmentEntry.STRUCT
 _XATTR_ID = format.XattrIdEntry.STRUCT
 _XATTR_TABLE = format.XattrTableHeader.STRUCT
 _XATTR_KEY = format.XattrKey.STRUCT
+_KINDS = {int(k): k for k in tree.Kind}
 _INODE_BODY = {int(t): body.STRUCT for t, body in format.INODE_BODY.items()}
 
 K = TypeVar("K")
@@ -158,6 +160,15 @@ class DirEntry:
     kind: tree.Kind
     inode_number: int
     next_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """The parsed entries of one indexed part of a directory listing."""
+
+    names: list[bytes]
+    offsets: list[int]
+    entries: list[DirEntry]
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +296,7 @@ class SquashReader:
         self._data_cache: _LRU[tuple[int, int], bytes] = _LRU(data_cache_blocks)
         self._inode_cache: _LRU[int, SqInode] = _LRU(max(1024, metadata_cache_blocks * 16))
         self._block_lists: _LRU[int, _BlockList] = _LRU(256)
+        self._segments: _LRU[tuple[int, int], _Segment] = _LRU(max(64, metadata_cache_blocks // 4))
         self._number_index: dict[int, int] | None = None
         self._number_lock = threading.Lock()
         self.superblock = self._read_superblock()
@@ -648,35 +660,42 @@ class SquashReader:
 
     # -- directories -------------------------------------------------------------------
 
-    def _dir_cursor(self, directory: SqInode, position: int, start: int) -> _Cursor:
-        """A cursor at byte `position` of a listing, given its block `start` (dir-relative)."""
-        offset = (directory.dir_offset + position) % _META_SIZE
-        return self._cursor(self._dirs, start << 16 | offset)
-
-    def _entries(
-        self, directory: SqInode, offset: int = 0, name: bytes | None = None
-    ) -> Iterator[DirEntry]:
-        """Listing entries from byte `offset` on; with `name`, start at the best index."""
+    def _segment_starts(self, directory: SqInode) -> list[tuple[int, int, bytes]]:
+        """(listing position, block, first name) of each indexed part of a listing."""
         if directory.kind is not tree.Kind.DIR:
             raise NotADirectoryError(f"inode {directory.number} is not a directory")
         length = directory.size - 3
-        if length <= 0 or offset >= length:
-            return
-        pos, block = 0, directory.dir_block
+        starts = [(0, directory.dir_block, b"")]
         for entry in directory.dir_index:
-            if entry.index > length or entry.index < pos:
+            if entry.index == 0 and len(starts) == 1:
+                starts[0] = (0, entry.start, b"")
+                continue
+            if not starts[-1][0] < entry.index < length:
                 raise SquashfsError(f"{self.path}: directory {directory.number} has a bad index")
-            if (name is not None and entry.name > name) or (name is None and entry.index > offset):
-                break
-            pos, block = entry.index, entry.start
-        cur = self._dir_cursor(directory, pos, block)
-        yield from self._scan(directory, cur, pos, length, offset)
+            starts.append((entry.index, entry.start, entry.name))
+        return starts
 
-    def _scan(
-        self, directory: SqInode, cur: _Cursor, pos: int, length: int, skip_to: int
-    ) -> Iterator[DirEntry]:
-        while pos < length:
-            if pos + 12 > length:
+    def _segment(
+        self, directory: SqInode, starts: list[tuple[int, int, bytes]], k: int
+    ) -> _Segment:
+        """The parsed entries of part `k` of a listing (cached)."""
+        pos, block, _ = starts[k]
+        key = (directory.ref, pos)
+        cached = self._segments.get(key)
+        if cached is not None:
+            return cached
+        end = starts[k + 1][0] if k + 1 < len(starts) else directory.size - 3
+        offset = (directory.dir_offset + pos) % _META_SIZE
+        cur = self._cursor(self._dirs, block << 16 | offset)
+        entries = list(self._scan(directory, cur, pos, end))
+        segment = _Segment([e.name for e in entries], [e.next_offset for e in entries], entries)
+        self._segments.put(key, segment)
+        return segment
+
+    def _scan(self, directory: SqInode, cur: _Cursor, pos: int, end: int) -> Iterator[DirEntry]:
+        """The entries of the listing part from `pos` to `end` (header boundaries)."""
+        while pos < end:
+            if pos + 12 > end:
                 raise SquashfsError(f"{self.path}: directory {directory.number} is truncated")
             count, start, base = _DIR_HEADER.unpack(cur.read(12))
             pos += 12
@@ -685,37 +704,49 @@ class SquashReader:
                     f"{self.path}: directory {directory.number} has a header of {count + 1}"
                 )
             for _ in range(count + 1):
-                if pos + 8 > length:
-                    raise SquashfsError(
-                        f"{self.path}: directory {directory.number} is truncated"
-                    )
                 offset, delta, itype, size = _DIR_ENTRY.unpack(cur.read(8))
-                if size + 1 > _MAX_NAME or pos + 8 + size + 1 > length:
+                pos += 8 + size + 1
+                if pos > end or size + 1 > _MAX_NAME:
                     raise SquashfsError(
-                        f"{self.path}: directory {directory.number} has a bad entry name size"
+                        f"{self.path}: directory {directory.number} has a bad entry size"
                     )
                 if not 1 <= itype <= 7 or offset >= _META_SIZE:
                     raise SquashfsError(
                         f"{self.path}: directory {directory.number} has a bad entry"
                     )
-                pos += 8 + size + 1
-                if pos <= skip_to:
-                    cur.skip(size + 1)
-                    continue
                 name = cur.read(size + 1)
-                yield DirEntry(name, start << 16 | offset, tree.Kind(itype), base + delta, pos)
+                yield DirEntry(name, start << 16 | offset, _KINDS[itype], base + delta, pos)
 
     def readdir(self, directory: SqInode, offset: int = 0) -> Iterator[DirEntry]:
-        """The entries of `directory` in name order, resuming after `offset` (a next_offset)."""
-        return self._entries(directory, offset)
+        """The entries of `directory` in name order, resuming after `offset` (a next_offset).
+
+        Offsets are listing positions: the first entry's `next_offset` is at least 21.
+        """
+        starts = self._segment_starts(directory)
+        k = max(0, bisect.bisect_right([s[0] for s in starts], offset) - 1)
+        for part in range(k, len(starts)):
+            segment = self._segment(directory, starts, part)
+            first = bisect.bisect_right(segment.offsets, offset)
+            yield from segment.entries[first:]
 
     def lookup(self, directory: SqInode, name: bytes) -> SqInode | None:
-        """The inode named `name` in `directory`, or None; reads only the listing part needed."""
-        for entry in self._entries(directory, 0, name):
-            if entry.name == name:
-                return self._child(directory, entry)
-            if entry.name > name:
-                return None
+        """The inode named `name` in `directory`, or None.
+
+        Reads only the part of the listing the directory index points to (at most about one
+        metadata block) and keeps it parsed, so repeated lookups are a binary search.
+        """
+        starts = self._segment_starts(directory)
+        if directory.size <= 3:
+            return None
+        k = 0
+        for i in range(1, len(starts)):
+            if starts[i][2] > name:
+                break
+            k = i
+        segment = self._segment(directory, starts, k)
+        i = bisect.bisect_left(segment.names, name)
+        if i < len(segment.names) and segment.names[i] == name:
+            return self._child(directory, segment.entries[i])
         return None
 
     def _child(self, directory: SqInode, entry: DirEntry) -> SqInode:

@@ -1,0 +1,573 @@
+"""The squashfs reader against images made by mksquashfs and tar2sqfs (the real tools).
+
+A fixture tree with every entry type is packed by mksquashfs (every compressor, several block
+sizes and layout options) and by tar2sqfs (every compressor, from a GNU tar archive); the
+reader's `to_tree()` plus the content of every file must equal the source tree. Lookups are
+checked against readdir, reads at random offsets against the file bytes, and mutated images
+must give only `SquashfsError`, quickly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from squashstore import tree
+from squashstore.squashfs.reader import SquashfsError, SquashReader, SqInode
+
+BIG_DIR_ENTRIES = 3000
+MTIME = 1_600_000_000
+
+# ---------------------------------------------------------------------------------------
+# The source tree.
+
+
+def _set_xattr(path: Path, name: str, value: bytes) -> None:
+    os.setxattr(path, name, value, follow_symlinks=False)
+
+
+def make_source(root: Path) -> None:
+    """Fill `root` with every entry type squashfs can hold, with odd metadata."""
+    root.mkdir()
+    rand = _pseudo_random(1_300_000 + 17)
+    (root / "empty").write_bytes(b"")
+    (root / "small").write_bytes(b"hello, squashfs\n")
+    (root / "random.bin").write_bytes(rand)
+    (root / "text.txt").write_bytes(b"".join(b"line %d of text\n" % i for i in range(70_000)))
+    (root / "exact-128k").write_bytes(rand[: 128 * 1024])
+    (root / "exact-4k").write_bytes(rand[5000 : 5000 + 4096])
+    (root / "dup-a").write_bytes(rand[:200_000])
+    (root / "dup-b").write_bytes(rand[:200_000])
+    (root / "dup-tail-a").write_bytes(b"same small tail")
+    (root / "dup-tail-b").write_bytes(b"same small tail")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(3 * 1024 * 1024 + 1234)
+        f.seek(1024 * 1024 + 10)
+        f.write(rand[:70_000])
+        f.seek(3 * 1024 * 1024)
+        f.write(b"end")
+    (root / "hard-1").write_bytes(b"linked content\n" * 100)
+    os.link(root / "hard-1", root / "hard-2")
+    (root / "sub").mkdir()
+    os.link(root / "hard-1", root / "sub" / "hard-3")
+    (root / "hard-empty-1").write_bytes(b"")
+    os.link(root / "hard-empty-1", root / "hard-empty-2")
+    os.symlink("small", root / "symlink")
+    os.symlink("does/not/exist", root / "dangling")
+    os.symlink("x" * 1000, root / "long-symlink")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "socket", stat.S_IFSOCK | 0o644)
+    os.mknod(root / "char", stat.S_IFCHR | 0o620, os.makedev(1, 3))
+    os.mknod(root / "block", stat.S_IFBLK | 0o660, os.makedev(8, 1))
+    os.mknod(root / "char-big", stat.S_IFCHR | 0o600, os.makedev(259, 70_000))
+    (root / "setuid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "setuid", 0o4755)
+    (root / "setgid-dir").mkdir()
+    os.chmod(root / "setgid-dir", 0o2750)
+    (root / "sticky").mkdir()
+    os.chmod(root / "sticky", 0o1777)
+    (root / "owned").write_bytes(b"owned by someone\n")
+    os.chown(root / "owned", 123_456, 654_321)
+    os.lchown(root / "symlink", 4_000_000, 65_534)
+    os.chown(root / "sub", 1000, 1000)
+    (root / ("n" * 255)).write_bytes(b"long name")
+    (root / "naïve-日本語-ünïcode").write_bytes(b"unicode name")
+    (root / "sub" / "ütf").mkdir()
+    for name, value in [
+        ("user.plain", b"1"),
+        ("user.binary", bytes(range(256))),
+        ("user.big", rand[:3000]),
+        ("trusted.t", b"trusted value"),
+        ("security.s", b"security value"),
+    ]:
+        _set_xattr(root / "small", name, value)
+    _set_xattr(root / "dup-a", "user.shared", b"same list")
+    _set_xattr(root / "dup-b", "user.shared", b"same list")
+    _set_xattr(root / "sub", "user.dir", b"on a directory")
+    _set_xattr(root / "symlink", "trusted.link", b"on a symlink")
+    _set_xattr(root / "fifo", "trusted.fifo", b"on a fifo")
+    _set_xattr(root / "hard-1", "user.hard", b"on a hard link")
+    _set_xattr(root, "user.root", b"on the root")
+    big = root / "big-dir"
+    big.mkdir()
+    for i in range(BIG_DIR_ENTRIES):
+        (big / f"entry-{i:05d}-{'y' * (i % 40)}").write_bytes(b"%d" % i if i % 7 else b"")
+    deep = root / "deep"
+    for i in range(40):
+        deep = deep / f"level{i}"
+    deep.mkdir(parents=True)
+    (deep / "bottom").write_bytes(b"at the bottom\n")
+    for i, path in enumerate(sorted(_all_paths(root), key=lambda p: -len(p.parts))):
+        os.utime(path, (MTIME + i, MTIME + i), follow_symlinks=False)
+    os.utime(root, (MTIME - 1, MTIME - 1))
+
+
+def _all_paths(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            yield Path(dirpath) / name
+
+
+def _pseudo_random(size: int) -> bytes:
+    """Incompressible but reproducible bytes."""
+    out = bytearray()
+    seed = b"squashstore"
+    while len(out) < size:
+        seed = hashlib.sha256(seed).digest()
+        out += hashlib.shake_256(seed).digest(1 << 16)
+    return bytes(out[:size])
+
+
+# ---------------------------------------------------------------------------------------
+# Canonical listings: path -> comparable attributes, plus hard-link groups.
+
+Entry = tuple[object, ...]
+
+
+def listing_from_dir(root: Path, *, xattrs: bool = True, sockets: bool = True) -> dict[str, Entry]:
+    result: dict[str, Entry] = {}
+    for path in [root, *_all_paths(root)]:
+        st_ = os.lstat(path)
+        kind = tree.Kind.from_mode(st_.st_mode)
+        if kind is tree.Kind.SOCKET and not sockets:
+            continue
+        rel = os.fsdecode(path.relative_to(root)) if path != root else ""
+        extra: object = None
+        if kind is tree.Kind.FILE:
+            extra = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif kind is tree.Kind.SYMLINK:
+            extra = os.readlink(path)
+        elif kind in (tree.Kind.CHARDEV, tree.Kind.BLOCKDEV):
+            extra = (os.major(st_.st_rdev), os.minor(st_.st_rdev))
+        attrs: dict[str, bytes] = {}
+        if xattrs:
+            for name in os.listxattr(path, follow_symlinks=False):
+                attrs[name] = os.getxattr(path, name, follow_symlinks=False)
+        size = st_.st_size if kind is tree.Kind.FILE else 0
+        result[rel] = (
+            kind, stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid, int(st_.st_mtime),
+            size, extra, sorted(attrs.items()),
+        )
+    return result
+
+
+def hardlink_groups_from_dir(root: Path) -> set[frozenset[str]]:
+    groups: dict[int, set[str]] = {}
+    for path in _all_paths(root):
+        st_ = os.lstat(path)
+        if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1:
+            groups.setdefault(st_.st_ino, set()).add(os.fsdecode(path.relative_to(root)))
+    return {frozenset(g) for g in groups.values()}
+
+
+def listing_from_reader(reader: SquashReader) -> tuple[dict[str, Entry], set[frozenset[str]]]:
+    root = reader.to_tree()
+    result: dict[str, Entry] = {}
+    groups: dict[int, set[str]] = {}
+    for path, node in tree.walk(root):
+        extra: object = None
+        inode = node.data
+        assert isinstance(inode, SqInode)
+        if node.kind is tree.Kind.FILE:
+            extra = hashlib.sha256(read_all(reader, inode)).hexdigest()
+        elif node.kind is tree.Kind.SYMLINK:
+            extra = node.target
+        elif node.kind in (tree.Kind.CHARDEV, tree.Kind.BLOCKDEV):
+            extra = node.rdev
+        result[path] = (
+            node.kind, node.mode, node.uid, node.gid, node.mtime, node.size, extra,
+            sorted(node.xattrs.items()),
+        )
+        if not node.is_dir() and node.nlink > 1:
+            groups.setdefault(id(node), set()).add(path)
+    return result, {frozenset(g) for g in groups.values()}
+
+
+def read_all(reader: SquashReader, inode: SqInode) -> bytes:
+    """The whole content, in uneven chunks so block boundaries are crossed."""
+    parts, offset = [], 0
+    while offset < inode.size:
+        chunk = reader.read(inode, offset, 100_003)
+        assert chunk, f"empty read at {offset} of {inode.size}"
+        parts.append(chunk)
+        offset += len(chunk)
+    assert reader.read(inode, inode.size, 10) == b""
+    return b"".join(parts)
+
+
+def assert_same(expected: dict[str, Entry], actual: dict[str, Entry]) -> None:
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    differ = [(p, expected[p], actual[p]) for p in sorted(expected) if p in actual
+              and expected[p] != actual[p]]
+    assert not (missing or extra or differ), (missing[:5], extra[:5], differ[:5])
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures: the source, images made by the real tools.
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reader") / "src"
+    make_source(root)
+    return root
+
+
+def mksquashfs(source: Path, out: Path, *options: str) -> Path:
+    subprocess.run(
+        ["mksquashfs", str(source), str(out), "-noappend", "-quiet", "-no-progress",
+         "-processors", "1", *options],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def source_tar(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tar") / "src.tar"
+    subprocess.run(
+        ["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "--sparse",
+         "--numeric-owner", "-C", str(source), "-cf", str(out), "."],
+        check=True, stderr=subprocess.PIPE,
+    )
+    return out
+
+
+def tar2sqfs(tar: Path, out: Path, *options: str) -> Path:
+    with open(tar, "rb") as stdin:
+        subprocess.run(
+            ["tar2sqfs", "-q", "-f", "-j", "1", *options, str(out)], stdin=stdin, check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def gzip_image(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mksquashfs(source, tmp_path_factory.mktemp("img") / "gzip.sqfs")
+
+
+MKSQUASHFS_VARIANTS = {
+    "gzip": [],
+    "gzip-4k-options": ["-b", "4096", "-Xcompression-level", "1", "-Xwindow-size", "12"],
+    "gzip-no-fragments": ["-no-fragments"],
+    "gzip-always-fragments-64k": ["-always-use-fragments", "-b", "64K"],
+    "gzip-tailends-8k": ["-tailends", "-b", "8K"],
+    "gzip-no-exports-no-duplicates": ["-no-exports", "-no-duplicates"],
+    "gzip-no-xattrs": ["-no-xattrs"],
+    "uncompressed": ["-noI", "-noD", "-noF", "-noX", "-noId"],
+    "xz-1m": ["-comp", "xz", "-b", "1M"],
+    "xz-bcj-dict": ["-comp", "xz", "-Xbcj", "x86,arm", "-Xdict-size", "50%"],
+    "lzma": ["-comp", "lzma"],
+    "lz4": ["-comp", "lz4"],
+    "lz4-hc-16k": ["-comp", "lz4", "-Xhc", "-b", "16K"],
+    "zstd": ["-comp", "zstd"],
+    "zstd-level-3-256k": ["-comp", "zstd", "-Xcompression-level", "3", "-b", "256K"],
+}
+
+
+def _lzo_available() -> bool:
+    try:
+        import lzo  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_image(image: Path, source: Path, *, xattrs: bool = True, sockets: bool = True,
+                 root_attrs: bool = True) -> None:
+    expected = listing_from_dir(source, xattrs=xattrs, sockets=sockets)
+    with SquashReader(image) as reader:
+        actual, groups = listing_from_reader(reader)
+        check_directories(reader)
+    if not root_attrs:
+        expected.pop("")
+        actual.pop("")
+    assert_same(expected, actual)
+    assert groups == hardlink_groups_from_dir(source)
+
+
+def check_directories(reader: SquashReader) -> None:
+    """lookup() agrees with readdir() in every directory; inode_by_number finds each inode."""
+    stack = [reader.root]
+    while stack:
+        directory = stack.pop()
+        entries = list(reader.readdir(directory))
+        names = [e.name for e in entries]
+        assert names == sorted(names)
+        for entry in entries:
+            found = reader.lookup(directory, entry.name)
+            assert found is not None and found.ref == entry.ref, entry.name
+            assert found.number == entry.inode_number and found.kind is entry.kind
+            assert reader.inode_by_number(found.number).ref == found.ref
+            assert reader.lookup(directory, entry.name + b"~") is None
+            if found.kind is tree.Kind.DIR:
+                assert found.parent == directory.number
+                stack.append(found)
+        assert reader.lookup(directory, b"") is None
+        assert reader.lookup(directory, b"\xff" * 3) is None
+
+
+@pytest.mark.parametrize("variant", sorted(MKSQUASHFS_VARIANTS))
+def test_mksquashfs_images_read_as_the_source(
+    variant: str, source: Path, tmp_path: Path
+) -> None:
+    image = mksquashfs(source, tmp_path / "img.sqfs", *MKSQUASHFS_VARIANTS[variant])
+    _check_image(image, source, xattrs=variant != "gzip-no-xattrs")
+
+
+TAR2SQFS_COMPRESSORS = ["gzip", "xz", "lzma", "lz4", "zstd"]
+
+
+@pytest.mark.parametrize("compressor", TAR2SQFS_COMPRESSORS)
+def test_tar2sqfs_images_read_as_the_source(
+    compressor: str, source: Path, source_tar: Path, tmp_path: Path
+) -> None:
+    options = ["-c", compressor]
+    if compressor == "gzip":
+        options += ["-e", "-b", "8192"]  # with an export table, small blocks
+    image = tar2sqfs(source_tar, tmp_path / "img.sqfs", *options)
+    # tar cannot carry sockets; tar2sqfs takes the root's attributes from the "./" entry.
+    _check_image(image, source, sockets=False)
+
+
+def test_lzo_images_need_python_lzo(source: Path, tmp_path: Path) -> None:
+    image = mksquashfs(source, tmp_path / "img.sqfs", "-comp", "lzo")
+    if _lzo_available():
+        _check_image(image, source)
+        return
+    with pytest.raises(SquashfsError, match="python-lzo"):
+        SquashReader(image)
+
+
+# ---------------------------------------------------------------------------------------
+# Random access.
+
+
+@pytest.fixture(scope="module")
+def reader(gzip_image: Path) -> Iterator[SquashReader]:
+    with SquashReader(gzip_image, metadata_cache_blocks=8, data_cache_blocks=2) as r:
+        yield r
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["random.bin", "sparse", "text.txt", "exact-128k", "small", "empty"]),
+    offset=st.integers(0, 3_200_000),
+    size=st.integers(0, 400_000),
+)
+def test_read_at_any_offset_matches_the_file(
+    reader: SquashReader, source: Path, name: str, offset: int, size: int
+) -> None:
+    data = _file_bytes(source / name)
+    assert reader.read(reader.resolve(name), offset, size) == data[offset : offset + size]
+
+
+_FILE_CACHE: dict[Path, bytes] = {}
+
+
+def _file_bytes(path: Path) -> bytes:
+    if path not in _FILE_CACHE:
+        _FILE_CACHE[path] = path.read_bytes()
+    return _FILE_CACHE[path]
+
+
+def test_big_directory_uses_its_index(reader: SquashReader, gzip_image: Path) -> None:
+    big = reader.resolve("/big-dir")
+    assert big.extended and len(big.dir_index) > 5
+    names = [e.name for e in reader.readdir(big)]
+    assert len(names) == BIG_DIR_ENTRIES
+    # A fresh reader looking up the last name touches few directory metadata blocks.
+    with SquashReader(gzip_image) as fresh:
+        directory = fresh.resolve("big-dir")
+        touched: list[int] = []
+        original = fresh._metablock
+
+        def counting(region, pos, **kw):  # type: ignore[no-untyped-def]
+            if region.name == "directory table":
+                touched.append(pos)
+            return original(region, pos, **kw)
+
+        fresh._metablock = counting  # type: ignore[method-assign]
+        assert fresh.lookup(directory, names[-1]) is not None
+        assert fresh.lookup(directory, names[len(names) // 2]) is not None
+        listing_blocks = (big.size // 8192) + 1
+        assert 0 < len(set(touched)) <= 4 < listing_blocks
+
+
+def test_readdir_resumes_from_any_next_offset(reader: SquashReader) -> None:
+    for path in ("big-dir", "", "sub"):
+        directory = reader.resolve(path)
+        entries = list(reader.readdir(directory))
+        for i in list(range(0, len(entries), 97)) + [len(entries) - 1]:
+            resumed = list(reader.readdir(directory, entries[i].next_offset))
+            assert resumed == entries[i + 1 :]
+        assert all(e.next_offset > 2 for e in entries)
+        assert len({e.next_offset for e in entries}) == len(entries)
+
+
+def test_resolve(reader: SquashReader) -> None:
+    assert reader.resolve("/") is reader.root or reader.resolve("/").ref == reader.root.ref
+    assert reader.resolve("sub/hard-3").ref == reader.resolve("/hard-1").ref
+    assert reader.resolve("sub/../small").ref == reader.resolve("small").ref
+    assert reader.resolve("naïve-日本語-ünïcode".encode()).kind is tree.Kind.FILE
+    assert reader.readlink(reader.resolve("symlink")) == b"small"
+    with pytest.raises(FileNotFoundError):
+        reader.resolve("sub/nothing")
+    with pytest.raises(NotADirectoryError):
+        reader.resolve("small/x")
+    assert reader.resolve("symlink").kind is tree.Kind.SYMLINK
+
+
+def test_inode_by_number_without_export_table(source: Path, tmp_path: Path) -> None:
+    image = mksquashfs(source, tmp_path / "img.sqfs", "-no-exports")
+    with SquashReader(image) as r:
+        assert r.superblock.export_table == 0xFFFF_FFFF_FFFF_FFFF
+        for number in range(1, r.superblock.inode_count + 1):
+            assert r.inode_by_number(number).number == number
+        with pytest.raises(SquashfsError):
+            r.inode_by_number(r.superblock.inode_count + 1)
+
+
+def test_threads_share_one_reader(reader: SquashReader, source: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["random.bin", "sparse", "text.txt", "dup-a", "hard-1"]
+
+    def job(i: int) -> bool:
+        name = names[i % len(names)]
+        inode = reader.resolve(name)
+        offset = (i * 7919) % max(1, inode.size)
+        return reader.read(inode, offset, 50_000) == _file_bytes(source / name)[
+            offset : offset + 50_000
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(job, range(200)))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad images.
+
+
+def test_not_a_squashfs(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"hsqs" + bytes(200))
+    with pytest.raises(SquashfsError):
+        SquashReader(bad)
+    bad.write_bytes(b"short")
+    with pytest.raises(SquashfsError):
+        SquashReader(bad)
+    with pytest.raises(SquashfsError, match="cannot open"):
+        SquashReader(tmp_path / "missing")
+
+
+def test_truncated_image(gzip_image: Path, tmp_path: Path) -> None:
+    data = gzip_image.read_bytes()
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SquashfsError, match="truncated"):
+        SquashReader(cut)
+
+
+class _Hung(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise _Hung("the reader took more than the time limit on one image")
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    base = tmp_path_factory.mktemp("small")
+    src = base / "src"
+    src.mkdir()
+    (src / "file").write_bytes(_pseudo_random(20_000) + bytes(10_000))
+    (src / "tail").write_bytes(b"tail" * 100)
+    (src / "d").mkdir()
+    (src / "d" / "inner").write_bytes(b"inner")
+    os.link(src / "tail", src / "d" / "hl")
+    os.symlink("file", src / "link")
+    os.mkfifo(src / "fifo")
+    _set_xattr(src / "file", "user.a", b"value")
+    _set_xattr(src / "d", "trusted.b", b"x" * 100)
+    for i in range(40):
+        (src / "d" / f"many-{i:03d}").write_bytes(b"%d" % i)
+    images = {}
+    for comp in ("gzip", "zstd"):
+        out = mksquashfs(src, base / f"{comp}.sqfs", "-comp", comp, "-b", "4K")
+        images[comp] = out.read_bytes()
+    shutil.rmtree(src)
+    return images
+
+
+def exercise(path: Path) -> None:
+    """Everything the FUSE server and CLI would do to an image."""
+    with SquashReader(path) as r:
+        r.to_tree()
+        stack = [r.root]
+        seen = 0
+        while stack and seen < 500:
+            directory = stack.pop()
+            for entry in r.readdir(directory):
+                seen += 1
+                inode = r.lookup(directory, entry.name)
+                if inode is None:
+                    continue
+                r.xattrs(inode)
+                r.inode_by_number(inode.number)
+                if inode.kind is tree.Kind.FILE:
+                    r.read(inode, 0, inode.size)
+                elif inode.kind is tree.Kind.SYMLINK:
+                    r.readlink(inode)
+                elif inode.kind is tree.Kind.DIR:
+                    stack.append(inode)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_images_give_only_clean_errors(
+    small_images: dict[str, bytes], tmp_path: Path, data: st.DataObject
+) -> None:
+    image = bytearray(data.draw(st.sampled_from(sorted(small_images)).map(small_images.get)))
+    how = data.draw(st.sampled_from(["flip", "truncate", "pointer", "field", "zero-run"]))
+    if how == "flip":
+        for pos in data.draw(st.lists(st.integers(0, len(image) - 1), min_size=1, max_size=8)):
+            image[pos] ^= data.draw(st.integers(1, 255))
+    elif how == "truncate":
+        del image[data.draw(st.integers(0, len(image) - 1)) :]
+    elif how == "pointer":  # one of the superblock's table positions
+        slot = data.draw(st.integers(0, 7))
+        value = data.draw(st.one_of(st.integers(0, len(image) + 100), st.integers(0, 2**64 - 1)))
+        image[32 + 8 * slot : 40 + 8 * slot] = value.to_bytes(8, "little")
+    elif how == "field":  # a 32-bit word anywhere (counts, sizes, references)
+        pos = data.draw(st.integers(0, len(image) // 4 - 1)) * 4
+        value = data.draw(st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 8192, 8193]))
+        image[pos : pos + 4] = value.to_bytes(4, "little")
+    else:
+        start = data.draw(st.integers(0, len(image) - 1))
+        image[start : start + data.draw(st.integers(1, 64))] = bytes(64)[: len(image) - start]
+    path = tmp_path / "mutated.sqfs"
+    path.write_bytes(bytes(image))
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, 10.0)
+    try:
+        exercise(path)
+    except SquashfsError:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
