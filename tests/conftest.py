@@ -1,0 +1,54 @@
+"""Session-wide pytest fixtures: the private real podman (`podman`), the fixture images
+built in it once per session (`fixture_images`), and a factory for further private podmans
+(`make_podman`, e.g. a consumer whose storage.conf lists a squash store)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from support.fixture_trees import build_fixture_images
+from support.podman import Podman
+from support.podman import make_podman as _make_podman
+
+MakePodman = Callable[..., Podman]
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    """A private real podman for the whole test session, torn down at its end."""
+    p = _make_podman(tmp_path_factory.mktemp("podman"))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture(scope="session")
+def fixture_images(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Fixture name -> image reference in `podman` (built once per session; see
+    support.fixture_trees for which image covers what)."""
+    return build_fixture_images(podman, tmp_path_factory.mktemp("fixture-contexts"))
+
+
+@pytest.fixture
+def make_podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakePodman]:
+    """``make_podman(additional_stores=[...], mount_program=None) -> Podman``: more private
+    podmans, each closed (containers removed, mounts undone, dir deleted) after the test."""
+    made: list[Podman] = []
+    base = tmp_path_factory.mktemp("podmans")
+
+    def factory(
+        additional_stores: Sequence[Path] = (), mount_program: str | None = None
+    ) -> Podman:
+        p = _make_podman(base, additional_stores, mount_program)
+        made.append(p)
+        return p
+
+    try:
+        yield factory
+    finally:
+        for p in reversed(made):
+            p.close()
