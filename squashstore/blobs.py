@@ -78,13 +78,13 @@ def check_bytes(data: bytes, digest: str, what: str) -> None:
 
 
 class HashingReader(io.RawIOBase):
-    """A raw reader that hashes and counts every byte read through it."""
+    """A raw reader that counts every byte read through it and hashes them with each of
+    `algorithms` (none: only counting)."""
 
-    def __init__(self, inner: BinaryIO, algorithm: str = "sha256") -> None:
+    def __init__(self, inner: BinaryIO, algorithms: Iterable[str] = ("sha256",)) -> None:
         super().__init__()
         self._inner = inner
-        self.algorithm = algorithm
-        self._hash = hashlib.new(algorithm)
+        self._hashes = {a: hashlib.new(a) for a in algorithms}
         self.count = 0
 
     def readable(self) -> bool:
@@ -96,13 +96,14 @@ class HashingReader(io.RawIOBase):
             return 0
         n = len(data)
         buffer[:n] = data
-        self._hash.update(data)
+        for h in self._hashes.values():
+            h.update(data)
         self.count += n
         return n
 
-    def digest(self) -> str:
+    def digest(self, algorithm: str = "sha256") -> str:
         """``algorithm:hex`` of the bytes read so far."""
-        return f"{self.algorithm}:{self._hash.hexdigest()}"
+        return f"{algorithm}:{self._hashes[algorithm].hexdigest()}"
 
 
 class IterReader(io.RawIOBase):
@@ -111,21 +112,26 @@ class IterReader(io.RawIOBase):
     def __init__(self, chunks: Iterable[bytes]) -> None:
         super().__init__()
         self._chunks: Iterator[bytes] = iter(chunks)
-        self._pending = b""
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = chunk
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
+        """Fills `buffer` from as many chunks as it takes (fewer bytes only at the end)."""
+        filled, size = 0, len(buffer)
+        while filled < size:
+            if not self._pending:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._pending = memoryview(chunk)
+                continue
+            n = min(size - filled, len(self._pending))
+            buffer[filled:filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
 
 
 class _GuardedReader(io.RawIOBase):
@@ -181,29 +187,37 @@ def _drain(stream: BinaryIO) -> None:
         pass
 
 
+def _algorithm(digest: str, what: str) -> set[str]:
+    return {parse_digest(digest, what)[0]} if digest else set()
+
+
 @contextmanager
 def open_verified(raw: BinaryIO, expect: Expect) -> Iterator[BinaryIO]:
     """The uncompressed stream of the blob `raw`; checks `expect` when read to its end.
 
     `raw` is closed when the context exits. Digests are checked only on a normal exit: the
     remaining bytes are read first, so a consumer may stop at the tar's end-of-archive.
+    An uncompressed blob is hashed once for both its digest and its diff_id.
     """
     try:
-        outer_alg = parse_digest(expect.digest, expect.describe)[0] if expect.digest else "sha256"
-        inner_alg = parse_digest(expect.diff_id, expect.describe)[0] if expect.diff_id else "sha256"
-        blob = HashingReader(raw, outer_alg)
+        digest_alg = _algorithm(expect.digest, expect.describe)
+        diff_alg = _algorithm(expect.diff_id, expect.describe)
+        maybe_plain = expect.compression in (None, Compression.NONE)
+        blob = HashingReader(raw, digest_alg | (diff_alg if maybe_plain else set()))
         hashed_raw = io.BufferedReader(blob, CHUNK)
         compression = expect.compression
         if compression is None:
             compression = sniff_compression(hashed_raw.peek(8)[:8])
-        decompressed = _decompressor(hashed_raw, compression)
-        hashed = HashingReader(io.BufferedReader(_GuardedReader(decompressed, expect.describe),
-                                                 CHUNK), inner_alg)
-        stream = io.BufferedReader(hashed, CHUNK)
+        if compression == Compression.NONE:
+            stream, tar = hashed_raw, blob
+        else:
+            guarded = _GuardedReader(_decompressor(hashed_raw, compression), expect.describe)
+            tar = HashingReader(cast(BinaryIO, guarded), diff_alg)
+            stream = io.BufferedReader(tar, CHUNK)
         yield stream
         _drain(stream)
         _drain(hashed_raw)
-        _check(expect, blob, hashed)
+        _check(expect, blob, tar)
     except SourceError as exc:
         if expect.describe in str(exc):
             raise
@@ -217,12 +231,16 @@ def _check(expect: Expect, blob: HashingReader, tar: HashingReader) -> None:
     if expect.size >= 0 and blob.count != expect.size:
         raise SourceError(f"{name}: blob is {blob.count} bytes, expected {expect.size} "
                           "(truncated or corrupt)")
-    if expect.digest and blob.digest() != expect.digest:
-        raise SourceError(f"{name}: blob digest mismatch (expected {expect.digest}, "
-                          f"got {blob.digest()})")
-    if expect.diff_id and tar.digest() != expect.diff_id:
-        raise SourceError(f"{name}: uncompressed content does not match its diff_id "
-                          f"(expected {expect.diff_id}, got {tar.digest()})")
+    if expect.digest:
+        actual = blob.digest(expect.digest.partition(":")[0])
+        if actual != expect.digest:
+            raise SourceError(f"{name}: blob digest mismatch (expected {expect.digest}, "
+                              f"got {actual})")
+    if expect.diff_id:
+        actual = tar.digest(expect.diff_id.partition(":")[0])
+        if actual != expect.diff_id:
+            raise SourceError(f"{name}: uncompressed content does not match its diff_id "
+                              f"(expected {expect.diff_id}, got {actual})")
 
 
 def opener(open_raw: Callable[[], BinaryIO], expect: Expect

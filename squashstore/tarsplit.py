@@ -59,20 +59,25 @@ def _file_content(diff: bytes, name: bytes, size: int, where: str) -> Iterator[b
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
+    try:
         remaining = size
         while remaining:
-            data = f.read(min(CHUNK, remaining))
+            data = os.read(fd, min(CHUNK, remaining))
             if not data:
                 raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
                                   f"{size} bytes the layer recorded")
             remaining -= len(data)
             yield data
+    finally:
+        os.close(fd)
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _parse_line(line: bytes, where: str) -> dict[str, object]:
     try:
-        entry = json.loads(line)
+        entry, _ = _DECODER.raw_decode(line.decode())
     except ValueError as exc:
         raise SourceError(f"{where}: invalid tar-split line ({exc})") from exc
     if not isinstance(entry, dict):
