@@ -40,7 +40,7 @@ class MergedEntry:
     """One surviving entry, in stream order. `content` is readable only until the next one."""
 
     path: str
-    """Relative path without a leading slash; ``""`` is the root directory."""
+    """Relative path without a leading slash (the root itself is never yielded)."""
     inode: Inode
     content: IO[bytes] | None = None
     """A regular file's bytes (``inode.size`` of them), for the first name of its inode."""
@@ -230,6 +230,9 @@ class LayerMerge:
                 state.hidden_files.add(path)
             return
         state.hidden_files.discard(path)
+        if not path:
+            self._fill_implicit(self.root, inode)  # the root's metadata; never yielded
+            return
         state.yielded[path] = inode
         content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
         yield self._place(path, inode, content)
@@ -329,9 +332,6 @@ class LayerMerge:
     # -- the tree ----------------------------------------------------------------------
     def _place(self, path: str, inode: Inode, content: IO[bytes] | None) -> MergedEntry:
         """Put a surviving entry into the tree and describe it for the sinks."""
-        if not path:
-            self._fill_implicit(self.root, inode)
-            return MergedEntry("", self.root)
         parent = self._directory(_parent(path), inode.mtime)
         name = path.rpartition("/")[2]
         assert parent.children is not None
@@ -378,7 +378,7 @@ class LayerMerge:
         stack: list[tuple[str, Inode]] = [("", self.root)]
         while stack:
             path, node = stack.pop()
-            if id(node) in self._implicit:
+            if id(node) in self._implicit and path:
                 yield MergedEntry(path, node)
             assert node.children is not None
             for name, child in node.children.items():

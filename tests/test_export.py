@@ -1,0 +1,183 @@
+"""`squashstore export` and `squash` of real podman images equal `podman export`.
+
+For every fixture image and each of the four transports, the canonical listing of the
+exported tar equals that of ``podman export`` of a container; the squash file written in
+the same pass mounts (kernel squashfs) to the same listing, and its tar-split rebuilds, from
+that mount, exactly the tar whose digest became the layer's diff_id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from squashstore.flatten import squash_image
+from squashstore.sources import open_image
+from squashstore.squashfs.writer import SquashOptions
+from squashstore.tarsplit import tar_from_tar_split
+from support.listing import (
+    canonical_from_dir,
+    canonical_from_tar,
+    diff_listings,
+    normalise_podman_export,
+)
+from support.podman import Podman
+
+FIXTURES = ("base", "whiteouts", "hardlinks", "special", "big")
+TRANSPORTS = ("containers-storage", "oci", "oci-archive", "docker-archive")
+
+
+def squashstore(*args: str, env: dict[str, str] | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "squashstore.cli.main", *args],
+                            capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"squashstore {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def saved(podman: Podman, fixture_images: dict[str, str],
+          tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str]:
+    """(fixture, transport) -> a source reference squashstore can read."""
+    base = tmp_path_factory.mktemp("saved")
+    refs: dict[tuple[str, str], str] = {}
+    for name in FIXTURES:
+        image = fixture_images[name]
+        refs[name, "containers-storage"] = f"containers-storage:{image}"
+        oci_dir = base / f"{name}-oci"
+        podman.run("save", "--format", "oci-dir", "-o", str(oci_dir), image)
+        refs[name, "oci"] = f"oci:{oci_dir}"
+        archive = base / f"{name}.oci.tar"
+        podman.run("save", "--format", "oci-archive", "-o", str(archive), image)
+        refs[name, "oci-archive"] = f"oci-archive:{archive}"
+        docker = base / f"{name}.docker.tar"
+        podman.run("save", "--format", "docker-archive", "-o", str(docker), image)
+        refs[name, "docker-archive"] = f"docker-archive:{docker}"
+    return refs
+
+
+@pytest.fixture(scope="module")
+def podman_exports(podman: Podman, fixture_images: dict[str, str],
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    base = tmp_path_factory.mktemp("podman-export")
+    return {name: normalise_podman_export(canonical_from_tar(
+        podman.export(fixture_images[name], base / f"{name}.tar"))) for name in FIXTURES}
+
+
+@pytest.fixture
+def storage_env(podman: Podman, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, podman.env[key])
+    return dict(podman.env)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_export_equals_podman_export(name: str, transport: str, tmp_path: Path,
+                                     saved: dict[tuple[str, str], str],
+                                     podman_exports: dict[str, dict[str, object]],
+                                     storage_env: dict[str, str]) -> None:
+    out = tmp_path / "rootfs.tar"
+    squashstore("export", saved[name, transport], "-o", str(out), env=storage_env)
+    ours = canonical_from_tar(out)
+    differences = diff_listings(ours, podman_exports[name], ignore_root_mtime=True)  # type: ignore[arg-type]
+    assert not differences, "\n".join(differences[:40])
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """mount(squash_file) -> mount point (kernel squashfs, read-only), undone afterwards."""
+    points: list[Path] = []
+
+    def mount(image: Path) -> Path:
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(point)],
+                       check=True, capture_output=True)
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_squash_equals_podman_export_and_tar_split_rebuilds_the_diff(
+        name: str, tmp_path: Path, fixture_images: dict[str, str],
+        podman_exports: dict[str, dict[str, object]], storage_env: dict[str, str],
+        mounted: Callable[[Path], Path]) -> None:
+    image = open_image(fixture_images[name])
+    dest = tmp_path / "image.sqfs"
+    split = tmp_path / "image.tar-split.gz"
+    result = squash_image(image, dest, SquashOptions(compression="zstd", level=3),
+                          tar_split=split)
+    point = mounted(dest)
+    # podman export has no entry for the root; a mount always has one.
+    differences = diff_listings(canonical_from_dir(point), podman_exports[name],  # type: ignore[arg-type]
+                                ignore_paths={"/"})
+    assert not differences, "\n".join(differences[:40])
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in tar_from_tar_split(split, point, "test"):
+        digest.update(chunk)
+        size += len(chunk)
+    assert "sha256:" + digest.hexdigest() == result.diff_digest
+    assert size == result.diff_size
+
+
+def test_squash_is_reproducible(tmp_path: Path, fixture_images: dict[str, str],
+                                storage_env: dict[str, str]) -> None:
+    image = open_image(fixture_images["special"])
+    first = squash_image(image, tmp_path / "a.sqfs", SquashOptions(jobs=2))
+    second = squash_image(image, tmp_path / "b.sqfs", SquashOptions(jobs=1))
+    assert (tmp_path / "a.sqfs").read_bytes() == (tmp_path / "b.sqfs").read_bytes()
+    assert first.diff_digest == second.diff_digest
+
+
+# -- bad input: one line, non-zero exit, nothing written -----------------------------------
+
+
+def _corrupt_copy(src: Path, dest: Path) -> None:
+    """An OCI layout whose largest layer blob has one flipped byte in the middle."""
+    subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+    blobs = sorted((dest / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    blob = blobs[-1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["missing-image", "unknown-transport", "missing-file",
+                                  "corrupt-blob", "truncated-archive"])
+def test_bad_input_one_line_error_nothing_written(case: str, tmp_path: Path,
+                                                  saved: dict[tuple[str, str], str],
+                                                  storage_env: dict[str, str]) -> None:
+    if case == "missing-image":
+        source = "containers-storage:localhost/no-such-image:latest"
+    elif case == "unknown-transport":
+        source = "ftp://example/x"
+    elif case == "missing-file":
+        source = f"oci-archive:{tmp_path / 'nope.tar'}"
+    elif case == "corrupt-blob":
+        _corrupt_copy(Path(saved["big", "oci"][4:]), tmp_path / "bad-oci")
+        source = f"oci:{tmp_path / 'bad-oci'}"
+    else:
+        data = Path(saved["base", "docker-archive"][len("docker-archive:"):]).read_bytes()
+        (tmp_path / "short.tar").write_bytes(data[: len(data) // 2])
+        source = f"docker-archive:{tmp_path / 'short.tar'}"
+    for command in (["export", source, "-o", str(tmp_path / "out.tar")],
+                    ["squash", source, str(tmp_path / "out.sqfs")]):
+        result = squashstore(*command, env=storage_env, check=False)
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("squashstore: "), result.stderr
+        assert "Traceback" not in result.stderr
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+        assert leftovers == [], leftovers
