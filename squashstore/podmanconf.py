@@ -70,10 +70,9 @@ def _storage_table(doc: Mapping[str, Any], path: Path | None) -> dict[str, Any]:
     return table
 
 
-def _expand(text: str, env: Mapping[str, str]) -> str:
+def _expand(text: str, env: Mapping[str, str], euid: int) -> str:
     """containers/storage's expansion of ``$HOME``, ``$UID`` and ``$USER`` in paths."""
-    uid = str(os.geteuid())
-    return (text.replace("$HOME", str(_home(env))).replace("$UID", uid)
+    return (text.replace("$HOME", str(_home(env))).replace("$UID", str(euid))
             .replace("$USER", env.get("USER", "")))
 
 
@@ -85,50 +84,59 @@ def _string_list(value: object) -> tuple[str, ...]:
     return ()
 
 
-def _rootless_defaults(env: Mapping[str, str], system: Mapping[str, Any]) -> tuple[Path, Path]:
+def _rootless_defaults(env: Mapping[str, str], system: Mapping[str, Any], euid: int
+                       ) -> tuple[Path, Path]:
     data_home = env.get("XDG_DATA_HOME") or str(_home(env) / ".local" / "share")
     graphroot = Path(data_home) / "containers" / "storage"
     rootless_path = system.get("rootless_storage_path")
     if isinstance(rootless_path, str) and rootless_path:
-        graphroot = Path(_expand(rootless_path, env))
-    runtime_dir = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+        graphroot = Path(_expand(rootless_path, env, euid))
+    runtime_dir = env.get("XDG_RUNTIME_DIR") or f"/run/user/{euid}"
     return graphroot, Path(runtime_dir) / "containers"
 
 
-def storage_conf_path(env: Mapping[str, str] | None = None) -> Path | None:
-    """The storage.conf file the local podman reads, or None when none exists."""
+def storage_conf_path(env: Mapping[str, str] | None = None, euid: int | None = None
+                      ) -> Path | None:
+    """The storage.conf file the local podman reads, or None when none exists.
+
+    `env` and `euid` default to this process's environment and effective uid.
+    """
     env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
     explicit = env.get("CONTAINERS_STORAGE_CONF")
     if explicit:
         return Path(explicit)
-    if os.geteuid() != 0 and _user_conf(env).is_file():
+    if euid != 0 and _user_conf(env).is_file():
         return _user_conf(env)
     return _system_conf()
 
 
-def load_storage_config(env: Mapping[str, str] | None = None) -> StorageConfig:
-    """The local podman's storage configuration."""
+def load_storage_config(env: Mapping[str, str] | None = None, euid: int | None = None
+                        ) -> StorageConfig:
+    """The local podman's storage configuration, for the environment `env` and effective uid
+    `euid` (default: this process's)."""
     env = os.environ if env is None else env
-    path = storage_conf_path(env)
+    euid = os.geteuid() if euid is None else euid
+    path = storage_conf_path(env, euid)
     explicit = bool(env.get("CONTAINERS_STORAGE_CONF"))
     if path is not None and explicit and not path.is_file():
         raise SourceError(f"CONTAINERS_STORAGE_CONF names {path}, which does not exist")
     table = _storage_table(_read_toml(path), path) if path is not None else {}
     # A rootless user without a storage.conf of their own gets the system file's options
     # but never its graph root: that belongs to root.
-    own_file = explicit or os.geteuid() == 0 or (path is not None and path == _user_conf(env))
-    if os.geteuid() == 0:
+    own_file = explicit or euid == 0 or (path is not None and path == _user_conf(env))
+    if euid == 0:
         graphroot, runroot = ROOT_GRAPHROOT, ROOT_RUNROOT
     else:
-        graphroot, runroot = _rootless_defaults(env, table)
+        graphroot, runroot = _rootless_defaults(env, table, euid)
     if own_file:
         graphroot = Path(table.get("graphroot") or graphroot)
         runroot = Path(table.get("runroot") or runroot)
     options = table.get("options", {})
     options = options if isinstance(options, dict) else {}
     stores = _string_list(options.get("additionalimagestores"))
-    driver = str(table.get("driver") or env.get("STORAGE_DRIVER") or DEFAULT_DRIVER)
-    return StorageConfig(driver=driver, graphroot=Path(_expand(str(graphroot), env)),
-                         runroot=Path(_expand(str(runroot), env)),
+    driver = str(env.get("STORAGE_DRIVER") or table.get("driver") or DEFAULT_DRIVER)
+    return StorageConfig(driver=driver, graphroot=Path(_expand(str(graphroot), env, euid)),
+                         runroot=Path(_expand(str(runroot), env, euid)),
                          additional_image_stores=tuple(Path(s) for s in stores),
                          conf_file=path)

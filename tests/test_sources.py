@@ -297,6 +297,32 @@ def test_storage_conf_is_found_through_the_environment(storage_env: _Podman,
         open_image(MULTI)
 
 
+def test_storage_conf_lookup_for_root_and_rootless_users(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": "/run/user/1000", "USER": "u"}
+    rootless = load_storage_config(env, euid=1000)
+    assert rootless.graphroot == home / ".local/share/containers/storage"
+    assert rootless.runroot == Path("/run/user/1000/containers")
+    assert rootless.driver == "overlay"
+    env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    assert load_storage_config(env, euid=1000).graphroot == \
+        tmp_path / "data/containers/storage"
+    user_conf = tmp_path / "config" / "containers" / "storage.conf"
+    user_conf.parent.mkdir(parents=True)
+    user_conf.write_text('[storage]\ndriver = "vfs"\ngraphroot = "$HOME/g"\n'
+                         '[storage.options]\nadditionalimagestores = ["/s1", "/s2"]\n')
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    config = load_storage_config(env, euid=1000)
+    assert (config.driver, config.graphroot, config.conf_file) == ("vfs", home / "g", user_conf)
+    assert config.additional_image_stores == (Path("/s1"), Path("/s2"))
+    env["STORAGE_DRIVER"] = "overlay"
+    assert load_storage_config(env, euid=1000).driver == "overlay"
+    # root never reads a user's file
+    assert load_storage_config(env, euid=0).conf_file != user_conf
+    env["CONTAINERS_STORAGE_CONF"] = str(user_conf)
+    assert load_storage_config(env, euid=0).graphroot == home / "g"
+
+
 # -- hand-made OCI layouts -----------------------------------------------------------------
 
 
