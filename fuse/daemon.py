@@ -1,0 +1,307 @@
+"""Running the FUSE server as a process: start it detached, or run it in the foreground.
+
+This module owns the server's life as a process. `start` spawns a fresh interpreter running
+this module (new session, stdio on /dev/null, working directory /, no inherited descriptors
+but a readiness pipe), waits until the server reports that the kernel has the mount and the
+mount answers a `stat`, and returns the server's pid; a server that fails to start reports
+its one-line error through the pipe and `start` raises it. `run` is the server process
+itself: logging (a file named by --log-file, else syslog when detached, else stderr), the
+process name, opening the image before mounting (so a bad image fails before anything is
+mounted), then `squashstore.fuse.server.serve` until the mount goes away.
+Run ``python -m squashstore.fuse.daemon SQUASHFILE MOUNTPOINT [-f]`` by hand as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import logging
+import logging.handlers
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from squashstore.image import SquashstoreError
+
+if TYPE_CHECKING:
+    from squashstore.fuse.server import ServerOptions
+
+MOUNT_TIMEOUT = 30.0
+"""Seconds a server may take until its mount answers."""
+
+MIB = 1 << 20
+
+
+class ServeError(SquashstoreError):
+    """The FUSE server could not mount or serve a squash file."""
+
+
+# ---------------------------------------------------------------------------------------
+# Options shared by `serve`, the mounter and this module's own command line.
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``serve`` (and of ``python -m squashstore.fuse.daemon``)."""
+    parser.add_argument("squash", metavar="SQUASHFILE", type=Path)
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground (log to stderr unless --log-file)")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="log here (default: syslog when detached)")
+    parser.add_argument("--allow-other", action="store_true", default=None,
+                        help="let other users in (default: when root or when "
+                        "/etc/fuse.conf has user_allow_other)")
+    parser.add_argument("--no-allow-other", dest="allow_other", action="store_false")
+    parser.add_argument("--cache-size", type=int, default=32, metavar="MIB",
+                        help="MiB of decompressed data blocks to keep (default 32)")
+    parser.add_argument("--metadata-cache-size", type=int, default=8, metavar="MIB",
+                        help="MiB of decompressed metadata blocks to keep (default 8)")
+    parser.add_argument("--dir-cache-entries", type=int, default=200_000, metavar="N",
+                        help="directory entries to keep decoded (default 200000)")
+    parser.add_argument("--threads", type=int, default=4, metavar="N",
+                        help="threads decompressing data at once (default 4)")
+    parser.add_argument("--suid", action="store_true",
+                        help="honour setuid bits (root only; default nosuid)")
+    parser.add_argument("--dev", action="store_true",
+                        help="honour device files (root only; default nodev)")
+
+
+def forwarded_arguments(args: argparse.Namespace) -> list[str]:
+    """The options of `args` as arguments for the spawned server process."""
+    out = [f"--cache-size={args.cache_size}",
+           f"--metadata-cache-size={args.metadata_cache_size}",
+           f"--dir-cache-entries={args.dir_cache_entries}", f"--threads={args.threads}"]
+    if args.log_file is not None:
+        out.append(f"--log-file={Path(args.log_file).absolute()}")
+    if args.allow_other is not None:
+        out.append("--allow-other" if args.allow_other else "--no-allow-other")
+    out += ["--suid"] * bool(args.suid) + ["--dev"] * bool(args.dev)
+    return out
+
+
+def default_allow_other() -> bool:
+    """allow_other when real root, or when /etc/fuse.conf has ``user_allow_other``."""
+    from squashstore import runtime
+
+    if runtime.is_real_root():
+        return True
+    try:
+        lines = Path("/etc/fuse.conf").read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Reject what cannot work before anything is spawned or mounted."""
+    for name in ("cache_size", "metadata_cache_size", "dir_cache_entries", "threads"):
+        if getattr(args, name) < 1:
+            raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
+    if (args.suid or args.dev) and os.geteuid() != 0:
+        raise ServeError("--suid and --dev need root")
+    if not args.squash.is_file():
+        raise ServeError(f"{args.squash}: no such squash file")
+    if not args.mountpoint.is_dir():
+        raise ServeError(f"{args.mountpoint}: not a directory")
+
+
+# ---------------------------------------------------------------------------------------
+# Starting a detached server.
+
+
+def start(squash: Path, mountpoint: Path, extra: Sequence[str] = (),
+          timeout: float = MOUNT_TIMEOUT) -> int:
+    """Spawn a detached server for `squash` on `mountpoint`; return its pid once the mount
+    answers. `extra`: further server arguments (see `add_serve_arguments`)."""
+    squash, mountpoint = Path(squash).absolute(), Path(mountpoint).absolute()
+    read_end, write_end = os.pipe()
+    try:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "squashstore.fuse.daemon", f"--ready-fd={write_end}",
+             *extra, str(squash), str(mountpoint)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(write_end,), close_fds=True, start_new_session=True, cwd="/",
+        )
+    finally:
+        os.close(write_end)
+    try:
+        message = _read_ready(read_end, server, timeout)
+    finally:
+        os.close(read_end)
+    if message != "ok":
+        server.wait(timeout=timeout)
+        raise ServeError(message or f"the server for {squash} exited ({server.returncode})")
+    try:
+        _wait_answers(mountpoint, server, timeout)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+    return server.pid
+
+
+def _read_ready(fd: int, server: subprocess.Popen[bytes], timeout: float) -> str:
+    """The server's first message on the readiness pipe: "ok" or an error line."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            server.kill()
+            raise ServeError(f"the server gave no sign of life within {timeout:.0f}s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _wait_answers(mountpoint: Path, server: subprocess.Popen[bytes], timeout: float) -> None:
+    """Block until `mountpoint` is a mount that answers (the server's first reply)."""
+    parent = os.stat(mountpoint.parent).st_dev
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.stat(mountpoint).st_dev != parent:
+                return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EIO):
+                raise
+        if server.poll() is not None:
+            raise ServeError(f"the server for {mountpoint} exited ({server.returncode})")
+        time.sleep(0.01)
+    raise ServeError(f"{mountpoint}: the mount did not answer within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------
+# The server process.
+
+
+def set_process_name(name: str) -> None:
+    """Name this process for ps/top (``comm``, 15 bytes); the command line keeps the rest."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+
+
+def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> None:
+    """Log to `log_file`, else syslog (or a runtime-dir file) when detached, else stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = f"squashstore-fuse[%(process)d] {mountpoint}: %(levelname)s %(message)s"
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        fmt = "%(asctime)s " + fmt
+    elif not detached:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    else:
+        handler = logging.FileHandler(_fallback_log(mountpoint))
+        fmt = "%(asctime)s " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+
+
+def _fallback_log(mountpoint: Path) -> Path:
+    from squashstore import runtime
+
+    directory = runtime.runtime_dir() / "logs"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24]
+    return directory / f"fuse-{key}.log"
+
+
+def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
+    """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
+    from squashstore.fuse import server
+    from squashstore.squashfs.reader import SquashReader
+
+    def ready(message: str) -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, (" ".join(message.split()) + "\n").encode())
+                os.close(ready_fd)
+
+    try:
+        setup_logging(args.log_file, ready_fd is not None, args.mountpoint)
+        check_arguments(args)
+        set_process_name("squashstore-fs")
+        opts = _server_options(args)
+        with SquashReader(args.squash, metadata_cache_blocks=1, data_cache_blocks=1) as probe:
+            block_size = probe.block_size
+        reader = SquashReader(
+            args.squash, metadata_cache_blocks=opts.metadata_cache_blocks,
+            data_cache_blocks=max(1, opts.cache_bytes // block_size))
+    except (SquashstoreError, OSError) as exc:
+        ready(f"{args.squash}: {exc}" if isinstance(exc, OSError) else str(exc))
+        raise
+    logging.getLogger("squashstore.fuse").info(
+        "serving %s on %s (pid %d)", args.squash, args.mountpoint, os.getpid())
+    try:
+        server.serve(reader, args.mountpoint, opts, on_mounted=lambda: ready("ok"))
+    except RuntimeError as exc:  # pyfuse3.init: the mount itself failed
+        ready(f"cannot mount {args.mountpoint}: {exc}")
+        raise ServeError(f"cannot mount {args.mountpoint}: {exc}") from None
+    finally:
+        reader.close()
+    return 0
+
+
+def _server_options(args: argparse.Namespace) -> ServerOptions:
+    from squashstore.fuse.server import ServerOptions
+
+    allow_other = args.allow_other
+    if allow_other is None:
+        allow_other = default_allow_other()
+    return ServerOptions(
+        cache_bytes=args.cache_size * MIB,
+        metadata_cache_blocks=max(1, args.metadata_cache_size * MIB // 8192),
+        dir_cache_entries=args.dir_cache_entries,
+        threads=args.threads,
+        allow_other=bool(allow_other),
+        suid=args.suid,
+        dev=args.dev,
+        fsname=str(Path(args.squash).absolute()),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m squashstore.fuse.daemon [--ready-fd N] SQUASHFILE MOUNTPOINT [-f] ...``"""
+    parser = argparse.ArgumentParser(prog="squashstore-fuse")
+    add_serve_arguments(parser)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        if args.ready_fd is not None or args.foreground:
+            return run(args, args.ready_fd)
+        check_arguments(args)
+        start(args.squash, args.mountpoint, forwarded_arguments(args))
+        return 0
+    except (SquashstoreError, OSError) as exc:
+        if args.ready_fd is None:
+            sys.stderr.write(f"squashstore: {exc}\n")
+        else:
+            logging.getLogger("squashstore.fuse").error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
