@@ -238,7 +238,9 @@ def _tar_listing(data: bytes) -> dict[str, tuple[object, ...]]:
         for m in tar:
             content = tar.extractfile(m).read() if m.isreg() else b""  # type: ignore[union-attr]
             xattrs = {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
-            mtime = None if m.isdir() else int(m.mtime)
+            # times of directories and whiteout markers are not kept exactly by the store
+            whiteout = m.name.rsplit("/", 1)[-1].startswith(".wh.")
+            mtime = None if m.isdir() or whiteout else int(m.mtime)
             mode = None if m.issym() else m.mode & 0o7777  # symlink modes mean nothing
             out[m.name.rstrip("/")] = (m.type, mode, m.uid, m.gid, m.size, m.linkname,
                                        hashlib.sha256(content).hexdigest(), mtime, xattrs)
