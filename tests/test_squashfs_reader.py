@@ -20,11 +20,11 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from squashstore import tree
-from squashstore.squashfs.reader import SquashfsError, SquashReader, SqInode
+from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader
 
 BIG_DIR_ENTRIES = 3000
 MTIME = 1_600_000_000
@@ -57,6 +57,11 @@ def make_source(root: Path) -> None:
         f.write(rand[:70_000])
         f.seek(3 * 1024 * 1024)
         f.write(b"end")
+    with open(root / "huge-sparse", "wb") as f:  # > 2048 blocks of 4 KiB, mostly holes
+        f.truncate(20 * 1024 * 1024 + 5)
+        for where in (0, 9_000_000, 19_999_000):
+            f.seek(where)
+            f.write(rand[where % 1000 : where % 1000 + 50_000])
     (root / "hard-1").write_bytes(b"linked content\n" * 100)
     os.link(root / "hard-1", root / "hard-2")
     (root / "sub").mkdir()
@@ -256,7 +261,7 @@ def tar2sqfs(tar: Path, out: Path, *options: str) -> Path:
 
 @pytest.fixture(scope="module")
 def gzip_image(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mksquashfs(source, tmp_path_factory.mktemp("img") / "gzip.sqfs")
+    return mksquashfs(source, tmp_path_factory.mktemp("img") / "gzip.sqfs", "-b", "4K")
 
 
 MKSQUASHFS_VARIANTS = {
@@ -362,12 +367,19 @@ def reader(gzip_image: Path) -> Iterator[SquashReader]:
         yield r
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=_FIXTURE_OK)
 @given(
-    name=st.sampled_from(["random.bin", "sparse", "text.txt", "exact-128k", "small", "empty"]),
-    offset=st.integers(0, 3_200_000),
+    name=st.sampled_from(
+        ["random.bin", "sparse", "text.txt", "exact-128k", "small", "empty", "huge-sparse"]
+    ),
+    offset=st.one_of(st.integers(0, 3_200_000), st.integers(0, 21_000_000)),
     size=st.integers(0, 400_000),
 )
+@example(name="huge-sparse", offset=19_998_000, size=60_000)  # data in the third chunk
+@example(name="huge-sparse", offset=8_999_999, size=4098)
 def test_read_at_any_offset_matches_the_file(
     reader: SquashReader, source: Path, name: str, offset: int, size: int
 ) -> None:
@@ -411,7 +423,7 @@ def test_readdir_resumes_from_any_next_offset(reader: SquashReader) -> None:
     for path in ("big-dir", "", "sub"):
         directory = reader.resolve(path)
         entries = list(reader.readdir(directory))
-        for i in list(range(0, len(entries), 97)) + [len(entries) - 1]:
+        for i in [*range(0, len(entries), 97), len(entries) - 1]:
             resumed = list(reader.readdir(directory, entries[i].next_offset))
             assert resumed == entries[i + 1 :]
         assert all(e.next_offset > 2 for e in entries)
@@ -444,7 +456,7 @@ def test_inode_by_number_without_export_table(source: Path, tmp_path: Path) -> N
 def test_threads_share_one_reader(reader: SquashReader, source: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    names = ["random.bin", "sparse", "text.txt", "dup-a", "hard-1"]
+    names = ["random.bin", "sparse", "text.txt", "dup-a", "hard-1", "huge-sparse"]
 
     def job(i: int) -> bool:
         name = names[i % len(names)]
@@ -537,7 +549,7 @@ def exercise(path: Path) -> None:
                     stack.append(inode)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=_FIXTURE_OK)
 @given(data=st.data())
 def test_mutated_images_give_only_clean_errors(
     small_images: dict[str, bytes], tmp_path: Path, data: st.DataObject

@@ -180,36 +180,57 @@ class _Region:
     end: int
 
 
+_CHUNK = 2048
+"""Block size words decoded at a time (one metadata block's worth)."""
+
+
 class _BlockList:
-    """A file's data block layout, decoded lazily from its block size list."""
+    """A file's data block layout, decoded lazily in chunks from its block size list.
+
+    Only a checkpoint per chunk (where its words are, where its data starts) is kept for
+    good; decoded chunks live in the reader's bounded cache. So even a huge (or hostile)
+    block count costs memory only in proportion to the metadata actually read.
+    """
 
     def __init__(self, reader: SquashReader, inode: SqInode) -> None:
         self._reader = reader
         self._inode = inode
-        self._sizes = array("I")
-        self._starts = array("Q")
-        self._next_start = inode.blocks_start
-        self._cursor: _Cursor | None = None
+        pos = reader._inodes.start + (inode.block_list_ref >> 16)
+        self._checkpoints = [(pos, inode.block_list_ref & 0xFFFF, inode.blocks_start)]
         self._lock = threading.Lock()
 
     def locate(self, index: int) -> tuple[int, int]:
         """The (position, size word) of data block `index`."""
+        chunk, slot = divmod(index, _CHUNK)
         with self._lock:
-            while len(self._sizes) <= index:
-                self._extend(index + 1 - len(self._sizes))
-            return self._starts[index], self._sizes[index]
+            while len(self._checkpoints) <= chunk:
+                self._decode(len(self._checkpoints) - 1)
+            starts, words = self._decode(chunk)
+        return starts[slot], words[slot]
 
-    def _extend(self, wanted: int) -> None:
-        if self._cursor is None:
-            self._cursor = self._reader._cursor(self._reader._inodes, self._inode.block_list_ref)
-        count = min(max(wanted, 2048), self._inode.block_count - len(self._sizes))
-        words = array("I", self._cursor.read(4 * count))
+    def _decode(self, chunk: int) -> tuple[array[int], array[int]]:
+        key = (self._inode.ref, chunk)
+        cached = self._reader._chunks.get(key)
+        if cached is not None:
+            return cached
+        pos, offset, start = self._checkpoints[chunk]
+        count = min(_CHUNK, self._inode.block_count - chunk * _CHUNK)
+        cursor = _Cursor(self._reader, self._reader._inodes, pos, offset)
+        words = array("I", cursor.read(4 * count))
         if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover
             words.byteswap()
+        starts = array("Q")
         for word in words:
-            self._sizes.append(word)
-            self._starts.append(self._next_start)
-            self._next_start += word & _DATA_SIZE_MASK
+            starts.append(start)
+            start += word & _DATA_SIZE_MASK
+        if start > self._reader.superblock.inode_table:
+            raise SquashfsError(
+                f"{self._reader.path}: inode {self._inode.number} has blocks beyond the data area"
+            )
+        if chunk + 1 == len(self._checkpoints):
+            self._checkpoints.append((*cursor.position(), start))
+        self._reader._chunks.put(key, (starts, words))
+        return starts, words
 
 
 class _Cursor:
@@ -296,6 +317,7 @@ class SquashReader:
         self._data_cache: _LRU[tuple[int, int], bytes] = _LRU(data_cache_blocks)
         self._inode_cache: _LRU[int, SqInode] = _LRU(max(1024, metadata_cache_blocks * 16))
         self._block_lists: _LRU[int, _BlockList] = _LRU(256)
+        self._chunks: _LRU[tuple[int, int], tuple[array[int], array[int]]] = _LRU(64)
         self._segments: _LRU[tuple[int, int], _Segment] = _LRU(max(64, metadata_cache_blocks // 4))
         self._number_index: dict[int, int] | None = None
         self._number_lock = threading.Lock()
