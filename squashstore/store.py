@@ -391,12 +391,11 @@ class Store:
                 remove_tree(path)
 
     @contextmanager
-    def write_lock(self, unmount: Unmounter = _no_unmount) -> Iterator[None]:
-        """The project lock; leftovers of dead writers are removed on entry."""
+    def write_lock(self, unmount: Unmounter = _no_unmount) -> Iterator[list[str]]:
+        """The project lock; leftovers of dead writers are removed on entry (yielded)."""
         self.init()
         with locking.exclusive(self.lock_file):
-            self._clean_leftovers(unmount)
-            yield
+            yield self._clean_leftovers(unmount)
 
     @contextmanager
     def _podman_lock(self, lock: Path) -> Iterator[None]:
@@ -546,18 +545,17 @@ class Store:
 
     def remove_image(self, iid: str, unmount: Unmounter = _no_unmount) -> list[str]:
         """Remove an image (record first, then its files and unshared layer)."""
-        with self.write_lock(unmount):
+        with self.write_lock(unmount) as removed:
             images = self.image_records()
             if not any(r.get("id") == iid for r in images):
                 raise ImageNotFound(f"{iid}: image not found in store {self.root}")
             self._write_images([r for r in images if r.get("id") != iid])
-            return [iid, *self._clean_leftovers(unmount)]
+            return [*removed, iid, *self._clean_leftovers(unmount)]
 
     def gc(self, in_use: Callable[[StoreImage], bool],
            unmount: Unmounter = _no_unmount) -> list[str]:
         """Remove dangling images nothing uses and all leftovers; returns what went."""
-        removed: list[str] = []
-        with self.write_lock(unmount):
+        with self.write_lock(unmount) as removed:
             images = self.image_records()
             layers = {str(r.get("id")): r for r in self.layer_records()}
             keep = []
