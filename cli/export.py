@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         result = export_image(image, sys.stdout.buffer)
         sys.stdout.buffer.flush()
     else:
-        with atomic_output(Path(args.output)) as out:
+        with atomic_output(Path(args.output), durable=False) as out:
             result = export_image(image, out)
         sys.stderr.write(f"exported {image.reference}: {result.files} files, "
                          f"{result.bytes_in} bytes of content, {result.size} bytes of tar "

@@ -15,8 +15,12 @@ from typing import BinaryIO
 
 
 @contextmanager
-def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """A binary file that becomes `dest` only when the with-block ends without error."""
+def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+    """A binary file that becomes `dest` only when the with-block ends without error.
+
+    `durable` fsyncs the data and the directory too (the store needs it; a user's export,
+    which can simply be made again, does not pay for it).
+    """
     dest = Path(dest)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -27,12 +31,14 @@ def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield out
             out.flush()
             os.fchmod(out.fileno(), mode & ~_umask())
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)
 
 
 def fsync_dir(path: Path) -> None:

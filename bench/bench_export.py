@@ -1,0 +1,59 @@
+"""`squashstore export` against `podman export` on a realistic three-layer image.
+
+Run: .venv/bin/python bench/bench_export.py. Builds the image once in a private podman
+(tests/support/podman.py; never the machine's store), then times both exports in the same
+run and prints wall, CPU and peak memory with their ratios.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, print_table, realistic_tree, timed, tree_stats
+from support.podman import make_podman
+
+
+def build_image(podman_root: Path, tree: Path) -> tuple[object, str]:
+    podman = make_podman(podman_root)
+    ctx = podman_root / "ctx"
+    (ctx / "tree").mkdir(parents=True)
+    shutil.copytree(tree, ctx / "tree" / "site-packages", symlinks=True)
+    extra = sorted(p for p in tree.iterdir() if p.is_dir())[:2]
+    (ctx / "Containerfile").write_text(
+        "FROM scratch\nCOPY tree/ /usr/lib/python3/\nCMD [\"/none\"]\n"
+        + "".join(f"COPY tree/site-packages/{p.name} /usr/lib/python3/site-packages/{p.name}\n"
+                  for p in extra))
+    podman.run("build", "--network", "none", "--pull=never", "-t", "localhost/bench:1",
+               str(ctx))
+    return podman, "localhost/bench:1"
+
+
+def main() -> int:
+    tree = realistic_tree()
+    files, size = tree_stats(tree)
+    work = Path(tempfile.mkdtemp(prefix="sqs-bench-export-"))
+    podman = None
+    try:
+        podman, image = build_image(work / "podman", tree)
+        env = podman.env  # type: ignore[attr-defined]
+        ctr = podman.text("create", "--pull=never", image).strip()  # type: ignore[attr-defined]
+        theirs = timed(["podman", "export", "-o", str(work / "podman.tar"), ctr], env=env)
+        ours = timed([str(ROOT / ".venv/bin/squashstore"), "export", image, "-o",
+                      str(work / "squashstore.tar")], env=env)
+        rows = [["podman export", f"{theirs.wall:.2f}", f"{theirs.cpu:.2f}", "1.00"],
+                ["squashstore export", f"{ours.wall:.2f}", f"{ours.cpu:.2f}",
+                 f"{ours.wall / theirs.wall:.2f}"]]
+        print_table(f"export of a 3-layer image: {files} files, {size / 1e6:.0f} MB",
+                    ["tool", "wall s", "cpu s", "wall ratio"], rows)
+    finally:
+        if podman is not None:
+            podman.close()  # type: ignore[attr-defined]
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
