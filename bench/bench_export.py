@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, print_table, realistic_tree, timed, tree_stats
+
 from support.podman import make_podman
 
 
