@@ -1,0 +1,395 @@
+"""The FUSE server against the kernel's squashfs: real mounts of mksquashfs and tar2sqfs images.
+
+Every test mounts for real (root, /dev/fuse) and unmounts in teardown with ``fusermount3 -u
+-z`` (FUSE) or ``umount -l`` (kernel loop mounts), whatever happened.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from support.fixture_trees import CAP_NET_RAW_EP, LONG_NAME, MANY, UNICODE_NAME, XATTR_BINARY
+from support.fixture_trees import make_tree
+from support.listing import canonical_from_dir, diff_listings, tar_of_dir_gnu
+
+from squashstore import mounts
+from squashstore.fuse import backend, daemon, server
+from squashstore.squashfs.reader import SquashReader
+
+pytestmark = pytest.mark.root
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mountinfo(mountpoint: Path) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the mount on `mountpoint`, or None."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                return fields
+    return None
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie counts: it serves nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+
+class Mounts:
+    """Mounts made by one test; all are undone in teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.fuse: list[tuple[Path, int]] = []
+        self.kernel: list[Path] = []
+
+    def _dir(self, name: str) -> Path:
+        d = self.base / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def serve(self, image: Path, name: str = "fuse", *extra: str) -> tuple[Path, int]:
+        mnt = self._dir(name)
+        pid = daemon.start(image, mnt, ("--log-file", str(self.base / f"{name}.log"), *extra))
+        self.fuse.append((mnt, pid))
+        return mnt, pid
+
+    def kernel_mount(self, image: Path, name: str = "kernel") -> Path:
+        mnt = self._dir(name)
+        _run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(mnt)])
+        self.kernel.append(mnt)
+        return mnt
+
+    def close(self) -> None:
+        for mnt, pid in self.fuse:
+            subprocess.run(["fusermount3", "-u", "-z", "-q", str(mnt)], capture_output=True)
+            if not _wait_for(lambda pid=pid: _gone(pid), 10):  # type: ignore[misc]
+                os.kill(pid, signal.SIGKILL)
+        for mnt in self.kernel:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def mounts_(tmp_path: Path) -> Iterator[Mounts]:
+    m = Mounts(tmp_path / "mnt")
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("fuse-tree") / "t", "full")
+
+
+@pytest.fixture(scope="module")
+def images(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The "full" tree packed by mksquashfs (zstd, with export table) and by tar2sqfs
+    (gzip, no export table, from a GNU tar with xattrs)."""
+    out = tmp_path_factory.mktemp("fuse-images")
+    mk = out / "mksquashfs.sqfs"
+    _run(["mksquashfs", str(tree), str(mk), "-comp", "zstd", "-quiet", "-no-progress"])
+    tar = tar_of_dir_gnu(tree, out / "tree.tar")
+    ng = out / "tar2sqfs.sqfs"
+    with open(tar, "rb") as f:
+        subprocess.run(["tar2sqfs", "-q", "-c", "gzip", str(ng)], stdin=f, check=True,
+                       capture_output=True)
+    return {"mksquashfs": mk, "tar2sqfs": ng}
+
+
+@pytest.fixture(scope="module")
+def kernel_listings(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, dict[str, object]]:
+    """The canonical listing and every path's lstat through the kernel's squashfs."""
+    out: dict[str, dict[str, object]] = {}
+    m = Mounts(tmp_path_factory.mktemp("kernel-mounts"))
+    try:
+        for name, image in images.items():
+            mnt = m.kernel_mount(image, name)
+            out[name] = {"listing": canonical_from_dir(mnt), "stats": _all_stats(mnt)}
+    finally:
+        m.close()
+    return out
+
+
+def _all_stats(top: Path) -> dict[str, os.stat_result]:
+    result = {"/": os.lstat(top)}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            result["/" + os.path.relpath(full, top)] = os.lstat(full)
+    return result
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("maker", ["mksquashfs", "tar2sqfs"])
+def test_listing_equals_kernel_mount(maker: str, images: dict[str, Path],
+                                     kernel_listings: dict[str, dict[str, object]],
+                                     mounts_: Mounts) -> None:
+    """Every entry type, owner, mode, xattr, hard link and byte: as the kernel shows them."""
+    mnt, _ = mounts_.serve(images[maker])
+    listing = canonical_from_dir(mnt)
+    expected = kernel_listings[maker]["listing"]
+    assert isinstance(expected, dict)
+    assert diff_listings(expected, listing) == []
+    assert len(listing) > MANY
+
+
+@pytest.mark.parametrize("maker", ["mksquashfs", "tar2sqfs"])
+def test_stat_fields_and_stable_inode_numbers(maker: str, images: dict[str, Path],
+                                              kernel_listings: dict[str, dict[str, object]],
+                                              mounts_: Mounts) -> None:
+    mnt, _ = mounts_.serve(images[maker])
+    kernel = kernel_listings[maker]["stats"]
+    assert isinstance(kernel, dict)
+    ours = _all_stats(mnt)
+    assert sorted(ours) == sorted(kernel)
+    root_number = kernel["/"].st_ino
+    for path, k in kernel.items():
+        o = ours[path]
+        fields = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_mtime")
+        assert [getattr(o, f) for f in fields] == [getattr(k, f) for f in fields], path
+        # FUSE's root must be 1: the squashfs root's number and 1 trade places.
+        swapped = {root_number: 1, 1: root_number}.get(k.st_ino, k.st_ino)
+        assert o.st_ino == swapped, path
+    assert ours["/"].st_ino == 1
+    a, b = ours["/hardlinks/a"], ours["/hardlinks/sub/c"]
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 3)
+
+
+def test_xattrs_negative_lookups_and_names(images: dict[str, Path], mounts_: Mounts) -> None:
+    mnt, pid = mounts_.serve(images["mksquashfs"])
+    s = mnt / "special"
+    assert os.getxattr(s / "user-xattrs", "user.binary") == XATTR_BINARY
+    assert os.getxattr(s / "user-xattrs", "user.color") == b"red"
+    assert os.getxattr(s / "user-xattrs", "user.empty") == b""
+    assert os.getxattr(s / "capability", "security.capability") == CAP_NET_RAW_EP
+    assert sorted(os.listxattr(s / "user-xattrs")) == ["user.binary", "user.color",
+                                                       "user.empty"]
+    assert os.getxattr(s / "xattr-dir", "user.on-dir") == b"yes"
+    with pytest.raises(OSError) as err:
+        os.getxattr(s / "user-xattrs", "user.missing")
+    assert err.value.errno == errno.ENODATA
+    assert os.listxattr(mnt / "etc" / "config") == []
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "etc" / "no-such-module.py")
+    assert (mnt / "names" / LONG_NAME).read_bytes() == b"long\n"
+    assert (mnt / "names" / UNICODE_NAME).read_bytes() == b"unicode\n"
+    assert os.readlink(mnt / "dangling") == "/does/not/exist"
+    assert sorted(os.listdir(mnt / "many")) == sorted(f"f{i}" for i in range(MANY))
+    with pytest.raises(OSError) as err:
+        open(mnt / "etc" / "config", "r+b")
+    assert err.value.errno == errno.EROFS
+    st = os.statvfs(mnt)
+    assert st.f_files == SquashReader(images["mksquashfs"]).superblock.inode_count
+    assert not _gone(pid)
+
+
+def test_lookup_misses_are_negative_entries_the_kernel_keeps(images: dict[str, Path]) -> None:
+    """A miss is an entry with inode 0 and a long timeout (not ENOENT), so the kernel caches
+    it; a hit carries the long timeouts too."""
+    with SquashReader(images["tar2sqfs"]) as reader:
+        ops = server.SquashOperations(reader)
+
+        async def ask() -> tuple[object, object]:
+            miss = await ops.lookup(1, b"no-such-name", None)  # type: ignore[arg-type]
+            hit = await ops.lookup(1, b"etc", None)  # type: ignore[arg-type]
+            return miss, hit
+
+        miss, hit = trio.run(ask)
+    assert miss.st_ino == 0 and miss.entry_timeout >= 86400  # type: ignore[attr-defined]
+    assert hit.st_ino > 1 and hit.attr_timeout >= 86400  # type: ignore[attr-defined]
+    assert stat.S_ISDIR(hit.st_mode)  # type: ignore[attr-defined]
+
+
+def test_mount_options_and_process(images: dict[str, Path], mounts_: Mounts) -> None:
+    """`start` returns only once the mount answers; options and process name are right."""
+    mnt, pid = mounts_.serve(images["mksquashfs"])
+    fields = _mountinfo(mnt)
+    assert fields is not None
+    sep = fields.index("-")
+    assert fields[sep + 1] == backend.FSTYPE
+    assert fields[sep + 2] == str(images["mksquashfs"])
+    options = set(fields[5].split(",")) | set(fields[sep + 3].split(","))
+    assert {"ro", "nosuid", "nodev", "default_permissions", "allow_other"} <= options
+    assert os.stat(mnt).st_ino == 1
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "squashstore-fs"
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert str(images["mksquashfs"]).encode() in cmdline and str(mnt).encode() in cmdline
+    assert os.getsid(pid) == pid
+
+
+def test_command_returns_once_mounted_and_rejects_bad_images(images: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    cmd = [sys.executable, "-m", "squashstore.fuse.daemon"]
+    bad = tmp_path / "bad.sqfs"
+    bad.write_bytes(b"not squashfs" * 100)
+    proc = subprocess.run([*cmd, str(bad), str(mnt)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("squashstore: ") and "not a squashfs image" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert _mountinfo(mnt) is None
+    try:
+        proc = subprocess.run([*cmd, str(images["tar2sqfs"]), str(mnt)], capture_output=True)
+        assert proc.returncode == 0, proc.stderr
+        # No waiting: when the command returns, the mount answers.
+        assert (mnt / "etc" / "config").read_bytes() == b"config\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_foreground_serve_logs_and_exits_on_unmount(images: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "squashstore.fuse.daemon", "-f",
+                             str(images["mksquashfs"]), str(mnt)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (mnt / "etc").exists())
+        _run(["fusermount3", "-u", str(mnt)])
+        assert proc.wait(timeout=15) == 0
+        assert "serving" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_unmounts_cleanly(images: dict[str, Path], mounts_: Mounts) -> None:
+    mnt, pid = mounts_.serve(images["mksquashfs"])
+    assert (mnt / "etc" / "config").read_bytes() == b"config\n"
+    os.kill(pid, signal.SIGTERM)
+    assert _wait_for(lambda: _mountinfo(mnt) is None)
+    assert _wait_for(lambda: _gone(pid))
+    assert not (mnt / "etc").exists()
+    log = (mounts_.base / "fuse.log").read_text()
+    assert "signal 15" in log and "server exits" in log
+
+
+def test_sigkill_leaves_a_dead_mount_that_lazy_fusermount_clears(images: dict[str, Path],
+                                                                 mounts_: Mounts) -> None:
+    mounter = backend.FuseMounter()
+    mnt, pid = mounts_.serve(images["mksquashfs"])
+    assert mounter.is_alive(mnt)
+    os.kill(pid, signal.SIGKILL)
+    assert _wait_for(lambda: _gone(pid))
+    with pytest.raises(OSError) as err:
+        os.statvfs(mnt)
+    assert err.value.errno == errno.ENOTCONN
+    with pytest.raises(OSError) as err:
+        os.listdir(mnt / "etc")
+    assert err.value.errno == errno.ENOTCONN
+    assert not mounter.is_alive(mnt)
+    mounter.umount(mnt, lazy=True)
+    assert _mountinfo(mnt) is None
+    assert os.stat(mnt).st_ino != 1
+
+
+def _corrupt_first_block(image: Path, path: str) -> None:
+    with SquashReader(image) as reader:
+        node = reader.resolve(path)
+        pos, word = reader.block_layout(node, 1)
+    assert not word & (1 << 24), "the block must be compressed"
+    with open(image, "r+b") as f:
+        f.seek(pos)
+        f.write(b"\xde\xad\xbe\xef" * 4)
+
+
+def test_corrupt_block_gives_eio_and_the_server_stays_up(tree: Path, tmp_path: Path,
+                                                         mounts_: Mounts) -> None:
+    image = tmp_path / "corrupt.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-quiet", "-no-progress"])
+    _corrupt_first_block(image, "big/large")
+    mnt, pid = mounts_.serve(image)
+    with open(mnt / "big" / "large", "rb") as f:
+        assert len(f.read(4096)) == 4096
+        f.seek(200_000)
+        with pytest.raises(OSError) as err:
+            f.read(4096)
+        assert err.value.errno == errno.EIO
+    assert (mnt / "etc" / "config").read_bytes() == b"config\n"
+    assert (mnt / "big" / "zeros").read_bytes() == bytes(1 << 20)
+    assert not _gone(pid)
+    assert "block 1" in (mounts_.base / "fuse.log").read_text()
+
+
+def test_parallel_reads_of_many_files(images: dict[str, Path], tree: Path,
+                                      mounts_: Mounts) -> None:
+    mnt, _ = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1", "--threads=3")
+    names = ["big/large", "big/sparse", "big/zeros", *(f"many/f{i}" for i in range(0, 400, 7))]
+    want = {n: hashlib.sha256((tree / n).read_bytes()).hexdigest() for n in names}
+    got: dict[str, str] = {}
+
+    def worker(part: list[str]) -> None:
+        for n in part:
+            got[n] = hashlib.sha256((mnt / n).read_bytes()).hexdigest()
+
+    threads = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+def test_fuse_backend_in_the_mount_registry(images: dict[str, Path], mounts_: Mounts) -> None:
+    backend.register()
+    assert isinstance(mounts.mounter("fuse"), backend.FuseMounter)
+    assert isinstance(mounts.mounter_for_fstype(backend.FSTYPE), backend.FuseMounter)
+    mnt = mounts_.base / "registry"
+    mnt.mkdir(parents=True)
+    mounter = backend.FuseMounter()
+    pid = mounter.mount(images["tar2sqfs"], mnt)
+    assert pid is not None
+    mounts_.fuse.append((mnt, pid))
+    assert mounter.is_alive(mnt)
+    with open(mnt / "etc" / "config", "rb"):
+        with pytest.raises(mounts.MountError) as err:
+            mounter.umount(mnt, lazy=False)
+        assert isinstance(err.value.__cause__, OSError)
+        assert err.value.__cause__.errno == errno.EBUSY
+    mounter.umount(mnt, lazy=False)
+    assert _mountinfo(mnt) is None
+    assert _wait_for(lambda: _gone(pid))
