@@ -16,7 +16,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     daemon.check_arguments(args)
     if args.foreground:
-        return daemon.run(args)
+        code: int = daemon.run(args)
+        return code
     daemon.start(args.squash, args.mountpoint, daemon.forwarded_arguments(args))
     return 0
 

@@ -5,7 +5,8 @@ project's FUSE server: `FuseMounter.mount` starts a detached server (see
 `squashstore.fuse.daemon.start`) and returns its pid once the mount answers, `umount` runs
 ``fusermount3 -u`` (``-z`` when lazy; a busy mount raises `MountError` whose cause has errno
 EBUSY), and `is_alive` tells a serving mount from a dead one (ENOTCONN after the server was
-killed; asked with statfs, which the kernel never answers from its caches). `register` adds the backend to the registry under the name ``fuse``.
+killed; asked with statfs, which the kernel never answers from its caches). `register`
+adds the backend to the registry under the name ``fuse``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ class FuseMounter:
 
     def mount(self, squash: Path, mountpoint: Path) -> int | None:
         try:
-            return daemon.start(squash, mountpoint, self.extra_args,
-                                timeout=mounts.MOUNT_TIMEOUT)
+            pid: int = daemon.start(squash, mountpoint, self.extra_args,
+                                    timeout=mounts.MOUNT_TIMEOUT)
         except daemon.ServeError as exc:
             raise mounts.MountError(f"serve {squash}: {exc}") from None
+        return pid
 
     def umount(self, mountpoint: Path, lazy: bool) -> None:
         proc = subprocess.run(

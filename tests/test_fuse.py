@@ -20,13 +20,19 @@ from pathlib import Path
 
 import pytest
 import trio
-from support.fixture_trees import CAP_NET_RAW_EP, LONG_NAME, MANY, UNICODE_NAME, XATTR_BINARY
-from support.fixture_trees import make_tree
-from support.listing import canonical_from_dir, diff_listings, tar_of_dir_gnu
 
 from squashstore import mounts
 from squashstore.fuse import backend, daemon, server
 from squashstore.squashfs.reader import SquashReader
+from support.fixture_trees import (
+    CAP_NET_RAW_EP,
+    LONG_NAME,
+    MANY,
+    UNICODE_NAME,
+    XATTR_BINARY,
+    make_tree,
+)
+from support.listing import canonical_from_dir, diff_listings, tar_of_dir_gnu
 
 pytestmark = pytest.mark.root
 
@@ -217,7 +223,7 @@ def test_xattrs_negative_lookups_and_names(images: dict[str, Path], mounts_: Mou
     assert os.readlink(mnt / "dangling") == "/does/not/exist"
     assert sorted(os.listdir(mnt / "many")) == sorted(f"f{i}" for i in range(MANY))
     with pytest.raises(OSError) as err:
-        open(mnt / "etc" / "config", "r+b")
+        os.open(mnt / "etc" / "config", os.O_RDWR)
     assert err.value.errno == errno.EROFS
     st = os.statvfs(mnt)
     assert st.f_files == SquashReader(images["mksquashfs"]).superblock.inode_count
