@@ -74,6 +74,8 @@ class _LayerState:
     """Shadowed link target -> surviving link paths waiting for its content."""
     link_of: dict[str, str] = field(default_factory=dict)
     """Hard-link member path -> the path of the member holding the content."""
+    link_headers: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
+    """Shadowed link target -> the headers of the links to it, in tar order."""
 
 
 def normalise(name: str, layer: Layer) -> str:
@@ -140,6 +142,15 @@ def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
     if kind is Kind.DIR:
         inode.children = {}
     return inode
+
+
+def apply_link_header(inode: Inode, member: tarfile.TarInfo) -> None:
+    """What extracting hard link `member` does to the inode it links to."""
+    inode.uid, inode.gid = member.uid, member.gid
+    inode.xattrs.update(member_xattrs(member))
+    if inode.kind is not Kind.SYMLINK:  # no lchmod, and chtimes follows links
+        inode.mode = member.mode & 0o7777
+        inode.mtime = int(member.mtime)
 
 
 class _Content(io.RawIOBase):
@@ -261,6 +272,12 @@ class LayerMerge:
         if inode is not None and inode.kind is Kind.DIR:
             raise LayerError(f"{layer.describe()}: hard link {path!r} to a directory")
         state.kinds[path] = "other"
+        # Extracting a link applies its own header to the shared inode, as containers/storage
+        # does (chown, xattrs, chmod, chtimes on the new name), whether or not it survives.
+        if inode is not None:
+            apply_link_header(inode, member)
+        else:
+            state.link_headers.setdefault(target, []).append(member)
         if self._hidden(path, False):
             state.hidden_files.add(path)
             return
@@ -279,8 +296,12 @@ class LayerMerge:
                     break
                 if member.islnk() or normalise(member.name, layer) not in wanted:
                     continue
-                links = wanted.pop(normalise(member.name, layer))
+                target = normalise(member.name, layer)
+                links = wanted.pop(target)
                 inode = inode_from_member(member, layer)
+                for header in state.link_headers.get(target, ()):
+                    if inode.kind is not Kind.SYMLINK:
+                        apply_link_header(inode, header)
                 content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
                 yield self._place(links[0], inode, content)
                 for path in links[1:]:

@@ -136,6 +136,16 @@ def reference_listing(layers: list[bytes]) -> dict[str, tuple[object, ...]]:
                 continue
             if member.islnk():
                 obj = layer_objs[posixpath.normpath(member.linkname)]
+                target = obj.info
+                obj.info = tarfile.TarInfo(target.name)  # extraction applies the link's header
+                for attr in ("type", "linkname", "size", "devmajor", "devminor"):
+                    setattr(obj.info, attr, getattr(target, attr))
+                obj.info.uid, obj.info.gid = member.uid, member.gid
+                obj.info.pax_headers = {**target.pax_headers, **member.pax_headers}
+                if not target.issym():
+                    obj.info.mode, obj.info.mtime = member.mode, member.mtime
+                else:
+                    obj.info.mode, obj.info.mtime = target.mode, target.mtime
             else:
                 obj = _Obj(member, contents[member.name])
             layer_objs[name] = obj
@@ -211,7 +221,9 @@ def layer_members(draw: st.DrawFn, index: int) -> list[Member]:
             if not files:
                 continue
             kinds[path] = "file"
-            members.append(Member(path, "link", target=draw(st.sampled_from(files))))
+            members.append(Member(path, "link", target=draw(st.sampled_from(files)),
+                                  mode=draw(st.sampled_from([0o644, 0o600])),
+                                  uid=draw(st.integers(0, 2)), mtime=index + 10))
             continue
         kinds[path] = "dir" if op == "dir" else ("file" if op == "file" else "other")
         members.append(Member(
