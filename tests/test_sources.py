@@ -25,6 +25,7 @@ from squashstore import oci
 from squashstore.image import Image, SourceError
 from squashstore.podmanconf import load_storage_config
 from squashstore.sources import normalize_name, open_image, parse_reference
+from squashstore.tarsplit import tar_from_diff_dir, tar_from_tar_split
 
 BASE = "localhost/sqs-sources-base:1"
 MULTI = "localhost/sqs-sources-multi:latest"
@@ -245,6 +246,27 @@ def _tar_listing(data: bytes) -> dict[str, tuple[object, ...]]:
             out[m.name.rstrip("/")] = (m.type, mode, m.uid, m.gid, m.size, m.linkname,
                                        hashlib.sha256(content).hexdigest(), mtime, xattrs)
     return out
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("fixture", ["special", "hardlinks", "whiteouts", "big"])
+def test_diff_directory_walk_equals_the_tar_split_of_every_fixture_layer(
+        src_podman: _Podman, fixture_images: dict[str, str], fixture: str) -> None:
+    """The fallback for layers without a tar-split, against containers/storage's own record
+    of the layer (xattrs, devices, owners, hard links, sparse files, whiteouts, opaque dirs)."""
+    from support.listing import canonical_from_tar, diff_listings
+
+    for diff_id in podman_diff_ids(src_podman, fixture_images[fixture]):
+        layer_id = _layer_id(src_podman, diff_id)
+        diff = src_podman.graphroot / "overlay" / layer_id / "diff"
+        split = src_podman.graphroot / "overlay-layers" / f"{layer_id}.tar-split.gz"
+        recorded = b"".join(tar_from_tar_split(split, diff, "layer"))
+        assert sha256(recorded) == diff_id
+        walked = canonical_from_tar(io.BytesIO(b"".join(tar_from_diff_dir(diff, "layer"))))
+        want = canonical_from_tar(io.BytesIO(recorded))
+        untimed = [p for p, e in want.items()
+                   if e.type == "dir" or p.rsplit("/", 1)[-1].startswith(".wh.")]
+        assert diff_listings(walked, want, ignore_mtime=untimed) == [], (fixture, diff_id)
 
 
 @pytest.mark.podman
