@@ -92,6 +92,53 @@ def test_close_removes_containers_mounts_and_root(
     assert mounts_below(p.root) == []
 
 
+def test_consumer_podman_with_additional_store_and_mount_program(
+    make_podman: Callable[..., Podman], podman: Podman, fixture_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    consumer = make_podman(additional_stores=[store], mount_program="/usr/bin/fuse-overlayfs")
+    text = consumer.storage_conf.read_text()
+    assert f'additionalimagestores = ["{store}"]' in text
+    assert '[storage.options.overlay]\nmount_program = "/usr/bin/fuse-overlayfs"' in text
+    options = consumer.text("info", "--format", "{{json .Store.GraphOptions}}")
+    assert str(store) in options and "fuse-overlayfs" in options
+    consumer.load(podman.save(fixture_images["base"], tmp_path / "base.tar"))
+    out = consumer.text("run", "--rm", "--pull=never", fixture_images["base"],
+                        "/bin/sh", "-c", "grep ' / / ' /proc/self/mountinfo")
+    assert "fuse-overlayfs" in out
+    assert consumer.mounts_below_root() == []
+
+
+def test_fixture_image_runs_with_its_config(
+    podman: Podman, fixture_images: dict[str, str]
+) -> None:
+    out = podman.text("run", "--rm", "--pull=never", fixture_images["special"],
+                      "id -u; id -g; pwd; echo $SQS_FIXTURE; cat /names/empty-file")
+    assert out.split() == ["1234", "5678", "/work", "1"]
+    assert podman.text("run", "--rm", "--pull=never", fixture_images["big"]) == "fixture"
+
+
+def test_started_container_export_differs_as_documented(
+    podman: Podman, fixture_images: dict[str, str], tmp_path: Path
+) -> None:
+    image = fixture_images["base"]
+    name = "sqs-harness-started"
+    podman.run("run", "--name", name, "--pull=never", image, "/bin/sh", "-c", "true")
+    try:
+        podman.run("export", "-o", str(tmp_path / "started.tar"), name)
+    finally:
+        podman.run("rm", "-f", name)
+    started = canonical_from_tar(tmp_path / "started.tar")
+    with podman.mount_image(image) as mount:
+        mounted = canonical_from_dir(mount)
+    added = sorted(set(started) - set(mounted))
+    assert added == ["/dev", "/etc/group", "/etc/hostname", "/etc/hosts", "/etc/mtab",
+                     "/proc", "/run", "/run/.containerenv", "/sys"]
+    assert set(normalise_podman_export(started)) == set(started)  # not undone: documented
+
+
 def test_run_raises_with_stderr(podman: Podman) -> None:
     with pytest.raises(AssertionError, match="no-such-image"):
         podman.run("image", "inspect", "localhost/no-such-image:1")
@@ -395,6 +442,21 @@ def test_tar_semantics_later_member_wins_and_links_follow_the_path() -> None:
     assert listing["/a/y"].size == 5 and listing["/a/x"].size == 6
     assert listing["/a/y"].hardlinks == ()
     assert listing["/a/x"].hardlinks == ("/a/x", "/a/z")
+
+
+@pytest.mark.parametrize("compression", ["gz", "xz", "zst"])
+def test_compressed_tars_list_like_plain(full_tree: Path, tmp_path: Path,
+                                         compression: str) -> None:
+    plain = tar_of_dir_python(full_tree / "special", tmp_path / "plain.tar")
+    packed = tmp_path / f"plain.tar.{compression}"
+    tool = {"gz": ["gzip", "-1", "-c"], "xz": ["xz", "-0", "-c"], "zst": ["zstd", "-1", "-c"]}
+    with packed.open("wb") as out:
+        subprocess.run([*tool[compression], str(plain)], stdout=out, check=True)
+    expected = canonical_from_tar(plain)
+    assert len(expected) > 10
+    assert diff_listings(expected, canonical_from_tar(packed)) == []
+    with packed.open("rb") as f:
+        assert diff_listings(expected, canonical_from_tar(f)) == []
 
 
 def test_tar_link_to_missing_path_is_an_error() -> None:

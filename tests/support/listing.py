@@ -17,8 +17,10 @@ filesystem (measured with podman 4.3.1 here: nothing at all; see its docstring).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
+import io
 import os
 import stat
 import subprocess
@@ -26,7 +28,7 @@ import tarfile
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote
 
 CHUNK = 1 << 20
@@ -154,15 +156,58 @@ def _tar_entry(tf: tarfile.TarFile, info: tarfile.TarInfo) -> Entry:
     )
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _Prefixed(io.RawIOBase):
+    """A readable stream: `head` bytes already read from `rest`, then the rest of `rest`."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(f: IO[bytes]) -> IO[bytes]:
+    """`f`, or its zstd decompression when it starts with the zstd magic (tarfile's own
+    ``r|*`` handles gzip, bzip2 and xz)."""
+    head = f.read(4)
+    stream: IO[bytes] = io.BufferedReader(_Prefixed(head, f))
+    if head == ZSTD_MAGIC:
+        import zstandard
+
+        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(stream)
+        return reader
+    return stream
+
+
 def canonical_from_tar(source: str | Path | IO[bytes]) -> Listing:
     """The canonical listing of a tar file (path or readable binary file object; plain,
-    gzip, bzip2 or xz), read as a stream with extraction semantics."""
+    gzip, bzip2, xz or zstd), read as a stream with extraction semantics."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, str | Path):
+            source = stack.enter_context(open(source, "rb"))
+        return _listing_of_tar_stream(_decompressed(source))
+
+
+def _listing_of_tar_stream(stream: IO[bytes]) -> Listing:
     listing: Listing = {}
     inode_of: dict[str, int] = {}
     counter = 0
-    name = source if isinstance(source, str | Path) else None
-    fileobj = None if isinstance(source, str | Path) else source
-    with tarfile.open(name=name, fileobj=fileobj, mode="r|*") as tf:
+    with tarfile.open(fileobj=stream, mode="r|*") as tf:
         for info in tf:
             path = norm_path(info.name)
             if info.type == tarfile.LNKTYPE:
@@ -327,13 +372,19 @@ def diff_listings(
 
 PODMAN_EXPORT_ADDITIONS: frozenset[str] = frozenset()
 """Paths that ``podman export`` of a created, never-started container shows although the
-image does not have them. Measured with podman 4.3.1 (see tests/test_harness.py, which
-proves it for every fixture image): none. Podman creates /etc/hosts, /etc/resolv.conf,
-/etc/hostname, /run/.containerenv and the mount-point directories (/dev, /proc, /sys, /run)
-only when a container *starts*; `Podman.export` never starts one. Note that images built
-with ``podman build`` and a ``RUN`` step do contain /dev, /proc, /sys, /run and an empty
-/etc/hostname in that RUN layer (buildah leaves them): that is image content, not an export
-addition."""
+image does not have them. Measured with podman 4.3.1 (tests/test_harness.py proves it for
+every fixture image against ``podman image mount``): none, and nothing is changed either;
+only the root directory itself has no entry in the export tar (it is not in the listing).
+
+A container that has been *started* is different (hence `Podman.export` never starts one):
+its export also has /etc/hosts, /etc/hostname, /etc/group (mode 0600, when missing),
+/etc/mtab (symlink), /run/.containerenv and the mount points /dev, /proc, /sys, /run, a
+rewritten /etc/passwd (a line for the image's User is added) and new mtimes on /etc and
+/run. Those cannot be undone exactly from a listing, so no helper pretends to.
+
+Images built with ``podman build`` and a ``RUN`` step do contain /dev, /proc, /sys, /run
+and an empty /etc/hostname (mode 0755) in that RUN layer (buildah leaves them): that is
+image content, not an export addition."""
 
 
 def normalise_podman_export(listing: Mapping[str, Entry]) -> Listing:

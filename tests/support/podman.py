@@ -13,11 +13,12 @@ Every podman command that could pull gets ``--pull=never``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PODMAN = "podman"
@@ -173,10 +174,28 @@ class Podman:
             self.run("rm", "-f", cid, check=False)
         return dest
 
+    def save(self, image: str, dest: Path, fmt: str = "oci-archive", *extra: str) -> Path:
+        """``podman save --format FMT`` of `image` to `dest` (a tar, or a directory for
+        ``oci-dir``/``docker-dir``); `dest`. Pass ``"--uncompressed"`` in `extra` for plain
+        tar layer blobs in a directory format."""
+        self.run("save", "--format", fmt, *extra, "-o", str(dest), image, timeout=600)
+        return dest
+
+    def load(self, archive: Path) -> None:
+        """``podman load`` an archive written by `save`."""
+        self.run("load", "-i", str(archive), timeout=600)
+
+    @contextlib.contextmanager
+    def mount_image(self, image: str) -> Iterator[Path]:
+        """``podman image mount`` `image` (read-only overlay of its layers) for the block."""
+        path = Path(self.text("image", "mount", image))
+        try:
+            yield path
+        finally:
+            self.run("image", "unmount", image, check=False)
+
     def inspect(self, image: str) -> dict[str, object]:
         """``podman image inspect`` of `image` (the first element)."""
-        import json
-
         data = json.loads(self.text("image", "inspect", image))
         assert isinstance(data, list) and data, data
         result = data[0]
@@ -219,7 +238,7 @@ def _unescape_mountinfo(field: str) -> str:
     raw = field.encode("utf-8", "surrogateescape")
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 0 and raw[i + 1 : i + 4].isdigit():
+        if raw[i] == 0x5C and raw[i + 1 : i + 4].isdigit() and len(raw[i + 1 : i + 4]) == 3:
             out.append(int(raw[i + 1 : i + 4], 8))
             i += 4
         else:
