@@ -368,3 +368,19 @@ def test_xattrs_devices_and_owners_survive_without_root() -> None:
     assert root.children is not None and root.children["dev"].children is not None
     assert root.children["dev"].children["null"].rdev == (1, 3)
     assert root.children["p"].kind is Kind.FIFO
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["..", ".", "/", "a", "b", ".wh.", "é"]),
+                         min_size=1, max_size=8).map("".join), min_size=1, max_size=6),
+       st.sampled_from(["file", "dir", "symlink", "link"]))
+def test_hostile_names_never_escape_the_root(names: list[str], kind: str) -> None:
+    members = [Member(name, "file", b"x") for name in names]
+    members.append(Member(names[-1] + "x", kind, b"y", target=names[0]))
+    try:
+        merge, _ = merged([tar_bytes(members)])
+    except LayerError:
+        return
+    for path, _inode in walk(merge.root):
+        parts = path.split("/") if path else []
+        assert ".." not in parts and "." not in parts and "" not in parts, path
