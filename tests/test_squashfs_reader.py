@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -489,8 +490,37 @@ def small_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     for comp in ("gzip", "zstd"):
         out = mksquashfs(src, base / f"{comp}.sqfs", "-comp", comp, "-b", "4K")
         images[comp] = out.read_bytes()
+    plain = ("-noI", "-noD", "-noF", "-noX", "-noId", "-b", "4K")
+    images["uncompressed"] = mksquashfs(src, base / "plain.sqfs", *plain).read_bytes()
+    _HOT.extend(_record_positions(base / "plain.sqfs"))
+    tar = base / "src.tar"
+    subprocess.run(
+        ["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "-C", str(src),
+         "-cf", str(tar), "."],
+        check=True,
+    )
+    images["tar2sqfs-xz"] = tar2sqfs(tar, base / "t.sqfs", "-c", "xz", "-b", "4096").read_bytes()
     shutil.rmtree(src)
     return images
+
+
+_HOT: list[int] = []
+"""Positions of inode and directory records in the uncompressed small image."""
+
+
+def _record_positions(path: Path) -> Iterator[int]:
+    """Every byte position of the inodes and listings of an uncompressed one-block image."""
+    with SquashReader(path) as r:
+        sb = r.superblock
+        assert sb.directory_table - sb.inode_table < 8192
+        for _, node in tree.walk(r.to_tree()):
+            inode = node.data
+            assert isinstance(inode, SqInode)
+            start = sb.inode_table + (inode.ref >> 16) + 2 + (inode.ref & 0xFFFF)
+            yield from range(start, start + 40)
+            if inode.kind is tree.Kind.DIR:
+                start = sb.directory_table + inode.dir_block + 2 + inode.dir_offset
+                yield from range(start, start + inode.size - 3)
 
 
 def exercise(path: Path) -> None:
@@ -516,28 +546,38 @@ def exercise(path: Path) -> None:
                     stack.append(inode)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=_FIXTURE_OK)
+@settings(max_examples=400, deadline=None, suppress_health_check=_FIXTURE_OK)
 @given(data=st.data())
 def test_mutated_images_give_only_clean_errors(
     small_images: dict[str, bytes], tmp_path: Path, data: st.DataObject
 ) -> None:
-    image = bytearray(data.draw(st.sampled_from(sorted(small_images)).map(small_images.get)))
-    how = data.draw(st.sampled_from(["flip", "truncate", "pointer", "field", "zero-run"]))
+    name = data.draw(st.sampled_from(sorted(small_images)))
+    image = bytearray(small_images[name])
+    # Most damage goes to the metadata (inode table onwards), where the parsing is; in the
+    # uncompressed image, straight to the inode and directory records.
+    meta, used = int.from_bytes(image[64:72], "little"), int.from_bytes(image[40:48], "little")
+    hot = st.sampled_from(_HOT) if name == "uncompressed" else st.integers(meta, used - 1)
+    where = st.one_of(hot, hot, st.integers(0, len(image) - 1))
+    how = data.draw(st.sampled_from(["flip", "set", "truncate", "pointer", "field", "zeros"]))
     if how == "flip":
-        for pos in data.draw(st.lists(st.integers(0, len(image) - 1), min_size=1, max_size=8)):
+        for pos in data.draw(st.lists(where, min_size=1, max_size=8)):
             image[pos] ^= data.draw(st.integers(1, 255))
+    elif how == "set":  # small values hit types, counts and sizes
+        for pos in data.draw(st.lists(where, min_size=1, max_size=4)):
+            image[pos] = data.draw(st.sampled_from([0, 1, 2, 7, 8, 9, 14, 15, 0x80, 0xFF]))
     elif how == "truncate":
         del image[data.draw(st.integers(0, len(image) - 1)) :]
     elif how == "pointer":  # one of the superblock's table positions
         slot = data.draw(st.integers(0, 7))
         value = data.draw(st.one_of(st.integers(0, len(image) + 100), st.integers(0, 2**64 - 1)))
         image[32 + 8 * slot : 40 + 8 * slot] = value.to_bytes(8, "little")
-    elif how == "field":  # a 32-bit word anywhere (counts, sizes, references)
-        pos = data.draw(st.integers(0, len(image) // 4 - 1)) * 4
-        value = data.draw(st.sampled_from([0, 1, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 8192, 8193]))
-        image[pos : pos + 4] = value.to_bytes(4, "little")
+    elif how == "field":  # a 16- or 32-bit word (counts, sizes, references)
+        pos = data.draw(where)
+        width = data.draw(st.sampled_from([2, 4]))
+        value = data.draw(st.sampled_from([0, 1, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 8192]))
+        image[pos : pos + width] = (value & (1 << 8 * width) - 1).to_bytes(width, "little")
     else:
-        start = data.draw(st.integers(0, len(image) - 1))
+        start = data.draw(where)
         image[start : start + data.draw(st.integers(1, 64))] = bytes(64)[: len(image) - start]
     path = tmp_path / "mutated.sqfs"
     path.write_bytes(bytes(image))
@@ -550,3 +590,86 @@ def test_mutated_images_give_only_clean_errors(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-made damage in uncompressed images (positions found through the reader itself).
+
+
+@pytest.fixture(scope="module")
+def plain_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    base = tmp_path_factory.mktemp("plain")
+    src = base / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "file").write_bytes(b"x" * 9000)
+    (src / "big").write_bytes(b"a" * 8192)
+    _set_xattr(src / "big", "user.make", b"extended")
+    image = mksquashfs(
+        src, base / "plain.sqfs", "-noI", "-noD", "-noF", "-noX", "-noId", "-b", "8K"
+    )
+    return image.read_bytes()
+
+
+def _inode_pos(reader: SquashReader, inode: SqInode) -> int:
+    """Absolute position of an inode in an uncompressed image (header of its block skipped)."""
+    return reader.superblock.inode_table + (inode.ref >> 16) + 2 + (inode.ref & 0xFFFF)
+
+
+def _open_patched(tmp_path: Path, image: bytes | bytearray) -> SquashReader:
+    path = tmp_path / "patched.sqfs"
+    path.write_bytes(bytes(image))
+    return SquashReader(path)
+
+
+def test_directory_loop_is_an_error(plain_image: bytes, tmp_path: Path) -> None:
+    image = bytearray(plain_image)
+    with _open_patched(tmp_path, image) as r:
+        a, b = r.resolve("a"), r.resolve("a/b")
+        assert a.ref >> 16 == b.ref >> 16 == 0
+        listing_pos = r.superblock.directory_table + a.dir_block + 2 + a.dir_offset
+    # a's listing: one header {count, start, base}, then the entry of b.
+    base = int.from_bytes(image[listing_pos + 8 : listing_pos + 12], "little")
+    entry = listing_pos + 12
+    assert image[entry + 8 : entry + 9] == b"b"
+    image[entry : entry + 2] = (a.ref & 0xFFFF).to_bytes(2, "little")
+    image[entry + 2 : entry + 4] = (a.number - base).to_bytes(2, "little", signed=True)
+    with _open_patched(tmp_path, image) as r:
+        assert r.resolve("a/b/b/b").ref == a.ref
+        with pytest.raises(SquashfsError, match="loop"):
+            r.to_tree()
+
+
+def test_absurd_file_size_is_an_error_not_an_allocation(
+    plain_image: bytes, tmp_path: Path
+) -> None:
+    image = bytearray(plain_image)
+    with _open_patched(tmp_path, image) as r:
+        big = r.resolve("big")
+        assert big.extended and big.size == 8192
+        pos = _inode_pos(r, big) + 16 + 8  # extended file: u64 start, then u64 size
+    huge = 1 << 61
+    image[pos : pos + 8] = huge.to_bytes(8, "little")
+    with _open_patched(tmp_path, image) as r:
+        big = r.resolve("big")
+        assert big.size == huge
+        with pytest.raises(SquashfsError):
+            r.read(big, huge - 10, 10)
+        with pytest.raises(SquashfsError):
+            r.read(big, 0, 1 << 20)
+
+
+def test_decompression_bomb_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "rnd").write_bytes(_pseudo_random(8192))  # one raw block of 8 KiB
+    image = bytearray(mksquashfs(src, tmp_path / "img.sqfs", "-b", "8K", "-noI").read_bytes())
+    with _open_patched(tmp_path, image) as r:
+        rnd = r.resolve("rnd")
+        word_pos = r.superblock.inode_table + 2 + (rnd.block_list_ref & 0xFFFF)
+        assert rnd.block_list_ref >> 16 == 0 and r.block_layout(rnd, 0) == (96, 8192 | 1 << 24)
+    bomb = zlib.compress(bytes(4 << 20), 9)  # 4 MiB of zeros in a few KiB
+    assert len(bomb) < 8192
+    image[96 : 96 + len(bomb)] = bomb
+    image[word_pos : word_pos + 4] = len(bomb).to_bytes(4, "little")
+    with _open_patched(tmp_path, image) as r, pytest.raises(SquashfsError, match="more than"):
+        r.read(r.resolve("rnd"), 0, 10)
