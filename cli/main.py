@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "squashstore.cli.squash",
     "squashstore.cli.store",
     "squashstore.cli.mounts",
+    "squashstore.cli.serve",
+    "squashstore.cli.cleanup",
 )
 
 
