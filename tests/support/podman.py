@@ -223,6 +223,10 @@ class Podman:
             self.run("image", "unmount", "-a", "-f", check=False, timeout=60)
         for mount_point in self.mounts_below_root():
             subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
+        left = self.mounts_below_root()
+        if left:
+            # Never let rmtree walk into something still mounted (it could be a bind mount).
+            raise AssertionError(f"still mounted below {self.root} after cleanup: {left}")
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Podman:
