@@ -714,6 +714,11 @@ def _open_containers_storage(ref: Reference) -> Image:
                  config_digest=manifest.config.digest, layers=built, source_id=record["id"])
 
 
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
 def _layer_store(stores: Sequence[_Store], preferred: _Store, layer_id: str) -> _Store:
     for store in [preferred, *stores]:
         if (store.layers_dir / f"{layer_id}.tar-split.gz").exists() or \
@@ -748,6 +753,9 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
             chunks = tar_from_tar_split(tar_split, diff, describe)
             expect = Expect(describe, diff_id=verify, compression=Compression.NONE)
         else:
+            if size > 2 * 512 and _is_empty_dir(diff):
+                raise SourceError(f"{describe}: the layer has no tar-split and its files "
+                                  f"({diff}) are not there (an unmounted additional store?)")
             chunks = tar_from_diff_dir(diff, describe)
             expect = Expect(describe, compression=Compression.NONE)
         return open_verified(io.BufferedReader(IterReader(chunks), 1 << 20), expect)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -269,26 +270,66 @@ def test_diff_directory_walk_equals_the_tar_split_of_every_fixture_layer(
         assert diff_listings(walked, want, ignore_mtime=untimed) == [], (fixture, diff_id)
 
 
+def _fake_store(root: Path, layer_files: dict[str, bytes]) -> str:
+    """A containers/storage graph root by hand: one image, one layer without a tar-split
+    (as in an additional image store whose layer is mounted over `diff`)."""
+    import base64
+
+    tar = make_tar(layer_files)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [sha256(tar)]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                           "config": {"mediaType": oci.OCI_CONFIG, "digest": sha256(config),
+                                      "size": len(config)},
+                           "layers": [{"mediaType": oci.OCI_LAYER, "digest": sha256(tar),
+                                       "size": len(tar)}]}).encode()
+    image_id, layer_id = sha256(config)[7:], sha256(tar)[7:]
+    (root / "overlay-layers").mkdir(parents=True)
+    (root / "overlay-layers" / "layers.json").write_text(json.dumps(
+        [{"id": layer_id, "diff-digest": sha256(tar), "diff-size": len(tar)}]))
+    (root / "overlay-images" / image_id).mkdir(parents=True)
+    (root / "overlay-images" / "images.json").write_text(json.dumps(
+        [{"id": image_id, "names": ["localhost/fake:1"], "layer": layer_id,
+          "digest": sha256(manifest)}]))
+    big = root / "overlay-images" / image_id
+    (big / "manifest").write_bytes(manifest)
+    (big / ("=" + base64.b64encode(sha256(config).encode()).decode())).write_bytes(config)
+    (root / "overlay" / layer_id / "diff").mkdir(parents=True)
+    for name, data in layer_files.items():
+        (root / "overlay" / layer_id / "diff" / name).write_bytes(data)
+    return layer_id
+
+
+def test_store_layer_without_tar_split_or_files_is_an_error(tmp_path: Path) -> None:
+    layer_id = _fake_store(tmp_path / "store", {"a": b"x" * 5000})
+    image = open_image(f"containers-storage:[overlay@{tmp_path / 'store'}]fake:1")
+    assert image.names == ("localhost/fake:1",)
+    with image.layers[0].open() as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        assert [m.name for m in tar] == ["a"]
+    shutil.rmtree(tmp_path / "store" / "overlay" / layer_id / "diff")
+    (tmp_path / "store" / "overlay" / layer_id / "diff").mkdir()
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*unmounted"):
+        layer_bytes(image)
+    shutil.rmtree(tmp_path / "store" / "overlay" / layer_id)
+    with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*missing"):
+        layer_bytes(image)
+
+
 @pytest.mark.podman
 def test_reading_waits_for_a_writer_holding_the_store_lock(storage_env: _Podman,
                                                            images: dict[str, Path]) -> None:
     lock = storage_env.graphroot / "overlay-images" / "images.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(lock)!r}, os.O_RDWR)\n"
-         "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
-         "print('locked', flush=True)\n"
-         "time.sleep(1.5)\n"],
-        stdout=subprocess.PIPE)
-    try:
+    script = ("import fcntl, os, time\n"
+              f"fd = os.open({str(lock)!r}, os.O_RDWR)\n"
+              "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(1.5)\n")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as holder:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == b"locked"
         start = time.monotonic()
         open_image(MULTI)
         assert time.monotonic() - start > 0.8
-    finally:
-        holder.wait(timeout=30)
     fd = os.open(lock, os.O_RDONLY)
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # nothing left locked
