@@ -610,7 +610,31 @@ def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], 
         if len(matches) > 1:
             raise SourceError(f"{what}: image id prefix {text} is ambiguous "
                               f"({len(matches)} images)")
+    found = _by_short_name(name, candidates)
+    if found is not None:
+        return found
     raise SourceError(f"{what}: no such image in the local podman store")
+
+
+def _by_short_name(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]
+                   ) -> tuple[_Store, dict[str, Any]] | None:
+    """podman's last resort for a short name: the first image with a name in any registry
+    whose path ends in it (``bar:1`` finds ``quay.io/foo/bar:1``)."""
+    try:
+        short = _split_name(name)
+    except SourceError:
+        return None
+    if short.domain:
+        return None
+    suffix = "/" + short.path
+    if short.tag or not short.digest:
+        suffix += ":" + (short.tag or "latest")
+    if short.digest:
+        suffix += "@" + short.digest
+    for store, record in candidates:
+        if any(isinstance(n, str) and n.endswith(suffix) for n in record.get("names") or []):
+            return store, record
+    return None
 
 
 def _by_digest(full: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]

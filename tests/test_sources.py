@@ -83,6 +83,11 @@ class _Podman:
     def run(self, *args: str) -> bytes:
         return bytes(self.impl.run(*args).stdout)
 
+    def image_id(self, name: str) -> str | None:
+        """The id podman resolves `name` to, None when podman finds no image."""
+        proc = self.impl.run("image", "inspect", "--format", "{{.Id}}", name, check=False)
+        return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
 
 @pytest.fixture(scope="module")
 def src_podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -198,8 +203,20 @@ def test_containers_storage_resolves_names_like_podman(storage_env: _Podman,
     assert "docker.io/library/sqs-sources-dual:latest" in open_image("sqs-sources-dual").names
     storage_env.run("tag", MULTI, "localhost/sqs-sources-dual:latest")
     assert open_image("sqs-sources-dual").source_id == image_id
-    with pytest.raises(SourceError, match="no such image"):
-        open_image("sqs-sources-multi:nosuchtag")
+    # any registry, by path suffix, as podman's last resort for short names
+    storage_env.run("tag", BASE, "quay.io/sqs-org/sqs-sources-elsewhere:3")
+    names = ["sqs-sources-elsewhere:3", "sqs-org/sqs-sources-elsewhere:3",
+             "sqs-sources-multi:nosuchtag", "sqs-sources-elsewhere", "ources-elsewhere:3",
+             "sqs-sources-dual", "sqs-sources-base:1", "localhost/sqs-sources-base",
+             image_id[:12], base_id]
+    for name in names:  # podman is the oracle
+        expected = storage_env.image_id(name)
+        if expected is None:
+            with pytest.raises(SourceError, match="no such image"):
+                open_image(name)
+        else:
+            assert open_image(name).source_id == expected, name
+    assert storage_env.image_id("sqs-sources-elsewhere:3") == base_id
     with pytest.raises(SourceError, match="no such image"):
         open_image("containers-storage:localhost/sqs-sources-missing")
 
