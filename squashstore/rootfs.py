@@ -15,17 +15,21 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from squashstore.image import SourceError
 from squashstore.tree import Inode, Kind, count_links, name_str
 
-FileSink = Callable[[BinaryIO, int], object]
+FileSink = Callable[..., object]
 """Receives a regular file's content stream and size; returns the handle for `Inode.data`."""
 
 
-def tree_from_directory(path: Path, add_file: FileSink) -> Inode:
-    """The tree of directory `path`, its files' content fed to `add_file`."""
+def tree_from_directory(path: Path, add_file: FileSink, *, keep_holes: bool = False) -> Inode:
+    """The tree of directory `path`, its files' content fed to `add_file`.
+
+    With `keep_holes`, a file that is sparse on disk is fed as ``add_file(stream, size,
+    sparse=True)`` (`SquashWriter.add_file` then reports its zero blocks as sparse, as
+    mksquashfs does); the sink must accept that keyword.
+    """
     top = os.fsencode(path)
     try:
         st = os.lstat(top)
@@ -33,7 +37,7 @@ def tree_from_directory(path: Path, add_file: FileSink) -> Inode:
         raise SourceError(f"{path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"{path}: not a directory")
-    root = _inode(top, st, add_file)
+    root = _inode(top, st, add_file, keep_holes)
     links: dict[tuple[int, int], Inode] = {}
     stack: list[tuple[bytes, Inode]] = [(top, root)]
     while stack:
@@ -49,7 +53,7 @@ def tree_from_directory(path: Path, add_file: FileSink) -> Inode:
             if not stat.S_ISDIR(child_st.st_mode) and child_st.st_nlink > 1 and key in links:
                 child = links[key]
             else:
-                child = _inode(child_path, child_st, add_file)
+                child = _inode(child_path, child_st, add_file, keep_holes)
                 if child.children is None and child_st.st_nlink > 1:
                     links[key] = child
             dir_inode.children[name_str(raw)] = child
@@ -67,7 +71,7 @@ def _names(dir_path: bytes) -> list[bytes]:
     return sorted(names)
 
 
-def _inode(path: bytes, st: os.stat_result, add_file: FileSink) -> Inode:
+def _inode(path: bytes, st: os.stat_result, add_file: FileSink, keep_holes: bool) -> Inode:
     kind = Kind.from_mode(st.st_mode)
     node = Inode(
         kind,
@@ -81,7 +85,8 @@ def _inode(path: bytes, st: os.stat_result, add_file: FileSink) -> Inode:
         node.children = {}
     elif kind is Kind.FILE:
         node.size = st.st_size
-        node.data = _content(path, st.st_size, add_file)
+        holes = keep_holes and st.st_blocks * 512 < st.st_size
+        node.data = _content(path, st.st_size, add_file, holes)
     elif kind is Kind.SYMLINK:
         node.target = name_str(os.readlink(path))
     elif kind in (Kind.BLOCKDEV, Kind.CHARDEV):
@@ -89,12 +94,14 @@ def _inode(path: bytes, st: os.stat_result, add_file: FileSink) -> Inode:
     return node
 
 
-def _content(path: bytes, size: int, add_file: FileSink) -> object:
+def _content(path: bytes, size: int, add_file: FileSink, holes: bool) -> object:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise SourceError(f"{os.fsdecode(path)}: {exc.strerror}") from None
     with os.fdopen(fd, "rb", buffering=0) as stream:
+        if holes:
+            return add_file(stream, size, sparse=True)
         return add_file(stream, size)
 
 
@@ -106,7 +113,7 @@ def _xattrs(path: bytes) -> dict[str, bytes]:
             return {}
         raise SourceError(f"{os.fsdecode(path)}: {exc.strerror}") from None
     values: dict[str, bytes] = {}
-    for name in sorted(names):
+    for name in names:  # listxattr order, as mksquashfs keeps it
         try:
             values[name] = os.getxattr(path, name, follow_symlinks=False)
         except OSError as exc:

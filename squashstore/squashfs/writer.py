@@ -119,7 +119,7 @@ class FileData:
         self.fragment = fmt.INVALID_FRAG
         self.offset = 0
         self.sparse = 0
-        """Bytes of all-zero blocks that were not stored."""
+        """Bytes of all-zero blocks reported as sparse (only for sources with holes)."""
 
 
 # --- the data pipeline -----------------------------------------------------------------
@@ -383,8 +383,13 @@ class SquashWriter:
 
     # content
 
-    def add_file(self, stream: BinaryIO, size: int) -> object:
-        """Read exactly `size` bytes of one file's content; return its handle."""
+    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False) -> object:
+        """Read exactly `size` bytes of one file's content; return its handle.
+
+        All-zero blocks are never stored. `sparse` says the source file has holes: then,
+        as mksquashfs does for files sparse on disk, the inode reports those blocks as
+        sparse (an extended inode whose stat shows fewer blocks).
+        """
         if self._finished:
             raise WriterError("add_file after finish or abort")
         handle = FileData(size)
@@ -405,7 +410,8 @@ class SquashWriter:
             data = _read_exact(stream, length, size)
             hasher.update(data)
             if data == (self._zero_block if length == bs else bytes(length)):
-                handle.sparse += length
+                if sparse:
+                    handle.sparse += length
                 continue
             self._pipe.submit(data, _block_setter(handle.blocks, index))
             submitted = True
@@ -620,12 +626,11 @@ class _Tables:
     def _xattr(self, node: Inode) -> int:
         if not self._options.xattrs or not node.xattrs:
             return fmt.INVALID_XATTR
+        # In the tree's order, as mksquashfs 4.5 keeps the source's listxattr order.
         items = tuple(
-            sorted(
-                (name, bytes(value))
-                for name, value in node.xattrs.items()
-                if fmt.split_xattr_name(name) is not None
-            )
+            (name, bytes(value))
+            for name, value in node.xattrs.items()
+            if fmt.split_xattr_name(name) is not None
         )
         if not items:
             return fmt.INVALID_XATTR
@@ -724,8 +729,9 @@ class _Tables:
             body = fmt.FileInode(data.start, data.fragment, data.offset, data.size).pack()
         else:
             header = self._header(node, fmt.InodeType.LFILE, number)
+            sparse = min(data.sparse, data.size - 1) if data.sparse else 0
             body = fmt.LFileInode(
-                data.start, data.size, data.sparse, nlink, data.fragment, data.offset, xattr
+                data.start, data.size, sparse, nlink, data.fragment, data.offset, xattr
             ).pack()
         return header + body + blocks
 
