@@ -260,7 +260,13 @@ def _lzo_available() -> bool:
 
 
 def _check_image(
-    image: Path, source: Path, *, xattrs: bool = True, sockets: bool = True, root: bool = True
+    image: Path,
+    source: Path,
+    *,
+    xattrs: bool = True,
+    sockets: bool = True,
+    root: bool = True,
+    links: bool = True,
 ) -> None:
     expected = listing.canonical_from_dir(source)
     if not xattrs:
@@ -269,7 +275,7 @@ def _check_image(
         actual = listing_from_reader(reader)
         check_directories(reader)
     assert any(e.xattrs for e in actual.values()) == xattrs
-    assert any(e.hardlinks for e in actual.values())
+    assert any(e.hardlinks for e in actual.values()) == links
     ignore = [] if sockets else [p for p, e in expected.items() if e.type == listing.SOCKET]
     ignore += [] if root else ["/"]
     assert listing.diff_listings(expected, actual, ignore_paths=ignore) == []
@@ -338,6 +344,37 @@ def test_sqfstar_images_read_as_the_source(
             stdin=stdin, check=True, stdout=subprocess.DEVNULL,
         )
     _check_image(image, source, sockets=False, root=False)
+
+
+EDGE_TREES = {
+    "empty": {},
+    "empty-subdir": {"d/": b""},
+    "one-empty-file": {"f": b""},
+    "one-block": {"f": bytes(range(256)) * 16},
+}
+
+
+@pytest.mark.parametrize("tool", ["mksquashfs", "mksquashfs-bare", "tar2sqfs"])
+@pytest.mark.parametrize("shape", sorted(EDGE_TREES))
+def test_edge_images(tool: str, shape: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, content in EDGE_TREES[shape].items():
+        if name.endswith("/"):
+            (src / name).mkdir()
+        else:
+            (src / name).write_bytes(content)
+    image = tmp_path / "img.sqfs"
+    if tool == "tar2sqfs":
+        tar = tmp_path / "src.tar"
+        names = os.listdir(src)
+        subprocess.run(["tar", "-C", str(src), "-cf", str(tar), "-T", "/dev/null", *names],
+                       check=True)
+        tar2sqfs(tar, image, "-b", "4096")
+    else:
+        bare = ["-no-exports", "-no-xattrs", "-no-fragments"] if tool.endswith("bare") else []
+        mksquashfs(src, image, "-b", "4K", *bare)
+    _check_image(image, src, root=tool != "tar2sqfs", links=False, xattrs=False)
 
 
 def test_lzo_images_need_python_lzo(source: Path, tmp_path: Path) -> None:

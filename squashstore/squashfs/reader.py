@@ -390,7 +390,7 @@ class SquashReader:
     def _layout_tables(self) -> None:
         """Read the lookup tables' block lists and fix the region of every table."""
         sb = self.superblock
-        bounds = {sb.bytes_used, sb.directory_table}
+        bounds = {sb.bytes_used}
         self._fragment_blocks = self._table_index(
             "fragment table", sb.fragment_table, sb.fragment_count, 16, bounds
         )
@@ -407,9 +407,9 @@ class SquashReader:
             self._read_xattr_header(bounds)
         self._bounds = sorted(bounds)
         self._inodes = _Region("inode table", sb.inode_table, sb.directory_table)
-        self._dirs = _Region(
-            "directory table", sb.directory_table, self._next_bound(sb.directory_table)
-        )
+        # An empty directory table (an empty root) ends where it starts.
+        dirs_end = min(b for b in self._bounds if b >= sb.directory_table)
+        self._dirs = _Region("directory table", sb.directory_table, dirs_end)
         if self._xattr_ids:
             self._xattr_region = _Region(
                 "xattr table", self._xattr_start, self._next_bound(self._xattr_start)
@@ -432,7 +432,7 @@ class SquashReader:
         raw = self._pread(start, 8 * blocks, name)
         positions = struct.unpack(f"<{blocks}Q", raw)
         for pos in positions:
-            if not sb.directory_table < pos < start:
+            if not sb.directory_table <= pos < start:
                 raise SquashfsError(f"{self.path}: {name} block at {pos} is out of place")
         bounds.add(start)
         bounds.add(positions[0])
@@ -446,7 +446,7 @@ class SquashReader:
         table_start, count, _ = _XATTR_TABLE.unpack(
             self._pread(start, _XATTR_TABLE.size, "xattr id table")
         )
-        if not sb.directory_table < table_start <= start:
+        if not sb.directory_table <= table_start <= start:
             raise SquashfsError(f"{self.path}: xattr table at {table_start} is out of place")
         bounds.add(table_start)
         self._xattr_start = table_start
@@ -707,9 +707,11 @@ class SquashReader:
         if cached is not None:
             return cached
         end = starts[k + 1][0] if k + 1 < len(starts) else directory.size - 3
-        offset = (directory.dir_offset + pos) % _META_SIZE
-        cur = self._cursor(self._dirs, block << 16 | offset)
-        entries = list(self._scan(directory, cur, pos, end))
+        entries: list[DirEntry] = []
+        if pos < end:
+            offset = (directory.dir_offset + pos) % _META_SIZE
+            cur = self._cursor(self._dirs, block << 16 | offset)
+            entries = list(self._scan(directory, cur, pos, end))
         segment = _Segment([e.name for e in entries], [e.next_offset for e in entries], entries)
         self._segments.put(key, segment)
         return segment
