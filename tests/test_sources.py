@@ -124,6 +124,8 @@ def images(src_podman: _Podman, tmp_path_factory: pytest.TempPathFactory) -> dic
              "oci-dir": work / "multi-oci-dir"}
     for fmt, dest in saved.items():
         src_podman.run("save", "--format", fmt, "-o", str(dest), MULTI)
+    saved["multi-image"] = work / "two-images.tar"
+    src_podman.run("save", "--multi-image-archive", "-o", str(saved["multi-image"]), BASE, MULTI)
     return saved
 
 
@@ -173,6 +175,22 @@ def test_all_transports_give_the_same_image(storage_env: _Podman, images: dict[s
         assert data == contents, ref
     # podman's own oci layouts compress the layers with gzip.
     assert all(lay.media_type.endswith("+gzip") for lay in results[2].layers)
+
+
+@pytest.mark.podman
+def test_multi_image_docker_archive(storage_env: _Podman, images: dict[str, Path]) -> None:
+    archive = images["multi-image"]
+    with pytest.raises(SourceError, match="holds 2 images"):
+        open_image(f"docker-archive:{archive}")
+    # as in skopeo, NAME is a normalised docker reference: a short name means docker.io
+    with pytest.raises(SourceError, match="no image named sqs-sources-base:1"):
+        open_image(f"docker-archive:{archive}:sqs-sources-base:1")
+    for ref, name in ((f"docker-archive:{archive}:{BASE}", BASE),
+                      (f"docker-archive:{archive}:@1", MULTI)):
+        image = open_image(ref)
+        assert image.names == (name,)
+        assert image.config_digest == "sha256:" + str(storage_env.image_id(name))
+        assert [sha256(d) for d in layer_bytes(image)] == podman_diff_ids(storage_env, name)
 
 
 @pytest.mark.podman
