@@ -107,10 +107,11 @@ class CopySquasher:
         return SqLayer(dest, self.layer.diff_digest, self.layer.diff_size)
 
 
-def store_env(runtime_dir: Path, backend: str = "kernel") -> dict[str, str]:
+def store_env(runtime_dir: Path, backend: str = "kernel",
+              overlay: str = "auto") -> dict[str, str]:
     """Environment for squashstore processes: private runtime dir and config."""
     config = runtime_dir.parent / f"config-{backend}.toml"
-    config.write_text(f'[mount]\nbackend = "{backend}"\n')
+    config.write_text(f'[mount]\nbackend = "{backend}"\noverlay = "{overlay}"\n')
     return {"SQUASHSTORE_RUNTIME_DIR": str(runtime_dir), "SQUASHSTORE_CONFIG": str(config)}
 
 
@@ -168,12 +169,12 @@ def images(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 @contextlib.contextmanager
 def store_setup(base: Path, podman: Podman, make_podman: Any, images: dict[str, SqLayer],
-                backend: str = "kernel") -> Iterator[Env]:
+                backend: str = "kernel", overlay: str = "auto") -> Iterator[Env]:
     base.mkdir(parents=True, exist_ok=True)
     store = Store(base / "store")
     store.init()
     run_dir = base / "run"
-    env = store_env(run_dir, backend)
+    env = store_env(run_dir, backend, overlay)
     wrapper = write_wrapper(base / "mount-program", env)
     consumer = make_podman(additional_stores=[store.root], mount_program=str(wrapper))
     old = {k: os.environ.get(k) for k in env}

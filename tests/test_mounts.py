@@ -1,0 +1,175 @@
+"""Mounts: the registry with both backends (kernel loop mount, squashfuse_ll), dead FUSE
+mounts replaced, and the mount program as a real podman calls it (remount after
+``umount --all``, 16 containers starting at once mount the image exactly once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_store import (
+    IMAGE,
+    PYTHON,
+    Env,
+    SqLayer,
+    cli,
+    images,
+    publish,
+    store_setup,
+)
+
+from squashstore import runtime
+from squashstore.mountprogram import parse_call, store_layer
+from squashstore.mounts import MountError, Registry, answers, default_backend
+from squashstore.store import Store
+from support.podman import Podman
+
+__all__ = ["images"]  # the module-scoped fixture, shared with test_store
+
+SETUPS = {"kernel": ("kernel", "auto"), "squashfuse": ("squashfuse", "fuse-overlayfs")}
+
+
+def mount_count(path: Path) -> int:
+    """How many mounts are stacked on ``path`` (raw /proc/self/mountinfo lines)."""
+    target = runtime.real_path(path)
+    with open("/proc/self/mountinfo") as file:
+        return sum(1 for line in file if line.split()[4] == target)
+
+
+@pytest.fixture(params=sorted(SETUPS))
+def benv(request: pytest.FixtureRequest, tmp_path: Path, podman: Podman, make_podman: Any,
+         images: dict[str, SqLayer]) -> Iterator[Env]:
+    backend, overlay = SETUPS[request.param]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as e:
+        yield e
+
+
+def test_registry_mounts_once_and_unmounts(benv: Env) -> None:
+    image = publish(benv, mount=False)
+    registry = Registry(benv.runtime_dir)
+    first = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
+                                    user={"merged": "/x"})
+    second = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
+                                     user={"merged": "/y"})
+    assert mount_count(image.diff) == 1
+    assert (image.diff / "bin" / "busybox").is_file()
+    assert first.backend == second.backend == default_backend()
+    assert [u["merged"] for u in second.users] == ["/x", "/y"]
+    assert (first.pid is None) == (first.backend == "kernel")
+    listed = json.loads(cli(benv.store.root, "mounts", "--format", "json",
+                            env=benv.env).stdout)
+    assert [(m["image"], m["mountpoint"]) for m in listed] == [
+        (image.id, runtime.real_path(image.diff))]
+    assert registry.umount(image.diff)
+    assert mount_count(image.diff) == 0
+    assert registry.records() == []
+
+
+def test_dead_fuse_mount_is_replaced(benv: Env) -> None:
+    image = publish(benv, mount=False)
+    registry = Registry(benv.runtime_dir)
+    record = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
+                                     backend="squashfuse")
+    assert record.pid is not None
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while answers(image.diff) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not answers(image.diff)
+    with pytest.raises(OSError):
+        os.listdir(image.diff)
+    again = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
+                                    backend="squashfuse")
+    assert again.pid != record.pid
+    assert (image.diff / "bin" / "busybox").is_file()
+    assert mount_count(image.diff) == 1
+    registry.umount(image.diff)
+
+
+def test_kernel_backend_mount_failure_is_one_line(benv: Env, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.sqfs"
+    bogus.write_bytes(b"not a squashfs" * 100)
+    point = tmp_path / "point"
+    point.mkdir()
+    with pytest.raises(MountError) as info:
+        Registry(benv.runtime_dir).ensure_mounted("x", "y", bogus, point)
+    assert "\n" not in str(info.value)
+    assert mount_count(point) == 0
+
+
+def test_mount_program_parses_podmans_call(benv: Env) -> None:
+    image = publish(benv, mount=False)
+    link = (benv.store.overlay / image.layer / "link").read_text()
+    call = parse_call(["-o", f"lowerdir={benv.store.links / link}:/nonstore/diff,upperdir=/u,"
+                       "workdir=/w,,volatile", "/merged"])
+    assert call.merged == "/merged" and call.option("upperdir") == "/u"
+    assert call.lowerdirs() == [str(benv.store.links / link), "/nonstore/diff"]
+    found = store_layer(call.lowerdirs()[0])
+    assert found is not None and found.layer == image.layer
+    assert found.store.root == benv.store.root
+    assert store_layer("/nonstore/diff") is None
+    version = subprocess.run([str(PYTHON), "-m", "squashstore.mountprogram", "--version"],
+                             capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("squashstore-mount-program")
+
+
+def test_podman_run_remounts_after_umount_all(benv: Env) -> None:
+    image = publish(benv)
+    assert mount_count(image.diff) == 1
+    cli(benv.store.root, "umount", "--all", env=benv.env)
+    assert mount_count(image.diff) == 0
+    out = benv.consumer.text("run", "--rm", "--pull=never", IMAGE, "id -u; cat /etc/config")
+    assert out.splitlines()[0] == "1234"
+    assert mount_count(image.diff) == 1
+    record = Registry(benv.runtime_dir).record(image.diff)
+    assert record is not None and record.users
+    assert record.backend == default_backend()
+    assert record.users[-1]["upperdir"].startswith(str(benv.consumer.graphroot))
+    # Unmount only that image by name, then an explicit mount through the CLI.
+    cli(benv.store.root, "umount", IMAGE, env=benv.env)
+    assert mount_count(image.diff) == 0
+    cli(benv.store.root, "mount", IMAGE, env=benv.env)
+    assert mount_count(image.diff) == 1
+    images = json.loads(cli(benv.store.root, "images", "--format", "json",
+                            env=benv.env).stdout)
+    assert images[0]["mounted"] is True
+
+
+def test_sixteen_concurrent_runs_mount_once(benv: Env) -> None:
+    image = publish(benv, mount=False)
+    assert mount_count(image.diff) == 0
+
+    def run(i: int) -> subprocess.CompletedProcess[bytes]:
+        return benv.consumer.run("run", "--rm", "--pull=never", IMAGE, f"echo run-{i}",
+                                 check=False, timeout=600)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, range(16)))
+    failures = [r.stderr.decode() for r in results if r.returncode != 0]
+    assert failures == []
+    assert sorted(r.stdout.decode().strip() for r in results) == sorted(
+        f"run-{i}" for i in range(16))
+    assert mount_count(image.diff) == 1
+    records = Registry(benv.runtime_dir).records()
+    assert len(records) == 1 and len(records[0].users) == 16
+
+
+def test_config_prints_storage_conf_lines(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    out = cli(store.root, "config").stdout
+    parsed = tomllib.loads(out)
+    assert parsed["storage"]["options"]["additionalimagestores"] == [str(store.root)]
+    program = parsed["storage"]["options"]["overlay"]["mount_program"]
+    assert program.endswith("squashstore-mount-program")
+    hook = json.loads(cli(store.root, "config", "--hooks").stdout)
+    assert hook["stages"] == ["poststop"] and hook["hook"]["args"][-2:] == ["hook", "poststop"]
