@@ -1,0 +1,87 @@
+"""Cleanup commands: ``cleanup [--dry-run] [--grace SECONDS] [--format json]`` and
+``hook poststop`` (the OCI hook entry), over `squashstore.cleanup` and `squashstore.hook`.
+
+``cleanup`` prints one line per mount it acted on (``--dry-run``: would act on) and exits 1 with
+one ``squashstore: `` line per failure on stderr when any action failed. ``--format json``
+prints every mount considered, kept ones included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from squashstore import cleanup, hook, runtime
+from squashstore.cli.output import add_format_option, print_json
+from squashstore.mounts import Registry
+
+VERBS = {cleanup.UNMOUNT: ("unmounted", "would unmount"),
+         cleanup.UNMOUNT_DEAD: ("unmounted dead", "would unmount dead"),
+         cleanup.FORGET: ("forgot", "would forget"),
+         cleanup.KEEP: ("kept", "would keep")}
+
+
+def _line(outcome: cleanup.Outcome, dry_run: bool) -> str:
+    d = outcome.decision
+    done, planned = VERBS[d.action]
+    verb = planned if dry_run else done
+    if outcome.lazy:
+        verb += " (lazily)"
+    image = f" image {d.mount.image[:12]}" if d.mount.image else ""
+    notes = "".join(f"; {n}" for n in outcome.notes)
+    return f"{verb} {d.mount.mountpoint}{image}: {d.reason}{notes}"
+
+
+def report(outcomes: list[cleanup.Outcome], fmt: str, dry_run: bool) -> int:
+    """Print what was done; failures as one line each on stderr; the exit code."""
+    if fmt == "json":
+        print_json([o.to_json() for o in outcomes])
+    else:
+        for outcome in outcomes:
+            if not outcome.error and (outcome.decision.action != cleanup.KEEP
+                                      or "adopted" in outcome.notes):
+                sys.stdout.write(_line(outcome, dry_run) + "\n")
+    failed = [o for o in outcomes if o.error]
+    for outcome in failed:
+        m = outcome.decision.mount
+        sys.stderr.write(f"squashstore: {outcome.decision.action} {m.mountpoint}: "
+                         f"{outcome.error}\n")
+    return 1 if failed else 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    config = runtime.load_config()
+    grace = args.grace if args.grace is not None else cleanup.configured_grace(config)
+    outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, config)
+    return report(outcomes, args.format, args.dry_run)
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    outcomes = hook.run_poststop(sys.stdin.read())
+    return report(outcomes, "table", False)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("seconds must be >= 0")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("cleanup", help="unmount stale and dead squash mounts")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+    p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+                   help="unmount unused mounts older than this (default: config [cleanup] "
+                   f"grace, else {cleanup.DEFAULT_GRACE:.0f})")
+    add_format_option(p)
+    p.set_defaults(func=cmd_cleanup)
+
+    p = subparsers.add_parser("hook", help="OCI hook entry points (podman runs them)")
+    p.add_argument("stage", choices=("poststop",), help="the hook stage")
+    p.set_defaults(func=cmd_hook)

@@ -1,0 +1,350 @@
+"""Cleanup of squash mounts: what to do with each (a pure decision) and doing it.
+
+`observe` gathers, under the mount registry's lock, the state of every mount the registry
+records plus every mount over a layer of a known squash store found in ``/proc/self/mountinfo``
+that the registry does not know (adopted after lost state), with the containers using each (see
+`squashstore.tracker`). `decide` is a pure function of that state: a record whose mount is gone
+is dropped; a dead mount (FUSE server gone: ENOTCONN) is always unmounted, lazily; a mount with a
+running, paused or starting user is kept; a mount younger than `MIN_AGE` (being set up) is kept;
+an unused mount older than the grace period is unmounted. `carry_out` does it (still under the
+lock, so no container start interleaves): unmount, lazily when busy; let the FUSE server exit
+(a dead mount's hung server is killed, a live one never); forget the record; write records for
+adopted mounts that stay. `poststop` is the OCI hook's variant: the mounts the stopping
+container used are unmounted at once when no other container uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from squashstore import runtime, tracker
+from squashstore.image import SquashstoreError
+from squashstore.mounts import MountError, MountRecord, Registry, mounter_for_fstype
+from squashstore.store import Store
+from squashstore.tracker import User
+
+DEFAULT_GRACE = 600.0
+"""Seconds an unused mount stays (``[cleanup] grace`` in the config overrides it)."""
+MIN_AGE = 5.0
+"""A mount younger than this is being set up for a starting container: never touched."""
+SERVER_EXIT_WAIT = 2.0
+"""Seconds a FUSE server gets to exit by itself after its mount is gone."""
+
+KEEP, UNMOUNT, UNMOUNT_DEAD, FORGET = "keep", "unmount", "unmount-dead", "forget"
+
+
+class CleanupError(SquashstoreError):
+    """Cleanup could not read its input (e.g. a bad hook state)."""
+
+
+@dataclass(frozen=True)
+class MountState:
+    """One squash mount (or registry record) as observed."""
+
+    mountpoint: str
+    layer: str
+    image: str = ""
+    backend: str = ""
+    fstype: str | None = None
+    """The mount's file system type; None when nothing is mounted there."""
+    alive: bool = True
+    since: float | None = None
+    """When it was mounted; None when unknown (adopted)."""
+    pid: int | None = None
+    recorded: bool = True
+    users: tuple[User, ...] = ()
+    device: str = ""
+    """``major:minor`` of the mounted file system (to find it in other mount namespaces)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What cleanup does with one mount, and why."""
+
+    mount: MountState
+    action: str
+    reason: str
+
+
+@dataclass
+class Outcome:
+    """A decision and how carrying it out went."""
+
+    decision: Decision
+    done: bool = False
+    lazy: bool = False
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.decision.mount
+        return {"mountpoint": m.mountpoint, "image": m.image, "layer": m.layer,
+                "backend": m.backend, "pid": m.pid, "adopted": not m.recorded,
+                "action": self.decision.action, "reason": self.decision.reason,
+                "done": self.done, "lazy": self.lazy, "error": self.error,
+                "notes": self.notes, "users": [u.to_json() for u in m.users]}
+
+
+# --------------------------------------------------------------------------- the decision
+
+def decide(mounts: Iterable[MountState], now: float, grace: float,
+           min_age: float = MIN_AGE) -> list[Decision]:
+    """The action for every mount (pure)."""
+    out = []
+    for m in mounts:
+        age = None if m.since is None else now - m.since
+        if m.fstype is None:
+            out.append(Decision(m, FORGET, "mount gone"))
+        elif not m.alive:
+            out.append(Decision(m, UNMOUNT_DEAD, "dead (server gone)"))
+        elif m.users:
+            names = ", ".join(u.describe() for u in m.users[:3])
+            more = f" and {len(m.users) - 3} more" if len(m.users) > 3 else ""
+            out.append(Decision(m, KEEP, f"in use by {names}{more}"))
+        elif age is not None and age < min_age:
+            out.append(Decision(m, KEEP, f"being set up ({age:.0f}s old)"))
+        elif age is not None and age < grace:
+            out.append(Decision(m, KEEP, f"unused, {age:.0f}s old (grace {grace:.0f}s)"))
+        else:
+            out.append(Decision(m, UNMOUNT, "unused" if age is None
+                                else f"unused, {age:.0f}s old"))
+    return out
+
+
+# --------------------------------------------------------------------------- observing
+
+def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
+    """``S/overlay/<LID>/diff`` -> (S, LID)."""
+    path = Path(mountpoint)
+    if path.name != "diff" or path.parent.parent.name != "overlay":
+        return None
+    return path.parent.parent.parent, path.parent.name
+
+
+def _image_of(store_root: Path, layer: str) -> str:
+    with contextlib.suppress(SquashstoreError, OSError, ValueError):
+        return next((i.id for i in Store(store_root).images() if i.layer == layer), "")
+    return ""
+
+
+def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
+               store_roots: Iterable[Path]) -> list[tuple[runtime.MountEntry, Path, str]]:
+    roots = {os.path.realpath(r) for r in store_roots}
+    out = []
+    for point, entry in sorted(mounts.items()):
+        found = store_layer_of(point)
+        if point in known or found is None or str(found[0]) not in roots:
+            continue
+        if Store.is_store(found[0]):
+            out.append((entry, found[0], found[1]))
+    return out
+
+
+def _alive(entry: runtime.MountEntry) -> bool:
+    try:
+        return mounter_for_fstype(entry.fstype).is_alive(Path(entry.mountpoint))
+    except OSError:
+        return False
+
+
+def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
+            now: float | None = None) -> list[MountState]:
+    """Every recorded mount and every adoptable one, with its users (call under the lock)."""
+    now = time.time() if now is None else now
+    records = registry.records()
+    table = runtime.mount_table()
+    devices = {m.mountpoint: m.device for m in tracker.read_mountinfo()}
+    users = tracker.observe_users(records, config, table.keys(), now)
+    states = [_record_state(r, table, users, devices) for r in records]
+    scope = list(store_roots)
+    for record in records:
+        found = store_layer_of(record.mountpoint)
+        if found is not None:
+            scope.append(found[0])
+    for entry, root, layer in _adoptable(table, {r.mountpoint for r in records}, scope):
+        pid = tracker.server_pid(entry.mountpoint) if entry.fstype.startswith("fuse") else None
+        age = tracker.process_age(pid) if pid is not None else None
+        states.append(MountState(entry.mountpoint, layer, _image_of(root, layer),
+                                 mounter_for_fstype(entry.fstype).name, entry.fstype,
+                                 _alive(entry), None if age is None else now - age, pid,
+                                 False, _users_of(layer, users),
+                                 devices.get(entry.mountpoint, "")))
+    return states
+
+
+def _users_of(layer: str, users: Iterable[User]) -> tuple[User, ...]:
+    return tuple(u for u in users if layer in u.store_layers)
+
+
+def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
+                  users: list[User], devices: Mapping[str, str]) -> MountState:
+    entry = table.get(record.mountpoint)
+    return MountState(record.mountpoint, record.layer, record.image, record.backend,
+                      entry.fstype if entry else None, _alive(entry) if entry else False,
+                      record.since, record.pid, True, _users_of(record.layer, users),
+                      devices.get(record.mountpoint, ""))
+
+
+# --------------------------------------------------------------------------- doing it
+
+def _forget(registry: Registry, mountpoint: str) -> None:
+    registry._forget(Path(mountpoint))
+
+
+def _adopt(registry: Registry, m: MountState, now: float) -> None:
+    registry._write(MountRecord(m.image, m.layer, "", m.mountpoint, m.backend, m.pid,
+                                m.since if m.since is not None else now))
+
+
+def _unmount(m: MountState, lazy: bool) -> bool:
+    """Unmount; returns whether it had to be lazy. Raises MountError."""
+    point = Path(m.mountpoint)
+    unmounter = mounter_for_fstype(m.fstype or "")
+    if not lazy:
+        try:
+            unmounter.umount(point, lazy=False)
+            return False
+        except MountError:
+            if not runtime.is_mountpoint(point):
+                return False
+    unmounter.umount(point, lazy=True)
+    return True
+
+
+def _serves(pid: int, mountpoint: str) -> bool:
+    """Whether ``pid`` is still the server of ``mountpoint`` (not a recycled pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return mountpoint.encode() in argv
+
+
+def _end_server(m: MountState, wait: float) -> str:
+    """Let the FUSE server of an unmounted file system exit; kill it if its mount was dead.
+
+    A live server is never killed: when it does not exit, the file system is still referenced
+    (a lazily detached mount with open files, an overlay over it, a copy of the mount in
+    another mount namespace) and the server exits by itself once the last reference goes.
+    """
+    pid = m.pid
+    if pid is None or not _serves(pid, m.mountpoint):
+        return ""
+    if not m.alive:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        return f"hung server {pid} killed"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and _serves(pid, m.mountpoint):
+        time.sleep(0.02)
+    if not _serves(pid, m.mountpoint):
+        return f"server {pid} exited"
+    where = ("; still mounted in another mount namespace"
+             if m.device and tracker.other_namespace_devices().get(m.device, 0) else "")
+    return f"server {pid} exits when the file system is released{where}"
+
+
+def carry_out(registry: Registry, decision: Decision, now: float,
+              server_wait: float = SERVER_EXIT_WAIT) -> Outcome:
+    """One decision (under the registry's lock)."""
+    outcome = Outcome(decision)
+    m = decision.mount
+    try:
+        if decision.action == KEEP:
+            if not m.recorded:
+                _adopt(registry, m, now)
+                outcome.notes.append("adopted")
+        elif decision.action == FORGET:
+            _forget(registry, m.mountpoint)
+        else:
+            outcome.lazy = _unmount(m, lazy=decision.action == UNMOUNT_DEAD)
+            note = _end_server(m, 0.2 if outcome.lazy else server_wait)
+            if note:
+                outcome.notes.append(note)
+            _forget(registry, m.mountpoint)
+        outcome.done = True
+    except (SquashstoreError, OSError) as exc:
+        outcome.error = " ".join(str(exc).split()) or type(exc).__name__
+    return outcome
+
+
+def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
+            dry_run: bool = False, config: Mapping[str, Any] | None = None,
+            min_age: float = MIN_AGE) -> list[Outcome]:
+    """Observe, decide and (unless ``dry_run``) act, all under the registry's lock."""
+    config = runtime.load_config() if config is None else config
+    with registry.locked():
+        now = time.time()
+        decisions = decide(observe(registry, store_roots, config, now), now, grace, min_age)
+        if dry_run:
+            return [Outcome(d) for d in decisions]
+        return [carry_out(registry, d, now) for d in decisions]
+
+
+def configured_grace(config: Mapping[str, Any]) -> float:
+    value = config.get("cleanup", {}).get("grace", DEFAULT_GRACE)
+    if not isinstance(value, (int, float)) or value < 0:
+        raise runtime.ConfigError(f"config [cleanup] grace = {value!r}: expected seconds >= 0")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- the hook
+
+@dataclass(frozen=True)
+class StoppingContainer:
+    """What the OCI state on a poststop hook's stdin says about the container."""
+
+    id: str
+    graphroot: str
+
+    @classmethod
+    def parse(cls, text: str) -> StoppingContainer:
+        try:
+            state = json.loads(text)
+            cid, bundle = state["id"], state["bundle"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CleanupError(f"hook: not an OCI container state on stdin ({exc})") from exc
+        if not isinstance(cid, str) or not isinstance(bundle, str):
+            raise CleanupError("hook: the container state has no id or bundle")
+        # podman's bundle: <graphroot>/overlay-containers/<id>/userdata
+        path = Path(bundle)
+        graphroot = (str(path.parent.parent.parent)
+                     if path.parent.parent.name.endswith("-containers") else "")
+        return cls(cid, graphroot)
+
+
+def stopping_layers(container: StoppingContainer) -> tuple[str, frozenset[str]]:
+    """The container's own layer and every layer below it, from podman's files."""
+    if not container.graphroot:
+        return "", frozenset()
+    view = tracker.StoreView.read(tracker.PodmanStore(container.graphroot))
+    layer = next((lay for lay, (cid, _) in view.containers.items() if cid == container.id), "")
+    return layer, frozenset(tracker.ancestors(layer, view.parents)) if layer else frozenset()
+
+
+def poststop(registry: Registry, container: StoppingContainer,
+             config: Mapping[str, Any] | None = None) -> list[Outcome]:
+    """Unmount the squash mounts ``container`` used that no other container uses now."""
+    config = runtime.load_config() if config is None else config
+    layer, below = stopping_layers(container)
+    if not below:
+        return []
+    stores = [*tracker.configured_stores(config), tracker.PodmanStore(container.graphroot)]
+    config = {**config, "cleanup": {**config.get("cleanup", {}), "podman_stores": [
+        {"graphroot": s.graphroot, **({"runroot": s.runroot} if s.runroot else {})}
+        for s in stores]}}
+    with registry.locked():
+        now = time.time()
+        states = [s for s in observe(registry, (), config, now) if s.layer in below]
+        states = [replace(s, users=tuple(u for u in s.users if u.container != container.id
+                                         and u.layer != layer)) for s in states]
+        return [carry_out(registry, d, now, server_wait=0.0)
+                for d in decide(states, now, 0.0, 0.0)]

@@ -1,0 +1,321 @@
+"""Who uses a squash mount: observing podman stores, mount tables and processes (read only).
+
+A squash mount over a store layer ``S/overlay/<LID>/diff`` is in use while some container's
+overlay that has the layer among its lowerdirs is mounted, which is the case exactly while the
+container runs or is paused (podman unmounts it when the container stops), directly or through
+an image built FROM the store image (its layers' ``parent`` chain in podman's ``layers.json``
+reaches LID). The tracker finds users in every podman store it knows of: the graphroots the
+mount program recorded (``<graphroot>/overlay/<layer>/diff`` is the upperdir it is given) and
+those listed in the project config (``[cleanup] podman_stores``, optionally with the runroot
+whose ``overlay-layers/mountpoints.json`` also says what is mounted, for overlays mounted in
+another mount namespace). It reads podman's files (``overlay-containers/containers.json``,
+``overlay-layers/layers.json``, the runroot's mount state, ``/proc/*/mountinfo``) and never
+runs podman: that is much faster (see bench/bench_cleanup.py) and works inside an OCI hook,
+while podman holds the container's lock. A container start the mount program recorded counts
+as a user too while that mount program still runs (its overlay is not mounted yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squashstore import runtime
+from squashstore.mounts import MountRecord
+
+STARTING_AGE = 120.0
+"""Seconds during which a recorded container start counts as a user even before its overlay
+appears (the mount program records the use, then mounts the overlay)."""
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of a ``mountinfo`` file."""
+
+    mount_id: int
+    device: str
+    """``major:minor`` of the mounted file system: the same in every mount namespace."""
+    mountpoint: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(text: str) -> str:
+    return (text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    """The lines of a ``/proc/PID/mountinfo`` file."""
+    out = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        out.append(MountInfo(int(fields[0]), fields[2], _unescape(fields[4]), rfields[0],
+                             _unescape(rfields[1]), rfields[2] if len(rfields) > 2 else ""))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[MountInfo]:
+    """A process's mount table (empty when it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as file:
+            return parse_mountinfo(file.read())
+    except OSError:
+        return []
+
+
+def other_namespace_devices() -> dict[str, int]:
+    """Device numbers mounted in mount namespaces other than ours, with how many namespaces.
+
+    One process per namespace is read (``/proc/PID/ns/mnt`` tells them apart).
+    """
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return {}
+    seen = {mine}
+    counts: dict[str, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
+        except OSError:
+            continue
+        if namespace in seen:
+            continue
+        seen.add(namespace)
+        for device in {m.device for m in read_mountinfo(entry.name)}:
+            counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+@dataclass(frozen=True)
+class PodmanStore:
+    """A podman (primary) store whose containers may use squash mounts."""
+
+    graphroot: str
+    runroot: str | None = None
+
+
+def graphroot_of_upperdir(upperdir: str) -> str | None:
+    """``<graphroot>/overlay/<layer>/diff`` -> graphroot."""
+    path = Path(upperdir)
+    if path.name != "diff" or path.parent.parent.name != "overlay":
+        return None
+    return str(path.parent.parent.parent)
+
+
+def configured_stores(config: Mapping[str, Any]) -> list[PodmanStore]:
+    """``[cleanup] podman_stores``: graphroot strings or ``{graphroot=..., runroot=...}``."""
+    items = config.get("cleanup", {}).get("podman_stores", [])
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, str):
+            out.append(PodmanStore(item))
+        elif isinstance(item, dict) and isinstance(item.get("graphroot"), str):
+            runroot = item.get("runroot")
+            out.append(PodmanStore(item["graphroot"],
+                                   runroot if isinstance(runroot, str) else None))
+    return out
+
+
+def known_stores(records: Iterable[MountRecord],
+                 config: Mapping[str, Any]) -> list[PodmanStore]:
+    """The stores of the config, then those the mount program recorded (no duplicates)."""
+    found: dict[str, PodmanStore] = {}
+    for store in configured_stores(config):
+        found[os.path.abspath(store.graphroot)] = store
+    for record in records:
+        for user in record.users:
+            root = graphroot_of_upperdir(str(user.get("upperdir", "")))
+            if root is not None:
+                found.setdefault(os.path.abspath(root), PodmanStore(os.path.abspath(root)))
+    return list(found.values())
+
+
+@dataclass(frozen=True)
+class User:
+    """A running (or starting) container, or another mounted overlay, using store layers."""
+
+    graphroot: str
+    layer: str
+    """The podman layer whose overlay is mounted (a container's, or an image's)."""
+    merged: str
+    container: str = ""
+    name: str = ""
+    starting: bool = False
+    store_layers: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        what = (f"container {self.container[:12]}" + (f" ({self.name})" if self.name else "")
+                if self.container else f"layer {self.layer[:12]}")
+        return what + (" (starting)" if self.starting else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"container": self.container, "name": self.name, "layer": self.layer,
+                "graphroot": self.graphroot, "merged": self.merged,
+                "starting": self.starting}
+
+
+def _json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return []
+    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
+
+
+def ancestors(layer: str, parents: Mapping[str, str]) -> list[str]:
+    """``layer`` and its parents, following ``parents`` (stops at a loop or an unknown id)."""
+    chain: list[str] = []
+    current: str | None = layer
+    while current and current not in chain:
+        chain.append(current)
+        current = parents.get(current)
+    return chain
+
+
+@dataclass
+class StoreView:
+    """What one podman store's files say: layer parents, containers, mounted layers."""
+
+    store: PodmanStore
+    parents: dict[str, str] = field(default_factory=dict)
+    containers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """layer id -> (container id, first name)."""
+    counted_mounts: set[str] = field(default_factory=set)
+    """Layers the runroot's mountpoints.json counts as mounted."""
+
+    @classmethod
+    def read(cls, store: PodmanStore) -> StoreView:
+        root = Path(store.graphroot)
+        view = cls(store)
+        for rec in _json_list(root / "overlay-layers" / "layers.json"):
+            if isinstance(rec.get("id"), str) and isinstance(rec.get("parent"), str):
+                view.parents[rec["id"]] = rec["parent"]
+        for rec in _json_list(root / "overlay-containers" / "containers.json"):
+            names = rec.get("names") or [""]
+            if isinstance(rec.get("layer"), str) and isinstance(rec.get("id"), str):
+                view.containers[rec["layer"]] = (rec["id"], str(names[0]))
+        if store.runroot:
+            for rec in _json_list(Path(store.runroot) / "overlay-layers" / "mountpoints.json"):
+                count = rec.get("count")
+                if isinstance(rec.get("id"), str) and isinstance(count, int) and count > 0:
+                    view.counted_mounts.add(rec["id"])
+        return view
+
+    def overlay_dir(self) -> str:
+        return os.path.join(self.store.graphroot, "overlay")
+
+    def user(self, layer: str, merged: str, starting: bool = False) -> User:
+        container, name = self.containers.get(layer, ("", ""))
+        return User(self.store.graphroot, layer, merged, container, name, starting,
+                    frozenset(ancestors(layer, self.parents)))
+
+
+def mounted_layers(view: StoreView, mount_points: Iterable[str]) -> dict[str, str]:
+    """Layers of the store with an overlay mounted on ``<graphroot>/overlay/<layer>/merged``."""
+    prefix = view.overlay_dir() + os.sep
+    out = {}
+    for point in mount_points:
+        if point.startswith(prefix) and point.endswith(os.sep + "merged"):
+            layer = point[len(prefix):-len(os.sep + "merged")]
+            if os.sep not in layer:
+                out[layer] = point
+    for layer in view.counted_mounts:
+        out.setdefault(layer, os.path.join(view.overlay_dir(), layer, "merged"))
+    return out
+
+
+def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
+               records: Iterable[MountRecord], now: float | None = None,
+               starting_age: float = STARTING_AGE) -> list[User]:
+    """Every mounted overlay of the known stores, and every recorded start still under way."""
+    now = time.time() if now is None else now
+    points = set(mount_points)
+    users: list[User] = []
+    by_root: dict[str, StoreView] = {}
+    for view in views:
+        by_root[view.store.graphroot] = view
+        users += [view.user(layer, merged)
+                  for layer, merged in sorted(mounted_layers(view, points).items())]
+    mounted = {u.merged for u in users}
+    for record in records:
+        for rec_user in record.users:
+            merged = str(rec_user.get("merged", ""))
+            if merged in mounted or not is_starting(rec_user, points, now, starting_age):
+                continue
+            root = graphroot_of_upperdir(str(rec_user.get("upperdir", ""))) or ""
+            layer = Path(merged).parent.name
+            known = by_root.get(root)
+            user = known.user(layer, merged, True) if known else User(root, layer, merged)
+            users.append(User(user.graphroot, user.layer, merged, user.container, user.name,
+                              True, user.store_layers | {record.layer}))
+            mounted.add(merged)
+    return users
+
+
+def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
+                starting_age: float = STARTING_AGE) -> bool:
+    """A recorded container start whose overlay is not mounted yet: the mount program (the
+    recorded pid, which becomes the overlay's ``mount``) still runs, and recently started."""
+    since, pid = rec_user.get("since"), rec_user.get("pid")
+    if not isinstance(since, (int, float)) or not isinstance(pid, int):
+        return False
+    if rec_user.get("merged") in mount_points or now - since >= starting_age:
+        return False
+    age = process_age(pid)
+    return age is not None and age <= now - since + 2.0
+
+
+def observe_users(records: list[MountRecord], config: Mapping[str, Any],
+                  mount_points: Iterable[str], now: float | None = None) -> list[User]:
+    """Read the known podman stores and return the users of store layers."""
+    views = [StoreView.read(store) for store in known_stores(records, config)]
+    return find_users(views, mount_points, records, now)
+
+
+def process_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def server_pid(mountpoint: str) -> int | None:
+    """The pid of a FUSE server whose command line names ``mountpoint`` (adopted mounts)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            if mountpoint.encode() in argv and int(entry.name) != os.getpid():
+                return int(entry.name)
+    return None
+
+
+def process_age(pid: int) -> float | None:
+    """Seconds since ``pid`` started (None when it is gone)."""
+    start = runtime.process_start(pid)
+    if start is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start / os.sysconf("SC_CLK_TCK")
