@@ -192,36 +192,48 @@ def _algorithm(digest: str, what: str) -> set[str]:
 
 
 @contextmanager
+def _naming(describe: str) -> Iterator[None]:
+    """Prefixes `describe` to a `SourceError` that does not name the blob yet."""
+    try:
+        yield
+    except SourceError as exc:
+        if describe in str(exc):
+            raise
+        raise SourceError(f"{describe}: {exc}") from exc
+
+
+@contextmanager
 def open_verified(raw: BinaryIO, expect: Expect) -> Iterator[BinaryIO]:
     """The uncompressed stream of the blob `raw`; checks `expect` when read to its end.
 
     `raw` is closed when the context exits. Digests are checked only on a normal exit: the
     remaining bytes are read first, so a consumer may stop at the tar's end-of-archive.
-    An uncompressed blob is hashed once for both its digest and its diff_id.
+    An uncompressed blob is hashed once for both its digest and its diff_id. Errors of the
+    consumer pass through untouched.
     """
     try:
-        digest_alg = _algorithm(expect.digest, expect.describe)
-        diff_alg = _algorithm(expect.diff_id, expect.describe)
-        maybe_plain = expect.compression in (None, Compression.NONE)
-        blob = HashingReader(raw, digest_alg | (diff_alg if maybe_plain else set()))
-        hashed_raw = io.BufferedReader(blob, CHUNK)
-        compression = expect.compression
-        if compression is None:
-            compression = sniff_compression(hashed_raw.peek(8)[:8])
-        if compression == Compression.NONE:
-            stream, tar = hashed_raw, blob
-        else:
-            guarded = _GuardedReader(_decompressor(hashed_raw, compression), expect.describe)
-            tar = HashingReader(cast(BinaryIO, guarded), diff_alg)
-            stream = io.BufferedReader(tar, CHUNK)
+        with _naming(expect.describe):
+            digest_alg = _algorithm(expect.digest, expect.describe)
+            diff_alg = _algorithm(expect.diff_id, expect.describe)
+            maybe_plain = expect.compression in (None, Compression.NONE)
+            blob = HashingReader(raw, digest_alg | (diff_alg if maybe_plain else set()))
+            hashed_raw = io.BufferedReader(blob, CHUNK)
+            compression = expect.compression
+            if compression is None:
+                compression = sniff_compression(hashed_raw.peek(8)[:8])
+            stream: BinaryIO
+            if compression == Compression.NONE:
+                stream, tar = hashed_raw, blob
+            else:
+                guarded = _GuardedReader(_decompressor(hashed_raw, compression),
+                                         expect.describe)
+                tar = HashingReader(cast(BinaryIO, guarded), diff_alg)
+                stream = io.BufferedReader(tar, CHUNK)
         yield stream
-        _drain(stream)
-        _drain(hashed_raw)
-        _check(expect, blob, tar)
-    except SourceError as exc:
-        if expect.describe in str(exc):
-            raise
-        raise SourceError(f"{expect.describe}: {exc}") from exc
+        with _naming(expect.describe):
+            _drain(stream)
+            _drain(hashed_raw)
+            _check(expect, blob, tar)
     finally:
         raw.close()
 

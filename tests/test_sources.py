@@ -608,6 +608,9 @@ def test_digest_is_not_checked_when_the_reader_fails(tmp_path: Path) -> None:
     with pytest.raises(KeyError), image.layers[0].open() as f:
         f.read(10)
         raise KeyError("consumer failed")
+    with pytest.raises(SourceError) as info, image.layers[0].open():
+        raise SourceError("from the consumer")
+    assert str(info.value) == "from the consumer"
 
 
 # -- multi-arch indexes --------------------------------------------------------------------
