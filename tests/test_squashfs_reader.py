@@ -515,6 +515,24 @@ def test_not_a_squashfs(tmp_path: Path) -> None:
         SquashReader(tmp_path / "missing")
 
 
+def test_a_directory_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(SquashfsError, match="directory"):
+        SquashReader(tmp_path)
+
+
+@pytest.mark.root
+def test_reads_a_block_device(gzip_image: Path) -> None:
+    device = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(gzip_image)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    try:
+        with SquashReader(device) as on_device, SquashReader(gzip_image) as on_file:
+            assert listing_from_reader(on_device) == listing_from_reader(on_file)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
 def test_truncated_image(gzip_image: Path, tmp_path: Path) -> None:
     data = gzip_image.read_bytes()
     cut = tmp_path / "cut"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import struct
 import threading
 from array import array
@@ -312,7 +313,9 @@ class SquashReader:
             raise
 
     def _open(self, metadata_cache_blocks: int, data_cache_blocks: int) -> None:
-        self._file_size = os.fstat(self._fd).st_size
+        if stat.S_ISDIR(os.fstat(self._fd).st_mode):
+            raise SquashfsError(f"{self.path}: is a directory, not a squash file")
+        self._file_size = os.lseek(self._fd, 0, os.SEEK_END)  # block devices too
         self._meta_cache: _LRU[int, tuple[bytes, int]] = _LRU(metadata_cache_blocks)
         self._data_cache: _LRU[tuple[int, int], bytes] = _LRU(data_cache_blocks)
         self._inode_cache: _LRU[int, SqInode] = _LRU(max(1024, metadata_cache_blocks * 16))
@@ -352,7 +355,10 @@ class SquashReader:
             raise SquashfsError(
                 f"{self.path}: {what} at {pos} (+{size}) lies outside the image"
             )
-        data = os.pread(self._fd, size, pos)
+        try:
+            data = os.pread(self._fd, size, pos)
+        except OSError as exc:
+            raise SquashfsError(f"{self.path}: cannot read {what} at {pos}: {exc}") from None
         if len(data) != size:
             raise SquashfsError(f"{self.path}: short read of {what} at {pos}")
         return data
@@ -558,7 +564,7 @@ class SquashReader:
         common = {
             "ref": ref,
             "number": number,
-            "kind": tree.Kind((itype - 1) % 7 + 1),
+            "kind": _KINDS[(itype - 1) % 7 + 1],
             "mode": mode & 0o7777,
             "uid": self._id(uid_index, ref),
             "gid": self._id(gid_index, ref),
@@ -579,6 +585,10 @@ class SquashReader:
             xattr, index = _NO_XATTR, tuple[DirIndex, ...]()
         else:
             nlink, size, start, parent, count, offset, xattr = f
+            if count > size // 21 + 1:  # each index entry names a header of >= 21 bytes
+                raise SquashfsError(
+                    f"{self.path}: directory inode {c['ref']:#x} has {count} index entries"
+                )
             index = self._parse_dir_index(cur, count, c["ref"])
         if offset >= _META_SIZE:
             raise SquashfsError(f"{self.path}: directory inode {c['ref']:#x} has bad offset")
@@ -604,7 +614,7 @@ class SquashReader:
             start, size, _sparse, nlink, fragment, frag_offset, xattr = f
         bs = self.block_size
         has_fragment = fragment != _NO_FRAGMENT
-        count = size // bs if has_fragment else -(-size // bs)
+        count = format.block_count(size, bs, has_fragment)
         if size >> 62 or start > self.superblock.bytes_used:
             raise SquashfsError(f"{self.path}: file inode {c['ref']:#x} has bad size or start")
         if has_fragment:
@@ -634,20 +644,12 @@ class SquashReader:
         if c["extended"]:
             cur.skip(size)
             (xattr,) = _U32.unpack(cur.read(4))
-        return SqInode(
-            nlink=nlink, size=size, xattr=_xattr(xattr), target_ref=target_ref,
-            **c,
-        )
+        return SqInode(nlink=nlink, size=size, xattr=_xattr(xattr), target_ref=target_ref, **c)
 
     def _parse_device(self, cur: _Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
         nlink, rdev = f[0], f[1]
         xattr = f[2] if len(f) == 3 else _NO_XATTR
-        major = (rdev >> 8) & 0xFFF
-        minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
-        return SqInode(
-            nlink=nlink, size=0, rdev=(major, minor), xattr=_xattr(xattr),
-            **c,
-        )
+        return SqInode(nlink=nlink, size=0, rdev=format.decode_rdev(rdev), xattr=_xattr(xattr), **c)
 
     def _parse_ipc(self, cur: _Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
         xattr = f[1] if len(f) == 2 else _NO_XATTR
