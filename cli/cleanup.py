@@ -53,7 +53,9 @@ def report(outcomes: list[cleanup.Outcome], fmt: str, dry_run: bool) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     config = runtime.load_config()
-    grace = args.grace if args.grace is not None else cleanup.configured_grace(config)
+    grace = args.grace
+    if grace is None:
+        grace = cleanup.configured_seconds(config, "grace", cleanup.DEFAULT_GRACE)
     outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, config)
     return report(outcomes, args.format, args.dry_run)
 

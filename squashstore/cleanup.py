@@ -278,9 +278,11 @@ def carry_out(registry: Registry, decision: Decision, now: float,
 
 def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
             dry_run: bool = False, config: Mapping[str, Any] | None = None,
-            min_age: float = MIN_AGE) -> list[Outcome]:
+            min_age: float | None = None) -> list[Outcome]:
     """Observe, decide and (unless ``dry_run``) act, all under the registry's lock."""
     config = runtime.load_config() if config is None else config
+    if min_age is None:
+        min_age = configured_seconds(config, "min_age", MIN_AGE)
     with registry.locked():
         now = time.time()
         decisions = decide(observe(registry, store_roots, config, now), now, grace, min_age)
@@ -289,10 +291,11 @@ def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
         return [carry_out(registry, d, now) for d in decisions]
 
 
-def configured_grace(config: Mapping[str, Any]) -> float:
-    value = config.get("cleanup", {}).get("grace", DEFAULT_GRACE)
-    if not isinstance(value, (int, float)) or value < 0:
-        raise runtime.ConfigError(f"config [cleanup] grace = {value!r}: expected seconds >= 0")
+def configured_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+    """``[cleanup] grace`` or ``[cleanup] min_age`` of the config, in seconds."""
+    value = config.get("cleanup", {}).get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise runtime.ConfigError(f"config [cleanup] {key} = {value!r}: expected seconds >= 0")
     return float(value)
 
 

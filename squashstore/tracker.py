@@ -5,14 +5,15 @@ overlay that has the layer among its lowerdirs is mounted, which is the case exa
 container runs or is paused (podman unmounts it when the container stops), directly or through
 an image built FROM the store image (its layers' ``parent`` chain in podman's ``layers.json``
 reaches LID). The tracker finds users in every podman store it knows of: the graphroots the
-mount program recorded (``<graphroot>/overlay/<layer>/diff`` is the upperdir it is given) and
-those listed in the project config (``[cleanup] podman_stores``, optionally with the runroot
-whose ``overlay-layers/mountpoints.json`` also says what is mounted, for overlays mounted in
-another mount namespace). It reads podman's files (``overlay-containers/containers.json``,
-``overlay-layers/layers.json``, the runroot's mount state, ``/proc/*/mountinfo``) and never
-runs podman: that is much faster (see bench/bench_cleanup.py) and works inside an OCI hook,
-while podman holds the container's lock. A container start the mount program recorded counts
-as a user too while that mount program still runs (its overlay is not mounted yet).
+mount program recorded (``<graphroot>/overlay/<layer>/diff`` is the upperdir it is given),
+those with an overlay mounted in this mount namespace, and those listed in the project config
+(``[cleanup] podman_stores``, optionally with the runroot whose
+``overlay-layers/mountpoints.json`` says what is mounted, also in other mount namespaces).
+It reads podman's files (``overlay-containers/containers.json``, ``overlay-layers/layers.json``,
+the runroot's mount state, ``/proc/*/mountinfo``) and never runs podman: that is much faster
+(see bench/bench_cleanup.py) and works inside an OCI hook, while podman holds the container's
+lock. A container start the mount program recorded counts as a user too while that mount
+program still runs (its overlay is not mounted yet).
 """
 
 from __future__ import annotations
@@ -131,17 +132,27 @@ def configured_stores(config: Mapping[str, Any]) -> list[PodmanStore]:
     return out
 
 
-def known_stores(records: Iterable[MountRecord],
-                 config: Mapping[str, Any]) -> list[PodmanStore]:
-    """The stores of the config, then those the mount program recorded (no duplicates)."""
+def graphroots_mounted(mount_points: Iterable[str]) -> set[str]:
+    """Graphroots with an overlay mounted on ``<graphroot>/overlay/<layer>/merged``."""
+    roots = set()
+    for point in mount_points:
+        path = Path(point)
+        if path.name == "merged" and path.parent.parent.name == "overlay":
+            roots.add(str(path.parent.parent.parent))
+    return {r for r in roots if os.path.isfile(os.path.join(r, "overlay-layers", "layers.json"))}
+
+
+def known_stores(records: Iterable[MountRecord], config: Mapping[str, Any],
+                 mount_points: Iterable[str] = ()) -> list[PodmanStore]:
+    """The stores of the config, those the mount program recorded, and those with an overlay
+    mounted here (which finds the users again after the registry's state was lost)."""
     found: dict[str, PodmanStore] = {}
     for store in configured_stores(config):
         found[os.path.abspath(store.graphroot)] = store
-    for record in records:
-        for user in record.users:
-            root = graphroot_of_upperdir(str(user.get("upperdir", "")))
-            if root is not None:
-                found.setdefault(os.path.abspath(root), PodmanStore(os.path.abspath(root)))
+    roots = {graphroot_of_upperdir(str(user.get("upperdir", "")))
+             for record in records for user in record.users}
+    for root in sorted({r for r in roots if r} | graphroots_mounted(mount_points)):
+        found.setdefault(os.path.abspath(root), PodmanStore(os.path.abspath(root)))
     return list(found.values())
 
 
@@ -283,8 +294,9 @@ def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
 def observe_users(records: list[MountRecord], config: Mapping[str, Any],
                   mount_points: Iterable[str], now: float | None = None) -> list[User]:
     """Read the known podman stores and return the users of store layers."""
-    views = [StoreView.read(store) for store in known_stores(records, config)]
-    return find_users(views, mount_points, records, now)
+    points = set(mount_points)
+    views = [StoreView.read(store) for store in known_stores(records, config, points)]
+    return find_users(views, points, records, now)
 
 
 def process_alive(pid: int | None) -> bool:
