@@ -309,8 +309,7 @@ class _ArchiveFiles(_Files):
         except IsADirectoryError:
             raise SourceError(f"{what}: {archive} is a directory, not an archive") from None
         except (tarfile.TarError, EOFError) as exc:
-            raise SourceError(f"{what}: {archive} is not a readable tar archive ({exc})"
-                              ) from exc
+            raise SourceError(f"{what}: {archive} is not a tar archive") from exc
         except OSError as exc:
             raise SourceError(f"{what}: cannot read {archive}: {exc.strerror}") from exc
         self.members = {_clean_member(m.name, what): m for m in members if m.name.strip("./")}
@@ -440,6 +439,8 @@ def _normalized_or_none(text: str) -> str:
 
 def _docker_entry(files: _ArchiveFiles, ref: Reference) -> dict[str, Any]:
     what = ref.text
+    if not files.exists("manifest.json"):
+        raise SourceError(f"{what}: not a docker archive (no manifest.json)")
     try:
         entries = json.loads(files.read("manifest.json"))
     except ValueError as exc:
@@ -584,8 +585,9 @@ def _check_driver(store: _Store, what: str) -> None:
                           "(overlay or vfs)")
 
 
-def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], what: str
-                ) -> tuple[_Store, dict[str, Any]]:
+def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], what: str,
+                where: str) -> tuple[_Store, dict[str, Any]]:
+    """The image `name` means, as podman resolves it; `where` lists the stores for errors."""
     text = name.removeprefix("sha256:")
     if len(text) == 64 and _HEX.fullmatch(text):
         for store, record in candidates:
@@ -613,7 +615,7 @@ def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], 
     found = _by_short_name(name, candidates)
     if found is not None:
         return found
-    raise SourceError(f"{what}: no such image in the local podman store")
+    raise SourceError(f"{what}: no such image in the local podman store ({where})")
 
 
 def _by_short_name(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]
@@ -715,7 +717,8 @@ def _open_containers_storage(ref: Reference) -> Image:
         with _read_locked(store):
             candidates += [(store, r) for r in
                            _load_records(store.images_dir / "images.json", what)]
-    store, record = _find_image(ref.name, candidates, what)
+    where = ", ".join(str(s.root) for s in stores)
+    store, record = _find_image(ref.name, candidates, what, where)
     _check_driver(store, what)
     with _read_locked(store):
         layers = {r["id"]: r for s in [store, *stores] for r in

@@ -753,7 +753,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not an OCI layout"):
         open_image(f"oci:{tmp_path / 'empty'}")
     (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
-    with pytest.raises(SourceError, match=r"junk.tar.*not a readable tar"):
+    with pytest.raises(SourceError, match=r"junk.tar.*not a tar archive"):
         open_image(f"oci-archive:{tmp_path / 'junk.tar'}")
 
 
