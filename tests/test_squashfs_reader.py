@@ -16,6 +16,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -369,6 +370,128 @@ def test_project_writer_images_read_as_the_source(
                     done[id(node)] = node.data = writer.add_file(content, inode.size)
             writer.finish(root)
     _check_image(out, source)
+
+
+# ---------------------------------------------------------------------------------------
+# Hypothesis-generated trees.
+
+_NAMES = st.text(
+    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
+    min_size=1, max_size=24,
+).filter(lambda n: n not in (".", "..") and len(n.encode()) <= 255)
+_OWNERS = st.integers(0, 2**32 - 2)
+_TARGETS = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                   min_size=1, max_size=300)
+_TIMES = st.integers(0, 2**32 - 1)
+_XATTRS = st.dictionaries(
+    st.text("abcxyz._-0123456789", min_size=1, max_size=12).map(lambda n: "user." + n),
+    st.binary(max_size=300), max_size=3,
+)
+_CONTENT = st.one_of(
+    st.binary(max_size=10_000),
+    st.tuples(st.integers(0, 40_000), st.binary(min_size=1, max_size=50)).map(
+        lambda t: bytes(t[0]) + t[1]  # zeros first: sparse blocks
+    ),
+    st.integers(1, 5).map(lambda n: bytes(range(256)) * 16 * n),  # whole 4 KiB blocks
+)
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> list[tuple[str, str, dict[str, object]]]:
+    """(relative path, kind, attributes) entries, parents before children."""
+    dirs, used = [""], set()
+    out: list[tuple[str, str, dict[str, object]]] = []
+
+    def fresh(parent: str) -> str:
+        path = f"{parent}/{draw(_NAMES)}".lstrip("/")
+        return "" if path in used else path
+
+    def common() -> dict[str, object]:
+        return {"mode": draw(st.integers(0, 0o7777)), "uid": draw(_OWNERS),
+                "gid": draw(_OWNERS), "mtime": draw(_TIMES)}
+
+    for _ in range(draw(st.integers(0, 4))):
+        path = fresh(draw(st.sampled_from(dirs)))
+        if path:
+            used.add(path)
+            dirs.append(path)
+            out.append((path, "dir", {**common(), "xattrs": draw(_XATTRS)}))
+    files: list[str] = []
+    for _ in range(draw(st.integers(0, 12))):
+        path = fresh(draw(st.sampled_from(dirs)))
+        if not path:
+            continue
+        used.add(path)
+        kind = draw(st.sampled_from(["file", "file", "symlink", "fifo", "char", "block", "link"]))
+        if kind == "link" and not files:
+            kind = "file"
+        attrs = common()
+        if kind == "file":
+            attrs |= {"content": draw(_CONTENT), "xattrs": draw(_XATTRS)}
+            files.append(path)
+        elif kind == "link":
+            attrs = {"target": draw(st.sampled_from(files))}
+        elif kind == "symlink":
+            attrs["target"] = draw(_TARGETS)
+        elif kind in ("char", "block"):
+            attrs["rdev"] = (draw(st.integers(0, 4095)), draw(st.integers(0, 2**20 - 1)))
+        out.append((path, kind, attrs))
+    return out
+
+
+def _materialise(root: Path, entries: list[tuple[str, str, dict[str, object]]]) -> None:
+    root.mkdir()
+    for rel, kind, a in entries:
+        path = root / rel
+        if kind == "dir":
+            path.mkdir()
+        elif kind == "file":
+            content = a["content"]
+            assert isinstance(content, bytes)
+            path.write_bytes(content)
+        elif kind == "link":
+            os.link(root / str(a["target"]), path)
+            continue
+        elif kind == "symlink":
+            os.symlink(str(a["target"]), path)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            major, minor = a["rdev"]  # type: ignore[misc]
+            ifmt = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
+            os.mknod(path, ifmt | 0o600, os.makedev(major, minor))
+        for name, value in dict(a.get("xattrs", {})).items():  # type: ignore[call-overload]
+            _set_xattr(path, name, value)
+        os.chown(path, int(a["uid"]), int(a["gid"]), follow_symlinks=False)  # type: ignore[call-overload]
+        if kind != "symlink":
+            os.chmod(path, int(a["mode"]))  # type: ignore[call-overload]
+    for rel, kind, a in reversed(entries):  # children before their directories
+        if kind != "link":
+            t = int(a["mtime"])  # type: ignore[call-overload]
+            os.utime(root / rel, (t, t), follow_symlinks=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(entries=_trees())
+def test_generated_trees_read_as_the_source(
+    entries: list[tuple[str, str, dict[str, object]]],
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, tar = Path(tmp) / "src", Path(tmp) / "src.tar"
+        _materialise(src, entries)
+        expected = listing.canonical_from_dir(src)
+        images = [mksquashfs(src, Path(tmp) / "m.sqfs", "-b", "4K")]
+        subprocess.run(
+            ["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "--numeric-owner",
+             "-C", str(src), "-cf", str(tar), "."],
+            check=True,
+        )
+        images.append(tar2sqfs(tar, Path(tmp) / "t.sqfs", "-b", "4096", "-c", "zstd"))
+        for image in images:
+            with SquashReader(image) as reader:
+                actual = listing_from_reader(reader)
+                check_directories(reader)
+            assert listing.diff_listings(expected, actual) == [], image.name
 
 
 EDGE_TREES = {
