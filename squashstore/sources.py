@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -178,7 +179,13 @@ def _candidate_names(text: str) -> list[str]:
 
 def open_image(reference: str, platform: str | None = None) -> Image:
     """The image `reference` names; `platform` (``linux/arm64``) chooses from a multi-arch
-    index (default: this host's platform)."""
+    index (default: this host's platform).
+
+    For ``containers-storage:`` this briefly takes containers/storage's read locks (fcntl
+    record locks) on the graph root's and the additional stores' lock files: do not call it
+    while this process holds a lock on one of those files, since closing our descriptor
+    would release it. `Layer.open` takes no locks.
+    """
     ref = parse_reference(reference)
     wanted = oci.parse_platform(platform) if platform else None
     if ref.transport == CONTAINERS_STORAGE:
@@ -450,7 +457,10 @@ def _docker_entry(files: _ArchiveFiles, ref: Reference) -> dict[str, Any]:
         raise SourceError(f"{what}: manifest.json lists no images")
     if ref.name.startswith("@"):
         try:
-            return dict(entries[int(ref.name[1:])])
+            index = int(ref.name[1:])
+            if index < 0:
+                raise IndexError(index)
+            return dict(entries[index])
         except (ValueError, IndexError):
             raise SourceError(f"{what}: no image {ref.name} in the archive "
                               f"({len(entries)} images)") from None
@@ -482,7 +492,10 @@ def _docker_layer_descriptor(files: _ArchiveFiles, name: str, diff_id: str, what
     """A descriptor for a docker-archive layer member: its compression is sniffed; its digest
     is in the name (newer docker), equals the diff_id (uncompressed) or is computed."""
     with files.open_raw(name)() as f:
-        compression = sniff_compression(f.read(8))
+        try:
+            compression = sniff_compression(f.read(8))
+        except SourceError as exc:
+            raise SourceError(f"{what}: layer {name}: {exc}") from exc
     digest = _digest_in_name(name)
     if not digest and compression == Compression.NONE:
         digest = diff_id
@@ -493,8 +506,6 @@ def _docker_layer_descriptor(files: _ArchiveFiles, name: str, diff_id: str, what
 
 
 def _hash_stream(f: BinaryIO) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     while chunk := f.read(1 << 20):
         h.update(chunk)
@@ -780,6 +791,9 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
             chunks = tar_from_tar_split(tar_split, diff, describe)
             expect = Expect(describe, diff_id=verify, compression=Compression.NONE)
         else:
+            if store.driver != "overlay":
+                raise SourceError(f"{describe}: the layer has no tar-split, and a "
+                                  f"{store.driver} layer directory is not a diff")
             if size > 2 * 512 and _is_empty_dir(diff):
                 raise SourceError(f"{describe}: the layer has no tar-split and its files "
                                   f"({diff}) are not there (an unmounted additional store?)")
