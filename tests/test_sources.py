@@ -507,8 +507,11 @@ def test_gzip_zstd_and_plain_layers(tmp_path: Path) -> None:
     desc = layout.image([(TARS[0], "gzip"), (TARS[1], "zstd"), (TARS[2], "none")])
     desc["annotations"] = {oci.REF_NAME: "v1"}
     layout.write_index([desc])
-    for ref in (f"oci:{layout.root}", f"oci:{layout.root}:v1",
-                f"oci-archive:{archive_of(layout.root, tmp_path / 'a.tar')}:v1"):
+    archive = archive_of(layout.root, tmp_path / "a.tar")
+    squeezed = tmp_path / "a.tar.gz"
+    squeezed.write_bytes(gzip.compress(archive.read_bytes()))
+    for ref in (f"oci:{layout.root}", f"oci:{layout.root}:v1", f"oci-archive:{archive}:v1",
+                f"oci-archive:{squeezed}"):
         image = open_image(ref)
         assert layer_bytes(image) == TARS
         assert [lay.media_type for lay in image.layers] == [MEDIA["gzip"], MEDIA["zstd"],
