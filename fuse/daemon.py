@@ -61,8 +61,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let other users in (default: when root or when "
                         "/etc/fuse.conf has user_allow_other)")
     parser.add_argument("--no-allow-other", dest="allow_other", action="store_false")
-    parser.add_argument("--cache-size", type=int, default=32, metavar="MIB",
-                        help="MiB of decompressed data blocks to keep (default 32)")
+    parser.add_argument("--cache-size", type=int, default=16, metavar="MIB",
+                        help="MiB of decompressed data blocks to keep (default 16)")
     parser.add_argument("--metadata-cache-size", type=int, default=8, metavar="MIB",
                         help="MiB of decompressed metadata blocks to keep (default 8)")
     parser.add_argument("--dir-cache-entries", type=int, default=200_000, metavar="N",

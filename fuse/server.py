@@ -8,9 +8,10 @@ number -> inode-reference array for every inode the kernel has been told about, 
 of decoded directory listings (name -> child), and leaves data blocks to the reader's bounded
 caches. Nothing can change, so every reply carries timeouts far longer than any job, misses
 are cached by the kernel as negative entries, opened files keep their page cache, and file
-and directory handles are just inode numbers. Data reads decompress in worker threads so
-reads of different files proceed in parallel. A corrupt image part fails only the request
-that touched it (EIO and one log line); the server stays up.
+and directory handles are just inode numbers. Data blocks decompress in worker threads so
+reads of different files proceed in parallel (file tails, slices of shared and almost always
+cached fragment blocks, are answered on the loop's thread). A corrupt image part fails only
+the request that touched it (EIO and one log line); the server stays up.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ P = ParamSpec("P")
 class ServerOptions:
     """What a server may use and how it mounts."""
 
-    cache_bytes: int = 32 << 20
+    cache_bytes: int = 16 << 20
     """Decompressed data blocks kept (the reader's LRU)."""
     metadata_cache_blocks: int = 1024
     """Decompressed 8 KiB metadata blocks kept."""
@@ -348,6 +349,10 @@ class SquashOperations(pyfuse3.Operations):
         if off >= node.size:
             return b""
         try:
+            if off >= node.block_count * self._reader.block_size:
+                # Only the tail: a slice of a fragment block that many small files share
+                # and that is nearly always decompressed already; a thread hop costs more.
+                return self._reader.read(node, off, size)
             return cast(
                 bytes,
                 await trio.to_thread.run_sync(

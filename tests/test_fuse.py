@@ -399,3 +399,32 @@ def test_fuse_backend_in_the_mount_registry(images: dict[str, Path], mounts_: Mo
     mounter.umount(mnt, lazy=False)
     assert _mountinfo(mnt) is None
     assert _wait_for(lambda: _gone(pid))
+
+
+def _serve_command(*argv: str) -> int:
+    """Run the ``serve`` command module the way cli/main.py dispatches it."""
+    import argparse
+
+    from squashstore.cli import serve
+
+    parser = argparse.ArgumentParser(prog="squashstore")
+    serve.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", *argv])
+    code: int = args.func(args)
+    return code
+
+
+def test_serve_command(images: dict[str, Path], tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    with pytest.raises(daemon.ServeError, match="no such squash file"):
+        _serve_command(str(tmp_path / "missing.sqfs"), str(mnt))
+    with pytest.raises(daemon.ServeError, match="cache-size"):
+        _serve_command("--cache-size=0", str(images["tar2sqfs"]), str(mnt))
+    try:
+        assert _serve_command("--cache-size=4", str(images["tar2sqfs"]), str(mnt)) == 0
+        assert (mnt / "hardlinks" / "b").read_bytes() == b"linked\n"
+        assert backend.FuseMounter().is_alive(mnt)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert _wait_for(lambda: _mountinfo(mnt) is None)
