@@ -10,6 +10,7 @@ must give only `SquashfsError`, quickly.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -254,11 +255,7 @@ MKSQUASHFS_VARIANTS = {
 
 
 def _lzo_available() -> bool:
-    try:
-        import lzo  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("lzo") is not None
 
 
 def _check_image(
@@ -376,11 +373,11 @@ def test_project_writer_images_read_as_the_source(
 # Hypothesis-generated trees.
 
 _NAMES = st.text(
-    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
+    st.characters(exclude_characters="/\0", exclude_categories=["Cs"]),
     min_size=1, max_size=24,
 ).filter(lambda n: n not in (".", "..") and len(n.encode()) <= 255)
 _OWNERS = st.integers(0, 2**32 - 2)
-_TARGETS = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+_TARGETS = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]),
                    min_size=1, max_size=300)
 _TIMES = st.integers(0, 2**32 - 1)
 _XATTRS = st.dictionaries(
@@ -396,26 +393,43 @@ _CONTENT = st.one_of(
 )
 
 
+@dataclass
+class _Spec:
+    """One generated entry (a ``link`` is a hard link to the file at `target`)."""
+
+    path: str
+    kind: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    content: bytes = b""
+    target: str = ""
+    rdev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
 @st.composite
-def _trees(draw: st.DrawFn) -> list[tuple[str, str, dict[str, object]]]:
-    """(relative path, kind, attributes) entries, parents before children."""
+def _trees(draw: st.DrawFn) -> list[_Spec]:
+    """Entries of a random tree, parents before children."""
     dirs, used = [""], set()
-    out: list[tuple[str, str, dict[str, object]]] = []
+    out: list[_Spec] = []
 
     def fresh(parent: str) -> str:
         path = f"{parent}/{draw(_NAMES)}".lstrip("/")
         return "" if path in used else path
 
-    def common() -> dict[str, object]:
-        return {"mode": draw(st.integers(0, 0o7777)), "uid": draw(_OWNERS),
-                "gid": draw(_OWNERS), "mtime": draw(_TIMES)}
+    def spec(path: str, kind: str) -> _Spec:
+        return _Spec(path, kind, draw(st.integers(0, 0o7777)), draw(_OWNERS), draw(_OWNERS),
+                     draw(_TIMES))
 
     for _ in range(draw(st.integers(0, 4))):
         path = fresh(draw(st.sampled_from(dirs)))
         if path:
             used.add(path)
             dirs.append(path)
-            out.append((path, "dir", {**common(), "xattrs": draw(_XATTRS)}))
+            out.append(spec(path, "dir"))
+            out[-1].xattrs = draw(_XATTRS)
     files: list[str] = []
     for _ in range(draw(st.integers(0, 12))):
         path = fresh(draw(st.sampled_from(dirs)))
@@ -425,57 +439,51 @@ def _trees(draw: st.DrawFn) -> list[tuple[str, str, dict[str, object]]]:
         kind = draw(st.sampled_from(["file", "file", "symlink", "fifo", "char", "block", "link"]))
         if kind == "link" and not files:
             kind = "file"
-        attrs = common()
+        entry = spec(path, kind)
         if kind == "file":
-            attrs |= {"content": draw(_CONTENT), "xattrs": draw(_XATTRS)}
+            entry.content, entry.xattrs = draw(_CONTENT), draw(_XATTRS)
             files.append(path)
         elif kind == "link":
-            attrs = {"target": draw(st.sampled_from(files))}
+            entry.target = draw(st.sampled_from(files))
         elif kind == "symlink":
-            attrs["target"] = draw(_TARGETS)
+            entry.target = draw(_TARGETS)
         elif kind in ("char", "block"):
-            attrs["rdev"] = (draw(st.integers(0, 4095)), draw(st.integers(0, 2**20 - 1)))
-        out.append((path, kind, attrs))
+            entry.rdev = (draw(st.integers(0, 4095)), draw(st.integers(0, 2**20 - 1)))
+        out.append(entry)
     return out
 
 
-def _materialise(root: Path, entries: list[tuple[str, str, dict[str, object]]]) -> None:
+def _materialise(root: Path, entries: list[_Spec]) -> None:
     root.mkdir()
-    for rel, kind, a in entries:
-        path = root / rel
-        if kind == "dir":
+    for e in entries:
+        path = root / e.path
+        if e.kind == "dir":
             path.mkdir()
-        elif kind == "file":
-            content = a["content"]
-            assert isinstance(content, bytes)
-            path.write_bytes(content)
-        elif kind == "link":
-            os.link(root / str(a["target"]), path)
+        elif e.kind == "file":
+            path.write_bytes(e.content)
+        elif e.kind == "link":
+            os.link(root / e.target, path)
             continue
-        elif kind == "symlink":
-            os.symlink(str(a["target"]), path)
-        elif kind == "fifo":
+        elif e.kind == "symlink":
+            os.symlink(e.target, path)
+        elif e.kind == "fifo":
             os.mkfifo(path)
         else:
-            major, minor = a["rdev"]  # type: ignore[misc]
-            ifmt = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
-            os.mknod(path, ifmt | 0o600, os.makedev(major, minor))
-        for name, value in dict(a.get("xattrs", {})).items():  # type: ignore[call-overload]
+            ifmt = stat.S_IFCHR if e.kind == "char" else stat.S_IFBLK
+            os.mknod(path, ifmt | 0o600, os.makedev(*e.rdev))
+        for name, value in e.xattrs.items():
             _set_xattr(path, name, value)
-        os.chown(path, int(a["uid"]), int(a["gid"]), follow_symlinks=False)  # type: ignore[call-overload]
-        if kind != "symlink":
-            os.chmod(path, int(a["mode"]))  # type: ignore[call-overload]
-    for rel, kind, a in reversed(entries):  # children before their directories
-        if kind != "link":
-            t = int(a["mtime"])  # type: ignore[call-overload]
-            os.utime(root / rel, (t, t), follow_symlinks=False)
+        os.chown(path, e.uid, e.gid, follow_symlinks=False)
+        if e.kind != "symlink":
+            os.chmod(path, e.mode)
+    for e in reversed(entries):  # children before their directories
+        if e.kind != "link":
+            os.utime(root / e.path, (e.mtime, e.mtime), follow_symlinks=False)
 
 
 @settings(max_examples=40, deadline=None)
 @given(entries=_trees())
-def test_generated_trees_read_as_the_source(
-    entries: list[tuple[str, str, dict[str, object]]],
-) -> None:
+def test_generated_trees_read_as_the_source(entries: list[_Spec]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, tar = Path(tmp) / "src", Path(tmp) / "src.tar"
         _materialise(src, entries)
