@@ -423,6 +423,73 @@ def test_storage_conf_lookup_for_root_and_rootless_users(tmp_path: Path) -> None
     assert load_storage_config(env, euid=0).graphroot == home / "g"
 
 
+def _disassemble(tar: bytes, diff: Path) -> bytes:
+    """What containers/storage keeps of a layer tar: its files unpacked below `diff` and a
+    gzip'd tar-split (segments of raw bytes; file entries naming their content)."""
+    import base64
+
+    lines, position = [], 0
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        for m in archive:
+            lines.append({"type": 2, "payload": base64.b64encode(
+                tar[position:m.offset_data]).decode()})
+            raw = m.name.encode("utf-8", "surrogateescape")
+            entry: dict[str, Any] = {"type": 1, "size": m.size if m.isreg() else 0}
+            try:
+                entry["name"] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                entry["name_raw"] = base64.b64encode(raw).decode()
+            lines.append(entry)
+            position = m.offset_data
+            if m.isreg():
+                target = os.path.join(os.fsencode(diff), raw)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(tar[m.offset_data:m.offset_data + m.size])
+                position += m.size
+    lines.append({"type": 2, "payload": base64.b64encode(tar[position:]).decode()})
+    return gzip.compress(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+
+
+_names = st.lists(st.binary(min_size=1, max_size=12).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")),
+    min_size=1, max_size=6, unique=True)
+
+
+@given(names=_names, sizes=st.lists(st.integers(0, 3000), min_size=6, max_size=6))
+def test_tar_split_rebuilds_any_tar_byte_for_byte(names: list[bytes], sizes: list[int]
+                                                  ) -> None:
+    import tempfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as archive:
+        for i, raw in enumerate(names):
+            info = tarfile.TarInfo("d/" + raw.decode("utf-8", "surrogateescape"))
+            info.size = sizes[i]
+            archive.addfile(info, io.BytesIO(bytes([i]) * sizes[i]))
+    tar = buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        diff = Path(tmp) / "diff"
+        diff.mkdir()
+        split = Path(tmp) / "layer.tar-split.gz"
+        split.write_bytes(_disassemble(tar, diff))
+        assert b"".join(tar_from_tar_split(split, diff, "layer")) == tar
+
+
+def test_tar_split_with_a_shortened_file_is_an_error(tmp_path: Path) -> None:
+    tar = make_tar({"a": b"12345" * 100})
+    (tmp_path / "diff").mkdir()
+    split = tmp_path / "l.tar-split.gz"
+    split.write_bytes(_disassemble(tar, tmp_path / "diff"))
+    (tmp_path / "diff" / "a").write_bytes(b"123")
+    with pytest.raises(SourceError, match=r"layer 7: .*shorter"):
+        b"".join(tar_from_tar_split(split, tmp_path / "diff", "layer 7"))
+    split.write_bytes(gzip.compress(b'{"type": 1, "name": "../../etc/passwd", "size": 5}\n'))
+    with pytest.raises(SourceError, match="escapes the layer"):
+        b"".join(tar_from_tar_split(split, tmp_path / "diff", "layer 7"))
+
+
 # -- hand-made OCI layouts -----------------------------------------------------------------
 
 
