@@ -428,3 +428,24 @@ def test_serve_command(images: dict[str, Path], tmp_path: Path) -> None:
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert _wait_for(lambda: _mountinfo(mnt) is None)
+
+
+def test_overlay_over_the_mount(images: dict[str, Path], tmp_path: Path,
+                                mounts_: Mounts) -> None:
+    """As podman uses it: the mount as an overlay lower layer, with copy-up on write."""
+    mnt, _ = mounts_.serve(images["mksquashfs"])
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    _run(["mount", "-t", "overlay", "overlay", "-o",
+          f"lowerdir={mnt},upperdir={upper},workdir={work}", str(merged)])
+    try:
+        assert diff_listings(canonical_from_dir(mnt), canonical_from_dir(merged),
+                             ignore_root_mtime=True) == []
+        with open(merged / "special" / "user-xattrs", "ab") as f:
+            f.write(b"more\n")
+        assert (upper / "special" / "user-xattrs").read_bytes() == b"x\nmore\n"
+        assert os.getxattr(upper / "special" / "user-xattrs", "user.binary") == XATTR_BINARY
+        assert (mnt / "special" / "user-xattrs").read_bytes() == b"x\n"
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], capture_output=True)
