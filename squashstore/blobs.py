@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -77,14 +77,91 @@ def check_bytes(data: bytes, digest: str, what: str) -> None:
         raise SourceError(f"{what}: digest mismatch (expected {digest}, got {actual})")
 
 
+class _Watcher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+class ZstdFrames:
+    """Follows the frame structure of a zstd stream as its bytes pass, to tell a complete
+    stream from a truncated one (the decompressor's stream reader ends silently on either).
+
+    Only headers are looked at: magic, frame header descriptor, block headers, skippable
+    frames; block contents and checksums are skipped by length.
+    """
+
+    _ZSTD = 0xFD2FB528
+    _FCS_SIZES = (0, 2, 4, 8)
+    _DID_SIZES = (0, 1, 2, 4)
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._buf = b""
+        self._skip = 0
+        self._checksum = False
+        self.frames = 0
+        self.valid = True
+
+    def _need(self) -> int:
+        return {"magic": 4, "skippable": 4, "fhd": 1, "block": 3}[self._state]
+
+    def update(self, data: bytes) -> None:
+        i, end = 0, len(data)
+        while i < end and self.valid:
+            if self._skip:
+                n = min(self._skip, end - i)
+                self._skip -= n
+                i += n
+                continue
+            take = min(self._need() - len(self._buf), end - i)
+            self._buf += data[i:i + take]
+            i += take
+            if len(self._buf) == self._need():
+                header, self._buf = self._buf, b""
+                self._advance(int.from_bytes(header, "little"))
+
+    def _advance(self, value: int) -> None:
+        if self._state == "magic":
+            if value == self._ZSTD:
+                self._state = "fhd"
+            elif value & 0xFFFFFFF0 == 0x184D2A50:
+                self._state = "skippable"
+            else:
+                self.valid = False
+        elif self._state == "skippable":
+            self._skip, self._state = value, "magic"
+        elif self._state == "fhd":
+            single = bool(value & 0x20)
+            fcs = self._FCS_SIZES[value >> 6] or (1 if single else 0)
+            self._skip = (0 if single else 1) + self._DID_SIZES[value & 3] + fcs
+            self._checksum = bool(value & 0x04)
+            self._state = "block"
+        else:  # block header: last flag, type, size
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:
+                self.valid = False
+                return
+            self._skip = 1 if kind == 1 else size
+            if last:
+                self._skip += 4 if self._checksum else 0
+                self._state = "magic"
+                self.frames += 1
+
+    def complete(self) -> bool:
+        """Whether the bytes so far end exactly after a frame."""
+        return (self.valid and self.frames > 0 and self._state == "magic" and not self._buf
+                and not self._skip)
+
+
 class HashingReader(io.RawIOBase):
     """A raw reader that counts every byte read through it and hashes them with each of
     `algorithms` (none: only counting)."""
 
-    def __init__(self, inner: BinaryIO, algorithms: Iterable[str] = ("sha256",)) -> None:
+    def __init__(self, inner: BinaryIO, algorithms: Iterable[str] = ("sha256",),
+                 watchers: Iterable[_Watcher] = ()) -> None:
         super().__init__()
         self._inner = inner
         self._hashes = {a: hashlib.new(a) for a in algorithms}
+        self._watchers = tuple(watchers)
         self.count = 0
 
     def readable(self) -> bool:
@@ -98,6 +175,8 @@ class HashingReader(io.RawIOBase):
         buffer[:n] = data
         for h in self._hashes.values():
             h.update(data)
+        for w in self._watchers:
+            w.update(data)
         self.count += n
         return n
 
@@ -216,7 +295,10 @@ def open_verified(raw: BinaryIO, expect: Expect) -> Iterator[BinaryIO]:
             digest_alg = _algorithm(expect.digest, expect.describe)
             diff_alg = _algorithm(expect.diff_id, expect.describe)
             maybe_plain = expect.compression in (None, Compression.NONE)
-            blob = HashingReader(raw, digest_alg | (diff_alg if maybe_plain else set()))
+            frames = ZstdFrames()
+            blob = HashingReader(raw, digest_alg | (diff_alg if maybe_plain else set()),
+                                 (frames,) if expect.compression in (None, Compression.ZSTD)
+                                 else ())
             hashed_raw = io.BufferedReader(blob, CHUNK)
             compression = expect.compression
             if compression is None:
@@ -233,6 +315,9 @@ def open_verified(raw: BinaryIO, expect: Expect) -> Iterator[BinaryIO]:
         with _naming(expect.describe):
             _drain(stream)
             _drain(hashed_raw)
+            if compression == Compression.ZSTD and not frames.complete():
+                raise SourceError(f"{expect.describe}: blob is truncated (incomplete zstd "
+                                  "frame)")
             _check(expect, blob, tar)
     finally:
         raw.close()

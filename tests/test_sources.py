@@ -630,16 +630,49 @@ def test_truncated_blob_is_an_error_naming_the_layer(tmp_path: Path, kind: str) 
         _read_all(f"oci:{layout.root}")
 
 
-def test_truncated_gzip_with_a_matching_digest_is_reported_as_truncated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_truncated_stream_with_a_matching_digest_is_reported_as_truncated(
+        tmp_path: Path, kind: str) -> None:
     layout = Layout(tmp_path / "lay")
-    cut = compress(TARS[1], "gzip")[:-100]
+    cut = compress(TARS[1], kind)[:-100]
     desc = layout.image([(TARS[1], "none")])
     manifest = json.loads(layout.blob_path(desc).read_bytes())
-    manifest["layers"][0] = layout.blob(cut, MEDIA["gzip"])
+    manifest["layers"][0] = layout.blob(cut, MEDIA[kind])
     new_desc = layout.blob(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
     layout.write_index([new_desc])
     with pytest.raises(SourceError, match=r"layer 0 \(sha256:.*truncated"):
         _read_all(f"oci:{layout.root}")
+
+
+def _zstd_variants() -> list[tuple[bytes, set[int]]]:
+    """zstd streams of several kinds, each with the inner offsets where a frame ends."""
+    data = bytes(range(256)) * 12 + bytes(300_000) + b"tail" * 999
+    out = [bytes(zstandard.ZstdCompressor(level=lv, write_checksum=ck,
+                                          write_content_size=cs).compress(data))
+           for lv, ck, cs in ((1, False, True), (3, True, True), (19, True, False))]
+    streamed = zstandard.ZstdCompressor(write_checksum=True).compressobj()
+    out.append(streamed.compress(data) + streamed.flush())
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    several = out[0] + skippable + out[1]  # several frames, one of them skippable
+    return [(blob, set()) for blob in out] + [
+        (several, {len(out[0]), len(out[0]) + len(skippable)})]
+
+
+def test_zstd_frame_tracking_knows_complete_from_truncated() -> None:
+    from squashstore.blobs import ZstdFrames
+
+    for blob, boundaries in _zstd_variants():
+        whole = ZstdFrames()
+        for i in range(0, len(blob), 7):
+            whole.update(blob[i:i + 7])
+        assert whole.complete()
+        for cut in sorted(set(range(0, len(blob), 13)) | boundaries):
+            prefix = ZstdFrames()
+            prefix.update(blob[:cut])
+            assert prefix.complete() == (cut in boundaries), cut
+    not_zstd = ZstdFrames()
+    not_zstd.update(gzip.compress(b"x"))
+    assert not not_zstd.complete()
 
 
 def test_wrong_diff_id_is_an_error_naming_the_layer(tmp_path: Path) -> None:
