@@ -60,6 +60,7 @@ def options_json(options: Any) -> dict[str, Any]:
         raw = dict(options)
     else:
         raw = dict(vars(options))
+    raw.pop("jobs", None)  # how fast it was written does not change the squash file
     return json.loads(json.dumps(raw, default=str, sort_keys=True))  # type: ignore[no-any-return]
 
 

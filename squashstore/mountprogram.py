@@ -31,7 +31,7 @@ from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
 OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
-KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr",
+KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
                           "metacopy", "redirect_dir", "index", "xino", "nfs_export")
 
 

@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 META = "squashstore"
 LINK_LENGTH = 26
 TMP_SUFFIX = ".sqtmp"
+LAYER_DIRS = ("diff", "empty", "merged")
 FOREIGN_LEFTOVER_AGE = 24 * 3600
 """Leftovers of writers on other hosts are removed only when older than this (seconds)."""
 
@@ -451,9 +452,13 @@ class Store:
 
     def _stage_layer_dir(self, staging: Path, lid: str) -> Path:
         staged = staging / f"layer-{lid}"
-        (staged / "diff").mkdir(mode=0o755, parents=True, exist_ok=True)
+        staged.mkdir(mode=0o755, exist_ok=True)
         os.chmod(staged, 0o755)
-        os.chmod(staged / "diff", 0o755)
+        # diff: the squash mount point. empty and merged: podman mounts the layer read-only
+        # (lowerdir=diff:empty) on merged when it commits a container built FROM the image.
+        for name in LAYER_DIRS:
+            (staged / name).mkdir(mode=0o755, exist_ok=True)
+            os.chmod(staged / name, 0o755)
         atomic_write(staged / "link", link_name(lid).encode())
         return staged
 
@@ -464,7 +469,8 @@ class Store:
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
         layer_dir = self.overlay / lid
-        if not (layer_dir / "diff").is_dir() or not (layer_dir / "link").is_file():
+        complete = all((layer_dir / name).is_dir() for name in LAYER_DIRS)
+        if not complete or not (layer_dir / "link").is_file():
             if os.path.lexists(layer_dir) and not runtime.is_mountpoint(layer_dir / "diff"):
                 remove_tree(layer_dir)
             if not os.path.lexists(layer_dir):
