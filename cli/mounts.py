@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from squashstore.cli.output import add_format_option, print_json, print_table
-
 from squashstore.image import SquashstoreError
 from squashstore.mounts import BACKENDS, Registry
 from squashstore.store import Store

@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore.cli.output import add_format_option, print_json, print_table
-
 from squashstore import runtime
+from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.image import Image, SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store, StoreError, StoreImage

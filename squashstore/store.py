@@ -488,10 +488,21 @@ class Store:
 
     def _install_image_files(self, pub: Publication, iid: str, staged_image: Path) -> None:
         image_dir = self.images_dir / iid
-        if os.path.lexists(image_dir):
-            remove_tree(image_dir)
-        os.rename(staged_image, image_dir)
+        if not self._same_files(staged_image, image_dir):
+            # Only a damaged leftover differs (the content is a function of the image id),
+            # so podman never sees a listed image without its data.
+            if os.path.lexists(image_dir):
+                remove_tree(image_dir)
+            os.rename(staged_image, image_dir)
         atomic_write_json(self.image_meta_dir / f"{iid}.json", pub.image_metadata)
+
+    @staticmethod
+    def _same_files(staged: Path, installed: Path) -> bool:
+        try:
+            return all((installed / name).read_bytes() == (staged / name).read_bytes()
+                       for name in os.listdir(staged))
+        except OSError:
+            return False
 
     def _layer_record(self, pub: Publication, lid: str) -> dict[str, Any]:
         return {"id": lid, "created": pub.created,
