@@ -881,6 +881,26 @@ def test_directory_loop_is_an_error(plain_image: bytes, tmp_path: Path) -> None:
             r.to_tree()
 
 
+def test_directories_sharing_a_listing_are_an_error(tmp_path: Path) -> None:
+    """A hostile image cannot multiply its entries by pointing directories at one listing."""
+    src = tmp_path / "src"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "f").write_bytes(b"f")
+    (src / "y").mkdir()
+    image = bytearray(mksquashfs(src, tmp_path / "img.sqfs", "-noI").read_bytes())
+    with _open_patched(tmp_path, image) as r:
+        x, y = r.resolve("x"), r.resolve("y")
+        assert not y.extended and y.size == 3
+        pos = _inode_pos(r, y) + 16  # basic dir: u32 start, u32 nlink, u16 size, u16 offset
+    image[pos : pos + 4] = x.dir_block.to_bytes(4, "little")
+    image[pos + 8 : pos + 10] = x.size.to_bytes(2, "little")
+    image[pos + 10 : pos + 12] = x.dir_offset.to_bytes(2, "little")
+    with _open_patched(tmp_path, image) as r:
+        assert [e.name for e in r.readdir(r.resolve("y"))] == [b"f"]
+        with pytest.raises(SquashfsError, match="add up"):
+            r.to_tree()
+
+
 def test_absurd_file_size_is_an_error_not_an_allocation(
     plain_image: bytes, tmp_path: Path
 ) -> None:

@@ -324,6 +324,7 @@ class SquashReader:
         self._segments: _LRU[tuple[int, int], _Segment] = _LRU(max(64, metadata_cache_blocks // 4))
         self._number_index: dict[int, int] | None = None
         self._number_lock = threading.Lock()
+        self._dir_bytes: int | None = None
         self.superblock = self._read_superblock()
         sb = self.superblock
         self.block_size: int = sb.block_size
@@ -936,11 +937,22 @@ class SquashReader:
     # -- whole-image views -------------------------------------------------------------
 
     def _walk(self) -> Iterator[tuple[bytes, SqInode]]:
-        """Every (path, inode) below the root, parents before children; loops are errors."""
+        """Every (path, inode) below the root, parents before children.
+
+        Loops are errors, and so are directories sharing listing bytes: the listings walked
+        may not add up to more than the directory table holds, so a small hostile image
+        cannot expand into an enormous tree.
+        """
         seen = {self.root.ref}
         stack: list[tuple[bytes, SqInode]] = [(b"", self.root)]
+        budget = self._dir_table_bytes()
         while stack:
             path, directory = stack.pop()
+            budget -= max(0, directory.size - 3)
+            if budget < 0:
+                raise SquashfsError(
+                    f"{self.path}: directory listings add up to more than the directory table"
+                )
             for entry in self.readdir(directory):
                 child = self._child(directory, entry)
                 child_path = path + b"/" + entry.name if path else entry.name
@@ -952,6 +964,16 @@ class SquashReader:
                         )
                     seen.add(child.ref)
                     stack.append((child_path, child))
+
+    def _dir_table_bytes(self) -> int:
+        """The uncompressed size of the whole directory table (read once)."""
+        if self._dir_bytes is None:
+            total, pos = 0, self._dirs.start
+            while pos < self._dirs.end:
+                data, pos = self._metablock(self._dirs, pos)
+                total += len(data)
+            self._dir_bytes = total
+        return self._dir_bytes
 
     def to_tree(self) -> tree.Inode:
         """The whole image as a `squashstore.tree` (hard links share one `tree.Inode`)."""
