@@ -91,6 +91,11 @@ def _add_extras(root: Path) -> None:
     os.setxattr(extra / "size-4097", "user.big", rng.randbytes(3000))
     os.setxattr(extra / "size-4097", "user.same", b"shared")
     os.setxattr(extra / "size-8191", "user.same", b"shared")
+    chain = root / "chain"
+    for _ in range(150):
+        chain = chain / "d"
+    chain.mkdir(parents=True)
+    (chain / "bottom").write_bytes(b"deep down\n")
     wide = root / "wide"
     wide.mkdir()
     for i in range(WIDE_ENTRIES):
@@ -413,6 +418,49 @@ def test_any_add_order_and_unused_content(tmp_path: Path) -> None:
     with mounted(dest) as mnt:
         for name, data in blobs.items():
             assert (mnt / name).read_bytes() == data, name
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes, then `tail`, without holding them in memory."""
+
+    def __init__(self, size: int, tail: bytes) -> None:
+        self.left = size
+        self.tail = tail
+        self.chunk = bytes(1 << 20)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left > 0:
+            take = min(n, self.left, len(self.chunk))
+            self.left -= take
+            return self.chunk if take == len(self.chunk) else bytes(take)
+        out, self.tail = self.tail[:n], self.tail[n:]
+        return out
+
+
+def test_file_over_4_gib(tmp_path: Path) -> None:
+    size = (4 << 30) + 123
+    root = new_dir(mtime=7)
+    assert root.children is not None
+    dest = tmp_path / "big.sqfs"
+    with SquashWriter(dest, SquashOptions(compression="lz4", block_size=1 << 20)) as writer:
+        handle = writer.add_file(_Zeros(size - 5, b"tail!"), size)  # type: ignore[arg-type]
+        root.children["huge"] = Inode(Kind.FILE, mode=0o644, size=size, data=handle)
+        writer.finish(root)
+    assert dest.stat().st_size < 1 << 20
+    with mounted(dest) as mnt:
+        assert (mnt / "huge").stat().st_size == size
+        with open(mnt / "huge", "rb") as f:
+            f.seek(size - 10)
+            assert f.read() == bytes(5) + b"tail!"
+            f.seek(3 << 30)
+            assert f.read(4096) == bytes(4096)
+    listing = _run("unsquashfs", "-lln", dest).stdout
+    assert f" {size} " in listing
+
+
+def test_unwritable_destination_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(WriterError, match="cannot write"):
+        SquashWriter(tmp_path / "missing" / "x.sqfs", SquashOptions())
 
 
 def test_short_read_fails_and_leaves_nothing(tmp_path: Path) -> None:

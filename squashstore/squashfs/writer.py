@@ -137,8 +137,9 @@ def _compress_block(codec: Codec, data: bytes) -> bytes | None:
 class _Pipeline:
     """Compresses blocks on threads and appends them to the image in submission order."""
 
-    def __init__(self, out: BinaryIO, start: int, codec: Codec, jobs: int) -> None:
+    def __init__(self, out: BinaryIO, start: int, codec: Codec, jobs: int, dest: Path) -> None:
         self._out = out
+        self._dest = dest
         self.position = start
         self._codec = codec
         self._raw = not codec.can_compress or codec.name == "none"
@@ -199,14 +200,13 @@ class _Pipeline:
         self._write(data, future.result(), written)
 
     def _write(self, data: bytes, compressed: bytes | None, written: _Written | None) -> None:
-        if compressed is None:
-            self._out.write(data)
-            word = fmt.size_word(len(data), False)
-            length = len(data)
-        else:
-            self._out.write(compressed)
-            word = fmt.size_word(len(compressed), True)
-            length = len(compressed)
+        stored = data if compressed is None else compressed
+        try:
+            self._out.write(stored)
+        except OSError as exc:
+            raise WriterError(f"writing {self._dest}: {exc.strerror}") from None
+        word = fmt.size_word(len(stored), compressed is not None)
+        length = len(stored)
         if written is not None:
             written(self.position, word)
         self.position += length
@@ -339,9 +339,12 @@ class SquashWriter:
             raise WriterError(str(exc)) from None
         self._compress_meta = options.compression != "none"
         self._opts_block = self._codec.options_block()
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self._dest.name}.", suffix=".tmp", dir=self._dest.parent or Path(".")
-        )
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{self._dest.name}.", suffix=".tmp", dir=self._dest.parent
+            )
+        except OSError as exc:
+            raise WriterError(f"cannot write in {self._dest.parent}: {exc.strerror}") from None
         self._tmp: Path | None = Path(tmp)
         self._out: BinaryIO = os.fdopen(fd, "w+b")
         start = fmt.SUPERBLOCK_SIZE
@@ -350,7 +353,7 @@ class SquashWriter:
             self._out.write(fmt.metadata_header(len(self._opts_block), False) + self._opts_block)
             start += 2 + len(self._opts_block)
         jobs = options.jobs or _default_jobs()
-        self._pipe = _Pipeline(self._out, start, self._codec, jobs)
+        self._pipe = _Pipeline(self._out, start, self._codec, jobs, self._dest)
         self._zero_block = bytes(self._block_size)
         self._dedup: dict[tuple[int, bytes], FileData] = {}
         self._fragment = bytearray()
@@ -457,6 +460,9 @@ class SquashWriter:
             raise WriterError("finish after finish or abort")
         try:
             summary = self._finish(root)
+        except OSError as exc:
+            self.abort()
+            raise WriterError(f"writing {self._dest}: {exc.strerror}") from None
         except BaseException:
             self.abort()
             raise
