@@ -37,6 +37,7 @@ from squashstore.store import (
     Store,
     StoreError,
     atomic_write_json,
+    big_data_file_name,
     normalize_name,
 )
 from support.fixture_trees import write_base_tar
@@ -72,8 +73,6 @@ def store_image_source(podman: Podman, name: str) -> Image:
     folder = podman.graphroot / "overlay-images" / iid
     manifest = (folder / "manifest").read_bytes()
     config_digest = json.loads(manifest)["config"]["digest"]
-    from squashstore.store import big_data_file_name
-
     config = (folder / big_data_file_name(config_digest)).read_bytes()
     return Image(reference=f"containers-storage:{name}", names=tuple(record["names"]),
                  manifest=manifest, manifest_digest="sha256:" + hashlib.sha256(manifest)
@@ -616,3 +615,33 @@ def test_concurrent_publishes_while_podman_lists(env: Env) -> None:
     listed = podman_images(env.consumer)
     assert sorted(n for i in listed for n in i["Names"]) == sorted([IMAGE, IMAGE2])
     assert env.store.verify_structure() == []
+
+
+def test_inspect_and_verify_detect_damage(env: Env) -> None:
+    image = publish(env)
+    data = json.loads(cli(env.store.root, "inspect", IMAGE, env=env.env).stdout)
+    assert data["id"] == image.id and data["names"] == [IMAGE]
+    assert data["config"]["config"]["User"] == "1234:5678"
+    assert data["source"]["digest"] == store_image_source(env.producer, IMAGE).manifest_digest
+    assert data["squash"]["options"] == {"test": True}
+    assert data["mounted"] is True and data["mount"]["backend"] == "kernel"
+    assert "ok: 1 image(s)" in cli(env.store.root, "verify", env=env.env).stdout
+    # A damaged config and a truncated squash file are both reported.
+    config = env.store.images_dir / image.id / big_data_file_name("sha256:" + image.id)
+    config.write_bytes(config.read_bytes() + b" ")
+    cli(env.store.root, "umount", "--all", env=env.env)
+    with open(image.squash, "r+b") as file:
+        file.truncate(image.squash.stat().st_size // 2)
+    proc = cli(env.store.root, "verify", env=env.env, check=False)
+    assert proc.returncode == 1
+    assert "digest" in proc.stdout and str(image.squash) in proc.stdout
+    assert proc.stderr.startswith("squashstore: ") and "problem" in proc.stderr
+
+
+def test_remove_tree_never_descends_into_a_mount(env: Env) -> None:
+    image = publish(env)
+    from squashstore.store import remove_tree
+
+    with pytest.raises(StoreError, match="still mounted"):
+        remove_tree(env.store.overlay / image.layer)
+    assert (image.diff / "bin" / "busybox").is_file()
