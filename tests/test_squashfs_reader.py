@@ -881,6 +881,19 @@ def test_directory_loop_is_an_error(plain_image: bytes, tmp_path: Path) -> None:
             r.to_tree()
 
 
+@pytest.mark.parametrize("bad", [b"fi/e", b"fi\0e", b"..", b"."])
+def test_invalid_names_are_an_error(plain_image: bytes, tmp_path: Path, bad: bytes) -> None:
+    image = bytearray(plain_image)
+    with _open_patched(tmp_path, image) as r:
+        b = r.resolve("a/b")
+        entry = r.superblock.directory_table + b.dir_block + 2 + b.dir_offset + 12
+    assert image[entry + 8 : entry + 12] == b"file"
+    image[entry + 6 : entry + 8] = (len(bad) - 1).to_bytes(2, "little")
+    image[entry + 8 : entry + 12] = bad.ljust(4, b"x")
+    with _open_patched(tmp_path, image) as r, pytest.raises(SquashfsError, match="invalid name"):
+        r.to_tree()
+
+
 def test_directories_sharing_a_listing_are_an_error(tmp_path: Path) -> None:
     """A hostile image cannot multiply its entries by pointing directories at one listing."""
     src = tmp_path / "src"

@@ -678,7 +678,7 @@ class SquashReader:
         with self._number_lock:
             if self._number_index is None:
                 index = {self.root.number: self.root.ref}
-                for _, inode in self._walk():
+                for _, _, inode in self._walk():
                     index.setdefault(inode.number, inode.ref)
                 self._number_index = index
             return self._number_index
@@ -742,6 +742,10 @@ class SquashReader:
                         f"{self.path}: directory {directory.number} has a bad entry"
                     )
                 name = cur.read(size + 1)
+                if b"/" in name or b"\0" in name or name in (b".", b".."):
+                    raise SquashfsError(
+                        f"{self.path}: directory {directory.number} has an invalid name {name!r}"
+                    )
                 yield DirEntry(name, start << 16 | offset, _KINDS[itype], base + delta, pos)
 
     def readdir(self, directory: SqInode, offset: int = 0) -> Iterator[DirEntry]:
@@ -936,18 +940,18 @@ class SquashReader:
 
     # -- whole-image views -------------------------------------------------------------
 
-    def _walk(self) -> Iterator[tuple[bytes, SqInode]]:
-        """Every (path, inode) below the root, parents before children.
+    def _walk(self) -> Iterator[tuple[SqInode, bytes, SqInode]]:
+        """Every (directory, name, inode) below the root, parents before children.
 
         Loops are errors, and so are directories sharing listing bytes: the listings walked
         may not add up to more than the directory table holds, so a small hostile image
         cannot expand into an enormous tree.
         """
         seen = {self.root.ref}
-        stack: list[tuple[bytes, SqInode]] = [(b"", self.root)]
+        stack = [self.root]
         budget = self._dir_table_bytes()
         while stack:
-            path, directory = stack.pop()
+            directory = stack.pop()
             budget -= max(0, directory.size - 3)
             if budget < 0:
                 raise SquashfsError(
@@ -955,15 +959,15 @@ class SquashReader:
                 )
             for entry in self.readdir(directory):
                 child = self._child(directory, entry)
-                child_path = path + b"/" + entry.name if path else entry.name
-                yield child_path, child
+                yield directory, entry.name, child
                 if child.kind is tree.Kind.DIR:
                     if child.ref in seen:
                         raise SquashfsError(
-                            f"{self.path}: directory loop at {child_path.decode(errors='replace')}"
+                            f"{self.path}: directory loop at {entry.name!r} in directory"
+                            f" {directory.number}"
                         )
                     seen.add(child.ref)
-                    stack.append((child_path, child))
+                    stack.append(child)
 
     def _dir_table_bytes(self) -> int:
         """The uncompressed size of the whole directory table (read once)."""
@@ -977,20 +981,15 @@ class SquashReader:
 
     def to_tree(self) -> tree.Inode:
         """The whole image as a `squashstore.tree` (hard links share one `tree.Inode`)."""
-        made: dict[int, tree.Inode] = {}
         root = self._tree_node(self.root)
-        dirs = {b"": root}
-        for path, inode in self._walk():
-            parent_path, _, name = path.rpartition(b"/")
+        made: dict[int, tree.Inode] = {self.root.ref: root}
+        for directory, name, inode in self._walk():
             node = made.get(inode.ref)
-            if node is None or inode.kind is tree.Kind.DIR:
-                node = self._tree_node(inode)
-                made[inode.ref] = node
-            children = dirs[parent_path].children
+            if node is None:
+                node = made[inode.ref] = self._tree_node(inode)
+            children = made[directory.ref].children
             assert children is not None
             children[tree.name_str(name)] = node
-            if inode.kind is tree.Kind.DIR:
-                dirs[path] = node
         return root
 
     def _tree_node(self, inode: SqInode) -> tree.Inode:
