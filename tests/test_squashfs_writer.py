@@ -481,13 +481,30 @@ def test_failure_in_block_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_tree_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "inode"),
+    [("a/b", Inode(Kind.FIFO)), ("nul\0", Inode(Kind.FIFO)), ("..", Inode(Kind.FIFO)),
+     ("x" * 257, Inode(Kind.FIFO)), ("dev", Inode(Kind.CHARDEV, rdev=(4096, 1))),
+     ("owner", Inode(Kind.FIFO, uid=1 << 32)),
+     ("content", Inode(Kind.FILE, size=10, data=None))],
+)
+def test_bad_tree_is_refused(tmp_path: Path, name: str, inode: Inode) -> None:
     root = new_dir()
     assert root.children is not None
-    root.children["a/b"] = Inode(Kind.FIFO)
+    root.children[name] = inode
     with pytest.raises(WriterError), SquashWriter(tmp_path / "x", SquashOptions()) as w:
         w.finish(root)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_root(tmp_path: Path) -> None:
+    with SquashWriter(tmp_path / "x", SquashOptions(compression="gzip")) as writer:
+        summary = writer.finish(new_dir(mode=0o700, uid=5, mtime=100))
+    assert (summary.files, summary.bytes_in, summary.bytes_out) == (0, 0, 4096)
+    with mounted(tmp_path / "x") as mnt:
+        st = os.stat(mnt)
+        assert (os.listdir(mnt), st.st_mode & 0o7777, st.st_uid, st.st_mtime) == (
+            [], 0o700, 5, 100)
 
 
 @pytest.mark.parametrize(

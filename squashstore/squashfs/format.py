@@ -181,6 +181,11 @@ def parse_size_word(word: int) -> tuple[int, bool]:
     return word & DATA_SIZE_MASK, not word & DATA_UNCOMPRESSED
 
 
+RDEV_MAJOR_MAX = 0xFFF
+RDEV_MINOR_MAX = 0xFFFFF
+"""Largest device numbers the 32-bit encoding holds."""
+
+
 def encode_rdev(major: int, minor: int) -> int:
     """The u32 device number squashfs stores (the kernel's old 32-bit encoding)."""
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFF_FFFF

@@ -272,7 +272,13 @@ def _sorted_children(node: Inode) -> list[tuple[bytes, Inode]]:
     entries = [(name_bytes(name), child) for name, child in children.items()]
     entries.sort(key=lambda item: item[0])
     for raw, _child in entries:
-        if not raw or len(raw) > fmt.NAME_MAX or b"/" in raw or raw in (b".", b".."):
+        if (
+            not raw
+            or len(raw) > fmt.NAME_MAX
+            or b"/" in raw
+            or b"\0" in raw
+            or raw in (b".", b"..")
+        ):
             raise WriterError(f"invalid file name {raw!r} in the tree")
     return entries
 
@@ -702,7 +708,10 @@ class _Tables:
                 body += fmt.SYMLINK_XATTR.pack(xattr)
             self.inodes.write(self._header(node, itype, number) + body)
         elif kind in (Kind.BLOCKDEV, Kind.CHARDEV):
-            rdev = fmt.encode_rdev(*node.rdev)
+            major, minor = node.rdev
+            if not (0 <= major <= fmt.RDEV_MAJOR_MAX and 0 <= minor <= fmt.RDEV_MINOR_MAX):
+                raise WriterError(f"device number {major}:{minor} does not fit in squashfs")
+            rdev = fmt.encode_rdev(major, minor)
             itype = fmt.InodeType(kind.value)
             if xattr == fmt.INVALID_XATTR:
                 body = fmt.DevInode(nlink, rdev).pack()
