@@ -788,7 +788,7 @@ def exercise(path: Path) -> None:
                     stack.append(inode)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=_FIXTURE_OK)
+@settings(max_examples=600, deadline=None, suppress_health_check=_FIXTURE_OK)
 @given(data=st.data())
 def test_mutated_images_give_only_clean_errors(
     small_images: dict[str, bytes], tmp_path: Path, data: st.DataObject

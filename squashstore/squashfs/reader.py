@@ -247,7 +247,8 @@ class _Cursor:
         self._offset = offset
         if offset > len(self._data):
             raise SquashfsError(
-                f"{region.name} reference offset {offset} beyond its metadata block at {pos}"
+                f"{reader.path}: {region.name} reference offset {offset} is beyond its"
+                f" metadata block at {pos}"
             )
 
     def position(self) -> tuple[int, int]:
@@ -328,7 +329,7 @@ class SquashReader:
         self.superblock = self._read_superblock()
         sb = self.superblock
         self.block_size: int = sb.block_size
-        self.compression: str = _compression_name(sb.compressor)
+        self.compression: str = _compression_name(sb.compressor, self.path)
         self._decompress = self._make_decompressor()
         self._layout_tables()
         self.root = self.inode(sb.root_inode)
@@ -1034,11 +1035,11 @@ def _xattr(index: int) -> int | None:
     return None if index == _NO_XATTR else index
 
 
-def _compression_name(compressor: int) -> str:
+def _compression_name(compressor: int, path: Path) -> str:
     names = {1: "gzip", 2: "lzma", 3: "lzo", 4: "xz", 5: "lz4", 6: "zstd"}
     name = names.get(compressor)
     if name is None:
-        raise SquashfsError(f"unknown squashfs compressor id {compressor}")
+        raise SquashfsError(f"{path}: unknown squashfs compressor id {compressor}")
     return name
 
 
