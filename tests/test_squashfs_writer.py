@@ -588,6 +588,10 @@ def _trees(draw: st.DrawFn) -> list[tuple[str, str, dict[str, object]]]:
             "gid": draw(st.sampled_from([0, 2, 1000, 4294967294])),
             "mtime": draw(st.integers(0, 2**32 - 1)),
         }
+        if kind in ("file", "dir"):
+            attrs["xattrs"] = draw(st.dictionaries(
+                st.sampled_from(["user.a", "user.b", "trusted.t", "security.s"]),
+                st.binary(max_size=40), max_size=3))
         if kind == "file":
             attrs["size"] = draw(_SIZES)
             attrs["fill"] = draw(st.sampled_from(["random", "zero", "text"]))
@@ -623,6 +627,8 @@ def _build(root: Path, ops: list[tuple[str, str, dict[str, object]]], seed: int)
             continue
         os.chown(path, int(attrs["uid"]), int(attrs["gid"]),  # type: ignore[call-overload]
                  follow_symlinks=False)
+        for key, value in dict(attrs.get("xattrs", {})).items():  # type: ignore[call-overload]
+            os.setxattr(path, key, value)
         if kind != "symlink":
             os.chmod(path, int(attrs["mode"]))  # type: ignore[call-overload]
     for kind, rel, attrs in reversed(ops):
