@@ -293,7 +293,16 @@ class _Cursor:
 
 
 class SquashReader:
-    """A squashfs 4.0 image opened for reading; safe to share between threads."""
+    """A squashfs 4.0 image opened for reading; safe to share between threads.
+
+    Opening checks the superblock and reads the id table and the positions of the lookup
+    tables; everything else is read on demand with `os.pread` and kept in bounded LRU
+    caches: `metadata_cache_blocks` decompressed metadata blocks (and 16 times as many
+    decoded inodes, a quarter as many parsed directory index segments), `data_cache_blocks`
+    decompressed data and fragment blocks. Methods raise `SquashfsError` for anything
+    corrupt; `readdir`, `lookup` and `resolve` raise `NotADirectoryError` for a
+    non-directory and `resolve` raises `FileNotFoundError` for a missing name.
+    """
 
     def __init__(
         self,
