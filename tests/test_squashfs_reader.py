@@ -635,6 +635,30 @@ def test_resolve(reader: SquashReader) -> None:
     assert reader.resolve("symlink").kind is tree.Kind.SYMLINK
 
 
+def test_file_beyond_4_gib(tmp_path: Path) -> None:
+    """An extended inode with a 64-bit size (sparse, so tar and tar2sqfs stay quick)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    size = (4 << 30) + 4096 + 77
+    marks = {1 << 20: b"start", (4 << 30) + 100: b"beyond 4 GiB", size - 3: b"end"}
+    with open(src / "huge", "wb") as f:
+        f.truncate(size)
+        for where, data in marks.items():
+            f.seek(where)
+            f.write(data)
+    tar = tmp_path / "src.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "-C", str(src), "-cf", str(tar), "."],
+                   check=True)
+    with SquashReader(tar2sqfs(tar, tmp_path / "img.sqfs", "-c", "zstd")) as r:
+        huge = r.resolve("huge")
+        assert huge.extended and huge.size == size and huge.block_count > 2 * 2048
+        for where, data in marks.items():
+            assert r.read(huge, where - 5, len(data) + 10) == (
+                bytes(5) + data + bytes(5)
+            )[: size - (where - 5)]
+        assert r.read(huge, size - 1, 100) == b"d"
+
+
 def test_inode_by_number_without_export_table(source: Path, tmp_path: Path) -> None:
     image = mksquashfs(source, tmp_path / "img.sqfs", "-no-exports")
     with SquashReader(image) as r:
