@@ -91,6 +91,11 @@ def _add_extras(root: Path) -> None:
     os.setxattr(extra / "size-4097", "user.big", rng.randbytes(3000))
     os.setxattr(extra / "size-4097", "user.same", b"shared")
     os.setxattr(extra / "size-8191", "user.same", b"shared")
+    shared = b"a value shared by two different xattr sets"
+    os.setxattr(extra / "size-4096", "user.shared", shared)
+    os.setxattr(extra / "size-8192", "user.shared", shared)
+    os.setxattr(extra / "size-8192", "trusted.other", b"1")
+
     chain = root / "chain"
     for _ in range(150):
         chain = chain / "d"
@@ -377,6 +382,38 @@ def test_export_table_and_xattrs_can_be_left_out(source: Path, tmp_path: Path) -
     with mounted(tmp_path / "a") as mnt:
         assert os.listxattr(mnt / "special" / "user-xattrs") == []
         assert (mnt / "big" / "large").stat().st_size == 3 * 1024 * 1024 + 5
+
+
+def test_long_xattr_lists_and_shared_values(tmp_path: Path) -> None:
+    """A list over 64 KiB moves its values out of line; a value of a set stored before is
+    referenced, not repeated (ext4 cannot hold such lists, so the tree is built here)."""
+    many = {f"user.x{i:03d}": bytes([i % 251]) * 100 for i in range(700)}
+    big = bytes(range(256)) * 4
+    root = new_dir(mtime=1)
+    assert root.children is not None
+    root.children["many"] = Inode(Kind.DIR, children={}, xattrs=many)
+    for i in range(40):
+        root.children[f"f{i}"] = Inode(Kind.FIFO, xattrs={"trusted.big": big,
+                                                         "trusted.n": b"%d" % i})
+    only_fifos = new_dir(mtime=1)
+    only_fifos.children = {k: v for k, v in root.children.items() if k != "many"}
+    with SquashWriter(tmp_path / "fifos.sqfs", SquashOptions(compression="none")) as writer:
+        writer.finish(only_fifos)
+    # the 1 KiB value is stored once, not 40 times
+    assert (tmp_path / "fifos.sqfs").stat().st_size <= 8192
+    dest = tmp_path / "x.sqfs"
+    with SquashWriter(dest, SquashOptions(compression="none")) as writer:
+        writer.finish(root)
+    with mounted(dest) as mnt:
+        assert sorted(os.listxattr(mnt / "many")) == sorted(many)
+        for name, value in many.items():
+            assert os.getxattr(mnt / "many", name) == value
+        for i in range(40):
+            path = mnt / f"f{i}"
+            assert os.getxattr(path, "trusted.big", follow_symlinks=False) == big
+            assert os.getxattr(path, "trusted.n", follow_symlinks=False) == b"%d" % i
+    shown = _run("rdsquashfs", "-x", "/f39", dest).stdout
+    assert "trusted.big=0x" + big.hex() in shown.lower()
 
 
 def test_duplicates_are_stored_once(tmp_path: Path) -> None:

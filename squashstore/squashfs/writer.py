@@ -601,6 +601,10 @@ class _Layout:
     xattr_table: int
 
 
+XATTR_OOL_SIZE = 8
+"""Size of an out-of-line value reference; shorter values are never shared."""
+XATTR_INLINE_MAX = 128
+XATTR_TARGET_MAX = 65536
 _ENTRY_SIZE = fmt.DirEntry.STRUCT.size
 _HEADER_SIZE = fmt.DirHeader.STRUCT.size
 
@@ -621,6 +625,8 @@ class _Tables:
         self.ids: dict[int, int] = {}
         self.xattr_ids: dict[tuple[tuple[str, bytes], ...], int] = {}
         self.xattr_entries: list[fmt.XattrIdEntry] = []
+        self.xattr_values: dict[bytes, int] = {}
+        """Reference of the stored value record of each value of 8 bytes or more."""
         self.refs: dict[int, int] = {}
         self.file_totals = (0, 0)
         self._order: list[Inode] = []
@@ -649,18 +655,50 @@ class _Tables:
         known = self.xattr_ids.get(items)
         if known is not None:
             return known
+        ool = self._out_of_line(items)
+        for value, is_ool in zip((value for _n, value in items), ool, strict=True):
+            if is_ool and value not in self.xattr_values:
+                self.xattr_values[value] = self.xattr_kv.tell_ref()
+                self.xattr_kv.write(fmt.XattrValue(len(value)).pack() + value)
         ref = self.xattr_kv.tell_ref()
         size = 0
-        for name, value in items:
+        for (name, value), is_ool in zip(items, ool, strict=True):
             split = fmt.split_xattr_name(name)
             assert split is not None
             kind, rest = split
-            self.xattr_kv.write(fmt.XattrKey(kind, len(rest)).pack() + rest)
-            self.xattr_kv.write(fmt.XattrValue(len(value)).pack() + value)
+            flag = fmt.XATTR_VALUE_OOL if is_ool else 0
+            self.xattr_kv.write(fmt.XattrKey(kind | flag, len(rest)).pack() + rest)
+            if is_ool:
+                target = fmt.TABLE_POINTER.pack(self.xattr_values[value])
+                self.xattr_kv.write(fmt.XattrValue(len(target)).pack() + target)
+            else:
+                if len(value) >= XATTR_OOL_SIZE:
+                    self.xattr_values.setdefault(value, self.xattr_kv.tell_ref())
+                self.xattr_kv.write(fmt.XattrValue(len(value)).pack() + value)
             size += len(name_bytes(name)) + 1 + len(value)
         index = self.xattr_ids[items] = len(self.xattr_entries)
         self.xattr_entries.append(fmt.XattrIdEntry(ref, len(items), size))
         return index
+
+    def _out_of_line(self, items: tuple[tuple[str, bytes], ...]) -> list[bool]:
+        """Which values to store out of line, by mksquashfs's rule: values over 128 bytes
+        (a lower bound, down to 8, while the list would exceed 64 KiB), and values of 8
+        bytes or more already stored elsewhere (a reference is then smaller)."""
+        keys = [len(name_bytes(name).split(b".", 1)[1]) for name, _value in items]
+        limit = XATTR_INLINE_MAX
+        while True:
+            ool = [len(value) > limit for _name, value in items]
+            total = sum(
+                8 + key + (XATTR_OOL_SIZE if out else len(value))
+                for key, (_name, value), out in zip(keys, items, ool, strict=True)
+            )
+            if total <= XATTR_TARGET_MAX or limit == XATTR_OOL_SIZE:
+                break
+            limit = max(limit // 2, XATTR_OOL_SIZE)
+        return [
+            out or (len(value) >= XATTR_OOL_SIZE and value in self.xattr_values)
+            for (_name, value), out in zip(items, ool, strict=True)
+        ]
 
     def write_inodes(self, info: _TreeInfo) -> int:
         """Writes every inode and listing; returns the root's reference."""
