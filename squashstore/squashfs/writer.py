@@ -401,8 +401,10 @@ class SquashWriter:
         """
         if self._finished:
             raise WriterError("add_file after finish or abort")
+        if size < 0:
+            raise WriterError(f"negative file size {size}")
         handle = FileData(size)
-        if size <= 0:
+        if size == 0:
             return handle
         bs = self._block_size
         hasher = hashlib.sha256()
