@@ -116,13 +116,13 @@ def _open_sources(references: list[str], platform: str | None) -> list[Image]:
     from squashstore.sources import open_image
 
     images = [open_image(ref, platform=platform) for ref in references]
-    owners: dict[str, str] = {}
+    owners: dict[str, Image] = {}
     for image in images:
         for name in image.names:
-            if name in owners and owners[name] != image.reference:
-                raise StoreError(f"name clash: {name} names both {owners[name]} and "
+            other = owners.setdefault(name, image)
+            if other.config_digest != image.config_digest:
+                raise StoreError(f"name clash: {name} names both {other.reference} and "
                                  f"{image.reference}")
-            owners[name] = image.reference
     return images
 
 
