@@ -286,6 +286,11 @@ class Store:
         if self.format_file.exists():
             self.check()
             return
+        foreign = set(self._listdir(self.root)) - {META, "overlay", "overlay-layers",
+                                                   "overlay-images"}
+        if foreign:
+            raise StoreError(f"{self.root}: not empty and not a squash store "
+                             f"(has {sorted(foreign)[0]})")
         for directory in (self.root, self.meta, self.image_meta_dir, self.layer_meta_dir,
                           self.squash_dir, self.tmp_dir, self.overlay, self.links,
                           self.layers_dir, self.images_dir):

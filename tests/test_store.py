@@ -645,3 +645,11 @@ def test_remove_tree_never_descends_into_a_mount(env: Env) -> None:
     with pytest.raises(StoreError, match="still mounted"):
         remove_tree(env.store.overlay / image.layer)
     assert (image.diff / "bin" / "busybox").is_file()
+
+
+def test_init_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    proc = cli(tmp_path / "home", "init", check=False)
+    assert proc.returncode == 1 and "not empty and not a squash store" in proc.stderr
+    assert os.listdir(tmp_path / "home") == ["notes.txt"]
