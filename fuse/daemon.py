@@ -68,7 +68,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir-cache-entries", type=int, default=200_000, metavar="N",
                         help="directory entries to keep decoded (default 200000)")
     parser.add_argument("--threads", type=int, default=4, metavar="N",
-                        help="threads decompressing data at once (default 4)")
+                        help="threads decompressing data at once (default 4; 0: none, "
+                        "all reads on the server's main thread)")
     parser.add_argument("--suid", action="store_true",
                         help="honour setuid bits (root only; default nosuid)")
     parser.add_argument("--dev", action="store_true",
@@ -104,8 +105,9 @@ def default_allow_other() -> bool:
 def check_arguments(args: argparse.Namespace) -> None:
     """Reject what cannot work before anything is spawned or mounted."""
     for name in ("cache_size", "metadata_cache_size", "dir_cache_entries", "threads"):
-        if getattr(args, name) < 1:
-            raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
+        least = 0 if name == "threads" else 1
+        if getattr(args, name) < least:
+            raise ServeError(f"--{name.replace('_', '-')} must be at least {least}")
     if (args.suid or args.dev) and os.geteuid() != 0:
         raise ServeError("--suid and --dev need root")
     if not args.squash.is_file():

@@ -55,7 +55,7 @@ class ServerOptions:
     dir_cache_entries: int = 200_000
     """Directory entries kept decoded, over all cached directories."""
     threads: int = 4
-    """Worker threads decompressing data blocks at once."""
+    """Worker threads decompressing data blocks at once (0: all on the loop's thread)."""
     allow_other: bool = False
     suid: bool = False
     dev: bool = False
@@ -152,7 +152,7 @@ class SquashOperations(pyfuse3.Operations):
         self._refs[self._root] = reader.root.ref + 1
         self._dirs = _ListingCache(opts.dir_cache_entries)
         self._xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
-        self._limiter = trio.CapacityLimiter(max(1, opts.threads))
+        self._limiter = trio.CapacityLimiter(opts.threads) if opts.threads > 0 else None
         self._blocks = -(-reader.superblock.bytes_used // reader.block_size)
 
     # -- numbers and inodes ------------------------------------------------------------
@@ -349,7 +349,7 @@ class SquashOperations(pyfuse3.Operations):
         if off >= node.size:
             return b""
         try:
-            if off >= node.block_count * self._reader.block_size:
+            if self._limiter is None or off >= node.block_count * self._reader.block_size:
                 # Only the tail: a slice of a fragment block that many small files share
                 # and that is nearly always decompressed already; a thread hop costs more.
                 return self._reader.read(node, off, size)

@@ -361,9 +361,37 @@ def test_corrupt_block_gives_eio_and_the_server_stays_up(tree: Path, tmp_path: P
     assert "block 1" in (mounts_.base / "fuse.log").read_text()
 
 
-def test_parallel_reads_of_many_files(images: dict[str, Path], tree: Path,
+def test_corrupt_directory_listing_gives_eio_and_the_server_stays_up(
+        tree: Path, tmp_path: Path, mounts_: Mounts) -> None:
+    image = tmp_path / "corrupt-dir.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-comp", "zstd", "-quiet", "-no-progress"])
+    with SquashReader(image) as reader:
+        many = reader.resolve("many")
+        first = reader.superblock.directory_table + many.dir_block
+    with open(image, "r+b") as f:
+        f.seek(first)
+        size = int.from_bytes(f.read(2), "little") & 0x7FFF
+        second = first + 2 + size  # wholly inside the 3000-entry listing of /many
+        f.seek(second)
+        assert int.from_bytes(f.read(2), "little") & 0x8000 == 0, "must be compressed"
+        f.write(b"\xde\xad\xbe\xef" * 4)
+    mnt, pid = mounts_.serve(image)
+    with pytest.raises(OSError) as err:
+        os.listdir(mnt / "many")
+    assert err.value.errno == errno.EIO
+    with pytest.raises(OSError) as err:
+        os.stat(mnt / "many" / "f2999")
+    assert err.value.errno == errno.EIO
+    assert (mnt / "etc" / "config").read_bytes() == b"config\n"
+    assert not _gone(pid)
+    assert "directory table metadata block" in (mounts_.base / "fuse.log").read_text()
+
+
+@pytest.mark.parametrize("threads", [3, 0])
+def test_parallel_reads_of_many_files(threads: int, images: dict[str, Path], tree: Path,
                                       mounts_: Mounts) -> None:
-    mnt, _ = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1", "--threads=3")
+    mnt, _ = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1",
+                           f"--threads={threads}")
     names = ["big/large", "big/sparse", "big/zeros", *(f"many/f{i}" for i in range(0, 400, 7))]
     want = {n: hashlib.sha256((tree / n).read_bytes()).hexdigest() for n in names}
     got: dict[str, str] = {}
