@@ -4,10 +4,12 @@ Owns where per-host state lives (the runtime directory: ``$SQUASHSTORE_RUNTIME_D
 ``/run/squashstore`` for real root, else ``$XDG_RUNTIME_DIR/squashstore`` or
 ``/run/user/UID/squashstore``), the project configuration file (TOML: ``$SQUASHSTORE_CONFIG``
 if set, else ``/etc/squashstore/config.toml`` overlaid by
-``$XDG_CONFIG_HOME/squashstore/config.toml``), process identity (pid + kernel start time, so a
-recycled pid is never mistaken for a live writer) and calling the user's local podman, which
-finds its own configuration (``CONTAINERS_CONF``, ``CONTAINERS_STORAGE_CONF``) from the
-environment we pass through.
+``$XDG_CONFIG_HOME/squashstore/config.toml``; keys: ``[mount] backend = "kernel" |
+"squashfuse"`` (default kernel for real root, squashfuse otherwise) and ``[mount] overlay =
+"auto" | "fuse-overlayfs" | "kernel"`` for the mount program), process identity (pid +
+kernel start time, so a recycled pid is never mistaken for a live writer) and calling the
+user's local podman, which finds its own configuration (``CONTAINERS_CONF``,
+``CONTAINERS_STORAGE_CONF``) from the environment we pass through.
 """
 
 from __future__ import annotations
