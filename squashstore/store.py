@@ -474,6 +474,10 @@ class Store:
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
         layer_dir = self.overlay / lid
+        if (layer_dir / "link").is_file() and runtime.is_mountpoint(layer_dir / "diff"):
+            for name in LAYER_DIRS[1:]:  # a live layer of an older squashstore: complete it
+                with contextlib.suppress(FileExistsError):
+                    (layer_dir / name).mkdir(mode=0o755)
         complete = all((layer_dir / name).is_dir() for name in LAYER_DIRS)
         if not complete or not (layer_dir / "link").is_file():
             if os.path.lexists(layer_dir) and not runtime.is_mountpoint(layer_dir / "diff"):
