@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from squashstore import locking, runtime
@@ -34,6 +34,7 @@ from squashstore.migrate import migrate_image
 from squashstore.mounts import Registry
 from squashstore.store import (
     NameError_,
+    Publication,
     Store,
     StoreError,
     atomic_write_json,
@@ -653,3 +654,60 @@ def test_init_refuses_a_foreign_directory(tmp_path: Path) -> None:
     proc = cli(tmp_path / "home", "init", check=False)
     assert proc.returncode == 1 and "not empty and not a squash store" in proc.stderr
     assert os.listdir(tmp_path / "home") == ["notes.txt"]
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["publish", "tag", "untag", "rmi", "gc"]),
+                         st.integers(0, 2), st.sampled_from(["a:1", "b:1", "c:2"])),
+               max_size=12)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_store_invariants_hold_under_any_operation_sequence(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, str]]) -> None:
+    """A model of names: after every operation the store verifies, no name is on two
+    images, and the names are exactly the model's."""
+    store = Store(tmp_path_factory.mktemp("model") / "s")
+    store.init()
+    model: dict[str, set[str]] = {}
+    ids: dict[int, str] = {}
+    for op, which, name in ops:
+        full = normalize_name(name)
+        if op == "publish":
+            with store.staging() as stage:
+                (stage / "layer.sqfs").write_bytes(b"squash %d" % which)
+                config = json.dumps({"n": which}).encode()
+                image = store.publish(Publication(
+                    stage / "layer.sqfs", "sha256:" + f"{which:x}" * 64, 10 + which, config,
+                    b"{}", (name,), "2024-01-01T00:00:00Z"))
+            ids[which] = image.id
+            for names in model.values():
+                names.discard(full)
+            model.setdefault(image.id, set()).add(full)
+        elif which in ids and ids[which] in model:
+            iid = ids[which]
+            if op == "tag":
+                store.add_names(iid, (name,))
+                for names in model.values():
+                    names.discard(full)
+                model[iid].add(full)
+            elif op == "untag":
+                if full in model[iid]:
+                    store.remove_name(iid, name)
+                    model[iid].discard(full)
+                else:
+                    with pytest.raises(StoreError):
+                        store.remove_name(iid, name)
+            elif op == "rmi":
+                store.remove_image(iid)
+                del model[iid]
+        if op == "gc":
+            store.gc(lambda image: False)
+            model = {iid: names for iid, names in model.items() if names}
+        assert store.verify_structure() == []
+        assert {i.id: set(i.names) for i in store.images()} == model
+        live = {i.layer for i in store.images()}
+        assert {p.name.removesuffix(".sqfs") for p in store.squash_dir.iterdir()} == live
+        assert {e for e in os.listdir(store.overlay) if e != "l"} == live
+        assert len(os.listdir(store.links)) == len(live)
