@@ -1,19 +1,49 @@
 """Session-wide pytest fixtures: the private real podman (`podman`), the fixture images
 built in it once per session (`fixture_images`), and a factory for further private podmans
-(`make_podman`, e.g. a consumer whose storage.conf lists a squash store)."""
+(`make_podman`, e.g. a consumer whose storage.conf lists a squash store).
+
+So that mounts are undone even when a run is stopped, SIGTERM is turned into
+KeyboardInterrupt (pytest then still tears fixtures down), and mounts left below pytest's
+``garbage-*`` dirs (directories of earlier, killed runs that pytest is deleting) are lazily
+unmounted at session start, before pytest's own clean-up walks into them."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 from support.fixture_trees import build_fixture_images
-from support.podman import Podman
+from support.podman import Podman, mounts_below
 from support.podman import make_podman as _make_podman
 
 MakePodman = Callable[..., Podman]
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _unmount_stale_garbage(basetemp_parent: Path) -> None:
+    """Lazily unmount whatever is still mounted below ``<parent>/garbage-*``."""
+    for garbage in basetemp_parent.glob("garbage-*"):
+        for point in mounts_below(garbage):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stale_mounts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _unmount_stale_garbage(tmp_path_factory.getbasetemp().parent)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ like are not image content) and the hard-link group (the sorted tuple of every p
 listing that shares the inode, for non-directories reachable under more than one name).
 `canonical_from_tar` reads a tar (path or file object, any compression) with extraction
 semantics: a later member with the same path wins, a hard-link member joins the inode that
-its target path holds at that point, and parent directories not in the tar are not invented.
+its target path holds at that point (keeping that inode's metadata: note that
+containers/storage instead applies the link member's own mode and owner to the shared
+inode when it extracts a layer), and parent directories not in the tar are not invented.
 `canonical_from_dir` reads a directory with ``lstat`` only (safe on read-only squashfs and
 FUSE mounts). `diff_listings` explains differences in words. `normalise_podman_export`
 removes what ``podman export`` of a never-started container adds to an image's root

@@ -4,9 +4,13 @@
 ``registries.conf`` under a fresh directory in `base` (as ``/work/shared/notes/podman-here.md``
 prescribes: runc, fixed ulimits, no network, private static_dir and tmp dirs, events to a
 file) and returns a `Podman` whose `env` points podman at them, so the machine's default
-store (``/var/lib/containers``) is never touched. A second "consumer" podman can list a
+store (``/var/lib/containers/storage``) is never touched (podman 4.3.1 as root still updates
+its blob-info cache, /var/lib/containers/cache/blob-info-cache-v1.boltdb, and has no setting
+to move it). The runroot is a short private dir in /tmp (see `RUNROOT_PARENT`: long runroot
+paths make every ``podman run`` wait 20 s). A second "consumer" podman can list a
 squash store in ``additionalimagestores`` and use a ``mount_program``. `Podman.close()`
-removes every container, unmounts everything mounted below its root and deletes the root.
+removes every container, unmounts everything mounted below its root and runroot and
+deletes both.
 Every podman command that could pull gets ``--pull=never``.
 """
 
@@ -53,15 +57,19 @@ image_copy_tmp_dir = {_toml_str(root / "tmp")}
 
 
 def storage_conf(
-    root: Path, additional_stores: Sequence[Path] = (), mount_program: str | None = None
+    root: Path,
+    additional_stores: Sequence[Path] = (),
+    mount_program: str | None = None,
+    runroot: Path | None = None,
 ) -> str:
-    """The text of the private storage.conf for a podman rooted at `root`."""
+    """The text of the private storage.conf for a podman rooted at `root` (runroot
+    `runroot`, by default ``root/run``)."""
     stores = ", ".join(_toml_str(s) for s in additional_stores)
     text = f"""\
 [storage]
 driver = "overlay"
 graphroot = {_toml_str(root / "root")}
-runroot = {_toml_str(root / "run")}
+runroot = {_toml_str(runroot or root / "run")}
 
 [storage.options]
 additionalimagestores = [{stores}]
@@ -80,24 +88,42 @@ short-name-mode = "disabled"
 """
 
 
+RUNROOT_PARENT = Path("/tmp")
+"""Where runroots go. podman 4.3.1's ``run`` waits 20 s for every container ("Exceeded
+conmon timeout waiting for container to exit") when the runroot path is longer than about
+45 characters, as pytest's tmp_path dirs are; so the runroot is a short private dir here."""
+
+
+def _short_runroot() -> Path:
+    return Path(tempfile.mkdtemp(prefix="sqsrun-", dir=RUNROOT_PARENT))
+
+
 class Podman:
-    """A podman whose configuration and storage all live below `root`."""
+    """A podman whose configuration and storage all live below `root`, except its runroot
+    (a short private dir in /tmp, see `RUNROOT_PARENT`), which `close` removes too."""
 
     def __init__(
-        self, root: Path, additional_stores: Sequence[Path] = (), mount_program: str | None = None
+        self,
+        root: Path,
+        additional_stores: Sequence[Path] = (),
+        mount_program: str | None = None,
+        runroot: Path | None = None,
     ) -> None:
         self.root = root
         self.graphroot = root / "root"
-        self.runroot = root / "run"
+        self.runroot = runroot if runroot is not None else _short_runroot()
         self.additional_stores = [Path(s) for s in additional_stores]
         self.mount_program = mount_program
-        for sub in ("root", "run", "tmp", "net", "vol", "etc"):
+        for sub in ("root", "tmp", "net", "vol", "etc"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        self.runroot.mkdir(parents=True, exist_ok=True)
         self.containers_conf = root / "etc" / "containers.conf"
         self.storage_conf = root / "etc" / "storage.conf"
         self.registries_conf = root / "etc" / "registries.conf"
         self.containers_conf.write_text(containers_conf(root))
-        self.storage_conf.write_text(storage_conf(root, self.additional_stores, mount_program))
+        self.storage_conf.write_text(
+            storage_conf(root, self.additional_stores, mount_program, self.runroot)
+        )
         self.registries_conf.write_text(REGISTRIES_CONF)
         self.env: dict[str, str] = dict(os.environ)
         self.env["CONTAINERS_CONF"] = str(self.containers_conf)
@@ -209,8 +235,11 @@ class Podman:
         return list(rootfs["Layers"])
 
     def mounts_below_root(self) -> list[str]:
-        """Mount points below `root`, deepest first (from /proc/self/mountinfo)."""
-        return mounts_below(self.root)
+        """Mount points below `root` or `runroot`, deepest first (/proc/self/mountinfo)."""
+        return sorted(
+            set(mounts_below(self.root)) | set(mounts_below(self.runroot)),
+            key=lambda p: (-p.count("/"), p),
+        )
 
     def close(self) -> None:
         """Remove all containers, unmount everything below `root` and delete `root`."""
@@ -228,6 +257,7 @@ class Podman:
             # Never let rmtree walk into something still mounted (it could be a bind mount).
             raise AssertionError(f"still mounted below {self.root} after cleanup: {left}")
         shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def __enter__(self) -> Podman:
         return self
