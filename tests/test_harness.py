@@ -5,6 +5,7 @@ of a directory equals the listing of a tar of it, and `diff_listings` sees small
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -13,11 +14,15 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from support import fixture_trees as ft
 from support.listing import (
@@ -477,3 +482,97 @@ def test_entry_is_frozen() -> None:
     e = Entry(type="file", mode=0o644)
     with pytest.raises(AttributeError):
         e.mode = 0  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- properties
+
+NAME = st.text(
+    alphabet=st.sampled_from("abcXYZ019 -_.é日ß"), min_size=1, max_size=12
+).filter(lambda n: n not in (".", ".."))
+ITEM = st.tuples(
+    st.sampled_from(["file", "dir", "symlink", "hardlink", "fifo"]),
+    NAME,
+    st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o2750, 0o1777, 0o000]),
+    st.sampled_from([(0, 0), (1234, 5678), (65534, 65534)]),
+    st.binary(max_size=3000),
+    st.integers(min_value=0, max_value=1000),
+)
+
+
+def _build_random_tree(root: Path, items: list[tuple[str, str, int, tuple[int, int], bytes,
+                                                     int]]) -> None:
+    root.mkdir()
+    dirs: list[Path] = [root]
+    files: list[Path] = []
+    for kind, name, mode, owner, data, pick in items:
+        path = dirs[pick % len(dirs)] / name
+        if path.exists() or path.is_symlink():
+            continue
+        if kind == "dir":
+            path.mkdir()
+            dirs.append(path)
+        elif kind == "file" or (kind == "hardlink" and not files):
+            path.write_bytes(data)
+            files.append(path)
+        elif kind == "hardlink":
+            os.link(files[pick % len(files)], path)
+            continue  # shares the target's metadata
+        elif kind == "symlink":
+            os.symlink(data[:50].decode("latin-1") or "x", path)
+            os.chown(path, *owner, follow_symlinks=False)
+            continue
+        else:
+            os.mkfifo(path)
+        os.chown(path, *owner)
+        os.chmod(path, mode if kind != "dir" else mode | 0o700)
+        if pick % 3 == 0 and kind != "fifo":
+            os.setxattr(path, "user.h", data[:20])
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (1_500_000_000, 1_500_000_000),
+                     follow_symlinks=False)
+    os.utime(root, (1_500_000_000, 1_500_000_000))
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(ITEM, max_size=14))
+def test_random_trees_list_the_same_from_dir_and_both_tars(
+    tmp_path: Path, items: list[tuple[str, str, int, tuple[int, int], bytes, int]]
+) -> None:
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        _build_random_tree(work / "t", items)
+        from_dir = canonical_from_dir(work / "t")
+        assert len(from_dir) >= 1
+        for maker in (tar_of_dir_gnu, tar_of_dir_python):
+            tar = maker(work / "t", work / f"{maker.__name__}.tar")
+            assert diff_listings(from_dir, canonical_from_tar(tar)) == [], maker.__name__
+    finally:
+        shutil.rmtree(work)
+
+
+@settings(max_examples=50, deadline=None)
+@given(field=st.sampled_from(["mode", "uid", "gid", "size", "mtime", "sha256", "target",
+                              "rdev", "xattrs", "hardlinks", "type"]),
+       index=st.integers(min_value=0))
+def test_any_single_field_change_is_reported(field: str, index: int) -> None:
+    listing = {
+        "/": Entry(type="dir", mode=0o755),
+        "/f": Entry(type="file", mode=0o644, size=3, sha256="ab", hardlinks=("/f", "/g")),
+        "/g": Entry(type="file", mode=0o644, size=3, sha256="ab", hardlinks=("/f", "/g")),
+        "/l": Entry(type="symlink", mode=0o777, target="f"),
+        "/d": Entry(type="chardev", mode=0o600, rdev=(1, 3), xattrs={"user.a": b"1"}),
+    }
+    path = sorted(listing)[index % len(listing)]
+    old = listing[path]
+    changed: Any = {
+        "mode": old.mode ^ 1, "uid": old.uid + 1, "gid": old.gid + 1, "size": old.size + 1,
+        "mtime": old.mtime + 1, "sha256": old.sha256 + "0", "target": old.target + "x",
+        "rdev": (old.rdev[0], old.rdev[1] + 1), "xattrs": {**old.xattrs, "user.z": b""},
+        "hardlinks": old.hardlinks[:1] or (path, "/zz"), "type": "fifo",
+    }[field]
+    other = {**listing, path: dataclasses.replace(old, **{field: changed})}
+    diffs = diff_listings(listing, other)
+    assert diffs and all(d.startswith(f"{path}: ") for d in diffs), diffs
+    assert diff_listings(listing, other, ignore_paths={path}) == []
