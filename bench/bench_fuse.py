@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ("numpy", "scipy", "pandas", "sympy")
-BACKENDS = ("squashstore", "squashfuse_ll", "squashfuse", "kernel")
+BACKENDS = ("squashstore", "squashstore-inline", "squashfuse_ll", "squashfuse", "kernel")
+"""squashstore-inline: the same server with ``--threads=0`` (no decompression threads)."""
 OPS = ("find", "stat", "read", "import")
 
 
@@ -72,8 +73,9 @@ def mount(backend: str, image: Path, mnt: Path) -> int | None:
     if backend == "kernel":
         _sh(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(mnt)])
         return None
-    if backend == "squashstore":
-        _sh([sys.executable, "-m", "squashstore.fuse.daemon", str(image), str(mnt)])
+    if backend.startswith("squashstore"):
+        extra = ["--threads=0"] if backend == "squashstore-inline" else []
+        _sh([sys.executable, "-m", "squashstore.fuse.daemon", *extra, str(image), str(mnt)])
     else:
         _sh([backend, str(image), str(mnt)])
     _wait(lambda: _mounted(mnt))
@@ -247,15 +249,16 @@ def report(results: dict[str, Result], w: Workload) -> None:
     for name, r in results.items():
         rows.append([name] + [_fmt(value(name, op, ph)) for op, ph in cols]
                     + [_fmt(max(r.rss) if r.rss else None, 1)])
-    for peer in ("squashfuse_ll", "kernel"):
-        if peer not in results or "squashstore" not in results:
-            continue
-        ratio = []
-        for op, ph in cols:
-            ours, theirs = value("squashstore", op, ph), value(peer, op, ph)
-            # Ratios > 1 mean squashstore is slower (times) or faster (read MB/s).
-            ratio.append(f"{ours / theirs:.2f}x")
-        rows.append([f"squashstore / {peer}", *ratio, ""])
+    for mine in ("squashstore", "squashstore-inline"):
+        for peer in ("squashfuse_ll", "kernel"):
+            if peer not in results or mine not in results:
+                continue
+            ratio = []
+            for op, ph in cols:
+                ours, theirs = value(mine, op, ph), value(peer, op, ph)
+                # Ratios > 1 mean squashstore is slower (times) or faster (read MB/s).
+                ratio.append(f"{ours / theirs:.2f}x")
+            rows.append([f"{mine} / {peer}", *ratio, ""])
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
@@ -290,7 +293,8 @@ def main() -> int:
     mnt.mkdir(exist_ok=True)
     results = {}
     for backend in args.backends:
-        if backend != "kernel" and backend != "squashstore" and not shutil.which(backend):
+        if backend != "kernel" and not backend.startswith("squashstore") \
+                and not shutil.which(backend):
             print(f"{backend}: not installed, skipped")
             continue
         t = time.perf_counter()
