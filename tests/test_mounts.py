@@ -173,3 +173,18 @@ def test_config_prints_storage_conf_lines(tmp_path: Path) -> None:
     assert program.endswith("squashstore-mount-program")
     hook = json.loads(cli(store.root, "config", "--hooks").stdout)
     assert hook["stages"] == ["poststop"] and hook["hook"]["args"][-2:] == ["hook", "poststop"]
+
+
+def test_bad_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    env = {**os.environ, "SQUASHSTORE_CONFIG": str(config),
+           "SQUASHSTORE_RUNTIME_DIR": str(tmp_path / "run")}
+    call = ["-o", "lowerdir=/nonexistent/diff,upperdir=/u,workdir=/w", str(tmp_path / "m")]
+    for text, expected in (('[mount]\noverlay = "nfs"\n', "overlay = 'nfs'"),
+                           ("[mount\n", str(config))):
+        config.write_text(text)
+        proc = subprocess.run([str(PYTHON), "-m", "squashstore.mountprogram", *call], env=env,
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("squashstore-mount-program: ")
+        assert expected in proc.stderr and proc.stderr.count("\n") == 1
