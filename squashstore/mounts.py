@@ -220,6 +220,14 @@ class Registry:
                     out.append(MountRecord(**json.loads(entry.read_bytes())))
         return out
 
+    def write(self, record: MountRecord) -> None:
+        """Store a record (call with `locked` held)."""
+        self._write(record)
+
+    def forget(self, mountpoint: Path) -> None:
+        """Drop the record of ``mountpoint`` (call with `locked` held)."""
+        self._forget(mountpoint)
+
     def _write(self, record: MountRecord) -> None:
         atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
 
