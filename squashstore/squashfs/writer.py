@@ -124,6 +124,9 @@ class FileData:
 
 # --- the data pipeline -----------------------------------------------------------------
 
+IN_FLIGHT_BYTES_PER_JOB = 4 << 20
+"""Uncompressed bytes queued for compression per worker thread, at most."""
+
 _Written = Callable[[int, int], None]
 """Called with (position, size word) once a block is in the file."""
 
@@ -137,14 +140,18 @@ def _compress_block(codec: Codec, data: bytes) -> bytes | None:
 class _Pipeline:
     """Compresses blocks on threads and appends them to the image in submission order."""
 
-    def __init__(self, out: BinaryIO, start: int, codec: Codec, jobs: int, dest: Path) -> None:
+    def __init__(
+        self, out: BinaryIO, start: int, codec: Codec, jobs: int, dest: Path, block_size: int
+    ) -> None:
         self._out = out
         self._dest = dest
         self.position = start
         self._codec = codec
         self._raw = not codec.can_compress or codec.name == "none"
         self._pool = ThreadPoolExecutor(jobs, "squash") if jobs > 1 and not self._raw else None
-        self._limit = 4 * jobs
+        # Blocks in flight: enough that uneven block costs never idle a worker (measured:
+        # 8 blocks of 128 KiB left a third of 2 cores idle), bounded to 4 MiB per worker.
+        self._limit = max(4 * jobs, IN_FLIGHT_BYTES_PER_JOB * jobs // block_size)
         self._queue: collections.deque[
             tuple[Future[bytes | None] | None, bytes, _Written | None]
         ] = collections.deque()
@@ -359,7 +366,9 @@ class SquashWriter:
             self._out.write(fmt.metadata_header(len(self._opts_block), False) + self._opts_block)
             start += 2 + len(self._opts_block)
         jobs = options.jobs or _default_jobs()
-        self._pipe = _Pipeline(self._out, start, self._codec, jobs, self._dest)
+        self._pipe = _Pipeline(
+            self._out, start, self._codec, jobs, self._dest, self._block_size
+        )
         self._zero_block = bytes(self._block_size)
         self._dedup: dict[tuple[int, bytes], FileData] = {}
         self._fragment = bytearray()
