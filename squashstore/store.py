@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -770,7 +769,3 @@ class Store:
                 if mode & 0o004 == 0 and not name.endswith(TMP_SUFFIX):
                     problems.append(f"{Path(root) / name}: not world-readable")
         return problems
-
-
-def free_space_error(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
