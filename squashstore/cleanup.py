@@ -161,8 +161,9 @@ def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str
     now = time.time() if now is None else now
     records = registry.records()
     table = runtime.mount_table()
-    devices = {m.mountpoint: m.device for m in tracker.read_mountinfo()}
-    users = tracker.observe_users(records, config, table.keys(), now)
+    entries = tracker.read_mountinfo()
+    devices = {m.mountpoint: m.device for m in entries}
+    users = tracker.observe_users(records, config, entries, now)
     states = [_record_state(r, table, users, devices) for r in records]
     scope = list(store_roots)
     for record in records:
@@ -175,13 +176,13 @@ def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str
         states.append(MountState(entry.mountpoint, layer, _image_of(root, layer),
                                  mounter_for_fstype(entry.fstype).name, entry.fstype,
                                  _alive(entry), None if age is None else now - age, pid,
-                                 False, _users_of(layer, users),
+                                 False, _users_of(entry.mountpoint, layer, users),
                                  devices.get(entry.mountpoint, "")))
     return states
 
 
-def _users_of(layer: str, users: Iterable[User]) -> tuple[User, ...]:
-    return tuple(u for u in users if layer in u.store_layers)
+def _users_of(mountpoint: str, layer: str, users: Iterable[User]) -> tuple[User, ...]:
+    return tuple(u for u in users if u.uses(mountpoint, layer))
 
 
 def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
@@ -189,7 +190,8 @@ def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
     entry = table.get(record.mountpoint)
     return MountState(record.mountpoint, record.layer, record.image, record.backend,
                       entry.fstype if entry else None, _alive(entry) if entry else False,
-                      record.since, record.pid, True, _users_of(record.layer, users),
+                      record.since, record.pid, True,
+                      _users_of(record.mountpoint, record.layer, users),
                       devices.get(record.mountpoint, ""))
 
 
@@ -346,7 +348,10 @@ def poststop(registry: Registry, container: StoppingContainer,
         for s in stores]}}
     with registry.locked():
         now = time.time()
-        states = [s for s in observe(registry, (), config, now) if s.layer in below]
+        states = observe(registry, (), config, now)
+        exact = {u.mounts for s in states for u in s.users if u.container == container.id}
+        mine = set().union(*exact) if exact else set()
+        states = [s for s in states if s.mountpoint in mine or (not mine and s.layer in below)]
         states = [replace(s, users=tuple(u for u in s.users if u.container != container.id
                                          and u.layer != layer)) for s in states]
         return [carry_out(registry, d, now, server_wait=0.0)

@@ -19,6 +19,7 @@ program still runs (its overlay is not mounted yet).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -134,11 +135,7 @@ def configured_stores(config: Mapping[str, Any]) -> list[PodmanStore]:
 
 def graphroots_mounted(mount_points: Iterable[str]) -> set[str]:
     """Graphroots with an overlay mounted on ``<graphroot>/overlay/<layer>/merged``."""
-    roots = set()
-    for point in mount_points:
-        path = Path(point)
-        if path.name == "merged" and path.parent.parent.name == "overlay":
-            roots.add(str(path.parent.parent.parent))
+    roots = {r for p in mount_points if (r := graphroot_of_merged(p)) is not None}
     return {r for r in roots if os.path.isfile(os.path.join(r, "overlay-layers", "layers.json"))}
 
 
@@ -168,6 +165,17 @@ class User:
     name: str = ""
     starting: bool = False
     store_layers: frozenset[str] = frozenset()
+    """The user's layer and those below it, as far as its podman store knows them."""
+    mounts: frozenset[str] = frozenset()
+    """The squash mount points among its lowerdirs, when known exactly (from the overlay's
+    options or the mount program's record); else the layer chain decides."""
+
+    def uses(self, mountpoint: str, layer: str) -> bool:
+        """Whether this user needs the squash mount of store layer ``layer`` on ``mountpoint``.
+
+        A layer id alone may name the same image in two stores, hence the exact mounts first.
+        """
+        return mountpoint in self.mounts if self.mounts else layer in self.store_layers
 
     def describe(self) -> str:
         what = (f"container {self.container[:12]}" + (f" ({self.name})" if self.name else "")
@@ -230,10 +238,11 @@ class StoreView:
     def overlay_dir(self) -> str:
         return os.path.join(self.store.graphroot, "overlay")
 
-    def user(self, layer: str, merged: str, starting: bool = False) -> User:
+    def user(self, layer: str, merged: str, starting: bool = False,
+             mounts: Iterable[str] = ()) -> User:
         container, name = self.containers.get(layer, ("", ""))
         return User(self.store.graphroot, layer, merged, container, name, starting,
-                    frozenset(ancestors(layer, self.parents)))
+                    frozenset(ancestors(layer, self.parents)), frozenset(mounts))
 
 
 def mounted_layers(view: StoreView, mount_points: Iterable[str]) -> dict[str, str]:
@@ -252,30 +261,103 @@ def mounted_layers(view: StoreView, mount_points: Iterable[str]) -> dict[str, st
 
 def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
                records: Iterable[MountRecord], now: float | None = None,
+               lowerdirs: Mapping[str, Iterable[str]] | None = None,
                starting_age: float = STARTING_AGE) -> list[User]:
-    """Every mounted overlay of the known stores, and every recorded start still under way."""
+    """Every mounted overlay of the known stores, and every recorded start still under way.
+
+    ``lowerdirs``: merged directory -> its lowerdirs, resolved (see `overlay_lowerdirs`).
+    """
     now = time.time() if now is None else now
     points = set(mount_points)
+    records = list(records)
+    exact: dict[str, set[str]] = {m: set(dirs) for m, dirs in (lowerdirs or {}).items()}
+    for record in records:
+        for rec_user in record.users:
+            if rec_user.get("merged") in points:
+                exact.setdefault(str(rec_user["merged"]), set()).add(record.mountpoint)
     users: list[User] = []
     by_root: dict[str, StoreView] = {}
     for view in views:
         by_root[view.store.graphroot] = view
-        users += [view.user(layer, merged)
+        users += [view.user(layer, merged, mounts=exact.get(merged, ()))
                   for layer, merged in sorted(mounted_layers(view, points).items())]
-    mounted = {u.merged for u in users}
+    seen = {u.merged for u in users}
     for record in records:
         for rec_user in record.users:
             merged = str(rec_user.get("merged", ""))
-            if merged in mounted or not is_starting(rec_user, points, now, starting_age):
+            if merged in seen or not is_starting(rec_user, points, now, starting_age):
                 continue
             root = graphroot_of_upperdir(str(rec_user.get("upperdir", ""))) or ""
             layer = Path(merged).parent.name
             known = by_root.get(root)
-            user = known.user(layer, merged, True) if known else User(root, layer, merged)
-            users.append(User(user.graphroot, user.layer, merged, user.container, user.name,
-                              True, user.store_layers | {record.layer}))
-            mounted.add(merged)
+            user = known.user(layer, merged) if known else User(root, layer, merged)
+            users.append(dataclasses.replace(user, starting=True,
+                                             mounts=frozenset({record.mountpoint})))
+            seen.add(merged)
     return users
+
+
+def resolve_lowerdir(path: str, graphroot: str) -> str:
+    """A lowerdir as podman passes it (``S/overlay/l/<short>``, or ``l/<short>`` relative to
+    ``<graphroot>/overlay``) -> the real ``.../overlay/<layer>/diff``."""
+    full = os.path.join(graphroot, "overlay", path)
+    parent = os.path.dirname(full)
+    if os.path.basename(parent) == "l":
+        with contextlib.suppress(OSError):
+            return os.path.normpath(os.path.join(parent, os.readlink(full)))
+    return os.path.normpath(full)
+
+
+def _lowerdir_option(options: str) -> list[str]:
+    for item in options.split(","):
+        key, _, value = item.partition("=")
+        if key == "lowerdir":
+            return [d for d in value.split(":") if d]
+    return []
+
+
+def overlay_lowerdirs(entries: Iterable[MountInfo]) -> dict[str, list[str]]:
+    """merged directory -> resolved lowerdirs, for every overlay mounted at
+    ``<graphroot>/overlay/<layer>/merged``: the kernel's from its mount options, fuse-overlayfs's
+    from its server's command line."""
+    out: dict[str, list[str]] = {}
+    fuse = set()
+    for entry in entries:
+        root = graphroot_of_merged(entry.mountpoint)
+        if root is None:
+            continue
+        if entry.fstype == "overlay":
+            dirs = _lowerdir_option(entry.super_options)
+            if dirs:
+                out[entry.mountpoint] = [resolve_lowerdir(d, root) for d in dirs]
+        elif entry.fstype.startswith("fuse"):
+            fuse.add(entry.mountpoint)
+    if fuse:
+        for argv in _fuse_overlayfs_commands():
+            merged, options = argv[-1], ",".join(a for a in argv[1:-1] if "lowerdir=" in a)
+            root = graphroot_of_merged(merged) if merged in fuse else None
+            if root is not None and options:
+                out[merged] = [resolve_lowerdir(d, root) for d in _lowerdir_option(options)]
+    return out
+
+
+def _fuse_overlayfs_commands() -> list[list[str]]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")[:-1]
+                if argv and os.path.basename(argv[0]) == b"fuse-overlayfs":
+                    out.append([a.decode(errors="surrogateescape") for a in argv])
+    return out
+
+
+def graphroot_of_merged(merged: str) -> str | None:
+    """``<graphroot>/overlay/<layer>/merged`` -> graphroot."""
+    path = Path(merged)
+    if path.name != "merged" or path.parent.parent.name != "overlay":
+        return None
+    return str(path.parent.parent.parent)
 
 
 def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
@@ -288,15 +370,17 @@ def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
     if rec_user.get("merged") in mount_points or now - since >= starting_age:
         return False
     age = process_age(pid)
-    return age is not None and age <= now - since + 2.0
+    # The recorded process started before it recorded the use; a recycled pid started later.
+    return age is not None and age >= now - since - 1.0
 
 
 def observe_users(records: list[MountRecord], config: Mapping[str, Any],
-                  mount_points: Iterable[str], now: float | None = None) -> list[User]:
-    """Read the known podman stores and return the users of store layers."""
-    points = set(mount_points)
+                  entries: list[MountInfo], now: float | None = None) -> list[User]:
+    """Read the known podman stores and return the users of store layers (``entries``: this
+    mount namespace's mountinfo)."""
+    points = {e.mountpoint for e in entries}
     views = [StoreView.read(store) for store in known_stores(records, config, points)]
-    return find_users(views, points, records, now)
+    return find_users(views, points, records, now, overlay_lowerdirs(entries))
 
 
 def process_alive(pid: int | None) -> bool:

@@ -1,0 +1,435 @@
+"""Cleanup: the tracker, `squashstore cleanup` and the poststop hook against a real podman.
+
+A consumer podman is configured with `squashstore config`'s lines (the real
+``squashstore-mount-program`` console script) over a store holding three images; containers are
+run, stopped, paused, removed, and started from an image built FROM a store image, and cleanup
+must unmount exactly the mounts nobody runs on, leave running containers working, recover dead
+FUSE mounts and lost registry state, and never take a mount from under a starting container.
+The decision itself is also checked as a pure function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_store import SqLayer, make_squash, store_image_source
+
+from squashstore import cleanup, runtime
+from squashstore.image import Image
+from squashstore.migrate import migrate_image
+from squashstore.mounts import Registry, answers
+from squashstore.store import Store, StoreImage
+from squashstore.tracker import User
+from support.fixture_trees import write_base_tar
+from support.podman import Podman, make_podman
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+BASE = "localhost/sqs-cleanup-base:1"
+NAMES = ("localhost/cl-a:1", "localhost/cl-b:1", "localhost/cl-c:1")
+A, B, C = NAMES
+DERIVED = "localhost/cl-derived:1"
+
+
+# --------------------------------------------------------------------------- the decision
+
+def _user(layer: str) -> User:
+    return User("/g", "ctr-layer", "/g/overlay/ctr-layer/merged", "c" * 64, "n",
+                store_layers=frozenset({layer}))
+
+
+states = st.builds(
+    cleanup.MountState,
+    mountpoint=st.text("abc/", min_size=1, max_size=8),
+    layer=st.sampled_from(["l1", "l2"]),
+    fstype=st.sampled_from([None, "squashfs", "fuse.squashfuse_ll"]),
+    alive=st.booleans(),
+    since=st.one_of(st.none(), st.floats(0, 2000)),
+    recorded=st.booleans(),
+    users=st.lists(st.sampled_from(["l1", "l2"]).map(_user), max_size=2).map(tuple),
+)
+
+
+@given(st.lists(states, max_size=6), st.floats(0, 1000), st.floats(0, 30))
+def test_decide_never_unmounts_a_used_young_or_graced_live_mount(
+        mounts: list[cleanup.MountState], grace: float, min_age: float) -> None:
+    now = 2000.0
+    decisions = cleanup.decide(mounts, now, grace, min_age)
+    assert [d.mount for d in decisions] == mounts
+    for d in decisions:
+        m = d.mount
+        if m.fstype is None:
+            assert d.action == cleanup.FORGET
+        elif not m.alive:
+            assert d.action == cleanup.UNMOUNT_DEAD
+        elif m.users or (m.since is not None and now - m.since < max(grace, min_age)):
+            assert d.action == cleanup.KEEP, d
+        else:
+            assert d.action == cleanup.UNMOUNT
+
+
+def test_decide_examples() -> None:
+    old = cleanup.MountState("/m", "l1", fstype="squashfs", since=0.0)
+    [d] = cleanup.decide([old], 1000.0, 600.0)
+    assert (d.action, d.reason) == (cleanup.UNMOUNT, "unused, 1000s old")
+    [d] = cleanup.decide([dataclasses.replace(old, since=999.0)], 1000.0, 0.0)
+    assert d.action == cleanup.KEEP and "being set up" in d.reason
+    [d] = cleanup.decide([dataclasses.replace(old, users=(_user("l1"),))], 1000.0, 0.0)
+    assert d.action == cleanup.KEEP and d.reason == f"in use by container {'c' * 12} (n)"
+
+
+def test_hook_state_is_parsed_from_podmans_bundle() -> None:
+    state = {"ociVersion": "1.0.2-dev", "id": "abc", "status": "stopped",
+             "bundle": "/var/lib/containers/storage/overlay-containers/abc/userdata"}
+    parsed = cleanup.StoppingContainer.parse(json.dumps(state))
+    assert parsed == cleanup.StoppingContainer("abc", "/var/lib/containers/storage")
+    with pytest.raises(cleanup.CleanupError):
+        cleanup.StoppingContainer.parse("not json")
+
+
+# --------------------------------------------------------------------------- real podman
+
+@pytest.fixture(scope="module")
+def base_image(podman: Podman, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Image, SqLayer]:
+    """One podman image and its squash file; store images are made from it with distinct
+    layer digests (podman does not check them), so they are distinct layers and mounts."""
+    work = tmp_path_factory.mktemp("cleanup-image")
+    podman.import_tar(write_base_tar(work / "base.tar"), BASE, 'CMD ["/bin/sh"]',
+                      "ENV PATH=/bin")
+    return store_image_source(podman, BASE), make_squash(podman, BASE, work / "base.sqfs")
+
+
+@dataclasses.dataclass
+class Setup:
+    store: Store
+    run_dir: Path
+    env: dict[str, str]
+    consumer: Podman
+    images: dict[str, StoreImage]
+
+    @property
+    def registry(self) -> Registry:
+        return Registry(self.run_dir)
+
+    def cli(self, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(BIN / "squashstore"), "--store", str(self.store.root),
+                               *args], capture_output=True, text=True, env=self.env,
+                              input=stdin, check=False, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"squashstore {' '.join(args)}: {proc.stderr}")
+        return proc
+
+    def cleanup(self, *args: str) -> list[dict[str, Any]]:
+        """``cleanup --format json ARGS`` (must succeed)."""
+        data = json.loads(self.cli("cleanup", "--format", "json", *args).stdout)
+        assert isinstance(data, list)
+        return data
+
+    def podman(self, *args: str) -> str:
+        return self.consumer.text(*args)
+
+    def mounted(self) -> set[str]:
+        """The store images whose squash file is mounted now."""
+        return {name for name, image in self.images.items()
+                if runtime.is_mountpoint(image.diff)}
+
+
+def _squasher(layer: SqLayer, digest: str) -> Any:
+    def squash(image: Image, dest: Path, options: Any, tar_split: Path) -> SqLayer:
+        shutil.copyfile(layer.path, dest)
+        return SqLayer(dest, digest, layer.diff_size)
+    return squash
+
+
+def _config_line(text: str, key: str) -> str:
+    line = next(x for x in text.splitlines() if x.startswith(key))
+    return str(json.loads(line.partition("=")[2].strip()))
+
+
+@contextlib.contextmanager
+def setup_store(base: Path, base_image: tuple[Image, SqLayer], backend: str = "kernel",
+                hooks: bool = False, min_age: float = 1.0) -> Iterator[Setup]:
+    source, layer = base_image
+    store = Store(base / "store")
+    store.init()
+    run_dir = base / "run"
+    config = base / "config.toml"
+    config.write_text(f'[mount]\nbackend = "{backend}"\n[cleanup]\nmin_age = {min_age}\n')
+    env = {**os.environ, "SQUASHSTORE_RUNTIME_DIR": str(run_dir),
+           "SQUASHSTORE_CONFIG": str(config)}
+    images = {}
+    for i, name in enumerate(NAMES):
+        digest = "sha256:" + f"{i + 1:x}" * 64
+        images[name] = migrate_image(store, dataclasses.replace(source, names=(name,)),
+                                     {"cleanup-test": name}, mount=False,
+                                     registry=Registry(run_dir),
+                                     squasher=_squasher(layer, digest))
+    lines = subprocess.run([str(BIN / "squashstore"), "--store", str(store.root), "config"],
+                           capture_output=True, text=True, env=env, check=True).stdout
+    assert _config_line(lines, "additionalimagestores") == str([str(store.root)])
+    # A short runroot: podman 4.3's exit command (`podman container cleanup`, which unmounts a
+    # container that exits by itself) fails on runroots longer than 50 characters.
+    short = Path(tempfile.mkdtemp(prefix="sqcl-", dir="/tmp"))
+    consumer = make_podman(short, [store.root], _config_line(lines, "mount_program"))
+    consumer.env.update({k: env[k] for k in ("SQUASHSTORE_RUNTIME_DIR", "SQUASHSTORE_CONFIG")})
+    if hooks:
+        _install_hook(base, store, env, consumer)
+    setup = Setup(store, run_dir, {**consumer.env, **env}, consumer, images)
+    try:
+        yield setup
+    finally:
+        consumer.close()
+        shutil.rmtree(short, ignore_errors=True)
+        Registry(run_dir).umount_all(lazy=True)
+        for point in sorted(runtime.mount_table(), key=len, reverse=True):
+            if point.startswith(str(base) + "/"):
+                subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def _install_hook(base: Path, store: Store, env: dict[str, str], consumer: Podman) -> None:
+    """The hook JSON `config --hooks` prints, plus our private runtime dir and config (podman
+    runs hooks with an empty environment)."""
+    out = subprocess.run([str(BIN / "squashstore"), "--store", str(store.root), "config",
+                          "--hooks"], capture_output=True, text=True, env=env, check=True)
+    hook = json.loads(out.stdout)
+    assert hook["stages"] == ["poststop"] and hook["when"] == {"always": True}
+    assert hook["hook"]["args"][-2:] == ["hook", "poststop"]
+    assert Path(hook["hook"]["path"]).resolve() == (BIN / "squashstore").resolve()
+    hook["hook"]["env"] = [f"{k}={env[k]}" for k in ("SQUASHSTORE_RUNTIME_DIR",
+                                                    "SQUASHSTORE_CONFIG")]
+    hooks_dir = base / "hooks.d"
+    hooks_dir.mkdir()
+    (hooks_dir / "squashstore.json").write_text(json.dumps(hook))
+    with open(consumer.containers_conf, "a") as conf:
+        conf.write(f'hooks_dir = ["{hooks_dir}"]\n')
+
+
+@pytest.fixture
+def kernel_setup(tmp_path: Path, base_image: tuple[Image, SqLayer]) -> Iterator[Setup]:
+    with setup_store(tmp_path, base_image) as s:
+        yield s
+
+
+def _acted(report: list[dict[str, Any]], action: str) -> set[str]:
+    return {r["mountpoint"] for r in report if r["action"] == action}
+
+
+def _diffs(s: Setup, *names: str) -> set[str]:
+    return {runtime.real_path(s.images[n].diff) for n in names}
+
+
+def _run(s: Setup, *args: str) -> str:
+    return s.podman("run", "--pull=never", *args)
+
+
+def test_cleanup_unmounts_exactly_the_mounts_nobody_runs_on(kernel_setup: Setup,
+                                                           tmp_path: Path) -> None:
+    s = kernel_setup
+    a1 = _run(s, "-d", A, "sleep", "1000")
+    _run(s, A, "true")                                 # a stopped container of A
+    b1 = _run(s, "-d", B, "sleep", "1000")
+    s.podman("pause", b1)
+    assert _run(s, "--rm", B, "cat", "/etc/config") == "base config"
+    c1 = s.podman("create", "--pull=never", C, "echo", "hi from c1")
+    s.podman("create", "--pull=never", C, "true")      # created, never started
+    c3 = _run(s, "-d", C, "true")
+    s.podman("wait", c3)
+    s.podman("rm", c3)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "note").write_text("derived\n")
+    (ctx / "Containerfile").write_text(f"FROM {C}\nCOPY note /note\n")
+    # With a mount_program podman diffs naively: committing the COPY mounts the store layer
+    # at S/overlay/<LID>/merged over lowerdir=diff:empty, directories the store lacks.
+    for sub in ("merged", "empty"):
+        (s.store.overlay / s.images[C].layer / sub).mkdir(exist_ok=True)
+    s.consumer.build(ctx, DERIVED)
+    assert s.mounted() == {A, B, C}
+    time.sleep(1.1)                                    # older than the configured min_age
+
+    dry = s.cleanup("--dry-run", "--grace", "0")
+    assert _acted(dry, cleanup.UNMOUNT) == _diffs(s, C)
+    assert not any(r["done"] for r in dry)
+    assert s.mounted() == {A, B, C}
+    text = s.cli("cleanup", "--dry-run", "--grace", "0").stdout
+    assert text.startswith(f"would unmount {runtime.real_path(s.images[C].diff)} image ")
+    graced = s.cleanup()                               # default grace: 600 s
+    assert _acted(graced, cleanup.UNMOUNT) == set() and s.mounted() == {A, B, C}
+
+    report = s.cleanup("--grace", "0")
+    assert _acted(report, cleanup.UNMOUNT) == _diffs(s, C)
+    assert all(r["done"] and not r["error"] for r in report)
+    users = {r["mountpoint"]: {u["container"] for u in r["users"]} for r in report}
+    assert users[runtime.real_path(s.images[A].diff)] == {a1}
+    assert users[runtime.real_path(s.images[B].diff)] == {b1}
+    assert s.mounted() == {A, B}
+    assert {r.layer for r in s.registry.records()} == {s.images[A].layer, s.images[B].layer}
+    # Running and paused containers keep working; a stopped one starts and remounts.
+    assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
+    s.podman("unpause", b1)
+    assert s.podman("exec", b1, "cat", "/etc/config") == "base config"
+    assert s.podman("start", "-a", c1) == "hi from c1"
+    assert s.mounted() == {A, B, C}
+
+    # A running container of an image built FROM C keeps C's mount.
+    d1 = _run(s, "-d", DERIVED, "sleep", "1000")
+    time.sleep(1.1)
+    report = s.cleanup("--grace", "0")
+    assert _acted(report, cleanup.UNMOUNT) == set()
+    kept_c = next(r for r in report if r["layer"] == s.images[C].layer)
+    assert [u["container"] for u in kept_c["users"]] == [d1]
+    assert s.podman("exec", d1, "cat", "/note") == "derived"
+
+    s.podman("stop", "-t", "0", a1, b1, d1)
+    report = s.cleanup("--grace", "0")
+    assert _acted(report, cleanup.UNMOUNT) == _diffs(s, A, B, C)
+    assert s.mounted() == set() and s.registry.records() == []
+    assert s.cleanup("--grace", "0") == []
+    assert s.cli("cleanup", "--grace", "0").stdout == ""
+
+
+def _wait_until(condition: Any, timeout: float = 10.0) -> float:
+    """Seconds until ``condition()`` held (AssertionError after ``timeout``)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met after {timeout}s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_poststop_hook_unmounts_after_the_last_container_stops(
+        tmp_path: Path, base_image: tuple[Image, SqLayer]) -> None:
+    with setup_store(tmp_path, base_image, hooks=True) as s:
+        x1 = _run(s, "-d", A, "sleep", "1000")
+        x2 = _run(s, "-d", A, "sleep", "1000")
+        y1 = _run(s, "-d", B, "sleep", "1000")
+        s.podman("stop", "-t", "0", x1)
+        time.sleep(1.0)
+        assert s.mounted() == {A, B}
+        assert s.podman("exec", x2, "cat", "/etc/config") == "base config"
+        s.podman("stop", "-t", "0", x2)
+        waited = _wait_until(lambda: s.mounted() == {B})
+        assert waited < 3.0
+        assert {r.layer for r in s.registry.records()} == {s.images[B].layer}
+        assert s.podman("exec", y1, "cat", "/etc/config") == "base config"
+        # --rm: gone right after the run returns; a restart of a stopped container remounts.
+        assert _run(s, "--rm", C, "cat", "/etc/config") == "base config"
+        _wait_until(lambda: s.mounted() == {B})
+        z = s.podman("create", "--pull=never", A, "cat", "/etc/config")
+        assert s.podman("start", "-a", z) == "base config"
+        _wait_until(lambda: s.mounted() == {B})
+        s.podman("rm", "-f", "-t", "0", y1)
+        _wait_until(lambda: s.mounted() == set())
+        assert s.registry.records() == []
+
+
+def test_hook_with_bad_input_fails_in_one_line(kernel_setup: Setup) -> None:
+    proc = kernel_setup.cli("hook", "poststop", stdin="{", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("squashstore: hook: not an OCI container state")
+    assert len(proc.stderr.splitlines()) == 1
+    # A container podman does not know (removed meanwhile): nothing to do, success.
+    state = {"id": "f" * 64, "bundle": str(kernel_setup.consumer.graphroot
+                                           / "overlay-containers" / ("f" * 64) / "userdata")}
+    assert kernel_setup.cli("hook", "poststop", stdin=json.dumps(state)).stdout == ""
+
+
+def test_dead_fuse_mount_is_unmounted_and_forgotten(
+        tmp_path: Path, base_image: tuple[Image, SqLayer]) -> None:
+    with setup_store(tmp_path, base_image, backend="squashfuse") as s:
+        b1 = _run(s, "-d", B, "sleep", "1000")
+        assert _run(s, "--rm", A, "cat", "/etc/config") == "base config"
+        record = s.registry.record(s.images[A].diff)
+        assert record is not None and record.backend == "squashfuse" and record.pid
+        os.kill(record.pid, signal.SIGKILL)
+        _wait_until(lambda: not answers(s.images[A].diff))
+        report = s.cleanup()                           # default grace: dead ones regardless
+        assert _acted(report, cleanup.UNMOUNT_DEAD) == _diffs(s, A)
+        assert [r["lazy"] for r in report if r["action"] == cleanup.UNMOUNT_DEAD] == [True]
+        assert _acted(report, cleanup.KEEP) == _diffs(s, B)
+        assert s.mounted() == {B}
+        assert s.registry.record(s.images[A].diff) is None
+        assert _run(s, "--rm", A, "cat", "/etc/config") == "base config"
+        assert s.podman("exec", b1, "cat", "/etc/config") == "base config"
+        # An unused live FUSE mount: unmounted, and its server is gone.
+        time.sleep(1.1)
+        server = s.registry.record(s.images[A].diff)
+        assert server is not None and server.pid
+        report = s.cleanup("--grace", "0")
+        assert _acted(report, cleanup.UNMOUNT) == _diffs(s, A)
+        _wait_until(lambda: runtime.process_start(server.pid or 0) is None, 5.0)
+        assert s.mounted() == {B}
+
+
+def test_lost_registry_state_is_adopted(kernel_setup: Setup) -> None:
+    s = kernel_setup
+    a1 = _run(s, "-d", A, "sleep", "1000")
+    assert _run(s, "--rm", B, "true") == ""
+    s.cli("mount", C)
+    assert s.mounted() == {A, B, C}
+    shutil.rmtree(s.run_dir / "mounts")
+    report = s.cleanup("--grace", "0")
+    assert {r["mountpoint"] for r in report if r["adopted"]} == _diffs(s, A, B, C)
+    assert _acted(report, cleanup.UNMOUNT) == _diffs(s, B, C)
+    assert _acted(report, cleanup.KEEP) == _diffs(s, A)
+    assert [u["container"] for r in report for u in r["users"]] == [a1]
+    assert s.mounted() == {A}
+    assert [r.layer for r in s.registry.records()] == [s.images[A].layer]
+    assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
+    s.podman("stop", "-t", "0", a1)
+    time.sleep(1.1)
+    report = s.cleanup("--grace", "0")
+    assert _acted(report, cleanup.UNMOUNT) == _diffs(s, A)
+    assert s.mounted() == set() and s.registry.records() == []
+
+
+def test_cleanups_during_a_burst_of_starts_never_break_a_container(
+        tmp_path: Path, base_image: tuple[Image, SqLayer]) -> None:
+    with setup_store(tmp_path, base_image, min_age=0.0) as s:
+        keeper = _run(s, "-d", A, "sleep", "1000")
+        stop = time.monotonic() + 600
+
+        def cleanups() -> list[subprocess.CompletedProcess[str]]:
+            done = []
+            while time.monotonic() < stop:
+                done.append(s.cli("cleanup", "--grace", "0", check=False))
+            return done
+
+        def start(i: int) -> subprocess.CompletedProcess[bytes]:
+            return s.consumer.run("run", "--rm", "--pull=never", NAMES[i % 3], "cat",
+                                  "/etc/config", check=False)
+
+        with ThreadPoolExecutor(18) as pool:
+            cleaners = [pool.submit(cleanups) for _ in range(2)]
+            time.sleep(0.5)
+            runs = list(pool.map(start, range(16)))
+            stop = time.monotonic()
+            cleaned = [p for c in cleaners for p in c.result()]
+        for proc in runs:
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert proc.stdout.decode().strip() == "base config"
+        assert len(cleaned) >= 4
+        for proc in cleaned:
+            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert s.podman("exec", keeper, "cat", "/etc/config") == "base config"
+        assert A in s.mounted()
+        s.cli("cleanup", "--grace", "0")
+        assert s.mounted() == {A}
