@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/bench_squash.py [--tree DIR] [--codecs gzip,zstd,lz4
 blocks) it times the three writers in the same run, each as its own process, and prints
 wall time, CPU time (user + sys), peak RSS and output size, then our ratios to each peer.
 tar2sqfs reads a tar of the tree made beforehand (not timed), mksquashfs and squashstore
-read the directory. Speed is reported, never asserted.
+read the directory; the input is read once, untimed, before each run so every writer starts
+with a warm page cache. Speed is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -55,19 +56,37 @@ def measure(argv: list[str], output: Path, stdin: Path | None = None) -> Run:
                output.stat().st_size)
 
 
+def warm(*paths: Path) -> None:
+    """Read every file under `paths` so each writer starts with the same warm page cache
+    (this machine drops its page cache often: the first reader would pay the disk)."""
+    for top in paths:
+        files = [top] if top.is_file() else [
+            Path(d) / n for d, _dirs, names in os.walk(top) for n in names]
+        for path in files:
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(1 << 20):
+                        pass
+
+
 def run_codec(codec: str, tree: Path, tar: Path, work: Path, jobs: int) -> dict[str, Run]:
     procs = str(jobs or os.cpu_count() or 1)
     ours = work / "ours.sqfs"
     mk = work / "mksquashfs.sqfs"
     ng = work / "tar2sqfs.sqfs"
+    warm(tree)
     runs = {
         "squashstore": measure([*SQUASHSTORE, "squash", f"rootfs:{tree}", str(ours),
                                 "--compression", codec, "--jobs", str(jobs)], ours),
+    }
+    warm(tree)
+    runs |= {
         "mksquashfs": measure(["mksquashfs", str(tree), str(mk), "-noappend", "-quiet",
                                "-no-progress", "-comp", codec, *LEVEL_ARGS[codec],
                                "-processors", procs], mk),
     }
     comp_opts = ["-X", TAR2SQFS_LEVEL[codec]] if TAR2SQFS_LEVEL[codec] else []
+    warm(tar)
     runs["tar2sqfs"] = measure(["tar2sqfs", "-q", "-f", "-c", codec, *comp_opts, "-j", procs,
                                 str(ng)], ng, stdin=tar)
     for path in (ours, mk, ng):
