@@ -18,34 +18,34 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from squashstore.image import Image, Layer, SquashstoreError
+from squashstore.squashfs.compress import WRITABLE
 from squashstore.squashfs.reader import SqInode, SquashReader
+from squashstore.squashfs.writer import SquashOptions, SquashWriter, parse_size
 from squashstore.tree import Kind
 
 CHUNK = 1 << 20
 
 
-def add_squash_options(parser: argparse.ArgumentParser) -> None:
+def add_squash_options(parser: argparse.ArgumentParser, zstd_level: int | None = None) -> None:
     """The squash options of cli.md, the same wherever a squash file is written."""
-    parser.add_argument("--compression", choices=("gzip", "xz", "lz4", "zstd", "none"),
-                        default="zstd", help="compressor (default: zstd)")
+    level = f"{zstd_level} for zstd, else the codec's" if zstd_level else "the codec's"
+    parser.add_argument("--compression", choices=WRITABLE, default="zstd",
+                        help="compressor (default: zstd)")
     parser.add_argument("--level", type=int, default=None,
-                        help="compression level (default: the codec's, as mksquashfs)")
+                        help=f"compression level (default: {level}, as mksquashfs)")
     parser.add_argument("--block-size", default="128K", metavar="SIZE",
-                        help="data block size, 4K to 1M (default: 128K)")
+                        help="data block size, a power of two from 4K to 1M (default: 128K)")
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
                         help="compression threads (default: all cores)")
 
 
-def squash_options(args: argparse.Namespace) -> Any:
+def squash_options(args: argparse.Namespace, zstd_level: int | None = None) -> SquashOptions:
     """The writer's options from parsed `add_squash_options` arguments."""
-    from squashstore.squashfs.writer import SquashOptions, parse_size
-
-    try:
-        block_size = parse_size(args.block_size)
-    except ValueError as exc:
-        raise SquashstoreError(f"--block-size: {exc}") from None
-    return SquashOptions(compression=args.compression, level=args.level,
-                         block_size=block_size, jobs=args.jobs)
+    level = args.level
+    if level is None and args.compression == "zstd":
+        level = zstd_level
+    return SquashOptions(compression=args.compression, level=level,
+                         block_size=parse_size(args.block_size), jobs=args.jobs)
 
 
 def register(sub: Any) -> None:
@@ -113,9 +113,8 @@ def run_squash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _squash_rootfs(root: Path, output: Path, options: Any) -> tuple[int, int, int]:
+def _squash_rootfs(root: Path, output: Path, options: SquashOptions) -> tuple[int, int, int]:
     from squashstore.rootfs import tree_from_directory
-    from squashstore.squashfs.writer import SquashWriter
 
     if not root.is_dir():
         raise SquashstoreError(f"rootfs:{root}: not a directory")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -22,50 +20,13 @@ from typing import Any
 
 from squashstore import runtime
 from squashstore.cli.output import add_format_option, print_json, print_table
+from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store, StoreError, StoreImage
 
-COMPRESSIONS = ("gzip", "xz", "lz4", "zstd", "none")
-DEFAULT_COMPRESSION = "zstd"
-DEFAULT_LEVEL = 3
-DEFAULT_BLOCK_SIZE = 128 * 1024
-
-
-def parse_size(text: str) -> int:
-    """``128K``, ``1M``, ``131072`` -> bytes."""
-    match = re.fullmatch(r"(\d+)\s*([kKmM]?)(i?[bB])?", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 128K, 1M)")
-    factor = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
-    return int(match.group(1)) * factor
-
-
-def add_squash_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
-                        help=f"codec (default {DEFAULT_COMPRESSION})")
-    parser.add_argument("--level", type=int, default=None,
-                        help=f"compression level (default {DEFAULT_LEVEL} for zstd)")
-    parser.add_argument("--block-size", type=parse_size, default=DEFAULT_BLOCK_SIZE,
-                        help="data block size, 4K..1M, a power of two (default 128K)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="compression threads (default: the CPUs available)")
-
-
-def squash_options(args: argparse.Namespace) -> Any:
-    """The writer's SquashOptions from the command line."""
-    import dataclasses
-
-    from squashstore.squashfs.writer import SquashOptions
-
-    values: dict[str, Any] = {
-        "compression": args.compression, "block_size": args.block_size,
-        "level": args.level if args.level is not None else (
-            DEFAULT_LEVEL if args.compression == "zstd" else None),
-        "jobs": args.jobs or len(os.sched_getaffinity(0)),
-    }
-    known = {f.name for f in dataclasses.fields(SquashOptions)}
-    return SquashOptions(**{k: v for k, v in values.items() if k in known and v is not None})
+MIGRATE_ZSTD_LEVEL = 3
+"""migrate's zstd level: see the module docstring."""
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -130,7 +91,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from squashstore.migrate import migrate_image
 
     store = _store(args)
-    options = squash_options(args)
+    options = squash_options(args, zstd_level=MIGRATE_ZSTD_LEVEL)
     images = _open_sources(args.sources, args.platform)
     store.init()
     for image in images:
@@ -312,7 +273,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("migrate", help="squash images into the store")
     p.add_argument("sources", nargs="+", metavar="SOURCE")
-    add_squash_options(p)
+    add_squash_options(p, zstd_level=MIGRATE_ZSTD_LEVEL)
     p.add_argument("--rm-source", action="store_true",
                    help="then remove the image from the local podman store")
     p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch source")
