@@ -434,3 +434,15 @@ def test_cleanups_during_a_burst_of_starts_never_break_a_container(
         assert A in s.mounted()
         s.cli("cleanup", "--grace", "0")
         assert s.mounted() == {A}
+
+
+def test_busy_unused_mount_is_unmounted_lazily(kernel_setup: Setup) -> None:
+    s = kernel_setup
+    s.cli("mount", C)
+    time.sleep(1.1)
+    with open(s.images[C].diff / "etc" / "config") as held:
+        report = s.cleanup("--grace", "0")
+        assert [(r["action"], r["lazy"], r["done"]) for r in report] == [
+            (cleanup.UNMOUNT, True, True)]
+        assert s.mounted() == set() and s.registry.records() == []
+        assert held.read() == "base config\n"          # the open file still reads
