@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,8 @@ DEFAULT_GRACE = 600.0
 """Seconds an unused mount stays (``[cleanup] grace`` in the config overrides it)."""
 MIN_AGE = 5.0
 """A mount younger than this is being set up for a starting container: never touched."""
+ALIVE_TIMEOUT = 5.0
+"""Seconds a mount gets to answer a stat before its server counts as hung (dead)."""
 SERVER_EXIT_WAIT = 2.0
 """Seconds a FUSE server gets to exit by itself after its mount is gone."""
 
@@ -148,11 +151,22 @@ def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
     return out
 
 
-def _alive(entry: runtime.MountEntry) -> bool:
-    try:
-        return mounter_for_fstype(entry.fstype).is_alive(Path(entry.mountpoint))
-    except OSError:
-        return False
+def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
+    """Whether the mount answers; a FUSE server that does not answer within ``timeout`` counts
+    as dead (a stat of a hung FUSE mount would block cleanup, and every container start
+    waiting for the registry's lock, forever)."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            answer.append(mounter_for_fstype(entry.fstype).is_alive(Path(entry.mountpoint)))
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
 
 
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],

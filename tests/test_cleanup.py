@@ -369,6 +369,21 @@ def test_dead_fuse_mount_is_unmounted_and_forgotten(
         assert s.registry.record(s.images[A].diff) is None
         assert _run(s, "--rm", A, "cat", "/etc/config") == "base config"
         assert s.podman("exec", b1, "cat", "/etc/config") == "base config"
+        # A hung server (stopped): counted dead after a few seconds, unmounted, killed.
+        s.cli("mount", C)
+        hung = s.registry.record(s.images[C].diff)
+        assert hung is not None and hung.pid
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            report = s.cleanup()
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(hung.pid, signal.SIGCONT)
+        dead = [r for r in report if r["action"] == cleanup.UNMOUNT_DEAD]
+        assert [(r["layer"], r["done"]) for r in dead] == [(s.images[C].layer, True)]
+        assert f"hung server {hung.pid} killed" in dead[0]["notes"]
+        _wait_until(lambda: runtime.process_start(hung.pid or 0) is None, 5.0)
+        assert s.mounted() == {A, B}
         # An unused live FUSE mount: unmounted, and its server is gone.
         time.sleep(1.1)
         server = s.registry.record(s.images[A].diff)
