@@ -6,17 +6,47 @@ container's overlay, with the OCI state JSON on stdin (``id``, ``bundle`` =
 ``<graphroot>/overlay-containers/<id>/userdata``) and an empty environment, while holding the
 container's lock: the hook never calls podman. It reads podman's files to find the store layers
 below the container, and unmounts each such mount that no other running, paused or starting
-container uses (`squashstore.cleanup.poststop`). cron's `squashstore cleanup` stays the safety
-net for everything the hook misses.
+container uses (`squashstore.cleanup.poststop`). Rootless, it runs inside podman's user
+namespace and finds the user's registry through the namespace's uid map. cron's
+`squashstore cleanup` stays the safety net for everything the hook misses.
 """
 
 from __future__ import annotations
 
-from squashstore import cleanup
+import os
+from pathlib import Path
+
+from squashstore import cleanup, runtime
 from squashstore.mounts import Registry
+
+
+def outside_uid(uid_map: str) -> int | None:
+    """The uid outside a user namespace that uid 0 inside maps to (``/proc/self/uid_map``)."""
+    for line in uid_map.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "0":
+            return int(fields[1])
+    return None
+
+
+def hook_registry() -> Registry:
+    """The mount registry the mount program used.
+
+    podman runs hooks with an empty environment; the rootless mount program found the
+    registry through ``$XDG_RUNTIME_DIR`` (``/run/user/<uid>``), and inside rootless podman's
+    user namespace our uid is 0, so the user's own uid comes from the namespace's uid map.
+    """
+    if ("SQUASHSTORE_RUNTIME_DIR" in os.environ or "XDG_RUNTIME_DIR" in os.environ
+            or runtime.is_real_root() or os.geteuid() != 0):
+        return Registry()
+    try:
+        uid = outside_uid(Path("/proc/self/uid_map").read_text())
+    except OSError:
+        uid = None
+    return Registry(Path(f"/run/user/{uid}/squashstore") if uid is not None else None)
 
 
 def run_poststop(state: str, registry: Registry | None = None) -> list[cleanup.Outcome]:
     """Act on the OCI state text ``state`` of a stopping container."""
     container = cleanup.StoppingContainer.parse(state)
-    return cleanup.poststop(registry or Registry(), container)
+    return cleanup.poststop(registry or hook_registry(), container)

@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_store import SqLayer, make_squash, store_image_source
 
-from squashstore import cleanup, runtime
+from squashstore import cleanup, hook, runtime
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
 from squashstore.mounts import Registry, answers
@@ -461,3 +461,13 @@ def test_busy_unused_mount_is_unmounted_lazily(kernel_setup: Setup) -> None:
             (cleanup.UNMOUNT, True, True)]
         assert s.mounted() == set() and s.registry.records() == []
         assert held.read() == "base config\n"          # the open file still reads
+
+
+def test_rootless_hook_finds_the_users_registry_from_the_uid_map() -> None:
+    # A real user namespace of an ordinary user (nobody), as rootless podman makes one.
+    uid_map = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              "unshare", "-r", "cat", "/proc/self/uid_map"],
+                             capture_output=True, text=True, check=True).stdout
+    assert hook.outside_uid(uid_map) == 65534
+    assert hook.outside_uid(Path("/proc/self/uid_map").read_text()) == 0
+    assert hook.outside_uid("") is None
