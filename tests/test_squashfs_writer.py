@@ -307,7 +307,7 @@ def _superblock(image: Path) -> fmt.Superblock:
         return fmt.Superblock.unpack(f.read(fmt.SUPERBLOCK_SIZE))
 
 
-@pytest.mark.parametrize("compression", ["gzip", "zstd", "lz4", "xz"])
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "lz4", "xz", "none"])
 def test_superblock_and_options_like_mksquashfs(
     source: Path, tmp_path: Path, compression: str
 ) -> None:

@@ -493,28 +493,12 @@ class SquashWriter:
         tables = _Tables(self._codec, self._compress_meta, self._block_size, self._options)
         info = _scan(root)
         root_ref = tables.write_inodes(info)
-        files, bytes_in = tables.file_totals
         out = self._out
         out.seek(self._pipe.position)
         layout = tables.write_tables(out, self._pipe.position, self._fragment_entries)
         bytes_used = out.tell()
         pad = -bytes_used % fmt.PAD_TO
         out.write(bytes(pad))
-        flags = fmt.Flag.DUPLICATES
-        if self._options.export_table:
-            flags |= fmt.Flag.EXPORTABLE
-        if not self._options.xattrs:
-            flags |= fmt.Flag.NO_XATTRS
-        if self._opts_block is not None:
-            flags |= fmt.Flag.COMPRESSOR_OPTIONS
-        if not self._compress_meta:
-            flags |= (
-                fmt.Flag.UNCOMPRESSED_INODES
-                | fmt.Flag.UNCOMPRESSED_DATA
-                | fmt.Flag.UNCOMPRESSED_FRAGMENTS
-                | fmt.Flag.UNCOMPRESSED_XATTRS
-                | fmt.Flag.UNCOMPRESSED_IDS
-            )
         superblock = fmt.Superblock(
             magic=fmt.MAGIC,
             inode_count=len(info.order),
@@ -523,7 +507,7 @@ class SquashWriter:
             fragment_count=len(self._fragment_entries),
             compressor=self._codec.compressor,
             block_log=self._block_log,
-            flags=int(flags),
+            flags=int(self._flags()),
             id_count=len(tables.ids),
             version_major=fmt.VERSION_MAJOR,
             version_minor=fmt.VERSION_MINOR,
@@ -538,20 +522,43 @@ class SquashWriter:
         )
         out.seek(0)
         out.write(superblock.pack())
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
-        assert self._tmp is not None
-        os.chmod(self._tmp, 0o644)
-        os.replace(self._tmp, self._dest)
-        self._tmp = None
-        _fsync_dir(self._dest.parent)
+        self._commit()
+        files, bytes_in = tables.file_totals
         return WriteSummary(
             files=files,
             bytes_in=bytes_in,
             bytes_out=bytes_used + pad,
             seconds=time.monotonic() - self._started,
         )
+
+    def _flags(self) -> fmt.Flag:
+        """The superblock flags mksquashfs 4.5.1 sets for the same options."""
+        flags = fmt.Flag.DUPLICATES
+        if self._options.export_table:
+            flags |= fmt.Flag.EXPORTABLE
+        if not self._options.xattrs:
+            flags |= fmt.Flag.NO_XATTRS
+        if self._opts_block is not None:
+            flags |= fmt.Flag.COMPRESSOR_OPTIONS
+        if not self._compress_meta:  # -noI -noD -noF -noX
+            flags |= (
+                fmt.Flag.UNCOMPRESSED_INODES
+                | fmt.Flag.UNCOMPRESSED_DATA
+                | fmt.Flag.UNCOMPRESSED_FRAGMENTS
+                | fmt.Flag.UNCOMPRESSED_XATTRS
+            )
+        return flags
+
+    def _commit(self) -> None:
+        """fsync the temporary file, give it its final mode and rename it into place."""
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        assert self._tmp is not None
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self._dest)
+        self._tmp = None
+        _fsync_dir(self._dest.parent)
 
     def _image_mtime(self, info: _TreeInfo) -> int:
         if self._options.mtime is not None:
