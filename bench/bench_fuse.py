@@ -4,8 +4,9 @@ One run packs one realistic Python tree (``pip install --target`` of a few large
 /usr/lib/python3 when pip cannot) into one squashfs image with mksquashfs (zstd, 128 KiB
 blocks), then for every backend measures, fresh (unmount, drop the page cache, mount again)
 and warm (the same mount once more): ``find``, ``lstat`` of every path, reading every byte
-(MB/s), and ``python -c 'import ...'`` through the mount (PYTHONPATH into it), plus the FUSE
-servers' peak RSS. It prints medians and the ratios against squashfuse_ll and the kernel.
+(MB/s), reading the files of 1 MiB and more (sequential MB/s), and
+``python -c 'import ...'`` through the mount (PYTHONPATH into it), plus the FUSE servers'
+peak RSS. It prints medians and the ratios against squashfuse_ll and the kernel.
 Needs root (loop mounts, ``/proc/sys/vm/drop_caches``). Speed is reported, never asserted.
 
     sudo .venv/bin/python bench/bench_fuse.py [--tree DIR] [--runs 3] [--work DIR]
@@ -28,7 +29,9 @@ from pathlib import Path
 PACKAGES = ("numpy", "scipy", "pandas", "sympy")
 BACKENDS = ("squashstore", "squashstore-inline", "squashfuse_ll", "squashfuse", "kernel")
 """squashstore-inline: the same server with ``--threads=0`` (no decompression threads)."""
-OPS = ("find", "stat", "read", "import")
+OPS = ("find", "stat", "read", "bigread", "import")
+BIG = 1 << 20
+"""Files at least this large make the ``bigread`` (sequential throughput) set."""
 
 
 # ----------------------------------------------------------------------------- mounting
@@ -121,6 +124,8 @@ class Workload:
     files: list[str]
     total_bytes: int
     modules: list[str]
+    big_files: list[str] = field(default_factory=list)
+    big_bytes: int = 0
 
 
 def op_find(mnt: Path, w: Workload) -> float:
@@ -137,12 +142,12 @@ def op_stat(mnt: Path, w: Workload) -> float:
     return time.perf_counter() - t
 
 
-def op_read(mnt: Path, w: Workload) -> float:
+def op_read(mnt: Path, w: Workload, files: list[str] | None = None) -> float:
     """Seconds to read every byte (reported as MB/s)."""
     base = str(mnt) + "/"
     buf = bytearray(1 << 20)
     t = time.perf_counter()
-    for p in w.files:
+    for p in w.files if files is None else files:
         fd = os.open(base + p, os.O_RDONLY)
         try:
             while os.readv(fd, [buf]) == len(buf):
@@ -150,6 +155,11 @@ def op_read(mnt: Path, w: Workload) -> float:
         finally:
             os.close(fd)
     return time.perf_counter() - t
+
+
+def op_bigread(mnt: Path, w: Workload) -> float:
+    """Seconds to read the files of at least `BIG` bytes: sequential throughput."""
+    return op_read(mnt, w, w.big_files)
 
 
 def op_import(mnt: Path, w: Workload) -> float:
@@ -163,7 +173,8 @@ def op_import(mnt: Path, w: Workload) -> float:
 
 
 OPERATIONS: dict[str, Callable[[Path, Workload], float]] = {
-    "find": op_find, "stat": op_stat, "read": op_read, "import": op_import,
+    "find": op_find, "stat": op_stat, "read": op_read, "bigread": op_bigread,
+    "import": op_import,
 }
 
 
@@ -213,7 +224,7 @@ def make_tree(work: Path, packages: tuple[str, ...]) -> Path:
 
 
 def workload(tree: Path, modules: list[str] | None) -> Workload:
-    paths, files, total = [], [], 0
+    paths, files, total, big, big_total = [], [], 0, [], 0
     for dirpath, dirnames, filenames in os.walk(tree):
         rel = os.path.relpath(dirpath, tree)
         for name in dirnames + filenames:
@@ -223,11 +234,14 @@ def workload(tree: Path, modules: list[str] | None) -> Workload:
             if name in filenames and os.path.isfile(tree / p) and not os.path.islink(tree / p):
                 files.append(p)
                 total += st.st_size
+                if st.st_size >= BIG:
+                    big.append(p)
+                    big_total += st.st_size
     if modules is None:
         modules = [m for m in PACKAGES if (tree / m / "__init__.py").exists()]
         if not modules:
             modules = ["json", "email.parser", "http.client"]
-    return Workload(paths, files, total, modules)
+    return Workload(paths, files, total, modules, big, big_total)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -236,14 +250,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def report(results: dict[str, Result], w: Workload) -> None:
     mb = w.total_bytes / 1e6
-    cols = [("find", "fresh"), ("find", "warm"), ("stat", "fresh"), ("stat", "warm"),
-            ("read", "fresh"), ("read", "warm"), ("import", "fresh"), ("import", "warm")]
+    cols = [(op, phase) for op in OPS for phase in ("fresh", "warm")]
+    volume = {"read": mb, "bigread": w.big_bytes / 1e6}
 
     def value(name: str, op: str, phase: str) -> float:
         s = results[name].median(op, phase)
-        return mb / s if op == "read" else s
+        return volume[op] / s if op in volume else s
 
-    head = ["backend"] + [f"{op} {ph}" + (" MB/s" if op == "read" else " s")
+    head = ["backend"] + [f"{op} {ph}" + (" MB/s" if op in volume else " s")
                           for op, ph in cols] + ["peak RSS MiB"]
     rows = []
     for name, r in results.items():
@@ -286,7 +300,8 @@ def main() -> int:
              "-quiet", "-no-progress"])
     w = workload(tree, args.modules)
     print(f"tree {tree}: {len(w.paths)} paths, {len(w.files)} files, "
-          f"{w.total_bytes / 1e6:.0f} MB; image {image.stat().st_size / 1e6:.0f} MB; "
+          f"{w.total_bytes / 1e6:.0f} MB ({len(w.big_files)} files of >= 1 MiB: "
+          f"{w.big_bytes / 1e6:.0f} MB); image {image.stat().st_size / 1e6:.0f} MB; "
           f"import {', '.join(w.modules)}; {args.runs} runs; {os.cpu_count()} CPUs",
           flush=True)
     mnt = work / "mnt"

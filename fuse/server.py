@@ -9,8 +9,9 @@ of decoded directory listings (name -> child), and leaves data blocks to the rea
 caches. Nothing can change, so every reply carries timeouts far longer than any job, misses
 are cached by the kernel as negative entries, opened files keep their page cache, and file
 and directory handles are just inode numbers. Data blocks decompress in worker threads so
-reads of different files proceed in parallel (file tails, slices of shared and almost always
-cached fragment blocks, are answered on the loop's thread). A corrupt image part fails only
+reads of different files proceed in parallel whenever other requests wait; a lone reader, and
+file tails (slices of shared, almost always cached fragment blocks), are answered on the
+loop's thread, since a thread hop costs more than it saves there. A corrupt image part fails only
 the request that touched it (EIO and one log line); the server stays up.
 """
 
@@ -20,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import signal
 import subprocess
 from array import array
@@ -154,6 +156,17 @@ class SquashOperations(pyfuse3.Operations):
         self._xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
         self._limiter = trio.CapacityLimiter(opts.threads) if opts.threads > 0 else None
         self._blocks = -(-reader.superblock.bytes_used // reader.block_size)
+        self._in_threads = 0
+        self._requests: select.poll | None = None
+
+    def watch_requests(self, fuse_fd: int) -> None:
+        """Decompress on the loop's thread whenever the kernel has no other request queued
+        on `fuse_fd` and no read is in a worker thread (one reader alone: no thread hops)."""
+        self._requests = select.poll()
+        self._requests.register(fuse_fd, select.POLLIN)
+
+    def _requests_waiting(self) -> bool:
+        return self._requests is None or bool(self._requests.poll(0))
 
     # -- numbers and inodes ------------------------------------------------------------
 
@@ -349,16 +362,25 @@ class SquashOperations(pyfuse3.Operations):
         if off >= node.size:
             return b""
         try:
-            if self._limiter is None or off >= node.block_count * self._reader.block_size:
-                # Only the tail: a slice of a fragment block that many small files share
-                # and that is nearly always decompressed already; a thread hop costs more.
+            if (
+                self._limiter is None
+                or off >= node.block_count * self._reader.block_size
+                or (not self._in_threads and not self._requests_waiting())
+            ):
+                # Only the tail (a slice of a fragment block that many small files share
+                # and that is nearly always decompressed already), or nothing else to do:
+                # a thread hop costs more than it saves.
                 return self._reader.read(node, off, size)
-            return cast(
-                bytes,
-                await trio.to_thread.run_sync(
-                    self._reader.read, node, off, size, limiter=self._limiter
-                ),
-            )
+            self._in_threads += 1
+            try:
+                return cast(
+                    bytes,
+                    await trio.to_thread.run_sync(
+                        self._reader.read, node, off, size, limiter=self._limiter
+                    ),
+                )
+            finally:
+                self._in_threads -= 1
         except SquashfsError as exc:
             log.error("read of inode %d at %d: %s", node.number, off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -412,6 +434,9 @@ def serve(
     loop starts answering (so it must not touch the mount itself)."""
     ops = SquashOperations(reader, opts)
     pyfuse3.init(ops, str(mountpoint), mount_options(opts))
+    fuse_fd = _fuse_fd()
+    if fuse_fd is not None:
+        ops.watch_requests(fuse_fd)
     state: dict[str, bool] = {}
     try:
         if on_mounted is not None:
@@ -420,6 +445,18 @@ def serve(
     finally:
         pyfuse3.close(unmount=_still_mounted(mountpoint))
     log.info("%s: unmounted, server exits", mountpoint)
+
+
+def _fuse_fd() -> int | None:
+    """This process's /dev/fuse descriptor (pyfuse3 does not expose its session's)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            continue
+    return found[0] if len(found) == 1 else None
 
 
 def _still_mounted(mountpoint: Path) -> bool:
