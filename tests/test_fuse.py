@@ -390,8 +390,8 @@ def test_corrupt_directory_listing_gives_eio_and_the_server_stays_up(
 @pytest.mark.parametrize("threads", [3, 0])
 def test_parallel_reads_of_many_files(threads: int, images: dict[str, Path], tree: Path,
                                       mounts_: Mounts) -> None:
-    mnt, _ = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1",
-                           f"--threads={threads}")
+    mnt, pid = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1",
+                             f"--threads={threads}")
     names = ["big/large", "big/sparse", "big/zeros", *(f"many/f{i}" for i in range(0, 400, 7))]
     want = {n: hashlib.sha256((tree / n).read_bytes()).hexdigest() for n in names}
     got: dict[str, str] = {}
@@ -400,12 +400,15 @@ def test_parallel_reads_of_many_files(threads: int, images: dict[str, Path], tre
         for n in part:
             got[n] = hashlib.sha256((mnt / n).read_bytes()).hexdigest()
 
-    threads = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(names[i::4],)) for i in range(4)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
     assert got == want
+    # Concurrent requests wait in the kernel's queue: data blocks went to worker threads.
+    server_threads = len(os.listdir(f"/proc/{pid}/task"))
+    assert server_threads > 1 if threads else server_threads == 1
 
 
 def test_fuse_backend_in_the_mount_registry(images: dict[str, Path], mounts_: Mounts) -> None:
