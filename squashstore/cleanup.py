@@ -16,6 +16,8 @@ container used are unmounted at once when no other container uses them.
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib
 import json
 import os
 import signal
@@ -151,17 +153,32 @@ def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
     return out
 
 
+def _probe(entry: runtime.MountEntry) -> bool:
+    """Whether the mount answers. FUSE mounts are asked with statfs, which always reaches the
+    server (a stat may be answered from the kernel's attribute cache after the server died)."""
+    point = Path(entry.mountpoint)
+    try:
+        if entry.fstype.startswith("fuse"):
+            os.statvfs(point)
+            return True
+        return mounter_for_fstype(entry.fstype).is_alive(point)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+            return False
+        raise
+
+
 def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
-    """Whether the mount answers; a FUSE server that does not answer within ``timeout`` counts
-    as dead (a stat of a hung FUSE mount would block cleanup, and every container start
-    waiting for the registry's lock, forever)."""
+    """`_probe` in a thread: a FUSE server that does not answer within ``timeout`` counts as
+    dead (a stat of a hung FUSE mount would block cleanup, and every container start waiting
+    for the registry's lock, forever). Other errors count as alive (never unmount blindly)."""
     answer: list[bool] = []
 
     def probe() -> None:
         try:
-            answer.append(mounter_for_fstype(entry.fstype).is_alive(Path(entry.mountpoint)))
+            answer.append(_probe(entry))
         except OSError:
-            answer.append(False)
+            answer.append(True)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -169,10 +186,17 @@ def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
     return bool(answer and answer[0])
 
 
+def register_fuse_backend() -> None:
+    """Let the registry know the project's own FUSE server's mounts, when it is installed."""
+    with contextlib.suppress(ImportError):
+        importlib.import_module("squashstore.fuse.backend").register()
+
+
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
             now: float | None = None) -> list[MountState]:
     """Every recorded mount and every adoptable one, with its users (call under the lock)."""
     now = time.time() if now is None else now
+    register_fuse_backend()
     records = registry.records()
     table = runtime.mount_table()
     entries = tracker.read_mountinfo()
