@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_store import SqLayer, make_squash, store_image_source
 
-from squashstore import cleanup, hook, runtime
+from squashstore import cleanup, hook, runtime, tracker
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
 from squashstore.mounts import Registry, answers
@@ -408,13 +408,21 @@ def test_dead_fuse_mount_is_unmounted_and_forgotten(
         assert s.mounted() == {B}
 
 
-def test_lost_registry_state_is_adopted(kernel_setup: Setup) -> None:
-    s = kernel_setup
+@pytest.mark.parametrize("backend, overlay", [("kernel", "auto"),
+                                             ("squashfuse", "fuse-overlayfs")])
+def test_lost_registry_state_is_adopted(tmp_path: Path, base_image: tuple[Image, SqLayer],
+                                        backend: str, overlay: str) -> None:
+    with setup_store(tmp_path, base_image, backend, overlay=overlay) as s:
+        lost_registry_state_is_adopted(s)
+
+
+def lost_registry_state_is_adopted(s: Setup) -> None:
     a1 = _run(s, "-d", A, "sleep", "1000")
     assert _run(s, "--rm", B, "true") == ""
     s.cli("mount", C)
     assert s.mounted() == {A, B, C}
     shutil.rmtree(s.run_dir / "mounts")
+    time.sleep(1.1)                  # adopted FUSE mounts are as old as their servers
     report = s.cleanup("--grace", "0")
     assert {r["mountpoint"] for r in report if r["adopted"]} == _diffs(s, A, B, C)
     assert _acted(report, cleanup.UNMOUNT) == _diffs(s, B, C)
@@ -423,6 +431,10 @@ def test_lost_registry_state_is_adopted(kernel_setup: Setup) -> None:
     assert s.mounted() == {A}
     assert [r.layer for r in s.registry.records()] == [s.images[A].layer]
     assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
+    # Without any record the user's exact squash mounts come from its overlay: the kernel's
+    # mount options, or fuse-overlayfs's command line.
+    users = tracker.observe_users([], {}, tracker.read_mountinfo())
+    assert [u.mounts for u in users if u.container == a1] == [frozenset(_diffs(s, A))]
     s.podman("stop", "-t", "0", a1)
     time.sleep(1.1)
     report = s.cleanup("--grace", "0")
