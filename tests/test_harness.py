@@ -518,7 +518,7 @@ def _build_random_tree(root: Path, items: list[tuple[str, str, int, tuple[int, i
             os.link(files[pick % len(files)], path)
             continue  # shares the target's metadata
         elif kind == "symlink":
-            os.symlink(data[:50].decode("latin-1") or "x", path)
+            os.symlink(data[:50].decode("latin-1").replace("\0", "") or "x", path)
             os.chown(path, *owner, follow_symlinks=False)
             continue
         else:

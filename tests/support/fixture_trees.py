@@ -40,17 +40,27 @@ The layer counts below include that base layer; RUN steps of buildah also leave 
 - **special** (3 layers):
   L2 (COPY): /xattr2/user (``user.color``=blue, ``user.binary`` = bytes 0..255),
   /xattr2/cap (``security.capability``) copied with their xattrs from the build context.
-  L3 (RUN): owners 1234:5678 and 65534:65534, modes 4755, 2755, 1777, 0000, 0640; symlinks
+  L3 (RUN): owners 1234:5678 and 65534:65534 (and 42:43 on a symlink, ``chown -h``),
+  modes 4755, 2755, 2770 (dir), 1777, 0000, 0640; symlinks
   relative, absolute and dangling; a fifo; devices c 1 3, c 4 64, b 7 0, b 259 1000
   (minor > 255); empty file, empty dir; names with spaces, UTF-8 non-ASCII, a 255-byte
   component, a deep path of over 1 KiB; a directory symlink.
 - **big** (3 layers):
   L2 (RUN): /big/large (3 MiB + 5 bytes of varied content), /big/sparse (16 MiB with data at
-  0, in the middle and at the end, holes between), /big/zeros (1 MiB of zeros).
+  0, in the middle and at the end, holes between; sparse on disk, but containers/storage
+  writes it into the layer tar as a plain 16 MiB member), /big/zeros (1 MiB of zeros).
   L3 (RUN): /many/ with 3000 empty and small files.
 
 Configs of the built images set Env, Entrypoint and Cmd, WorkingDir, User, Labels and
-ExposedPorts (the ``CONFIG_*`` constants).
+ExposedPorts (the ``CONFIG_*`` constants; ExposedPorts also keep base's 80/tcp).
+
+`make_tree` kinds (`TREE_KINDS`): "basic" (dirs, files, relative/absolute/dangling
+symlinks, an empty file and dir), and "basic" plus "special" (fifo, char and block devices
+incl. minor > 255, odd owners, setuid/setgid/sticky/0000 modes, ``user.*`` xattrs incl. an
+empty and a binary value, ``security.capability``, an xattr on a directory, an owned
+symlink), "names" (spaces, UTF-8, 255-byte component, deep path > 1 KiB), "hardlinks" (a
+three-name group across directories, a hard-linked fifo), "big" (3 MiB file, 16 MiB sparse
+file, 1 MiB of zeros, 3000-entry dir), and "full" (all of them). Every mtime is FIXED_MTIME.
 """
 
 from __future__ import annotations
