@@ -47,14 +47,15 @@ BLOB_INFO_CACHE = DEFAULT_STORE / "cache"
 
 
 def _snapshot(top: Path) -> list[tuple[str, int, int, int]]:
-    """(path, mtime_ns, size, inode) of everything below `top` (empty if missing)."""
+    """(path, mtime_ns, size, inode) of everything below `top` but the blob-info cache
+    (empty if missing; `top`'s own mtime changes when podman first creates the cache)."""
     if not top.exists():
         return []
     out = []
     for dirpath, dirnames, filenames in os.walk(top):
         if Path(dirpath) == top and BLOB_INFO_CACHE.name in dirnames:
             dirnames.remove(BLOB_INFO_CACHE.name)
-        for name in [".", *dirnames, *filenames]:
+        for name in [*dirnames, *filenames]:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             out.append((p, st.st_mtime_ns, st.st_size, st.st_ino))
