@@ -12,24 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, print_table, realistic_tree, timed, tree_stats
-
-from support.podman import make_podman
-
-
-def build_image(podman_root: Path, tree: Path) -> tuple[object, str]:
-    podman = make_podman(podman_root)
-    ctx = podman_root / "ctx"
-    (ctx / "tree").mkdir(parents=True)
-    shutil.copytree(tree, ctx / "tree" / "site-packages", symlinks=True)
-    extra = sorted(p for p in tree.iterdir() if p.is_dir())[:2]
-    (ctx / "Containerfile").write_text(
-        "FROM scratch\nCOPY tree/ /usr/lib/python3/\nCMD [\"/none\"]\n"
-        + "".join(f"COPY tree/site-packages/{p.name} /usr/lib/python3/site-packages/{p.name}\n"
-                  for p in extra))
-    podman.run("build", "--network", "none", "--pull=never", "-t", "localhost/bench:1",
-               str(ctx))
-    return podman, "localhost/bench:1"
+from common import ROOT, build_image, print_table, realistic_tree, timed, tree_stats
 
 
 def main() -> int:

@@ -8,12 +8,13 @@ jobs import from; without the network it falls back to the machine's /usr/lib/py
 from __future__ import annotations
 
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SQUASHSTORE_BENCH_CACHE", Path.home() / ".cache/squashstore-bench"))
@@ -57,14 +58,15 @@ class Timing:
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> Timing:
-    """Run `argv` to completion; wall time, CPU time (user+sys) and peak RSS of the child."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run `argv` to completion; its wall time, CPU time (user+sys) and peak RSS."""
     start = time.perf_counter()
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Timing(wall, cpu, after.ru_maxrss / 1024)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, argv)
+    return Timing(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -72,3 +74,21 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def build_image(podman_root: Path, tree: Path) -> tuple[Any, str]:
+    """A private podman and, in it, a three-layer image of `tree` (two dirs copied twice)."""
+    from support.podman import make_podman
+
+    podman = make_podman(podman_root)
+    ctx = podman_root / "ctx"
+    (ctx / "tree").mkdir(parents=True)
+    shutil.copytree(tree, ctx / "tree" / "site-packages", symlinks=True)
+    extra = sorted(p for p in tree.iterdir() if p.is_dir())[:2]
+    (ctx / "Containerfile").write_text(
+        "FROM scratch\nCOPY tree/ /usr/lib/python3/\nCMD [\"/none\"]\n"
+        + "".join(f"COPY tree/site-packages/{p.name} /usr/lib/python3/site-packages/{p.name}\n"
+                  for p in extra))
+    podman.run("build", "--network", "none", "--pull=never", "-t", "localhost/bench:1",
+               str(ctx))
+    return podman, "localhost/bench:1"

@@ -67,7 +67,7 @@ class TarSplitRecorder:
     """Writes a tar-split metadata file: how to reassemble the stream from a directory."""
 
     def __init__(self, out: IO[bytes]) -> None:
-        self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0)
+        self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1)
         self._position = 0
         self._segment = bytearray()
 
