@@ -48,7 +48,9 @@ def median_time(argv: list[str], env: dict[str, str], runs: int = 3) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(argv, env=env, check=True, capture_output=True)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

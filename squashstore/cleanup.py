@@ -187,8 +187,11 @@ def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
 
 
 def register_fuse_backend() -> None:
-    """Let the registry know the project's own FUSE server's mounts, when it is installed."""
-    with contextlib.suppress(ImportError):
+    """Let the registry know the project's own FUSE server's mounts, when it is installed.
+
+    Optional: cleanup works without it (fusermount3 unmounts any FUSE mount), so a broken
+    install of the server never stops cleanup."""
+    with contextlib.suppress(Exception):
         importlib.import_module("squashstore.fuse.backend").register()
 
 
@@ -240,7 +243,9 @@ def _forget(registry: Registry, mountpoint: str) -> None:
 
 
 def _adopt(registry: Registry, m: MountState, now: float) -> None:
-    registry._write(MountRecord(m.image, m.layer, "", m.mountpoint, m.backend, m.pid,
+    found = store_layer_of(m.mountpoint)
+    squash = str(Store(found[0]).squash_file(found[1])) if found else ""
+    registry._write(MountRecord(m.image, m.layer, squash, m.mountpoint, m.backend, m.pid,
                                 m.since if m.since is not None else now))
 
 

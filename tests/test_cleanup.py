@@ -429,7 +429,8 @@ def lost_registry_state_is_adopted(s: Setup) -> None:
     assert _acted(report, cleanup.KEEP) == _diffs(s, A)
     assert [u["container"] for r in report for u in r["users"]] == [a1]
     assert s.mounted() == {A}
-    assert [r.layer for r in s.registry.records()] == [s.images[A].layer]
+    assert [(r.layer, r.squash, r.image) for r in s.registry.records()] == [
+        (s.images[A].layer, str(s.images[A].squash), s.images[A].id)]
     assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
     # Without any record the user's exact squash mounts come from its overlay: the kernel's
     # mount options, or fuse-overlayfs's command line.
