@@ -5,15 +5,12 @@ project's FUSE server: `FuseMounter.mount` starts a detached server (see
 `squashstore.fuse.daemon.start`) and returns its pid once the mount answers, `umount` runs
 ``fusermount3 -u`` (``-z`` when lazy; a busy mount raises `MountError` whose cause has errno
 EBUSY), and `is_alive` tells a serving mount from a dead one (ENOTCONN after the server was
-killed; asked with statfs, which the kernel never answers from its caches). `register`
-adds the backend to the registry under the name ``fuse``.
+killed; asked with statfs, which the kernel never answers from its caches). The registry
+knows it as the backend ``fuse``, its default.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 from pathlib import Path
 
 from squashstore import mounts
@@ -41,29 +38,7 @@ class FuseMounter:
         return pid
 
     def umount(self, mountpoint: Path, lazy: bool) -> None:
-        proc = subprocess.run(
-            ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
-            capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
-        if proc.returncode == 0:
-            return
-        message = (proc.stderr.strip() or f"exit status {proc.returncode}").splitlines()[-1]
-        error = mounts.MountError(f"fusermount3 -u {mountpoint}: {message}")
-        if "busy" in message.lower():
-            raise error from OSError(errno.EBUSY, message, str(mountpoint))
-        raise error
+        mounts.fuse_unmount(mountpoint, lazy)
 
     def is_alive(self, mountpoint: Path) -> bool:
-        """statfs always reaches the server; stat does not (the kernel keeps the root's
-        attributes for the long attribute timeout, even after the server died)."""
-        try:
-            os.statvfs(mountpoint)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
-                return False
-            raise
-        return True
-
-
-def register() -> None:
-    """Make ``fuse`` a backend of `squashstore.mounts` (by name and by mount type)."""
-    mounts.register_backend("fuse", FuseMounter, fstype=FSTYPE)
+        return mounts.answers(mountpoint)

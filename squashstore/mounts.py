@@ -5,9 +5,9 @@ file and one JSON record per mount point (image id, layer id, squash file, mount
 backend, server pid, since, and the users the mount program recorded). Every mount and
 unmount happens under the registry's lock, so an image's layer is mounted at most once however
 many containers start together, and a dead FUSE mount (ENOTCONN) is lazily unmounted and
-replaced. Backends implement the small `Mounter` interface; `kernel` (root: a read-only loop
-mount) and `squashfuse` (``squashfuse_ll``, rootless) exist now, and another registers itself
-with `register_backend`.
+replaced. Backends implement the small `Mounter` interface: `fuse` (squashstore's own server,
+the default; rootless), `kernel` (root: a read-only loop mount) and `squashfuse`
+(``squashfuse_ll``, rootless).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -63,14 +64,32 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def answers(mountpoint: Path) -> bool:
-    """stat() the mount point: a FUSE mount whose server died gives ENOTCONN."""
+    """Whether a mount serves: a FUSE mount whose server died gives ENOTCONN.
+
+    statfs, not stat: with long attribute timeouts the kernel answers stat of a dead
+    server's root from its cache, while statfs always reaches the server.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             return False
         raise
     return True
+
+
+def fuse_unmount(mountpoint: Path, lazy: bool) -> None:
+    """``fusermount3 -u [-z]``; a busy mount raises MountError caused by OSError(EBUSY)."""
+    proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
+                          capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        return
+    message = (proc.stderr.strip() or f"exit status {proc.returncode}").splitlines()[-1]
+    error = MountError(f"fusermount3 -u {mountpoint}: {message}")
+    if "busy" in message.lower():
+        raise error from OSError(errno.EBUSY, message, str(mountpoint))
+    raise error
 
 
 class KernelMounter:
@@ -125,32 +144,33 @@ class SquashfuseMounter:
         raise MountError(f"{self.program} {squash}: no mount after {MOUNT_TIMEOUT:.0f}s")
 
     def umount(self, mountpoint: Path, lazy: bool) -> None:
-        _run(["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
-             f"fusermount3 -u {mountpoint}")
+        fuse_unmount(mountpoint, lazy)
 
     def is_alive(self, mountpoint: Path) -> bool:
         return answers(mountpoint)
 
 
+def _fuse_mounter() -> Mounter:
+    # Imported when used (it brings pyfuse3 and trio); by name, since the fuse package
+    # lives in fuse/ of the checkout and is mapped to squashstore.fuse only when installed.
+    backend = importlib.import_module("squashstore.fuse.backend")
+    mounter: Mounter = backend.FuseMounter()
+    return mounter
+
+
 BACKENDS: dict[str, Callable[[], Mounter]] = {
+    "fuse": _fuse_mounter,
     "kernel": KernelMounter,
     "squashfuse": SquashfuseMounter,
 }
-FSTYPE_BACKENDS = {"squashfs": "kernel", "fuse.squashfuse_ll": "squashfuse",
-                   "fuse.squashfuse": "squashfuse"}
-
-
-def register_backend(name: str, factory: Callable[[], Mounter], fstype: str = "") -> None:
-    """Add a backend (``fstype``: how /proc/self/mountinfo shows its mounts)."""
-    BACKENDS[name] = factory
-    if fstype:
-        FSTYPE_BACKENDS[fstype] = name
+FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
+                   "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
 
 
 def default_backend() -> str:
-    """``[mount] backend`` of the config, else kernel for root and squashfuse otherwise."""
-    fallback = "kernel" if runtime.is_real_root() else "squashfuse"
-    return runtime.config_value("mount", "backend", fallback, tuple(BACKENDS))
+    """``[mount] backend`` of the config, else ``fuse``: the project's own server (it works
+    without root, and answers the metadata storms of imports from its caches)."""
+    return runtime.config_value("mount", "backend", "fuse", tuple(BACKENDS))
 
 
 def mounter(name: str | None = None) -> Mounter:

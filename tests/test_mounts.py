@@ -36,7 +36,8 @@ from support.podman import Podman
 
 __all__ = ["images"]  # the module-scoped fixture, shared with test_store
 
-SETUPS = {"kernel": ("kernel", "auto"), "squashfuse": ("squashfuse", "fuse-overlayfs")}
+SETUPS = {"fuse": ("fuse", "auto"), "fuse+fuse-overlayfs": ("fuse", "fuse-overlayfs"),
+          "kernel": ("kernel", "auto"), "squashfuse": ("squashfuse", "fuse-overlayfs")}
 
 
 def mount_count(path: Path) -> int:
