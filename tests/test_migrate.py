@@ -22,7 +22,7 @@ from squashstore.store import Store
 from support.listing import canonical_from_tar, diff_listings, normalise_podman_export
 from support.podman import Podman
 
-MIGRATED = ("base", "whiteouts")
+MIGRATED = ("base", "whiteouts", "hardlinks", "special", "big")
 
 
 class Migration:
@@ -106,7 +106,7 @@ def test_migrate_runs_exports_builds_and_saves(mig: Migration, podman: Podman,
             mig.consumer.export(ref, tmp_path / "b.tar")))
         assert diff_listings(want, got) == []
     assert mig.store.verify_structure() == []
-    assert "ok: 2 image(s)" in cli(mig.store.root, "verify", env=mig.env).stdout
+    assert f"ok: {len(refs)} image(s)" in cli(mig.store.root, "verify", env=mig.env).stdout
 
     # podman build FROM the squashed image reuses the store's layer.
     ctx = tmp_path / "ctx"
@@ -122,14 +122,21 @@ def test_migrate_runs_exports_builds_and_saves(mig: Migration, podman: Podman,
                   check=False)
     assert refused.returncode == 1 and "in use" in refused.stderr
 
-    # podman save of the squashed image loads into a fresh podman and runs.
+    # podman save of the squashed image, and of the image built FROM it, loads into a fresh
+    # podman and runs (the layer tar is rebuilt from the mount through the tar-split).
     archive = tmp_path / "saved.tar"
     mig.consumer.run("save", "--format", "oci-archive", "-o", str(archive), refs[1])
+    derived_archive = tmp_path / "derived.tar"
+    mig.consumer.run("save", "--format", "docker-archive", "-o", str(derived_archive),
+                     "localhost/sqs-derived:1")
     fresh = Podman(tmp_path / "fresh")
     try:
         fresh.run("load", "-i", str(archive))
         assert fresh.text("run", "--rm", "--pull=never", refs[1]) == \
             podman.text("run", "--rm", "--pull=never", refs[1])
+        fresh.run("load", "-i", str(derived_archive))
+        assert fresh.text("run", "--rm", "--pull=never", "--entrypoint", "/bin/cat",
+                          "localhost/sqs-derived:1", "/built") == "built"
     finally:
         fresh.close()
 
