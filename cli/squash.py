@@ -105,7 +105,7 @@ def run_squash(args: argparse.Namespace) -> int:
 
         image = tar_image(source[4:]) if source.startswith("tar:") else open_image(
             source, platform=args.platform)
-        result = squash_image(image, args.output, options)
+        result = squash_image(image, args.output, options, progress=sys.stderr.isatty())
         files, bytes_in, bytes_out = result.files, result.bytes_in, result.bytes_out
     seconds = time.monotonic() - started
     print(f"{args.output}: {files} files, {bytes_in} bytes in, {bytes_out} bytes out "

@@ -96,7 +96,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     store.init()
     for image in images:
         result = migrate_image(store, image, options, mount=not args.no_mount,
-                               backend=args.backend)
+                               backend=args.backend, progress=sys.stderr.isatty())
         stats = result.metadata.get("squash", {})
         print(f"{image.reference} -> {result.id[:12]} "
               f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from squashstore.image import Image, LayerError
 from squashstore.layers import LayerMerge
+from squashstore.progress import Progress
 from squashstore.tarstream import TarSplitRecorder, TarStream, TeeReader
 
 if TYPE_CHECKING:
@@ -58,10 +59,11 @@ def export_image(image: Image, out: BinaryIO) -> ExportResult:
 
 
 def squash_image(image: Image, dest: Path, options: SquashOptions,
-                 tar_split: Path | None = None) -> SquashResult:
+                 tar_split: Path | None = None, progress: bool = False) -> SquashResult:
     """Write `image` flattened to the squash file `dest` (atomically) in one pass.
 
-    With `tar_split`, the tar-split record of the canonical tar is written there too.
+    With `tar_split`, the tar-split record of the canonical tar is written there too;
+    with `progress`, a progress line is drawn on stderr (for terminals).
     """
     from squashstore.squashfs.writer import SquashWriter
 
@@ -71,14 +73,19 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
     try:
         recorder = TarSplitRecorder(split_file) if split_file is not None else None
         stream = TarStream(None, recorder)
+        bar = Progress(image.reference, len(image.layers)) if progress else None
         with SquashWriter(dest, options) as writer:
             for entry in merge.entries():
+                if bar is not None:
+                    bar.update(merge.layers_done, merge.files, merge.bytes)
                 stream.begin(entry)
                 if entry.content is not None:
                     entry.inode.data = writer.add_file(
                         TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
                 stream.end()
             stream.close()
+            if bar is not None:
+                bar.done()
             summary = writer.finish(merge.root)
     except BaseException:
         if split_file is not None:

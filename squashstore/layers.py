@@ -193,12 +193,14 @@ class LayerMerge:
         self._first_path: dict[int, str] = {}
         self.files = 0
         self.bytes = 0
+        self.layers_done = 0
 
     # -- the stream --------------------------------------------------------------------
     def entries(self) -> Iterator[MergedEntry]:
         """Yield every surviving entry; afterwards `root` holds the finished tree."""
         for layer in reversed(self.layers):
             yield from self._merge_layer(layer)
+            self.layers_done += 1
         yield from self._finish_implicit()
 
     def _merge_layer(self, layer: Layer) -> Iterator[MergedEntry]:

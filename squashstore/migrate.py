@@ -12,6 +12,7 @@ the source config and the layer digest, so migrating again gives the same image 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -46,10 +47,11 @@ Squasher = Callable[[Image, Path, Any, Path], SquashedLayer]
 """(image, dest squash file, options, tar-split path) -> the squashed layer."""
 
 
-def flatten_squasher(image: Image, dest: Path, options: Any, tar_split: Path) -> SquashedLayer:
+def flatten_squasher(image: Image, dest: Path, options: Any, tar_split: Path,
+                     progress: bool = False) -> SquashedLayer:
     from squashstore.flatten import squash_image
 
-    return squash_image(image, dest, options, tar_split=tar_split)
+    return squash_image(image, dest, options, tar_split=tar_split, progress=progress)
 
 
 def options_json(options: Any) -> dict[str, Any]:
@@ -121,7 +123,7 @@ def _stats(layer: SquashedLayer) -> dict[str, Any]:
 
 def migrate_image(store: Store, image: Image, options: Any, *, mount: bool = True,
                   backend: str | None = None, registry: Registry | None = None,
-                  squasher: Squasher = flatten_squasher) -> StoreImage:
+                  squasher: Squasher | None = None, progress: bool = False) -> StoreImage:
     """Squash ``image`` into ``store`` (or only add its names if already there); mount it."""
     store.init()
     registry = registry or Registry()
@@ -131,7 +133,8 @@ def migrate_image(store: Store, image: Image, options: Any, *, mount: bool = Tru
         result = store.add_names(existing.id, image.names) if image.names else existing
     else:
         with store.staging() as stage:
-            layer = squasher(image, stage / "layer.sqfs", options, stage / "layer.tar-split.gz")
+            squash = squasher or functools.partial(flatten_squasher, progress=progress)
+            layer = squash(image, stage / "layer.sqfs", options, stage / "layer.tar-split.gz")
             pub = publication(image, layer, recorded, _stats(layer))
             result = store.publish(pub, unmount=registry.umount)
     if mount:

@@ -1,0 +1,50 @@
+"""A one-line progress display on stderr, for terminals only (cli.md's convention).
+
+`Progress` redraws one line (layers done, files, bytes, throughput) at most ten times a
+second and erases it when done, so a long migrate or squash shows that it moves without
+filling logs: callers create it only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def human(size: float) -> str:
+    """``123.4 MB`` style sizes (powers of 1000, as podman prints them)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """``label: layer 2/7, 1234 files, 120.3 MB (45.0 MB/s)`` redrawn in place."""
+
+    def __init__(self, label: str, layers: int, stream: TextIO = sys.stderr,
+                 interval: float = 0.1) -> None:
+        self.label, self.layers, self.stream, self.interval = label, layers, stream, interval
+        self.started = time.monotonic()
+        self._next = self.started
+        self._width = 0
+
+    def update(self, layers_done: int, files: int, size: int) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval
+        rate = size / max(now - self.started, 1e-3)
+        layer = min(layers_done + 1, self.layers)
+        text = (f"{self.label}: layer {layer}/{self.layers}, {files} files, {human(size)} "
+                f"({human(rate)}/s)")
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._width = len(text)
+
+    def done(self) -> None:
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
