@@ -23,6 +23,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastcrc import crc64
+
 from squashstore.image import SourceError
 
 CHUNK = 1 << 20
@@ -53,7 +55,10 @@ def _safe_relative(name: bytes, where: str) -> bytes:
     return b"/".join(parts)
 
 
-def _file_content(diff: bytes, name: bytes, size: int, where: str) -> Iterator[bytes]:
+def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
+                  where: str) -> Iterator[bytes]:
+    """`size` bytes of the file `name`; checked against the CRC-64/ISO that tar-split
+    recorded, as containers/storage checks it ("file integrity checksum failed")."""
     path = os.path.join(diff, _safe_relative(name, where))
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -61,15 +66,22 @@ def _file_content(diff: bytes, name: bytes, size: int, where: str) -> Iterator[b
         raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
     try:
         remaining = size
+        checksum: int | None = None
         while remaining:
             data = os.read(fd, min(CHUNK, remaining))
             if not data:
                 raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
                                   f"{size} bytes the layer recorded")
             remaining -= len(data)
+            if crc is not None:
+                checksum = (crc64.go_iso(data) if checksum is None
+                            else crc64.go_iso(data, checksum))
             yield data
     finally:
         os.close(fd)
+    if crc is not None and checksum is not None and checksum.to_bytes(8, "big") != crc:
+        raise SourceError(f"{where}: file integrity checksum failed for "
+                          f"{os.fsdecode(path)}")
 
 
 _DECODER = json.JSONDecoder()
@@ -119,7 +131,9 @@ def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[
                     if not isinstance(size, int) or size < 0:
                         raise SourceError(f"{where}: invalid size in tar-split")
                     if size:
-                        yield from _file_content(diff, _entry_name(entry, where), size, where)
+                        crc = _payload(entry, where) or None
+                        yield from _file_content(diff, _entry_name(entry, where), size, crc,
+                                                 where)
                 else:
                     raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
     except (OSError, EOFError) as exc:
@@ -202,7 +216,7 @@ def _walk_entry(root: bytes, rel: bytes, links: dict[tuple[int, int], bytes],
             return
     if stat.S_ISREG(mode):
         yield _header(rel, st, tarfile.REGTYPE, xattrs, size=st.st_size)
-        yield from _file_content(root, rel, st.st_size, where)
+        yield from _file_content(root, rel, st.st_size, None, where)
         if st.st_size % tarfile.BLOCKSIZE:
             yield bytes(tarfile.BLOCKSIZE - st.st_size % tarfile.BLOCKSIZE)
     elif stat.S_ISLNK(mode):

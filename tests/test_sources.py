@@ -886,3 +886,28 @@ def test_normalize_name_is_idempotent_and_qualified(domain: str, path: list[str]
     assert normalize_name(full) == full
     assert full.split("/")[0] in ("docker.io", "localhost", "quay.io", "r.example:5000")
     assert full.endswith(tag or ":latest")
+
+
+def test_local_store_layer_with_a_changed_file_fails_like_podman(
+        make_podman: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local store is trusted as podman trusts it: each file rebuilt from the diff
+    directory is checked against the CRC-64 that tar-split recorded."""
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    private.run("import", str(_base_tar(tmp_path / "base.tar")), "localhost/sqs-crc:1")
+    image = open_image("localhost/sqs-crc:1")
+    assert len(layer_bytes(image)[0]) > 0
+    layer_id = json.loads(private.run("image", "inspect", "localhost/sqs-crc:1").stdout)[0][
+        "RootFS"]["Layers"][0]
+    layers = json.loads((private.graphroot / "overlay-layers" / "layers.json").read_text())
+    lid = next(rec["id"] for rec in layers if rec.get("diff-digest") == layer_id)
+    busybox = private.graphroot / "overlay" / lid / "diff" / "bin" / "busybox"
+    data = bytearray(busybox.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    busybox.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"file integrity checksum failed for .*bin/busybox"):
+        layer_bytes(open_image("localhost/sqs-crc:1"))
+    saved = private.run("save", "-o", str(tmp_path / "x.tar"), "localhost/sqs-crc:1",
+                        check=False)
+    assert b"file integrity checksum failed" in saved.stderr
