@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import os
 import signal
@@ -186,20 +185,10 @@ def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
     return bool(answer and answer[0])
 
 
-def register_fuse_backend() -> None:
-    """Let the registry know the project's own FUSE server's mounts, when it is installed.
-
-    Optional: cleanup works without it (fusermount3 unmounts any FUSE mount), so a broken
-    install of the server never stops cleanup."""
-    with contextlib.suppress(Exception):
-        importlib.import_module("squashstore.fuse.backend").register()
-
-
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
             now: float | None = None) -> list[MountState]:
     """Every recorded mount and every adoptable one, with its users (call under the lock)."""
     now = time.time() if now is None else now
-    register_fuse_backend()
     records = registry.records()
     table = runtime.mount_table()
     entries = tracker.read_mountinfo()
