@@ -228,13 +228,13 @@ def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
 # --------------------------------------------------------------------------- doing it
 
 def _forget(registry: Registry, mountpoint: str) -> None:
-    registry._forget(Path(mountpoint))
+    registry.forget(Path(mountpoint))
 
 
 def _adopt(registry: Registry, m: MountState, now: float) -> None:
     found = store_layer_of(m.mountpoint)
     squash = str(Store(found[0]).squash_file(found[1])) if found else ""
-    registry._write(MountRecord(m.image, m.layer, squash, m.mountpoint, m.backend, m.pid,
+    registry.write(MountRecord(m.image, m.layer, squash, m.mountpoint, m.backend, m.pid,
                                 m.since if m.since is not None else now))
 
 

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,35 @@ def exclusive(path: Path, create: bool = True) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_DEPTH: dict[str, int] = {}
+_GUARD = threading.Lock()
+
+
+@contextmanager
+def reentrant(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` that other processes AND other threads wait for, and
+    that the holding thread may take again (nested use does nothing). A record lock alone
+    excludes neither the process's other threads nor survives a nested open and close."""
+    key = os.path.abspath(path)
+    with _GUARD:
+        thread_lock = _THREAD_LOCKS.setdefault(key, threading.RLock())
+    with thread_lock:
+        if _DEPTH.get(key, 0):
+            _DEPTH[key] += 1
+            try:
+                yield
+            finally:
+                _DEPTH[key] -= 1
+            return
+        with exclusive(path):
+            _DEPTH[key] = 1
+            try:
+                yield
+            finally:
+                _DEPTH[key] = 0
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -203,6 +203,21 @@ class MountRecord:
         return asdict(self)
 
 
+USER_SETUP_SECONDS = 120.0
+"""How long a recorded use counts without its overlay being mounted (a starting container)."""
+
+
+def _may_still_use(user: dict[str, Any], mounted: Mapping[str, object]) -> bool:
+    """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
+    (The mount program records a use before the overlay exists; uses never pruned would
+    grow the record with every container start.)"""
+    merged = user.get("merged")
+    if not isinstance(merged, str) or runtime.real_path(Path(merged)) in mounted:
+        return True
+    since = user.get("since")
+    return not isinstance(since, int | float) or time.time() - since < USER_SETUP_SECONDS
+
+
 class Registry:
     """The mount registry of this host / user namespace."""
 
@@ -219,8 +234,9 @@ class Registry:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        """The registry's lock: other processes and threads wait; nesting is allowed."""
         self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with locking.exclusive(self.lock_file):
+        with locking.reentrant(self.lock_file):
             yield
 
     def record(self, mountpoint: Path) -> MountRecord | None:
@@ -242,16 +258,10 @@ class Registry:
 
     def write(self, record: MountRecord) -> None:
         """Store a record (call with `locked` held)."""
-        self._write(record)
+        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
 
     def forget(self, mountpoint: Path) -> None:
         """Drop the record of ``mountpoint`` (call with `locked` held)."""
-        self._forget(mountpoint)
-
-    def _write(self, record: MountRecord) -> None:
-        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
-
-    def _forget(self, mountpoint: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._record_path(mountpoint).unlink()
 
@@ -268,8 +278,11 @@ class Registry:
                                      chosen.name, pid, time.time())
             if user is not None:
                 key = user.get("merged")
-                record.users = [u for u in record.users if u.get("merged") != key] + [user]
-            self._write(record)
+                mounted = runtime.mount_table()
+                record.users = [u for u in record.users
+                                if u.get("merged") != key and _may_still_use(u, mounted)]
+                record.users.append(user)
+            self.write(record)
             return record
 
     def _live_record(self, image: str, layer: str, squash: Path,
@@ -279,12 +292,12 @@ class Registry:
         record = self.record(mountpoint)
         if entry is None:
             if record is not None:
-                self._forget(mountpoint)
+                self.forget(mountpoint)
             return None
         existing = mounter_for_fstype(entry.fstype)
         if not existing.is_alive(mountpoint):
             existing.umount(mountpoint, lazy=True)
-            self._forget(mountpoint)
+            self.forget(mountpoint)
             return None
         if record is None:
             record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
@@ -306,7 +319,7 @@ class Registry:
             except MountError:
                 if runtime.is_mountpoint(mountpoint):
                     return False
-        self._forget(mountpoint)
+        self.forget(mountpoint)
         return True
 
     def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, bool]]:
