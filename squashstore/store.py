@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from squashstore import locking, runtime
+from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
 
 FORMAT_VERSION = 1
@@ -77,14 +78,6 @@ def link_name(layer_id: str) -> str:
     return base64.b32encode(digest).decode()[:LINK_LENGTH]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def temp_name(target: Path) -> Path:
     """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
     return target.with_name(f".{target.name}.{runtime.me().tag()}.{secrets.token_hex(4)}"
@@ -109,7 +102,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -492,7 +485,7 @@ class Store:
         layer_meta = {**pub.layer_metadata, "file": str(self.squash_file(lid).name),
                       "bytes": self.squash_file(lid).stat().st_size}
         atomic_write_json(self.layer_meta_dir / f"{lid}.json", layer_meta)
-        _fsync_dir(self.squash_dir)
+        fsync_dir(self.squash_dir)
 
     def _install_image_files(self, pub: Publication, iid: str, staged_image: Path) -> None:
         image_dir = self.images_dir / iid
