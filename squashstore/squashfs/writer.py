@@ -18,8 +18,10 @@ import collections
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,8 +116,8 @@ class FileData:
     def __init__(self, size: int) -> None:
         self.size = size
         self.start = 0
-        self.blocks: list[int] = []
-        """Size words of the full and last blocks (0 = sparse)."""
+        self.blocks = array("I")
+        """Size words (u32) of the full and last blocks (0 = sparse)."""
         self.fragment = fmt.INVALID_FRAG
         self.offset = 0
         self.sparse = 0
@@ -422,7 +424,7 @@ class SquashWriter:
             hasher.update(tail)
             return self._complete(handle, hasher.digest(), tail, False)
         count = (size + bs - 1) // bs
-        handle.blocks = [0] * count
+        handle.blocks = array("I", bytes(4 * count))
         self._pipe.mark(lambda pos: setattr(handle, "start", pos))
         submitted = False
         for index in range(count):
@@ -572,7 +574,7 @@ class SquashWriter:
         return max(node.mtime for node in info.order)
 
 
-def _block_setter(blocks: list[int], index: int) -> _Written:
+def _block_setter(blocks: array[int], index: int) -> _Written:
     def written(_position: int, word: int) -> None:
         blocks[index] = word
 
@@ -787,7 +789,7 @@ class _Tables:
 
     def _file_inode(self, node: Inode, number: int, nlink: int, xattr: int) -> bytes:
         data = _file_data(node)
-        blocks = b"".join(fmt.BLOCK_SIZE_ENTRY.pack(word) for word in data.blocks)
+        blocks = _little_endian(data.blocks)
         basic = (
             nlink == 1
             and xattr == fmt.INVALID_XATTR
@@ -931,6 +933,15 @@ class _Tables:
         start = position + len(blob)
         out.write(header + pointers)
         return start, start + len(header) + len(pointers)
+
+
+def _little_endian(words: array[int]) -> bytes:
+    """The on-disk (little-endian) bytes of an array of u32."""
+    if sys.byteorder == "little":
+        return words.tobytes()
+    swapped = array("I", words)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 def _patch_count(listing: bytearray, at: int, count: int, block: int, number: int) -> None:
