@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from squashstore.image import SourceError
+from squashstore.image import LayerError, SourceError
 from squashstore.tree import Inode, Kind, count_links, name_str
 
 FileSink = Callable[..., object]
@@ -100,9 +100,12 @@ def _content(path: bytes, size: int, add_file: FileSink, holes: bool) -> object:
     except OSError as exc:
         raise SourceError(f"{os.fsdecode(path)}: {exc.strerror}") from None
     with os.fdopen(fd, "rb", buffering=0) as stream:
-        if holes:
-            return add_file(stream, size, sparse=True)
-        return add_file(stream, size)
+        try:
+            if holes:
+                return add_file(stream, size, sparse=True)
+            return add_file(stream, size)
+        except LayerError as exc:  # the file shrank while it was read
+            raise SourceError(f"{os.fsdecode(path)}: {exc}") from None
 
 
 def _xattrs(path: bytes) -> dict[str, bytes]:

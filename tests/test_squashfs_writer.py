@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squashstore.image import LayerError
+from squashstore.image import LayerError, SourceError
 from squashstore.rootfs import tree_from_directory
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import CodecError, codec_for
@@ -371,6 +371,30 @@ def test_superblock_time(source: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert _superblock(tmp_path / "b").mtime == 1234567
     write_image(source, tmp_path / "c", compression="lz4", mtime=42)
     assert _superblock(tmp_path / "c").mtime == 42
+
+
+def test_bad_source_date_epoch(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(WriterError, match="SOURCE_DATE_EPOCH"):
+        write_image(source / "etc", tmp_path / "a", compression="lz4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_shrinking_while_read_names_it(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x" * 300_000)
+
+    def shrinking_sink(stream: io.RawIOBase, size: int) -> object:
+        os.truncate(tmp_path / "src" / "f", 1000)
+        return writer.add_file(stream, size)  # type: ignore[arg-type]
+
+    with pytest.raises(SourceError, match="src/f"), SquashWriter(
+        tmp_path / "x", SquashOptions()
+    ) as writer:
+        tree_from_directory(tmp_path / "src", shrinking_sink)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_export_table_and_xattrs_can_be_left_out(source: Path, tmp_path: Path) -> None:
