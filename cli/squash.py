@@ -119,7 +119,7 @@ def _squash_rootfs(root: Path, output: Path, options: SquashOptions) -> tuple[in
     if not root.is_dir():
         raise SquashstoreError(f"rootfs:{root}: not a directory")
     with SquashWriter(output, options) as writer:
-        tree = tree_from_directory(root, writer.add_file)
+        tree = tree_from_directory(root, writer.add_file, keep_holes=True)
         summary = writer.finish(tree)
     return summary.files, summary.bytes_in, summary.bytes_out
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from squashstore.atomic import fsync_dir
 from squashstore.image import LayerError, SquashstoreError
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import WRITABLE, Codec, CodecError, codec_for
@@ -560,7 +561,7 @@ class SquashWriter:
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self._dest)
         self._tmp = None
-        _fsync_dir(self._dest.parent)
+        fsync_dir(self._dest.parent)
 
     def _image_mtime(self, info: _TreeInfo) -> int:
         if self._options.mtime is not None:
@@ -598,14 +599,6 @@ def _read_exact(stream: BinaryIO, length: int, total: int) -> bytes:
 
 def _clamp32(value: int) -> int:
     return min(max(value, 0), 0xFFFF_FFFF)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- inodes, directories and tables ----------------------------------------------------
