@@ -97,6 +97,32 @@ def test_dead_fuse_mount_is_replaced(benv: Env) -> None:
     registry.umount(image.diff)
 
 
+@pytest.mark.parametrize("setup", ["fuse", "fuse+fuse-overlayfs"])
+def test_killed_server_next_container_start_works(setup: str, tmp_path: Path, podman: Podman,
+                                                  make_podman: Any,
+                                                  images: dict[str, SqLayer]) -> None:
+    """The project's server killed with SIGKILL leaves a dead mount ("transport endpoint is
+    not connected"); the mount program replaces it at the next container start. (With
+    squashfuse_ll podman's own stat of `diff` fails before the mount program is called:
+    only `cleanup` recovers those. squashstore's server keeps the root's attributes in the
+    kernel's cache for its long timeout, so podman's stat passes.)"""
+    backend, overlay = SETUPS[setup]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as env:
+        image = publish(env)
+        record = Registry(env.runtime_dir).record(image.diff)
+        assert record is not None and record.pid is not None
+        os.kill(record.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while answers(image.diff) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not answers(image.diff)
+        out = env.consumer.text("run", "--rm", "--pull=never", IMAGE, "cat /etc/config")
+        assert out == "base config"
+        again = Registry(env.runtime_dir).record(image.diff)
+        assert again is not None and again.pid not in (None, record.pid)
+        assert mount_count(image.diff) == 1
+
+
 def test_kernel_backend_mount_failure_is_one_line(benv: Env, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.sqfs"
     bogus.write_bytes(b"not a squashfs" * 100)
