@@ -1,0 +1,28 @@
+"""The design card's packaging promise: one import package, fuse/ and cli/ inside it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_installs_only_the_squashstore_package(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("squashstore-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"squashstore", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]
+                   + ".dist-info"}
+    for module in ("squashstore/fuse/server.py", "squashstore/cli/main.py",
+                   "squashstore/squashfs/writer.py", "squashstore/py.typed"):
+        assert module in names
+    entry_points = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "squashstore = squashstore.cli.main:run" in entry_points
+    assert "squashstore-mount-program = squashstore.mountprogram:run" in entry_points
