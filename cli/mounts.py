@@ -29,7 +29,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     registry = Registry()
     if args.all:
-        failed = [r.mountpoint for r, ok in registry.umount_all(lazy=args.lazy) if not ok]
+        results = registry.umount_all(lazy=args.lazy)
+        for record, ok in results:
+            if ok:
+                print(f"unmounted {record.image[:12]} {record.mountpoint}")
+        failed = [r.mountpoint for r, ok in results if not ok]
         if failed:
             raise SquashstoreError(f"{len(failed)} mount(s) busy: {', '.join(failed)}")
         return 0
@@ -38,6 +42,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     image = Store(Path(args.store)).resolve(args.image)
     if not registry.umount(image.diff, lazy=args.lazy):
         raise SquashstoreError(f"{image.diff}: busy (try --lazy)")
+    print(f"unmounted {image.id[:12]} {image.diff}")
     return 0
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +92,10 @@ def main() -> int:
         print("\ndemo: unmounted; the next container start mounts it again:")
         show(["podman", "run", "--rm", "--pull=never", "localhost/demo:1"], env=consumer.env)
         show([SQUASHSTORE, "--store", str(store), "verify"], env=builder.env)
+        print("\ndemo: no container uses it now; cleanup (cron/timer) unmounts it:")
+        time.sleep(6)  # cleanup never touches a mount younger than 5 s (one being set up)
+        show([SQUASHSTORE, "--store", str(store), "cleanup", "--grace", "0"], env=builder.env)
+        show([SQUASHSTORE, "--store", str(store), "mounts"], env=builder.env)
         print("\ndemo: done.")
     finally:
         for podman in (consumer, builder):
