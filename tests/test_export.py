@@ -9,6 +9,7 @@ that mount, exactly the tar whose digest became the layer's diff_id.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -181,3 +182,41 @@ def test_bad_input_one_line_error_nothing_written(case: str, tmp_path: Path,
         assert "Traceback" not in result.stderr
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
         assert leftovers == [], leftovers
+
+
+def test_non_utf8_names_survive_squash_tar_split_and_export(
+        tmp_path: Path, mounted: Callable[[Path], Path]) -> None:
+    import io
+    import tarfile
+
+    from test_layers import make_layer
+
+    from squashstore.flatten import export_image
+    from squashstore.image import Image
+
+    raw = b"caf\xe9-\xff\xfe"  # Latin-1 bytes: not UTF-8
+    name = raw.decode("utf-8", "surrogateescape")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tar:
+        info = tarfile.TarInfo("d")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        info = tarfile.TarInfo(f"d/{name}")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    image = Image("test", (), b"", "", b"", "", (make_layer(0, buf.getvalue()),))
+    split = tmp_path / "split.gz"
+    result = squash_image(image, tmp_path / "x.sqfs", SquashOptions(), tar_split=split)
+    point = mounted(tmp_path / "x.sqfs")
+    assert os.listdir(os.fsencode(point / "d")) == [raw]
+    with open(os.fsencode(point / "d") + b"/" + raw, "rb") as handle:
+        assert handle.read() == b"hello"
+    rebuilt = b"".join(tar_from_tar_split(split, point, "test"))
+    assert "sha256:" + hashlib.sha256(rebuilt).hexdigest() == result.diff_digest
+    out = io.BytesIO()
+    export_image(image, out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        names = [m.name.encode("utf-8", "surrogateescape") for m in tar.getmembers()]
+    assert b"d/" + raw in names
