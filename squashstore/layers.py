@@ -108,21 +108,20 @@ def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return found
 
 
+_TAR_KINDS = {
+    **dict.fromkeys(tarfile.REGULAR_TYPES, Kind.FILE),
+    tarfile.DIRTYPE: Kind.DIR,
+    tarfile.SYMTYPE: Kind.SYMLINK,
+    tarfile.CHRTYPE: Kind.CHARDEV,
+    tarfile.BLKTYPE: Kind.BLOCKDEV,
+    tarfile.FIFOTYPE: Kind.FIFO,
+}
+
+
 def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
     """The metadata of a tar member (not a hard link) as an `Inode`."""
-    if member.isreg():
-        kind = Kind.FILE
-    elif member.isdir():
-        kind = Kind.DIR
-    elif member.issym():
-        kind = Kind.SYMLINK
-    elif member.ischr():
-        kind = Kind.CHARDEV
-    elif member.isblk():
-        kind = Kind.BLOCKDEV
-    elif member.isfifo():
-        kind = Kind.FIFO
-    else:
+    kind = _TAR_KINDS.get(member.type)
+    if kind is None:
         raise LayerError(f"{layer.describe()}: {member.name!r} has unsupported tar type "
                          f"{member.type!r}")
     if kind is Kind.FILE and not 0 <= member.size <= MAX_FILE_SIZE:
