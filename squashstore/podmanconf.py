@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from squashstore import userns
 from squashstore.image import SourceError
 
 SYSTEM_CONF = Path("/etc/containers/storage.conf")
@@ -102,7 +103,7 @@ def storage_conf_path(env: Mapping[str, str] | None = None, euid: int | None = N
     `env` and `euid` default to this process's environment and effective uid.
     """
     env = os.environ if env is None else env
-    euid = os.geteuid() if euid is None else euid
+    euid = userns.storage_uid() if euid is None else euid
     explicit = env.get("CONTAINERS_STORAGE_CONF")
     if explicit:
         return Path(explicit)
@@ -116,15 +117,16 @@ def load_storage_config(env: Mapping[str, str] | None = None, euid: int | None =
     """The local podman's storage configuration, for the environment `env` and effective uid
     `euid` (default: this process's)."""
     env = os.environ if env is None else env
-    euid = os.geteuid() if euid is None else euid
+    euid = userns.storage_uid() if euid is None else euid
     path = storage_conf_path(env, euid)
     explicit = bool(env.get("CONTAINERS_STORAGE_CONF"))
     if path is not None and explicit and not path.is_file():
         raise SourceError(f"CONTAINERS_STORAGE_CONF names {path}, which does not exist")
     table = _storage_table(_read_toml(path), path) if path is not None else {}
     # A rootless user without a storage.conf of their own gets the system file's options
-    # but never its graph root: that belongs to root.
-    own_file = explicit or euid == 0 or (path is not None and path == _user_conf(env))
+    # but never its graph root: that belongs to root. Rootless podman 4.3 also ignores
+    # graphroot and runroot in a $CONTAINERS_STORAGE_CONF file (rootless_storage_path counts).
+    own_file = euid == 0 or (not explicit and path is not None and path == _user_conf(env))
     if euid == 0:
         graphroot, runroot = ROOT_GRAPHROOT, ROOT_RUNROOT
     else:
