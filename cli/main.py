@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from squashstore import __version__
+from squashstore import __version__, runtime, userns
 from squashstore.image import SquashstoreError
 
 # Command modules, in the order their commands appear in --help. A module that does not
@@ -30,6 +30,12 @@ COMMAND_MODULES = (
     "squashstore.cli.serve",
     "squashstore.cli.cleanup",
 )
+
+# Commands that read rootless podman's layers (files owned by subordinate ids) or make,
+# check or remove mounts, which live in podman's mount namespace: for an ordinary user they
+# run inside rootless podman's namespace (``podman unshare``).
+IN_PODMAN_USERNS = frozenset({"migrate", "export", "squash", "mount", "umount", "mounts",
+                              "cleanup", "rmi", "gc"})
 
 
 class UsageError(SquashstoreError):
@@ -48,7 +54,7 @@ def default_store() -> Path:
     env = os.environ.get("SQUASHSTORE_STORE")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if runtime.is_real_root():
         return Path("/var/lib/squashstore/store")
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
     return Path(data_home) / "squashstore" / "store"
@@ -85,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store is None:
         args.store = default_store()
     try:
+        if args.command in IN_PODMAN_USERNS and userns.should_reexec():
+            # The store is resolved here, where $HOME and friends mean what the user meant.
+            userns.reexec_in_podman_userns(
+                ["--store", str(args.store.absolute()),
+                 *(sys.argv[1:] if argv is None else argv)])
         code = args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("squashstore: interrupted\n")
