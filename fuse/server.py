@@ -143,6 +143,12 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any
 class SquashOperations(pyfuse3.Operations):
     """pyfuse3 request handlers serving one `SquashReader` read-only."""
 
+    # Ask for FUSE_POSIX_ACL: without it a kernel answers every POSIX ACL query on a mount
+    # made inside a user namespace (rootless podman's) with EOPNOTSUPP, and fuse-overlayfs
+    # then refuses every copy-up ("operation not supported"). With it the kernel reads the
+    # ACL xattrs from us (ENODATA when the image has none) and checks them.
+    enable_acl = True
+
     def __init__(self, reader: SquashReader, opts: ServerOptions | None = None) -> None:
         super().__init__()
         opts = opts or ServerOptions()
