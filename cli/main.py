@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store is None:
         args.store = default_store()
     try:
-        if args.command in IN_PODMAN_USERNS and userns.should_reexec():
+        if _in_podman_userns(args) and userns.should_reexec():
             # The store is resolved here, where $HOME and friends mean what the user meant.
             userns.reexec_in_podman_userns(
                 ["--store", str(args.store.absolute()),
@@ -110,6 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SquashstoreError, OSError) as exc:
         return _fail(args, exc, 1)
     return int(code or 0)
+
+
+def _in_podman_userns(args: argparse.Namespace) -> bool:
+    """Whether the command belongs in rootless podman's namespace (`IN_PODMAN_USERNS`);
+    export and squash only when they read podman's own storage."""
+    if args.command not in IN_PODMAN_USERNS:
+        return False
+    if args.command not in ("export", "squash"):
+        return True
+    from squashstore.sources import CONTAINERS_STORAGE, parse_reference
+
+    try:
+        return parse_reference(str(args.source)).transport == CONTAINERS_STORAGE
+    except SquashstoreError:
+        return False
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:

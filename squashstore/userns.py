@@ -45,9 +45,10 @@ def storage_uid() -> int:
 
 
 def should_reexec() -> bool:
-    """An ordinary user, not yet inside podman's namespace, who has not opted out."""
+    """An ordinary user with podman, not yet inside podman's namespace, who has not opted
+    out. Without podman there is no such namespace: commands run where they are."""
     return (os.geteuid() != 0 and not in_podman_userns()
-            and os.environ.get(OPT_OUT, "1") != "0")
+            and os.environ.get(OPT_OUT, "1") != "0" and shutil.which("podman") is not None)
 
 
 def reexec_in_podman_userns(argv: Sequence[str]) -> NoReturn:
