@@ -27,6 +27,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -341,6 +342,20 @@ def test_layers_owned_by_subordinate_ids_are_unreadable_outside_podmans_namespac
     assert proc.returncode == 1
     assert proc.stderr.startswith("squashstore: ") and "Permission denied" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_export_as_a_user_reads_every_layer(session: UserSession, image: str) -> None:
+    """export (run inside podman's namespace) reads the files of container uid 1000."""
+    session.ok("squashstore", "export", image, "-o", "rootfs.tar")  # relative to the cwd
+    out = session.base / "rootfs.tar"
+    assert out.stat().st_uid == session.uid
+    with tarfile.open(out) as tar:
+        secret = tar.getmember("data/priv/secret")
+        assert (secret.uid, secret.gid, secret.mode) == (1000, 1000, 0o600)
+        reader = tar.extractfile(secret)
+        assert reader is not None and reader.read() == b"secret\n"
+        names = tar.getnames()
+    assert "data/new.txt" in names and "data/old" not in names
 
 
 def test_migrate_run_mounts_cleanup_as_a_user(session: UserSession, image: str) -> None:
