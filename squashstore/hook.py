@@ -13,7 +13,9 @@ namespace and finds the user's registry through the namespace's uid map. cron's
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 from pathlib import Path
 
 from squashstore import cleanup, runtime
@@ -46,7 +48,28 @@ def hook_registry() -> Registry:
     return Registry(Path(f"/run/user/{uid}/squashstore") if uid is not None else None)
 
 
+def adopt_user_environment() -> None:
+    """Rootless: give the hook the user's ``$HOME`` and ``$XDG_RUNTIME_DIR`` (where unset).
+
+    Inside rootless podman's user namespace, with podman's empty environment, ``$HOME``
+    would fall back to root's home directory, which the user cannot read (the project
+    config lookup then fails), and the runtime directory to the one of uid 0."""
+    if runtime.is_real_root() or os.geteuid() != 0:
+        return
+    try:
+        uid = outside_uid(Path("/proc/self/uid_map").read_text())
+    except OSError:
+        return
+    if uid is None or uid == 0:
+        return
+    os.environ.setdefault("XDG_RUNTIME_DIR", f"/run/user/{uid}")
+    with contextlib.suppress(KeyError):
+        os.environ.setdefault("HOME", pwd.getpwuid(uid).pw_dir)
+
+
 def run_poststop(state: str, registry: Registry | None = None) -> list[cleanup.Outcome]:
     """Act on the OCI state text ``state`` of a stopping container."""
+    if registry is None:
+        adopt_user_environment()
     container = cleanup.StoppingContainer.parse(state)
     return cleanup.poststop(registry or hook_registry(), container)
