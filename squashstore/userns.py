@@ -52,12 +52,13 @@ def should_reexec() -> bool:
 
 
 def reexec_in_podman_userns(argv: Sequence[str]) -> NoReturn:
-    """Replace this process by ``podman unshare PYTHON -m squashstore.cli.main ARGV``."""
+    """Replace this process by ``podman unshare PYTHON -P -m squashstore.cli.main ARGV``
+    (``-P``: a ``squashstore`` directory in the working directory must not shadow us)."""
     podman = shutil.which("podman")
     if podman is None:
         raise UnshareError("podman not found on PATH (a rootless user's squashstore runs "
                            f"inside podman's namespace; set {OPT_OUT}=0 to run without it)")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(podman, [podman, "unshare", sys.executable, "-m", "squashstore.cli.main",
+    os.execv(podman, [podman, "unshare", sys.executable, "-P", "-m", "squashstore.cli.main",
                       *argv])
