@@ -4,16 +4,18 @@ The module fixture makes the user (``sqsuser``, reused when it exists) with subo
 ranges, a venv readable by that user with a non-editable install of this checkout (Debian's
 ``/usr/bin/python3``: the project venv's interpreter is not readable by other users; the venv
 with the dependencies is cached under ``/tmp/sqs-rootless`` per pyproject.toml, only the
-package is reinstalled each session), ``/dev/fuse`` usable by the user, and a hermetic
-home, runtime directory and podman configuration in a temp dir the user owns. Everything
+package is reinstalled each session), ``/dev/fuse`` usable by the user, a hermetic home
+and podman configuration in a temp dir the user owns, and a fresh ``/run/user/UID`` (the
+runtime directory: the poststop hook finds the registry only there). Everything
 else runs as that user (``runuser``): build a multi-layer image in the user's rootless
 podman (one layer holds a directory and a file owned by a container uid, mode 0700/0600, so
 outside podman's user namespace the user cannot read them), ``migrate`` it, write
 ``squashstore config``'s lines into a consumer storage.conf, ``podman run`` it through the
 mount program (the project's FUSE server under fuse-overlayfs, inside podman's namespace),
-then ``mounts`` and ``cleanup --grace 0``. Teardown removes the containers, unmounts, ends
-the user's podman pause process (by its pid file) and deletes the temp dir. Needs root and
-the packages of scripts/install; it fails, never skips, when something is missing.
+then ``mounts``, ``cleanup --grace 0`` and the poststop hook. Teardown removes the
+containers, unmounts, ends the user's podman pause process (by its pid file) and deletes
+the temp dir. Needs root and the packages of scripts/install; it fails, never skips, when
+something is missing.
 """
 
 from __future__ import annotations
@@ -162,14 +164,11 @@ class UserSession:
     base: Path
     venv: Path
     uid: int
+    runtime: Path
 
     @property
     def store(self) -> Path:
         return self.base / "store"
-
-    @property
-    def runtime(self) -> Path:
-        return self.base / "run"
 
     def env(self, storage_conf: str = "storage.conf", **extra: str) -> dict[str, str]:
         home = self.base / "home"
@@ -226,10 +225,15 @@ mount_program = "/usr/bin/fuse-overlayfs"
 """
 
 
-def _make_dirs(base: Path, uid: int, gid: int) -> None:
-    for name, mode in (("home", 0o755), ("run", 0o700), ("tmp", 0o755), ("ctx", 0o755)):
-        (base / name).mkdir(mode=mode)
-    for path in (base, *base.iterdir()):
+def _make_dirs(base: Path, runtime: Path, uid: int, gid: int) -> None:
+    for name in ("home", "tmp", "ctx"):
+        (base / name).mkdir()
+    # The hook (empty environment) finds the registry in /run/user/UID only: the user's
+    # runtime dir must be that one. sqsuser exists for this test alone; a runtime dir left
+    # by an interrupted session is stale.
+    shutil.rmtree(runtime, ignore_errors=True)
+    runtime.mkdir(mode=0o700, parents=True)
+    for path in (base, runtime, *base.iterdir()):
         os.chown(path, uid, gid)
 
 
@@ -261,6 +265,7 @@ def _teardown(session: UserSession) -> None:
                 break
             time.sleep(0.1)
     shutil.rmtree(session.base, ignore_errors=True)
+    shutil.rmtree(session.runtime, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -275,18 +280,21 @@ def session(fuse_device: None) -> Iterator[UserSession]:
         venv = _user_venv(build)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    # Short: rootless podman's run root lives below $XDG_RUNTIME_DIR (long paths stall it).
-    base = Path(tempfile.mkdtemp(prefix="sqsu-", dir="/tmp"))
-    _make_dirs(base, user.pw_uid, user.pw_gid)
-    s = UserSession(base, venv, user.pw_uid)
-    s.write("containers.conf", CONTAINERS_CONF.format(base=base))
-    s.write("storage.conf", STORAGE_CONF)
-    try:
-        version = s.ok("squashstore", "--version")
-        assert version.startswith("squashstore "), version
-        yield s
-    finally:
-        _teardown(s)
+    with (CACHE / "session.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one session at a time uses sqsuser
+        # Short: long paths below podman's tmp/run dirs stall it (conmon timeouts).
+        base = Path(tempfile.mkdtemp(prefix="sqsu-", dir="/tmp"))
+        runtime = Path(f"/run/user/{user.pw_uid}")
+        _make_dirs(base, runtime, user.pw_uid, user.pw_gid)
+        s = UserSession(base, venv, user.pw_uid, runtime)
+        s.write("containers.conf", CONTAINERS_CONF.format(base=base))
+        s.write("storage.conf", STORAGE_CONF)
+        try:
+            version = s.ok("squashstore", "--version")
+            assert version.startswith("squashstore "), version
+            yield s
+        finally:
+            _teardown(s)
 
 
 # ---- the image ----------------------------------------------------------------------------
@@ -406,3 +414,41 @@ def test_migrate_run_mounts_cleanup_as_a_user(session: UserSession, image: str) 
     run = session.ok("podman", "run", "--rm", "--pull=never", image, "/bin/busybox", "cat",
                      "/data/new.txt", env=consumer)
     assert run == "layer2\n"
+
+
+def _migrated(session: UserSession, image: str) -> Path:
+    """The consumer storage.conf (base + ``squashstore config``), migrating if needed."""
+    store = str(session.store)
+    listed = session.run("squashstore", "--store", store, "images", "--format", "json")
+    if listed.returncode != 0 or image not in listed.stdout:
+        session.ok("squashstore", "--store", store, "migrate", "--rm-source", image)
+    config = session.ok("squashstore", "--store", store, "config")
+    return session.write("consumer.conf", '[storage]\ndriver = "overlay"\n' + config)
+
+
+def test_poststop_hook_unmounts_as_a_user(session: UserSession, image: str) -> None:
+    """podman runs the hook inside its namespace with an empty environment; it finds the
+    user's registry and unmounts the image once its last container stops."""
+    store = str(session.store)
+    _migrated(session, image)
+    hooks = session.base / "hooks"
+    hooks.mkdir(exist_ok=True)
+    os.chown(hooks, session.uid, session.uid)
+    session.write("hooks/squashstore.json",
+                  session.ok("squashstore", "--store", store, "config", "--hooks"))
+    session.write("containers-hooks.conf", CONTAINERS_CONF.format(base=session.base)
+                  .replace("[engine]\n", f'[engine]\nhooks_dir = ["{hooks}"]\n'))
+    env = session.env("consumer.conf", CONTAINERS_CONF=str(session.base /
+                                                           "containers-hooks.conf"))
+    session.ok("squashstore", "--store", store, "umount", "--all")
+    cid = session.ok("podman", "run", "-d", "--pull=never", image, "/bin/busybox", "sleep",
+                     "60", env=env).strip()
+    try:
+        listed = json.loads(session.ok("squashstore", "--store", store, "mounts",
+                                       "--format", "json"))
+        assert len(listed) == 1, listed
+    finally:
+        session.ok("podman", "stop", "-t", "0", cid, env=env)
+    assert json.loads(session.ok("squashstore", "--store", store, "mounts",
+                                 "--format", "json")) == []
+    session.ok("podman", "rm", cid, env=env)
