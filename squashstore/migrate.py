@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore.image import Image
+from squashstore.image import Image, SourceError
 from squashstore.mounts import Registry
 from squashstore.store import Publication, Store, StoreImage, now_rfc3339, sha256_hex
 
@@ -66,19 +68,46 @@ def options_json(options: Any) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str, sort_keys=True))  # type: ignore[no-any-return]
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def rfc3339(value: object) -> str | None:
+    """`value` when it is a valid RFC 3339 time (what podman parses), else None."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        return None
+    try:
+        datetime.fromisoformat(value.upper())
+    except ValueError:
+        return None
+    return value
+
+
+def _object(source: dict[str, Any], key: str) -> dict[str, Any]:
+    value = source.get(key) or {}
+    if not isinstance(value, dict):
+        raise SourceError(f"image config: {key!r} is not a JSON object")
+    return value
+
+
 def squashed_config(source: dict[str, Any], diff_digest: str) -> bytes:
-    """The one-layer image config: the source's run settings and history, one diff id."""
+    """The one-layer image config: the source's run settings and history, one diff id.
+
+    Only well-formed values are carried over: podman refuses a whole store whose records
+    hold a time it cannot parse.
+    """
     config = {k: source[k] for k in KEPT_TOP if k in source}
-    run = source.get("config") or {}
+    if rfc3339(source.get("created")) is None:
+        config.pop("created", None)
+    run = _object(source, "config")
     config["config"] = {k: run[k] for k in KEPT_CONFIG if run.get(k) is not None}
     history = [{**h, "empty_layer": True} for h in source.get("history") or []
                if isinstance(h, dict)]
-    layers = len((source.get("rootfs") or {}).get("diff_ids") or [])
+    layers = len(_object(source, "rootfs").get("diff_ids") or [])
     entry: dict[str, Any] = {
         "created_by": f"squashstore migrate: {layers} layer(s) squashed into one",
         "comment": "squashstore",
     }
-    if "created" in source:
+    if rfc3339(source.get("created")):
         entry["created"] = source["created"]
     config["history"] = [*history, entry]
     config["rootfs"] = {"type": "layers", "diff_ids": [diff_digest]}
@@ -101,7 +130,7 @@ def publication(image: Image, layer: SquashedLayer, options: dict[str, Any],
     source = image.config_json
     config = squashed_config(source, layer.diff_digest)
     manifest = squashed_manifest(config, layer.diff_digest, layer.diff_size)
-    created = str(source.get("created") or now_rfc3339())
+    created = rfc3339(source.get("created")) or now_rfc3339()
     return Publication(
         squash=layer.path, diff_digest=layer.diff_digest, diff_size=layer.diff_size,
         config=config, manifest=manifest, names=image.names, created=created,

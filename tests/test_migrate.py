@@ -16,6 +16,7 @@ import pytest
 from test_store import cli, podman_images, store_env, store_snapshot, unmount_below, write_wrapper
 
 from squashstore import runtime
+from squashstore.image import SourceError
 from squashstore.migrate import options_json, squashed_config
 from squashstore.mounts import Registry
 from squashstore.store import Store
@@ -72,6 +73,23 @@ def test_squashed_config_keeps_run_settings_and_history() -> None:
     assert config["created"] == source["created"]
     assert squashed_config(source, "sha256:" + "f" * 64) == squashed_config(
         json.loads(json.dumps(source)), "sha256:" + "f" * 64)
+
+
+@pytest.mark.parametrize("created", [{"x": 1}, "yesterday", "2024-01-02", 5,
+                                     "2024-13-45T99:99:99Z"])
+def test_squashed_config_drops_a_time_podman_cannot_parse(created: object) -> None:
+    """One bad `created` copied into images.json would break podman for the whole store."""
+    config = json.loads(squashed_config({"created": created, "config": {}}, "sha256:" + "f" * 64))
+    assert "created" not in config
+    assert all("created" not in h for h in config["history"])
+
+
+def test_squashed_config_keeps_a_valid_time_and_refuses_bad_shapes() -> None:
+    good = "2026-11-30T05:02:13.795017705Z"
+    assert json.loads(squashed_config({"created": good}, "sha256:" + "f" * 64))["created"] == good
+    for bad in ({"config": [1]}, {"rootfs": "x"}):
+        with pytest.raises(SourceError, match="not a JSON object"):
+            squashed_config(bad, "sha256:" + "f" * 64)
 
 
 def test_options_json_ignores_jobs() -> None:
