@@ -88,7 +88,7 @@ def tar_image(spec: str) -> Image:
             with open(spec, "rb") as handle:
                 yield handle
 
-    layer = Layer(0, "", "", "application/x-tar", -1, opener)
+    layer = Layer(0, "", "", "application/x-tar", -1, opener, label=f"tar:{spec}")
     return Image(f"tar:{spec}", (), b"", "", b"", "", (layer,))
 
 

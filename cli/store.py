@@ -277,7 +277,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rm-source", action="store_true",
                    help="then remove the image from the local podman store")
     p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch source")
-    p.add_argument("--backend", default=None, help="mount backend (default from config)")
+    p.add_argument("--backend", default=None, choices=("fuse", "kernel", "squashfuse"),
+                   help="mount backend (default: [mount] backend of the config, else fuse)")
     p.add_argument("--no-mount", action="store_true", help="do not leave the image mounted")
     p.set_defaults(func=cmd_migrate)
 

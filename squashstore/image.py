@@ -43,6 +43,8 @@ class Layer:
     size: int
     """Blob size in bytes as the manifest gives it (-1 when unknown)."""
     opener: Callable[[], AbstractContextManager[BinaryIO]] = field(repr=False, compare=False)
+    label: str = ""
+    """How errors name this layer, when the source has a better name than its index."""
 
     def open(self) -> AbstractContextManager[BinaryIO]:
         """The uncompressed tar stream; digests are checked when it is read to the end."""
@@ -50,7 +52,9 @@ class Layer:
 
     def describe(self) -> str:
         """How errors name this layer."""
-        return f"layer {self.index} ({self.diff_id[:19]})"
+        if self.label:
+            return self.label
+        return f"layer {self.index}" + (f" ({self.diff_id[:19]})" if self.diff_id else "")
 
 
 @dataclass(frozen=True)

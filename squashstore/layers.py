@@ -175,6 +175,29 @@ class _Content(io.RawIOBase):
         return len(data)
 
 
+def _tar_stream(stream: IO[bytes], layer: Layer) -> tarfile.TarFile:
+    """A layer's tar opened for one forward pass; a bad stream is a LayerError."""
+    try:
+        return tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+    except (tarfile.TarError, EOFError) as exc:
+        raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
+
+
+def _members(tar: tarfile.TarFile, layer: Layer) -> Iterator[tarfile.TarInfo]:
+    """The members of `tar`, a truncated or corrupt stream becoming a LayerError."""
+    iterator = iter(tar)
+    while True:
+        try:
+            member = next(iterator)
+        except StopIteration:
+            return
+        except tarfile.TarError as exc:
+            raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
+        except EOFError as exc:
+            raise LayerError(f"{layer.describe()}: truncated tar stream") from exc
+        yield member
+
+
 def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer) -> IO[bytes]:
     raw = tar.extractfile(member)
     assert raw is not None
@@ -204,15 +227,9 @@ class LayerMerge:
 
     def _merge_layer(self, layer: Layer) -> Iterator[MergedEntry]:
         state = _LayerState()
-        with layer.open() as stream:
-            try:
-                with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:
-                    for member in tar:
-                        yield from self._member(tar, member, layer, state)
-            except tarfile.TarError as exc:
-                raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
-            except EOFError as exc:
-                raise LayerError(f"{layer.describe()}: truncated tar stream") from exc
+        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+            for member in _members(tar, layer):
+                yield from self._member(tar, member, layer, state)
         if state.pending_links:
             yield from self._resolve_pending(layer, state)
         self._absorb(state)
@@ -291,8 +308,8 @@ class LayerMerge:
     def _resolve_pending(self, layer: Layer, state: _LayerState) -> Iterator[MergedEntry]:
         """Read `layer` again for link targets that a higher layer shadowed."""
         wanted = dict(state.pending_links)
-        with layer.open() as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
+        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+            for member in _members(tar, layer):
                 if not wanted:
                     break
                 if member.islnk() or normalise(member.name, layer) not in wanted:

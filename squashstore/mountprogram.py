@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1
+    except Exception as exc:  # podman shows our stderr to the user: one line, never a trace
+        sys.stderr.write(f"{PROGRAM}: internal error: {type(exc).__name__}: "
+                         f"{_one_line(exc)}\n")
+        return 1
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0] if os.path.isabs(command[0]) else shutil.which(command[0]) or command[0],

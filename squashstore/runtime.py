@@ -4,9 +4,10 @@ Owns where per-host state lives (the runtime directory: ``$SQUASHSTORE_RUNTIME_D
 ``/run/squashstore`` for real root, else ``$XDG_RUNTIME_DIR/squashstore`` or
 ``/run/user/UID/squashstore``), the project configuration file (TOML: ``$SQUASHSTORE_CONFIG``
 if set, else ``/etc/squashstore/config.toml`` overlaid by
-``$XDG_CONFIG_HOME/squashstore/config.toml``; keys: ``[mount] backend = "kernel" |
-"squashfuse"`` (default kernel for real root, squashfuse otherwise) and ``[mount] overlay =
-"auto" | "fuse-overlayfs" | "kernel"`` for the mount program), process identity (pid +
+``$XDG_CONFIG_HOME/squashstore/config.toml``; keys: ``[mount] backend = "fuse" | "kernel" |
+"squashfuse"`` (default fuse, squashstore's own server), ``[mount] overlay = "auto" |
+"fuse-overlayfs" | "kernel"`` for the mount program, and cleanup's ``[cleanup]`` table),
+process identity (pid +
 kernel start time, so a recycled pid is never mistaken for a live writer) and calling the
 user's local podman, which finds its own configuration (``CONTAINERS_CONF``,
 ``CONTAINERS_STORAGE_CONF``) from the environment we pass through.
@@ -71,6 +72,10 @@ def config_paths() -> list[Path]:
     return [SYSTEM_CONFIG, Path(home) / "squashstore" / "config.toml"]
 
 
+CONFIG_TABLES = ("mount", "cleanup")
+"""The tables of the project configuration; each must be a TOML table."""
+
+
 def load_config() -> dict[str, Any]:
     """The merged project configuration (tables merged one level deep)."""
     merged: dict[str, Any] = {}
@@ -82,6 +87,8 @@ def load_config() -> dict[str, Any]:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         for key, value in data.items():
+            if key in CONFIG_TABLES and not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key!r} must be a table ([{key}])")
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
             else:
