@@ -74,6 +74,8 @@ class _LayerState:
     """Shadowed link target -> surviving link paths waiting for its content."""
     link_of: dict[str, str] = field(default_factory=dict)
     """Hard-link member path -> the path of the member holding the content."""
+    implied: set[str] = field(default_factory=set)
+    """Directories this layer created only because entries lie below them."""
     link_headers: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
     """Shadowed link target -> the headers of the links to it, in tar order."""
 
@@ -141,6 +143,11 @@ def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
     if kind is Kind.DIR:
         inode.children = {}
     return inode
+
+
+def _copy_metadata(directory: Inode, source: Inode) -> None:
+    directory.mode, directory.uid, directory.gid = source.mode, source.uid, source.gid
+    directory.mtime, directory.xattrs = source.mtime, source.xattrs
 
 
 def apply_link_header(inode: Inode, member: tarfile.TarInfo) -> None:
@@ -240,6 +247,7 @@ class LayerMerge:
         base = path.rpartition("/")[2]
         if base.startswith(WHITEOUT_PREFIX):
             self._check_parents(path, layer, state)
+            yield from self._imply_parents(path, int(member.mtime), state)
             if base == OPAQUE_MARKER:
                 state.opaque.add(_parent(path))
             else:
@@ -249,10 +257,19 @@ class LayerMerge:
         if path == "" and not member.isdir():
             raise LayerError(f"{layer.describe()}: the root {member.name!r} is not a directory")
         self._check_parents(path, layer, state)
+        yield from self._imply_parents(path, int(member.mtime), state)
         if member.islnk():
             yield from self._hard_link(member, path, layer, state)
             return
         inode = inode_from_member(member, layer)
+        if inode.kind is Kind.DIR and path in state.implied:
+            # The layer names a directory it had implied: extraction sets its metadata.
+            state.implied.discard(path)
+            existing = state.yielded.get(path)
+            if existing is not None:
+                _copy_metadata(existing, inode)
+                yield MergedEntry(path, existing)  # again: in a tar, the later header wins
+            return
         state.kinds[path] = "dir" if inode.kind is Kind.DIR else "other"
         if self._hidden(path, inode.kind is Kind.DIR):
             if inode.kind is not Kind.DIR:
@@ -265,6 +282,24 @@ class LayerMerge:
         state.yielded[path] = inode
         content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
         yield self._place(path, inode, content)
+
+    def _imply_parents(self, path: str, mtime: int, state: _LayerState
+                       ) -> Iterator[MergedEntry]:
+        """Directories above `path` that this layer has no entry for. Extraction creates
+        them (0755, root), so in the merged view they replace the lower layers' metadata."""
+        missing = []
+        parent = _parent(path)
+        while parent and parent not in state.kinds:
+            missing.append(parent)
+            parent = _parent(parent)
+        for directory in reversed(missing):
+            state.kinds[directory] = "dir"
+            state.implied.add(directory)
+            if self._hidden(directory, True):
+                continue
+            inode = new_dir(mtime=mtime)
+            state.yielded[directory] = inode
+            yield self._place(directory, inode, None)
 
     def _check_parents(self, path: str, layer: Layer, state: _LayerState) -> None:
         """Reject an entry below a non-directory of its own layer (a path through a symlink)."""
@@ -392,8 +427,7 @@ class LayerMerge:
         if id(directory) not in self._implicit:
             return
         self._implicit.discard(id(directory))
-        directory.mode, directory.uid, directory.gid = source.mode, source.uid, source.gid
-        directory.mtime, directory.xattrs = source.mtime, source.xattrs
+        _copy_metadata(directory, source)
 
     def _directory(self, path: str, mtime: int) -> Inode:
         """The directory at `path`, made implicitly (0755, root) where missing."""

@@ -131,7 +131,23 @@ def reference_listing(layers: list[bytes]) -> dict[str, tuple[object, ...]]:
             elif base.startswith(".wh."):
                 remove_tree(posixpath.join(parent, base[4:]))
         layer_objs: dict[str, _Obj] = {}
+        listed = set(names)
         for member, name in zip(members, names, strict=True):
+            # Directories above an entry that the layer does not list: extraction makes
+            # them 0755 root:root, replacing a lower directory's metadata.
+            parts = name.split("/")[:-1]
+            for i in range(len(parts)):
+                implied = "/".join(parts[: i + 1])
+                if implied in listed or implied in layer_objs:
+                    continue
+                info = tarfile.TarInfo(implied)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, member.mtime
+                obj = _Obj(info, b"")
+                layer_objs[implied] = obj
+                old = state.get(implied)
+                if old is None or not old.info.isdir():
+                    remove_tree(implied)
+                state[implied] = obj
             if posixpath.basename(name).startswith(".wh."):
                 continue
             if member.islnk():
@@ -185,6 +201,7 @@ NAMES = ["a", "b", "c d", "é"]
 def layer_members(draw: st.DrawFn, index: int) -> list[Member]:
     members: list[Member] = []
     kinds: dict[str, str] = {}
+    implicit_parents = draw(st.booleans())
 
     def ensure_parents(path: str) -> bool:
         parts = path.split("/")[:-1]
@@ -196,8 +213,10 @@ def layer_members(draw: st.DrawFn, index: int) -> list[Member]:
             parent = "/".join(parts[: i + 1])
             if parent not in kinds:
                 kinds[parent] = "dir"
+                if implicit_parents:  # the layer only implies it, as some tar writers do
+                    continue
                 members.append(Member(parent, "dir", mode=draw(st.sampled_from([0o755, 0o700])),
-                                      mtime=index))
+                                      uid=draw(st.integers(0, 2)), mtime=index))
         return True
 
     for _ in range(draw(st.integers(0, 8))):
@@ -384,3 +403,21 @@ def test_hostile_names_never_escape_the_root(names: list[str], kind: str) -> Non
     for path, _inode in walk(merge.root):
         parts = path.split("/") if path else []
         assert ".." not in parts and "." not in parts and "" not in parts, path
+
+
+def test_directory_only_implied_by_an_upper_layer_is_root_0755_as_podman_shows() -> None:
+    """Review finding, confirmed against podman export: extraction creates the implied
+    directory 0755 root:root in the upper layer, which hides the lower one's metadata."""
+    lower = tar_bytes([Member("d", "dir", mode=0o700, uid=1000, gid=1000),
+                       Member("d/f", "file", b"lower")])
+    upper = tar_bytes([Member("d/g", "file", b"upper", mtime=7)])
+    merge, contents = merged([lower, upper])
+    listing = listing_of_tree(merge.root)
+    assert listing["/d"][:5] == ("DIR", 0o755, 0, 0, 7)
+    assert contents == {"d/f": b"lower", "d/g": b"upper"}
+
+
+def test_a_directory_named_after_its_children_gets_its_own_metadata() -> None:
+    layer = tar_bytes([Member("d/f", "file", b"x"), Member("d", "dir", mode=0o700, uid=5)])
+    merge, _ = merged([layer])
+    assert listing_of_tree(merge.root)["/d"][1:3] == (0o700, 5)
