@@ -74,6 +74,8 @@ class _LayerState:
     """Shadowed link target -> surviving link paths waiting for its content."""
     link_of: dict[str, str] = field(default_factory=dict)
     """Hard-link member path -> the path of the member holding the content."""
+    restate: set[str] = field(default_factory=set)
+    """Yielded files whose metadata a shadowed link of this layer changed afterwards."""
     implied: set[str] = field(default_factory=set)
     """Directories this layer created only because entries lie below them."""
     link_headers: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
@@ -143,6 +145,10 @@ def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
     if kind is Kind.DIR:
         inode.children = {}
     return inode
+
+
+def _metadata(inode: Inode) -> tuple[object, ...]:
+    return inode.mode, inode.uid, inode.gid, inode.mtime, dict(inode.xattrs)
 
 
 def _copy_metadata(directory: Inode, source: Inode) -> None:
@@ -239,6 +245,8 @@ class LayerMerge:
                 yield from self._member(tar, member, layer, state)
         if state.pending_links:
             yield from self._resolve_pending(layer, state)
+        if state.restate:
+            yield from self._restate(layer, state)
         self._absorb(state)
 
     def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer,
@@ -327,11 +335,16 @@ class LayerMerge:
         state.kinds[path] = "other"
         # Extracting a link applies its own header to the shared inode, as containers/storage
         # does (chown, xattrs, chmod, chtimes on the new name), whether or not it survives.
+        hidden = self._hidden(path, False)
         if inode is not None:
+            before = _metadata(inode)
             apply_link_header(inode, member)
+            if hidden and _metadata(inode) != before:
+                # No later header of this entry carries the change: say it again at the end.
+                state.restate.add(target)
         else:
             state.link_headers.setdefault(target, []).append(member)
-        if self._hidden(path, False):
+        if hidden:
             state.hidden_files.add(path)
             return
         if inode is None:
@@ -362,6 +375,29 @@ class LayerMerge:
         if wanted:
             raise LayerError(f"{layer.describe()}: hard-link target {next(iter(wanted))!r} "
                              "vanished on the second read")
+
+    def _restate(self, layer: Layer, state: _LayerState) -> Iterator[MergedEntry]:
+        """Yield again, with their final metadata, files whose metadata a shadowed hard link
+        changed after they streamed past: content from a second read of `layer`, then every
+        other name as a link, so a tar stream's later headers carry the change."""
+        wanted = set(state.restate)
+        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+            for member in _members(tar, layer):
+                path = normalise(member.name, layer)
+                if member.islnk() or path not in wanted:
+                    continue
+                wanted.discard(path)
+                inode = state.yielded[path]
+                content = _content(tar, member, layer) if inode.kind is Kind.FILE else None
+                yield MergedEntry(path, inode, content=content)
+                for name, other in state.yielded.items():
+                    if other is inode and name != path:
+                        yield MergedEntry(name, inode, link_to=path)
+                if not wanted:
+                    break
+        if wanted:
+            raise LayerError(f"{layer.describe()}: {next(iter(wanted))!r} vanished on the "
+                             "second read")
 
     # -- shadowing ---------------------------------------------------------------------
     def _hidden(self, path: str, is_dir: bool) -> bool:

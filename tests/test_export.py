@@ -220,3 +220,33 @@ def test_non_utf8_names_survive_squash_tar_split_and_export(
                       errors="surrogateescape") as tar:
         names = [m.name.encode("utf-8", "surrogateescape") for m in tar.getmembers()]
     assert b"d/" + raw in names
+
+
+def test_shadowed_link_that_changed_its_file_reaches_the_tar_stream(
+        tmp_path: Path, mounted: Callable[[Path], Path]) -> None:
+    """Review finding (confirmed with podman export): a link whose own header changes the
+    shared file, and which a higher layer then replaces, still decides the file's metadata.
+    The export, the squash file and the canonical tar behind the diff_id all agree."""
+    import io
+
+    from test_layers import Member, make_layer, tar_bytes
+
+    from squashstore.flatten import export_image
+    from squashstore.image import Image
+
+    lower = tar_bytes([Member("a", "file", b"shared", mode=0o644),
+                       Member("b", "link", target="a", mode=0o755, uid=1000, gid=1000)])
+    upper = tar_bytes([Member("b", "file", b"other")])
+    image = Image("test", (), b"", "", b"", "", (make_layer(0, lower), make_layer(1, upper)))
+    out = io.BytesIO()
+    export_image(image, out)
+    exported = canonical_from_tar(io.BytesIO(out.getvalue()))
+    assert (exported["/a"].mode, exported["/a"].uid, exported["/a"].gid) == (0o755, 1000, 1000)
+    split = tmp_path / "split.gz"
+    result = squash_image(image, tmp_path / "x.sqfs", SquashOptions(), tar_split=split)
+    point = mounted(tmp_path / "x.sqfs")
+    squashed = canonical_from_dir(point)
+    assert not diff_listings(squashed, exported, ignore_paths={"/"})
+    rebuilt = b"".join(tar_from_tar_split(split, point, "test"))
+    assert "sha256:" + hashlib.sha256(rebuilt).hexdigest() == result.diff_digest
+    assert not diff_listings(canonical_from_tar(io.BytesIO(rebuilt)), exported)
