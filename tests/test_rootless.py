@@ -452,3 +452,19 @@ def test_poststop_hook_unmounts_as_a_user(session: UserSession, image: str) -> N
     assert json.loads(session.ok("squashstore", "--store", store, "mounts",
                                  "--format", "json")) == []
     session.ok("podman", "rm", cid, env=env)
+
+
+def test_mount_and_rmi_as_a_user(session: UserSession, image: str) -> None:
+    """mount, then rmi of the mounted image: unmounted and gone from podman's view."""
+    store = str(session.store)
+    consumer = session.env(_migrated(session, image).name)
+    session.ok("squashstore", "--store", store, "mount", image)
+    listed = json.loads(session.ok("squashstore", "--store", store, "mounts",
+                                   "--format", "json"))
+    assert len(listed) == 1, listed
+    assert "deleted" in session.ok("squashstore", "--store", store, "rmi", image)
+    assert json.loads(session.ok("squashstore", "--store", store, "mounts",
+                                 "--format", "json")) == []
+    names = session.ok("podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                       env=consumer)
+    assert image not in names.split(), names
