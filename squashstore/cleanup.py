@@ -67,6 +67,8 @@ class MountState:
     users: tuple[User, ...] = ()
     device: str = ""
     """``major:minor`` of the mounted file system (to find it in other mount namespaces)."""
+    hung: bool = False
+    """The server neither answered nor failed within the probe's time (not `alive`)."""
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,16 @@ def decide(mounts: Iterable[MountState], now: float, grace: float,
         age = None if m.since is None else now - m.since
         if m.fstype is None:
             out.append(Decision(m, FORGET, "mount gone"))
-        elif not m.alive:
-            out.append(Decision(m, UNMOUNT_DEAD, "dead (server gone)"))
+        elif not m.alive and not (m.hung and m.users):
+            # A slow server that containers use is left alone: only a dead one (ENOTCONN),
+            # or a hung one nobody uses, is unmounted.
+            out.append(Decision(m, UNMOUNT_DEAD, "hung, unused" if m.hung
+                                else "dead (server gone)"))
         elif m.users:
             names = ", ".join(u.describe() for u in m.users[:3])
             more = f" and {len(m.users) - 3} more" if len(m.users) > 3 else ""
-            out.append(Decision(m, KEEP, f"in use by {names}{more}"))
+            slow = "; its server does not answer" if m.hung else ""
+            out.append(Decision(m, KEEP, f"in use by {names}{more}{slow}"))
         elif age is not None and age < min_age:
             out.append(Decision(m, KEEP, f"being set up ({age:.0f}s old)"))
         elif age is not None and age < grace:
@@ -167,10 +173,18 @@ def _probe(entry: runtime.MountEntry) -> bool:
         raise
 
 
-def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
-    """`_probe` in a thread: a FUSE server that does not answer within ``timeout`` counts as
-    dead (a stat of a hung FUSE mount would block cleanup, and every container start waiting
-    for the registry's lock, forever). Other errors count as alive (never unmount blindly)."""
+def _liveness(entry: runtime.MountEntry | None) -> dict[str, bool]:
+    """``alive`` and ``hung`` of a mount (none: neither alive nor hung)."""
+    if entry is None:
+        return {"alive": False, "hung": False}
+    alive = _alive(entry)
+    return {"alive": bool(alive), "hung": alive is None}
+
+
+def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool | None:
+    """`_probe` in a thread; None when the server did not answer within ``timeout`` (a
+    stat of a hung FUSE mount would block cleanup, and every container start waiting for
+    the registry's lock, forever). Other errors count as alive (never unmount blindly)."""
     answer: list[bool] = []
 
     def probe() -> None:
@@ -182,7 +196,7 @@ def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(answer and answer[0])
+    return answer[0] if answer else None
 
 
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
@@ -203,11 +217,12 @@ def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str
     for entry, root, layer in _adoptable(table, {r.mountpoint for r in records}, scope):
         pid = tracker.server_pid(entry.mountpoint) if entry.fstype.startswith("fuse") else None
         age = tracker.process_age(pid) if pid is not None else None
+        live = _liveness(entry)
         states.append(MountState(entry.mountpoint, layer, _image_of(root, layer),
                                  mounter_for_fstype(entry.fstype).name, entry.fstype,
-                                 _alive(entry), None if age is None else now - age, pid,
+                                 live["alive"], None if age is None else now - age, pid,
                                  False, _users_of(entry.mountpoint, layer, users),
-                                 devices.get(entry.mountpoint, "")))
+                                 devices.get(entry.mountpoint, ""), live["hung"]))
     return states
 
 
@@ -218,11 +233,12 @@ def _users_of(mountpoint: str, layer: str, users: Iterable[User]) -> tuple[User,
 def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
                   users: list[User], devices: Mapping[str, str]) -> MountState:
     entry = table.get(record.mountpoint)
+    live = _liveness(entry)
     return MountState(record.mountpoint, record.layer, record.image, record.backend,
-                      entry.fstype if entry else None, _alive(entry) if entry else False,
+                      entry.fstype if entry else None, live["alive"],
                       record.since, record.pid, True,
                       _users_of(record.mountpoint, record.layer, users),
-                      devices.get(record.mountpoint, ""))
+                      devices.get(record.mountpoint, ""), live["hung"])
 
 
 # --------------------------------------------------------------------------- doing it

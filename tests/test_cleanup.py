@@ -59,6 +59,7 @@ states = st.builds(
     layer=st.sampled_from(["l1", "l2"]),
     fstype=st.sampled_from([None, "squashfs", "fuse.squashfuse_ll"]),
     alive=st.booleans(),
+    hung=st.booleans(),
     since=st.one_of(st.none(), st.floats(0, 2000)),
     recorded=st.booleans(),
     users=st.lists(st.sampled_from(["l1", "l2"]).map(_user), max_size=2).map(tuple),
@@ -75,6 +76,8 @@ def test_decide_never_unmounts_a_used_young_or_graced_live_mount(
         m = d.mount
         if m.fstype is None:
             assert d.action == cleanup.FORGET
+        elif not m.alive and m.hung and m.users:
+            assert d.action == cleanup.KEEP, "a slow server that containers use stays"
         elif not m.alive:
             assert d.action == cleanup.UNMOUNT_DEAD
         elif m.users or (m.since is not None and now - m.since < max(grace, min_age)):
@@ -91,6 +94,13 @@ def test_decide_examples() -> None:
     assert d.action == cleanup.KEEP and "being set up" in d.reason
     [d] = cleanup.decide([dataclasses.replace(old, users=(_user("l1"),))], 1000.0, 0.0)
     assert d.action == cleanup.KEEP and d.reason == f"in use by container {'c' * 12} (n)"
+    hung = dataclasses.replace(old, alive=False, hung=True, users=(_user("l1"),))
+    [d] = cleanup.decide([hung], 1000.0, 0.0)
+    assert d.action == cleanup.KEEP and d.reason.endswith("its server does not answer")
+    [d] = cleanup.decide([dataclasses.replace(hung, users=())], 1000.0, 0.0)
+    assert (d.action, d.reason) == (cleanup.UNMOUNT_DEAD, "hung, unused")
+    [d] = cleanup.decide([dataclasses.replace(hung, hung=False)], 1000.0, 0.0)
+    assert (d.action, d.reason) == (cleanup.UNMOUNT_DEAD, "dead (server gone)")
 
 
 def test_hook_state_is_parsed_from_podmans_bundle() -> None:
