@@ -16,11 +16,9 @@ container used are unmounted at once when no other container uses them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,7 +27,7 @@ from typing import Any
 
 from squashstore import runtime, tracker
 from squashstore.image import SquashstoreError
-from squashstore.mounts import MountError, MountRecord, Registry, mounter_for_fstype
+from squashstore.mounts import MountError, MountRecord, Registry, mounter_for_fstype, probe
 from squashstore.store import Store
 from squashstore.tracker import User
 
@@ -158,45 +156,12 @@ def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
     return out
 
 
-def _probe(entry: runtime.MountEntry) -> bool:
-    """Whether the mount answers. FUSE mounts are asked with statfs, which always reaches the
-    server (a stat may be answered from the kernel's attribute cache after the server died)."""
-    point = Path(entry.mountpoint)
-    try:
-        if entry.fstype.startswith("fuse"):
-            os.statvfs(point)
-            return True
-        return mounter_for_fstype(entry.fstype).is_alive(point)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
-            return False
-        raise
-
-
 def _liveness(entry: runtime.MountEntry | None) -> dict[str, bool]:
     """``alive`` and ``hung`` of a mount (none: neither alive nor hung)."""
     if entry is None:
         return {"alive": False, "hung": False}
-    alive = _alive(entry)
+    alive = probe(Path(entry.mountpoint), ALIVE_TIMEOUT)
     return {"alive": bool(alive), "hung": alive is None}
-
-
-def _alive(entry: runtime.MountEntry, timeout: float = ALIVE_TIMEOUT) -> bool | None:
-    """`_probe` in a thread; None when the server did not answer within ``timeout`` (a
-    stat of a hung FUSE mount would block cleanup, and every container start waiting for
-    the registry's lock, forever). Other errors count as alive (never unmount blindly)."""
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            answer.append(_probe(entry))
-        except OSError:
-            answer.append(True)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return answer[0] if answer else None
 
 
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],

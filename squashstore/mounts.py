@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -63,19 +64,38 @@ def _run(argv: list[str], what: str) -> None:
         raise MountError(f"{what}: {lines[-1]}")
 
 
-def answers(mountpoint: Path) -> bool:
-    """Whether a mount serves: a FUSE mount whose server died gives ENOTCONN.
+ANSWER_TIMEOUT = 5.0
+"""How long a mount may take to answer statfs before it counts as hung."""
+
+
+def probe(mountpoint: Path, timeout: float = ANSWER_TIMEOUT) -> bool | None:
+    """Whether a mount serves: True, False when dead (a FUSE mount whose server died gives
+    ENOTCONN), None when it gave no answer within `timeout` (a hung server; the call would
+    block forever, so it runs in a thread). Other errors count as serving: never unmount
+    blindly.
 
     statfs, not stat: with long attribute timeouts the kernel answers stat of a dead
     server's root from its cache, while statfs always reaches the server.
     """
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
-            return False
-        raise
-    return True
+    answer: list[bool] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(mountpoint)
+        except OSError as exc:
+            answer.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO))
+            return
+        answer.append(True)
+
+    thread = threading.Thread(target=ask, name="statfs", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
+
+
+def answers(mountpoint: Path) -> bool:
+    """Whether a mount serves within `ANSWER_TIMEOUT` (dead and hung mounts do not)."""
+    return probe(mountpoint) is True
 
 
 def fuse_unmount(mountpoint: Path, lazy: bool) -> None:

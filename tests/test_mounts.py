@@ -123,6 +123,29 @@ def test_killed_server_next_container_start_works(setup: str, tmp_path: Path, po
         assert mount_count(image.diff) == 1
 
 
+def test_hung_server_is_replaced_not_waited_for(tmp_path: Path, podman: Podman,
+                                                make_podman: Any,
+                                                images: dict[str, SqLayer]) -> None:
+    """A stopped (hung) server must not hang the next container start: the registry's
+    probe gives up after a few seconds and the mount is replaced (review finding)."""
+    backend, overlay = SETUPS["fuse"]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as env:
+        image = publish(env)
+        record = Registry(env.runtime_dir).record(image.diff)
+        assert record is not None and record.pid is not None
+        os.kill(record.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            again = Registry(env.runtime_dir).ensure_mounted(
+                image.id, image.layer, image.squash, image.diff)
+            assert time.monotonic() - started < 60
+            assert again.pid not in (None, record.pid)
+            out = env.consumer.text("run", "--rm", "--pull=never", IMAGE, "cat /etc/config")
+            assert out == "base config"
+        finally:
+            os.kill(record.pid, signal.SIGKILL)
+
+
 def test_kernel_backend_mount_failure_is_one_line(benv: Env, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.sqfs"
     bogus.write_bytes(b"not a squashfs" * 100)
