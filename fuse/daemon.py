@@ -124,7 +124,9 @@ def start(squash: Path, mountpoint: Path, extra: Sequence[str] = (),
           timeout: float = MOUNT_TIMEOUT) -> int:
     """Spawn a detached server for `squash` on `mountpoint`; return its pid once the mount
     answers. `extra`: further server arguments (see `add_serve_arguments`)."""
-    squash, mountpoint = Path(squash).absolute(), Path(mountpoint).absolute()
+    # Resolved, as the mount table and the registry name them: cleanup finds a server by
+    # the mount point on its command line.
+    squash, mountpoint = Path(squash).resolve(), Path(mountpoint).resolve()
     read_end, write_end = os.pipe()
     try:
         server = subprocess.Popen(
