@@ -109,6 +109,15 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """containers/storage's records: a JSON array of objects, each with a string id."""
+    records = read_json(path, [])
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
+        raise StoreError(f"{path}: damaged (not an array of records with ids)")
+    return records
+
+
 def read_json(path: Path, default: Any) -> Any:
     try:
         return json.loads(path.read_bytes())
@@ -305,16 +314,10 @@ class Store:
     # ----------------------------------------------------------------- reading
 
     def layer_records(self) -> list[dict[str, Any]]:
-        records = read_json(self.layers_json, [])
-        if not isinstance(records, list):
-            raise StoreError(f"{self.layers_json}: not a JSON array")
-        return records
+        return _records(self.layers_json)
 
     def image_records(self) -> list[dict[str, Any]]:
-        records = read_json(self.images_json, [])
-        if not isinstance(records, list):
-            raise StoreError(f"{self.images_json}: not a JSON array")
-        return records
+        return _records(self.images_json)
 
     def _store_image(self, record: dict[str, Any],
                      layers: dict[str, dict[str, Any]]) -> StoreImage:
