@@ -199,9 +199,12 @@ def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
                   users: list[User], devices: Mapping[str, str]) -> MountState:
     entry = table.get(record.mountpoint)
     live = _liveness(entry)
+    # The grace period runs from the last container start the mount program recorded.
+    starts = [u["since"] for u in record.users if isinstance(u.get("since"), int | float)]
+    since = max([record.since, *starts])
     return MountState(record.mountpoint, record.layer, record.image, record.backend,
                       entry.fstype if entry else None, live["alive"],
-                      record.since, record.pid, True,
+                      since, record.pid, True,
                       _users_of(record.mountpoint, record.layer, users),
                       devices.get(record.mountpoint, ""), live["hung"])
 

@@ -32,7 +32,7 @@ from test_store import SqLayer, make_squash, store_image_source
 from squashstore import cleanup, hook, runtime, tracker
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
-from squashstore.mounts import Registry, answers
+from squashstore.mounts import MountRecord, Registry, answers
 from squashstore.store import Store, StoreImage
 from squashstore.tracker import User
 from support.fixture_trees import write_base_tar
@@ -512,3 +512,14 @@ def test_rootless_hook_finds_the_users_registry_from_the_uid_map() -> None:
     assert hook.outside_uid(uid_map) == 65534
     assert hook.outside_uid(Path("/proc/self/uid_map").read_text()) == 0
     assert hook.outside_uid("") is None
+
+
+def test_grace_runs_from_the_last_recorded_container_start() -> None:
+    """Review finding: a mount made hours ago and used a second ago is not stale."""
+    record = MountRecord("i", "l1", "/s.sqfs", "/m", "fuse", None, 0.0,
+                         users=[{"merged": "/a", "since": 100.0}, {"merged": "/b", "since": 990.0}])
+    state = cleanup._record_state(record, {}, [], {})
+    assert state.since == 990.0
+    mounted = dataclasses.replace(state, fstype="fuse.squashstore", alive=True)
+    [d] = cleanup.decide([mounted], 1000.0, 600.0)
+    assert d.action == cleanup.KEEP and "unused, 10s old" in d.reason
