@@ -88,7 +88,7 @@ def _open_sources(references: list[str], platform: str | None) -> list[Image]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from squashstore.migrate import migrate_image
+    from squashstore.migrate import migrate_image, options_json
 
     store = _store(args)
     options = squash_options(args, zstd_level=MIGRATE_ZSTD_LEVEL)
@@ -98,12 +98,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         result = migrate_image(store, image, options, mount=not args.no_mount,
                                backend=args.backend, progress=sys.stderr.isatty())
         stats = result.metadata.get("squash", {})
+        kept = stats.get("options")
+        if kept is not None and kept != options_json(options):
+            sys.stderr.write(f"squashstore: note: {image.reference}: its layer was already in "
+                             f"the store and is kept as it was written ({_options_text(kept)})"
+                             "; `squashstore rmi` it first to squash it again\n")
         print(f"{image.reference} -> {result.id[:12]} "
               f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "
               f"{_human(int(stats.get('bytes', 0)))} squash file)")
         if args.rm_source:
             _remove_source(image)
     return 0
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    level = options.get("level")
+    text = str(options.get("compression", "?")) + (f" level {level}" if level is not None else "")
+    return f"{text}, {int(options.get('block_size', 0)) // 1024}K blocks"
 
 
 def _remove_source(image: Image) -> None:

@@ -463,9 +463,14 @@ class Store:
         return staged
 
     def _install_layer_files(self, pub: Publication, lid: str, staged_layer: Path) -> None:
-        os.chmod(pub.squash, 0o644)
-        os.rename(pub.squash, self.squash_file(lid))
-        if pub.tar_split is not None:
+        # The layer id is the content's digest: a layer already here has the same files, and
+        # its squash file may be mounted on other hosts of a shared store (replacing it
+        # would give them ESTALE), so it is kept, with the options it was written with.
+        kept = self.squash_file(lid).is_file()
+        if not kept:
+            os.chmod(pub.squash, 0o644)
+            os.rename(pub.squash, self.squash_file(lid))
+        if pub.tar_split is not None and not (kept and self.tar_split_file(lid).is_file()):
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
         layer_dir = self.overlay / lid
@@ -485,9 +490,10 @@ class Store:
             tmp = temp_name(link)
             os.symlink(target, tmp)
             os.rename(tmp, link)
-        layer_meta = {**pub.layer_metadata, "file": str(self.squash_file(lid).name),
-                      "bytes": self.squash_file(lid).stat().st_size}
-        atomic_write_json(self.layer_meta_dir / f"{lid}.json", layer_meta)
+        if not kept or not (self.layer_meta_dir / f"{lid}.json").is_file():
+            layer_meta = {**pub.layer_metadata, "file": str(self.squash_file(lid).name),
+                          "bytes": self.squash_file(lid).stat().st_size}
+            atomic_write_json(self.layer_meta_dir / f"{lid}.json", layer_meta)
         fsync_dir(self.squash_dir)
 
     def _install_image_files(self, pub: Publication, iid: str, staged_image: Path) -> None:

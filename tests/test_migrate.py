@@ -176,6 +176,26 @@ def test_migrate_again_only_adds_names_and_rm_source(mig: Migration, podman: Pod
     assert first
 
 
+def test_migrate_with_other_options_keeps_the_layer_in_place(
+        mig: Migration, fixture_images: dict[str, str]) -> None:
+    """The layer's squash file may be mounted on other hosts of a shared store: migrating
+    the same content with other options keeps it (review finding) and says so."""
+    ref = fixture_images["base"]
+    mig.migrate(ref, "--compression", "lz4")
+    image = mig.store.resolve(ref)
+    before = image.squash.stat()
+    again = mig.migrate(ref, "--compression", "gzip")
+    assert "kept as it was written (lz4" in again.stderr
+    after = mig.store.resolve(ref)
+    assert after.id == image.id
+    assert (after.squash.stat().st_ino, after.squash.stat().st_mtime_ns) == (
+        before.st_ino, before.st_mtime_ns)
+    assert after.metadata["squash"]["options"]["compression"] == "lz4"
+    assert mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/etc/config") == \
+        "base config"
+    assert os.listdir(mig.store.tmp_dir) == []
+
+
 def test_migrate_bad_source_leaves_the_store_unchanged(mig: Migration,
                                                        fixture_images: dict[str, str]) -> None:
     mig.migrate(fixture_images["base"])
