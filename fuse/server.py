@@ -34,7 +34,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from squashstore import tree
+from squashstore import runtime, tree
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader
 
 log = logging.getLogger("squashstore.fuse")
@@ -467,23 +467,6 @@ def _fuse_fd() -> int | None:
 
 def _still_mounted(mountpoint: Path) -> bool:
     """Whether this namespace still has a FUSE mount of ours on `mountpoint`."""
-    target = os.path.realpath(mountpoint)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target and (
-                    "fuse.squashstore" in line
-                ):
-                    return True
-    except OSError:
-        return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    out = field
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        out = out.replace(code, char)
-    return out
+    entry = runtime.mount_table().get(os.path.realpath(mountpoint))
+    return entry is not None and entry.fstype == "fuse.squashstore"
 

@@ -131,10 +131,7 @@ def decide(mounts: Iterable[MountState], now: float, grace: float,
 
 def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
     """``S/overlay/<LID>/diff`` -> (S, LID)."""
-    path = Path(mountpoint)
-    if path.name != "diff" or path.parent.parent.name != "overlay":
-        return None
-    return path.parent.parent.parent, path.parent.name
+    return runtime.overlay_layer(mountpoint, "diff")
 
 
 def _image_of(store_root: Path, layer: str) -> str:
@@ -170,7 +167,7 @@ def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str
     now = time.time() if now is None else now
     records = registry.records()
     table = runtime.mount_table()
-    entries = tracker.read_mountinfo()
+    entries = runtime.read_mountinfo()
     devices = {m.mountpoint: m.device for m in entries}
     users = tracker.observe_users(records, config, entries, now)
     states = [_record_state(r, table, users, devices) for r in records]

@@ -86,23 +86,6 @@ def reentrant(path: Path) -> Iterator[None]:
                 _DEPTH[key] = 0
 
 
-@contextmanager
-def exclusive_nowait(path: Path) -> Iterator[bool]:
-    """Try a write lock without waiting; yields whether it was obtained."""
-    fd = _open(path, True)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                yield False
-                return
-            raise
-        yield True
-    finally:
-        os.close(fd)
-
-
 def touch_token(fd: int) -> None:
     """Write a new last-writer id into a held containers/storage lock file."""
     token = secrets.token_hex(TOKEN_LENGTH // 2).encode()

@@ -94,13 +94,10 @@ class StoreLayer:
 
 def store_layer(lowerdir: str) -> StoreLayer | None:
     """The squash store layer a lowerdir (usually ``S/overlay/l/<short>``) leads to."""
-    real = Path(os.path.realpath(lowerdir))
-    if real.name != "diff" or real.parent.parent.name != "overlay":
+    found = runtime.overlay_layer(os.path.realpath(lowerdir), "diff")
+    if found is None or not Store.is_store(found[0]):
         return None
-    root = real.parent.parent.parent
-    if not Store.is_store(root):
-        return None
-    return StoreLayer(Store(root), real.parent.name)
+    return StoreLayer(Store(found[0]), found[1])
 
 
 def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:

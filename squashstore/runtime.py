@@ -199,25 +199,52 @@ def _unescape_mountinfo(field: str) -> str:
 
 @dataclass(frozen=True)
 class MountEntry:
-    """One line of /proc/self/mountinfo: where, what type, from which source."""
+    """One line of a ``mountinfo`` file."""
 
     mountpoint: str
     fstype: str
     source: str
+    mount_id: int = 0
+    device: str = ""
+    """``major:minor`` of the mounted file system: the same in every mount namespace."""
+    super_options: str = ""
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The lines of a ``/proc/PID/mountinfo`` file."""
+    out = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        out.append(MountEntry(_unescape_mountinfo(fields[4]), rfields[0],
+                              _unescape_mountinfo(rfields[1]), int(fields[0]), fields[2],
+                              rfields[2] if len(rfields) > 2 else ""))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[MountEntry]:
+    """A process's mount table (empty when it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as file:
+            return parse_mountinfo(file.read())
+    except OSError:
+        return []
 
 
 def mount_table() -> dict[str, MountEntry]:
     """The current mount namespace's mounts by mount point (the topmost one wins)."""
-    table: dict[str, MountEntry] = {}
-    with open("/proc/self/mountinfo") as file:
-        for line in file:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) < 5 or len(rfields) < 2:
-                continue
-            point = _unescape_mountinfo(fields[4])
-            table[point] = MountEntry(point, rfields[0], _unescape_mountinfo(rfields[1]))
-    return table
+    return {entry.mountpoint: entry for entry in read_mountinfo()}
+
+
+def overlay_layer(path: str | Path, leaf: str) -> tuple[Path, str] | None:
+    """``<root>/overlay/<layer>/<leaf>`` -> (root, layer): where containers/storage's overlay
+    driver (and a squash store, which has its layout) keeps a layer's ``diff`` or ``merged``."""
+    path = Path(path)
+    if path.name != leaf or path.parent.parent.name != "overlay":
+        return None
+    return path.parent.parent.parent, path.parent.name
 
 
 def is_mountpoint(path: Path) -> bool:

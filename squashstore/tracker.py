@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import time
@@ -35,46 +34,6 @@ from squashstore.mounts import MountRecord
 STARTING_AGE = 120.0
 """Seconds during which a recorded container start counts as a user even before its overlay
 appears (the mount program records the use, then mounts the overlay)."""
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of a ``mountinfo`` file."""
-
-    mount_id: int
-    device: str
-    """``major:minor`` of the mounted file system: the same in every mount namespace."""
-    mountpoint: str
-    fstype: str
-    source: str
-    super_options: str
-
-
-def _unescape(text: str) -> str:
-    return (text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
-
-
-def parse_mountinfo(text: str) -> list[MountInfo]:
-    """The lines of a ``/proc/PID/mountinfo`` file."""
-    out = []
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields, rfields = left.split(), right.split()
-        if len(fields) < 5 or len(rfields) < 2:
-            continue
-        out.append(MountInfo(int(fields[0]), fields[2], _unescape(fields[4]), rfields[0],
-                             _unescape(rfields[1]), rfields[2] if len(rfields) > 2 else ""))
-    return out
-
-
-def read_mountinfo(pid: int | str = "self") -> list[MountInfo]:
-    """A process's mount table (empty when it is gone or not ours to read)."""
-    try:
-        with open(f"/proc/{pid}/mountinfo") as file:
-            return parse_mountinfo(file.read())
-    except OSError:
-        return []
 
 
 def other_namespace_devices() -> dict[str, int]:
@@ -98,7 +57,7 @@ def other_namespace_devices() -> dict[str, int]:
         if namespace in seen:
             continue
         seen.add(namespace)
-        for device in {m.device for m in read_mountinfo(entry.name)}:
+        for device in {m.device for m in runtime.read_mountinfo(entry.name)}:
             counts[device] = counts.get(device, 0) + 1
     return counts
 
@@ -111,12 +70,10 @@ class PodmanStore:
     runroot: str | None = None
 
 
-def graphroot_of_upperdir(upperdir: str) -> str | None:
+def graphroot_of_upperdir(path_text: str) -> str | None:
     """``<graphroot>/overlay/<layer>/diff`` -> graphroot."""
-    path = Path(upperdir)
-    if path.name != "diff" or path.parent.parent.name != "overlay":
-        return None
-    return str(path.parent.parent.parent)
+    found = runtime.overlay_layer(path_text, "diff")
+    return None if found is None else str(found[0])
 
 
 def configured_stores(config: Mapping[str, Any]) -> list[PodmanStore]:
@@ -316,7 +273,7 @@ def _lowerdir_option(options: str) -> list[str]:
     return []
 
 
-def overlay_lowerdirs(entries: Iterable[MountInfo]) -> dict[str, list[str]]:
+def overlay_lowerdirs(entries: Iterable[runtime.MountEntry]) -> dict[str, list[str]]:
     """merged directory -> resolved lowerdirs, for every overlay mounted at
     ``<graphroot>/overlay/<layer>/merged``: the kernel's from its mount options, fuse-overlayfs's
     from its server's command line."""
@@ -352,12 +309,10 @@ def _fuse_overlayfs_commands() -> list[list[str]]:
     return out
 
 
-def graphroot_of_merged(merged: str) -> str | None:
+def graphroot_of_merged(path_text: str) -> str | None:
     """``<graphroot>/overlay/<layer>/merged`` -> graphroot."""
-    path = Path(merged)
-    if path.name != "merged" or path.parent.parent.name != "overlay":
-        return None
-    return str(path.parent.parent.parent)
+    found = runtime.overlay_layer(path_text, "merged")
+    return None if found is None else str(found[0])
 
 
 def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
@@ -375,22 +330,12 @@ def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
 
 
 def observe_users(records: list[MountRecord], config: Mapping[str, Any],
-                  entries: list[MountInfo], now: float | None = None) -> list[User]:
+                  entries: list[runtime.MountEntry], now: float | None = None) -> list[User]:
     """Read the known podman stores and return the users of store layers (``entries``: this
     mount namespace's mountinfo)."""
     points = {e.mountpoint for e in entries}
     views = [StoreView.read(store) for store in known_stores(records, config, points)]
     return find_users(views, points, records, now, overlay_lowerdirs(entries))
-
-
-def process_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
 
 
 def server_pid(mountpoint: str) -> int | None:

@@ -446,7 +446,7 @@ def lost_registry_state_is_adopted(s: Setup) -> None:
     assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
     # Without any record the user's exact squash mounts come from its overlay: the kernel's
     # mount options, or fuse-overlayfs's command line.
-    users = tracker.observe_users([], {}, tracker.read_mountinfo())
+    users = tracker.observe_users([], {}, runtime.read_mountinfo())
     assert [u.mounts for u in users if u.container == a1] == [frozenset(_diffs(s, A))]
     s.podman("stop", "-t", "0", a1)
     time.sleep(1.1)

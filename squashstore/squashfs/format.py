@@ -138,11 +138,6 @@ def split_xattr_name(name: str) -> tuple[XattrType, bytes] | None:
     return None
 
 
-def join_xattr_name(kind: int, rest: bytes) -> str:
-    """The full xattr name from an on-disk key type (OOL bit ignored) and name."""
-    return XATTR_PREFIXES[XattrType(kind & 0xFF)] + rest.decode("utf-8", "surrogateescape")
-
-
 # --- references, size words, devices ---------------------------------------------------
 
 
@@ -176,11 +171,6 @@ def size_word(stored: int, compressed: bool) -> int:
     return stored if compressed else stored | DATA_UNCOMPRESSED
 
 
-def parse_size_word(word: int) -> tuple[int, bool]:
-    """(stored length, compressed) of a data size word; (0, True) is a sparse block."""
-    return word & DATA_SIZE_MASK, not word & DATA_UNCOMPRESSED
-
-
 RDEV_MAJOR_MAX = 0xFFF
 RDEV_MINOR_MAX = 0xFFFFF
 """Largest device numbers the 32-bit encoding holds."""
@@ -201,11 +191,6 @@ def block_count(file_size: int, block_size: int, has_fragment: bool) -> int:
     if has_fragment:
         return file_size // block_size
     return (file_size + block_size - 1) // block_size
-
-
-def lookup_table_blocks(count: int, entry_size: int) -> int:
-    """Metadata blocks a lookup table (fragments, export, ids, xattr ids) of `count` uses."""
-    return (count * entry_size + METADATA_SIZE - 1) // METADATA_SIZE
 
 
 # --- records ---------------------------------------------------------------------------
