@@ -136,7 +136,7 @@ def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
 
 def _image_of(store_root: Path, layer: str) -> str:
     with contextlib.suppress(SquashstoreError, OSError, ValueError):
-        return next((i.id for i in Store(store_root).images() if i.layer == layer), "")
+        return Store(store_root).image_of_layer(layer)
     return ""
 
 

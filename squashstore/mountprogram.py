@@ -110,7 +110,7 @@ def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
         if not squash.is_file():
             raise MountProgramError(f"{item.store.root}: layer {item.layer[:12]} has no "
                                     "squash file (removed from the store?)")
-        image = next((i.id for i in item.store.images() if i.layer == item.layer), "")
+        image = item.store.image_of_layer(item.layer)
         registry.ensure_mounted(image, item.layer, squash, item.diff, user=user)
     return found
 

@@ -334,6 +334,12 @@ class Store:
             size=int(layer.get("diff-size", 0)), squash=self.squash_file(lid),
             diff=self.diff_dir(lid), metadata=metadata)
 
+    def image_of_layer(self, layer: str) -> str:
+        """The id of an image whose layer is `layer` ("" if none), from images.json alone
+        (the mount program asks at every container start: no per-image files read)."""
+        return next((str(r["id"]) for r in self.image_records() if r.get("layer") == layer),
+                    "")
+
     def images(self) -> list[StoreImage]:
         self.check()
         layers = {str(r.get("id")): r for r in self.layer_records()}
