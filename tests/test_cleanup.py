@@ -349,8 +349,9 @@ def test_poststop_hook_unmounts_after_the_last_container_stops(
         assert s.mounted() == {A, B}
         assert s.podman("exec", x2, "cat", "/etc/config") == "base config"
         s.podman("stop", "-t", "0", x2)
-        waited = _wait_until(lambda: s.mounted() == {B})
-        assert waited < 3.0
+        # No cleanup runs here: only the hook can unmount A (bounded by _wait_until's 10 s;
+        # how fast is measured in bench/, not asserted).
+        _wait_until(lambda: s.mounted() == {B})
         assert {r.layer for r in s.registry.records()} == {s.images[B].layer}
         assert s.podman("exec", y1, "cat", "/etc/config") == "base config"
         # --rm: gone right after the run returns; a restart of a stopped container remounts.
