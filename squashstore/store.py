@@ -275,7 +275,7 @@ class Store:
         """Raise StoreError unless this is a store of our format."""
         try:
             text = self.format_file.read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise StoreError(f"{self.root}: not a squash store (run `squashstore init`)")\
                 from None
         if text != str(FORMAT_VERSION):
