@@ -24,13 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, runtime
+from squashstore import __version__, config, host, podmanstore
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
-OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
                           "metacopy", "redirect_dir", "index", "xino", "nfs_export")
 
@@ -94,7 +93,7 @@ class StoreLayer:
 
 def store_layer(lowerdir: str) -> StoreLayer | None:
     """The squash store layer a lowerdir (usually ``S/overlay/l/<short>``) leads to."""
-    found = runtime.overlay_layer(os.path.realpath(lowerdir), "diff")
+    found = podmanstore.overlay_layer(os.path.realpath(lowerdir), "diff")
     if found is None or not Store.is_store(found[0]):
         return None
     return StoreLayer(Store(found[0]), found[1])
@@ -117,9 +116,9 @@ def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
 
 def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = runtime.config_value("mount", "overlay", "auto", OVERLAYS)
+    choice = config.load().mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
-    kernel_ok = runtime.is_real_root() and all(
+    kernel_ok = host.is_real_root() and all(
         item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
     if choice == "kernel" and not kernel_ok:
         raise MountProgramError("the kernel overlay needs root and plain overlay options")

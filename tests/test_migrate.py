@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_store import cli, podman_images, store_env, store_snapshot, unmount_below, write_wrapper
 
-from squashstore import runtime
+from squashstore import host
 from squashstore.image import SourceError
 from squashstore.migrate import options_json, squashed_config
 from squashstore.mounts import Registry
@@ -108,7 +108,7 @@ def test_migrate_runs_exports_builds_and_saves(mig: Migration, podman: Podman,
     listed = {n: i for i in podman_images(mig.consumer) for n in i["Names"]}
     for ref in refs:
         image = mig.store.resolve(ref)
-        assert runtime.is_mountpoint(image.diff), "migrate leaves the image mounted"
+        assert host.is_mountpoint(image.diff), "migrate leaves the image mounted"
         assert image.metadata["squash"]["options"]["compression"] == "lz4"
         assert image.metadata["squash"]["options"]["block_size"] == 64 * 1024
         assert listed[ref]["Id"] == image.id

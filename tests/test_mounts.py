@@ -28,9 +28,10 @@ from test_store import (
     store_setup,
 )
 
-from squashstore import runtime
+from squashstore import host
+from squashstore.host import answers
 from squashstore.mountprogram import parse_call, store_layer
-from squashstore.mounts import MountError, Registry, answers, default_backend
+from squashstore.mounts import MountError, Registry, default_backend
 from squashstore.store import Store
 from support.podman import Podman
 
@@ -42,7 +43,7 @@ SETUPS = {"fuse": ("fuse", "auto"), "fuse+fuse-overlayfs": ("fuse", "fuse-overla
 
 def mount_count(path: Path) -> int:
     """How many mounts are stacked on ``path`` (raw /proc/self/mountinfo lines)."""
-    target = runtime.real_path(path)
+    target = host.real_path(path)
     with open("/proc/self/mountinfo") as file:
         return sum(1 for line in file if line.split()[4] == target)
 
@@ -70,7 +71,7 @@ def test_registry_mounts_once_and_unmounts(benv: Env) -> None:
     listed = json.loads(cli(benv.store.root, "mounts", "--format", "json",
                             env=benv.env).stdout)
     assert [(m["image"], m["mountpoint"]) for m in listed] == [
-        (image.id, runtime.real_path(image.diff))]
+        (image.id, host.real_path(image.diff))]
     assert registry.umount(image.diff)
     assert mount_count(image.diff) == 0
     assert registry.records() == []
