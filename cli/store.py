@@ -63,8 +63,8 @@ def users_of(image: StoreImage, registry: Registry) -> list[str]:
     record = registry.record(image.diff)
     if record is not None:
         mounted = host.mount_table()
-        users += [f"container at {u['merged']}" for u in record.users
-                  if isinstance(u.get("merged"), str) and u["merged"] in mounted]
+        users += [f"container at {u.merged}" for u in record.users
+                  if u.merged and u.merged in mounted]
     return users
 
 

@@ -193,7 +193,7 @@ def _record_state(record: MountRecord, table: Mapping[str, host.MountEntry],
     entry = table.get(record.mountpoint)
     live = _liveness(entry)
     # The grace period runs from the last container start the mount program recorded.
-    starts = [u["since"] for u in record.users if isinstance(u.get("since"), int | float)]
+    starts = [u.since for u in record.users if u.since is not None]
     since = max([record.since, *starts])
     return MountState(record.mountpoint, record.layer, record.image, record.backend,
                       entry.fstype if entry else None, live["alive"],

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from squashstore import __version__, config, host, podmanstore
 from squashstore.image import SquashstoreError
-from squashstore.mounts import Registry
+from squashstore.mounts import RecordedUse, Registry
 from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
@@ -102,8 +102,8 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
 def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
     """Mount every store layer among the call's lowerdirs and record the container."""
     found = [layer for d in call.lowerdirs() if (layer := store_layer(d)) is not None]
-    user = {"merged": os.path.abspath(call.merged), "upperdir": call.option("upperdir") or "",
-            "pid": os.getpid(), "since": time.time()}
+    user = RecordedUse(os.path.abspath(call.merged), call.option("upperdir") or "",
+                       os.getpid(), time.time())
     for item in found:
         squash = item.store.squash_file(item.layer)
         if not squash.is_file():

@@ -162,6 +162,28 @@ def mounter_for_fstype(fstype: str) -> Mounter:
     return mounter(FSTYPE_BACKENDS.get(fstype, "kernel"))
 
 
+@dataclass(frozen=True)
+class RecordedUse:
+    """A container start the mount program recorded on a mount (one entry of a record's
+    ``users``): its overlay's merged directory and upperdir, the mount program's pid (which
+    becomes the overlay's server) and when; a field an older record lacks is empty."""
+
+    merged: str = ""
+    upperdir: str = ""
+    pid: int | None = None
+    since: float | None = None
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> RecordedUse:
+        merged, upperdir = value.get("merged"), value.get("upperdir")
+        pid, since = value.get("pid"), value.get("since")
+        return cls(merged if isinstance(merged, str) else "",
+                   upperdir if isinstance(upperdir, str) else "",
+                   pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                   float(since) if isinstance(since, int | float)
+                   and not isinstance(since, bool) else None)
+
+
 @dataclass
 class MountRecord:
     """The registry's knowledge of one mount."""
@@ -173,21 +195,29 @@ class MountRecord:
     backend: str
     pid: int | None
     since: float
-    users: list[dict[str, Any]] = field(default_factory=list)
+    users: list[RecordedUse] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MountRecord:
+        """A record as `to_json` wrote it (TypeError when it is not one)."""
+        users = data.get("users") or []
+        if not isinstance(users, list):
+            raise TypeError("users is not a list")
+        fields = {k: v for k, v in data.items() if k != "users"}
+        return cls(**fields, users=[RecordedUse.from_json(u) for u in users
+                                    if isinstance(u, dict)])
 
-def _may_still_use(user: dict[str, Any], mounted: Mapping[str, object]) -> bool:
+
+def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
     """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
     (The mount program records a use before the overlay exists; uses never pruned would
     grow the record with every container start.)"""
-    merged = user.get("merged")
-    if not isinstance(merged, str) or host.real_path(Path(merged)) in mounted:
+    if not user.merged or host.real_path(Path(user.merged)) in mounted:
         return True
-    since = user.get("since")
-    return not isinstance(since, int | float) or time.time() - since < host.STARTING_WINDOW
+    return user.since is None or time.time() - user.since < host.STARTING_WINDOW
 
 
 class Registry:
@@ -214,7 +244,7 @@ class Registry:
     def record(self, mountpoint: Path) -> MountRecord | None:
         try:
             data = json.loads(self._record_path(mountpoint).read_bytes())
-            return MountRecord(**data)
+            return MountRecord.from_json(data)
         except (OSError, ValueError, TypeError):
             return None
 
@@ -225,7 +255,7 @@ class Registry:
                 if entry.suffix != ".json":
                     continue
                 with contextlib.suppress(OSError, ValueError, TypeError):
-                    out.append(MountRecord(**json.loads(entry.read_bytes())))
+                    out.append(MountRecord.from_json(json.loads(entry.read_bytes())))
         return out
 
     def write(self, record: MountRecord) -> None:
@@ -239,7 +269,7 @@ class Registry:
 
     def ensure_mounted(self, image: str, layer: str, squash: Path, mountpoint: Path,
                        backend: str | None = None,
-                       user: dict[str, Any] | None = None) -> MountRecord:
+                       user: RecordedUse | None = None) -> MountRecord:
         """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``."""
         with self.locked():
             record = self._live_record(image, layer, squash, mountpoint)
@@ -249,10 +279,9 @@ class Registry:
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:
-                key = user.get("merged")
                 mounted = host.mount_table()
                 record.users = [u for u in record.users
-                                if u.get("merged") != key and _may_still_use(u, mounted)]
+                                if u.merged != user.merged and _may_still_use(u, mounted)]
                 record.users.append(user)
             self.write(record)
             return record

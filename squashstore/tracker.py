@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from squashstore import host, podmanstore
 from squashstore.config import Config, PodmanStore
-from squashstore.mounts import MountRecord
+from squashstore.mounts import MountRecord, RecordedUse
 
 T = TypeVar("T")
 
@@ -53,8 +53,7 @@ def known_stores(records: Iterable[MountRecord], settings: Config,
     found: dict[str, PodmanStore] = {}
     for store in settings.cleanup.podman_stores:
         found[os.path.abspath(store.graphroot)] = store
-    roots = {graphroot_of_upperdir(str(user.get("upperdir", "")))
-             for record in records for user in record.users}
+    roots = {graphroot_of_upperdir(user.upperdir) for record in records for user in record.users}
     for root in sorted({r for r in roots if r} | graphroots_mounted(mount_points)):
         found.setdefault(os.path.abspath(root), PodmanStore(os.path.abspath(root)))
     return list(found.values())
@@ -166,9 +165,9 @@ def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
     records = list(records)
     exact: dict[str, set[str]] = {m: set(dirs) for m, dirs in (lowerdirs or {}).items()}
     for record in records:
-        for rec_user in record.users:
-            if rec_user.get("merged") in points:
-                exact.setdefault(str(rec_user["merged"]), set()).add(record.mountpoint)
+        for use in record.users:
+            if use.merged in points:
+                exact.setdefault(use.merged, set()).add(record.mountpoint)
     users: list[User] = []
     by_root: dict[str, StoreView] = {}
     for view in views:
@@ -177,11 +176,11 @@ def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
                   for layer, merged in sorted(mounted_layers(view, points).items())]
     seen = {u.merged for u in users}
     for record in records:
-        for rec_user in record.users:
-            merged = str(rec_user.get("merged", ""))
-            if merged in seen or not is_starting(rec_user, points, now, starting_age):
+        for use in record.users:
+            merged = use.merged
+            if merged in seen or not is_starting(use, points, now, starting_age):
                 continue
-            root = graphroot_of_upperdir(str(rec_user.get("upperdir", ""))) or ""
+            root = graphroot_of_upperdir(use.upperdir) or ""
             layer = Path(merged).parent.name
             known = by_root.get(root)
             user = known.user(layer, merged) if known else User(root, layer, merged)
@@ -241,14 +240,14 @@ def graphroot_of_merged(path_text: str) -> str | None:
     return None if found is None else str(found[0])
 
 
-def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
+def is_starting(use: RecordedUse, mount_points: set[str], now: float,
                 starting_age: float = host.STARTING_WINDOW) -> bool:
     """A recorded container start whose overlay is not mounted yet: the mount program (the
     recorded pid, which becomes the overlay's ``mount``) still runs, and recently started."""
-    since, pid = rec_user.get("since"), rec_user.get("pid")
-    if not isinstance(since, (int, float)) or not isinstance(pid, int):
+    since, pid = use.since, use.pid
+    if since is None or pid is None:
         return False
-    if rec_user.get("merged") in mount_points or now - since >= starting_age:
+    if use.merged in mount_points or now - since >= starting_age:
         return False
     age = host.process_age(pid)
     # The recorded process started before it recorded the use; a recycled pid started later.

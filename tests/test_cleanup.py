@@ -34,7 +34,7 @@ from squashstore.config import Config
 from squashstore.host import answers
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
-from squashstore.mounts import MountRecord, Registry
+from squashstore.mounts import MountRecord, RecordedUse, Registry
 from squashstore.store import Store, StoreImage
 from squashstore.tracker import User
 from support.fixture_trees import write_base_tar
@@ -520,7 +520,7 @@ def test_rootless_hook_finds_the_users_registry_from_the_uid_map() -> None:
 def test_grace_runs_from_the_last_recorded_container_start() -> None:
     """Review finding: a mount made hours ago and used a second ago is not stale."""
     record = MountRecord("i", "l1", "/s.sqfs", "/m", "fuse", None, 0.0,
-                         users=[{"merged": "/a", "since": 100.0}, {"merged": "/b", "since": 990.0}])
+                         users=[RecordedUse("/a", since=100.0), RecordedUse("/b", since=990.0)])
     state = cleanup._record_state(record, {}, [], {})
     assert state.since == 990.0
     mounted = dataclasses.replace(state, fstype="fuse.squashstore", alive=True)

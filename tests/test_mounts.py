@@ -31,7 +31,7 @@ from test_store import (
 from squashstore import host
 from squashstore.host import answers
 from squashstore.mountprogram import parse_call, store_layer
-from squashstore.mounts import MountError, Registry, default_backend
+from squashstore.mounts import MountError, RecordedUse, Registry, default_backend
 from squashstore.store import Store
 from support.podman import Podman
 
@@ -60,13 +60,13 @@ def test_registry_mounts_once_and_unmounts(benv: Env) -> None:
     image = publish(benv, mount=False)
     registry = Registry(benv.runtime_dir)
     first = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
-                                    user={"merged": "/x"})
+                                    user=RecordedUse("/x"))
     second = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
-                                     user={"merged": "/y"})
+                                     user=RecordedUse("/y"))
     assert mount_count(image.diff) == 1
     assert (image.diff / "bin" / "busybox").is_file()
     assert first.backend == second.backend == default_backend()
-    assert [u["merged"] for u in second.users] == ["/x", "/y"]
+    assert [u.merged for u in second.users] == ["/x", "/y"]
     assert (first.pid is None) == (first.backend == "kernel")
     listed = json.loads(cli(benv.store.root, "mounts", "--format", "json",
                             env=benv.env).stdout)
@@ -185,7 +185,7 @@ def test_podman_run_remounts_after_umount_all(benv: Env) -> None:
     record = Registry(benv.runtime_dir).record(image.diff)
     assert record is not None and record.users
     assert record.backend == default_backend()
-    assert record.users[-1]["upperdir"].startswith(str(benv.consumer.graphroot))
+    assert record.users[-1].upperdir.startswith(str(benv.consumer.graphroot))
     # Unmount only that image by name, then an explicit mount through the CLI.
     cli(benv.store.root, "umount", IMAGE, env=benv.env)
     assert mount_count(image.diff) == 0
@@ -239,3 +239,20 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert proc.stderr.startswith("squashstore-mount-program: ")
         assert expected in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_records_written_before_typed_users_are_read(tmp_path: Path) -> None:
+    """A registry record as earlier versions wrote it (users as plain JSON objects, some
+    fields missing or odd) reads as typed uses, and is written back with the same keys."""
+    registry = Registry(tmp_path)
+    old = {"image": "i", "layer": "l", "squash": "/s", "mountpoint": str(tmp_path / "m"),
+           "backend": "fuse", "pid": 7, "since": 1.0,
+           "users": [{"merged": "/a", "upperdir": "/u", "pid": 9, "since": 2},
+                     {"merged": "/b"}, {"since": "soon", "pid": True}, "junk"]}
+    with registry.locked():
+        pass
+    (registry.records_dir / "x.json").write_text(json.dumps(old))
+    [record] = registry.records()
+    assert record.users == [RecordedUse("/a", "/u", 9, 2.0), RecordedUse("/b"), RecordedUse()]
+    assert record.to_json()["users"][0] == {"merged": "/a", "upperdir": "/u", "pid": 9,
+                                            "since": 2.0}
