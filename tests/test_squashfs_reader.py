@@ -975,3 +975,22 @@ def test_decompression_bomb_is_an_error(tmp_path: Path) -> None:
     image[word_pos : word_pos + 4] = len(bomb).to_bytes(4, "little")
     with _open_patched(tmp_path, image) as r, pytest.raises(SquashfsError, match="more than"):
         r.read(r.resolve("rnd"), 0, 10)
+
+
+def test_reads_through_a_byte_source(gzip_image: Path, source: Path) -> None:
+    """The hook lazily pulled images use: every read goes to `source`, none to the path."""
+    data = gzip_image.read_bytes()
+    reads: list[tuple[int, int]] = []
+
+    class Source:
+        size = len(data)
+
+        def pread(self, size: int, offset: int) -> bytes:
+            reads.append((offset, size))
+            return data[offset : offset + size]
+
+    with SquashReader("/nonexistent/image", source=Source()) as r:
+        assert r.remote and reads
+        assert r.read(r.resolve("random.bin"), 0, 1 << 30) == _file_bytes(source / "random.bin")
+    with SquashReader(gzip_image) as plain:
+        assert not plain.remote

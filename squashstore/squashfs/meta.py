@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from squashstore.image import SquashstoreError
 from squashstore.squashfs import compress, format
@@ -77,23 +77,41 @@ class Region:
 # The file.
 
 
-class ImageFile:
-    """An image file opened for reading: its descriptor, size, superblock and codec.
+class ByteSource(Protocol):
+    """Where a reader reads its image from instead of the file at its path (a lazily
+    pulled image's cache and registry): `size` bytes, read with `pread`; a part that
+    cannot be read raises `OSError`."""
 
-    Opening checks the superblock against the file's size; every read is a bounds-checked
-    `os.pread`, so one `ImageFile` serves many threads.
+    @property
+    def size(self) -> int: ...
+
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+
+class ImageFile:
+    """An image opened for reading: its file (or `source`), size, superblock and codec.
+
+    Opening checks the superblock against the image's size; every read is a bounds-checked
+    `os.pread` (or `source.pread`), so one `ImageFile` serves many threads. With a
+    `source`, `path` only names the image in messages.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, source: ByteSource | None = None) -> None:
         self.path = path
+        self._source = source
+        self._fd = -1
+        if source is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SquashfsError(f"{self.path}: cannot open: {exc.strerror}") from None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SquashfsError(f"{self.path}: cannot open: {exc.strerror}") from None
-        try:
-            if stat.S_ISDIR(os.fstat(self._fd).st_mode):
+            if source is not None:
+                self.size = source.size
+            elif stat.S_ISDIR(os.fstat(self._fd).st_mode):
                 raise SquashfsError(f"{self.path}: is a directory, not a squash file")
-            self.size = os.lseek(self._fd, 0, os.SEEK_END)  # block devices too
+            else:
+                self.size = os.lseek(self._fd, 0, os.SEEK_END)  # block devices too
             self.superblock = self._read_superblock()
             self.block_size: int = self.superblock.block_size
             self.compression: str = _compression_name(self.superblock.compressor, self.path)
@@ -115,7 +133,10 @@ class ImageFile:
                 f"{self.path}: {what} at {pos} (+{size}) lies outside the image"
             )
         try:
-            data = os.pread(self._fd, size, pos)
+            if self._source is not None:
+                data = self._source.pread(size, pos)
+            else:
+                data = os.pread(self._fd, size, pos)
         except OSError as exc:
             raise SquashfsError(f"{self.path}: cannot read {what} at {pos}: {exc}") from None
         if len(data) != size:

@@ -22,10 +22,10 @@ from squashstore.squashfs import format
 from squashstore.squashfs.data import DataReader
 from squashstore.squashfs.dirs import DirEntry, DirReader
 from squashstore.squashfs.inodes import DirIndex, InodeTable, SqInode
-from squashstore.squashfs.meta import ImageFile, MetaReader, SquashfsError, Tables
+from squashstore.squashfs.meta import ByteSource, ImageFile, MetaReader, SquashfsError, Tables
 from squashstore.squashfs.xattrs import XattrReader
 
-__all__ = ["DirEntry", "DirIndex", "SqInode", "SquashReader", "SquashfsError"]
+__all__ = ["ByteSource", "DirEntry", "DirIndex", "SqInode", "SquashReader", "SquashfsError"]
 
 
 class SquashReader:
@@ -37,7 +37,8 @@ class SquashReader:
     decoded inodes, a quarter as many parsed directory index segments), `data_cache_blocks`
     decompressed data and fragment blocks. Methods raise `SquashfsError` for anything
     corrupt; `readdir`, `lookup` and `resolve` raise `NotADirectoryError` for a
-    non-directory and `resolve` raises `FileNotFoundError` for a missing name.
+    non-directory and `resolve` raises `FileNotFoundError` for a missing name. With a
+    `source`, every read goes to it and `path` only names the image in messages.
     """
 
     def __init__(
@@ -46,9 +47,12 @@ class SquashReader:
         *,
         metadata_cache_blocks: int = 1024,
         data_cache_blocks: int = 64,
+        source: ByteSource | None = None,
     ) -> None:
         self.path = Path(path)
-        self._image = ImageFile(self.path)
+        self.remote = source is not None
+        """Whether reads go to a `source` (which may wait on a network) instead of a file."""
+        self._image = ImageFile(self.path, source)
         try:
             self.superblock: format.Superblock = self._image.superblock
             self.block_size: int = self._image.block_size
