@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import locking, runtime
+from squashstore import imageconfig, locking, runtime
 from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
 
@@ -125,6 +125,8 @@ def read_json(path: Path, default: Any) -> Any:
         return default
     except ValueError as exc:
         raise StoreError(f"{path}: damaged JSON ({exc})") from exc
+    except RecursionError:
+        raise StoreError(f"{path}: damaged JSON (nested too deeply)") from None
 
 
 def remove_tree(path: Path) -> None:
@@ -327,7 +329,7 @@ class Store:
         meta = read_json(self.image_meta_dir / f"{iid}.json", {})
         layer_meta = read_json(self.layer_meta_dir / f"{lid}.json", {})
         metadata = {"source": meta.get("source", {}), "squash": layer_meta,
-                    "migrated": meta.get("migrated", "")}
+                    "migrated": meta.get("migrated", ""), "named": meta.get("named", True)}
         return StoreImage(
             id=iid, names=tuple(record.get("names") or ()), layer=lid,
             digest=str(record.get("digest", "")), created=str(record.get("created", "")),
@@ -422,6 +424,11 @@ class Store:
         """Make a staged image visible: a few renames, then the layer and image records."""
         if not pub.diff_digest.startswith("sha256:"):
             raise StoreError(f"bad diff digest {pub.diff_digest!r}")
+        for what, data, check in (("config", pub.config, imageconfig.config_problems),
+                                  ("manifest", pub.manifest, imageconfig.manifest_problems)):
+            unreadable = check(imageconfig.load(data, f"image {what}"))
+            if unreadable:  # one image podman cannot read would break the whole store
+                raise StoreError(f"image {what}: {unreadable[0]}")
         names = tuple(dict.fromkeys(normalize_name(n) for n in pub.names))
         lid = pub.diff_digest.removeprefix("sha256:")
         iid = sha256_hex(pub.config)
@@ -587,13 +594,19 @@ class Store:
 
     def gc(self, in_use: Callable[[StoreImage], bool],
            unmount: Unmounter = _no_unmount) -> list[str]:
-        """Remove dangling images nothing uses and all leftovers; returns what went."""
+        """Remove dangling images nothing uses and all leftovers; returns what went.
+
+        Dangling: an image that lost all its names (they moved to another image, or were
+        untagged). An image migrated without any name (its image metadata has ``named``
+        false) is never dangling: only `remove_image` removes it."""
         with self.write_lock(unmount) as removed:
             images = self.image_records()
             layers = {str(r.get("id")): r for r in self.layer_records()}
             keep = []
             for record in images:
-                if not record.get("names") and not in_use(self._store_image(record, layers)):
+                image = self._store_image(record, layers)
+                if not record.get("names") and image.metadata.get("named", True) and not \
+                        in_use(image):
                     removed.append(f"image {record['id']}")
                 else:
                     keep.append(record)
@@ -708,6 +721,10 @@ class Store:
         """Problems found in the store's records and files (empty when sound)."""
         self.check()
         problems: list[str] = []
+        for path, kind in ((self.images_json, imageconfig.STORAGE_IMAGES),
+                           (self.layers_json, imageconfig.STORAGE_LAYERS)):
+            problems += [f"{path}: {p} (podman cannot read the store)"
+                         for p in imageconfig.problems(read_json(path, []), kind, "")]
         layers = {str(r.get("id")): r for r in self.layer_records()}
         images = self.image_records()
         for path in (self.layers_lock, self.images_lock):
@@ -732,18 +749,35 @@ class Store:
         problems = []
         if record.get("layer") not in layers:
             problems.append(f"image {iid}: layer {record.get('layer')} has no record")
-        for key, digest in (record.get("big-data-digests") or {}).items():
+        digests = record.get("big-data-digests")
+        for key, digest in (digests.items() if isinstance(digests, dict) else ()):
             path = self.images_dir / iid / big_data_file_name(key)
             try:
-                actual = "sha256:" + sha256_hex(path.read_bytes())
+                data = path.read_bytes()
             except OSError as exc:
                 problems.append(f"image {iid}: {key}: {exc.strerror}")
                 continue
+            actual = "sha256:" + sha256_hex(data)
             if actual != digest:
                 problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
+            problems += [f"image {iid}: {key}: {p} (podman cannot read it)"
+                         for p in self._big_data_problems(key, data)]
         if "sha256:" + iid not in (record.get("big-data-digests") or {}):
             problems.append(f"image {iid}: no config whose digest is the image id")
         return problems
+
+    @staticmethod
+    def _big_data_problems(key: str, data: bytes) -> list[str]:
+        """A config or manifest item checked as podman reads it (the config is the item
+        keyed by a digest, manifests are ``manifest`` and ``manifest-<digest>``)."""
+        try:
+            if key.startswith("sha256:"):
+                return imageconfig.config_problems(imageconfig.load(data, key))
+            if key == "manifest" or key.startswith("manifest-"):
+                return imageconfig.manifest_problems(imageconfig.load(data, key))
+        except SquashstoreError as exc:
+            return [str(exc)]
+        return []
 
     def _verify_layer(self, lid: str) -> list[str]:
         problems = []
