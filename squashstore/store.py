@@ -30,11 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import imageconfig, locking, runtime
+from squashstore import imageconfig, locking, runtime, trust
 from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
 
 FORMAT_VERSION = 1
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 META = "squashstore"
 LINK_LENGTH = 26
 TMP_SUFFIX = ".sqtmp"
@@ -241,7 +242,8 @@ class Store:
     """A squash store rooted at ``root``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.abspath(root))
+        # Resolved once: every path below it is then used only if reached without symlinks.
+        self.root = Path(os.path.realpath(root))
         self.meta = self.root / META
         self.format_file = self.meta / "format-version"
         self.lock_file = self.meta / "lock"
@@ -264,11 +266,18 @@ class Store:
     def is_store(path: Path) -> bool:
         return (path / META / "format-version").is_file()
 
+    @staticmethod
+    def _checked_id(layer_id: str) -> str:
+        """A layer id used in a path: 64 hex digits, so it never leads out of the store."""
+        if not _ID_RE.fullmatch(layer_id):
+            raise StoreError(f"invalid layer id {layer_id[:80]!r} (damaged records?)")
+        return layer_id
+
     def diff_dir(self, layer_id: str) -> Path:
-        return self.overlay / layer_id / "diff"
+        return self.overlay / self._checked_id(layer_id) / "diff"
 
     def squash_file(self, layer_id: str) -> Path:
-        return self.squash_dir / f"{layer_id}.sqfs"
+        return self.squash_dir / f"{self._checked_id(layer_id)}.sqfs"
 
     def tar_split_file(self, layer_id: str) -> Path:
         return self.layers_dir / f"{layer_id}.tar-split.gz"
@@ -283,6 +292,7 @@ class Store:
         if text != str(FORMAT_VERSION):
             raise StoreError(f"{self.root}: store format {text!r}, this squashstore reads "
                              f"format {FORMAT_VERSION}")
+        trust.check_tree(self.root)
 
     def init(self) -> None:
         """Create the store (idempotent); podman accepts it empty and read-only."""
@@ -643,6 +653,10 @@ class Store:
             if entry == "l" or entry in layer_ids:
                 continue
             path = self.overlay / entry
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()  # never followed: what it points at is not the store's
+                removed.append(f"layer dir {entry}")
+                continue
             diff = path / "diff"
             if runtime.is_mountpoint(diff) and not unmount(diff):
                 continue
@@ -784,7 +798,11 @@ class Store:
         if not self.squash_file(lid).is_file():
             problems.append(f"layer {lid}: squash file missing")
         try:
-            link = (self.overlay / lid / "link").read_text()
+            fd = os.open(self.overlay / lid / "link", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                link = os.read(fd, 256).decode(errors="replace")
+            finally:
+                os.close(fd)
         except OSError:
             return [*problems, f"layer {lid}: link file missing"]
         if len(link) != LINK_LENGTH:
@@ -803,7 +821,7 @@ class Store:
             dirs[:] = [d for d in dirs
                        if runtime.real_path(Path(root) / d) not in mounted and d != "tmp"]
             for name in dirs:
-                mode = (Path(root) / name).stat().st_mode
+                mode = (Path(root) / name).lstat().st_mode
                 if mode & 0o005 != 0o005:
                     problems.append(f"{Path(root) / name}: not world-searchable")
             for name in files:
