@@ -283,7 +283,9 @@ class Store:
         return self.layers_dir / f"{layer_id}.tar-split.gz"
 
     def check(self) -> None:
-        """Raise StoreError unless this is a store of our format."""
+        """Raise StoreError unless this is a store of our format (and, as root, one nobody
+        else can change: `trust.check_tree`, checked before any file of it is read)."""
+        trust.check_tree(self.root)
         try:
             text = self.format_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -292,7 +294,6 @@ class Store:
         if text != str(FORMAT_VERSION):
             raise StoreError(f"{self.root}: store format {text!r}, this squashstore reads "
                              f"format {FORMAT_VERSION}")
-        trust.check_tree(self.root)
 
     def init(self) -> None:
         """Create the store (idempotent); podman accepts it empty and read-only."""
