@@ -228,6 +228,25 @@ class Publication:
     image_metadata: dict[str, Any] = field(default_factory=dict)
 
 
+PUBLISH_HOOK = "SQUASHSTORE_TEST_PUBLISH_HOOK"
+"""Test-only: a directory; `publish` stops at each step until the test lets it go."""
+PUBLISH_STEPS = ("locked", "squash-file", "layer-files", "image-files", "layer-record",
+                 "image-record")
+
+
+def publish_hook(step: str) -> None:
+    """A point inside `Store.publish` a crash test can stop at (``$SQUASHSTORE_TEST_PUBLISH_HOOK``
+    names a directory: the writer creates ``STEP.reached`` there and waits until
+    ``STEP.go`` exists, so the test can SIGKILL it exactly there). Without the variable,
+    as in production, it does nothing."""
+    directory = os.environ.get(PUBLISH_HOOK)
+    if not directory:
+        return
+    Path(directory, f"{step}.reached").touch()
+    while not Path(directory, f"{step}.go").exists():
+        time.sleep(0.01)
+
+
 Unmounter = Callable[[Path], bool]
 """Unmounts a layer's diff directory; returns False when it is busy and stays mounted."""
 
@@ -446,11 +465,15 @@ class Store:
         staged_image = self._stage_image_dir(pub, iid)
         staged_layer = self._stage_layer_dir(pub.squash.parent, lid)
         with self.write_lock(unmount):
+            publish_hook("locked")
             self._install_layer_files(pub, lid, staged_layer)
+            publish_hook("layer-files")
             self._install_image_files(pub, iid, staged_image)
+            publish_hook("image-files")
             layers = [r for r in self.layer_records() if r.get("id") != lid]
             layers.append(self._layer_record(pub, lid))
             self._write_layers(layers)
+            publish_hook("layer-record")
             images = self.image_records()
             old = next((r for r in images if r.get("id") == iid), None)
             record = self._image_record(pub, iid, lid, old)
@@ -461,6 +484,7 @@ class Store:
             all_names = [*record["names"], *names]
             record["names"] = list(dict.fromkeys(all_names))
             self._write_images(images)
+            publish_hook("image-record")
         return self.resolve(iid)
 
     def _stage_image_dir(self, pub: Publication, iid: str) -> Path:
@@ -494,6 +518,7 @@ class Store:
         if not kept:
             os.chmod(pub.squash, 0o644)
             os.rename(pub.squash, self.squash_file(lid))
+            publish_hook("squash-file")
         if pub.tar_split is not None and not (kept and self.tar_split_file(lid).is_file()):
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
