@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, runtime
+from squashstore import __version__, runtime, trust
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
@@ -101,7 +101,7 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
     target is exactly ``../<LID>/diff``) or ``S/overlay/<LID>/diff``, S being a squash
     store. Nothing else is followed: a lowerdir that reaches a store by another way (a
     planted symlink) is not a store layer. As root, a store other users can change is
-    refused (`trust.check_tree`)."""
+    refused (`trust`; the layer's own paths are checked when it is mounted)."""
     path = Path(os.path.abspath(lowerdir))
     if path.parent.name == "l" and path.parent.parent.name == "overlay":
         root, link = path.parent.parent.parent, path
@@ -115,9 +115,11 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
         found = runtime.overlay_layer(path, "diff")
         if found is None or not Store.is_store(found[0]):
             return None
-        root, layer = found
+        (root, layer), link = found, None
     store = Store(root)
     store.check()
+    if link is not None:
+        trust.check_entry(store.links / link.name, symlink_ok=True)
     return StoreLayer(store, layer)
 
 

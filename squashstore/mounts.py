@@ -257,9 +257,9 @@ class Registry:
     def locked(self) -> Iterator[None]:
         """The registry's lock: other processes and threads wait; nesting is allowed.
 
-        As root, only a registry nobody else can change is used (`trust.check_tree`)."""
+        As root, only a registry nobody else can change is used (`trust.check_top`)."""
         self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        trust.check_tree(self.dir, what="a mount registry")
+        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
         with locking.reentrant(self.lock_file):
             yield
 

@@ -37,6 +37,11 @@ from squashstore.image import SquashstoreError
 FORMAT_VERSION = 1
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 META = "squashstore"
+TOP_ENTRIES = (META, f"{META}/format-version", f"{META}/lock", f"{META}/images",
+               f"{META}/layers", f"{META}/squash", f"{META}/tmp", "overlay", "overlay/l",
+               "overlay-layers", "overlay-images", "overlay-layers/layers.json",
+               "overlay-images/images.json")
+"""The store's fixed entries, checked (as root) whenever it is opened."""
 LINK_LENGTH = 26
 TMP_SUFFIX = ".sqtmp"
 LAYER_DIRS = ("diff", "empty", "merged")
@@ -302,9 +307,10 @@ class Store:
         return self.layers_dir / f"{layer_id}.tar-split.gz"
 
     def check(self) -> None:
-        """Raise StoreError unless this is a store of our format (and, as root, one nobody
-        else can change: `trust.check_tree`, checked before any file of it is read)."""
-        trust.check_tree(self.root)
+        """Raise StoreError unless this is a store of our format (and, as root, one whose
+        fixed directories nobody else can change: `trust.check_top`, before any file of
+        it is read)."""
+        trust.check_top(self.root, TOP_ENTRIES)
         try:
             text = self.format_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -433,6 +439,7 @@ class Store:
     def write_lock(self, unmount: Unmounter = _no_unmount) -> Iterator[list[str]]:
         """The project lock; leftovers of dead writers are removed on entry (yielded)."""
         self.init()
+        trust.check_tree(self.root)  # leftover removal below may touch every entry
         with locking.exclusive(self.lock_file):
             yield self._clean_leftovers(unmount)
 
@@ -760,6 +767,7 @@ class Store:
     def verify_structure(self) -> list[str]:
         """Problems found in the store's records and files (empty when sound)."""
         self.check()
+        trust.check_tree(self.root)
         problems: list[str] = []
         for path, kind in ((self.images_json, imageconfig.STORAGE_IMAGES),
                            (self.layers_json, imageconfig.STORAGE_LAYERS)):

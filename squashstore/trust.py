@@ -4,12 +4,17 @@ Root acting on a store that another user can write would follow that user's syml
 squash file over ``/etc`` through a planted ``overlay/<LID>/diff -> /etc``, unmount or delete
 what the link points at. So, like ssh's StrictModes and containers/storage's refusal of unsafe
 permissions, real root (`runtime.is_real_root`) acts on a store only when nobody else can
-change it (`check_tree`): every directory from ``/`` down to the store root is owned by root
+change what it uses: every directory from ``/`` down to the store root is owned by root
 and writable by no one else (a world-writable directory is allowed only with the sticky bit,
 as ``/tmp``), and every entry inside the store is owned by root, has no group or other write
 bit, and is a directory or a regular file, except the layer links ``overlay/l/*`` (symlinks).
 Mount points are not entered (and never stat-ed: a dead FUSE server would hang us), nor are
-layers' ``diff``, ``empty`` and ``merged`` directories. The same rule holds for root's
+layers' ``diff``, ``empty`` and ``merged`` directories. Like ssh's StrictModes this is checked
+on what an operation touches, in a few stats (`check_top` when a store is opened: ancestors,
+root and fixed directories; `check_entry`, `check_mountpoint`, `check_squash_file`,
+`check_unmount` on the layer paths used: a container start costs O(1) extra stats), and on
+the whole tree (`check_tree`) only by what may touch every file: the writers' lock (publish,
+rmi, gc, whose leftover removal walks the store) and ``verify``. The same rule holds for root's
 runtime directory (the mount registry). An ordinary user acts on their own files, so the rule
 is root's only. On top of it, as defence in depth for everyone, a mount point must be a real
 directory reached without any symlink (`check_mountpoint`), and only a squash file system
@@ -64,6 +69,32 @@ def check_ancestors(path: Path, what: str) -> None:
                           f"{stat.S_IMODE(st.st_mode):04o}) is not root's alone", what)
 
 
+def check_entry(path: Path, symlink_ok: bool = False, what: str = "a store") -> None:
+    """As real root: one path, lstat-ed: root's, no group or other write bit, a directory or
+    a regular file (or a symlink when `symlink_ok`). `UnsafeStore` otherwise."""
+    if not runtime.is_real_root():
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    problem = _problem(path, st, symlink_ok)
+    if problem:
+        raise _refuse(path, problem, what)
+
+
+def check_top(root: Path, parts: Iterable[str], what: str = "a store") -> None:
+    """As real root, in O(1) stats: the ancestors of `root`, `root` and its fixed entries
+    `parts` (relative paths). What an operation then touches below is checked by it
+    (`check_entry`, `check_mountpoint`, ...); `check_tree` walks everything."""
+    if not runtime.is_real_root() or not os.path.lexists(root):
+        return
+    check_ancestors(root, what)
+    check_entry(root, what=what)
+    for part in parts:
+        check_entry(root / part, what=what)
+
+
 def check_tree(root: Path, mounted: Container[str] | None = None, what: str = "a store"
                ) -> None:
     """As real root: raise `UnsafeStore` unless only root can change `root` (see the module
@@ -114,9 +145,11 @@ def parent_has_no_symlinks(path: Path) -> bool:
 
 def check_mountpoint(path: Path) -> None:
     """A mount point is a real directory reached without symlinks, owned as its parent
-    (the layer directory) is; `UnsafeStore` if not."""
+    (the layer directory) is, and as root both are root's alone; `UnsafeStore` if not."""
     if not parent_has_no_symlinks(path):
         raise UnsafeStore(f"{path}: a symlink leads elsewhere: refusing to mount there")
+    check_entry(path.parent)
+    check_entry(path)
     try:
         st = os.lstat(path)
         parent = os.lstat(os.path.dirname(os.path.abspath(path)))
@@ -140,6 +173,7 @@ def check_squash_file(path: Path) -> None:
     if not parent_has_no_symlinks(path) or not stat.S_ISREG(st.st_mode):
         raise UnsafeStore(f"{path}: not a regular file reached without symlinks: refusing "
                           "to use it")
+    check_entry(path)
 
 
 def check_unmount(path: Path, fstype: str | None = None,
@@ -152,3 +186,5 @@ def check_unmount(path: Path, fstype: str | None = None,
     if fstype is not None and fstype not in squash_fstypes:
         raise UnsafeStore(f"{path}: a {fstype} file system, not a squash mount: refusing to "
                           "unmount it")
+    if fstype is not None:
+        check_entry(path.parent)
