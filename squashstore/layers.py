@@ -248,9 +248,18 @@ class LayerMerge:
             raise LayerError(f"{layer.describe()}: {quote(member.name)} appears twice in the "
                              "layer (duplicates of file paths not supported)")
         state.names.add(key)
-        if member.typeflag == tarformat.TYPE_XGLOBAL:
-            return  # containers/storage ignores PAX global headers
         path = normalise(member.name, layer)
+        if not path and key == "." and member.typeflag != tarformat.TYPE_DIR:
+            return  # containers/storage skips an entry named "." whatever its type
+        if member.typeflag == tarformat.TYPE_XGLOBAL:
+            # Ignored, but extraction still makes its parent directories (a GNU tar global
+            # header is named /tmp/GlobalHead.PID.N) and would replace a root named "/".
+            if not path:
+                raise LayerError(f"{layer.describe()}: the root {quote(member.name)} is not "
+                                 "a directory")
+            self._check_parents(path, layer, state)
+            yield from self._imply_parents(path, member.mtime, state)
+            return
         base = path.rpartition("/")[2]
         if base.startswith(WHITEOUT_PREFIX):
             self._check_parents(path, layer, state)
