@@ -17,16 +17,21 @@ import io
 import os
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_layers import make_layer
 from test_sources import Layout
 
 from squashstore.flatten import export_image, squash_image
 from squashstore.image import Image, SquashstoreError
 from squashstore.squashfs.writer import SquashOptions
+from squashstore.tar.reader import TarError, TarReader
+from squashstore.tar.writer import encode_header
 from support import tarshapes as ts
 from support.listing import Listing, canonical_from_dir, canonical_from_tar, diff_listings
 from support.podman import Podman
@@ -330,3 +335,88 @@ def test_a_layer_blob_of_nothing_is_an_empty_layer(blob: str, tmp_path: Path,
     assert result.returncode == 0, result.stderr
     assert not diff_listings(canonical_from_tar(tmp_path / "out.tar"), theirs,
                              ignore_paths={"/"})
+
+
+# -- the header encoder: the canonical bytes, pinned against tarfile -----------------------
+
+_NAMES = st.lists(st.sampled_from(["a", "/", "é", "\udcff", "x" * 30, ".", " "]),
+                  min_size=1, max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_NAMES, kind=st.sampled_from([b"0", b"1", b"2", b"3", b"4", b"5", b"6"]),
+       mode=st.integers(0, 0o7777), uid=st.sampled_from([0, 1000, 8**7 - 1, 8**7, 1 << 32]),
+       gid=st.sampled_from([0, 5, 8**7]), size=st.sampled_from([0, 1, 8**11 - 1, 8**11]),
+       mtime=st.sampled_from([0, 1_600_000_000, -5, 8**11]), link=_NAMES,
+       dev=st.sampled_from([(0, 0), (1, 3), (8**7 - 1, 259)]),
+       xattrs=st.dictionaries(st.sampled_from(["user.a", "security.capability", "user.é"]),
+                              st.binary(max_size=5), max_size=3))
+def test_header_encoder_writes_the_bytes_tarfile_wrote(
+        name: str, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+        link: str, dev: tuple[int, int], xattrs: dict[str, bytes]) -> None:
+    """The canonical tar's headers are part of every recorded diff_id and tar-split."""
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid, info.size, info.mtime = kind, mode, uid, gid, \
+        size, mtime
+    info.linkname, (info.devmajor, info.devminor) = link, dev
+    info.uname = info.gname = ""
+    info.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape")
+                        for k, v in sorted(xattrs.items())}
+    try:
+        expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    except ValueError:
+        with pytest.raises(ValueError):
+            encode_header(name, kind, mode=mode, uid=uid, gid=gid, size=size, mtime=mtime,
+                          linkname=link, devmajor=dev[0], devminor=dev[1], xattrs=xattrs)
+        return
+    assert encode_header(name, kind, mode=mode, uid=uid, gid=gid, size=size, mtime=mtime,
+                         linkname=link, devmajor=dev[0], devminor=dev[1],
+                         xattrs=xattrs) == expected
+
+
+# -- Go's reader rules, one by one ---------------------------------------------------------
+
+
+def _read_all(data: bytes) -> list[tuple[bytes, str, str, int, int, bytes]]:
+    reader = TarReader(io.BytesIO(data))
+    out = []
+    while (h := reader.next()) is not None:
+        out.append((h.typeflag, h.name, h.linkname, h.size, h.mtime, reader.read()))
+    return out
+
+
+def test_reader_follows_go_on_names_and_numbers() -> None:
+    gnu = ts.header(b"input.txt", b"0", magic="gnu", atime=0o13375561762, ctime=1)
+    assert _read_all(ts.archive(gnu))[0][1] == "input.txt"
+    ustar = ts.header(b"name", b"0", prefix=b"some/prefix")
+    assert _read_all(ts.archive(ustar))[0][1] == "some/prefix/name"
+    # Two PAX headers: the second replaces the first whole (its linkpath is gone too).
+    two = ts.special(b"x", ts.pax_record("path", "first") + ts.pax_record("linkpath", "l1")) \
+        + ts.special(b"x", ts.pax_record("path", "second")) + ts.header(b"h", b"2")
+    assert _read_all(ts.archive(two))[0][1:3] == ("second", "")
+    # A GNU long name beats a PAX path; an empty PAX value keeps the header's field.
+    mixed = ts.special(b"x", ts.pax_record("path", "pax") + ts.pax_record("mtime", "")) \
+        + ts.special(b"L", b"gnu\x00", b"././@LongLink", "gnu") \
+        + ts.header(b"h", b"0", mtime=42)
+    assert _read_all(ts.archive(mixed))[0][1:5] == ("gnu", "", 0, 42)
+    # PAX times round down, also below zero.
+    for value, seconds in (("1.5", 1), ("-1.5", -2), ("-0.5", -1), ("7", 7), ("-3", -3)):
+        entry = ts.special(b"x", ts.pax_record("mtime", value)) + ts.header(b"f", b"0")
+        assert _read_all(ts.archive(entry))[0][4] == seconds, value
+    # A type-0 name ending in / is still a file; a NUL type ending in / is a directory.
+    assert _read_all(ts.archive(ts.header(b"d/", b"\x00")))[0][0] == b"5"
+    for bad in (ts.special(b"x", ts.pax_record("size", "+-1")) + ts.header(b"f", b"0"),
+                ts.special(b"x", ts.pax_record("mtime", "1.5e3")) + ts.header(b"f", b"0"),
+                ts.header(b"f", b"0", raw={124: b"0x10\x00"}),
+                ts.header(b"f", b"0")[:150] + b"9" + ts.header(b"f", b"0")[151:],
+                bytes(512) + ts.header(b"f", b"0")):
+        with pytest.raises(TarError, match="invalid tar header"):
+            _read_all(ts.archive(bad))
+
+
+def test_reader_expands_sparse_files_without_reading_holes() -> None:
+    entries = _read_all(ts.archive(_sparse_1_0(1000, [(500, b"abc")])))
+    assert entries == [(b"0", "sparse", "", 1000, 1_600_000_000,
+                        bytes(500) + b"abc" + bytes(497))]
+    with pytest.raises(TarError, match="non-existent data"):
+        _read_all(ts.archive(_sparse_1_0(1000, [(500, b"abc")], map_text=b"1\n500\n9\n")))

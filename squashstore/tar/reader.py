@@ -458,7 +458,9 @@ class TarReader:
     def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (all with -1) of the current entry's content; b"" at its end."""
         if self._sparse is not None:
-            return self._read_sparse(n)
+            if n >= 0:
+                return self._read_sparse(n)
+            return b"".join(iter(lambda: self._read_sparse(_CHUNK), b""))
         if n < 0 or n > self._remaining:
             n = self._remaining
         if not n:
