@@ -38,8 +38,9 @@ class Member:
 
 def shaped_tar(members: list[Member], shapes: list[str]) -> bytes:
     """`members` with headers written by hand in the given shapes (one per member, cycled):
-    GNU, ustar, PAX with decoy headers and records; podman reads them all alike."""
-    return tarshapes.archive(*(
+    GNU, ustar, PAX with decoy headers and records, GNU sparse 1.0, behind a PAX global
+    header; podman reads them all alike."""
+    return tarshapes.archive(tarshapes.global_header(), *(
         tarshapes.entry(shapes[i % len(shapes)], m.name, m.kind, data=m.data,
                         target=m.target, mode=m.mode, uid=m.uid, gid=m.gid, mtime=m.mtime,
                         xattrs={k: v.encode() for k, v in m.xattrs.items()},

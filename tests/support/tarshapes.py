@@ -11,7 +11,8 @@ repeated headers wins. Independent of the code under test on purpose.
 
 from __future__ import annotations
 
-SHAPES = ("pax", "pax-decoy-header", "pax-decoy-record", "gnu", "gnu-decoy", "ustar")
+SHAPES = ("pax", "pax-decoy-header", "pax-decoy-record", "gnu", "gnu-decoy", "ustar",
+          "pax-sparse")
 
 TYPES = {"file": b"0", "link": b"1", "symlink": b"2", "chr": b"3", "dir": b"5", "fifo": b"6",
          "whiteout": b"0", "opaque": b"0"}
@@ -86,6 +87,20 @@ def entry(shape: str, name: str, kind: str, *, data: bytes = b"", target: str = 
               "devmajor": devices[0], "devminor": devices[1]}
     out = b""
     records = b"".join(pax_record("SCHILY.xattr." + k, v) for k, v in (xattrs or {}).items())
+    if shape == "pax-sparse" and kind == "file":
+        # GNU sparse 1.0: leading zero bytes become a hole, the rest one data extent.
+        start = len(data) - len(data.lstrip(b"\x00"))
+        extents = [(start, len(data) - start)] if start < len(data) else []
+        text = f"{len(extents)}\n".encode() + b"".join(
+            f"{off}\n{length}\n".encode() for off, length in extents)
+        body = text + bytes(-len(text) % 512) + data[start:]
+        records += (pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                    + pax_record("GNU.sparse.name", raw_name)
+                    + pax_record("GNU.sparse.realsize", str(len(data))))
+        fields["size"] = len(body)
+        return (special(b"x", records)
+                + header(b"GNUSparseFile.0/x", typeflag, **fields)  # type: ignore[arg-type]
+                + _pad(body))
     if shape.startswith("pax"):
         if shape == "pax-decoy-header":
             out += special(b"x", pax_record("path", "decoy-" + name)
@@ -120,6 +135,12 @@ def entry(shape: str, name: str, kind: str, *, data: bytes = b"", target: str = 
         out += header(short, typeflag, linkname=raw_target, prefix=prefix,
                       **fields)  # type: ignore[arg-type]
     return out + _pad(data)
+
+
+def global_header() -> bytes:
+    """A PAX global header whose records Go's reader (and so podman) ignores."""
+    return special(b"g", pax_record("mtime", "5") + pax_record("uid", "77")
+                   + pax_record("comment", "ignored"), b"pax_global_header")
 
 
 def archive(*entries: bytes, end: bool = True) -> bytes:
