@@ -116,7 +116,7 @@ class TarStream:
             while remaining:
                 chunk = entry.content.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise EOFError(f"{entry.path!r}: content ended {remaining} bytes early")
+                    raise EOFError(f"{quote(entry.path)}: content ended {remaining} bytes early")
                 self.payload(chunk)
                 remaining -= len(chunk)
         self.end()
