@@ -109,12 +109,12 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    """containers/storage's records: a JSON array of objects, each with a string id."""
-    records = read_json(path, [])
-    if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
-        raise StoreError(f"{path}: damaged (not an array of records with ids)")
-    return records
+    """containers/storage's records (`podmanstore.load_records`): a JSON array of objects,
+    each with a string id."""
+    try:
+        return podmanstore.load_records(path)
+    except podmanstore.PodmanStoreError as exc:
+        raise StoreError(str(exc)) from exc
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -364,6 +364,13 @@ class Store:
             digest=str(record.get("digest", "")), created=str(record.get("created", "")),
             size=int(layer.get("diff-size", 0)), squash=self.squash_file(lid),
             diff=self.diff_dir(lid), metadata=metadata)
+
+    def config_of(self, image: StoreImage) -> bytes:
+        """The image's config (its big-data item ``sha256:<id>``)."""
+        data = podmanstore.read_big_data(self.images_dir / image.id, "sha256:" + image.id)
+        if data is None:
+            raise StoreError(f"image {image.id}: its config is missing from the store")
+        return data
 
     def image_of_layer(self, layer: str) -> str:
         """The id of an image whose layer is `layer` ("" if none), from images.json alone
