@@ -165,11 +165,12 @@ class SquashReader:
         return node
 
 
-def verify_file(path: Path) -> list[str]:
+def verify_file(path: Path, source: ByteSource | None = None) -> list[str]:
     """Problems reading a squash file whole (empty when every directory, symlink and file
-    byte reads): what ``squashstore verify`` reports for each image."""
+    byte reads): what ``squashstore verify`` reports for each image. With a `source` (a
+    lazily pulled image not complete yet) only its metadata is read, not the file bytes."""
     try:
-        with SquashReader(path) as reader:
+        with SquashReader(path, source=source) as reader:
             stack = [reader.root]
             while stack:
                 directory = stack.pop()
@@ -181,7 +182,7 @@ def verify_file(path: Path) -> list[str]:
                         stack.append(child)
                     elif child.kind is tree.Kind.SYMLINK:
                         reader.readlink(child)
-                    elif child.kind is tree.Kind.FILE:
+                    elif child.kind is tree.Kind.FILE and source is None:
                         offset = 0
                         while offset < child.size:
                             offset += len(reader.read(child, offset, 1 << 20)) or child.size
