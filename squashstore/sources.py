@@ -4,9 +4,11 @@ This module owns the public entry of image reading, `open_image(reference, platf
 the parsing of references (`parse_reference`): ``containers-storage:NAME`` (the default when
 no transport is written; the local podman store, read in place through its tar-splits),
 ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` (members read in place with tarfile, never
-extracted) and ``docker-archive:FILE[:NAME|:@N]``. It also owns image names as podman
+extracted: that reads the archive *file*, whose members are blobs; the layer blobs
+themselves are read only by `squashstore.tar.reader`, as podman reads them) and
+``docker-archive:FILE[:NAME|:@N]``. It also owns image names as podman
 resolves and normalises them (``alpine`` -> ``docker.io/library/alpine:latest``). The
-documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tarsplit`
+documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tar.split`
 and the local store found by `podmanconf`.
 """
 
@@ -42,7 +44,7 @@ from squashstore.blobs import (
 from squashstore.image import Image, Layer, SourceError
 from squashstore.podmanconf import StorageConfig, load_storage_config
 from squashstore.storelayer import tar_from_squash
-from squashstore.tarsplit import tar_from_diff_dir, tar_from_tar_split
+from squashstore.tar.split import tar_from_diff_dir, tar_from_tar_split
 
 CONTAINERS_STORAGE = "containers-storage"
 OCI_DIR = "oci"

@@ -21,10 +21,10 @@ from fastcrc import crc64
 from squashstore import tree
 from squashstore.image import SourceError, SquashstoreError
 from squashstore.squashfs.reader import SquashReader
-from squashstore.tarsplit import (
+from squashstore.tar.format import SPLIT_FILE as FILE
+from squashstore.tar.format import SPLIT_SEGMENT as SEGMENT
+from squashstore.tar.split import (
     CHUNK,
-    FILE,
-    SEGMENT,
     _entry_name,
     _parse_line,
     _payload,
