@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from squashstore import tree
 from squashstore.lazy import ranges
 from squashstore.lazy.cache import CacheError, RangeCache
 from squashstore.lazy.ranges import Span
@@ -242,3 +243,302 @@ def test_cache_is_shared_by_racing_processes(cache_dir: Path) -> None:
         cache.store((s, blob[s.start:s.end]) for s in missing)
         assert cache.complete()
     assert hashlib.sha256(cache.data_path.read_bytes()).hexdigest() == digest[7:]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a squash file through a real registry.
+
+# A minimal plain-HTTP docker-registry (the registry branch's tests/support/registry.py is
+# the full one, with TLS and auth; this converges on it once both are on main).
+
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import requests  # noqa: E402
+
+from squashstore.lazy.lazyfile import LazyFile, metadata_spans  # noqa: E402
+from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
+from squashstore.squashfs import format as sqformat  # noqa: E402
+from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
+
+REPO = "lazy/test"
+_ACCESS = re.compile(r'"GET (/v2/[^ "]*/blobs/[^ "]*) HTTP/[0-9.]+" (\d{3}) (\d+)')
+
+
+class Registry:
+    """Debian's docker-registry on 127.0.0.1 over plain HTTP, optionally with htpasswd."""
+
+    def __init__(self, base: Path, htpasswd: tuple[str, str] | None = None) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = base / "registry.log"
+        lines = ["version: 0.1", "log: {level: info, accesslog: {disabled: false}}",
+                 f"storage: {{filesystem: {{rootdirectory: {base / 'storage'}}}}}",
+                 f"http: {{addr: '127.0.0.1:{self.port}'}}"]
+        if htpasswd is not None:
+            out = subprocess.run(["htpasswd", "-Bbn", *htpasswd], check=True,
+                                 capture_output=True, text=True).stdout
+            (base / "htpasswd").write_text(out.strip() + "\n")
+            lines.append(f"auth: {{htpasswd: {{realm: lazy, path: {base / 'htpasswd'}}}}}")
+        self.config = base / "config.yml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(["docker-registry", "serve", str(self.config)],
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("docker-registry did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def push_blob(self, data: bytes, auth: tuple[str, str] | None = None) -> str:
+        digest = digest_of(data)
+        start = requests.post(f"{self.url}/v2/{REPO}/blobs/uploads/", auth=auth, timeout=30)
+        assert start.status_code == 202, start.text
+        location = requests.compat.urljoin(self.url, start.headers["Location"])
+        done = requests.put(location, params={"digest": digest}, data=data, auth=auth,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert done.status_code == 201, done.text
+        return digest
+
+    def blob_url(self, digest: str) -> str:
+        return f"{self.url}/v2/{REPO}/blobs/{digest}"
+
+    def served(self, digest: str) -> tuple[int, int]:
+        """(GET requests, body bytes) the access log shows for the blob so far."""
+        requests_, total = 0, 0
+        for match in _ACCESS.finditer(self.log.read_text(errors="replace")):
+            if match.group(1).endswith(digest) and match.group(2) in ("200", "206"):
+                requests_ += 1
+                total += int(match.group(3))
+        return requests_, total
+
+
+def squash_dir(root: Path, out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "squashstore.cli.main", "squash", f"rootfs:{root}",
+                    str(out)], check=True, capture_output=True)
+    return out
+
+
+def make_tree(root: Path) -> None:
+    """Small text files (what a start reads) beside large incompressible ones."""
+    rng = random.Random(13)
+    for d in range(4):
+        sub = root / f"dir{d}"
+        sub.mkdir(parents=True)
+        for i in range(15):
+            (sub / f"small{i}.txt").write_text(f"file {d}/{i}\n" * rng.randrange(1, 200))
+        (sub / f"big{d}.bin").write_bytes(rng.randbytes(1_400_000 + d * 7919))
+        (sub / f"medium{d}.bin").write_bytes(rng.randbytes(150_000))
+    (root / "etc").mkdir()
+    (root / "etc" / "os-release").write_text('NAME="lazy"\n')
+    os.symlink("etc/os-release", root / "link")
+
+
+@dataclass
+class Pushed:
+    registry: Registry
+    squash: Path
+    digest: str
+    size: int
+    cache_dir: Path
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+    base = tmp_path_factory.mktemp("lazy-registry")
+    make_tree(base / "rootfs")
+    squash = squash_dir(base / "rootfs", base / "image.sqfs")
+    registry = Registry(base / "registry")
+    try:
+        data = squash.read_bytes()
+        digest = registry.push_blob(data)
+        yield Pushed(registry, squash, digest, len(data), base)
+    finally:
+        registry.kill()
+
+
+def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, RangeSource]:
+    cache_dir.mkdir(mode=0o700, exist_ok=True)
+    source = RangeSource(session_get(requests.Session(), pushed.registry.blob_url(pushed.digest)),
+                         pushed.size, f"127.0.0.1/{REPO}@{pushed.digest[:19]}", backoff=0.05)
+    cache = RangeCache(cache_dir, pushed.digest, pushed.size)
+    return LazyFile(cache, source, **kw), source  # type: ignore[arg-type]
+
+
+def lazy_reader(lazy: LazyFile) -> SquashReader:
+    """What `pull --lazy` and the server do: metadata up front, then the reader."""
+    head = lazy.pread(sqformat.SUPERBLOCK_SIZE, 0)
+    lazy.prefetch(metadata_spans(sqformat.Superblock.unpack(head), lazy.size))
+    return SquashReader(lazy.cache.data_path, source=lazy)
+
+
+def read_file(reader: SquashReader, path: str) -> bytes:
+    inode = reader.resolve(path)
+    return reader.read(inode, 0, inode.size)
+
+
+def walk(reader: SquashReader) -> Iterator[tuple[str, SqInode]]:
+    pending = [("", reader.root)]
+    while pending:
+        prefix, directory = pending.pop()
+        for entry in reader.readdir(directory):
+            inode = reader.inode(entry.ref)
+            path = f"{prefix}/{entry.name.decode()}"
+            yield path, inode
+            if inode.kind is tree.Kind.DIR:
+                pending.append((path, inode))
+
+
+def test_lazy_read_of_a_few_files_fetches_little(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    local = SquashReader(pushed.squash)
+    before = pushed.registry.served(pushed.digest)
+    started = time.perf_counter()
+    reader = lazy_reader(lazy)
+    opened = time.perf_counter() - started
+    after_meta = pushed.registry.served(pushed.digest)
+    # ls -lR and stat of everything: answered from the metadata fetched up front.
+    listing = {p: (i.st_mode, i.size, i.uid) for p, i in walk(reader)}
+    assert listing == {p: (i.st_mode, i.size, i.uid) for p, i in walk(local)}
+    assert pushed.registry.served(pushed.digest) == after_meta
+    assert reader.readlink(reader.resolve("/link")) == b"etc/os-release"
+    latencies = []
+    for path in ("/etc/os-release", "/dir1/small3.txt", "/dir2/medium2.bin"):
+        t = time.perf_counter()
+        assert read_file(reader, path) == read_file(local, path)
+        latencies.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    assert read_file(reader, "/dir2/medium2.bin") == read_file(local, "/dir2/medium2.bin")
+    cached = time.perf_counter() - t
+    count, served = pushed.registry.served(pushed.digest)
+    count -= before[0]
+    served -= before[1]
+    print(f"\nlazy: squash file {pushed.size} B; metadata up front "
+          f"{after_meta[1] - before[1]} B in {opened * 1000:.1f} ms; 3 files: "
+          f"{served} B served in {count} requests ({100 * served / pushed.size:.1f} %), "
+          f"cold reads {', '.join(f'{x * 1000:.1f}' for x in latencies)} ms, "
+          f"cached {cached * 1000:.2f} ms")
+    assert served == source.bytes
+    assert served > after_meta[1] - before[1]  # the medium file came from the registry
+    assert served < pushed.size / 4
+    assert not lazy.cache.complete()
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_reading_every_file_completes_the_cache(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    local = SquashReader(pushed.squash)
+    t = time.perf_counter()
+    files = 0
+    for path, inode in walk(reader):
+        if inode.kind is tree.Kind.FILE:
+            assert read_file(reader, path) == read_file(local, path)
+            files += 1
+    elapsed = time.perf_counter() - t
+    assert lazy.cache.complete()
+    assert lazy.cache.data_path.read_bytes() == pushed.squash.read_bytes()
+    print(f"\nlazy: all {files} files in {elapsed:.2f} s, {source.requests} range requests, "
+          f"{source.bytes} B for a {pushed.size} B file")
+    # A remount (a new cache object, no registry at all) serves everything from the file.
+    reader.close()
+    lazy.close()
+    source.close()
+    offline = LazyFile(RangeCache(tmp_path / "cache", pushed.digest, pushed.size), None)
+    again = SquashReader(offline.cache.data_path, source=offline)
+    assert read_file(again, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
+    again.close()
+    offline.close()
+
+
+def test_sequential_read_reads_ahead(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    meta_requests = source.requests
+    inode = reader.resolve("/dir0/big0.bin")
+    data = b"".join(reader.read(inode, pos, 128 << 10) for pos in range(0, inode.size, 128 << 10))
+    assert data == read_file(SquashReader(pushed.squash), "/dir0/big0.bin")
+    blocks = -(-inode.size // reader.block_size)
+    # Without readahead, every 128 KiB block is at least one request of its own.
+    print(f"\nlazy: sequential read of {blocks} blocks: {source.requests - meta_requests} "
+          "range requests")
+    assert source.requests - meta_requests < blocks / 2
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_registry_down_fails_uncached_reads_only(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    local = SquashReader(pushed.squash)
+    cached = read_file(reader, "/dir0/small1.txt")
+    pushed.registry.kill()
+    try:
+        t = time.perf_counter()
+        with pytest.raises(SquashfsError, match="connection refused"):
+            read_file(reader, "/dir3/big3.bin")
+        failed_in = time.perf_counter() - t
+        assert read_file(reader, "/dir0/small1.txt") == cached
+        assert [p for p, _ in walk(reader)]  # ls still works
+        with pytest.raises(FetchError):
+            lazy.pread(10, pushed.size - (pushed.size // 2))
+    finally:
+        pushed.registry.start()
+    assert read_file(reader, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
+    print(f"\nlazy: a read with the registry down failed in {failed_in * 1000:.0f} ms")
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_auth_callback_is_asked_again_after_401(tmp_path: Path) -> None:
+    creds = ("lazyuser", "lazy-pass")
+    registry = Registry(tmp_path / "registry", htpasswd=creds)
+    try:
+        blob = blob_bytes(300_000)
+        digest = registry.push_blob(blob, auth=creds)
+        asked: list[bool] = []
+
+        def auth(refresh: bool) -> dict[str, str]:
+            asked.append(refresh)
+            if not refresh:
+                return {"Authorization": "Basic " + "ZXhwaXJlZDp0b2tlbg=="}  # stale
+            return {"Authorization": requests.auth._basic_auth_str(*creds)}
+
+        source = RangeSource(session_get(requests.Session(), registry.blob_url(digest), auth),
+                             len(blob), "test")
+        assert source.fetch(Span(1000, 70_000)) == blob[1000:70_000]
+        assert asked == [False, True]
+        no_auth = RangeSource(session_get(requests.Session(), registry.blob_url(digest)),
+                              len(blob), "test", retries=0)
+        with pytest.raises(FetchError, match="HTTP 401"):
+            no_auth.fetch(Span(0, 10))
+    finally:
+        registry.kill()

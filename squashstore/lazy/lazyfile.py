@@ -147,15 +147,13 @@ class LazyFile:
                              f"{required[0].end - 1} are not cached and the image has no "
                              "registry source")
         chunk = self.cache.chunk
+        if optional:
+            # One round: the read and its readahead, neighbours merged into one request.
+            merged = ranges.split(ranges.coalesce([*required, *optional]), self._piece, chunk)
+            try:
+                self.cache.store(zip(merged, self.source.fetch_many(merged), strict=True))
+                return
+            except FetchError:
+                pass  # the readahead may be what failed: the read alone, once more
         need = ranges.split(required, self._piece, chunk)
-        extra = ranges.split(optional, self._piece, chunk)
-        if not extra:
-            self.cache.store(zip(need, self.source.fetch_many(need), strict=True))
-            return
-        try:
-            data = self.source.fetch_many(need + extra)
-        except FetchError:
-            # The readahead may be what failed: fetch what the read needs on its own.
-            self.cache.store(zip(need, self.source.fetch_many(need), strict=True))
-            return
-        self.cache.store(zip(need + extra, data, strict=True))
+        self.cache.store(zip(need, self.source.fetch_many(need), strict=True))

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from squashstore import tree
 from squashstore.image import SquashstoreError
@@ -292,6 +292,17 @@ class _Cursor:
 # The reader.
 
 
+class ByteSource(Protocol):
+    """Where a reader reads its image from instead of the file at its path (a lazily
+    pulled image's cache and registry): `size` bytes, read with `pread`; a part that
+    cannot be read raises `OSError`."""
+
+    @property
+    def size(self) -> int: ...
+
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+
 class SquashReader:
     """A squashfs 4.0 image opened for reading; safe to share between threads.
 
@@ -301,7 +312,8 @@ class SquashReader:
     decoded inodes, a quarter as many parsed directory index segments), `data_cache_blocks`
     decompressed data and fragment blocks. Methods raise `SquashfsError` for anything
     corrupt; `readdir`, `lookup` and `resolve` raise `NotADirectoryError` for a
-    non-directory and `resolve` raises `FileNotFoundError` for a missing name.
+    non-directory and `resolve` raises `FileNotFoundError` for a missing name. With a
+    `source`, every read goes to it and `path` only names the image in messages.
     """
 
     def __init__(
@@ -310,22 +322,29 @@ class SquashReader:
         *,
         metadata_cache_blocks: int = 1024,
         data_cache_blocks: int = 64,
+        source: ByteSource | None = None,
     ) -> None:
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SquashfsError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self._source = source
+        self._fd = -1
+        if source is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SquashfsError(f"{self.path}: cannot open: {exc.strerror}") from None
         try:
             self._open(metadata_cache_blocks, data_cache_blocks)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _open(self, metadata_cache_blocks: int, data_cache_blocks: int) -> None:
-        if stat.S_ISDIR(os.fstat(self._fd).st_mode):
+        if self._source is not None:
+            self._file_size = self._source.size
+        elif stat.S_ISDIR(os.fstat(self._fd).st_mode):
             raise SquashfsError(f"{self.path}: is a directory, not a squash file")
-        self._file_size = os.lseek(self._fd, 0, os.SEEK_END)  # block devices too
+        else:
+            self._file_size = os.lseek(self._fd, 0, os.SEEK_END)  # block devices too
         self._meta_cache: _LRU[int, tuple[bytes, int]] = _LRU(metadata_cache_blocks)
         self._data_cache: _LRU[tuple[int, int], bytes] = _LRU(data_cache_blocks)
         self._inode_cache: _LRU[int, SqInode] = _LRU(max(1024, metadata_cache_blocks * 16))
@@ -367,7 +386,10 @@ class SquashReader:
                 f"{self.path}: {what} at {pos} (+{size}) lies outside the image"
             )
         try:
-            data = os.pread(self._fd, size, pos)
+            if self._source is not None:
+                data = self._source.pread(size, pos)
+            else:
+                data = os.pread(self._fd, size, pos)
         except OSError as exc:
             raise SquashfsError(f"{self.path}: cannot read {what} at {pos}: {exc}") from None
         if len(data) != size:
