@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from squashstore import locking, runtime
 from squashstore.image import SquashstoreError
+from squashstore.lazy import paths as lazy_paths
 from squashstore.store import atomic_write_json
 
 MOUNT_TIMEOUT = 30.0
@@ -292,7 +293,8 @@ class Registry:
         with self.locked():
             record = self._live_record(image, layer, squash, mountpoint)
             if record is None:
-                chosen = mounter(backend)
+                # A lazily pulled image's squash file is sparse: only our server reads it.
+                chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
                 record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
                                      chosen.name, pid, time.time())

@@ -156,7 +156,7 @@ def digest_of(data: bytes) -> str:
 def test_cache_stores_reads_and_survives_a_reopen(cache_dir: Path) -> None:
     blob = blob_bytes(10 * CHUNK + 123)
     digest = digest_of(blob)
-    with RangeCache(cache_dir, digest, len(blob), CHUNK) as cache:
+    with RangeCache.in_directory(cache_dir, digest, len(blob), CHUNK) as cache:
         assert cache.missing(Span(5, 9000)) == [Span(0, 3 * CHUNK)]
         cache.store([(Span(CHUNK, 2 * CHUNK), blob[CHUNK:2 * CHUNK])])
         assert cache.missing(Span(5, 9000)) == [Span(0, CHUNK), Span(2 * CHUNK, 3 * CHUNK)]
@@ -168,7 +168,7 @@ def test_cache_stores_reads_and_survives_a_reopen(cache_dir: Path) -> None:
             cache.store([(Span(1, CHUNK + 1), blob[1:CHUNK + 1])])
     # The data file is sparse: only what was stored occupies disk.
     assert os.stat(cache.data_path).st_blocks * 512 < 4 * CHUNK + 8192
-    with RangeCache(cache_dir, digest, len(blob), CHUNK) as again:  # a remount
+    with RangeCache.in_directory(cache_dir, digest, len(blob), CHUNK) as again:  # a remount
         assert again.present_chunks() == 2
         assert again.read(last) == blob[last.start:]
         again.store((s, blob[s.start:s.end]) for s in again.all_missing())
@@ -178,9 +178,9 @@ def test_cache_stores_reads_and_survives_a_reopen(cache_dir: Path) -> None:
 
 def test_cache_refuses_another_blobs_map_and_an_open_directory(cache_dir: Path) -> None:
     blob = blob_bytes(3 * CHUNK)
-    RangeCache(cache_dir, digest_of(blob), len(blob), CHUNK).close()
+    RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK).close()
     with pytest.raises(CacheError, match="another blob"):
-        RangeCache(cache_dir, digest_of(blob), len(blob) + 1, CHUNK)
+        RangeCache.in_directory(cache_dir, digest_of(blob), len(blob) + 1, CHUNK)
     from squashstore.lazy.cache import check_directory
 
     check_directory(cache_dir)
@@ -191,12 +191,12 @@ def test_cache_refuses_another_blobs_map_and_an_open_directory(cache_dir: Path) 
 
 def test_cache_a_crash_before_the_header_leaves_a_new_cache(cache_dir: Path) -> None:
     blob = blob_bytes(2 * CHUNK)
-    cache = RangeCache(cache_dir, digest_of(blob), len(blob), CHUNK)
+    cache = RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK)
     cache.store([(Span(0, CHUNK), blob[:CHUNK])])
     cache.close()
     with open(cache.map_path, "r+b") as f:  # header torn away, bits left behind
         f.write(bytes(128))
-    with RangeCache(cache_dir, digest_of(blob), len(blob), CHUNK) as again:
+    with RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK) as again:
         assert again.present_chunks() == 0
         assert again.missing(Span(0, len(blob))) == [Span(0, len(blob))]
 
@@ -207,7 +207,7 @@ def _fill_worker(directory: str, digest: str, size: int, seed: int, start: objec
     random.Random(seed).shuffle(order)
     start.wait()  # type: ignore[attr-defined]
     stored = []
-    with RangeCache(Path(directory), digest, size, CHUNK) as cache:
+    with RangeCache.in_directory(Path(directory), digest, size, CHUNK) as cache:
         for span in order[: len(order) * 2 // 3]:
             if cache.missing(span):
                 cache.store([(span, blob[span.start:span.end])])
@@ -229,7 +229,7 @@ def test_cache_is_shared_by_racing_processes(cache_dir: Path) -> None:
     for w in workers:
         w.join(60)
         assert w.exitcode == 0
-    with RangeCache(cache_dir, digest, size, CHUNK) as cache:
+    with RangeCache.in_directory(cache_dir, digest, size, CHUNK) as cache:
         # No bit was lost to a racing read-modify-write of the map: every chunk a worker
         # stored is marked present.
         stored = {int(x) for seed in range(4)
@@ -385,7 +385,7 @@ def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, 
     cache_dir.mkdir(mode=0o700, exist_ok=True)
     source = RangeSource(session_get(requests.Session(), pushed.registry.blob_url(pushed.digest)),
                          pushed.size, f"127.0.0.1/{REPO}@{pushed.digest[:19]}", backoff=0.05)
-    cache = RangeCache(cache_dir, pushed.digest, pushed.size)
+    cache = RangeCache.in_directory(cache_dir, pushed.digest, pushed.size)
     return LazyFile(cache, source, **kw), source  # type: ignore[arg-type]
 
 
@@ -470,7 +470,8 @@ def test_reading_every_file_completes_the_cache(pushed: Pushed, tmp_path: Path) 
     reader.close()
     lazy.close()
     source.close()
-    offline = LazyFile(RangeCache(tmp_path / "cache", pushed.digest, pushed.size), None)
+    offline = LazyFile(
+        RangeCache.in_directory(tmp_path / "cache", pushed.digest, pushed.size), None)
     again = SquashReader(offline.cache.data_path, source=offline)
     assert read_file(again, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
     again.close()
@@ -542,3 +543,68 @@ def test_auth_callback_is_asked_again_after_401(tmp_path: Path) -> None:
             no_auth.fetch(Span(0, 10))
     finally:
         registry.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# A lazy squash file in a store layout, served by the real FUSE server.
+
+from squashstore.fuse import daemon  # noqa: E402
+from squashstore.lazy import image as lazy_image  # noqa: E402
+from squashstore.lazy import paths as lazy_paths  # noqa: E402
+from squashstore.lazy import remote as lazy_remote  # noqa: E402
+
+
+def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -> None:
+    meta = tmp_path / "store-meta"
+    (meta / "squash").mkdir(parents=True)
+    squash = meta / "squash" / ("ab" * 32 + ".sqfs")
+    staged = tmp_path / "staged.sqfs"
+    remote = lazy_image.Remote(f"127.0.0.1:{pushed.registry.port}", REPO, pushed.digest,
+                               pushed.size, tls_verify=False)
+    source = lazy_remote.open_source(remote)
+    fetched = lazy_image.stage(staged, squash, remote, source)
+    source.close()
+    staged.rename(squash)  # what the store's publish does
+    assert lazy_paths.is_lazy(squash)
+    assert fetched < pushed.size / 10
+    status = lazy_image.status(squash)
+    assert status is not None and status.present == fetched
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = pushed.registry.served(pushed.digest)
+    daemon.start(squash, mnt, ("--log-file", str(tmp_path / "fuse.log")))
+    try:
+        root = pushed.squash.parent / "rootfs"
+        names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        assert names == sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        files = [p for p in names if (root / p).is_file() and not (root / p).is_symlink()]
+        assert {p: (mnt / p).lstat().st_size for p in files} == \
+            {p: (root / p).lstat().st_size for p in files}
+        # ls and stat of everything: no request at all (the metadata came with the pull).
+        assert pushed.registry.served(pushed.digest) == before
+        assert (mnt / "dir1/small3.txt").read_bytes() == (root / "dir1/small3.txt").read_bytes()
+        assert (mnt / "dir3/medium3.bin").read_bytes() == \
+            (root / "dir3/medium3.bin").read_bytes()
+        served = pushed.registry.served(pushed.digest)[1] - before[1]
+        assert served < pushed.size / 4
+        pushed.registry.kill()
+        try:
+            with pytest.raises(OSError) as failed:
+                (mnt / "dir2/big2.bin").read_bytes()
+            assert failed.value.errno == 5  # EIO, for that read only
+            assert (mnt / "dir3/medium3.bin").read_bytes() == \
+                (root / "dir3/medium3.bin").read_bytes()
+            assert (mnt / "etc/os-release").read_text() == 'NAME="lazy"\n'
+        finally:
+            pushed.registry.start()
+        assert (mnt / "dir2/big2.bin").read_bytes() == (root / "dir2/big2.bin").read_bytes()
+        log = (tmp_path / "fuse.log").read_text()
+        assert "connection refused" in log
+        # Completing it (what `pull` does to a lazy image) while it is mounted.
+        assert lazy_image.complete(squash, lazy_remote.open_source)
+        assert not lazy_paths.is_lazy(squash) and not lazy_paths.map_path(squash).exists()
+        assert squash.read_bytes() == pushed.squash.read_bytes()
+        assert (mnt / "dir0/big0.bin").read_bytes() == (root / "dir0/big0.bin").read_bytes()
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert lazy_image.complete(squash, None) is False  # an ordinary squash file now

@@ -73,7 +73,7 @@ def check_directory(directory: Path) -> None:
 
 def _open(path: Path) -> int:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise CacheError(f"{path}: cannot open cache file: {exc.strerror}") from None
     st = os.fstat(fd)
@@ -94,16 +94,17 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 class RangeCache:
-    """The cache of the blob `digest` of `size` bytes in `directory` (created if absent)."""
+    """The cache of the blob `digest` of `size` bytes: its bytes in `data` and its map in
+    `map_` (both created if absent). `in_directory` names them after the digest."""
 
-    def __init__(self, directory: Path, digest: str, size: int, chunk: int = CHUNK) -> None:
+    def __init__(self, data: Path, map_: Path, digest: str, size: int,
+                 chunk: int = CHUNK) -> None:
         if size < 0 or chunk <= 0:
             raise CacheError(f"bad cache geometry (size {size}, chunk {chunk})")
-        self.directory = Path(directory)
+        _hex(digest)
         self.digest, self.size, self.chunk = digest, size, chunk
         self.chunks = ranges.chunk_count(size, chunk)
-        self.data_path = data_path(self.directory, digest)
-        self.map_path = map_path(self.directory, digest)
+        self.data_path, self.map_path = Path(data), Path(map_)
         self._bitmap = bytearray(-(-self.chunks // 8))
         self._lock = threading.Lock()
         self._map = _open(self.map_path)
@@ -117,6 +118,13 @@ class RangeCache:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def in_directory(cls, directory: Path, digest: str, size: int,
+                     chunk: int = CHUNK) -> RangeCache:
+        """The cache of `digest` in a cache directory of its own (``<hex>.data``/``.map``)."""
+        return cls(data_path(directory, digest), map_path(directory, digest), digest, size,
+                   chunk)
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -159,9 +167,11 @@ class RangeCache:
                 return
             if current.strip(b"\0") and current != expected:
                 raise CacheError(f"{self.map_path}: the cache of another blob or format")
-            # New (or left half-made by a crash): empty map first, header last.
-            os.ftruncate(self._data, 0)
-            os.ftruncate(self._data, self.size)
+            # New (or left half-made by a crash): empty map first, header last. Bytes
+            # already in the data file stay (it may be a store's squash file) but count
+            # for nothing until fetched again.
+            if os.fstat(self._data).st_size != self.size:
+                os.ftruncate(self._data, self.size)
             os.ftruncate(self._map, 0)
             os.ftruncate(self._map, HEADER_SIZE + len(self._bitmap))
             os.fsync(self._map)
@@ -204,6 +214,13 @@ class RangeCache:
 
     def present_chunks(self) -> int:
         return ranges.count_present(self._bitmap, self.chunks)
+
+    def present_bytes(self) -> int:
+        """Bytes present (the last chunk counted at its own, shorter length)."""
+        total = self.present_chunks() * self.chunk
+        if self.chunks and ranges.has_chunk(self._bitmap, self.chunks - 1):
+            total -= self.chunks * self.chunk - self.size
+        return total
 
     def complete(self) -> bool:
         """Whether every chunk is present (the data file is then the whole blob)."""
