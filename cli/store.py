@@ -228,10 +228,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def verify_squash_file(path: Path) -> list[str]:
     """Read every directory, symlink and file byte of a squash file with the project's reader."""
     from squashstore import tree
+    from squashstore.lazy import image as lazy_image
     from squashstore.squashfs.reader import SquashReader
 
     try:
-        with SquashReader(path) as reader:
+        # A lazy image: completed here when all is present, else only its metadata read.
+        lazy = lazy_image.open_for_verify(path)
+        with SquashReader(path, source=lazy) as reader:
             stack = [reader.root]
             while stack:
                 directory = stack.pop()
@@ -243,7 +246,7 @@ def verify_squash_file(path: Path) -> list[str]:
                         stack.append(child)
                     elif child.kind is tree.Kind.SYMLINK:
                         reader.readlink(child)
-                    elif child.kind is tree.Kind.FILE:
+                    elif child.kind is tree.Kind.FILE and lazy is None:
                         offset = 0
                         while offset < child.size:
                             offset += len(reader.read(child, offset, 1 << 20)) or child.size

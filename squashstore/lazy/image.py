@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile, metadata_spans
-from squashstore.lazy.paths import LAZY_DIR, lazy_dir, map_path, marker_path
+from squashstore.lazy.paths import lazy_dir, map_path, marker_path
 from squashstore.lazy.source import FetchError, RangeSource
 from squashstore.squashfs import format
 
@@ -196,19 +195,20 @@ def status(squash: Path) -> Status | None:
     return Status(remote, present)
 
 
-def leftovers(meta: Path, layer_ids: set[str]) -> list[Path]:
-    """Files of the lazy directory under store `meta` whose layer is gone or not lazy."""
-    directory = meta / LAZY_DIR
+def open_for_verify(squash: Path) -> LazyFile | None:
+    """What `verify` reads a squash file through: None for an ordinary one (read it from
+    disk). A lazy one whose every chunk is present is completed here (its digest checked:
+    `LazyError` when wrong) and then is ordinary; an incomplete one is its cache alone, whose
+    metadata can be checked without fetching anything."""
+    lazy = open_lazy(squash, None)
+    if lazy is None:
+        return None
+    if not lazy.cache.complete():
+        return lazy
+    remote = read_marker(squash)
     try:
-        entries = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    found = []
-    for entry in entries:
-        stem, dot, suffix = entry.rpartition(".")
-        if not dot or entry.endswith(".tmp"):
-            continue
-        marker = directory / f"{stem}.json"
-        if stem not in layer_ids or (suffix == "map" and not marker.exists()):
-            found.append(directory / entry)
-    return found
+        if remote is not None:
+            finalise(squash, lazy.cache, remote)
+    finally:
+        lazy.close()
+    return None

@@ -7,6 +7,7 @@ is the marker (the registry location) and ``<store meta>/lazy/<layer>.map`` the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 LAZY_DIR = "lazy"
@@ -29,3 +30,23 @@ def map_path(squash: Path) -> Path:
 def is_lazy(squash: Path) -> bool:
     """Whether the squash file is a lazily pulled one not yet complete."""
     return marker_path(squash).is_file()
+
+
+def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
+    """Files of the lazy directory under store `meta` whose layer is gone (a marker left
+    behind would make a later full copy of the layer look lazy), and maps of layers that
+    completed; `temp_suffix` names atomic writes in flight, which stay."""
+    directory = meta / LAZY_DIR
+    try:
+        entries = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        stem, dot, suffix = entry.rpartition(".")
+        if not dot or entry.endswith(temp_suffix):
+            continue
+        if stem not in layer_ids or (suffix == "map" and
+                                     not (directory / f"{stem}.json").exists()):
+            found.append(directory / entry)
+    return found

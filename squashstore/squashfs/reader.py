@@ -326,6 +326,8 @@ class SquashReader:
     ) -> None:
         self.path = Path(path)
         self._source = source
+        self.remote = source is not None
+        """Whether reads go to a `source` (which may wait on a network) instead of a file."""
         self._fd = -1
         if source is None:
             try:
