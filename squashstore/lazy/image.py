@@ -25,7 +25,7 @@ from pathlib import Path
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile, metadata_spans
-from squashstore.lazy.paths import lazy_dir, map_path, marker_path
+from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
 from squashstore.lazy.source import FetchError, RangeSource
 from squashstore.squashfs import format
 
@@ -49,6 +49,10 @@ class Remote:
     size: int
     reference: str = ""
     tls_verify: bool | None = None
+    cert_dir: str | None = None
+    authfile: str | None = None
+    """TLS and credentials as at the pull (never the credentials themselves: the FUSE
+    server finds them where podman keeps them, as `squashstore login` leaves them)."""
 
     def describe(self) -> str:
         return f"{self.registry}/{self.repository}@{self.digest}"
@@ -62,7 +66,9 @@ def read_marker(squash: Path) -> Remote | None:
         remote = Remote(registry=str(data["registry"]), repository=str(data["repository"]),
                         digest=str(data["digest"]), size=int(data["size"]),
                         reference=str(data.get("reference", "")),
-                        tls_verify=data.get("tls_verify"))
+                        tls_verify=data.get("tls_verify"),
+                        cert_dir=_optional_str(data.get("cert_dir")),
+                        authfile=_optional_str(data.get("authfile")))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -72,12 +78,20 @@ def read_marker(squash: Path) -> Remote | None:
     return remote
 
 
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
 def write_marker(squash: Path, remote: Remote) -> None:
+    """Record `remote` for `squash`, with this process as its writer: the store's leftover
+    cleanup keeps the marker of a layer not yet published while its writer lives."""
+    from squashstore import runtime
     from squashstore.store import atomic_write
 
     directory = lazy_dir(squash)
     directory.mkdir(mode=0o755, exist_ok=True)
-    atomic_write(marker_path(squash), json.dumps(asdict(remote), sort_keys=True).encode())
+    record = {**asdict(remote), WRITER: runtime.me().tag()}
+    atomic_write(marker_path(squash), json.dumps(record, sort_keys=True).encode())
 
 
 def open_cache(squash: Path, remote: Remote, data: Path | None = None) -> RangeCache:
@@ -91,6 +105,12 @@ def open_lazy(squash: Path, open_source: SourceOpener | None) -> LazyFile | None
     remote = read_marker(squash)
     if remote is None:
         return None
+    from squashstore import trust
+
+    # Root reads where to fetch from, and writes the cache, only where only root can write.
+    for path in (lazy_dir(squash), marker_path(squash), map_path(squash)):
+        if path.exists():
+            trust.check_entry(path, what="a lazy image")
     cache = open_cache(squash, remote)
     if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
         cache.close()

@@ -7,11 +7,14 @@ is the marker (the registry location) and ``<store meta>/lazy/<layer>.map`` the 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 LAZY_DIR = "lazy"
 """Beside the store's ``squash/`` directory."""
+WRITER = "writer"
+"""The marker's field naming the process that staged it (`runtime.ProcessId` tag)."""
 
 
 def lazy_dir(squash: Path) -> Path:
@@ -46,7 +49,22 @@ def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
         stem, dot, suffix = entry.rpartition(".")
         if not dot or entry.endswith(temp_suffix):
             continue
-        if stem not in layer_ids or (suffix == "map" and
-                                     not (directory / f"{stem}.json").exists()):
+        marker = directory / f"{stem}.json"
+        if stem in layer_ids:
+            if suffix == "map" and not marker.exists():
+                found.append(directory / entry)  # the map of a completed image
+        elif not _being_staged(marker):
             found.append(directory / entry)
     return found
+
+
+def _being_staged(marker: Path) -> bool:
+    """Whether the process that wrote `marker` for a layer not yet published still runs."""
+    from squashstore import runtime
+
+    try:
+        writer = json.loads(marker.read_bytes()).get(WRITER, "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    process = runtime.ProcessId.parse(writer) if isinstance(writer, str) else None
+    return process is not None and process.is_alive()
