@@ -85,12 +85,12 @@ def _optional_str(value: object) -> str | None:
 def write_marker(squash: Path, remote: Remote) -> None:
     """Record `remote` for `squash`, with this process as its writer: the store's leftover
     cleanup keeps the marker of a layer not yet published while its writer lives."""
-    from squashstore import runtime
+    from squashstore import host
     from squashstore.store import atomic_write
 
     directory = lazy_dir(squash)
     directory.mkdir(mode=0o755, exist_ok=True)
-    record = {**asdict(remote), WRITER: runtime.me().tag()}
+    record = {**asdict(remote), WRITER: host.me().tag()}
     atomic_write(marker_path(squash), json.dumps(record, sort_keys=True).encode())
 
 

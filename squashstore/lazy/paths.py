@@ -14,7 +14,7 @@ from pathlib import Path
 LAZY_DIR = "lazy"
 """Beside the store's ``squash/`` directory."""
 WRITER = "writer"
-"""The marker's field naming the process that staged it (`runtime.ProcessId` tag)."""
+"""The marker's field naming the process that staged it (`host.ProcessId` tag)."""
 
 
 def lazy_dir(squash: Path) -> Path:
@@ -60,11 +60,11 @@ def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
 
 def _being_staged(marker: Path) -> bool:
     """Whether the process that wrote `marker` for a layer not yet published still runs."""
-    from squashstore import runtime
+    from squashstore import host
 
     try:
         writer = json.loads(marker.read_bytes()).get(WRITER, "")
     except (OSError, ValueError, AttributeError):
         return False
-    process = runtime.ProcessId.parse(writer) if isinstance(writer, str) else None
+    process = host.ProcessId.parse(writer) if isinstance(writer, str) else None
     return process is not None and process.is_alive()
