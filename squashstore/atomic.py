@@ -15,9 +15,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from squashstore import host
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 TMP_SUFFIX = ".sqtmp"
 """The suffix of `temp_name` names (a store's leftover removal looks for it)."""

@@ -19,9 +19,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from squashstore.errors import SquashstoreError
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ConfigError(SquashstoreError):

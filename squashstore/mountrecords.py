@@ -20,10 +20,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from squashstore import host, locking, trust
 from squashstore.atomic import atomic_write_json
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
                    "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
