@@ -52,11 +52,18 @@ def own_uid_map() -> str | None:
         return None
 
 
+_OWN_UID_MAP: list[str | None] = []
+"""`own_uid_map`, read once: a process's user namespace never changes (squashstore enters
+podman's by re-exec'ing itself), and root's checks ask at every path they check."""
+
+
 def is_real_root() -> bool:
     """Root in the initial user namespace (not root inside a rootless user namespace)."""
     if os.geteuid() != 0:
         return False
-    uid_map = own_uid_map()
+    if not _OWN_UID_MAP:
+        _OWN_UID_MAP.append(own_uid_map())
+    uid_map = _OWN_UID_MAP[0]
     if uid_map is None:
         return True
     return uid_map.split()[:3] == ["0", "0", "4294967295"]
