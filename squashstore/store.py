@@ -33,6 +33,7 @@ from typing import Any
 from squashstore import host, imageconfig, locking, podmanstore, trust
 from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
+from squashstore.lazy import paths as lazy_paths
 
 FORMAT_VERSION = 1
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -672,6 +673,9 @@ class Store:
         removed.extend(self._clean_files(self.image_meta_dir, image_ids, ".json"))
         removed.extend(self._clean_files(self.layer_meta_dir, layer_ids, ".json"))
         removed.extend(self._clean_files(self.squash_dir, layer_ids, ".sqfs"))
+        for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX):
+            path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(self.root)))
         removed.extend(self._clean_files(self.layers_dir, layer_ids, ".tar-split.gz",
                                          keep={"layers.json", "layers.lock"}))
         return removed
