@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from squashstore import config, host, locking, trust
 from squashstore.image import SquashstoreError
+from squashstore.lazy import paths as lazy_paths
 from squashstore.store import atomic_write_json
 
 
@@ -280,7 +281,8 @@ class Registry:
             if record is None:
                 trust.check_mountpoint(mountpoint)
                 trust.check_squash_file(squash)
-                chosen = mounter(backend)
+                # A lazily pulled image's squash file is sparse: only our server reads it.
+                chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
