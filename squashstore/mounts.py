@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore import locking, runtime
+from squashstore import detach, locking, runtime
 from squashstore.image import SquashstoreError
 from squashstore.store import atomic_write_json
 
@@ -294,6 +294,9 @@ class Registry:
             if record is None:
                 chosen = mounter(backend)
                 pid = chosen.mount(squash, mountpoint)
+                if pid is not None:
+                    # The server serves every job's containers: it must not end with this one.
+                    detach.leave_job(pid)
                 record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:

@@ -1,0 +1,163 @@
+"""Slurm: jobs on many nodes run from one shared squash store (real Slurm, real podman).
+
+A 3-node cluster on this machine (tests/support/slurm.py: one slurmd per node in its own mount
+and UTS namespace, each node its own podman graphroot and runroot, all with the ONE shared
+squash store in ``additionalimagestores`` and squashstore's mount program) runs every test under
+``proctrack/cgroup`` (cgroup v1: Slurm kills every process in a job's cgroup at its end) and
+under ``proctrack/linuxproc``. Proven here: a job runs a container on every node from the store;
+a job's end never takes the FUSE server another job's container reads from; the epilog leaves
+no squash mount after the last job; two nodes migrating one image at once publish it once; one
+node's cleanup never touches another node's mounts.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.fixture_trees import write_base_tar
+from support.podman import Podman
+from support.slurm import PROCTRACKS, Cluster
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+IMAGE = "localhost/slurm-app:1"
+PAYLOAD = "/opt/payload"
+"""A directory of the image with files a container reads late (never cached before)."""
+
+
+def _cli_env(store: Path, podman: Podman | None = None) -> dict[str, str]:
+    env = dict(podman.env if podman is not None else os.environ)
+    env["SQUASHSTORE_STORE"] = str(store)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    return env
+
+
+def _payload_tar(work: Path) -> Path:
+    """The base rootfs plus PAYLOAD: 40 files of 64 KiB of distinct bytes each."""
+    tar = write_base_tar(work / "base.tar")
+    with tarfile.open(tar, "a") as tf:
+        info = tarfile.TarInfo("opt/payload")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tf.addfile(info)
+        for i in range(40):
+            data = (f"file {i} ".encode() * 8192)[:65536]
+            info = tarfile.TarInfo(f"opt/payload/f{i:02d}")
+            info.size, info.mode = len(data), 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return tar
+
+
+@pytest.fixture(scope="module")
+def store(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shared squash store, holding IMAGE (migrated with the CLI from the test podman)."""
+    work = tmp_path_factory.mktemp("slurm")
+    podman.import_tar(_payload_tar(work), IMAGE, 'CMD ["/bin/sh"]', "ENV PATH=/bin")
+    root = Path(tempfile.mkdtemp(prefix="sqss-", dir="/tmp")) / "store"
+    env = _cli_env(root, podman)
+    env["SQUASHSTORE_RUNTIME_DIR"] = str(work / "run")
+    subprocess.run([str(BIN / "squashstore"), "migrate", IMAGE, "--no-mount"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=PROCTRACKS, ids=lambda p: p.split("/")[1])
+def cluster(request: pytest.FixtureRequest, store: Path) -> Iterator[Cluster]:
+    with Cluster(store, request.param,
+                 mount_program=str(BIN / "squashstore-mount-program"),
+                 env=_cli_env(store)) as c:
+        yield c
+
+
+def _srun(cluster: Cluster, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return cluster.run("srun", *argv, **kw)  # type: ignore[arg-type]
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s: {what}")
+
+
+def test_a_job_runs_a_container_on_every_node_from_the_shared_store(cluster: Cluster) -> None:
+    out = _srun(cluster, "-N3", "--ntasks-per-node=1", "sh", "-c",
+                f"echo $(hostname) $(podman run --rm --pull=never {IMAGE} "
+                f"cat /etc/config {PAYLOAD}/f07 | md5sum)").stdout
+    lines = sorted(out.splitlines())
+    expected = subprocess.run(["md5sum"], input=b"base config\n" + (b"file 7 " * 8192)[:65536],
+                              capture_output=True, check=True).stdout.decode().split()[0]
+    assert [line.split()[0] for line in lines] == ["n1", "n2", "n3"], out
+    assert all(line.split()[1] == expected for line in lines), out
+    for node in ("n1", "n2", "n3"):
+        assert len(cluster.squash_mounts(node)) == 1, cluster.mountinfo(node)
+
+
+def test_a_jobs_end_never_breaks_another_jobs_container(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    """Job A's container mounts the image on n2 (its FUSE server starts inside job A); job B's
+    container on n2 starts next; A ends (under proctrack/cgroup Slurm kills everything in A's
+    cgroup); B's container then reads files it never read before."""
+    signal_dir = tmp_path / "sig"
+    signal_dir.mkdir()
+    cluster.on_node("n2", str(BIN / "squashstore"), "umount", "--all", check=False)
+    assert cluster.squash_mounts("n2") == []
+    job_a = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-a", "podman",
+                          "run", "--rm", "--pull=never", IMAGE, "sh", "-c",
+                          "cat /etc/config >/dev/null; sleep 2")
+    _wait(lambda: cluster.squash_mounts("n2"), 60, "job A's mount on n2")
+    reader = (f"until [ -e /sig/go ]; do sleep 0.05; done; "
+              f"cat {PAYLOAD}/* | md5sum; ls {PAYLOAD} | wc -l")
+    job_b = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-b", "podman",
+                          "run", "--rm", "--pull=never", "-v", f"{signal_dir}:/sig", IMAGE,
+                          "sh", "-c", reader)
+    _wait(lambda: _running_containers(cluster, "n2") >= 2, 60, "both containers running")
+    _, err_a = job_a.communicate(timeout=120)
+    assert job_a.returncode == 0, err_a
+    _wait(lambda: "job-a" not in cluster.run("squeue", "-h", "-o", "%j").stdout, 60,
+          "job A gone")
+    time.sleep(0.5)  # what the job's end kills is dead by now
+    (signal_dir / "go").touch()
+    out_b, err_b = job_b.communicate(timeout=120)
+    expected = subprocess.run(
+        ["md5sum"], input=b"".join((f"file {i} ".encode() * 8192)[:65536] for i in range(40)),
+        capture_output=True, check=True).stdout.decode().split()[0]
+    assert job_b.returncode == 0 and out_b.split() == [expected, "-", "40"], (out_b, err_b)
+
+
+def _running_containers(cluster: Cluster, node: str) -> int:
+    out = cluster.on_node(node, "podman", "ps", "-q", check=False).stdout
+    return len(out.split())
+
+
+def test_detach_finds_the_job_cgroups_to_leave() -> None:
+    from squashstore import detach, runtime
+
+    text = ("9:name=systemd:/\n6:freezer:/slurm_n2/uid_0/job_2/step_0\n"
+            "4:memory:/process_api/x\n2:cpu,cpuacct:/slurm/uid_0/job_7/step_batch\n"
+            "0::/system.slice/slurmstepd.scope/job_3/step_0/user/task_0\n")
+    found = detach.parse_cgroups(text)
+    assert [detach.job_parent(m.path) for m in found] == [
+        None, "/squashstore", None, "/squashstore", "/system.slice/squashstore"]
+    entries = runtime.parse_mountinfo(
+        "30 25 0:26 / /sys/fs/cgroup/freezer rw,relatime shared:9 - cgroup cgroup rw,freezer\n"
+        "31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+    assert [detach.hierarchy_root(m, entries) for m in found] == [
+        None, Path("/sys/fs/cgroup/freezer"), None, Path("/sys/fs/cgroup/cpu,cpuacct"),
+        Path("/sys/fs/cgroup/unified")]
+    assert not detach.in_job(os.getpid()) or "slurm" in detach.describe(os.getpid())
