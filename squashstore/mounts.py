@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore import detach, locking, runtime
+from squashstore import detach, jobs, locking, runtime
 from squashstore.image import SquashstoreError
 from squashstore.store import atomic_write_json
 
@@ -305,6 +305,8 @@ class Registry:
                 record.users = [u for u in record.users
                                 if u.get("merged") != key and _may_still_use(u, mounted)]
                 record.users.append(user)
+            # Inside a batch job, the job claims the mount until its epilog (jobs.py).
+            record.users = jobs.add_claim(record.users, jobs.current_job())
             self.write(record)
             return record
 

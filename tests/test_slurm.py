@@ -12,6 +12,7 @@ node's cleanup never touches another node's mounts.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,45 +78,70 @@ def store(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def cluster(request: pytest.FixtureRequest, store: Path) -> Iterator[Cluster]:
     with Cluster(store, request.param,
                  mount_program=str(BIN / "squashstore-mount-program"),
-                 env=_cli_env(store)) as c:
+                 epilog=REPO / "contrib" / "slurm" / "epilog",
+                 prolog=REPO / "contrib" / "slurm" / "prolog",
+                 env=_cli_env(store),
+                 script_env={"SQUASHSTORE": str(BIN / "squashstore"),
+                             "SQUASHSTORE_STORE": str(store)}) as c:
         yield c
 
 
-def _srun(cluster: Cluster, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return cluster.run("srun", *argv, **kw)  # type: ignore[arg-type]
+@pytest.fixture
+def idle(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster with no job and no squash mount on any node, before and after the test."""
+    _assert_no_mounts_left(cluster)
+    yield cluster
+    _assert_no_mounts_left(cluster)
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
+def _assert_no_mounts_left(cluster: Cluster) -> None:
+    cluster.wait_jobs_gone()
+    for node in ("n1", "n2", "n3"):
+        assert cluster.squash_mounts(node) == [], (node, cluster.log(node))
+        assert cluster.registry(node) == [], node
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f}s: {what}")
 
 
-def test_a_job_runs_a_container_on_every_node_from_the_shared_store(cluster: Cluster) -> None:
-    out = _srun(cluster, "-N3", "--ntasks-per-node=1", "sh", "-c",
-                f"echo $(hostname) $(podman run --rm --pull=never {IMAGE} "
-                f"cat /etc/config {PAYLOAD}/f07 | md5sum)").stdout
-    lines = sorted(out.splitlines())
-    expected = subprocess.run(["md5sum"], input=b"base config\n" + (b"file 7 " * 8192)[:65536],
-                              capture_output=True, check=True).stdout.decode().split()[0]
-    assert [line.split()[0] for line in lines] == ["n1", "n2", "n3"], out
-    assert all(line.split()[1] == expected for line in lines), out
-    for node in ("n1", "n2", "n3"):
-        assert len(cluster.squash_mounts(node)) == 1, cluster.mountinfo(node)
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
 
 
-def test_a_jobs_end_never_breaks_another_jobs_container(cluster: Cluster,
-                                                         tmp_path: Path) -> None:
+def _payload(i: int) -> bytes:
+    return (f"file {i} ".encode() * 8192)[:65536]
+
+
+MOUNTED = ("grep -c ' {store}/overlay/[0-9a-f]*/diff ' /proc/self/mountinfo || true")
+
+
+def test_a_job_runs_a_container_on_every_node_and_the_epilog_unmounts_after_it(
+        idle: Cluster) -> None:
+    cluster = idle
+    script = (f"echo $(hostname) $(podman run --rm --pull=never {IMAGE} "
+              f"cat /etc/config {PAYLOAD}/f07 | md5sum | cut -c1-32) "
+              f"$({MOUNTED.format(store=cluster.store.resolve())})")
+    out = cluster.run("srun", "-N3", "--ntasks-per-node=1", "sh", "-c", script).stdout
+    lines = sorted(line.split() for line in out.splitlines())
+    expected = _md5(b"base config\n" + _payload(7))
+    # Every node read the image right and had it mounted once, inside the job.
+    assert lines == [[n, expected, "1"] for n in ("n1", "n2", "n3")], out
+    # `idle` then checks that the epilog left no mount and no record on any node.
+
+
+def test_a_jobs_end_never_breaks_another_jobs_container(idle: Cluster, tmp_path: Path) -> None:
     """Job A's container mounts the image on n2 (its FUSE server starts inside job A); job B's
     container on n2 starts next; A ends (under proctrack/cgroup Slurm kills everything in A's
-    cgroup); B's container then reads files it never read before."""
+    cgroup; A's epilog runs); B's container then reads files it never read before."""
+    cluster = idle
     signal_dir = tmp_path / "sig"
     signal_dir.mkdir()
-    cluster.on_node("n2", str(BIN / "squashstore"), "umount", "--all", check=False)
-    assert cluster.squash_mounts("n2") == []
     job_a = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-a", "podman",
                           "run", "--rm", "--pull=never", IMAGE, "sh", "-c",
                           "cat /etc/config >/dev/null; sleep 2")
@@ -129,14 +155,53 @@ def test_a_jobs_end_never_breaks_another_jobs_container(cluster: Cluster,
     _, err_a = job_a.communicate(timeout=120)
     assert job_a.returncode == 0, err_a
     _wait(lambda: "job-a" not in cluster.run("squeue", "-h", "-o", "%j").stdout, 60,
-          "job A gone")
-    time.sleep(0.5)  # what the job's end kills is dead by now
+          "job A gone (its epilog done)")
+    time.sleep(0.3)  # what the job's end kills is dead by now
+    assert len(cluster.squash_mounts("n2")) == 1, "A's epilog unmounted B's image"
     (signal_dir / "go").touch()
     out_b, err_b = job_b.communicate(timeout=120)
-    expected = subprocess.run(
-        ["md5sum"], input=b"".join((f"file {i} ".encode() * 8192)[:65536] for i in range(40)),
-        capture_output=True, check=True).stdout.decode().split()[0]
+    expected = _md5(b"".join(_payload(i) for i in range(40)))
     assert job_b.returncode == 0 and out_b.split() == [expected, "-", "40"], (out_b, err_b)
+
+
+def test_the_prolog_premounts_the_images_a_job_declares(idle: Cluster) -> None:
+    cluster = idle
+    mounted = MOUNTED.format(store=cluster.store.resolve())
+    out = cluster.run("srun", "-N3", f"--comment=squashstore={IMAGE}", "sh", "-c",
+                      f"echo $(hostname) $({mounted})").stdout
+    assert sorted(out.split("\n")[:-1]) == ["n1 1", "n2 1", "n3 1"], out
+    # A declaration the prolog cannot honour never fails the job (nor drains the node).
+    out = cluster.run("srun", "-N1", "-w", "n1", "--comment=squashstore=localhost/no-such:1",
+                      "sh", "-c", f"echo $({mounted})").stdout
+    assert out.split() == ["0"]
+    assert "drain" not in cluster.run("sinfo", "-h", "-N", "-o", "%N %t").stdout
+
+
+def test_an_epilog_keeps_the_mounts_another_job_on_the_node_claims(idle: Cluster,
+                                                                   tmp_path: Path) -> None:
+    """Job B declared IMAGE (the prolog mounted it) and has not started a container yet; job A
+    ran a container of IMAGE on the same node and ends: A's epilog leaves B's mount."""
+    cluster = idle
+    go = tmp_path / "go"
+    job_b = cluster.popen("srun", "-w", "n3", "--oversubscribe", "-J", "job-b",
+                          f"--comment=squashstore={IMAGE}", "sh", "-c",
+                          f"until [ -e {go} ]; do sleep 0.05; done; "
+                          f"podman run --rm --pull=never {IMAGE} cat {PAYLOAD}/f03 | md5sum")
+    _wait(lambda: cluster.squash_mounts("n3"), 60, "job B's premount on n3")
+    cluster.run("srun", "-w", "n3", "--oversubscribe", "-J", "job-a", "podman", "run", "--rm",
+                "--pull=never", IMAGE, "true")
+    _wait(lambda: "job-a" not in cluster.run("squeue", "-h", "-o", "%j").stdout, 60,
+          "job A gone (its epilog done)")
+    record = cluster.registry("n3")
+    assert len(cluster.squash_mounts("n3")) == 1 and len(record) == 1, record
+    assert [u["job"] for u in record[0]["users"] if "job" in u] == [_job_id(cluster, "job-b")]
+    go.touch()
+    out, err = job_b.communicate(timeout=120)
+    assert job_b.returncode == 0 and out.split()[0] == _md5(_payload(3)), err
+
+
+def _job_id(cluster: Cluster, name: str) -> str:
+    return cluster.run("squeue", "-h", "-n", name, "-o", "%i").stdout.strip()
 
 
 def _running_containers(cluster: Cluster, node: str) -> int:

@@ -20,6 +20,7 @@ with their last process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -132,7 +133,8 @@ class Cluster:
 
     def __init__(self, store: Path, proctrack: str = "proctrack/cgroup",
                  mount_program: str | None = None, epilog: Path | None = None,
-                 prolog: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 prolog: Path | None = None, env: Mapping[str, str] | None = None,
+                 script_env: Mapping[str, str] | None = None) -> None:
         assert proctrack in PROCTRACKS, proctrack
         # Short: the munge socket path must fit a sockaddr_un.
         self.base = Path(tempfile.mkdtemp(prefix="sqsl-", dir="/tmp"))
@@ -148,12 +150,24 @@ class Cluster:
         self.env["SLURM_CONF"] = str(self.conf)
         self._procs: list[subprocess.Popen[bytes]] = []
         try:
+            epilog, prolog = (self._wrap(which, script, script_env or {}) if script else None
+                              for which, script in (("epilog", epilog), ("prolog", prolog)))
             self._start(mount_program, epilog, prolog)
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------------ start
+
+    def _wrap(self, which: str, script: Path, env: Mapping[str, str]) -> Path:
+        """A wrapper that sets ``env`` (what /etc/squashstore/slurm.env gives a site's nodes)
+        and execs ``script``, since slurmd gives prologs and epilogs no environment of ours."""
+        wrapper = self.base / which
+        lines = ["#!/bin/sh", *(f"export {k}='{v}'" for k, v in env.items()),
+                 f'exec {script} "$@"']
+        wrapper.write_text("\n".join(lines) + "\n")
+        wrapper.chmod(0o755)
+        return wrapper
 
     def _start(self, mount_program: str | None, epilog: Path | None,
                prolog: Path | None) -> None:
@@ -282,6 +296,16 @@ class Cluster:
         """The mount points below the shared store in a node's namespace."""
         prefix = str(self.store.resolve()) + "/"
         return sorted(p for p, _ in self.mountinfo(name) if p.startswith(prefix))
+
+    def registry(self, name: str) -> list[dict[str, object]]:
+        """The records of a node's squashstore mount registry (its /run/squashstore, read
+        through /proc/PID/root: no process started)."""
+        folder = Path(f"/proc/{self.node(name).pid}/root/run/squashstore/mounts")
+        out = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(path.read_bytes()))
+        return out
 
     def wait_jobs_gone(self, timeout: float = 60) -> None:
         """Until slurmctld lists no job (epilogs included: completing jobs are listed)."""
