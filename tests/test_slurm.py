@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -91,6 +92,7 @@ def idle(cluster: Cluster) -> Iterator[Cluster]:
     """The cluster with no job and no squash mount on any node, before and after the test."""
     _assert_no_mounts_left(cluster)
     yield cluster
+    cluster.run("scancel", "--user=root", check=False)  # (a failed test's jobs)
     _assert_no_mounts_left(cluster)
 
 
@@ -198,6 +200,93 @@ def test_an_epilog_keeps_the_mounts_another_job_on_the_node_claims(idle: Cluster
     go.touch()
     out, err = job_b.communicate(timeout=120)
     assert job_b.returncode == 0 and out.split()[0] == _md5(_payload(3)), err
+
+
+def test_a_nodes_cleanup_gc_and_umount_never_touch_another_nodes_mounts(
+        idle: Cluster, tmp_path: Path) -> None:
+    """n2 runs a container from the store; n1 has a mount of the same image nobody uses. On
+    n1, ``gc`` (nothing to collect), ``cleanup --grace 0`` and ``umount --all`` act on n1's
+    mount only."""
+    cluster = idle
+    go = tmp_path / "go"
+    tmp_path.chmod(0o755)
+    job = cluster.popen("srun", "-w", "n2", "-J", "reader", "podman", "run", "--rm",
+                        "--pull=never", "-v", f"{tmp_path}:/sig", IMAGE, "sh", "-c",
+                        "until [ -e /sig/go ]; do sleep 0.05; done; "
+                        f"cat {PAYLOAD}/* | md5sum")
+    _wait(lambda: _running_containers(cluster, "n2") == 1, 60, "n2's container")
+    n2_mounts, n2_records = cluster.squash_mounts("n2"), cluster.registry("n2")
+    squashstore = str(BIN / "squashstore")
+    config = tmp_path / "config.toml"
+    config.write_text("[cleanup]\nmin_age = 0\n")
+    # gc removes no image in use or named: it must leave both nodes' mounts.
+    for command, unmounts in ((["gc"], False), (["cleanup", "--grace", "0"], True),
+                              (["umount", "--all"], True)):
+        cluster.on_node("n1", squashstore, "mount", IMAGE)
+        assert cluster.squash_mounts("n1") == n2_mounts
+        cluster.on_node("n1", squashstore, *command, env={"SQUASHSTORE_CONFIG": str(config)})
+        assert cluster.squash_mounts("n1") == ([] if unmounts else n2_mounts), command
+        assert cluster.squash_mounts("n2") == n2_mounts, command
+        assert cluster.registry("n2") == n2_records, command
+    go.touch()
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    assert out.split()[0] == _md5(b"".join(_payload(i) for i in range(40)))
+
+
+def test_two_nodes_migrating_one_image_at_once_publish_it_once(
+        idle: Cluster, archive: Path, tmp_path: Path) -> None:
+    """n1 and n2 migrate the same archive into the shared store in one job, while n3 runs
+    ``gc`` over and over: both succeed, the store holds the image once, and it verifies."""
+    cluster = idle
+    squashstore = str(BIN / "squashstore")
+    before = _store_state(cluster.store)
+    stop = tmp_path / "stop"
+    gc_loop = cluster.popen("srun", "-w", "n3", "-J", "gc", "sh", "-c",
+                            f"until [ -e {stop} ]; do {squashstore} gc || exit 1; done")
+    try:
+        out = cluster.run("srun", "-N2", "-w", "n1,n2", "-J", "migrate", "-l", squashstore,
+                          "migrate", f"oci-archive:{archive}", "--no-mount", timeout=300)
+    finally:
+        stop.touch()
+    assert len([line for line in out.stdout.splitlines() if MIGRATED in line]) == 2, out
+    _, err = gc_loop.communicate(timeout=300)
+    assert gc_loop.returncode == 0, err
+    after = _store_state(cluster.store)
+    assert after["names"].count(MIGRATED) == 1, after
+    assert len(after["layers"]) == len(before["layers"]) + 1, (before, after)
+    assert len(after["squash"]) == len(before["squash"]) + 1, (before, after)
+    cluster.on_node("n3", squashstore, "verify")
+    cluster.on_node("n3", squashstore, "rmi", MIGRATED)
+    assert _store_state(cluster.store) == before
+
+
+MIGRATED = "localhost/slurm-migrated:1"
+
+
+@pytest.fixture(scope="module")
+def archive(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An oci-archive of MIGRATED: the base rootfs and 24 MB of random bytes (so squashing
+    takes a while and the two nodes overlap)."""
+    work = tmp_path_factory.mktemp("slurm-archive")
+    tar = write_base_tar(work / "base.tar")
+    with tarfile.open(tar, "a") as tf:
+        for i in range(3):
+            data = os.urandom(8 << 20)
+            info = tarfile.TarInfo(f"opt/blob{i}")
+            info.size, info.mode = len(data), 0o644
+            tf.addfile(info, io.BytesIO(data))
+    podman.import_tar(tar, MIGRATED, 'CMD ["/bin/sh"]')
+    out = podman.save(MIGRATED, work / "migrated.tar")
+    out.chmod(0o644)
+    return out
+
+
+def _store_state(store: Path) -> dict[str, list[str]]:
+    images = json.loads((store / "overlay-images" / "images.json").read_text())
+    return {"names": sorted(n for r in images for n in r.get("names", [])),
+            "layers": sorted(p.name for p in (store / "overlay").iterdir() if p.name != "l"),
+            "squash": sorted(p.name for p in store.rglob("*.sqfs"))}
 
 
 def _job_id(cluster: Cluster, name: str) -> str:

@@ -216,7 +216,7 @@ class Cluster:
         pid_file = self.base / f"d-{node.name}.pid"
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 node.pid = int(pid_file.read_text().split()[0])
                 return
             time.sleep(0.05)
