@@ -315,3 +315,23 @@ def test_detach_finds_the_job_cgroups_to_leave() -> None:
         None, Path("/sys/fs/cgroup/freezer"), None, Path("/sys/fs/cgroup/cpu,cpuacct"),
         Path("/sys/fs/cgroup/unified")]
     assert not detach.in_job(os.getpid()) or "slurm" in detach.describe(os.getpid())
+
+
+def test_job_comments_declare_images_and_claims_follow_jobs() -> None:
+    from squashstore import jobs, slurm
+
+    assert slurm.declared_images("squashstore=a:1,b:2 other=x;squashstore:c") == [
+        "a:1", "b:2", "c"]
+    assert slurm.declared_images("nothing here") == []
+    claim = jobs.current_job({"SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n1"})
+    assert claim is not None and (claim.job, claim.node) == ("12", "n1")
+    assert jobs.current_job({}) is None
+    users: list[dict[str, object]] = [{"merged": "/g/overlay/x/merged", "pid": 1, "since": 0}]
+    users = jobs.add_claim(jobs.add_claim(users, claim), claim)
+    assert [c.job for c in jobs.claims(users)] == ["12"] and len(users) == 2
+    old = jobs.JobClaim("7", "n1", 0.0)
+    users = jobs.add_claim(users, old)
+    now = claim.since + 1
+    assert [c.job for c in jobs.live_claims(users, set(), now)] == ["12"]  # 7: old, gone
+    assert [c.job for c in jobs.live_claims(users, {"7"}, now)] == ["12", "7"]
+    assert jobs.drop_claims(users, "12") == [users[0], old.to_json()]
