@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -147,7 +148,12 @@ def test_a_jobs_end_never_breaks_another_jobs_container(idle: Cluster, tmp_path:
     job_a = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-a", "podman",
                           "run", "--rm", "--pull=never", IMAGE, "sh", "-c",
                           "cat /etc/config >/dev/null; sleep 2")
-    _wait(lambda: cluster.squash_mounts("n2"), 60, "job A's mount on n2")
+    _wait(lambda: cluster.squash_mounts("n2") and cluster.registry("n2"), 60,
+          "job A's mount on n2")
+    # The server left job A's cgroups (under proctrack/cgroup it was started in them).
+    [record] = cluster.registry("n2")
+    cgroups = Path(f"/proc/{record['pid']}/cgroup").read_text()
+    assert "slurm" not in cgroups and "job_" not in cgroups, cgroups
     reader = (f"until [ -e /sig/go ]; do sleep 0.05; done; "
               f"cat {PAYLOAD}/* | md5sum; ls {PAYLOAD} | wc -l")
     job_b = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-b", "podman",
@@ -287,6 +293,25 @@ def _store_state(store: Path) -> dict[str, list[str]]:
     return {"names": sorted(n for r in images for n in r.get("names", [])),
             "layers": sorted(p.name for p in (store / "overlay").iterdir() if p.name != "l"),
             "squash": sorted(p.name for p in store.rglob("*.sqfs"))}
+
+
+def test_the_epilog_recovers_a_dead_mount(idle: Cluster) -> None:
+    """A mount whose FUSE server was killed (ENOTCONN) is gone, record and all, after the
+    next job on the node ends."""
+    cluster = idle
+    cluster.on_node("n1", str(BIN / "squashstore"), "mount", IMAGE)
+    [record] = cluster.registry("n1")
+    os.kill(int(str(record["pid"])), signal.SIGKILL)
+    _wait(lambda: _gone(int(str(record["pid"]))), 10, "the server gone")
+    cluster.run("srun", "-w", "n1", "true")
+    # `idle` checks that nothing is left on any node (mount and record).
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _job_id(cluster: Cluster, name: str) -> str:
