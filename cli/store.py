@@ -96,7 +96,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     store.init()
     for image in images:
         result = migrate_image(store, image, options, mount=not args.no_mount,
-                               backend=args.backend, progress=sys.stderr.isatty())
+                               backend=args.backend, progress=sys.stderr.isatty(),
+                               warn=_warn)
         stats = result.metadata.get("squash", {})
         kept = stats.get("options")
         if kept is not None and kept != options_json(options):
@@ -106,9 +107,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"{image.reference} -> {result.id[:12]} "
               f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "
               f"{_human(int(stats.get('bytes', 0)))} squash file)")
-        if args.rm_source:
+        if args.rm_source and result.id != image.source_id:  # not the store's own copy
             _remove_source(image)
     return 0
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(f"squashstore: {line}\n")
 
 
 def _options_text(options: dict[str, Any]) -> str:

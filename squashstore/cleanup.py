@@ -25,9 +25,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from squashstore import runtime, tracker
+from squashstore import runtime, tracker, trust
 from squashstore.image import SquashstoreError
-from squashstore.mounts import MountError, MountRecord, Registry, mounter_for_fstype, probe
+from squashstore.mounts import (
+    FSTYPE_BACKENDS,
+    MountError,
+    MountRecord,
+    Registry,
+    mounter_for_fstype,
+    probe,
+)
 from squashstore.store import Store
 from squashstore.tracker import User
 
@@ -161,6 +168,19 @@ def _liveness(entry: runtime.MountEntry | None) -> dict[str, bool]:
     return {"alive": bool(alive), "hung": alive is None}
 
 
+STATES = ("alive", "dead", "hung", "gone")
+
+
+def mount_state(entry: runtime.MountEntry | None) -> str:
+    """One word for a mount (`STATES`), from the same probe `observe` uses: ``gone`` when
+    nothing is mounted there, ``dead`` when its server is gone (ENOTCONN), ``hung`` when it
+    gives no answer in `ALIVE_TIMEOUT` seconds."""
+    live = _liveness(entry)
+    if entry is None:
+        return "gone"
+    return "alive" if live["alive"] else "hung" if live["hung"] else "dead"
+
+
 def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
             now: float | None = None) -> list[MountState]:
     """Every recorded mount and every adoptable one, with its users (call under the lock)."""
@@ -219,9 +239,19 @@ def _adopt(registry: Registry, m: MountState, now: float) -> None:
                                 m.since if m.since is not None else now))
 
 
+def _check_store_of(mountpoint: str) -> None:
+    """As root, a mount in a store other users can change is left alone (`trust`)."""
+    found = store_layer_of(mountpoint)
+    if found is not None and Store.is_store(found[0]):
+        Store(found[0]).check()
+
+
 def _unmount(m: MountState, lazy: bool) -> bool:
-    """Unmount; returns whether it had to be lazy. Raises MountError."""
+    """Unmount; returns whether it had to be lazy. Raises MountError (UnsafeStore when the
+    mount is not a squash mount reached without symlinks, or its store is unsafe)."""
     point = Path(m.mountpoint)
+    trust.check_unmount(point, m.fstype, FSTYPE_BACKENDS)
+    _check_store_of(m.mountpoint)
     unmounter = mounter_for_fstype(m.fstype or "")
     if not lazy:
         try:

@@ -17,6 +17,7 @@ container users (its ACL check gets EOPNOTSUPP from squashfs), hence the kernel 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, runtime
+from squashstore import __version__, runtime, trust
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
@@ -92,12 +93,34 @@ class StoreLayer:
         return self.store.diff_dir(self.layer)
 
 
+_LINK_TARGET = re.compile(r"\.\./([0-9a-f]{64})/diff")
+
+
 def store_layer(lowerdir: str) -> StoreLayer | None:
-    """The squash store layer a lowerdir (usually ``S/overlay/l/<short>``) leads to."""
-    found = runtime.overlay_layer(os.path.realpath(lowerdir), "diff")
-    if found is None or not Store.is_store(found[0]):
-        return None
-    return StoreLayer(Store(found[0]), found[1])
+    """The squash store layer a lowerdir leads to: ``S/overlay/l/<short>`` (a symlink whose
+    target is exactly ``../<LID>/diff``) or ``S/overlay/<LID>/diff``, S being a squash
+    store. Nothing else is followed: a lowerdir that reaches a store by another way (a
+    planted symlink) is not a store layer. As root, a store other users can change is
+    refused (`trust`; the layer's own paths are checked when it is mounted)."""
+    path = Path(os.path.abspath(lowerdir))
+    if path.parent.name == "l" and path.parent.parent.name == "overlay":
+        root, link = path.parent.parent.parent, path
+        if not Store.is_store(root) or not link.is_symlink():
+            return None
+        match = _LINK_TARGET.fullmatch(os.readlink(link))
+        if match is None:
+            return None
+        layer = match.group(1)
+    else:
+        found = runtime.overlay_layer(path, "diff")
+        if found is None or not Store.is_store(found[0]):
+            return None
+        (root, layer), link = found, None
+    store = Store(root)
+    store.check()
+    if link is not None:
+        trust.check_entry(store.links / link.name, symlink_ok=True)
+    return StoreLayer(store, layer)
 
 
 def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore import detach, jobs, locking, runtime
+from squashstore import detach, jobs, locking, runtime, trust
 from squashstore.image import SquashstoreError
 from squashstore.store import atomic_write_json
 
@@ -185,6 +185,7 @@ BACKENDS: dict[str, Callable[[], Mounter]] = {
 }
 FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
                    "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
+"""The file systems squashstore mounts: the only ones it ever unmounts."""
 
 
 def default_backend() -> str:
@@ -254,8 +255,11 @@ class Registry:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """The registry's lock: other processes and threads wait; nesting is allowed."""
+        """The registry's lock: other processes and threads wait; nesting is allowed.
+
+        As root, only a registry nobody else can change is used (`trust.check_top`)."""
         self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
         with locking.reentrant(self.lock_file):
             yield
 
@@ -292,6 +296,8 @@ class Registry:
         with self.locked():
             record = self._live_record(image, layer, squash, mountpoint)
             if record is None:
+                trust.check_mountpoint(mountpoint)
+                trust.check_squash_file(squash)
                 chosen = mounter(backend)
                 pid = chosen.mount(squash, mountpoint)
                 if pid is not None:
@@ -313,12 +319,14 @@ class Registry:
     def _live_record(self, image: str, layer: str, squash: Path,
                      mountpoint: Path) -> MountRecord | None:
         """The record of a live mount on ``mountpoint``; dead mounts are removed."""
+        trust.check_unmount(mountpoint, None)
         entry = runtime.mount_table().get(runtime.real_path(mountpoint))
         record = self.record(mountpoint)
         if entry is None:
             if record is not None:
                 self.forget(mountpoint)
             return None
+        trust.check_unmount(mountpoint, entry.fstype, FSTYPE_BACKENDS)
         existing = mounter_for_fstype(entry.fstype)
         if not existing.is_alive(mountpoint):
             existing.umount(mountpoint, lazy=True)
@@ -330,22 +338,31 @@ class Registry:
         return record
 
     def umount(self, mountpoint: Path, lazy: bool = False) -> bool:
-        """Unmount (if mounted) and forget; False when the mount is busy."""
+        """Unmount (if mounted) and forget; False when the mount is busy (or still there).
+
+        Only a squash mount at a path reached without symlinks is unmounted
+        (`trust.check_unmount`, `UnsafeStore` otherwise); success means it is gone."""
         with self.locked():
             return self._umount_locked(mountpoint, lazy)
 
     def _umount_locked(self, mountpoint: Path, lazy: bool) -> bool:
+        trust.check_unmount(mountpoint, None)
         entry = runtime.mount_table().get(runtime.real_path(mountpoint))
         if entry is not None:
+            trust.check_unmount(mountpoint, entry.fstype, FSTYPE_BACKENDS)
             existing = mounter_for_fstype(entry.fstype)
             alive = existing.is_alive(mountpoint)
-            try:
+            with contextlib.suppress(MountError):
                 existing.umount(mountpoint, lazy=lazy or not alive)
-            except MountError:
-                if runtime.is_mountpoint(mountpoint):
-                    return False
+            if self._squash_mounted(mountpoint):
+                return False
         self.forget(mountpoint)
         return True
+
+    @staticmethod
+    def _squash_mounted(mountpoint: Path) -> bool:
+        entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+        return entry is not None and entry.fstype in FSTYPE_BACKENDS
 
     def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, bool]]:
         with self.locked():

@@ -238,3 +238,50 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert proc.stderr.startswith("squashstore-mount-program: ")
         assert expected in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _mounts_json(env: Env) -> list[dict[str, Any]]:
+    data = json.loads(cli(env.store.root, "mounts", "--format", "json", env=env.env).stdout)
+    assert isinstance(data, list)
+    return data
+
+
+def test_mounts_shows_each_mounts_state(tmp_path: Path, podman: Podman, make_podman: Any,
+                                        images: dict[str, SqLayer]) -> None:
+    """Issue 10 #9: a mount whose server is dead or hung is not shown as fine; the state is
+    cleanup's probe's (alive, dead, hung)."""
+    with store_setup(tmp_path, podman, make_podman, images, "fuse", "auto") as env:
+        image = publish(env)
+        record = Registry(env.runtime_dir).record(image.diff)
+        assert record is not None and record.pid is not None
+        assert [m["state"] for m in _mounts_json(env)] == ["alive"]
+        table = cli(env.store.root, "mounts", env=env.env).stdout.splitlines()
+        assert "state" in table[0].split() and "alive" in table[1].split()
+        os.kill(record.pid, signal.SIGSTOP)
+        try:
+            assert [m["state"] for m in _mounts_json(env)] == ["hung"]
+        finally:
+            os.kill(record.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while answers(image.diff) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m["state"] for m in _mounts_json(env)] == ["dead"]
+        assert "dead" in cli(env.store.root, "mounts", env=env.env).stdout.splitlines()[1]
+        # ... as cleanup sees it: it unmounts exactly that one as dead.
+        out = cli(env.store.root, "cleanup", env=env.env).stdout
+        assert out.startswith("unmounted dead") or "dead" in out, out
+
+
+def test_mount_help_names_the_real_default_backend(tmp_path: Path) -> None:
+    """Issue 10 #10: the default backend is fuse (or the config's), for root too."""
+    out = cli(tmp_path / "store", "mount", "--help").stdout
+    text = " ".join(out.split())
+    assert "else fuse" in text and "kernel for root" not in text
+
+
+def test_umount_says_unmounted_only_when_it_was(benv: Env) -> None:
+    image = publish(benv)
+    out = cli(benv.store.root, "umount", IMAGE, env=benv.env).stdout
+    assert out.startswith("unmounted ") and not runtime.is_mountpoint(image.diff)
+    out = cli(benv.store.root, "umount", IMAGE, env=benv.env).stdout
+    assert out.startswith("not mounted: ")

@@ -538,7 +538,8 @@ print("done", flush=True)
 """
 
 
-def spawn_publisher(e: Env, name: str, delay: float) -> subprocess.Popen[str]:
+def spawn_publisher(e: Env, name: str, delay: float,
+                    extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     image = store_image_source(e.producer, name)
     layer = e.squash if name == IMAGE else e.squash2
     spec = e.store.root.parent / f"spec-{hashlib.sha256(name.encode()).hexdigest()[:8]}.json"
@@ -551,7 +552,7 @@ def spawn_publisher(e: Env, name: str, delay: float) -> subprocess.Popen[str]:
     code = CHILD
     return subprocess.Popen([str(PYTHON), "-c", code, str(e.store.root), str(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **e.env}, cwd=REPO)
+                            env={**os.environ, **e.env, **(extra_env or {})}, cwd=REPO)
 
 
 @pytest.mark.slow
@@ -595,6 +596,45 @@ def test_sigkill_at_random_points_leaves_a_valid_store(env: Env) -> None:
                                                "cat", "/extra")
     cli(env.store.root, "gc", env=env.env)
     assert env.store.verify_structure() == []
+
+
+def test_sigkill_inside_publish_at_every_step(env: Env) -> None:
+    """Kills timed to land inside publish itself (test hook `publish_hook`): after each, podman
+    lists the store, verify is ok, gc removes the leftovers, and publishing again works."""
+    from squashstore.store import PUBLISH_HOOK, PUBLISH_STEPS
+
+    complete = publish(env, IMAGE)
+    for step in PUBLISH_STEPS:
+        hook = env.store.root.parent / f"hook-{step}"
+        hook.mkdir()
+        for earlier in PUBLISH_STEPS[:PUBLISH_STEPS.index(step)]:
+            (hook / f"{earlier}.go").touch()
+        child = spawn_publisher(env, IMAGE2, 0.0, {PUBLISH_HOOK: str(hook)})
+        deadline = time.monotonic() + 120
+        while not (hook / f"{step}.reached").exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        listed = {i["Id"] for i in podman_images(env.consumer)}
+        assert complete.id in listed, step
+        for record in env.store.image_records():
+            assert env.store.squash_file(record["layer"]).is_file(), step
+        assert env.store.verify_structure() == [], step
+        assert "ok: " in cli(env.store.root, "verify", env=env.env).stdout, step
+        cli(env.store.root, "gc", env=env.env)
+        assert list(env.store.tmp_dir.iterdir()) == [], step
+        assert env.store.verify_structure() == [], step
+        if step == "image-record":
+            assert {n for i in podman_images(env.consumer) for n in i["Names"]} == {
+                IMAGE, IMAGE2}
+            env.store.remove_image(env.store.resolve(IMAGE2).id)
+        else:  # not yet visible: gc took every piece of it
+            assert len(env.store.images()) == 1 and len(env.store.layer_records()) == 1, step
+            assert sorted(os.listdir(env.store.squash_dir)) == [f"{complete.layer}.sqfs"]
+    publish(env, IMAGE2)
+    assert "second image" in env.consumer.text("run", "--rm", "--pull=never", IMAGE2,
+                                               "cat", "/extra")
 
 
 @pytest.mark.slow
