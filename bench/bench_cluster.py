@@ -27,6 +27,7 @@ Run: ``.venv/bin/python bench/bench_cluster.py [--size-mb 1024] [--runs 3] [--sk
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -118,28 +119,54 @@ def count_trace(folder: Path, store: Path) -> tuple[Counter[str], int]:
     return ops, container
 
 
-def traced_run(podman: Podman, store: Path, command: list[str]) -> Count:
-    """``podman run`` under ``strace -ff``; strace is told to detach (SIGINT) once podman has
-    exited, since it would otherwise wait for the FUSE server the start spawned, which stays."""
-    folder = Path(tempfile.mkdtemp(prefix="strace-", dir=podman.root / "tmp"))
-    rc = folder.parent / (folder.name + ".rc")
-    run = " ".join(["podman", "run", "--rm", "--pull=never", IMAGE,
-                    *(f"'{c}'" for c in command)])
+def traced(argv: list[str], env: dict[str, str], folder: Path,
+           attach: int | None = None) -> float:
+    """Run ``argv`` under ``strace -ff`` (and strace ``attach``, a running FUSE server, with
+    a second strace: one strace tracing both a FUSE server and a reader of its files can
+    deadlock on a page fault); the seconds ``argv`` took. strace is told to detach (SIGINT)
+    once ``argv`` has exited, since it would wait for any server the command spawned."""
+    rc = folder / "rc"
+    base = ["strace", "-I", "2", "-f", "-qq", "-e", f"trace={SYSCALLS}", "-e", "signal=none"]
+    tracers = []
+    if attach is not None:
+        tracers.append(subprocess.Popen([*base, "-ff", "-o", str(folder / "s"), "-p",
+                                         str(attach)], stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+    command = " ".join(f"'{a}'" for a in argv)
     start = time.perf_counter()
-    tracer = subprocess.Popen(["strace", "-ff", "-qq", "-e", f"trace={SYSCALLS}", "-e",
-                               "signal=none", "-o", str(folder / "t"), "sh", "-c",
-                               f"{run} >/dev/null 2>&1; echo $? > {rc}"], env=podman.env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not rc.exists() or not rc.read_text().strip():
-        if tracer.poll() is not None:
-            break
-        time.sleep(0.05)
+    main = subprocess.Popen([*base, "-ff", "-o", str(folder / "t"), "sh", "-c",
+                             f"{command} >/dev/null 2>&1; echo $? > {rc}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracers.append(main)
+    while (not rc.exists() or not rc.read_text().strip()) and main.poll() is None:
+        time.sleep(0.02)
     seconds = time.perf_counter() - start
-    tracer.send_signal(signal.SIGINT)
-    tracer.wait(timeout=60)
+    for tracer in tracers:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=60)
     if rc.read_text().strip() != "0":
-        raise RuntimeError(f"podman run {command} under strace failed")
+        raise RuntimeError(f"{argv} under strace failed")
     rc.unlink()
+    return seconds
+
+
+def traced_run(podman: Podman, store: Path, command: list[str],
+               squash_env: dict[str, str] | None = None) -> Count:
+    """One container start under strace: for the squash store a cold one (unmounted first;
+    the mount, by ``squashstore mount``, is traced with its server, then the run with the
+    server traced apart)."""
+    folder = Path(tempfile.mkdtemp(prefix="strace-", dir=podman.root / "tmp"))
+    run = ["podman", "run", "--rm", "--pull=never", IMAGE, *command]
+    seconds, server = 0.0, None
+    if squash_env is not None:
+        subprocess.run([SQUASHSTORE, "umount", "--all"], env=squash_env, check=False,
+                       capture_output=True)
+        seconds += traced([SQUASHSTORE, "mount", IMAGE], squash_env, folder)
+        records = json.loads(subprocess.run([SQUASHSTORE, "mounts", "--format", "json"],
+                                            env=squash_env, capture_output=True, text=True,
+                                            check=True).stdout)
+        server = int(records[0]["pid"])
+    seconds += traced(run, {**podman.env, **(squash_env or {})}, folder, attach=server)
     ops, container = count_trace(folder, store)
     shutil.rmtree(folder)
     return Count(ops, container, seconds)
@@ -195,10 +222,8 @@ def part1(work: Path, runs: int) -> None:
             for label, podman, store in cases:
                 counts = []
                 for _ in range(runs):
-                    if podman is on_squash:
-                        subprocess.run([SQUASHSTORE, "umount", "--all"], env={**env},
-                                       check=False, capture_output=True)
-                    counts.append(traced_run(podman, store, command))
+                    counts.append(traced_run(podman, store, command,
+                                             env if podman is on_squash else None))
                 times = []
                 for _ in range(runs):
                     if podman is on_squash:
