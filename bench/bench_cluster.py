@@ -143,7 +143,13 @@ def traced(argv: list[str], env: dict[str, str], folder: Path,
     seconds = time.perf_counter() - start
     for tracer in tracers:
         tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=60)
+        try:
+            tracer.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # A tracee it cannot detach from (conmon with a zombie child): what it wrote so
+            # far is the whole start; the tracees are left to run on.
+            tracer.kill()
+            tracer.wait()
     if rc.read_text().strip() != "0":
         raise RuntimeError(f"{argv} under strace failed")
     rc.unlink()

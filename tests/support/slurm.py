@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -351,8 +352,13 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         # What the nodes still run (FUSE servers, conmon, containers) goes too: the
         # namespaces, and the mounts only they hold, vanish with it.
+        # Containers have mount namespaces of their own, and podman (cgroupfs) moves them out
+        # of the job's cgroups into /libpod_parent/libpod-<id>: a cancelled job's container
+        # outlives it. They are found by their container ids.
+        ids = {c for n in self.nodes for c in _container_ids(n.graphroot)}
         left = [int(p) for p in _pids()
-                if _readlink(f"/proc/{p}/ns/mnt") in {v for v in namespaces.values() if v}]
+                if _readlink(f"/proc/{p}/ns/mnt") in {v for v in namespaces.values() if v}
+                or (ids and _libpod_id(p) in ids)]
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -376,6 +382,23 @@ def _readlink(path: str) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+def _container_ids(graphroot: Path) -> set[str]:
+    try:
+        records = json.loads((graphroot / "overlay-containers" / "containers.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {str(r.get("id")) for r in records if isinstance(r, dict)}
+
+
+def _libpod_id(pid: str) -> str | None:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    found = re.search(r"/libpod-([0-9a-f]{64})", text)
+    return found.group(1) if found else None
 
 
 def _pid_of(path: Path) -> int | None:
