@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import cleanup, runtime
+from squashstore import cleanup, host
 from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.image import SquashstoreError
 from squashstore.mounts import BACKENDS, Registry
@@ -42,7 +42,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if args.image is None:
         raise SquashstoreError("umount: give IMAGE or --all")
     image = Store(Path(args.store)).resolve(args.image)
-    was_mounted = runtime.is_mountpoint(image.diff)
+    was_mounted = host.is_mountpoint(image.diff)
     if not registry.umount(image.diff, lazy=args.lazy):
         raise SquashstoreError(f"{image.diff}: busy (try --lazy)")
     print(f"{'unmounted' if was_mounted else 'not mounted:'} {image.id[:12]} {image.diff}")
@@ -52,7 +52,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_mounts(args: argparse.Namespace) -> int:
     """Every recorded mount with its state as cleanup sees it (`cleanup.mount_state`)."""
     records = Registry().records()
-    table = runtime.mount_table()  # read-only: no lock, so no container start waits on a probe
+    table = host.mount_table()  # read-only: no lock, so no container start waits on a probe
     states = [cleanup.mount_state(table.get(r.mountpoint)) for r in records]
     if args.format == "json":
         print_json([{**r.to_json(), "state": state} for r, state in zip(records, states,

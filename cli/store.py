@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import runtime
+from squashstore import host, podmanstore, runtime
 from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
@@ -55,12 +55,16 @@ def users_of(image: StoreImage, registry: Registry) -> list[str]:
     users: list[str] = []
     graphroot = runtime.podman_graphroot()
     if graphroot is not None:
-        users += [f"layer {lid[:12]}" for lid in runtime.layer_children(graphroot, image.layer)]
+        try:
+            records = podmanstore.layers(podmanstore.Layout(graphroot).layers_json)
+        except podmanstore.PodmanStoreError:
+            records = []
+        users += [f"layer {lid[:12]}" for lid in podmanstore.children(records, image.layer)]
     record = registry.record(image.diff)
     if record is not None:
-        mounted = runtime.mount_table()
-        users += [f"container at {u['merged']}" for u in record.users
-                  if isinstance(u.get("merged"), str) and u["merged"] in mounted]
+        mounted = host.mount_table()
+        users += [f"container at {u.merged}" for u in record.users
+                  if u.merged and u.merged in mounted]
     return users
 
 
@@ -135,8 +139,8 @@ def _remove_source(image: Image) -> None:
 def cmd_images(args: argparse.Namespace) -> int:
     store = _store(args)
     images = store.images()
-    mounted = runtime.mount_table()
-    rows = [{**i.to_json(), "mounted": runtime.real_path(i.diff) in mounted} for i in images]
+    mounted = host.mount_table()
+    rows = [{**i.to_json(), "mounted": host.real_path(i.diff) in mounted} for i in images]
     if args.format == "json":
         print_json(rows)
         return 0
@@ -153,12 +157,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     image = store.resolve(args.image)
     record = Registry().record(image.diff)
-    config_file = store.images_dir / image.id
-    from squashstore.store import big_data_file_name
-
-    config = json.loads((config_file / big_data_file_name("sha256:" + image.id)).read_bytes())
+    data = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
+    if data is None:
+        raise StoreError(f"image {image.id}: its config is missing from the store")
+    config = json.loads(data)
     print_json({**image.to_json(), "config": config,
-                "mounted": runtime.is_mountpoint(image.diff),
+                "mounted": host.is_mountpoint(image.diff),
                 "mount": record.to_json() if record else None})
     return 0
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import runtime
+from squashstore import host
 
 CGROUP_NAME = "squashstore"
 """The cgroup, next to Slurm's top cgroup, that holds the servers moved out of jobs."""
@@ -73,7 +73,7 @@ def job_parent(path: str) -> str | None:
 
 
 def hierarchy_root(membership: Membership,
-                   entries: list[runtime.MountEntry]) -> Path | None:
+                   entries: list[host.MountEntry]) -> Path | None:
     """Where the hierarchy of ``membership`` is mounted (v1: the ``cgroup`` mount whose
     options name its controllers; v2: the ``cgroup2`` mount)."""
     for entry in entries:
@@ -86,10 +86,10 @@ def hierarchy_root(membership: Membership,
     return None
 
 
-def moves(pid: int, entries: list[runtime.MountEntry] | None = None
+def moves(pid: int, entries: list[host.MountEntry] | None = None
           ) -> list[tuple[Membership, Path]]:
     """The ``cgroup.procs`` files ``pid`` must be written to, to leave every job's cgroup."""
-    entries = runtime.read_mountinfo() if entries is None else entries
+    entries = host.read_mountinfo() if entries is None else entries
     out = []
     for membership in memberships(pid):
         target = job_parent(membership.path)
@@ -105,7 +105,7 @@ def leave_job(pid: int) -> str:
     planned = moves(pid)
     if not planned:
         return ""
-    if not runtime.is_real_root():
+    if not host.is_real_root():
         return "not root: the server stays in the job's cgroups"
     failed = []
     for membership, procs in planned:

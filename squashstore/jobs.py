@@ -2,9 +2,9 @@
 
 A mount made inside a Slurm job (the mount program under ``srun podman run``, ``squashstore
 mount`` in a job script, or the node prolog for the images a job declares) is *claimed* by
-that job: its record's ``users`` list gets ``{"job": ID, "node": NODE, "since": T}`` beside
-the containers the mount program records. A claim is not a container and existing cleanup
-ignores it (no ``merged``, no ``pid``); the Slurm epilog (`squashstore.slurm`) keeps a mount
+that job: its record's ``claims`` list gets ``{"job": ID, "node": NODE, "since": T}``, apart
+from the container starts the mount program records in ``users``. Cron's cleanup ignores
+claims; the Slurm epilog (`squashstore.slurm`) keeps a mount
 that a job still on the node claims, and drops the ending job's claims. Which jobs are still on
 this node is read from ``/proc``: every Slurm job step has a ``slurmstepd: [JOB.STEP]`` process
 on the node while it runs (no call to slurmctld: epilogs must not wait on it). Only the
@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 CLAIM_SETUP_SECONDS = 120.0
 """A claim this young counts even before its job has a step on the node (the prolog runs
@@ -31,14 +30,21 @@ _STEPD = re.compile(rb"^slurmstepd: \[(\d+)(?:_\d+)?\.[^\]]+\]")
 
 @dataclass(frozen=True)
 class JobClaim:
-    """A job's claim on a mount."""
+    """A job's claim on a mount (an entry of `squashstore.mounts.MountRecord.claims`)."""
 
     job: str
     node: str = ""
     since: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        return {"job": self.job, "node": self.node, "since": self.since}
+    @classmethod
+    def from_json(cls, value: object) -> JobClaim | None:
+        """A claim as the record stores it; None for anything else."""
+        if not isinstance(value, Mapping) or not isinstance(value.get("job"), str):
+            return None
+        node, since = value.get("node"), value.get("since")
+        return cls(value["job"], node if isinstance(node, str) else "",
+                   float(since) if isinstance(since, int | float)
+                   and not isinstance(since, bool) else 0.0)
 
 
 def current_job(env: Mapping[str, str] | None = None) -> JobClaim | None:
@@ -50,30 +56,15 @@ def current_job(env: Mapping[str, str] | None = None) -> JobClaim | None:
     return JobClaim(job, env.get("SLURMD_NODENAME", ""), time.time())
 
 
-def is_claim(user: Mapping[str, Any]) -> bool:
-    return isinstance(user.get("job"), str) and "merged" not in user
-
-
-def claims(users: Iterable[Mapping[str, Any]]) -> list[JobClaim]:
-    out = []
-    for user in users:
-        if is_claim(user):
-            since = user.get("since")
-            out.append(JobClaim(str(user["job"]), str(user.get("node", "")),
-                                float(since) if isinstance(since, int | float) else 0.0))
-    return out
-
-
-def add_claim(users: list[dict[str, Any]], claim: JobClaim | None) -> list[dict[str, Any]]:
-    """``users`` with ``claim`` in it (one claim per job, the newest)."""
+def add_claim(claims: list[JobClaim], claim: JobClaim | None) -> list[JobClaim]:
+    """``claims`` with ``claim`` in it (one claim per job, the newest)."""
     if claim is None:
-        return users
-    kept = [u for u in users if not (is_claim(u) and u.get("job") == claim.job)]
-    return [*kept, claim.to_json()]
+        return claims
+    return [*(c for c in claims if c.job != claim.job), claim]
 
 
-def drop_claims(users: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
-    return [u for u in users if not (is_claim(u) and u.get("job") == job)]
+def drop_claims(claims: list[JobClaim], job: str) -> list[JobClaim]:
+    return [c for c in claims if c.job != job]
 
 
 def _readlink(path: str) -> str | None:
@@ -100,8 +91,6 @@ def jobs_on_node() -> set[str]:
     return found
 
 
-def live_claims(users: Iterable[Mapping[str, Any]], running: set[str],
-                now: float) -> list[JobClaim]:
+def live_claims(claims: Iterable[JobClaim], running: set[str], now: float) -> list[JobClaim]:
     """The claims of jobs still on the node (or claimed moments ago)."""
-    return [c for c in claims(users)
-            if c.job in running or now - c.since < CLAIM_SETUP_SECONDS]
+    return [c for c in claims if c.job in running or now - c.since < CLAIM_SETUP_SECONDS]

@@ -25,13 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, runtime, trust
+from squashstore import __version__, config, host, podmanstore, trust
 from squashstore.image import SquashstoreError
-from squashstore.mounts import Registry
+from squashstore.mounts import RecordedUse, Registry
 from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
-OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
                           "metacopy", "redirect_dir", "index", "xino", "nfs_export")
 
@@ -112,7 +111,7 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
             return None
         layer = match.group(1)
     else:
-        found = runtime.overlay_layer(path, "diff")
+        found = podmanstore.overlay_layer(path, "diff")
         if found is None or not Store.is_store(found[0]):
             return None
         (root, layer), link = found, None
@@ -126,8 +125,8 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
 def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
     """Mount every store layer among the call's lowerdirs and record the container."""
     found = [layer for d in call.lowerdirs() if (layer := store_layer(d)) is not None]
-    user = {"merged": os.path.abspath(call.merged), "upperdir": call.option("upperdir") or "",
-            "pid": os.getpid(), "since": time.time()}
+    user = RecordedUse(os.path.abspath(call.merged), call.option("upperdir") or "",
+                       os.getpid(), time.time())
     for item in found:
         squash = item.store.squash_file(item.layer)
         if not squash.is_file():
@@ -140,9 +139,9 @@ def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
 
 def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = runtime.config_value("mount", "overlay", "auto", OVERLAYS)
+    choice = config.load().mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
-    kernel_ok = runtime.is_real_root() and all(
+    kernel_ok = host.is_real_root() and all(
         item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
     if choice == "kernel" and not kernel_ok:
         raise MountProgramError("the kernel overlay needs root and plain overlay options")

@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from squashstore import cleanup, jobs, runtime
+from squashstore import cleanup, jobs
+from squashstore import config as configuration
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
@@ -89,7 +89,7 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
             with registry.locked():
                 record = registry.ensure_mounted(image.id, image.layer, image.squash,
                                                  image.diff)
-                record.users = jobs.add_claim(record.users, claim)
+                record.claims = jobs.add_claim(record.claims, claim)
                 registry.write(record)
             result.mounted.append(record.mountpoint)
         except (SquashstoreError, OSError) as exc:
@@ -100,8 +100,8 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
 def release(registry: Registry, job: str) -> None:
     """Drop ``job``'s claims from every record (call under the registry's lock)."""
     for record in registry.records():
-        if any(c.job == job for c in jobs.claims(record.users)):
-            record.users = jobs.drop_claims(record.users, job)
+        if any(c.job == job for c in record.claims):
+            record.claims = jobs.drop_claims(record.claims, job)
             registry.write(record)
 
 
@@ -110,7 +110,7 @@ def claimed(registry: Registry, now: float) -> dict[str, list[jobs.JobClaim]]:
     running = jobs.jobs_on_node()
     out = {}
     for record in registry.records():
-        live = jobs.live_claims(record.users, running, now)
+        live = jobs.live_claims(record.claims, running, now)
         if live:
             out[record.mountpoint] = live
     return out
@@ -118,16 +118,16 @@ def claimed(registry: Registry, now: float) -> dict[str, list[jobs.JobClaim]]:
 
 def epilog(ctx: JobContext, store_roots: Iterable[Path] = (),
            registry: Registry | None = None,
-           config: Mapping[str, Any] | None = None) -> list[cleanup.Outcome]:
+           settings: configuration.Config | None = None) -> list[cleanup.Outcome]:
     """Unmount at once what no container and no other job on this node uses; recover dead
     mounts; forget the ending job."""
     registry = registry or Registry()
-    config = runtime.load_config() if config is None else config
+    settings = configuration.load() if settings is None else settings
     with registry.locked():
         now = time.time()
         release(registry, ctx.job)
         owned = claimed(registry, now)
-        states = cleanup.observe(registry, store_roots, config, now)
+        states = cleanup.observe(registry, store_roots, settings, now)
         kept, rest = [], []
         for state in states:
             owners = owned.get(state.mountpoint)

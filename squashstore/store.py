@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import imageconfig, locking, runtime, trust
+from squashstore import host, imageconfig, locking, podmanstore, trust
 from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
 
@@ -71,13 +71,6 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def big_data_file_name(key: str) -> str:
-    """containers/storage's file name for an image big-data item."""
-    if re.fullmatch(r"[A-Za-z0-9._-]+", key) and not key.startswith("="):
-        return key
-    return "=" + base64.standard_b64encode(key.encode()).decode()
-
-
 def link_name(layer_id: str) -> str:
     """The layer's 26-character short name (deterministic, so re-publishing is idempotent)."""
     digest = hashlib.sha256(f"squashstore-link:{layer_id}".encode()).digest()
@@ -86,7 +79,7 @@ def link_name(layer_id: str) -> str:
 
 def temp_name(target: Path) -> Path:
     """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
-    return target.with_name(f".{target.name}.{runtime.me().tag()}.{secrets.token_hex(4)}"
+    return target.with_name(f".{target.name}.{host.me().tag()}.{secrets.token_hex(4)}"
                             f"{TMP_SUFFIX}")
 
 
@@ -142,10 +135,10 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    mounted = runtime.mount_table()
+    mounted = host.mount_table()
     for root, dirs, _files in os.walk(path):
         for name in dirs:
-            if runtime.real_path(Path(root) / name) in mounted:
+            if host.real_path(Path(root) / name) in mounted:
                 raise StoreError(f"{Path(root) / name}: still mounted")
     shutil.rmtree(path)
 
@@ -257,7 +250,7 @@ Unmounter = Callable[[Path], bool]
 
 
 def _no_unmount(diff: Path) -> bool:
-    return not runtime.is_mountpoint(diff)
+    return not host.is_mountpoint(diff)
 
 
 # --------------------------------------------------------------------------- the store
@@ -426,7 +419,7 @@ class Store:
     def staging(self) -> Iterator[Path]:
         """A private temporary directory for a writer's slow work (outside the lock)."""
         self.init()
-        path = self.tmp_dir / f"{runtime.me().tag()}.{secrets.token_hex(6)}"
+        path = self.tmp_dir / f"{host.me().tag()}.{secrets.token_hex(6)}"
         path.mkdir(mode=0o755)
         os.chmod(path, 0o755)
         try:
@@ -502,7 +495,7 @@ class Store:
         manifest_key = "manifest-sha256:" + sha256_hex(pub.manifest)
         for key, data in ((config_key, pub.config), (manifest_key, pub.manifest),
                           ("manifest", pub.manifest)):
-            atomic_write(staged / big_data_file_name(key), data)
+            atomic_write(staged / podmanstore.big_data_name(key), data)
         return staged
 
     def _stage_layer_dir(self, staging: Path, lid: str) -> Path:
@@ -530,13 +523,13 @@ class Store:
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
         layer_dir = self.overlay / lid
-        if (layer_dir / "link").is_file() and runtime.is_mountpoint(layer_dir / "diff"):
+        if (layer_dir / "link").is_file() and host.is_mountpoint(layer_dir / "diff"):
             for name in LAYER_DIRS[1:]:  # a live layer of an older squashstore: complete it
                 with contextlib.suppress(FileExistsError):
                     (layer_dir / name).mkdir(mode=0o755)
         complete = all((layer_dir / name).is_dir() for name in LAYER_DIRS)
         if not complete or not (layer_dir / "link").is_file():
-            if os.path.lexists(layer_dir) and not runtime.is_mountpoint(layer_dir / "diff"):
+            if os.path.lexists(layer_dir) and not host.is_mountpoint(layer_dir / "diff"):
                 remove_tree(layer_dir)
             if not os.path.lexists(layer_dir):
                 os.rename(staged_layer, layer_dir)
@@ -691,7 +684,7 @@ class Store:
                 removed.append(f"layer dir {entry}")
                 continue
             diff = path / "diff"
-            if runtime.is_mountpoint(diff) and not unmount(diff):
+            if host.is_mountpoint(diff) and not unmount(diff):
                 continue
             with contextlib.suppress(StoreError):
                 remove_tree(path)
@@ -725,7 +718,7 @@ class Store:
         """Writers' staging dirs and atomic-write temp files whose writer is dead."""
         removed = []
         for entry in self._listdir(self.tmp_dir):
-            writer = runtime.ProcessId.parse(entry.rsplit(".", 1)[0])
+            writer = host.ProcessId.parse(entry.rsplit(".", 1)[0])
             if writer is None or not self._writer_alive(writer, self.tmp_dir / entry):
                 with contextlib.suppress(StoreError):
                     remove_tree(self.tmp_dir / entry)
@@ -740,14 +733,14 @@ class Store:
 
     def _live_temp(self, entry: str, directory: Path | None = None) -> bool:
         parts = entry.removesuffix(TMP_SUFFIX).rsplit(".", 4)
-        writer = runtime.ProcessId.parse(".".join(parts[-4:-1])) if len(parts) == 5 else None
+        writer = host.ProcessId.parse(".".join(parts[-4:-1])) if len(parts) == 5 else None
         if writer is None:
             return False
         return self._writer_alive(writer, (directory or self.links) / entry)
 
     @staticmethod
-    def _writer_alive(writer: runtime.ProcessId, path: Path) -> bool:
-        if writer.host == runtime.hostname():
+    def _writer_alive(writer: host.ProcessId, path: Path) -> bool:
+        if writer.host == host.hostname():
             return writer.is_alive()
         try:
             age = time.time() - path.lstat().st_mtime
@@ -799,12 +792,16 @@ class Store:
             problems.append(f"image {iid}: layer {record.get('layer')} has no record")
         digests = record.get("big-data-digests")
         for key, digest in (digests.items() if isinstance(digests, dict) else ()):
-            path = self.images_dir / iid / big_data_file_name(key)
+            paths = podmanstore.big_data_paths(self.images_dir / iid, key)
+            path = next((p for p in paths if p.exists()), paths[0])
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 problems.append(f"image {iid}: {key}: {exc.strerror}")
                 continue
+            if path != paths[0]:
+                problems.append(f"image {iid}: {key}: in {path.name}, squashstore 0.1's file "
+                                f"name, where podman does not look (podman's is {paths[0].name})")
             actual = "sha256:" + sha256_hex(data)
             if actual != digest:
                 problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
@@ -844,16 +841,16 @@ class Store:
         target = self.links / link
         if not target.is_symlink() or os.readlink(target) != f"../{lid}/diff":
             problems.append(f"layer {lid}: {target} does not point at its diff directory")
-        if not runtime.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
+        if not host.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
             problems.append(f"layer {lid}: diff directory missing")
         return problems
 
     def _verify_modes(self) -> list[str]:
         problems = []
-        mounted = runtime.mount_table()
+        mounted = host.mount_table()
         for root, dirs, files in os.walk(self.root):
             dirs[:] = [d for d in dirs
-                       if runtime.real_path(Path(root) / d) not in mounted and d != "tmp"]
+                       if host.real_path(Path(root) / d) not in mounted and d != "tmp"]
             for name in dirs:
                 mode = (Path(root) / name).lstat().st_mode
                 if mode & 0o005 != 0o005:

@@ -3,7 +3,7 @@
 Root acting on a store that another user can write would follow that user's symlinks: mount a
 squash file over ``/etc`` through a planted ``overlay/<LID>/diff -> /etc``, unmount or delete
 what the link points at. So, like ssh's StrictModes and containers/storage's refusal of unsafe
-permissions, real root (`runtime.is_real_root`) acts on a store only when nobody else can
+permissions, real root (`host.is_real_root`) acts on a store only when nobody else can
 change what it uses: every directory from ``/`` down to the store root is owned by root
 and writable by no one else (a world-writable directory is allowed only with the sticky bit,
 as ``/tmp``), and every entry inside the store is owned by root, has no group or other write
@@ -28,7 +28,7 @@ import stat
 from collections.abc import Container, Iterable
 from pathlib import Path
 
-from squashstore import runtime
+from squashstore import host
 from squashstore.image import SquashstoreError
 
 LINK_DIR = ("overlay", "l")
@@ -72,7 +72,7 @@ def check_ancestors(path: Path, what: str) -> None:
 def check_entry(path: Path, symlink_ok: bool = False, what: str = "a store") -> None:
     """As real root: one path, lstat-ed: root's, no group or other write bit, a directory or
     a regular file (or a symlink when `symlink_ok`). `UnsafeStore` otherwise."""
-    if not runtime.is_real_root():
+    if not host.is_real_root():
         return
     try:
         st = os.lstat(path)
@@ -87,7 +87,7 @@ def check_top(root: Path, parts: Iterable[str], what: str = "a store") -> None:
     """As real root, in O(1) stats: the ancestors of `root`, `root` and its fixed entries
     `parts` (relative paths). What an operation then touches below is checked by it
     (`check_entry`, `check_mountpoint`, ...); `check_tree` walks everything."""
-    if not runtime.is_real_root() or not os.path.lexists(root):
+    if not host.is_real_root() or not os.path.lexists(root):
         return
     check_ancestors(root, what)
     check_entry(root, what=what)
@@ -99,9 +99,9 @@ def check_tree(root: Path, mounted: Container[str] | None = None, what: str = "a
                ) -> None:
     """As real root: raise `UnsafeStore` unless only root can change `root` (see the module
     docstring). Does nothing for other users or when `root` does not exist yet."""
-    if not runtime.is_real_root() or not os.path.lexists(root):
+    if not host.is_real_root() or not os.path.lexists(root):
         return
-    mounted = runtime.mount_table() if mounted is None else mounted
+    mounted = host.mount_table() if mounted is None else mounted
     check_ancestors(root, what)
     st = os.lstat(root)
     problem = _problem(root, st, symlink_ok=False)

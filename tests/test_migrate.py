@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from test_store import cli, podman_images, store_env, store_snapshot, unmount_below, write_wrapper
 
-from squashstore import runtime
+from squashstore import host
 from squashstore.image import SourceError
 from squashstore.migrate import options_json, squashed_config
 from squashstore.mounts import Registry
-from squashstore.store import Store, atomic_write_json, big_data_file_name
+from squashstore.podmanstore import big_data_name
+from squashstore.store import Store, atomic_write_json
 from support.listing import canonical_from_tar, diff_listings, normalise_podman_export
 from support.podman import Podman
 
@@ -111,7 +112,7 @@ def test_migrate_runs_exports_builds_and_saves(mig: Migration, podman: Podman,
     listed = {n: i for i in podman_images(mig.consumer) for n in i["Names"]}
     for ref in refs:
         image = mig.store.resolve(ref)
-        assert runtime.is_mountpoint(image.diff), "migrate leaves the image mounted"
+        assert host.is_mountpoint(image.diff), "migrate leaves the image mounted"
         assert image.metadata["squash"]["options"]["compression"] == "lz4"
         assert image.metadata["squash"]["options"]["block_size"] == 64 * 1024
         assert listed[ref]["Id"] == image.id
@@ -350,7 +351,7 @@ def _rewrite_config(store: Store, iid: str, change: Any) -> None:
     squashstore could have written it)."""
     from squashstore.store import atomic_write
 
-    path = store.images_dir / iid / big_data_file_name("sha256:" + iid)
+    path = store.images_dir / iid / big_data_name("sha256:" + iid)
     config = json.loads(path.read_bytes())
     change(config)
     data = json.dumps(config).encode()
@@ -369,7 +370,7 @@ def test_verify_reads_configs_and_records_as_podman_does(mig: Migration,
     mig.migrate(f"oci:{oci_layout(tmp_path / 'ok', {})}", "--no-mount")
     image = mig.store.images()[0]
     good_images = mig.store.images_json.read_bytes()
-    config_path = mig.store.images_dir / image.id / big_data_file_name("sha256:" + image.id)
+    config_path = mig.store.images_dir / image.id / big_data_name("sha256:" + image.id)
     good_config = config_path.read_bytes()
     damages = [
         ("config", lambda c: c["config"].update(Cmd="x")),
@@ -456,7 +457,7 @@ def test_migrate_what_podman_resolves_to_the_store_itself(
     copied = other.resolve(extra)
     assert copied.layer == image.layer
     assert copied.metadata["squash"]["options"]["compression"] == "gzip"
-    assert not runtime.is_mountpoint(image.diff)
+    assert not host.is_mountpoint(image.diff)
     want = canonical_from_tar(podman.export(ref, tmp_path / "a.tar"))
     cli(other.root, "export", f"containers-storage:{extra}", "-o", str(tmp_path / "b.tar"),
         env=as_user)

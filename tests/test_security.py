@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from test_store import IMAGE, Env, cli, images, publish, store_setup, write_wrapper
 
-from squashstore import runtime, trust
+from squashstore import host, trust
 from squashstore.mounts import Registry
 from squashstore.store import link_name
 from support.podman import Podman, mounts_below
@@ -65,7 +65,7 @@ class Scene:
         the whole table's file systems by device: other tests run meanwhile) and the files."""
         store = str(self.env.store.root)
         points = {p for p in mounts_below(self.base) if not p.startswith(store + "/")}
-        points |= {f"{e.device} {e.fstype}" for e in runtime.read_mountinfo()
+        points |= {f"{e.device} {e.fstype}" for e in host.read_mountinfo()
                    if e.fstype in ("squashfs", "tmpfs") and not e.mountpoint.startswith(
                        store + "/") and e.mountpoint.startswith(str(self.base))}
         files = {str(p): p.read_bytes() for p in (self.victim / "diff" / "precious",
@@ -152,11 +152,11 @@ def test_root_never_acts_outside_a_store_others_can_write(scene: Scene) -> None:
                                f"workdir={work}", str(merged)], capture_output=True,
                               text=True, timeout=60, env=s.env.env, check=False)
         assert proc.returncode != 0, (lower, proc.stderr)
-        assert not runtime.is_mountpoint(merged), lower
+        assert not host.is_mountpoint(merged), lower
         assert s.outside() == before, lower
     # Everything outside is as it was; the planted links are still only links.
     assert (s.victim / "diff" / "precious").read_bytes() == b"unrelated data\n"
-    assert not runtime.is_mountpoint(s.target)
+    assert not host.is_mountpoint(s.target)
     assert sorted(os.listdir(s.target)) == ["passwd"]
     assert (store.overlay / "evil").is_symlink()
 
@@ -182,7 +182,7 @@ def test_guards_below_the_rule(scene: Scene) -> None:
     assert s.outside() == before
     # umount reports success only when the mount is gone.
     assert registry.umount(image.diff)
-    assert not runtime.is_mountpoint(image.diff)
+    assert not host.is_mountpoint(image.diff)
 
 
 def test_the_rule(tmp_path: Path) -> None:

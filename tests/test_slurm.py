@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from squashstore.mounts import MountRecord
 from support.fixture_trees import write_base_tar
 from support.podman import Podman
 from support.slurm import PROCTRACKS, Cluster
@@ -202,7 +203,7 @@ def test_an_epilog_keeps_the_mounts_another_job_on_the_node_claims(idle: Cluster
           "job A gone (its epilog done)")
     record = cluster.registry("n3")
     assert len(cluster.squash_mounts("n3")) == 1 and len(record) == 1, record
-    assert [u["job"] for u in record[0]["users"] if "job" in u] == [_job_id(cluster, "job-b")]
+    assert [c["job"] for c in record[0]["claims"]] == [_job_id(cluster, "job-b")]
     go.touch()
     out, err = job_b.communicate(timeout=120)
     assert job_b.returncode == 0 and out.split()[0] == _md5(_payload(3)), err
@@ -324,7 +325,7 @@ def _running_containers(cluster: Cluster, node: str) -> int:
 
 
 def test_detach_finds_the_job_cgroups_to_leave() -> None:
-    from squashstore import detach, runtime
+    from squashstore import detach, host
 
     text = ("9:name=systemd:/\n6:freezer:/slurm_n2/uid_0/job_2/step_0\n"
             "4:memory:/process_api/x\n2:cpu,cpuacct:/slurm/uid_0/job_7/step_batch\n"
@@ -332,7 +333,7 @@ def test_detach_finds_the_job_cgroups_to_leave() -> None:
     found = detach.parse_cgroups(text)
     assert [detach.job_parent(m.path) for m in found] == [
         None, "/squashstore", None, "/squashstore", "/system.slice/squashstore"]
-    entries = runtime.parse_mountinfo(
+    entries = host.parse_mountinfo(
         "30 25 0:26 / /sys/fs/cgroup/freezer rw,relatime shared:9 - cgroup cgroup rw,freezer\n"
         "31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
         "32 25 0:28 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
@@ -351,12 +352,16 @@ def test_job_comments_declare_images_and_claims_follow_jobs() -> None:
     claim = jobs.current_job({"SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n1"})
     assert claim is not None and (claim.job, claim.node) == ("12", "n1")
     assert jobs.current_job({}) is None
-    users: list[dict[str, object]] = [{"merged": "/g/overlay/x/merged", "pid": 1, "since": 0}]
-    users = jobs.add_claim(jobs.add_claim(users, claim), claim)
-    assert [c.job for c in jobs.claims(users)] == ["12"] and len(users) == 2
+    claims = jobs.add_claim(jobs.add_claim([], claim), claim)
+    assert [c.job for c in claims] == ["12"]
     old = jobs.JobClaim("7", "n1", 0.0)
-    users = jobs.add_claim(users, old)
+    claims = jobs.add_claim(claims, old)
     now = claim.since + 1
-    assert [c.job for c in jobs.live_claims(users, set(), now)] == ["12"]  # 7: old, gone
-    assert [c.job for c in jobs.live_claims(users, {"7"}, now)] == ["12", "7"]
-    assert jobs.drop_claims(users, "12") == [users[0], old.to_json()]
+    assert [c.job for c in jobs.live_claims(claims, set(), now)] == ["12"]  # 7: old, gone
+    assert [c.job for c in jobs.live_claims(claims, {"7"}, now)] == ["12", "7"]
+    assert jobs.drop_claims(claims, "12") == [old]
+    # Records keep claims apart from container uses; older records without them still read.
+    record = MountRecord("i", "l", "/s", "/m", "fuse", 1, 0.0, claims=claims)
+    assert MountRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    plain = {k: v for k, v in record.to_json().items() if k != "claims"}
+    assert MountRecord.from_json(plain).claims == []
