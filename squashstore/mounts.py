@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from squashstore import config, detach, host, jobs, locking, trust
 from squashstore.image import SquashstoreError
+from squashstore.lazy import paths as lazy_paths
 from squashstore.store import atomic_write_json
 
 
@@ -286,7 +287,8 @@ class Registry:
             if record is None:
                 trust.check_mountpoint(mountpoint)
                 trust.check_squash_file(squash)
-                chosen = mounter(backend)
+                # A lazily pulled image's squash file is sparse: only our server reads it.
+                chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
                 if pid is not None:
                     # The server serves every job's containers: it must not end with this one.

@@ -263,6 +263,8 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         records = json.loads(data)
     except ValueError as exc:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
     if not isinstance(records, list):
         raise PodmanStoreError(f"{path} is not a JSON array")
     if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):

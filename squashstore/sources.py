@@ -14,9 +14,7 @@ and the local store found by `podmanconf`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -24,13 +22,13 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from squashstore import oci
+from squashstore import oci, podmanstore, runtime
 from squashstore.blobs import (
     Compression,
     Expect,
@@ -56,6 +54,7 @@ _TRANSPORT_TOKEN = re.compile(r"[a-z][a-z0-9-]*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _HEX = re.compile(r"[0-9a-f]+")
 _DEFAULT_DOMAIN = "docker.io"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -178,6 +177,26 @@ def _candidate_names(text: str) -> list[str]:
 
 
 # --- public entry -------------------------------------------------------------------------
+
+
+def reads_local_podman(reference: str) -> bool:
+    """Whether `reference` reads the local podman's own storage (``containers-storage:``,
+    the default transport): such a command belongs in rootless podman's namespace, and
+    ``--rm-source`` removes the image with podman. False for a reference that does not parse
+    (its command reports that)."""
+    try:
+        return parse_reference(reference).transport == CONTAINERS_STORAGE
+    except SourceError:
+        return False
+
+
+def remove_from_podman(reference: str) -> None:
+    """``podman rmi`` the image `reference` names when it is in the local podman's storage
+    (``--rm-source`` of migrate); nothing for the file transports."""
+    if not reads_local_podman(reference):
+        return
+    ref = parse_reference(reference)
+    runtime.podman("rmi", f"[{ref.path}]{ref.name}" if ref.path else ref.name)
 
 
 def open_image(reference: str, platform: str | None = None) -> Image:
@@ -518,64 +537,15 @@ def _hash_stream(f: BinaryIO) -> str:
 # --- containers-storage: -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Store:
-    """One containers/storage image store (the graph root or an additional store)."""
-
-    root: Path
-    driver: str
-
-    @property
-    def images_dir(self) -> Path:
-        return self.root / f"{self.driver}-images"
-
-    @property
-    def layers_dir(self) -> Path:
-        return self.root / f"{self.driver}-layers"
-
-    def diff_dir(self, layer_id: str) -> Path:
-        if self.driver == "vfs":
-            return self.root / "vfs" / "dir" / layer_id
-        return self.root / self.driver / layer_id / "diff"
+_Store = podmanstore.Layout
+"""One containers/storage image store (the graph root or an additional store)."""
 
 
-@contextlib.contextmanager
-def _shared_lock(path: Path) -> Iterator[None]:
-    """containers/storage's read lock (an fcntl shared lock) on `path`, when it exists."""
+def _records(load: Callable[[Path], list[T]], path: Path, what: str) -> list[T]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield
-        return
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _read_locked(store: _Store) -> Iterator[None]:
-    # containers/storage takes the layer store's lock before the image store's.
-    with _shared_lock(store.layers_dir / "layers.lock"), \
-            _shared_lock(store.images_dir / "images.lock"):
-        yield
-
-
-def _load_records(path: Path, what: str) -> list[dict[str, Any]]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise SourceError(f"{what}: cannot read {path}: {exc.strerror}") from exc
-    try:
-        records = json.loads(data) if data.strip() else []
-    except ValueError as exc:
-        raise SourceError(f"{what}: {path} is not valid JSON ({exc})") from exc
-    if not isinstance(records, list):
-        raise SourceError(f"{what}: {path} is not a JSON array")
-    return [r for r in records if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        return load(path)
+    except podmanstore.PodmanStoreError as exc:
+        raise SourceError(f"{what}: {exc}") from exc
 
 
 def _stores(ref: Reference) -> tuple[list[_Store], StorageConfig | None]:
@@ -668,23 +638,8 @@ def _by_digest(full: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]
     return None
 
 
-def _big_data_file(store: _Store, image_id: str, key: str) -> Path:
-    """containers/storage's file name for an image's big-data item `key`."""
-    if key and all(c == "." or c.isdigit() or "a" <= c <= "z" for c in key):
-        name = key
-    else:
-        name = "=" + base64.b64encode(key.encode()).decode()
-    return store.images_dir / image_id / name
-
-
 def _read_big_data(store: _Store, image_id: str, key: str) -> bytes | None:
-    for path in (_big_data_file(store, image_id, key),
-                 store.images_dir / image_id / ("=" + base64.b64encode(key.encode()).decode())):
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            continue
-    return None
+    return podmanstore.read_big_data(store.image_dir(image_id), key)
 
 
 def _storage_manifest(store: _Store, record: dict[str, Any], what: str) -> bytes:
@@ -705,38 +660,21 @@ def _storage_manifest(store: _Store, record: dict[str, Any], what: str) -> bytes
     raise SourceError(f"{what}: image {image_id[:12]} has no OCI or Docker schema 2 manifest")
 
 
-def _layer_chain(top: str, records: dict[str, dict[str, Any]], what: str
-                 ) -> list[dict[str, Any]]:
-    chain: list[dict[str, Any]] = []
-    current: str | None = top
-    while current:
-        record = records.get(current)
-        if record is None:
-            raise SourceError(f"{what}: layer {current[:12]} is missing from the store")
-        chain.append(record)
-        if len(chain) > 1000:
-            raise SourceError(f"{what}: layer chain is too long (a loop?)")
-        parent = record.get("parent")
-        current = parent if isinstance(parent, str) else None
-    chain.reverse()
-    return chain
-
-
 def _open_containers_storage(ref: Reference) -> Image:
     what = ref.text if ref.text.startswith(CONTAINERS_STORAGE) else \
         f"{CONTAINERS_STORAGE}:{ref.text}"
     stores, _ = _stores(ref)
     candidates: list[tuple[_Store, dict[str, Any]]] = []
     for store in stores:
-        with _read_locked(store):
-            candidates += [(store, r) for r in
-                           _load_records(store.images_dir / "images.json", what)]
+        with podmanstore.read_locked(store):
+            candidates += [(store, dict(r.raw)) for r in
+                           _records(podmanstore.images, store.images_json, what)]
     where = ", ".join(str(s.root) for s in stores)
     store, record = _find_image(ref.name, candidates, what, where)
     _check_driver(store, what)
-    with _read_locked(store):
-        layers = {r["id"]: r for s in [store, *stores] for r in
-                  _load_records(s.layers_dir / "layers.json", what)}
+    with podmanstore.read_locked(store):
+        layers = {r.id: r for s in [store, *stores] for r in
+                  _records(podmanstore.layers, s.layers_json, what)}
         manifest_bytes = _storage_manifest(store, record, what)
         manifest = oci.parse_manifest(manifest_bytes, f"{what}: manifest")
         config = _read_big_data(store, record["id"], manifest.config.digest)
@@ -745,7 +683,10 @@ def _open_containers_storage(ref: Reference) -> Image:
                           "store")
     check_bytes(config, manifest.config.digest, f"{what}: config")
     top = record.get("layer")
-    chain = _layer_chain(top, layers, what) if isinstance(top, str) and top else []
+    try:
+        chain = podmanstore.layer_chain(top, layers) if isinstance(top, str) and top else []
+    except podmanstore.PodmanStoreError as exc:
+        raise SourceError(f"{what}: {exc}") from exc
     ids = oci.diff_ids(config, f"{what}: config")
     built = tuple(_storage_layer(stores, store, i, r, manifest, ids)
                   for i, r in enumerate(chain))
@@ -771,20 +712,17 @@ def _squash_file(store: _Store, layer_id: str) -> Path | None:
 
 def _layer_store(stores: Sequence[_Store], preferred: _Store, layer_id: str) -> _Store:
     for store in [preferred, *stores]:
-        if (store.layers_dir / f"{layer_id}.tar-split.gz").exists() or \
-                store.diff_dir(layer_id).is_dir():
+        if store.tar_split(layer_id).exists() or store.diff_dir(layer_id).is_dir():
             return store
     return preferred
 
 
 def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
-                   record: dict[str, Any], manifest: oci.Manifest, ids: Sequence[str]) -> Layer:
-    layer_id: str = record["id"]
-    recorded = record.get("diff-digest")
-    diff_id = recorded if isinstance(recorded, str) and recorded else (
-        ids[index] if index < len(ids) else "")
-    size = record.get("diff-size", -1)
-    size = size if isinstance(size, int) else -1
+                   record: podmanstore.LayerRecord, manifest: oci.Manifest,
+                   ids: Sequence[str]) -> Layer:
+    layer_id = record.id
+    diff_id = record.diff_digest or (ids[index] if index < len(ids) else "")
+    size = record.diff_size
     if len(manifest.layers) == len(ids) and index < len(manifest.layers):
         descriptor = manifest.layers[index]
         digest, media_type, blob_size = descriptor.digest, descriptor.media_type, descriptor.size
@@ -794,7 +732,7 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
     describe = _layer_name(index, diff_id)
 
     def open_layer() -> AbstractContextManager[BinaryIO]:
-        tar_split = store.layers_dir / f"{layer_id}.tar-split.gz"
+        tar_split = store.tar_split(layer_id)
         diff = store.diff_dir(layer_id)
         if not diff.is_dir():
             raise SourceError(f"{describe}: the layer's files ({diff}) are missing")
