@@ -41,8 +41,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--backend", default="fuse,kernel")
+    parser.add_argument("--program", action="append", default=[], metavar="LABEL=PATH",
+                        help="another mount program to time in the same run (e.g. an older "
+                        "checkout's, through a wrapper)")
     args = parser.parse_args()
-    backends = [b for b in args.backend.split(",") if b]
+    programs = {"": MOUNT_PROGRAM} | dict(p.split("=", 1) for p in args.program)
+    backends = [(b, label) for b in args.backend.split(",") if b for label in programs]
 
     from squashstore import host
     from squashstore.mounts import Registry, mounter
@@ -56,20 +60,22 @@ def main() -> int:
         producer = make_podman(work / "producer")
         podmen.append(producer)
         producer.import_tar(write_base_tar(work / "base.tar"), IMAGE, "ENV PATH=/bin")
-        for backend in backends:
-            run_dir = work / f"run-{backend}"
+        for backend, label in backends:
+            name = f"{backend}{' ' + label if label else ''}"
+            run_dir = work / f"run-{backend}{label}"
             config = work / f"config-{backend}.toml"
             config.write_text(f'[mount]\nbackend = "{backend}"\n')
             extra = {"SQUASHSTORE_RUNTIME_DIR": str(run_dir), "SQUASHSTORE_CONFIG": str(config)}
-            store = work / f"store-{backend}"
+            store = work / f"store-{backend}{label}"
             subprocess.run([SQUASHSTORE, "--store", str(store), "migrate", IMAGE, "--no-mount"],
                            env={**producer.env, **extra}, check=True, capture_output=True)
-            consumer = make_podman(work / f"consumer-{backend}", [store], MOUNT_PROGRAM)
+            consumer = make_podman(work / f"consumer-{backend}{label}", [store],
+                                   programs[label])
             podmen.append(consumer)
             env = {**consumer.env, **extra}  # podman passes its environment to the program
             os.environ.update(extra)
             registry = Registry(run_dir)
-            setups[backend] = (env, registry)
+            setups[name] = (env, registry)
 
         times: dict[str, list[float]] = {"podman": []}
         for _ in range(2):  # warm-up: page cache, podman's own first-run work
@@ -89,7 +95,7 @@ def main() -> int:
                     raise SystemExit(f"{backend}: the start left no mount record")
                 squash, point = Path(record[0].squash), Path(record[0].mountpoint)
                 registry.umount_all(lazy=True)
-                chosen = mounter(backend)
+                chosen = mounter(backend.split()[0])
                 start = time.perf_counter()
                 chosen.mount(squash, point)
                 times.setdefault(f"{backend} mount itself", []).append(

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from squashstore import host, locking, trust
+from squashstore import host, jobs, locking, trust
 from squashstore.atomic import atomic_write_json
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
@@ -67,6 +67,8 @@ class MountRecord:
     pid: int | None
     since: float
     users: list[RecordedUse] = field(default_factory=list)
+    claims: list[jobs.JobClaim] = field(default_factory=list)
+    """The batch jobs that claim the mount (see `squashstore.jobs`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +79,13 @@ class MountRecord:
         users = data.get("users") or []
         if not isinstance(users, list):
             raise TypeError("users is not a list")
-        fields = {k: v for k, v in data.items() if k != "users"}
+        claims = data.get("claims") or []
+        if not isinstance(claims, list):
+            raise TypeError("claims is not a list")
+        fields = {k: v for k, v in data.items() if k not in ("users", "claims")}
         return cls(**fields, users=[RecordedUse.from_json(u) for u in users
-                                    if isinstance(u, dict)])
+                                    if isinstance(u, dict)],
+                   claims=[c for c in map(jobs.JobClaim.from_json, claims) if c is not None])
 
 
 def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
@@ -144,10 +150,13 @@ class RecordRegistry:
     @staticmethod
     def add_user(record: MountRecord, user: RecordedUse,
                  mounted: Mapping[str, object]) -> None:
-        """Record `user` on `record`, dropping its earlier entry and uses no longer live."""
+        """Record a container start `user` on `record` (dropping its earlier entry and uses
+        no longer live); inside a batch job, the job claims the mount until its epilog
+        (`squashstore.jobs`)."""
         record.users = [u for u in record.users
                         if u.merged != user.merged and _may_still_use(u, mounted)]
         record.users.append(user)
+        record.claims = jobs.add_claim(record.claims, jobs.current_job())
 
     def use_if_live(self, mountpoint: Path, user: RecordedUse) -> MountRecord | None:
         """With `locked` held: when a squash mount that this registry recorded is on

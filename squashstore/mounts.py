@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from squashstore import config, host, trust
+from squashstore import config, detach, host, trust
 from squashstore.image import SquashstoreError
 from squashstore.lazy import paths as lazy_paths
 from squashstore.mountrecords import FSTYPE_BACKENDS as FSTYPE_BACKENDS
@@ -178,6 +178,9 @@ class Registry(RecordRegistry):
                 # A lazily pulled image's squash file is sparse: only our server reads it.
                 chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
+                if pid is not None:
+                    # The server serves every job's containers: it must not end with this one.
+                    detach.leave_job(pid)
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:
