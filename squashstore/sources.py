@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from squashstore import oci
+from squashstore import names, oci
 from squashstore.blobs import (
     Compression,
     Expect,
@@ -52,7 +52,6 @@ _OTHER_SKOPEO_TRANSPORTS = ("dir", "docker-daemon", "ostree", "sif", "tarball", 
 _TRANSPORT_TOKEN = re.compile(r"[a-z][a-z0-9-]*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _HEX = re.compile(r"[0-9a-f]+")
-_DEFAULT_DOMAIN = "docker.io"
 
 
 @dataclass(frozen=True)
@@ -117,61 +116,18 @@ def _storage_reference(rest: str, text: str) -> Reference:
 # --- names --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Name:
-    domain: str
-    """Empty when the name had none (a short name)."""
-    path: str
-    tag: str
-    digest: str
-
-    def qualified(self, domain: str) -> str:
-        path = self.path
-        if domain == _DEFAULT_DOMAIN and "/" not in path:
-            path = "library/" + path
-        text = f"{domain}/{path}"
-        if self.tag or not self.digest:
-            text += ":" + (self.tag or "latest")
-        if self.digest:
-            text += "@" + self.digest
-        return text
-
-
-_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-
-
-def _split_name(text: str) -> _Name:
-    name, _, digest = text.partition("@")
-    if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", digest):
-        raise SourceError(f"invalid image name {text!r}: bad digest")
-    tag = ""
-    last = name.rfind(":")
-    if last > name.rfind("/"):
-        name, tag = name[:last], name[last + 1:]
-        if not _TAG.fullmatch(tag):
-            raise SourceError(f"invalid image name {text!r}: bad tag")
-    domain, slash, path = name.partition("/")
-    if not slash or not ("." in domain or ":" in domain or domain == "localhost"):
-        domain, path = "", name
-    if domain == "index.docker.io":
-        domain = _DEFAULT_DOMAIN
-    if not path or not all(_PATH_COMPONENT.fullmatch(p) for p in path.split("/")):
-        raise SourceError(f"invalid image name {text!r}")
-    return _Name(domain, path, tag, digest)
+def _split_name(text: str) -> names.Name:
+    return names.parse(text)
 
 
 def normalize_name(text: str) -> str:
     """A fully qualified name: ``alpine`` -> ``docker.io/library/alpine:latest``."""
-    name = _split_name(text)
-    return name.qualified(name.domain or _DEFAULT_DOMAIN)
+    return names.registry_name(text)
 
 
 def _candidate_names(text: str) -> list[str]:
     """The fully qualified names a (short) name may mean, in podman's order."""
-    name = _split_name(text)
-    if name.domain:
-        return [name.qualified(name.domain)]
-    return [name.qualified("localhost"), name.qualified(_DEFAULT_DOMAIN)]
+    return names.local_candidates(text)
 
 
 # --- public entry -------------------------------------------------------------------------
