@@ -4,8 +4,8 @@ This module owns the public entry of image reading, `open_image(reference, platf
 the parsing of references (`parse_reference`): ``containers-storage:NAME`` (the default when
 no transport is written; the local podman store, read in place through its tar-splits),
 ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` (members read in place with tarfile, never
-extracted) and ``docker-archive:FILE[:NAME|:@N]``. It also owns image names as podman
-resolves and normalises them (``alpine`` -> ``docker.io/library/alpine:latest``). The
+extracted), ``docker-archive:FILE[:NAME|:@N]`` and ``docker://`` (`squashstore.registry`).
+Image names are `squashstore.names`' (``alpine`` -> ``docker.io/library/alpine:latest``). The
 documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tarsplit`
 and the local store found by `podmanconf`.
 """
@@ -41,13 +41,15 @@ from squashstore.blobs import (
 )
 from squashstore.image import Image, Layer, SourceError
 from squashstore.podmanconf import StorageConfig, load_storage_config
+from squashstore.registry.client import RegistryOptions
 from squashstore.tarsplit import tar_from_diff_dir, tar_from_tar_split
 
 CONTAINERS_STORAGE = "containers-storage"
 OCI_DIR = "oci"
 OCI_ARCHIVE = "oci-archive"
 DOCKER_ARCHIVE = "docker-archive"
-TRANSPORTS = (CONTAINERS_STORAGE, OCI_DIR, OCI_ARCHIVE, DOCKER_ARCHIVE)
+DOCKER = "docker"
+TRANSPORTS = (CONTAINERS_STORAGE, OCI_DIR, OCI_ARCHIVE, DOCKER_ARCHIVE, DOCKER)
 _OTHER_SKOPEO_TRANSPORTS = ("dir", "docker-daemon", "ostree", "sif", "tarball", "atomic")
 _TRANSPORT_TOKEN = re.compile(r"[a-z][a-z0-9-]*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
@@ -75,14 +77,14 @@ def parse_reference(text: str) -> Reference:
     if not text.strip():
         raise SourceError("empty image reference")
     if text.startswith("docker://"):
-        raise SourceError(f"{text}: docker:// is not supported yet")
+        return Reference(DOCKER, "", text[len("docker://"):], text)
     prefix, sep, rest = text.partition(":")
     if not sep or not _TRANSPORT_TOKEN.fullmatch(prefix) or (
             prefix not in TRANSPORTS + _OTHER_SKOPEO_TRANSPORTS + ("docker",)
             and _looks_like_name_with_colon(rest)):
         return _storage_reference(text, text)
-    if prefix == "docker":
-        raise SourceError(f"{text}: docker:// is not supported yet")
+    if prefix == DOCKER:
+        raise SourceError(f"{text}: write docker://HOST/REPO[:TAG|@DIGEST]")
     if prefix not in TRANSPORTS:
         raise SourceError(f"{text}: unknown or unsupported transport {prefix!r} "
                           f"(supported: {', '.join(TRANSPORTS)})")
@@ -133,16 +135,22 @@ def _candidate_names(text: str) -> list[str]:
 # --- public entry -------------------------------------------------------------------------
 
 
-def open_image(reference: str, platform: str | None = None) -> Image:
+def open_image(reference: str, platform: str | None = None,
+               registry: RegistryOptions | None = None) -> Image:
     """The image `reference` names; `platform` (``linux/arm64``) chooses from a multi-arch
     index (default: this host's platform).
 
     For ``containers-storage:`` this briefly takes containers/storage's read locks (fcntl
     record locks) on the graph root's and the additional stores' lock files: do not call it
     while this process holds a lock on one of those files, since closing our descriptor
-    would release it. `Layer.open` takes no locks.
+    would release it. `Layer.open` takes no locks. `registry` holds the registry options
+    of a ``docker://`` reference.
     """
     ref = parse_reference(reference)
+    if ref.transport == DOCKER:
+        from squashstore.registry.docker import open_docker
+
+        return open_docker(ref.text, platform, registry)
     wanted = oci.parse_platform(platform) if platform else None
     if ref.transport == CONTAINERS_STORAGE:
         return _open_containers_storage(ref)
