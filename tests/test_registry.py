@@ -5,14 +5,27 @@ with a small token issuer) and with skopeo and podman as independent clients."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_migrate import Migration
+from test_store import PYTHON, cli, unmount_below
 
 from squashstore import names
 from squashstore.image import SourceError
+from squashstore.mounts import Registry
+from squashstore.store import Store
+from support.podman import Podman
+from support.registry import PASSWORD, USER, Pki, RegistryServer, TokenIssuer, make_pki
+
+CREDS = f"{USER}:{PASSWORD}"
 
 # --------------------------------------------------------------------------- names
 
@@ -103,3 +116,275 @@ def test_a_short_name_without_search_registries_is_one_clear_error(tmp_path: Pat
     conf = names.load_registries_conf(_conf(tmp_path, "unqualified-search-registries = []\n"))
     with pytest.raises(SourceError, match="no unqualified-search-registries"):
         names.registry_candidates("sqs-nothing-aliased", conf)
+
+
+# --------------------------------------------------------------------------- a real registry
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def registries(pki: Pki, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[dict[str, RegistryServer]]:
+    """Three registries over TLS: no auth, htpasswd basic auth, token auth."""
+    issuer = TokenIssuer(pki)
+    base = tmp_path_factory.mktemp("registries")
+    made: dict[str, RegistryServer] = {}
+    try:
+        for auth in ("none", "htpasswd", "token"):
+            made[auth] = RegistryServer(base / auth, pki, auth, issuer)
+        yield made
+    finally:
+        for server in made.values():
+            server.close()
+        issuer.close()
+
+
+@pytest.fixture(scope="module")
+def pushed(podman: Podman, fixture_images: dict[str, str], registries: dict[str, RegistryServer],
+           pki: Pki) -> dict[str, str]:
+    """Fixture images pushed by podman to the token registry (zstd: to the no-auth one,
+    where podman knows no gzip copy of the layers to reuse): name -> docker:// reference."""
+    host = registries["token"].host
+    auth = ("--cert-dir", str(pki.certs), "--creds", CREDS)
+    refs = {
+        "gzip": f"{host}/fixtures/whiteouts:gzip",
+        "zstd": f"{registries['none'].host}/fixtures/whiteouts-zstd:1",
+        "base": f"{host}/fixtures/base:1",
+        "list": f"{host}/fixtures/list:1",
+    }
+    podman.run("push", *auth, "--compression-format", "zstd", fixture_images["whiteouts"],
+               "docker://" + refs["zstd"])
+    podman.run("push", *auth, fixture_images["whiteouts"], "docker://" + refs["gzip"])
+    podman.run("push", *auth, fixture_images["base"], "docker://" + refs["base"])
+    podman.run("manifest", "create", "localhost/sqs-registry-list:1")
+    try:
+        podman.run("manifest", "add", "localhost/sqs-registry-list:1",
+                   "containers-storage:" + fixture_images["hardlinks"])
+        podman.run("manifest", "add", "--arch", "arm64", "localhost/sqs-registry-list:1",
+                   "containers-storage:" + fixture_images["base"])
+        podman.run("manifest", "push", "--all", *auth, "localhost/sqs-registry-list:1",
+                   "docker://" + refs["list"])
+    finally:
+        podman.run("manifest", "rm", "localhost/sqs-registry-list:1", check=False)
+    return {k: "docker://" + v for k, v in refs.items()}
+
+
+class Site:
+    """A store, its consumer podman, and the environment squashstore runs with (a private
+    auth file, the test CA as --cert-dir)."""
+
+    def __init__(self, base: Path, producer: Podman, make_podman: Any, pki: Pki) -> None:
+        base.mkdir(parents=True)
+        self.mig = Migration(base, producer, make_podman)
+        self.authfile = base / "auth.json"
+        self.env = {**self.mig.env, "REGISTRY_AUTH_FILE": str(self.authfile)}
+        self.certs = pki.certs
+
+    @property
+    def store(self) -> Store:
+        return self.mig.store
+
+    def cli(self, *args: str, check: bool = True, tls: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        extra = ("--cert-dir", str(self.certs)) if tls else ()
+        return cli(self.store.root, *args, *extra, env={**self.env, **(env or {})},
+                   check=check)
+
+    def image_id(self, out: subprocess.CompletedProcess[str]) -> str:
+        return str(json.loads(out.stdout)["id"])
+
+    def close(self) -> None:
+        self.mig.consumer.close()
+        Registry(self.mig.runtime_dir).umount_all(lazy=True)
+
+
+@pytest.fixture
+def make_site(tmp_path: Path, podman: Podman, make_podman: Any, pki: Pki
+              ) -> Iterator[Callable[[str], Site]]:
+    made: list[Site] = []
+
+    def factory(name: str) -> Site:
+        site = Site(tmp_path / name, podman, make_podman, pki)
+        made.append(site)
+        return site
+
+    try:
+        yield factory
+    finally:
+        for site in made:
+            site.close()
+        unmount_below(tmp_path)
+
+
+def _ids(site: Site) -> dict[str, str]:
+    """name -> image id in the site's store."""
+    return {n: i.id for i in site.store.images() for n in i.names}
+
+
+def _migrated_id(site: Site, source: str, *extra: str) -> str:
+    site.cli("migrate", "--no-mount", "--creds", CREDS, *extra, source,
+             tls=source.startswith("docker://"))
+    images = site.store.images()
+    match = [i for i in images if i.metadata.get("source", {}).get("reference") == source]
+    assert match, f"{source} not in the store"
+    return match[-1].id
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_migrate_docker_equals_local_and_skopeo(
+        make_site: Callable[[str], Site], pushed: dict[str, str], podman: Podman,
+        fixture_images: dict[str, str], tmp_path: Path) -> None:
+    """gzip and zstd layers: `migrate docker://` gives the image id (config and flattened
+    tree digest) of migrating the original from podman's store, and of migrating skopeo's
+    copy into an OCI layout."""
+    site = make_site("a")
+    local = _migrated_id(site, fixture_images["whiteouts"])
+    for kind in ("gzip", "zstd"):
+        remote = _migrated_id(make_site(f"docker-{kind}"), pushed[kind])
+        layout = tmp_path / f"oci-{kind}"
+        subprocess.run(["skopeo", "copy", "--src-cert-dir", str(site.certs), "--src-creds",
+                        CREDS, pushed[kind], f"oci:{layout}:x"], check=True,
+                       capture_output=True)
+        copied = _migrated_id(make_site(f"skopeo-{kind}"), f"oci:{layout}:x")
+        assert remote == local == copied, kind
+    manifest = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--cert-dir", str(site.certs), "--creds", CREDS,
+         pushed["zstd"]], check=True, capture_output=True).stdout)
+    assert {la["mediaType"] for la in manifest["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"}
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_manifest_list_by_platform(make_site: Callable[[str], Site], pushed: dict[str, str],
+                                   fixture_images: dict[str, str]) -> None:
+    site = make_site("list")
+    host_image = _migrated_id(site, pushed["list"])
+    arm = _migrated_id(site, pushed["list"], "--platform", "linux/arm64")
+    other = make_site("local")
+    assert host_image == _migrated_id(other, fixture_images["hardlinks"])
+    local_base = _migrated_id(other, fixture_images["base"])
+    assert arm == local_base  # the list's arm64 entry is the base image
+    assert arm != host_image
+    bad = site.cli("migrate", "--no-mount", "--creds", CREDS, "--platform", "linux/s390x",
+                   pushed["list"], check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("squashstore: ") and bad.stderr.count("\n") == 1
+    assert "linux/s390x" in bad.stderr and "linux/arm64" in bad.stderr
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_push_pull_artifact_runs_in_podman(
+        make_site: Callable[[str], Site], podman: Podman, fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer]) -> None:
+    """Converted once, pushed as the artifact the docs describe, pulled into a fresh store
+    as the same image id, run by podman at once."""
+    origin = make_site("origin")
+    iid = _migrated_id(origin, fixture_images["base"])
+    ref = f"{registries['token'].host}/squashed/base:v1"
+    out = origin.cli("push", "--creds", CREDS, "--format", "json", fixture_images["base"], ref)
+    pushed_digest = json.loads(out.stdout)["digest"]
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--cert-dir", str(origin.certs),
+                          "--creds", CREDS, "docker://" + ref], check=True,
+                         capture_output=True).stdout
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == pushed_digest
+    manifest = json.loads(raw)
+    image = origin.store.resolve(iid)
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert manifest["artifactType"] == "application/vnd.squashstore.image.v1"
+    assert manifest["config"] == {"mediaType": "application/vnd.squashstore.image.config.v1+json",
+                                  "digest": "sha256:" + iid,
+                                  "size": manifest["config"]["size"]}
+    squash, split = manifest["layers"]
+    assert squash["mediaType"] == "application/vnd.squashstore.image.squashfs.v1"
+    assert squash["size"] == image.squash.stat().st_size
+    assert squash["digest"] == "sha256:" + hashlib.sha256(image.squash.read_bytes()).hexdigest()
+    assert squash["annotations"]["io.squashstore.diff-id"] == "sha256:" + image.layer
+    assert split["mediaType"] == "application/vnd.squashstore.image.tar-split.v1+gzip"
+    assert not any(la["mediaType"].startswith("application/vnd.oci.")
+                   for la in manifest["layers"])
+    again = origin.cli("push", "--creds", CREDS, fixture_images["base"], ref)
+    assert "already there" in again.stdout
+
+    node = make_site("node")
+    pulled = node.cli("pull", "--creds", CREDS, "--format", "json", ref)
+    result = json.loads(pulled.stdout)
+    assert result["id"] == iid and result["kind"] == "artifact"
+    assert result["downloaded"] == squash["size"] + split["size"]
+    assert node.store.resolve(iid).squash.read_bytes() == image.squash.read_bytes()
+    assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/etc/config") \
+        == podman.text("run", "--rm", "--pull=never", fixture_images["base"], "cat",
+                       "/etc/config")
+    assert node.cli("verify").returncode == 0
+    # an ordinary image is migrated (podman-hpc's pull)
+    plain = node.cli("pull", "--creds", CREDS, "--format", "json",
+                     f"{registries['token'].host}/fixtures/base:1")
+    assert json.loads(plain.stdout)["kind"] == "image"
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_eight_concurrent_pulls_download_once(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer]) -> None:
+    origin = make_site("origin")
+    iid = _migrated_id(origin, fixture_images["whiteouts"])
+    server = registries["none"]
+    ref = f"{server.host}/squashed/whiteouts:8"
+    origin.cli("push", fixture_images["whiteouts"], ref)
+    squash_digest = "sha256:" + hashlib.sha256(
+        origin.store.resolve(iid).squash.read_bytes()).hexdigest()
+    shared = make_site("shared")
+    procs = [subprocess.Popen(
+        [str(PYTHON), "-m", "squashstore.cli.main", "--store", str(shared.store.root), "pull",
+         "--cert-dir", str(shared.certs), "--quiet", ref], env=shared.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, results
+    assert {out.strip() for out, _ in results} == {iid}
+    gets = [line for line in server.access_log().splitlines()
+            if f'"GET /v2/squashed/whiteouts/blobs/{squash_digest}' in line]
+    assert len(gets) == 1
+    assert [i.id for i in shared.store.images()] == [iid]
+
+
+@pytest.mark.podman
+def test_login_and_logout_share_podmans_auth_file(
+        make_site: Callable[[str], Site], podman: Podman, registries: dict[str, RegistryServer],
+        fixture_images: dict[str, str]) -> None:
+    site = make_site("login")
+    basic, token = registries["htpasswd"].host, registries["token"].host
+    env = {**podman.env, "REGISTRY_AUTH_FILE": str(site.authfile)}
+    wrong = site.cli("login", "-u", USER, "-p", "wrong", basic, check=False)
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1
+    assert "wrong username or password" in wrong.stderr
+    assert not site.authfile.exists()
+    site.cli("login", "-u", USER, "-p", PASSWORD, basic)
+    assert oct(site.authfile.stat().st_mode & 0o777) == "0o600"
+    got = subprocess.run(["podman", "login", "--get-login", basic], env=env,
+                         capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == USER
+    podman.run("push", "--cert-dir", str(site.certs), "--authfile", str(site.authfile),
+               fixture_images["base"], f"docker://{basic}/viasqs/base:1")  # squashstore's login
+    subprocess.run(["podman", "login", "--cert-dir", str(site.certs), "-u", USER, "-p",
+                    PASSWORD, token], env=env, check=True, capture_output=True)
+    podman.run("push", "--cert-dir", str(site.certs), "--authfile", str(site.authfile),
+               fixture_images["base"], f"docker://{token}/viapodman/base:1")
+    # squashstore reads podman's login (no --creds)
+    out = site.cli("migrate", "--no-mount", f"docker://{token}/viapodman/base:1")
+    assert "->" in out.stdout
+    site.cli("logout", token)
+    assert site.cli("migrate", "--no-mount", f"docker://{token}/viapodman/base:1",
+                    check=False).returncode == 1
+    gone = subprocess.run(["podman", "login", "--get-login", token], env=env,
+                          capture_output=True, text=True)
+    assert gone.returncode != 0
+    subprocess.run(["podman", "logout", basic], env=env, check=True, capture_output=True)
+    again = site.cli("logout", basic, check=False)
+    assert again.returncode == 1 and "not logged into" in again.stderr

@@ -43,6 +43,8 @@ def _openssl(*args: str) -> None:
 
 @dataclass(frozen=True)
 class Pki:
+    certs: Path
+    """A --cert-dir: only the CA certificate (``ca.crt``)."""
     ca_cert: Path
     server_cert: Path
     server_key: Path
@@ -65,7 +67,10 @@ def make_pki(directory: Path) -> Pki:
     sign_key, sign_cert = directory / "token.key", directory / "token.crt"
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(sign_key),
              "-out", str(sign_cert), "-days", "2", "-subj", "/CN=squashstore test tokens")
-    return Pki(ca_cert, cert, key, sign_cert, sign_key)
+    certs = directory / "certs"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.crt").write_bytes(ca_cert.read_bytes())
+    return Pki(certs, ca_cert, cert, key, sign_cert, sign_key)
 
 
 def _b64url(data: bytes) -> str:
