@@ -282,7 +282,7 @@ def test_manifest_list_by_platform(make_site: Callable[[str], Site], pushed: dic
 @pytest.mark.slow
 def test_push_pull_artifact_runs_in_podman(
         make_site: Callable[[str], Site], podman: Podman, fixture_images: dict[str, str],
-        registries: dict[str, RegistryServer]) -> None:
+        registries: dict[str, RegistryServer], pushed: dict[str, str]) -> None:
     """Converted once, pushed as the artifact the docs describe, pulled into a fresh store
     as the same image id, run by podman at once."""
     origin = make_site("origin")
@@ -321,10 +321,9 @@ def test_push_pull_artifact_runs_in_podman(
     assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/etc/config") \
         == podman.text("run", "--rm", "--pull=never", fixture_images["base"], "cat",
                        "/etc/config")
-    assert node.cli("verify").returncode == 0
+    assert node.cli("verify", tls=False).returncode == 0
     # an ordinary image is migrated (podman-hpc's pull)
-    plain = node.cli("pull", "--creds", CREDS, "--format", "json",
-                     f"{registries['token'].host}/fixtures/base:1")
+    plain = node.cli("pull", "--creds", CREDS, "--format", "json", pushed["base"])
     assert json.loads(plain.stdout)["kind"] == "image"
 
 
@@ -379,12 +378,12 @@ def test_login_and_logout_share_podmans_auth_file(
     # squashstore reads podman's login (no --creds)
     out = site.cli("migrate", "--no-mount", f"docker://{token}/viapodman/base:1")
     assert "->" in out.stdout
-    site.cli("logout", token)
+    site.cli("logout", token, tls=False)
     assert site.cli("migrate", "--no-mount", f"docker://{token}/viapodman/base:1",
                     check=False).returncode == 1
     gone = subprocess.run(["podman", "login", "--get-login", token], env=env,
                           capture_output=True, text=True)
     assert gone.returncode != 0
     subprocess.run(["podman", "logout", basic], env=env, check=True, capture_output=True)
-    again = site.cli("logout", basic, check=False)
+    again = site.cli("logout", basic, check=False, tls=False)
     assert again.returncode == 1 and "not logged into" in again.stderr

@@ -110,7 +110,7 @@ def fetch_manifest(text: str, options: RegistryOptions
             raise
         return client, ref, data, media_type, digest
     if len(missing) == 1:
-        raise NotFound(f"{text}: {missing[0]}")
+        raise NotFound(f"{missing[0]} (image or tag does not exist)")
     raise NotFound(f"{text}: not found in any of {', '.join(r.text for r in refs)}")
 
 
