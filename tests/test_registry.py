@@ -5,12 +5,17 @@ with a small token issuer) and with skopeo and podman as independent clients."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import subprocess
+import tarfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -21,6 +26,7 @@ from test_store import PYTHON, cli, unmount_below
 from squashstore import names
 from squashstore.image import SourceError
 from squashstore.mounts import Registry
+from squashstore.registry.client import BlobReader, Client, RegistryOptions
 from squashstore.store import Store
 from support.podman import Podman
 from support.registry import PASSWORD, USER, Pki, RegistryServer, TokenIssuer, make_pki
@@ -387,3 +393,170 @@ def test_login_and_logout_share_podmans_auth_file(
     subprocess.run(["podman", "logout", basic], env=env, check=True, capture_output=True)
     again = site.cli("logout", basic, check=False, tls=False)
     assert again.returncode == 1 and "not logged into" in again.stderr
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("squashstore: ") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+def _nothing_left(site: Site) -> None:
+    assert site.store.images() == []
+    assert list((site.store.root / "squashstore" / "tmp").iterdir()) == []
+    assert not list((site.store.root / "squashstore" / "squash").glob("*.sqfs"))
+
+
+@pytest.mark.podman
+def test_bad_references_and_credentials_are_one_line(
+        make_site: Callable[[str], Site], pushed: dict[str, str],
+        registries: dict[str, RegistryServer]) -> None:
+    site = make_site("bad")
+    token, basic = registries["token"].host, registries["htpasswd"].host
+    wrong = site.cli("migrate", "--creds", f"{USER}:nope", pushed["gzip"], check=False)
+    _one_line_error(wrong, "wrong username or password")
+    anonymous = site.cli("migrate", pushed["gzip"], check=False)
+    _one_line_error(anonymous, "not logged in")
+    basic_wrong = site.cli("pull", "--creds", f"{USER}:nope", f"{basic}/a/b:1", check=False)
+    _one_line_error(basic_wrong, "wrong username or password")
+    missing = site.cli("migrate", "--creds", CREDS, f"docker://{token}/fixtures/base:nope",
+                       check=False)
+    _one_line_error(missing, "does not exist")
+    unknown = site.cli("pull", "no-such-registry.invalid/a/b:1", check=False)
+    _one_line_error(unknown, "unknown host")
+    untrusted = site.cli("pull", "--creds", CREDS, pushed["base"], check=False, tls=False)
+    _one_line_error(untrusted, "certificate")
+    insecure = site.cli("export", "--tls-verify=false", "--creds", CREDS, pushed["base"],
+                        "-o", str(site.store.root.parent / "x.tar"), tls=False)
+    assert insecure.returncode == 0
+    lazy = site.cli("pull", "--lazy", pushed["base"], check=False)
+    _one_line_error(lazy, "--lazy")
+    _nothing_left(site)
+
+
+def _fresh_registry(base: Path, pki: Pki) -> RegistryServer:
+    return RegistryServer(base, pki, "none")
+
+
+def _unique_image(podman: Podman, base: Path, tag: str, size: int) -> str:
+    """A one-layer image with `size` random bytes in /blob (content nobody else pushes)."""
+    payload = base / f"{tag}.bin"
+    with payload.open("wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    tar = base / f"{tag}.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(payload, "blob")
+    ref = f"localhost/sqs-registry-{tag}:1"
+    podman.import_tar(tar, ref, 'CMD ["/blob"]')
+    return ref
+
+
+@pytest.mark.podman
+def test_a_tampered_blob_is_refused_and_nothing_is_published(
+        make_site: Callable[[str], Site], podman: Podman, pki: Pki, tmp_path: Path) -> None:
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        image = _unique_image(podman, tmp_path, "tamper", 2)
+        remote = f"docker://{server.host}/t/image:1"
+        podman.run("push", "--cert-dir", str(pki.certs), image, remote)
+        origin = make_site("origin")
+        iid = _migrated_id(origin, image)
+        origin.cli("push", iid, f"{server.host}/t/artifact:1")
+        squash = origin.store.resolve(iid).squash
+        squash_digest = "sha256:" + hashlib.sha256(squash.read_bytes()).hexdigest()
+        manifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--cert-dir", str(pki.certs), remote],
+            check=True, capture_output=True).stdout)
+        for digest in (squash_digest, manifest["layers"][0]["digest"]):
+            data = server.blob_data(digest)
+            raw = bytearray(data.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            data.write_bytes(bytes(raw))
+        site = make_site("victim")
+        pulled = site.cli("pull", f"{server.host}/t/artifact:1", check=False)
+        _one_line_error(pulled, "digest mismatch")
+        migrated = site.cli("migrate", remote, check=False)
+        _one_line_error(migrated)
+        assert "digest mismatch" in migrated.stderr or "corrupt" in migrated.stderr
+        _nothing_left(site)
+    finally:
+        server.close()
+
+
+def _watch_and_kill(server: RegistryServer, store: Store, restart: bool) -> threading.Thread:
+    """Kill `server` as soon as a download into `store`'s staging has begun."""
+    def run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for part in (store.root / "squashstore" / "tmp").glob("*/layer.sqfs"):
+                with contextlib.suppress(OSError):
+                    if part.stat().st_size > 0:
+                        server.kill()
+                        if restart:
+                            time.sleep(0.3)
+                            server.start()
+                        return
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman: Podman,
+                                        pki: Pki, tmp_path: Path) -> None:
+    """Killed and back at once: the download resumes (Range) and the pull succeeds; killed
+    for good: one line after the retries, nothing partial in the store."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        origin = make_site("origin")
+        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "big", 384))
+        ref = f"{server.host}/k/big:1"
+        origin.cli("push", iid, ref)
+        back = make_site("back")
+        watcher = _watch_and_kill(server, back.store, restart=True)
+        assert back.cli("pull", "--no-mount", "--quiet", ref).stdout.strip() == iid
+        watcher.join()
+        assert server.process is not None
+        assert back.store.resolve(iid).squash.read_bytes() == \
+            origin.store.resolve(iid).squash.read_bytes()
+        gone = make_site("gone")
+        watcher = _watch_and_kill(server, gone.store, restart=False)
+        started = time.monotonic()
+        failed = gone.cli("pull", "--no-mount", ref, check=False)
+        watcher.join()
+        _one_line_error(failed, server.host)
+        assert time.monotonic() - started < 60
+        _nothing_left(gone)
+    finally:
+        server.close()
+
+
+@pytest.mark.podman
+def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        blob = tmp_path / "blob"
+        blob.write_bytes(os.urandom(40 << 20))
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+        client = Client(server.host, RegistryOptions(cert_dir=pki.certs))
+        assert client.upload_blob("r/b", blob, digest)
+        assert not client.upload_blob("r/b", blob, digest)  # already there: skipped
+        reader = cast(BlobReader, client.open_blob("r/b", digest, blob.stat().st_size))
+        head = reader.read(1 << 20)
+        server.kill()
+        server.start()
+        rest = reader.read()
+        assert hashlib.sha256(head + rest).hexdigest() == digest.removeprefix("sha256:")
+        assert reader.resumes >= 1
+    finally:
+        server.close()
