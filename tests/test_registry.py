@@ -560,3 +560,23 @@ def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
         assert reader.resumes >= 1
     finally:
         server.close()
+
+
+@pytest.mark.podman
+def test_short_names_resolve_from_registries_conf(
+        make_site: Callable[[str], Site], pushed: dict[str, str],
+        registries: dict[str, RegistryServer], tmp_path: Path) -> None:
+    """An alias and a search registry, as podman-hpc #144 needs them; the image keeps the
+    name it resolved to."""
+    host = registries["token"].host
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'unqualified-search-registries = ["{host}"]\n'
+                    f'[aliases]\n"sqs-aliased" = "{host}/fixtures/whiteouts"\n')
+    site = make_site("short")
+    env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
+    aliased = site.cli("pull", "--creds", CREDS, "--no-mount", "--format", "json",
+                       "sqs-aliased:gzip", env=env)
+    assert json.loads(aliased.stdout)["names"] == [f"{host}/fixtures/whiteouts:gzip"]
+    searched = site.cli("migrate", "--creds", CREDS, "--no-mount", "docker://fixtures/base:1",
+                        env=env)
+    assert f"{host}/fixtures/base:1" in searched.stdout

@@ -94,6 +94,8 @@ def fetch_manifest(text: str, options: RegistryOptions
     """The first candidate of `text` that exists: its client, reference and top manifest
     ``(bytes, media type, digest)``."""
     body = strip_scheme(text)
+    if not body:
+        raise SourceError(f"{text}: no image name")
     conf = names.load_registries_conf() if names.parse(body).is_short else None
     refs = parse_docker_reference(text, conf)
     missing: list[str] = []
