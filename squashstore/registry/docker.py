@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import queue
 import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -165,14 +166,16 @@ def image_from_manifest(client: Client, ref: RemoteRef, data: bytes, media_type:
 
 
 class _Downloads:
-    """The layers of one image: the top streams; the lower ones spool in parallel."""
+    """The layers of one image: the top streams; the lower ones spool in parallel.
+
+    The spooling threads are daemons, so a command that fails early exits at once instead
+    of waiting for downloads nobody will read; the spool directory goes with the object
+    (or at exit)."""
 
     def __init__(self, client: Client, repository: str,
                  layers: tuple[oci.Descriptor, ...]) -> None:
         self._client, self._repository, self._layers = client, repository, layers
         self._lock = threading.Lock()
-        self._spool: Path | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future[Path]] = {}
         self._top_opened = False
 
@@ -194,8 +197,6 @@ class _Downloads:
                                           descriptor.size)
         try:
             path = future.result()
-        except RegistryError:
-            raise
         except OSError as exc:
             raise SourceError(f"spooling layer {index}: {exc}") from exc
         return path.open("rb")
@@ -204,13 +205,30 @@ class _Downloads:
         lower = [i for i in range(len(self._layers) - 1, -1, -1) if i != skip]
         if not lower:
             return
-        self._spool = Path(tempfile.mkdtemp(prefix="squashstore-layers-"))
-        self._pool = ThreadPoolExecutor(PARALLEL_DOWNLOADS, thread_name_prefix="layer")
-        spool_dir, pool = self._spool, self._pool
-        weakref.finalize(self, _cleanup, spool_dir, pool)
-        atexit.register(_cleanup, spool_dir, pool)
-        for i in lower:  # the next layer the merge reads first
-            self._futures[i] = pool.submit(self._download, i, spool_dir)
+        spool_dir = Path(tempfile.mkdtemp(prefix="squashstore-layers-"))
+        weakref.finalize(self, _cleanup, spool_dir)
+        atexit.register(_cleanup, spool_dir)
+        pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in lower:  # in the order the merge reads them
+            self._futures[i] = Future()
+            pending.put(i)
+        for n in range(min(PARALLEL_DOWNLOADS, len(lower))):
+            threading.Thread(target=self._worker, args=(pending, spool_dir),
+                             name=f"layer-download-{n}", daemon=True).start()
+
+    def _worker(self, pending: queue.SimpleQueue[int], spool_dir: Path) -> None:
+        while True:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            future = self._futures[index]
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._download(index, spool_dir))
+            except BaseException as exc:  # handed to the reader of this layer
+                future.set_exception(exc)
 
     def _download(self, index: int, spool_dir: Path) -> Path:
         descriptor = self._layers[index]
@@ -221,7 +239,6 @@ class _Downloads:
         return path
 
 
-def _cleanup(spool_dir: Path, pool: ThreadPoolExecutor) -> None:
-    pool.shutdown(wait=False, cancel_futures=True)
+def _cleanup(spool_dir: Path) -> None:
     with contextlib.suppress(OSError):
         shutil.rmtree(spool_dir, ignore_errors=True)
