@@ -5,6 +5,7 @@ with a small token issuer) and with skopeo and podman as independent clients."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -580,3 +581,54 @@ def test_short_names_resolve_from_registries_conf(
     searched = site.cli("migrate", "--creds", CREDS, "--no-mount", "docker://fixtures/base:1",
                         env=env)
     assert f"{host}/fixtures/base:1" in searched.stdout
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_credentials_are_looked_up_in_podmans_order(tmp_path: Path) -> None:
+    from squashstore.registry import auth
+
+    def write(path: Path, auths: dict[str, str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"auths": {
+            k: {"auth": base64.b64encode(v.encode()).decode()} for k, v in auths.items()}}))
+
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    runtime_file = tmp_path / "run" / "containers" / "auth.json"
+    write(home / ".docker" / "config.json", {"https://index.docker.io/v1/": "hub:1",
+                                             "r.example:5000": "docker:2"})
+    found = auth.find_credentials("docker.io", "library/alpine", env=env)
+    assert found is not None and (found.username, found.password) == ("hub", "1")
+    write(runtime_file, {"r.example:5000": "podman:3", "r.example:5000/team/app": "team:4"})
+    assert auth.find_credentials("r.example:5000", "other/x", env=env) == auth.Credentials(
+        "podman", "3", str(runtime_file))
+    team = auth.find_credentials("r.example:5000", "team/app/sub", env=env)
+    assert team is not None and team.username == "team"
+    explicit = tmp_path / "explicit.json"
+    write(explicit, {"r.example:5000": "explicit:5"})
+    got = auth.find_credentials("r.example:5000", "x", env={**env,
+                                                            "REGISTRY_AUTH_FILE": str(explicit)})
+    assert got is not None and got.username == "explicit"
+    got = auth.find_credentials("r.example:5000", "x", authfile=explicit, env=env)
+    assert got is not None and got.username == "explicit"
+    assert auth.find_credentials("elsewhere.example", "x", env=env) is None
+    path = auth.store_credentials("new.example", auth.Credentials("u", "p:w"), env=env)
+    assert path == runtime_file
+    assert auth.find_credentials("new.example", "", env=env) == auth.Credentials(
+        "u", "p:w", str(runtime_file))
+    assert auth.remove_credentials("new.example", env=env)
+    assert not auth.remove_credentials("new.example", env=env)
+    assert auth.find_credentials("r.example:5000", "other/x", env=env) is not None
+
+
+@pytest.mark.podman
+def test_an_expired_token_is_replaced(registries: dict[str, RegistryServer], pki: Pki,
+                                      pushed: dict[str, str]) -> None:
+    client = Client(registries["token"].host, RegistryOptions(cert_dir=pki.certs,
+                                                              creds=CREDS))
+    client._tokens["repository:fixtures/base:pull"] = "expired.garbage.token"
+    data, _, digest = client.get_manifest("fixtures/base", "1")
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert client._tokens["repository:fixtures/base:pull"] != "expired.garbage.token"

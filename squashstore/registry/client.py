@@ -264,7 +264,10 @@ class Client:
                 creds.username, creds.password)}
         return {}
 
-    def _authenticate(self, response: requests.Response, scope: str, repository: str) -> None:
+    def _authenticate(self, response: requests.Response, scope: str, repository: str,
+                      attempt: int) -> None:
+        """Answer a 401: the first time with what the challenge asks (a cached token may
+        have expired: it is replaced), a second refusal is final."""
         header = response.headers.get("WWW-Authenticate", "")
         scheme, params = parse_challenge(header)
         creds = self.credentials(repository)
@@ -272,14 +275,14 @@ class Client:
             if creds is None:
                 raise RegistryError(f"{self.host}: authentication required (no credentials: "
                                     "`squashstore login` or --creds)")
-            if self._basic:
+            if self._basic and attempt > 0:
                 raise self._refused(creds)
             self._basic = True
             return
         if scheme != "bearer" or "realm" not in params:
             raise RegistryError(f"{self.host}: unsupported authentication challenge "
                                 f"{header[:80]!r}")
-        if scope in self._tokens:
+        if attempt > 0:
             if creds is None:
                 raise RegistryError(f"{self.host}: access denied to {scope} (not logged in)")
             raise RegistryError(f"{self.host}: access denied to {scope} for "
@@ -345,7 +348,7 @@ class Client:
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}"
         url = path if path.startswith(("http://", "https://")) else self.base() + path
         idem = method in ("GET", "HEAD") if idempotent is None else idempotent
-        for _ in range(3):
+        for attempt in range(2):
             all_headers = {**(headers or {}), **self._auth_headers(scope, repository)}
 
             def send(h: dict[str, str] = all_headers) -> requests.Response:
@@ -357,8 +360,8 @@ class Client:
             if response.status_code != 401:
                 return response
             response.close()
-            self._authenticate(response, scope, repository)
-        raise RegistryError(f"{self.host}: authentication failed for {repository}")
+            self._authenticate(response, scope, repository, attempt)
+        raise AssertionError("unreachable: a second 401 raises")
 
     def _error(self, response: requests.Response, what: str) -> RegistryError:
         detail = ""
