@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_store import SqLayer, make_squash, store_image_source  # noqa: E402
 
-from squashstore import cleanup, runtime  # noqa: E402
+from squashstore import cleanup, host  # noqa: E402
+from squashstore.config import DEFAULT_MIN_AGE, Config  # noqa: E402
 from squashstore.image import Image  # noqa: E402
 from squashstore.migrate import migrate_image  # noqa: E402
 from squashstore.mounts import Registry  # noqa: E402
@@ -124,14 +125,14 @@ def main() -> int:
                               if consumer else None, range(created, target)))
             created = target
             whole = median_time(cleanup_argv, cenv)
-            observe = median_call(lambda: cleanup.observe(registry, [work / "store"], {}))
+            observe = median_call(lambda: cleanup.observe(registry, [work / "store"], Config()))
             ps = median_time(["podman", "ps", "-a", "--format", "json"], cenv)
-            mounts = sum(runtime.is_mountpoint(Path(r.mountpoint)) for r in registry.records())
+            mounts = sum(host.is_mountpoint(Path(r.mountpoint)) for r in registry.records())
             print(f"{target + RUNNING:>10} {mounts:>6} {whole:>9.3f} {observe:>9.3f} {ps:>11.3f}",
                   flush=True)
         consumer.run("stop", "-a", "-t", "0", timeout=600)
         # A mount whose last container started less than min_age ago counts as being set up.
-        time.sleep(cleanup.MIN_AGE + 0.5)
+        time.sleep(DEFAULT_MIN_AGE + 0.5)
         start = time.perf_counter()
         out = subprocess.run([*cleanup_argv, "--grace", "0", "--format", "json"], env=cenv,
                              check=True, capture_output=True, text=True).stdout

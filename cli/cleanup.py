@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from squashstore import cleanup, hook, runtime
+from squashstore import cleanup, config, hook
 from squashstore.cli.output import add_format_option, print_json
 from squashstore.mounts import Registry
 
@@ -52,11 +52,9 @@ def report(outcomes: list[cleanup.Outcome], fmt: str, dry_run: bool) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    config = runtime.load_config()
-    grace = args.grace
-    if grace is None:
-        grace = cleanup.configured_seconds(config, "grace", cleanup.DEFAULT_GRACE)
-    outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, config)
+    settings = config.load()
+    grace = settings.cleanup.grace if args.grace is None else args.grace
+    outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, settings)
     return report(outcomes, args.format, args.dry_run)
 
 
@@ -80,7 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="unmount unused mounts older than this (default: config [cleanup] "
-                   f"grace, else {cleanup.DEFAULT_GRACE:.0f})")
+                   f"grace, else {config.DEFAULT_GRACE:.0f})")
     add_format_option(p)
     p.set_defaults(func=cmd_cleanup)
 

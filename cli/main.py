@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from squashstore import __version__, runtime, userns
+from squashstore import __version__, host, userns
 from squashstore.image import SquashstoreError
 
 # Command modules, in the order their commands appear in --help. A module that does not
@@ -55,7 +55,7 @@ def default_store() -> Path:
     env = os.environ.get("SQUASHSTORE_STORE")
     if env:
         return Path(env)
-    if runtime.is_real_root():
+    if host.is_real_root():
         return Path("/var/lib/squashstore/store")
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
     return Path(data_home) / "squashstore" / "store"

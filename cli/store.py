@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import runtime
+from squashstore import host, podmanstore, runtime
 from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
@@ -57,12 +57,16 @@ def users_of(image: StoreImage, registry: Registry) -> list[str]:
     users: list[str] = []
     graphroot = runtime.podman_graphroot()
     if graphroot is not None:
-        users += [f"layer {lid[:12]}" for lid in runtime.layer_children(graphroot, image.layer)]
+        try:
+            records = podmanstore.layers(podmanstore.Layout(graphroot).layers_json)
+        except podmanstore.PodmanStoreError:
+            records = []
+        users += [f"layer {lid[:12]}" for lid in podmanstore.children(records, image.layer)]
     record = registry.record(image.diff)
     if record is not None:
-        mounted = runtime.mount_table()
-        users += [f"container at {u['merged']}" for u in record.users
-                  if isinstance(u.get("merged"), str) and u["merged"] in mounted]
+        mounted = host.mount_table()
+        users += [f"container at {u.merged}" for u in record.users
+                  if u.merged and u.merged in mounted]
     return users
 
 
@@ -99,7 +103,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     store.init()
     for image in images:
         result = migrate_image(store, image, options, mount=not args.no_mount,
-                               backend=args.backend, progress=sys.stderr.isatty())
+                               backend=args.backend, progress=sys.stderr.isatty(),
+                               warn=_warn)
         stats = result.metadata.get("squash", {})
         kept = stats.get("options")
         if kept is not None and kept != options_json(options):
@@ -109,9 +114,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"{image.reference} -> {result.id[:12]} "
               f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "
               f"{_human(int(stats.get('bytes', 0)))} squash file)")
-        if args.rm_source:
+        if args.rm_source and result.id != image.source_id:  # not the store's own copy
             _remove_source(image)
     return 0
+
+
+def _warn(line: str) -> None:
+    sys.stderr.write(f"squashstore: {line}\n")
 
 
 def _options_text(options: dict[str, Any]) -> str:
@@ -133,8 +142,8 @@ def _remove_source(image: Image) -> None:
 def cmd_images(args: argparse.Namespace) -> int:
     store = _store(args)
     images = store.images()
-    mounted = runtime.mount_table()
-    rows = [{**i.to_json(), "mounted": runtime.real_path(i.diff) in mounted} for i in images]
+    mounted = host.mount_table()
+    rows = [{**i.to_json(), "mounted": host.real_path(i.diff) in mounted} for i in images]
     if args.format == "json":
         print_json(rows)
         return 0
@@ -151,12 +160,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     image = store.resolve(args.image)
     record = Registry().record(image.diff)
-    config_file = store.images_dir / image.id
-    from squashstore.store import big_data_file_name
-
-    config = json.loads((config_file / big_data_file_name("sha256:" + image.id)).read_bytes())
+    data = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
+    if data is None:
+        raise StoreError(f"image {image.id}: its config is missing from the store")
+    config = json.loads(data)
     print_json({**image.to_json(), "config": config,
-                "mounted": runtime.is_mountpoint(image.diff),
+                "mounted": host.is_mountpoint(image.diff),
                 "mount": record.to_json() if record else None})
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from squashstore import mounts
+from squashstore import host, mounts
 from squashstore.fuse import daemon
 
 FSTYPE = "fuse.squashstore"
@@ -32,7 +32,7 @@ class FuseMounter:
     def mount(self, squash: Path, mountpoint: Path) -> int | None:
         try:
             pid: int = daemon.start(squash, mountpoint, self.extra_args,
-                                    timeout=mounts.MOUNT_TIMEOUT)
+                                    timeout=host.MOUNT_TIMEOUT)
         except daemon.ServeError as exc:
             raise mounts.MountError(f"serve {squash}: {exc}") from None
         return pid
@@ -41,4 +41,4 @@ class FuseMounter:
         mounts.fuse_unmount(mountpoint, lazy)
 
     def is_alive(self, mountpoint: Path) -> bool:
-        return mounts.answers(mountpoint)
+        return host.answers(mountpoint)

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import logging
 import logging.handlers
 import os
@@ -30,13 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from squashstore import host
 from squashstore.image import SquashstoreError
 
 if TYPE_CHECKING:
     from squashstore.fuse.server import ServerOptions
-
-MOUNT_TIMEOUT = 30.0
-"""Seconds a server may take until its mount answers."""
 
 MIB = 1 << 20
 
@@ -91,9 +88,7 @@ def forwarded_arguments(args: argparse.Namespace) -> list[str]:
 
 def default_allow_other() -> bool:
     """allow_other when real root, or when /etc/fuse.conf has ``user_allow_other``."""
-    from squashstore import runtime
-
-    if runtime.is_real_root():
+    if host.is_real_root():
         return True
     try:
         lines = Path("/etc/fuse.conf").read_text(errors="replace").splitlines()
@@ -121,7 +116,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def start(squash: Path, mountpoint: Path, extra: Sequence[str] = (),
-          timeout: float = MOUNT_TIMEOUT) -> int:
+          timeout: float = host.MOUNT_TIMEOUT) -> int:
     """Spawn a detached server for `squash` on `mountpoint`; return its pid once the mount
     answers. `extra`: further server arguments (see `add_serve_arguments`)."""
     # Resolved, as the mount table and the registry name them: cleanup finds a server by
@@ -218,19 +213,10 @@ def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> No
         handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
     else:
-        handler = logging.FileHandler(_fallback_log(mountpoint))
+        handler = logging.FileHandler(host.server_log(mountpoint, "fuse"))
         fmt = "%(asctime)s " + fmt
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
-
-
-def _fallback_log(mountpoint: Path) -> Path:
-    from squashstore import runtime
-
-    directory = runtime.runtime_dir() / "logs"
-    directory.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24]
-    return directory / f"fuse-{key}.log"
 
 
 def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:

@@ -23,7 +23,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
@@ -34,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from squashstore import runtime, tree
+from squashstore import host, tree
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader
 
 log = logging.getLogger("squashstore.fuse")
@@ -401,12 +400,9 @@ class SquashOperations(pyfuse3.Operations):
 
 def lazy_unmount(mountpoint: Path) -> None:
     """Detach `mountpoint` here; the server keeps serving users elsewhere until they go."""
-    proc = subprocess.run(
-        ["fusermount3", "-u", "-z", "-q", str(mountpoint)],
-        capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
-    )
-    if proc.returncode != 0:
-        log.warning("fusermount3 -u -z %s: %s", mountpoint, proc.stderr.strip())
+    message = host.fusermount_unmount(mountpoint, lazy=True, quiet=True)
+    if message is not None:
+        log.warning("fusermount3 -u -z %s: %s", mountpoint, message)
 
 
 async def _watch_signals(mountpoint: Path, state: dict[str, bool]) -> None:
@@ -455,18 +451,12 @@ def serve(
 
 def _fuse_fd() -> int | None:
     """This process's /dev/fuse descriptor (pyfuse3 does not expose its session's)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                found.append(int(name))
-        except OSError:
-            continue
+    found = host.open_descriptors_of("/dev/fuse")
     return found[0] if len(found) == 1 else None
 
 
 def _still_mounted(mountpoint: Path) -> bool:
     """Whether this namespace still has a FUSE mount of ours on `mountpoint`."""
-    entry = runtime.mount_table().get(os.path.realpath(mountpoint))
+    entry = host.mount_table().get(os.path.realpath(mountpoint))
     return entry is not None and entry.fstype == "fuse.squashstore"
 

@@ -5,7 +5,8 @@ records plus every mount over a layer of a known squash store found in ``/proc/s
 that the registry does not know (adopted after lost state), with the containers using each (see
 `squashstore.tracker`). `decide` is a pure function of that state: a record whose mount is gone
 is dropped; a dead mount (FUSE server gone: ENOTCONN) is always unmounted, lazily; a mount with a
-running, paused or starting user is kept; a mount younger than `MIN_AGE` (being set up) is kept;
+running, paused or starting user is kept; a mount younger than
+``[cleanup] min_age`` (being set up) is kept;
 an unused mount older than the grace period is unmounted. `carry_out` does it (still under the
 lock, so no container start interleaves): unmount, lazily when busy; let the FUSE server exit
 (a dead mount's hung server is killed, a live one never); forget the record; write records for
@@ -25,18 +26,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from squashstore import runtime, tracker
+from squashstore import config, host, podmanstore, tracker, trust
+from squashstore.config import Config, PodmanStore
 from squashstore.image import SquashstoreError
-from squashstore.mounts import MountError, MountRecord, Registry, mounter_for_fstype, probe
+from squashstore.mounts import (
+    FSTYPE_BACKENDS,
+    MountError,
+    MountRecord,
+    Registry,
+    mounter_for_fstype,
+)
 from squashstore.store import Store
 from squashstore.tracker import User
 
-DEFAULT_GRACE = 600.0
-"""Seconds an unused mount stays (``[cleanup] grace`` in the config overrides it)."""
-MIN_AGE = 5.0
-"""A mount younger than this is being set up for a starting container: never touched."""
-ALIVE_TIMEOUT = 5.0
-"""Seconds a mount gets to answer a stat before its server counts as hung (dead)."""
 SERVER_EXIT_WAIT = 2.0
 """Seconds a FUSE server gets to exit by itself after its mount is gone."""
 
@@ -100,7 +102,7 @@ class Outcome:
 # --------------------------------------------------------------------------- the decision
 
 def decide(mounts: Iterable[MountState], now: float, grace: float,
-           min_age: float = MIN_AGE) -> list[Decision]:
+           min_age: float = config.DEFAULT_MIN_AGE) -> list[Decision]:
     """The action for every mount (pure)."""
     out = []
     for m in mounts:
@@ -131,7 +133,7 @@ def decide(mounts: Iterable[MountState], now: float, grace: float,
 
 def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
     """``S/overlay/<LID>/diff`` -> (S, LID)."""
-    return runtime.overlay_layer(mountpoint, "diff")
+    return podmanstore.overlay_layer(mountpoint, "diff")
 
 
 def _image_of(store_root: Path, layer: str) -> str:
@@ -140,8 +142,8 @@ def _image_of(store_root: Path, layer: str) -> str:
     return ""
 
 
-def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
-               store_roots: Iterable[Path]) -> list[tuple[runtime.MountEntry, Path, str]]:
+def _adoptable(mounts: Mapping[str, host.MountEntry], known: set[str],
+               store_roots: Iterable[Path]) -> list[tuple[host.MountEntry, Path, str]]:
     roots = {os.path.realpath(r) for r in store_roots}
     out = []
     for point, entry in sorted(mounts.items()):
@@ -153,23 +155,36 @@ def _adoptable(mounts: Mapping[str, runtime.MountEntry], known: set[str],
     return out
 
 
-def _liveness(entry: runtime.MountEntry | None) -> dict[str, bool]:
+def _liveness(entry: host.MountEntry | None) -> dict[str, bool]:
     """``alive`` and ``hung`` of a mount (none: neither alive nor hung)."""
     if entry is None:
         return {"alive": False, "hung": False}
-    alive = probe(Path(entry.mountpoint), ALIVE_TIMEOUT)
+    alive = host.probe(Path(entry.mountpoint), host.LIVENESS_TIMEOUT)
     return {"alive": bool(alive), "hung": alive is None}
 
 
-def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str, Any],
+STATES = ("alive", "dead", "hung", "gone")
+
+
+def mount_state(entry: host.MountEntry | None) -> str:
+    """One word for a mount (`STATES`), from the same probe `observe` uses: ``gone`` when
+    nothing is mounted there, ``dead`` when its server is gone (ENOTCONN), ``hung`` when it
+    gives no answer in `host.LIVENESS_TIMEOUT` seconds."""
+    live = _liveness(entry)
+    if entry is None:
+        return "gone"
+    return "alive" if live["alive"] else "hung" if live["hung"] else "dead"
+
+
+def observe(registry: Registry, store_roots: Iterable[Path], settings: Config,
             now: float | None = None) -> list[MountState]:
     """Every recorded mount and every adoptable one, with its users (call under the lock)."""
     now = time.time() if now is None else now
     records = registry.records()
-    table = runtime.mount_table()
-    entries = runtime.read_mountinfo()
+    table = host.mount_table()
+    entries = host.read_mountinfo()
     devices = {m.mountpoint: m.device for m in entries}
-    users = tracker.observe_users(records, config, entries, now)
+    users = tracker.observe_users(records, settings, entries, now)
     states = [_record_state(r, table, users, devices) for r in records]
     scope = list(store_roots)
     for record in records:
@@ -177,8 +192,8 @@ def observe(registry: Registry, store_roots: Iterable[Path], config: Mapping[str
         if found is not None:
             scope.append(found[0])
     for entry, root, layer in _adoptable(table, {r.mountpoint for r in records}, scope):
-        pid = tracker.server_pid(entry.mountpoint) if entry.fstype.startswith("fuse") else None
-        age = tracker.process_age(pid) if pid is not None else None
+        pid = host.server_pid(entry.mountpoint) if entry.fstype.startswith("fuse") else None
+        age = host.process_age(pid) if pid is not None else None
         live = _liveness(entry)
         states.append(MountState(entry.mountpoint, layer, _image_of(root, layer),
                                  mounter_for_fstype(entry.fstype).name, entry.fstype,
@@ -192,12 +207,12 @@ def _users_of(mountpoint: str, layer: str, users: Iterable[User]) -> tuple[User,
     return tuple(u for u in users if u.uses(mountpoint, layer))
 
 
-def _record_state(record: MountRecord, table: Mapping[str, runtime.MountEntry],
+def _record_state(record: MountRecord, table: Mapping[str, host.MountEntry],
                   users: list[User], devices: Mapping[str, str]) -> MountState:
     entry = table.get(record.mountpoint)
     live = _liveness(entry)
     # The grace period runs from the last container start the mount program recorded.
-    starts = [u["since"] for u in record.users if isinstance(u.get("since"), int | float)]
+    starts = [u.since for u in record.users if u.since is not None]
     since = max([record.since, *starts])
     return MountState(record.mountpoint, record.layer, record.image, record.backend,
                       entry.fstype if entry else None, live["alive"],
@@ -219,16 +234,26 @@ def _adopt(registry: Registry, m: MountState, now: float) -> None:
                                 m.since if m.since is not None else now))
 
 
+def _check_store_of(mountpoint: str) -> None:
+    """As root, a mount in a store other users can change is left alone (`trust`)."""
+    found = store_layer_of(mountpoint)
+    if found is not None and Store.is_store(found[0]):
+        Store(found[0]).check()
+
+
 def _unmount(m: MountState, lazy: bool) -> bool:
-    """Unmount; returns whether it had to be lazy. Raises MountError."""
+    """Unmount; returns whether it had to be lazy. Raises MountError (UnsafeStore when the
+    mount is not a squash mount reached without symlinks, or its store is unsafe)."""
     point = Path(m.mountpoint)
+    trust.check_unmount(point, m.fstype, FSTYPE_BACKENDS)
+    _check_store_of(m.mountpoint)
     unmounter = mounter_for_fstype(m.fstype or "")
     if not lazy:
         try:
             unmounter.umount(point, lazy=False)
             return False
         except MountError:
-            if not runtime.is_mountpoint(point):
+            if not host.is_mountpoint(point):
                 return False
     unmounter.umount(point, lazy=True)
     return True
@@ -236,11 +261,7 @@ def _unmount(m: MountState, lazy: bool) -> bool:
 
 def _serves(pid: int, mountpoint: str) -> bool:
     """Whether ``pid`` is still the server of ``mountpoint`` (not a recycled pid)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return mountpoint.encode() in argv
+    return host.names_argument(pid, mountpoint)
 
 
 def _end_server(m: MountState, wait: float) -> str:
@@ -263,7 +284,7 @@ def _end_server(m: MountState, wait: float) -> str:
     if not _serves(pid, m.mountpoint):
         return f"server {pid} exited"
     where = ("; still mounted in another mount namespace"
-             if m.device and tracker.other_namespace_devices().get(m.device, 0) else "")
+             if m.device and host.other_namespace_devices().get(m.device, 0) else "")
     return f"server {pid} exits when the file system is released{where}"
 
 
@@ -292,26 +313,18 @@ def carry_out(registry: Registry, decision: Decision, now: float,
 
 
 def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
-            dry_run: bool = False, config: Mapping[str, Any] | None = None,
+            dry_run: bool = False, settings: Config | None = None,
             min_age: float | None = None) -> list[Outcome]:
     """Observe, decide and (unless ``dry_run``) act, all under the registry's lock."""
-    config = runtime.load_config() if config is None else config
+    settings = config.load() if settings is None else settings
     if min_age is None:
-        min_age = configured_seconds(config, "min_age", MIN_AGE)
+        min_age = settings.cleanup.min_age
     with registry.locked():
         now = time.time()
-        decisions = decide(observe(registry, store_roots, config, now), now, grace, min_age)
+        decisions = decide(observe(registry, store_roots, settings, now), now, grace, min_age)
         if dry_run:
             return [Outcome(d) for d in decisions]
         return [carry_out(registry, d, now) for d in decisions]
-
-
-def configured_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
-    """``[cleanup] grace`` or ``[cleanup] min_age`` of the config, in seconds."""
-    value = config.get("cleanup", {}).get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise runtime.ConfigError(f"config [cleanup] {key} = {value!r}: expected seconds >= 0")
-    return float(value)
 
 
 # --------------------------------------------------------------------------- the hook
@@ -343,25 +356,23 @@ def stopping_layers(container: StoppingContainer) -> tuple[str, frozenset[str]]:
     """The container's own layer and every layer below it, from podman's files."""
     if not container.graphroot:
         return "", frozenset()
-    view = tracker.StoreView.read(tracker.PodmanStore(container.graphroot))
+    view = tracker.StoreView.read(PodmanStore(container.graphroot))
     layer = next((lay for lay, (cid, _) in view.containers.items() if cid == container.id), "")
-    return layer, frozenset(tracker.ancestors(layer, view.parents)) if layer else frozenset()
+    return layer, frozenset(podmanstore.ancestors(layer, view.parents)) if layer else frozenset()
 
 
 def poststop(registry: Registry, container: StoppingContainer,
-             config: Mapping[str, Any] | None = None) -> list[Outcome]:
+             settings: Config | None = None) -> list[Outcome]:
     """Unmount the squash mounts ``container`` used that no other container uses now."""
-    config = runtime.load_config() if config is None else config
+    settings = config.load() if settings is None else settings
     layer, below = stopping_layers(container)
     if not below:
         return []
-    stores = [*tracker.configured_stores(config), tracker.PodmanStore(container.graphroot)]
-    config = {**config, "cleanup": {**config.get("cleanup", {}), "podman_stores": [
-        {"graphroot": s.graphroot, **({"runroot": s.runroot} if s.runroot else {})}
-        for s in stores]}}
+    stores = (*settings.cleanup.podman_stores, PodmanStore(container.graphroot))
+    settings = replace(settings, cleanup=replace(settings.cleanup, podman_stores=stores))
     with registry.locked():
         now = time.time()
-        states = observe(registry, (), config, now)
+        states = observe(registry, (), settings, now)
         exact = {u.mounts for s in states for u in s.users if u.container == container.id}
         mine = set().union(*exact) if exact else set()
         states = [s for s in states if s.mountpoint in mine or (not mine and s.layer in below)]

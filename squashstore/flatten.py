@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from squashstore.image import Image, LayerError
 from squashstore.layers import LayerMerge
 from squashstore.progress import Progress
-from squashstore.tarstream import TarSplitRecorder, TarStream, TeeReader
+from squashstore.tar.split import TarSplitRecorder
+from squashstore.tarstream import TarStream, TeeReader
 
 if TYPE_CHECKING:
     from squashstore.squashfs.writer import SquashOptions

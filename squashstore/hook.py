@@ -18,17 +18,8 @@ import os
 import pwd
 from pathlib import Path
 
-from squashstore import cleanup, runtime
+from squashstore import cleanup, host
 from squashstore.mounts import Registry
-
-
-def outside_uid(uid_map: str) -> int | None:
-    """The uid outside a user namespace that uid 0 inside maps to (``/proc/self/uid_map``)."""
-    for line in uid_map.splitlines():
-        fields = line.split()
-        if len(fields) == 3 and fields[0] == "0":
-            return int(fields[1])
-    return None
 
 
 def hook_registry() -> Registry:
@@ -39,12 +30,10 @@ def hook_registry() -> Registry:
     user namespace our uid is 0, so the user's own uid comes from the namespace's uid map.
     """
     if ("SQUASHSTORE_RUNTIME_DIR" in os.environ or "XDG_RUNTIME_DIR" in os.environ
-            or runtime.is_real_root() or os.geteuid() != 0):
+            or host.is_real_root() or os.geteuid() != 0):
         return Registry()
-    try:
-        uid = outside_uid(Path("/proc/self/uid_map").read_text())
-    except OSError:
-        uid = None
+    uid_map = host.own_uid_map()
+    uid = host.outside_uid(uid_map) if uid_map is not None else None
     return Registry(Path(f"/run/user/{uid}/squashstore") if uid is not None else None)
 
 
@@ -54,12 +43,10 @@ def adopt_user_environment() -> None:
     Inside rootless podman's user namespace, with podman's empty environment, ``$HOME``
     would fall back to root's home directory, which the user cannot read (the project
     config lookup then fails), and the runtime directory to the one of uid 0."""
-    if runtime.is_real_root() or os.geteuid() != 0:
+    if host.is_real_root() or os.geteuid() != 0:
         return
-    try:
-        uid = outside_uid(Path("/proc/self/uid_map").read_text())
-    except OSError:
-        return
+    uid_map = host.own_uid_map()
+    uid = host.outside_uid(uid_map) if uid_map is not None else None
     if uid is None or uid == 0:
         return
     os.environ.setdefault("XDG_RUNTIME_DIR", f"/run/user/{uid}")

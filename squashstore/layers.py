@@ -16,21 +16,19 @@ links out of the layer); owners, modes, devices and xattrs are kept without root
 
 from __future__ import annotations
 
-import base64
 import io
 import posixpath
-import tarfile
-import urllib.parse
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from squashstore.image import Layer, LayerError
+from squashstore.tar import format as tarformat
+from squashstore.tar.format import OPAQUE_MARKER, WHITEOUT_PREFIX, quote
+from squashstore.tar.reader import Header, TarError, TarReader
 from squashstore.tree import Inode, Kind, name_bytes, new_dir
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 MAX_NAME = 255
 MAX_FILE_SIZE = 1 << 46  # 64 TiB: larger than any real layer, smaller than absurd headers
 
@@ -78,8 +76,10 @@ class _LayerState:
     """Yielded files whose metadata a shadowed link of this layer changed afterwards."""
     implied: set[str] = field(default_factory=set)
     """Directories this layer created only because entries lie below them."""
-    link_headers: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
+    link_headers: dict[str, list[Header]] = field(default_factory=dict)
     """Shadowed link target -> the headers of the links to it, in tar order."""
+    names: set[str] = field(default_factory=set)
+    """Every entry's name as containers/storage's tar-split records it (Go's Clean)."""
 
 
 def normalise(name: str, layer: Layer) -> str:
@@ -89,58 +89,57 @@ def normalise(name: str, layer: Layer) -> str:
     if path == ".":
         return ""
     if path == ".." or path.startswith("../"):
-        raise LayerError(f"{layer.describe()}: entry {name!r} points outside the root")
+        raise LayerError(f"{layer.describe()}: entry {quote(name)} points outside the root")
     for part in path.split("/"):
         if len(name_bytes(part)) > MAX_NAME:
-            raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in {name!r}")
+            raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in "
+                             f"{quote(name)}")
     return path
+
+
+def go_clean(name: str) -> str:
+    """Go's filepath.Clean (how tar-split keys the entries it refuses to see twice)."""
+    cleaned = posixpath.normpath(name)
+    return "/" + cleaned.lstrip("/") if cleaned.startswith("//") else cleaned
 
 
 def _parent(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def member_xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
-    """Extended attributes from PAX headers (``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``)."""
-    found: dict[str, bytes] = {}
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            found[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
-        elif key.startswith("LIBARCHIVE.xattr."):
-            xname = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
-            found.setdefault(xname, base64.b64decode(value + "=" * (-len(value) % 4)))
-    return found
-
-
 _TAR_KINDS = {
-    **dict.fromkeys(tarfile.REGULAR_TYPES, Kind.FILE),
-    tarfile.DIRTYPE: Kind.DIR,
-    tarfile.SYMTYPE: Kind.SYMLINK,
-    tarfile.CHRTYPE: Kind.CHARDEV,
-    tarfile.BLKTYPE: Kind.BLOCKDEV,
-    tarfile.FIFOTYPE: Kind.FIFO,
+    tarformat.TYPE_REG: Kind.FILE,
+    tarformat.TYPE_DIR: Kind.DIR,
+    tarformat.TYPE_SYMLINK: Kind.SYMLINK,
+    tarformat.TYPE_CHAR: Kind.CHARDEV,
+    tarformat.TYPE_BLOCK: Kind.BLOCKDEV,
+    tarformat.TYPE_FIFO: Kind.FIFO,
 }
+"""The entry types containers/storage extracts (besides hard links and global headers);
+it refuses every other type (``unhandled tar header type``): ``S``, ``7``, ``D``, ``V``..."""
 
 
-def inode_from_member(member: tarfile.TarInfo, layer: Layer) -> Inode:
-    """The metadata of a tar member (not a hard link) as an `Inode`."""
-    kind = _TAR_KINDS.get(member.type)
+def inode_from_member(member: Header, layer: Layer) -> Inode:
+    """The metadata of a tar entry (not a hard link) as an `Inode`."""
+    kind = _TAR_KINDS.get(member.typeflag)
     if kind is None:
-        raise LayerError(f"{layer.describe()}: {member.name!r} has unsupported tar type "
-                         f"{member.type!r}")
+        raise LayerError(f"{layer.describe()}: {quote(member.name)}: unhandled tar header type "
+                         f"{ord(member.typeflag) if member.typeflag else 0}")
     if kind is Kind.FILE and not 0 <= member.size <= MAX_FILE_SIZE:
-        raise LayerError(f"{layer.describe()}: {member.name!r} has an absurd size {member.size}")
+        raise LayerError(f"{layer.describe()}: {quote(member.name)} has an absurd size "
+                         f"{member.size}")
     inode = Inode(
         kind,
-        mode=member.mode & 0o7777,
+        # Linux symlinks are always 0777: no lchmod (podman shows 0777 whatever the header).
+        mode=0o777 if kind is Kind.SYMLINK else member.mode & 0o7777,
         uid=member.uid,
         gid=member.gid,
-        mtime=int(member.mtime),
+        mtime=member.mtime,
         size=member.size if kind is Kind.FILE else 0,
         target=member.linkname if kind is Kind.SYMLINK else "",
         rdev=(member.devmajor, member.devminor) if kind in (Kind.CHARDEV, Kind.BLOCKDEV)
         else (0, 0),
-        xattrs=member_xattrs(member),
+        xattrs=dict(member.xattrs),
     )
     if kind is Kind.DIR:
         inode.children = {}
@@ -156,30 +155,30 @@ def _copy_metadata(directory: Inode, source: Inode) -> None:
     directory.mtime, directory.xattrs = source.mtime, source.xattrs
 
 
-def apply_link_header(inode: Inode, member: tarfile.TarInfo) -> None:
+def apply_link_header(inode: Inode, member: Header) -> None:
     """What extracting hard link `member` does to the inode it links to."""
     inode.uid, inode.gid = member.uid, member.gid
-    inode.xattrs.update(member_xattrs(member))
+    inode.xattrs.update(member.xattrs)
     if inode.kind is not Kind.SYMLINK:  # no lchmod, and chtimes follows links
         inode.mode = member.mode & 0o7777
-        inode.mtime = int(member.mtime)
+        inode.mtime = member.mtime
 
 
 class _Content(io.RawIOBase):
     """A member's bytes; a broken or truncated layer becomes a LayerError naming it."""
 
-    def __init__(self, raw: IO[bytes], layer: Layer, name: str) -> None:
+    def __init__(self, tar: TarReader, layer: Layer, name: str) -> None:
         super().__init__()
-        self._raw, self._layer, self._name = raw, layer, name
+        self._tar, self._layer, self._name = tar, layer, name
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int | None = -1) -> bytes:
         try:
-            return self._raw.read(-1 if size is None else size)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise LayerError(f"{self._layer.describe()}: content of {self._name!r} is "
+            return self._tar.read(-1 if size is None else size)
+        except (TarError, EOFError, zlib.error) as exc:
+            raise LayerError(f"{self._layer.describe()}: content of {quote(self._name)} is "
                              f"truncated or corrupt ({exc})") from exc
 
     def readinto(self, buffer: Any) -> int:
@@ -188,33 +187,24 @@ class _Content(io.RawIOBase):
         return len(data)
 
 
-def _tar_stream(stream: IO[bytes], layer: Layer) -> tarfile.TarFile:
-    """A layer's tar opened for one forward pass; a bad stream is a LayerError."""
-    try:
-        return tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
-    except (tarfile.TarError, EOFError) as exc:
-        raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
-
-
-def _members(tar: tarfile.TarFile, layer: Layer) -> Iterator[tarfile.TarInfo]:
-    """The members of `tar`, a truncated or corrupt stream becoming a LayerError."""
-    iterator = iter(tar)
+def _members(tar: TarReader, layer: Layer) -> Iterator[Header]:
+    """The entries of `tar` as Go's reader returns them (PAX global headers included);
+    a stream podman's reader refuses becomes a LayerError."""
     while True:
         try:
-            member = next(iterator)
-        except StopIteration:
-            return
-        except tarfile.TarError as exc:
+            member = tar.next()
+        except TarError as exc:
             raise LayerError(f"{layer.describe()}: not a valid tar stream: {exc}") from exc
-        except EOFError as exc:
-            raise LayerError(f"{layer.describe()}: truncated tar stream") from exc
+        if member is None:
+            return
         yield member
 
 
-def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer) -> IO[bytes]:
-    raw = tar.extractfile(member)
-    assert raw is not None
-    return cast(IO[bytes], _Content(raw, layer, member.name))
+def _content(tar: TarReader, member: Header, layer: Layer) -> IO[bytes]:
+    return cast(IO[bytes], _Content(tar, layer, member.name))
+
+
+_NOT_TARGETS = (tarformat.TYPE_LINK, tarformat.TYPE_XGLOBAL)
 
 
 class LayerMerge:
@@ -240,7 +230,8 @@ class LayerMerge:
 
     def _merge_layer(self, layer: Layer) -> Iterator[MergedEntry]:
         state = _LayerState()
-        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+        with layer.open() as stream:
+            tar = TarReader(stream)
             for member in _members(tar, layer):
                 yield from self._member(tar, member, layer, state)
         if state.pending_links:
@@ -249,24 +240,47 @@ class LayerMerge:
             yield from self._restate(layer, state)
         self._absorb(state)
 
-    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo, layer: Layer,
+    def _member(self, tar: TarReader, member: Header, layer: Layer,
                 state: _LayerState) -> Iterator[MergedEntry]:
+        key = go_clean(member.name)
+        if key in state.names:
+            # tar-split (containers/storage's recorder) refuses a layer naming a path twice.
+            raise LayerError(f"{layer.describe()}: {quote(member.name)} appears twice in the "
+                             "layer (duplicates of file paths not supported)")
+        state.names.add(key)
         path = normalise(member.name, layer)
+        if not path and key == "." and member.typeflag != tarformat.TYPE_DIR:
+            return  # containers/storage skips an entry named "." whatever its type
+        if member.typeflag == tarformat.TYPE_XGLOBAL:
+            # Ignored, but extraction still makes its parent directories (a GNU tar global
+            # header is named /tmp/GlobalHead.PID.N) and would replace a root named "/".
+            if not path:
+                raise LayerError(f"{layer.describe()}: the root {quote(member.name)} is not "
+                                 "a directory")
+            self._check_parents(path, layer, state)
+            yield from self._imply_parents(path, member.mtime, state)
+            return
         base = path.rpartition("/")[2]
         if base.startswith(WHITEOUT_PREFIX):
             self._check_parents(path, layer, state)
-            yield from self._imply_parents(path, int(member.mtime), state)
+            yield from self._imply_parents(path, member.mtime, state)
             if base == OPAQUE_MARKER:
                 state.opaque.add(_parent(path))
             else:
                 hidden = posixpath.join(_parent(path), base[len(WHITEOUT_PREFIX):])
                 state.whiteouts.add(hidden)
             return
-        if path == "" and not member.isdir():
-            raise LayerError(f"{layer.describe()}: the root {member.name!r} is not a directory")
+        if path == "" and member.typeflag != tarformat.TYPE_DIR:
+            raise LayerError(f"{layer.describe()}: the root {quote(member.name)} is not a "
+                             "directory")
+        if path in state.kinds and path not in state.implied:
+            # Two spellings of one path ("/a" and "a"): podman would keep the later one, which
+            # a stream cannot take back; refused like a repeated name.
+            raise LayerError(f"{layer.describe()}: {quote(member.name)} appears twice in the "
+                             "layer (duplicates of file paths not supported)")
         self._check_parents(path, layer, state)
-        yield from self._imply_parents(path, int(member.mtime), state)
-        if member.islnk():
+        yield from self._imply_parents(path, member.mtime, state)
+        if member.typeflag == tarformat.TYPE_LINK:
             yield from self._hard_link(member, path, layer, state)
             return
         inode = inode_from_member(member, layer)
@@ -314,11 +328,11 @@ class LayerMerge:
         parent = _parent(path)
         while parent:
             if state.kinds.get(parent) == "other":
-                raise LayerError(f"{layer.describe()}: entry {path!r} lies below "
-                                 f"non-directory {parent!r}")
+                raise LayerError(f"{layer.describe()}: entry {quote(path)} lies below "
+                                 f"non-directory {quote(parent)}")
             parent = _parent(parent)
 
-    def _hard_link(self, member: tarfile.TarInfo, path: str, layer: Layer,
+    def _hard_link(self, member: Header, path: str, layer: Layer,
                    state: _LayerState) -> Iterator[MergedEntry]:
         target = normalise(member.linkname, layer)
         target = state.link_of.get(target, target)
@@ -328,10 +342,10 @@ class LayerMerge:
         elif target in state.hidden_files:
             inode = None
         else:
-            raise LayerError(f"{layer.describe()}: hard link {path!r} points to "
-                             f"{member.linkname!r}, which is not a file of this layer")
+            raise LayerError(f"{layer.describe()}: hard link {quote(path)} points to "
+                             f"{quote(member.linkname)}, which is not a file of this layer")
         if inode is not None and inode.kind is Kind.DIR:
-            raise LayerError(f"{layer.describe()}: hard link {path!r} to a directory")
+            raise LayerError(f"{layer.describe()}: hard link {quote(path)} to a directory")
         state.kinds[path] = "other"
         # Extracting a link applies its own header to the shared inode, as containers/storage
         # does (chown, xattrs, chmod, chtimes on the new name), whether or not it survives.
@@ -356,11 +370,12 @@ class LayerMerge:
     def _resolve_pending(self, layer: Layer, state: _LayerState) -> Iterator[MergedEntry]:
         """Read `layer` again for link targets that a higher layer shadowed."""
         wanted = dict(state.pending_links)
-        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+        with layer.open() as stream:
+            tar = TarReader(stream)
             for member in _members(tar, layer):
                 if not wanted:
                     break
-                if member.islnk() or normalise(member.name, layer) not in wanted:
+                if member.typeflag in _NOT_TARGETS or normalise(member.name, layer) not in wanted:
                     continue
                 target = normalise(member.name, layer)
                 links = wanted.pop(target)
@@ -373,18 +388,21 @@ class LayerMerge:
                 for path in links[1:]:
                     yield self._place(path, inode, None)
         if wanted:
-            raise LayerError(f"{layer.describe()}: hard-link target {next(iter(wanted))!r} "
-                             "vanished on the second read")
+            raise LayerError(f"{layer.describe()}: hard-link target "
+                             f"{quote(next(iter(wanted)))} vanished on the second read")
 
     def _restate(self, layer: Layer, state: _LayerState) -> Iterator[MergedEntry]:
         """Yield again, with their final metadata, files whose metadata a shadowed hard link
         changed after they streamed past: content from a second read of `layer`, then every
         other name as a link, so a tar stream's later headers carry the change."""
         wanted = set(state.restate)
-        with layer.open() as stream, _tar_stream(stream, layer) as tar:
+        with layer.open() as stream:
+            tar = TarReader(stream)
             for member in _members(tar, layer):
+                if member.typeflag in _NOT_TARGETS:
+                    continue
                 path = normalise(member.name, layer)
-                if member.islnk() or path not in wanted:
+                if path not in wanted:
                     continue
                 wanted.discard(path)
                 inode = state.yielded[path]
@@ -396,8 +414,8 @@ class LayerMerge:
                 if not wanted:
                     break
         if wanted:
-            raise LayerError(f"{layer.describe()}: {next(iter(wanted))!r} vanished on the "
-                             "second read")
+            raise LayerError(f"{layer.describe()}: {quote(next(iter(wanted)))} vanished on "
+                             "the second read")
 
     # -- shadowing ---------------------------------------------------------------------
     def _hidden(self, path: str, is_dir: bool) -> bool:

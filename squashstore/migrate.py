@@ -14,19 +14,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore.image import Image, SourceError
+from squashstore.image import Image
+from squashstore.imageconfig import ConfigError, carried_config, config_problems, is_go_time, load
 from squashstore.mounts import Registry
-from squashstore.store import Publication, Store, StoreImage, now_rfc3339, sha256_hex
+from squashstore.store import (
+    Publication,
+    Store,
+    StoreError,
+    StoreImage,
+    normalize_name,
+    now_rfc3339,
+    sha256_hex,
+)
 
-KEPT_CONFIG = ("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir",
-               "Labels", "StopSignal")
-KEPT_TOP = ("architecture", "os", "os.version", "os.features", "variant", "author", "created")
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -68,50 +72,42 @@ def options_json(options: Any) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str, sort_keys=True))  # type: ignore[no-any-return]
 
 
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
 def rfc3339(value: object) -> str | None:
-    """`value` when it is a valid RFC 3339 time (what podman parses), else None."""
-    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
-        return None
-    try:
-        datetime.fromisoformat(value.upper())
-    except ValueError:
-        return None
-    return value
+    """`value` when it is a time podman parses (RFC 3339), else None."""
+    return value if isinstance(value, str) and is_go_time(value) else None
 
 
-def _object(source: dict[str, Any], key: str) -> dict[str, Any]:
-    value = source.get(key) or {}
-    if not isinstance(value, dict):
-        raise SourceError(f"image config: {key!r} is not a JSON object")
-    return value
+def squashed_config_checked(source: dict[str, Any], diff_digest: str
+                            ) -> tuple[bytes, tuple[str, ...]]:
+    """The one-layer image config and what was dropped from the source's (one line each).
 
-
-def squashed_config(source: dict[str, Any], diff_digest: str) -> bytes:
-    """The one-layer image config: the source's run settings and history, one diff id.
-
-    Only well-formed values are carried over: podman refuses a whole store whose records
-    hold a time it cannot parse.
+    Every carried field is checked as podman will read it (`squashstore.imageconfig`): a
+    value podman cannot read either refuses the image (`ConfigError`) or is dropped.
     """
-    config = {k: source[k] for k in KEPT_TOP if k in source}
-    if rfc3339(source.get("created")) is None:
-        config.pop("created", None)
-    run = _object(source, "config")
-    config["config"] = {k: run[k] for k in KEPT_CONFIG if run.get(k) is not None}
-    history = [{**h, "empty_layer": True} for h in source.get("history") or []
-               if isinstance(h, dict)]
-    layers = len(_object(source, "rootfs").get("diff_ids") or [])
+    carried = carried_config(source)
+    config: dict[str, Any] = dict(carried.top)
+    config["config"] = carried.config
+    history = [{**h, "empty_layer": True} for h in carried.history]
+    rootfs = source.get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    layers = len(ids) if isinstance(ids, list) else 0
     entry: dict[str, Any] = {
         "created_by": f"squashstore migrate: {layers} layer(s) squashed into one",
         "comment": "squashstore",
     }
-    if rfc3339(source.get("created")):
-        entry["created"] = source["created"]
+    if "created" in carried.top:
+        entry["created"] = carried.top["created"]
     config["history"] = [*history, entry]
     config["rootfs"] = {"type": "layers", "diff_ids": [diff_digest]}
-    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    unreadable = config_problems(config)
+    if unreadable:  # never expected: carried_config keeps only readable values
+        raise ConfigError(f"image config: {unreadable[0]}")
+    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode(), carried.dropped
+
+
+def squashed_config(source: dict[str, Any], diff_digest: str) -> bytes:
+    """The one-layer image config: the source's run settings and history, one diff id."""
+    return squashed_config_checked(source, diff_digest)[0]
 
 
 def squashed_manifest(config: bytes, diff_digest: str, diff_size: int) -> bytes:
@@ -125,15 +121,42 @@ def squashed_manifest(config: bytes, diff_digest: str, diff_size: int) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
+def source_config(image: Image) -> dict[str, Any]:
+    """The source's config as a JSON object (one line on any error, deep nesting included)."""
+    value = load(image.config, f"{image.reference}: image config")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{image.reference}: image config is not a JSON object")
+    return value
+
+
+def podman_names(image: Image) -> tuple[str, ...]:
+    """The names podman 4.3.1 gives the image on ``podman pull``: the source's names, else
+    for ``oci:PATH[:TAG]`` (whose index names no full reference) ``localhost/PATH:latest``
+    with PATH as written, leading slashes stripped: podman drops the tag (measured). When
+    that is no valid name (upper case), podman refuses the pull; migrate keeps the image
+    unnamed instead, and `gc` never takes an image migrated without a name."""
+    if image.names:
+        return image.names
+    transport, sep, rest = image.reference.partition(":")
+    if not sep or transport != "oci":
+        return ()
+    path = rest.partition(":")[0].lstrip("/")
+    try:
+        return (normalize_name(f"localhost/{path}:latest"),)
+    except StoreError:
+        return ()
+
+
 def publication(image: Image, layer: SquashedLayer, options: dict[str, Any],
                 stats: dict[str, Any]) -> Publication:
-    source = image.config_json
+    source = source_config(image)
     config = squashed_config(source, layer.diff_digest)
+    names = podman_names(image)
     manifest = squashed_manifest(config, layer.diff_digest, layer.diff_size)
     created = rfc3339(source.get("created")) or now_rfc3339()
     return Publication(
         squash=layer.path, diff_digest=layer.diff_digest, diff_size=layer.diff_size,
-        config=config, manifest=manifest, names=image.names, created=created,
+        config=config, manifest=manifest, names=names, created=created,
         tar_split=layer.tar_split if layer.tar_split and layer.tar_split.exists() else None,
         layer_metadata={"options": options, "diff_digest": layer.diff_digest,
                         "diff_size": layer.diff_size},
@@ -142,7 +165,7 @@ def publication(image: Image, layer: SquashedLayer, options: dict[str, Any],
                        "digest": image.manifest_digest, "config_digest": image.config_digest,
                        "id": image.source_id or image.config_digest.removeprefix("sha256:"),
                        "layers": len(image.layers)},
-            "migrated": now_rfc3339(), "stats": stats})
+            "migrated": now_rfc3339(), "stats": stats, "named": bool(names)})
 
 
 def _stats(layer: SquashedLayer) -> dict[str, Any]:
@@ -150,16 +173,43 @@ def _stats(layer: SquashedLayer) -> dict[str, Any]:
             if hasattr(layer, k)}
 
 
+def own_copy(store: Store, image: Image) -> StoreImage | None:
+    """The store's image when `image` is that very image (read from the store itself)."""
+    if not image.source_id or image.config_digest != "sha256:" + image.source_id:
+        return None
+    try:
+        found = store.resolve(image.source_id)
+    except StoreError:
+        return None
+    return found if found.id == image.source_id else None
+
+
 def migrate_image(store: Store, image: Image, options: Any, *, mount: bool = True,
                   backend: str | None = None, registry: Registry | None = None,
-                  squasher: Squasher | None = None, progress: bool = False) -> StoreImage:
-    """Squash ``image`` into ``store`` (or only add its names if already there); mount it."""
+                  squasher: Squasher | None = None, progress: bool = False,
+                  warn: Callable[[str], None] | None = None) -> StoreImage:
+    """Squash ``image`` into ``store`` (or only add its names if already there); mount it.
+
+    The source config is checked before any slow work: a field podman could not read
+    refuses the image, or is dropped and reported through `warn`."""
+    _config, dropped = squashed_config_checked(source_config(image), "sha256:" + "0" * 64)
+    for line in dropped:
+        if warn is not None:
+            warn(f"warning: {image.reference}: image config: {line}")
     store.init()
     registry = registry or Registry()
     recorded = options_json(options)
     existing = store.find_by_source(image.config_digest, image.manifest_digest, recorded)
+    own = own_copy(store, image)
+    if own is not None:
+        # podman resolved the name to this store's own copy (the store is in storage.conf
+        # and the source was removed): nothing to squash.
+        existing = own
+        if warn is not None:
+            warn(f"note: {image.reference}: already in the store as image {own.id[:12]}")
     if existing is not None:
-        result = store.add_names(existing.id, image.names) if image.names else existing
+        names = podman_names(image)
+        result = store.add_names(existing.id, names) if names else existing
     else:
         with store.staging() as stage:
             squash = squasher or functools.partial(flatten_squasher, progress=progress)

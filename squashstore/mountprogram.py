@@ -17,6 +17,7 @@ container users (its ACL check gets EOPNOTSUPP from squashfs), hence the kernel 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,13 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, runtime
+from squashstore import __version__, config, host, podmanstore, trust
 from squashstore.image import SquashstoreError
-from squashstore.mounts import Registry
+from squashstore.mounts import RecordedUse, Registry
 from squashstore.store import Store
 
 PROGRAM = "squashstore-mount-program"
-OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
                           "metacopy", "redirect_dir", "index", "xino", "nfs_export")
 
@@ -92,19 +92,41 @@ class StoreLayer:
         return self.store.diff_dir(self.layer)
 
 
+_LINK_TARGET = re.compile(r"\.\./([0-9a-f]{64})/diff")
+
+
 def store_layer(lowerdir: str) -> StoreLayer | None:
-    """The squash store layer a lowerdir (usually ``S/overlay/l/<short>``) leads to."""
-    found = runtime.overlay_layer(os.path.realpath(lowerdir), "diff")
-    if found is None or not Store.is_store(found[0]):
-        return None
-    return StoreLayer(Store(found[0]), found[1])
+    """The squash store layer a lowerdir leads to: ``S/overlay/l/<short>`` (a symlink whose
+    target is exactly ``../<LID>/diff``) or ``S/overlay/<LID>/diff``, S being a squash
+    store. Nothing else is followed: a lowerdir that reaches a store by another way (a
+    planted symlink) is not a store layer. As root, a store other users can change is
+    refused (`trust`; the layer's own paths are checked when it is mounted)."""
+    path = Path(os.path.abspath(lowerdir))
+    if path.parent.name == "l" and path.parent.parent.name == "overlay":
+        root, link = path.parent.parent.parent, path
+        if not Store.is_store(root) or not link.is_symlink():
+            return None
+        match = _LINK_TARGET.fullmatch(os.readlink(link))
+        if match is None:
+            return None
+        layer = match.group(1)
+    else:
+        found = podmanstore.overlay_layer(path, "diff")
+        if found is None or not Store.is_store(found[0]):
+            return None
+        (root, layer), link = found, None
+    store = Store(root)
+    store.check()
+    if link is not None:
+        trust.check_entry(store.links / link.name, symlink_ok=True)
+    return StoreLayer(store, layer)
 
 
 def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
     """Mount every store layer among the call's lowerdirs and record the container."""
     found = [layer for d in call.lowerdirs() if (layer := store_layer(d)) is not None]
-    user = {"merged": os.path.abspath(call.merged), "upperdir": call.option("upperdir") or "",
-            "pid": os.getpid(), "since": time.time()}
+    user = RecordedUse(os.path.abspath(call.merged), call.option("upperdir") or "",
+                       os.getpid(), time.time())
     for item in found:
         squash = item.store.squash_file(item.layer)
         if not squash.is_file():
@@ -117,9 +139,9 @@ def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
 
 def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = runtime.config_value("mount", "overlay", "auto", OVERLAYS)
+    choice = config.load().mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
-    kernel_ok = runtime.is_real_root() and all(
+    kernel_ok = host.is_real_root() and all(
         item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
     if choice == "kernel" and not kernel_ok:
         raise MountProgramError("the kernel overlay needs root and plain overlay options")

@@ -1,6 +1,6 @@
 """Squash mounts: the per-host mount registry and the mounter backends.
 
-The registry lives in the runtime directory (see `squashstore.runtime.runtime_dir`): a lock
+The registry lives in the runtime directory (see `squashstore.host.runtime_dir`): a lock
 file and one JSON record per mount point (image id, layer id, squash file, mount point,
 backend, server pid, since, and the users the mount program recorded). Every mount and
 unmount happens under the registry's lock, so an image's layer is mounted at most once however
@@ -17,10 +17,8 @@ import errno
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,12 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore import locking, runtime
+from squashstore import config, host, locking, trust
 from squashstore.image import SquashstoreError
 from squashstore.store import atomic_write_json
-
-MOUNT_TIMEOUT = 30.0
-"""Seconds a FUSE server may take before its mount appears."""
 
 
 class MountError(SquashstoreError):
@@ -64,48 +59,11 @@ def _run(argv: list[str], what: str) -> None:
         raise MountError(f"{what}: {lines[-1]}")
 
 
-ANSWER_TIMEOUT = 5.0
-"""How long a mount may take to answer statfs before it counts as hung."""
-
-
-def probe(mountpoint: Path, timeout: float = ANSWER_TIMEOUT) -> bool | None:
-    """Whether a mount serves: True, False when dead (a FUSE mount whose server died gives
-    ENOTCONN), None when it gave no answer within `timeout` (a hung server; the call would
-    block forever, so it runs in a thread). Other errors count as serving: never unmount
-    blindly.
-
-    statfs, not stat: with long attribute timeouts the kernel answers stat of a dead
-    server's root from its cache, while statfs always reaches the server.
-    """
-    answer: list[bool] = []
-
-    def ask() -> None:
-        try:
-            os.statvfs(mountpoint)
-        except OSError as exc:
-            answer.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO))
-            return
-        answer.append(True)
-
-    thread = threading.Thread(target=ask, name="statfs", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return answer[0] if answer else None
-
-
-def answers(mountpoint: Path) -> bool:
-    """Whether a mount serves within `ANSWER_TIMEOUT` (dead and hung mounts do not)."""
-    return probe(mountpoint) is True
-
-
 def fuse_unmount(mountpoint: Path, lazy: bool) -> None:
     """``fusermount3 -u [-z]``; a busy mount raises MountError caused by OSError(EBUSY)."""
-    proc = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)],
-                          capture_output=True, text=True, check=False,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode == 0:
+    message = host.fusermount_unmount(mountpoint, lazy)
+    if message is None:
         return
-    message = (proc.stderr.strip() or f"exit status {proc.returncode}").splitlines()[-1]
     error = MountError(f"fusermount3 -u {mountpoint}: {message}")
     if "busy" in message.lower():
         raise error from OSError(errno.EBUSY, message, str(mountpoint))
@@ -118,7 +76,7 @@ class KernelMounter:
     name = "kernel"
 
     def mount(self, squash: Path, mountpoint: Path) -> int | None:
-        if not runtime.is_real_root():
+        if not host.is_real_root():
             raise MountError("the kernel backend needs root; use --backend squashfuse")
         _run(["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", str(squash),
               str(mountpoint)], f"mount {squash}")
@@ -128,7 +86,7 @@ class KernelMounter:
         _run(["umount", *(["-l"] if lazy else []), str(mountpoint)], f"umount {mountpoint}")
 
     def is_alive(self, mountpoint: Path) -> bool:
-        return answers(mountpoint)
+        return host.answers(mountpoint)
 
 
 class SquashfuseMounter:
@@ -141,18 +99,16 @@ class SquashfuseMounter:
         binary = shutil.which(self.program)
         if binary is None:
             raise MountError(f"{self.program} not found on PATH")
-        options = ["-o", "allow_other"] if runtime.is_real_root() else []
-        log_dir = runtime.runtime_dir() / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / (hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24] + ".log")
+        options = ["-o", "allow_other"] if host.is_real_root() else []
+        log = host.server_log(mountpoint, self.name)
         with open(log, "wb") as err:
             server = subprocess.Popen(
                 [binary, "-f", *options, str(squash), str(mountpoint)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True, close_fds=True)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
+        deadline = time.monotonic() + host.MOUNT_TIMEOUT
         while time.monotonic() < deadline:
-            entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+            entry = host.mount_table().get(host.real_path(mountpoint))
             if entry is not None and entry.fstype.startswith("fuse"):
                 return server.pid
             if server.poll() is not None:
@@ -161,13 +117,13 @@ class SquashfuseMounter:
                                  + (message[-1] if message else f"exit {server.returncode}"))
             time.sleep(0.02)
         server.kill()
-        raise MountError(f"{self.program} {squash}: no mount after {MOUNT_TIMEOUT:.0f}s")
+        raise MountError(f"{self.program} {squash}: no mount after {host.MOUNT_TIMEOUT:.0f}s")
 
     def umount(self, mountpoint: Path, lazy: bool) -> None:
         fuse_unmount(mountpoint, lazy)
 
     def is_alive(self, mountpoint: Path) -> bool:
-        return answers(mountpoint)
+        return host.answers(mountpoint)
 
 
 def _fuse_mounter() -> Mounter:
@@ -185,12 +141,13 @@ BACKENDS: dict[str, Callable[[], Mounter]] = {
 }
 FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
                    "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
+"""The file systems squashstore mounts: the only ones it ever unmounts."""
 
 
 def default_backend() -> str:
     """``[mount] backend`` of the config, else ``fuse``: the project's own server (it works
     without root, and answers the metadata storms of imports from its caches)."""
-    return runtime.config_value("mount", "backend", "fuse", tuple(BACKENDS))
+    return config.load().mount.backend
 
 
 def mounter(name: str | None = None) -> Mounter:
@@ -206,6 +163,28 @@ def mounter_for_fstype(fstype: str) -> Mounter:
     return mounter(FSTYPE_BACKENDS.get(fstype, "kernel"))
 
 
+@dataclass(frozen=True)
+class RecordedUse:
+    """A container start the mount program recorded on a mount (one entry of a record's
+    ``users``): its overlay's merged directory and upperdir, the mount program's pid (which
+    becomes the overlay's server) and when; a field an older record lacks is empty."""
+
+    merged: str = ""
+    upperdir: str = ""
+    pid: int | None = None
+    since: float | None = None
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> RecordedUse:
+        merged, upperdir = value.get("merged"), value.get("upperdir")
+        pid, since = value.get("pid"), value.get("since")
+        return cls(merged if isinstance(merged, str) else "",
+                   upperdir if isinstance(upperdir, str) else "",
+                   pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                   float(since) if isinstance(since, int | float)
+                   and not isinstance(since, bool) else None)
+
+
 @dataclass
 class MountRecord:
     """The registry's knowledge of one mount."""
@@ -217,52 +196,59 @@ class MountRecord:
     backend: str
     pid: int | None
     since: float
-    users: list[dict[str, Any]] = field(default_factory=list)
+    users: list[RecordedUse] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MountRecord:
+        """A record as `to_json` wrote it (TypeError when it is not one)."""
+        users = data.get("users") or []
+        if not isinstance(users, list):
+            raise TypeError("users is not a list")
+        fields = {k: v for k, v in data.items() if k != "users"}
+        return cls(**fields, users=[RecordedUse.from_json(u) for u in users
+                                    if isinstance(u, dict)])
 
-USER_SETUP_SECONDS = 120.0
-"""How long a recorded use counts without its overlay being mounted (a starting container)."""
 
-
-def _may_still_use(user: dict[str, Any], mounted: Mapping[str, object]) -> bool:
+def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
     """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
     (The mount program records a use before the overlay exists; uses never pruned would
     grow the record with every container start.)"""
-    merged = user.get("merged")
-    if not isinstance(merged, str) or runtime.real_path(Path(merged)) in mounted:
+    if not user.merged or host.real_path(Path(user.merged)) in mounted:
         return True
-    since = user.get("since")
-    return not isinstance(since, int | float) or time.time() - since < USER_SETUP_SECONDS
+    return user.since is None or time.time() - user.since < host.STARTING_WINDOW
 
 
 class Registry:
     """The mount registry of this host / user namespace."""
 
     def __init__(self, directory: Path | None = None) -> None:
-        self.dir = directory or runtime.runtime_dir()
+        self.dir = directory or host.runtime_dir()
         self.records_dir = self.dir / "mounts"
         self.lock_file = self.dir / "lock"
 
     def _key(self, mountpoint: Path) -> str:
-        return hashlib.sha256(runtime.real_path(mountpoint).encode()).hexdigest()[:32]
+        return hashlib.sha256(host.real_path(mountpoint).encode()).hexdigest()[:32]
 
     def _record_path(self, mountpoint: Path) -> Path:
         return self.records_dir / f"{self._key(mountpoint)}.json"
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """The registry's lock: other processes and threads wait; nesting is allowed."""
+        """The registry's lock: other processes and threads wait; nesting is allowed.
+
+        As root, only a registry nobody else can change is used (`trust.check_top`)."""
         self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
         with locking.reentrant(self.lock_file):
             yield
 
     def record(self, mountpoint: Path) -> MountRecord | None:
         try:
             data = json.loads(self._record_path(mountpoint).read_bytes())
-            return MountRecord(**data)
+            return MountRecord.from_json(data)
         except (OSError, ValueError, TypeError):
             return None
 
@@ -273,7 +259,7 @@ class Registry:
                 if entry.suffix != ".json":
                     continue
                 with contextlib.suppress(OSError, ValueError, TypeError):
-                    out.append(MountRecord(**json.loads(entry.read_bytes())))
+                    out.append(MountRecord.from_json(json.loads(entry.read_bytes())))
         return out
 
     def write(self, record: MountRecord) -> None:
@@ -287,20 +273,21 @@ class Registry:
 
     def ensure_mounted(self, image: str, layer: str, squash: Path, mountpoint: Path,
                        backend: str | None = None,
-                       user: dict[str, Any] | None = None) -> MountRecord:
+                       user: RecordedUse | None = None) -> MountRecord:
         """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``."""
         with self.locked():
             record = self._live_record(image, layer, squash, mountpoint)
             if record is None:
+                trust.check_mountpoint(mountpoint)
+                trust.check_squash_file(squash)
                 chosen = mounter(backend)
                 pid = chosen.mount(squash, mountpoint)
-                record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
+                record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:
-                key = user.get("merged")
-                mounted = runtime.mount_table()
+                mounted = host.mount_table()
                 record.users = [u for u in record.users
-                                if u.get("merged") != key and _may_still_use(u, mounted)]
+                                if u.merged != user.merged and _may_still_use(u, mounted)]
                 record.users.append(user)
             self.write(record)
             return record
@@ -308,43 +295,54 @@ class Registry:
     def _live_record(self, image: str, layer: str, squash: Path,
                      mountpoint: Path) -> MountRecord | None:
         """The record of a live mount on ``mountpoint``; dead mounts are removed."""
-        entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+        trust.check_unmount(mountpoint, None)
+        entry = host.mount_table().get(host.real_path(mountpoint))
         record = self.record(mountpoint)
         if entry is None:
             if record is not None:
                 self.forget(mountpoint)
             return None
+        trust.check_unmount(mountpoint, entry.fstype, FSTYPE_BACKENDS)
         existing = mounter_for_fstype(entry.fstype)
         if not existing.is_alive(mountpoint):
             existing.umount(mountpoint, lazy=True)
             self.forget(mountpoint)
             return None
         if record is None:
-            record = MountRecord(image, layer, str(squash), runtime.real_path(mountpoint),
+            record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                  existing.name, None, time.time())
         return record
 
     def umount(self, mountpoint: Path, lazy: bool = False) -> bool:
-        """Unmount (if mounted) and forget; False when the mount is busy."""
+        """Unmount (if mounted) and forget; False when the mount is busy (or still there).
+
+        Only a squash mount at a path reached without symlinks is unmounted
+        (`trust.check_unmount`, `UnsafeStore` otherwise); success means it is gone."""
         with self.locked():
             return self._umount_locked(mountpoint, lazy)
 
     def _umount_locked(self, mountpoint: Path, lazy: bool) -> bool:
-        entry = runtime.mount_table().get(runtime.real_path(mountpoint))
+        trust.check_unmount(mountpoint, None)
+        entry = host.mount_table().get(host.real_path(mountpoint))
         if entry is not None:
+            trust.check_unmount(mountpoint, entry.fstype, FSTYPE_BACKENDS)
             existing = mounter_for_fstype(entry.fstype)
             alive = existing.is_alive(mountpoint)
-            try:
+            with contextlib.suppress(MountError):
                 existing.umount(mountpoint, lazy=lazy or not alive)
-            except MountError:
-                if runtime.is_mountpoint(mountpoint):
-                    return False
+            if self._squash_mounted(mountpoint):
+                return False
         self.forget(mountpoint)
         return True
+
+    @staticmethod
+    def _squash_mounted(mountpoint: Path) -> bool:
+        entry = host.mount_table().get(host.real_path(mountpoint))
+        return entry is not None and entry.fstype in FSTYPE_BACKENDS
 
     def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, bool]]:
         with self.locked():
             return [(r, self._umount_locked(Path(r.mountpoint), lazy)) for r in self.records()]
 
     def is_mounted(self, mountpoint: Path) -> bool:
-        return runtime.is_mountpoint(mountpoint)
+        return host.is_mountpoint(mountpoint)

@@ -87,6 +87,8 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SourceError(f"{what}: invalid JSON ({exc})") from exc
+    except RecursionError:
+        raise SourceError(f"{what}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise SourceError(f"{what}: not a JSON object")
     return value

@@ -4,9 +4,11 @@ This module owns the public entry of image reading, `open_image(reference, platf
 the parsing of references (`parse_reference`): ``containers-storage:NAME`` (the default when
 no transport is written; the local podman store, read in place through its tar-splits),
 ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` (members read in place with tarfile, never
-extracted), ``docker-archive:FILE[:NAME|:@N]`` and ``docker://`` (`squashstore.registry`).
-Image names are `squashstore.names`' (``alpine`` -> ``docker.io/library/alpine:latest``). The
-documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tarsplit`
+extracted: that reads the archive *file*, whose members are blobs; the layer blobs
+themselves are read only by `squashstore.tar.reader`, as podman reads them),
+``docker-archive:FILE[:NAME|:@N]`` and ``docker://`` (`squashstore.registry`). Image names
+are `squashstore.names`' (``alpine`` -> ``docker.io/library/alpine:latest``). The
+documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tar.split`
 and the local store found by `podmanconf`.
 """
 
@@ -42,7 +44,8 @@ from squashstore.blobs import (
 from squashstore.image import Image, Layer, SourceError
 from squashstore.podmanconf import StorageConfig, load_storage_config
 from squashstore.registry.client import RegistryOptions
-from squashstore.tarsplit import tar_from_diff_dir, tar_from_tar_split
+from squashstore.storelayer import tar_from_squash
+from squashstore.tar.split import tar_from_diff_dir, tar_from_tar_split
 
 CONTAINERS_STORAGE = "containers-storage"
 OCI_DIR = "oci"
@@ -721,6 +724,15 @@ def _is_empty_dir(path: Path) -> bool:
         return next(entries, None) is None
 
 
+def _squash_file(store: _Store, layer_id: str) -> Path | None:
+    """The squash file of a layer of a squash store (None for any other store)."""
+    from squashstore.store import Store
+
+    if store.driver != "overlay" or not Store.is_store(store.root):
+        return None
+    return Store(store.root).squash_file(layer_id)
+
+
 def _layer_store(stores: Sequence[_Store], preferred: _Store, layer_id: str) -> _Store:
     for store in [preferred, *stores]:
         if (store.layers_dir / f"{layer_id}.tar-split.gz").exists() or \
@@ -750,7 +762,13 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
         diff = store.diff_dir(layer_id)
         if not diff.is_dir():
             raise SourceError(f"{describe}: the layer's files ({diff}) are missing")
-        if tar_split.exists():
+        squash = _squash_file(store, layer_id)
+        if squash is not None and tar_split.exists():
+            # A squash store's layer: its files are in the squash file, whether or not it is
+            # mounted on diff (squashstore.storelayer).
+            chunks = tar_from_squash(tar_split, squash, describe)
+            expect = Expect(describe, compression=Compression.NONE)
+        elif tar_split.exists():
             # Trust containers/storage's records, as podman does: the rebuilt tar is checked
             # file by file against tar-split's CRC-64s, not hashed again as a whole.
             chunks = tar_from_tar_split(tar_split, diff, describe)

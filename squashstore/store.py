@@ -30,12 +30,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import locking, names, runtime
+from squashstore import host, imageconfig, locking, names, podmanstore, trust
 from squashstore.atomic import fsync_dir
 from squashstore.image import SquashstoreError
 
 FORMAT_VERSION = 1
+_ID_RE = re.compile(r"[0-9a-f]{64}")
 META = "squashstore"
+TOP_ENTRIES = (META, f"{META}/format-version", f"{META}/lock", f"{META}/images",
+               f"{META}/layers", f"{META}/squash", f"{META}/tmp", "overlay", "overlay/l",
+               "overlay-layers", "overlay-images", "overlay-layers/layers.json",
+               "overlay-images/images.json")
+"""The store's fixed entries, checked (as root) whenever it is opened."""
 LINK_LENGTH = 26
 TMP_SUFFIX = ".sqtmp"
 LAYER_DIRS = ("diff", "empty", "merged")
@@ -65,13 +71,6 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def big_data_file_name(key: str) -> str:
-    """containers/storage's file name for an image big-data item."""
-    if re.fullmatch(r"[A-Za-z0-9._-]+", key) and not key.startswith("="):
-        return key
-    return "=" + base64.standard_b64encode(key.encode()).decode()
-
-
 def link_name(layer_id: str) -> str:
     """The layer's 26-character short name (deterministic, so re-publishing is idempotent)."""
     digest = hashlib.sha256(f"squashstore-link:{layer_id}".encode()).digest()
@@ -80,7 +79,7 @@ def link_name(layer_id: str) -> str:
 
 def temp_name(target: Path) -> Path:
     """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
-    return target.with_name(f".{target.name}.{runtime.me().tag()}.{secrets.token_hex(4)}"
+    return target.with_name(f".{target.name}.{host.me().tag()}.{secrets.token_hex(4)}"
                             f"{TMP_SUFFIX}")
 
 
@@ -125,6 +124,8 @@ def read_json(path: Path, default: Any) -> Any:
         return default
     except ValueError as exc:
         raise StoreError(f"{path}: damaged JSON ({exc})") from exc
+    except RecursionError:
+        raise StoreError(f"{path}: damaged JSON (nested too deeply)") from None
 
 
 def remove_tree(path: Path) -> None:
@@ -134,10 +135,10 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    mounted = runtime.mount_table()
+    mounted = host.mount_table()
     for root, dirs, _files in os.walk(path):
         for name in dirs:
-            if runtime.real_path(Path(root) / name) in mounted:
+            if host.real_path(Path(root) / name) in mounted:
                 raise StoreError(f"{Path(root) / name}: still mounted")
     shutil.rmtree(path)
 
@@ -203,12 +204,31 @@ class Publication:
     image_metadata: dict[str, Any] = field(default_factory=dict)
 
 
+PUBLISH_HOOK = "SQUASHSTORE_TEST_PUBLISH_HOOK"
+"""Test-only: a directory; `publish` stops at each step until the test lets it go."""
+PUBLISH_STEPS = ("locked", "squash-file", "layer-files", "image-files", "layer-record",
+                 "image-record")
+
+
+def publish_hook(step: str) -> None:
+    """A point inside `Store.publish` a crash test can stop at (``$SQUASHSTORE_TEST_PUBLISH_HOOK``
+    names a directory: the writer creates ``STEP.reached`` there and waits until
+    ``STEP.go`` exists, so the test can SIGKILL it exactly there). Without the variable,
+    as in production, it does nothing."""
+    directory = os.environ.get(PUBLISH_HOOK)
+    if not directory:
+        return
+    Path(directory, f"{step}.reached").touch()
+    while not Path(directory, f"{step}.go").exists():
+        time.sleep(0.01)
+
+
 Unmounter = Callable[[Path], bool]
 """Unmounts a layer's diff directory; returns False when it is busy and stays mounted."""
 
 
 def _no_unmount(diff: Path) -> bool:
-    return not runtime.is_mountpoint(diff)
+    return not host.is_mountpoint(diff)
 
 
 # --------------------------------------------------------------------------- the store
@@ -217,7 +237,8 @@ class Store:
     """A squash store rooted at ``root``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.abspath(root))
+        # Resolved once: every path below it is then used only if reached without symlinks.
+        self.root = Path(os.path.realpath(root))
         self.meta = self.root / META
         self.format_file = self.meta / "format-version"
         self.lock_file = self.meta / "lock"
@@ -240,17 +261,27 @@ class Store:
     def is_store(path: Path) -> bool:
         return (path / META / "format-version").is_file()
 
+    @staticmethod
+    def _checked_id(layer_id: str) -> str:
+        """A layer id used in a path: 64 hex digits, so it never leads out of the store."""
+        if not _ID_RE.fullmatch(layer_id):
+            raise StoreError(f"invalid layer id {layer_id[:80]!r} (damaged records?)")
+        return layer_id
+
     def diff_dir(self, layer_id: str) -> Path:
-        return self.overlay / layer_id / "diff"
+        return self.overlay / self._checked_id(layer_id) / "diff"
 
     def squash_file(self, layer_id: str) -> Path:
-        return self.squash_dir / f"{layer_id}.sqfs"
+        return self.squash_dir / f"{self._checked_id(layer_id)}.sqfs"
 
     def tar_split_file(self, layer_id: str) -> Path:
         return self.layers_dir / f"{layer_id}.tar-split.gz"
 
     def check(self) -> None:
-        """Raise StoreError unless this is a store of our format."""
+        """Raise StoreError unless this is a store of our format (and, as root, one whose
+        fixed directories nobody else can change: `trust.check_top`, before any file of
+        it is read)."""
+        trust.check_top(self.root, TOP_ENTRIES)
         try:
             text = self.format_file.read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -305,7 +336,7 @@ class Store:
         meta = read_json(self.image_meta_dir / f"{iid}.json", {})
         layer_meta = read_json(self.layer_meta_dir / f"{lid}.json", {})
         metadata = {"source": meta.get("source", {}), "squash": layer_meta,
-                    "migrated": meta.get("migrated", "")}
+                    "migrated": meta.get("migrated", ""), "named": meta.get("named", True)}
         return StoreImage(
             id=iid, names=tuple(record.get("names") or ()), layer=lid,
             digest=str(record.get("digest", "")), created=str(record.get("created", "")),
@@ -366,7 +397,7 @@ class Store:
     def staging(self) -> Iterator[Path]:
         """A private temporary directory for a writer's slow work (outside the lock)."""
         self.init()
-        path = self.tmp_dir / f"{runtime.me().tag()}.{secrets.token_hex(6)}"
+        path = self.tmp_dir / f"{host.me().tag()}.{secrets.token_hex(6)}"
         path.mkdir(mode=0o755)
         os.chmod(path, 0o755)
         try:
@@ -379,6 +410,7 @@ class Store:
     def write_lock(self, unmount: Unmounter = _no_unmount) -> Iterator[list[str]]:
         """The project lock; leftovers of dead writers are removed on entry (yielded)."""
         self.init()
+        trust.check_tree(self.root)  # leftover removal below may touch every entry
         with locking.exclusive(self.lock_file):
             yield self._clean_leftovers(unmount)
 
@@ -400,17 +432,26 @@ class Store:
         """Make a staged image visible: a few renames, then the layer and image records."""
         if not pub.diff_digest.startswith("sha256:"):
             raise StoreError(f"bad diff digest {pub.diff_digest!r}")
+        for what, data, check in (("config", pub.config, imageconfig.config_problems),
+                                  ("manifest", pub.manifest, imageconfig.manifest_problems)):
+            unreadable = check(imageconfig.load(data, f"image {what}"))
+            if unreadable:  # one image podman cannot read would break the whole store
+                raise StoreError(f"image {what}: {unreadable[0]}")
         names = tuple(dict.fromkeys(normalize_name(n) for n in pub.names))
         lid = pub.diff_digest.removeprefix("sha256:")
         iid = sha256_hex(pub.config)
         staged_image = self._stage_image_dir(pub, iid)
         staged_layer = self._stage_layer_dir(pub.squash.parent, lid)
         with self.write_lock(unmount):
+            publish_hook("locked")
             self._install_layer_files(pub, lid, staged_layer)
+            publish_hook("layer-files")
             self._install_image_files(pub, iid, staged_image)
+            publish_hook("image-files")
             layers = [r for r in self.layer_records() if r.get("id") != lid]
             layers.append(self._layer_record(pub, lid))
             self._write_layers(layers)
+            publish_hook("layer-record")
             images = self.image_records()
             old = next((r for r in images if r.get("id") == iid), None)
             record = self._image_record(pub, iid, lid, old)
@@ -421,6 +462,7 @@ class Store:
             all_names = [*record["names"], *names]
             record["names"] = list(dict.fromkeys(all_names))
             self._write_images(images)
+            publish_hook("image-record")
         return self.resolve(iid)
 
     def _stage_image_dir(self, pub: Publication, iid: str) -> Path:
@@ -431,7 +473,7 @@ class Store:
         manifest_key = "manifest-sha256:" + sha256_hex(pub.manifest)
         for key, data in ((config_key, pub.config), (manifest_key, pub.manifest),
                           ("manifest", pub.manifest)):
-            atomic_write(staged / big_data_file_name(key), data)
+            atomic_write(staged / podmanstore.big_data_name(key), data)
         return staged
 
     def _stage_layer_dir(self, staging: Path, lid: str) -> Path:
@@ -454,17 +496,18 @@ class Store:
         if not kept:
             os.chmod(pub.squash, 0o644)
             os.rename(pub.squash, self.squash_file(lid))
+            publish_hook("squash-file")
         if pub.tar_split is not None and not (kept and self.tar_split_file(lid).is_file()):
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))
         layer_dir = self.overlay / lid
-        if (layer_dir / "link").is_file() and runtime.is_mountpoint(layer_dir / "diff"):
+        if (layer_dir / "link").is_file() and host.is_mountpoint(layer_dir / "diff"):
             for name in LAYER_DIRS[1:]:  # a live layer of an older squashstore: complete it
                 with contextlib.suppress(FileExistsError):
                     (layer_dir / name).mkdir(mode=0o755)
         complete = all((layer_dir / name).is_dir() for name in LAYER_DIRS)
         if not complete or not (layer_dir / "link").is_file():
-            if os.path.lexists(layer_dir) and not runtime.is_mountpoint(layer_dir / "diff"):
+            if os.path.lexists(layer_dir) and not host.is_mountpoint(layer_dir / "diff"):
                 remove_tree(layer_dir)
             if not os.path.lexists(layer_dir):
                 os.rename(staged_layer, layer_dir)
@@ -565,13 +608,19 @@ class Store:
 
     def gc(self, in_use: Callable[[StoreImage], bool],
            unmount: Unmounter = _no_unmount) -> list[str]:
-        """Remove dangling images nothing uses and all leftovers; returns what went."""
+        """Remove dangling images nothing uses and all leftovers; returns what went.
+
+        Dangling: an image that lost all its names (they moved to another image, or were
+        untagged). An image migrated without any name (its image metadata has ``named``
+        false) is never dangling: only `remove_image` removes it."""
         with self.write_lock(unmount) as removed:
             images = self.image_records()
             layers = {str(r.get("id")): r for r in self.layer_records()}
             keep = []
             for record in images:
-                if not record.get("names") and not in_use(self._store_image(record, layers)):
+                image = self._store_image(record, layers)
+                if not record.get("names") and image.metadata.get("named", True) and not \
+                        in_use(image):
                     removed.append(f"image {record['id']}")
                 else:
                     keep.append(record)
@@ -608,8 +657,12 @@ class Store:
             if entry == "l" or entry in layer_ids:
                 continue
             path = self.overlay / entry
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()  # never followed: what it points at is not the store's
+                removed.append(f"layer dir {entry}")
+                continue
             diff = path / "diff"
-            if runtime.is_mountpoint(diff) and not unmount(diff):
+            if host.is_mountpoint(diff) and not unmount(diff):
                 continue
             with contextlib.suppress(StoreError):
                 remove_tree(path)
@@ -643,7 +696,7 @@ class Store:
         """Writers' staging dirs and atomic-write temp files whose writer is dead."""
         removed = []
         for entry in self._listdir(self.tmp_dir):
-            writer = runtime.ProcessId.parse(entry.rsplit(".", 1)[0])
+            writer = host.ProcessId.parse(entry.rsplit(".", 1)[0])
             if writer is None or not self._writer_alive(writer, self.tmp_dir / entry):
                 with contextlib.suppress(StoreError):
                     remove_tree(self.tmp_dir / entry)
@@ -658,14 +711,14 @@ class Store:
 
     def _live_temp(self, entry: str, directory: Path | None = None) -> bool:
         parts = entry.removesuffix(TMP_SUFFIX).rsplit(".", 4)
-        writer = runtime.ProcessId.parse(".".join(parts[-4:-1])) if len(parts) == 5 else None
+        writer = host.ProcessId.parse(".".join(parts[-4:-1])) if len(parts) == 5 else None
         if writer is None:
             return False
         return self._writer_alive(writer, (directory or self.links) / entry)
 
     @staticmethod
-    def _writer_alive(writer: runtime.ProcessId, path: Path) -> bool:
-        if writer.host == runtime.hostname():
+    def _writer_alive(writer: host.ProcessId, path: Path) -> bool:
+        if writer.host == host.hostname():
             return writer.is_alive()
         try:
             age = time.time() - path.lstat().st_mtime
@@ -685,7 +738,12 @@ class Store:
     def verify_structure(self) -> list[str]:
         """Problems found in the store's records and files (empty when sound)."""
         self.check()
+        trust.check_tree(self.root)
         problems: list[str] = []
+        for path, kind in ((self.images_json, imageconfig.STORAGE_IMAGES),
+                           (self.layers_json, imageconfig.STORAGE_LAYERS)):
+            problems += [f"{path}: {p} (podman cannot read the store)"
+                         for p in imageconfig.problems(read_json(path, []), kind, "")]
         layers = {str(r.get("id")): r for r in self.layer_records()}
         images = self.image_records()
         for path in (self.layers_lock, self.images_lock):
@@ -710,25 +768,50 @@ class Store:
         problems = []
         if record.get("layer") not in layers:
             problems.append(f"image {iid}: layer {record.get('layer')} has no record")
-        for key, digest in (record.get("big-data-digests") or {}).items():
-            path = self.images_dir / iid / big_data_file_name(key)
+        digests = record.get("big-data-digests")
+        for key, digest in (digests.items() if isinstance(digests, dict) else ()):
+            paths = podmanstore.big_data_paths(self.images_dir / iid, key)
+            path = next((p for p in paths if p.exists()), paths[0])
             try:
-                actual = "sha256:" + sha256_hex(path.read_bytes())
+                data = path.read_bytes()
             except OSError as exc:
                 problems.append(f"image {iid}: {key}: {exc.strerror}")
                 continue
+            if path != paths[0]:
+                problems.append(f"image {iid}: {key}: in {path.name}, squashstore 0.1's file "
+                                f"name, where podman does not look (podman's is {paths[0].name})")
+            actual = "sha256:" + sha256_hex(data)
             if actual != digest:
                 problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
+            problems += [f"image {iid}: {key}: {p} (podman cannot read it)"
+                         for p in self._big_data_problems(key, data)]
         if "sha256:" + iid not in (record.get("big-data-digests") or {}):
             problems.append(f"image {iid}: no config whose digest is the image id")
         return problems
+
+    @staticmethod
+    def _big_data_problems(key: str, data: bytes) -> list[str]:
+        """A config or manifest item checked as podman reads it (the config is the item
+        keyed by a digest, manifests are ``manifest`` and ``manifest-<digest>``)."""
+        try:
+            if key.startswith("sha256:"):
+                return imageconfig.config_problems(imageconfig.load(data, key))
+            if key == "manifest" or key.startswith("manifest-"):
+                return imageconfig.manifest_problems(imageconfig.load(data, key))
+        except SquashstoreError as exc:
+            return [str(exc)]
+        return []
 
     def _verify_layer(self, lid: str) -> list[str]:
         problems = []
         if not self.squash_file(lid).is_file():
             problems.append(f"layer {lid}: squash file missing")
         try:
-            link = (self.overlay / lid / "link").read_text()
+            fd = os.open(self.overlay / lid / "link", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                link = os.read(fd, 256).decode(errors="replace")
+            finally:
+                os.close(fd)
         except OSError:
             return [*problems, f"layer {lid}: link file missing"]
         if len(link) != LINK_LENGTH:
@@ -736,18 +819,18 @@ class Store:
         target = self.links / link
         if not target.is_symlink() or os.readlink(target) != f"../{lid}/diff":
             problems.append(f"layer {lid}: {target} does not point at its diff directory")
-        if not runtime.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
+        if not host.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
             problems.append(f"layer {lid}: diff directory missing")
         return problems
 
     def _verify_modes(self) -> list[str]:
         problems = []
-        mounted = runtime.mount_table()
+        mounted = host.mount_table()
         for root, dirs, files in os.walk(self.root):
             dirs[:] = [d for d in dirs
-                       if runtime.real_path(Path(root) / d) not in mounted and d != "tmp"]
+                       if host.real_path(Path(root) / d) not in mounted and d != "tmp"]
             for name in dirs:
-                mode = (Path(root) / name).stat().st_mode
+                mode = (Path(root) / name).lstat().st_mode
                 if mode & 0o005 != 0o005:
                     problems.append(f"{Path(root) / name}: not world-searchable")
             for name in files:

@@ -12,95 +12,50 @@ from the layer's mounted directory, so containers/storage can re-create the laye
 
 from __future__ import annotations
 
-import base64
-import gzip
 import hashlib
-import json
-import tarfile
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 from fastcrc import crc64
 
 from squashstore.layers import MergedEntry
+from squashstore.tar import format as f
+from squashstore.tar.format import BLOCK, quote
+from squashstore.tar.split import TarSplitRecorder
+from squashstore.tar.writer import encode_header
 from squashstore.tree import Inode, Kind
 
-BLOCK = 512
+__all__ = ["TarSplitRecorder", "TarStream", "TeeReader", "header_for"]
+
 CHUNK = 1 << 20
 _TYPES = {
-    Kind.DIR: tarfile.DIRTYPE,
-    Kind.FILE: tarfile.REGTYPE,
-    Kind.SYMLINK: tarfile.SYMTYPE,
-    Kind.CHARDEV: tarfile.CHRTYPE,
-    Kind.BLOCKDEV: tarfile.BLKTYPE,
-    Kind.FIFO: tarfile.FIFOTYPE,
+    Kind.DIR: f.TYPE_DIR,
+    Kind.FILE: f.TYPE_REG,
+    Kind.SYMLINK: f.TYPE_SYMLINK,
+    Kind.CHARDEV: f.TYPE_CHAR,
+    Kind.BLOCKDEV: f.TYPE_BLOCK,
+    Kind.FIFO: f.TYPE_FIFO,
 }
 
 
-def tarinfo_for(path: str, inode: Inode, link_to: str | None = None) -> tarfile.TarInfo:
-    """The tar header of a merged entry (a hard link when `link_to` is given)."""
+def header_for(path: str, inode: Inode, link_to: str | None = None) -> tuple[str, int, bytes]:
+    """(name, content size, header bytes) of a merged entry (a hard link with `link_to`)."""
     name = path or "."
     if inode.kind is Kind.DIR:
         name += "/"
-    info = tarfile.TarInfo(name)
-    info.mode = inode.mode & 0o7777
-    info.uid, info.gid = inode.uid, inode.gid
-    info.mtime = inode.mtime
-    info.uname = info.gname = ""
     if link_to is not None:
-        info.type = tarfile.LNKTYPE
-        info.linkname = link_to
+        kind, size, linkname, rdev = f.TYPE_LINK, 0, link_to, (0, 0)
     else:
         try:
-            info.type = _TYPES[inode.kind]
+            kind = _TYPES[inode.kind]
         except KeyError:
-            raise ValueError(f"{path!r}: a {inode.kind.name.lower()} cannot be stored in a "
-                             "tar stream") from None
-        info.size = inode.size if inode.kind is Kind.FILE else 0
-        info.linkname = inode.target
-        info.devmajor, info.devminor = inode.rdev
-    info.pax_headers = {"SCHILY.xattr." + key: value.decode("utf-8", "surrogateescape")
-                        for key, value in sorted(inode.xattrs.items())}
-    return info
-
-
-class TarSplitRecorder:
-    """Writes a tar-split metadata file: how to reassemble the stream from a directory."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1)
-        self._position = 0
-        self._segment = bytearray()
-
-    def segment(self, raw: bytes) -> None:
-        self._segment += raw
-
-    def file(self, name: str, size: int, crc: int | None) -> None:
-        self._flush_segment()
-        entry: dict[str, object] = {"type": 1}
-        raw = name.encode("utf-8", "surrogateescape")
-        try:
-            entry["name"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            entry["name_raw"] = base64.b64encode(raw).decode()
-        if size:
-            entry["size"] = size
-        entry["payload"] = (
-            base64.b64encode(crc.to_bytes(8, "big")).decode() if crc is not None else None)
-        self._emit(entry)
-
-    def close(self) -> None:
-        self._flush_segment()
-        self._gz.close()
-
-    def _flush_segment(self) -> None:
-        if self._segment:
-            self._emit({"type": 2, "payload": base64.b64encode(bytes(self._segment)).decode()})
-            self._segment.clear()
-
-    def _emit(self, entry: dict[str, object]) -> None:
-        entry["position"] = self._position
-        self._position += 1
-        self._gz.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+            raise ValueError(f"{quote(path)}: a {inode.kind.name.lower()} cannot be stored "
+                             "in a tar stream") from None
+        size = inode.size if inode.kind is Kind.FILE else 0
+        linkname, rdev = inode.target, inode.rdev
+    header = encode_header(name, kind, mode=inode.mode & 0o7777, uid=inode.uid, gid=inode.gid,
+                           size=size, mtime=inode.mtime, linkname=linkname, devmajor=rdev[0],
+                           devminor=rdev[1], xattrs=inode.xattrs)
+    return name, size, header
 
 
 class TarStream:
@@ -126,12 +81,11 @@ class TarStream:
 
     def begin(self, entry: MergedEntry) -> None:
         """Write the header of `entry`; content (if any) follows through `payload`."""
-        info = tarinfo_for(entry.path, entry.inode, entry.link_to)
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        name, size, header = header_for(entry.path, entry.inode, entry.link_to)
         self._raw(header)
         if self._split is not None:
             self._split.segment(header)
-        self._pending = (info.name, info.size, None)
+        self._pending = (name, size, None)
 
     def payload(self, data: bytes) -> None:
         """Content bytes of the entry begun last."""
@@ -162,14 +116,14 @@ class TarStream:
             while remaining:
                 chunk = entry.content.read(min(CHUNK, remaining))
                 if not chunk:
-                    raise EOFError(f"{entry.path!r}: content ended {remaining} bytes early")
+                    raise EOFError(f"{quote(entry.path)}: content ended {remaining} bytes early")
                 self.payload(chunk)
                 remaining -= len(chunk)
         self.end()
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks)."""
-        end = bytes(2 * BLOCK)
+        end = f.END_OF_ARCHIVE
         self._raw(end)
         if self._split is not None:
             self._split.segment(end)

@@ -20,91 +20,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from squashstore import runtime
-from squashstore.mounts import MountRecord
+from squashstore import host, podmanstore
+from squashstore.config import Config, PodmanStore
+from squashstore.mounts import MountRecord, RecordedUse
 
-STARTING_AGE = 120.0
-"""Seconds during which a recorded container start counts as a user even before its overlay
-appears (the mount program records the use, then mounts the overlay)."""
-
-
-def other_namespace_devices() -> dict[str, int]:
-    """Device numbers mounted in mount namespaces other than ours, with how many namespaces.
-
-    One process per namespace is read (``/proc/PID/ns/mnt`` tells them apart).
-    """
-    try:
-        mine = os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        return {}
-    seen = {mine}
-    counts: dict[str, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            namespace = os.readlink(f"/proc/{entry.name}/ns/mnt")
-        except OSError:
-            continue
-        if namespace in seen:
-            continue
-        seen.add(namespace)
-        for device in {m.device for m in runtime.read_mountinfo(entry.name)}:
-            counts[device] = counts.get(device, 0) + 1
-    return counts
-
-
-@dataclass(frozen=True)
-class PodmanStore:
-    """A podman (primary) store whose containers may use squash mounts."""
-
-    graphroot: str
-    runroot: str | None = None
+T = TypeVar("T")
 
 
 def graphroot_of_upperdir(path_text: str) -> str | None:
     """``<graphroot>/overlay/<layer>/diff`` -> graphroot."""
-    found = runtime.overlay_layer(path_text, "diff")
+    found = podmanstore.overlay_layer(path_text, "diff")
     return None if found is None else str(found[0])
-
-
-def configured_stores(config: Mapping[str, Any]) -> list[PodmanStore]:
-    """``[cleanup] podman_stores``: graphroot strings or ``{graphroot=..., runroot=...}``."""
-    items = config.get("cleanup", {}).get("podman_stores", [])
-    out = []
-    for item in items if isinstance(items, list) else []:
-        if isinstance(item, str):
-            out.append(PodmanStore(item))
-        elif isinstance(item, dict) and isinstance(item.get("graphroot"), str):
-            runroot = item.get("runroot")
-            out.append(PodmanStore(item["graphroot"],
-                                   runroot if isinstance(runroot, str) else None))
-    return out
 
 
 def graphroots_mounted(mount_points: Iterable[str]) -> set[str]:
     """Graphroots with an overlay mounted on ``<graphroot>/overlay/<layer>/merged``."""
     roots = {r for p in mount_points if (r := graphroot_of_merged(p)) is not None}
-    return {r for r in roots if os.path.isfile(os.path.join(r, "overlay-layers", "layers.json"))}
+    return {r for r in roots if podmanstore.Layout(Path(r)).layers_json.is_file()}
 
 
-def known_stores(records: Iterable[MountRecord], config: Mapping[str, Any],
+def known_stores(records: Iterable[MountRecord], settings: Config,
                  mount_points: Iterable[str] = ()) -> list[PodmanStore]:
     """The stores of the config, those the mount program recorded, and those with an overlay
     mounted here (which finds the users again after the registry's state was lost)."""
     found: dict[str, PodmanStore] = {}
-    for store in configured_stores(config):
+    for store in settings.cleanup.podman_stores:
         found[os.path.abspath(store.graphroot)] = store
-    roots = {graphroot_of_upperdir(str(user.get("upperdir", "")))
-             for record in records for user in record.users}
+    roots = {graphroot_of_upperdir(user.upperdir) for record in records for user in record.users}
     for root in sorted({r for r in roots if r} | graphroots_mounted(mount_points)):
         found.setdefault(os.path.abspath(root), PodmanStore(os.path.abspath(root)))
     return list(found.values())
@@ -145,22 +94,11 @@ class User:
                 "starting": self.starting}
 
 
-def _json_list(path: Path) -> list[dict[str, Any]]:
+def _tolerant(load: Callable[[Path], list[T]], path: Path) -> list[T]:
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        return load(path)
+    except podmanstore.PodmanStoreError:
         return []
-    return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
-
-
-def ancestors(layer: str, parents: Mapping[str, str]) -> list[str]:
-    """``layer`` and its parents, following ``parents`` (stops at a loop or an unknown id)."""
-    chain: list[str] = []
-    current: str | None = layer
-    while current and current not in chain:
-        chain.append(current)
-        current = parents.get(current)
-    return chain
 
 
 @dataclass
@@ -176,20 +114,18 @@ class StoreView:
 
     @classmethod
     def read(cls, store: PodmanStore) -> StoreView:
-        root = Path(store.graphroot)
+        """What the store's files say now; a record file podman is rewriting, or one that is
+        damaged, says nothing (read without podman's locks, so it may be in flux)."""
+        layout = podmanstore.Layout(Path(store.graphroot))
         view = cls(store)
-        for rec in _json_list(root / "overlay-layers" / "layers.json"):
-            if isinstance(rec.get("id"), str) and isinstance(rec.get("parent"), str):
-                view.parents[rec["id"]] = rec["parent"]
-        for rec in _json_list(root / "overlay-containers" / "containers.json"):
-            names = rec.get("names") or [""]
-            if isinstance(rec.get("layer"), str) and isinstance(rec.get("id"), str):
-                view.containers[rec["layer"]] = (rec["id"], str(names[0]))
+        view.parents = podmanstore.parents(_tolerant(podmanstore.layers, layout.layers_json))
+        for rec in _tolerant(podmanstore.containers, layout.containers_json):
+            if rec.layer:
+                view.containers[rec.layer] = (rec.id, rec.names[0] if rec.names else "")
         if store.runroot:
-            for rec in _json_list(Path(store.runroot) / "overlay-layers" / "mountpoints.json"):
-                count = rec.get("count")
-                if isinstance(rec.get("id"), str) and isinstance(count, int) and count > 0:
-                    view.counted_mounts.add(rec["id"])
+            counts = podmanstore.mount_counts_json(Path(store.runroot))
+            view.counted_mounts = {r.id for r in _tolerant(podmanstore.mount_counts, counts)
+                                   if r.count > 0}
         return view
 
     def overlay_dir(self) -> str:
@@ -199,7 +135,7 @@ class StoreView:
              mounts: Iterable[str] = ()) -> User:
         container, name = self.containers.get(layer, ("", ""))
         return User(self.store.graphroot, layer, merged, container, name, starting,
-                    frozenset(ancestors(layer, self.parents)), frozenset(mounts))
+                    frozenset(podmanstore.ancestors(layer, self.parents)), frozenset(mounts))
 
 
 def mounted_layers(view: StoreView, mount_points: Iterable[str]) -> dict[str, str]:
@@ -219,7 +155,7 @@ def mounted_layers(view: StoreView, mount_points: Iterable[str]) -> dict[str, st
 def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
                records: Iterable[MountRecord], now: float | None = None,
                lowerdirs: Mapping[str, Iterable[str]] | None = None,
-               starting_age: float = STARTING_AGE) -> list[User]:
+               starting_age: float = host.STARTING_WINDOW) -> list[User]:
     """Every mounted overlay of the known stores, and every recorded start still under way.
 
     ``lowerdirs``: merged directory -> its lowerdirs, resolved (see `overlay_lowerdirs`).
@@ -229,9 +165,9 @@ def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
     records = list(records)
     exact: dict[str, set[str]] = {m: set(dirs) for m, dirs in (lowerdirs or {}).items()}
     for record in records:
-        for rec_user in record.users:
-            if rec_user.get("merged") in points:
-                exact.setdefault(str(rec_user["merged"]), set()).add(record.mountpoint)
+        for use in record.users:
+            if use.merged in points:
+                exact.setdefault(use.merged, set()).add(record.mountpoint)
     users: list[User] = []
     by_root: dict[str, StoreView] = {}
     for view in views:
@@ -240,11 +176,11 @@ def find_users(views: Iterable[StoreView], mount_points: Iterable[str],
                   for layer, merged in sorted(mounted_layers(view, points).items())]
     seen = {u.merged for u in users}
     for record in records:
-        for rec_user in record.users:
-            merged = str(rec_user.get("merged", ""))
-            if merged in seen or not is_starting(rec_user, points, now, starting_age):
+        for use in record.users:
+            merged = use.merged
+            if merged in seen or not is_starting(use, points, now, starting_age):
                 continue
-            root = graphroot_of_upperdir(str(rec_user.get("upperdir", ""))) or ""
+            root = graphroot_of_upperdir(use.upperdir) or ""
             layer = Path(merged).parent.name
             known = by_root.get(root)
             user = known.user(layer, merged) if known else User(root, layer, merged)
@@ -273,7 +209,7 @@ def _lowerdir_option(options: str) -> list[str]:
     return []
 
 
-def overlay_lowerdirs(entries: Iterable[runtime.MountEntry]) -> dict[str, list[str]]:
+def overlay_lowerdirs(entries: Iterable[host.MountEntry]) -> dict[str, list[str]]:
     """merged directory -> resolved lowerdirs, for every overlay mounted at
     ``<graphroot>/overlay/<layer>/merged``: the kernel's from its mount options, fuse-overlayfs's
     from its server's command line."""
@@ -290,7 +226,7 @@ def overlay_lowerdirs(entries: Iterable[runtime.MountEntry]) -> dict[str, list[s
         elif entry.fstype.startswith("fuse"):
             fuse.add(entry.mountpoint)
     if fuse:
-        for argv in _fuse_overlayfs_commands():
+        for argv in host.commands_named("fuse-overlayfs"):
             merged, options = argv[-1], ",".join(a for a in argv[1:-1] if "lowerdir=" in a)
             root = graphroot_of_merged(merged) if merged in fuse else None
             if root is not None and options:
@@ -298,65 +234,30 @@ def overlay_lowerdirs(entries: Iterable[runtime.MountEntry]) -> dict[str, list[s
     return out
 
 
-def _fuse_overlayfs_commands() -> list[list[str]]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")[:-1]
-                if argv and os.path.basename(argv[0]) == b"fuse-overlayfs":
-                    out.append([a.decode(errors="surrogateescape") for a in argv])
-    return out
-
-
 def graphroot_of_merged(path_text: str) -> str | None:
     """``<graphroot>/overlay/<layer>/merged`` -> graphroot."""
-    found = runtime.overlay_layer(path_text, "merged")
+    found = podmanstore.overlay_layer(path_text, "merged")
     return None if found is None else str(found[0])
 
 
-def is_starting(rec_user: Mapping[str, Any], mount_points: set[str], now: float,
-                starting_age: float = STARTING_AGE) -> bool:
+def is_starting(use: RecordedUse, mount_points: set[str], now: float,
+                starting_age: float = host.STARTING_WINDOW) -> bool:
     """A recorded container start whose overlay is not mounted yet: the mount program (the
     recorded pid, which becomes the overlay's ``mount``) still runs, and recently started."""
-    since, pid = rec_user.get("since"), rec_user.get("pid")
-    if not isinstance(since, (int, float)) or not isinstance(pid, int):
+    since, pid = use.since, use.pid
+    if since is None or pid is None:
         return False
-    if rec_user.get("merged") in mount_points or now - since >= starting_age:
+    if use.merged in mount_points or now - since >= starting_age:
         return False
-    age = process_age(pid)
+    age = host.process_age(pid)
     # The recorded process started before it recorded the use; a recycled pid started later.
     return age is not None and age >= now - since - 1.0
 
 
-def observe_users(records: list[MountRecord], config: Mapping[str, Any],
-                  entries: list[runtime.MountEntry], now: float | None = None) -> list[User]:
+def observe_users(records: list[MountRecord], settings: Config,
+                  entries: list[host.MountEntry], now: float | None = None) -> list[User]:
     """Read the known podman stores and return the users of store layers (``entries``: this
     mount namespace's mountinfo)."""
     points = {e.mountpoint for e in entries}
-    views = [StoreView.read(store) for store in known_stores(records, config, points)]
+    views = [StoreView.read(store) for store in known_stores(records, settings, points)]
     return find_users(views, points, records, now, overlay_lowerdirs(entries))
-
-
-def server_pid(mountpoint: str) -> int | None:
-    """The pid of a FUSE server whose command line names ``mountpoint`` (adopted mounts)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-            if mountpoint.encode() in argv and int(entry.name) != os.getpid():
-                return int(entry.name)
-    return None
-
-
-def process_age(pid: int) -> float | None:
-    """Seconds since ``pid`` started (None when it is gone)."""
-    start = runtime.process_start(pid)
-    if start is None:
-        return None
-    try:
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime - start / os.sysconf("SC_CLK_TCK")

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from squashstore import runtime
+from squashstore import host
 from squashstore.image import SquashstoreError
 
 OPT_OUT = "SQUASHSTORE_UNSHARE"
@@ -31,7 +31,7 @@ class UnshareError(SquashstoreError):
 def in_podman_userns() -> bool:
     """True inside rootless podman's user namespace (``podman unshare``, mount program)."""
     return (os.environ.get("_CONTAINERS_USERNS_CONFIGURED") == "done"
-            and not runtime.is_real_root())
+            and not host.is_real_root())
 
 
 def storage_uid() -> int:

@@ -29,10 +29,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_store import SqLayer, make_squash, store_image_source
 
-from squashstore import cleanup, hook, runtime, tracker
+from squashstore import cleanup, host, tracker
+from squashstore.config import Config
+from squashstore.host import answers
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
-from squashstore.mounts import MountRecord, Registry, answers
+from squashstore.mounts import MountRecord, RecordedUse, Registry
 from squashstore.store import Store, StoreImage
 from squashstore.tracker import User
 from support.fixture_trees import write_base_tar
@@ -158,7 +160,7 @@ class Setup:
     def mounted(self) -> set[str]:
         """The store images whose squash file is mounted now."""
         return {name for name, image in self.images.items()
-                if runtime.is_mountpoint(image.diff)}
+                if host.is_mountpoint(image.diff)}
 
 
 def _squasher(layer: SqLayer, digest: str) -> Any:
@@ -210,7 +212,7 @@ def setup_store(base: Path, base_image: tuple[Image, SqLayer], backend: str = "k
         consumer.close()
         shutil.rmtree(short, ignore_errors=True)
         Registry(run_dir).umount_all(lazy=True)
-        for point in sorted(runtime.mount_table(), key=len, reverse=True):
+        for point in sorted(host.mount_table(), key=len, reverse=True):
             if point.startswith(str(base) + "/"):
                 subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
@@ -244,7 +246,7 @@ def _acted(report: list[dict[str, Any]], action: str) -> set[str]:
 
 
 def _diffs(s: Setup, *names: str) -> set[str]:
-    return {runtime.real_path(s.images[n].diff) for n in names}
+    return {host.real_path(s.images[n].diff) for n in names}
 
 
 def _run(s: Setup, *args: str) -> str:
@@ -281,7 +283,7 @@ def test_cleanup_unmounts_exactly_the_mounts_nobody_runs_on(kernel_setup: Setup,
     assert not any(r["done"] for r in dry)
     assert s.mounted() == {A, B, C}
     text = s.cli("cleanup", "--dry-run", "--grace", "0").stdout
-    assert text.startswith(f"would unmount {runtime.real_path(s.images[C].diff)} image ")
+    assert text.startswith(f"would unmount {host.real_path(s.images[C].diff)} image ")
     graced = s.cleanup()                               # default grace: 600 s
     assert _acted(graced, cleanup.UNMOUNT) == set() and s.mounted() == {A, B, C}
 
@@ -289,8 +291,8 @@ def test_cleanup_unmounts_exactly_the_mounts_nobody_runs_on(kernel_setup: Setup,
     assert _acted(report, cleanup.UNMOUNT) == _diffs(s, C)
     assert all(r["done"] and not r["error"] for r in report)
     users = {r["mountpoint"]: {u["container"] for u in r["users"]} for r in report}
-    assert users[runtime.real_path(s.images[A].diff)] == {a1}
-    assert users[runtime.real_path(s.images[B].diff)] == {b1}
+    assert users[host.real_path(s.images[A].diff)] == {a1}
+    assert users[host.real_path(s.images[B].diff)] == {b1}
     assert s.mounted() == {A, B}
     assert {r.layer for r in s.registry.records()} == {s.images[A].layer, s.images[B].layer}
     # Running and paused containers keep working; a stopped one starts and remounts.
@@ -447,7 +449,7 @@ def lost_registry_state_is_adopted(s: Setup) -> None:
     assert s.podman("exec", a1, "cat", "/etc/config") == "base config"
     # Without any record the user's exact squash mounts come from its overlay: the kernel's
     # mount options, or fuse-overlayfs's command line.
-    users = tracker.observe_users([], {}, runtime.read_mountinfo())
+    users = tracker.observe_users([], Config(), host.read_mountinfo())
     assert [u.mounts for u in users if u.container == a1] == [frozenset(_diffs(s, A))]
     s.podman("stop", "-t", "0", a1)
     time.sleep(1.1)
@@ -510,15 +512,15 @@ def test_rootless_hook_finds_the_users_registry_from_the_uid_map() -> None:
     uid_map = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                               "unshare", "-r", "cat", "/proc/self/uid_map"],
                              capture_output=True, text=True, check=True).stdout
-    assert hook.outside_uid(uid_map) == 65534
-    assert hook.outside_uid(Path("/proc/self/uid_map").read_text()) == 0
-    assert hook.outside_uid("") is None
+    assert host.outside_uid(uid_map) == 65534
+    assert host.outside_uid(Path("/proc/self/uid_map").read_text()) == 0
+    assert host.outside_uid("") is None
 
 
 def test_grace_runs_from_the_last_recorded_container_start() -> None:
     """Review finding: a mount made hours ago and used a second ago is not stale."""
     record = MountRecord("i", "l1", "/s.sqfs", "/m", "fuse", None, 0.0,
-                         users=[{"merged": "/a", "since": 100.0}, {"merged": "/b", "since": 990.0}])
+                         users=[RecordedUse("/a", since=100.0), RecordedUse("/b", since=990.0)])
     state = cleanup._record_state(record, {}, [], {})
     assert state.since == 990.0
     mounted = dataclasses.replace(state, fstype="fuse.squashstore", alive=True)

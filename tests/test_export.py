@@ -20,7 +20,7 @@ import pytest
 from squashstore.flatten import squash_image
 from squashstore.sources import open_image
 from squashstore.squashfs.writer import SquashOptions
-from squashstore.tarsplit import tar_from_tar_split
+from squashstore.tar.split import tar_from_tar_split
 from support.listing import (
     canonical_from_dir,
     canonical_from_tar,

@@ -28,9 +28,10 @@ from test_store import (
     store_setup,
 )
 
-from squashstore import runtime
+from squashstore import host
+from squashstore.host import answers
 from squashstore.mountprogram import parse_call, store_layer
-from squashstore.mounts import MountError, Registry, answers, default_backend
+from squashstore.mounts import MountError, RecordedUse, Registry, default_backend
 from squashstore.store import Store
 from support.podman import Podman
 
@@ -42,7 +43,7 @@ SETUPS = {"fuse": ("fuse", "auto"), "fuse+fuse-overlayfs": ("fuse", "fuse-overla
 
 def mount_count(path: Path) -> int:
     """How many mounts are stacked on ``path`` (raw /proc/self/mountinfo lines)."""
-    target = runtime.real_path(path)
+    target = host.real_path(path)
     with open("/proc/self/mountinfo") as file:
         return sum(1 for line in file if line.split()[4] == target)
 
@@ -59,18 +60,18 @@ def test_registry_mounts_once_and_unmounts(benv: Env) -> None:
     image = publish(benv, mount=False)
     registry = Registry(benv.runtime_dir)
     first = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
-                                    user={"merged": "/x"})
+                                    user=RecordedUse("/x"))
     second = registry.ensure_mounted(image.id, image.layer, image.squash, image.diff,
-                                     user={"merged": "/y"})
+                                     user=RecordedUse("/y"))
     assert mount_count(image.diff) == 1
     assert (image.diff / "bin" / "busybox").is_file()
     assert first.backend == second.backend == default_backend()
-    assert [u["merged"] for u in second.users] == ["/x", "/y"]
+    assert [u.merged for u in second.users] == ["/x", "/y"]
     assert (first.pid is None) == (first.backend == "kernel")
     listed = json.loads(cli(benv.store.root, "mounts", "--format", "json",
                             env=benv.env).stdout)
     assert [(m["image"], m["mountpoint"]) for m in listed] == [
-        (image.id, runtime.real_path(image.diff))]
+        (image.id, host.real_path(image.diff))]
     assert registry.umount(image.diff)
     assert mount_count(image.diff) == 0
     assert registry.records() == []
@@ -184,7 +185,7 @@ def test_podman_run_remounts_after_umount_all(benv: Env) -> None:
     record = Registry(benv.runtime_dir).record(image.diff)
     assert record is not None and record.users
     assert record.backend == default_backend()
-    assert record.users[-1]["upperdir"].startswith(str(benv.consumer.graphroot))
+    assert record.users[-1].upperdir.startswith(str(benv.consumer.graphroot))
     # Unmount only that image by name, then an explicit mount through the CLI.
     cli(benv.store.root, "umount", IMAGE, env=benv.env)
     assert mount_count(image.diff) == 0
@@ -238,3 +239,67 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert proc.stderr.startswith("squashstore-mount-program: ")
         assert expected in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_records_written_before_typed_users_are_read(tmp_path: Path) -> None:
+    """A registry record as earlier versions wrote it (users as plain JSON objects, some
+    fields missing or odd) reads as typed uses, and is written back with the same keys."""
+    registry = Registry(tmp_path)
+    old = {"image": "i", "layer": "l", "squash": "/s", "mountpoint": str(tmp_path / "m"),
+           "backend": "fuse", "pid": 7, "since": 1.0,
+           "users": [{"merged": "/a", "upperdir": "/u", "pid": 9, "since": 2},
+                     {"merged": "/b"}, {"since": "soon", "pid": True}, "junk"]}
+    with registry.locked():
+        pass
+    (registry.records_dir / "x.json").write_text(json.dumps(old))
+    [record] = registry.records()
+    assert record.users == [RecordedUse("/a", "/u", 9, 2.0), RecordedUse("/b"), RecordedUse()]
+    assert record.to_json()["users"][0] == {"merged": "/a", "upperdir": "/u", "pid": 9,
+                                            "since": 2.0}
+
+
+def _mounts_json(env: Env) -> list[dict[str, Any]]:
+    data = json.loads(cli(env.store.root, "mounts", "--format", "json", env=env.env).stdout)
+    assert isinstance(data, list)
+    return data
+
+
+def test_mounts_shows_each_mounts_state(tmp_path: Path, podman: Podman, make_podman: Any,
+                                        images: dict[str, SqLayer]) -> None:
+    """Issue 10 #9: a mount whose server is dead or hung is not shown as fine; the state is
+    cleanup's probe's (alive, dead, hung)."""
+    with store_setup(tmp_path, podman, make_podman, images, "fuse", "auto") as env:
+        image = publish(env)
+        record = Registry(env.runtime_dir).record(image.diff)
+        assert record is not None and record.pid is not None
+        assert [m["state"] for m in _mounts_json(env)] == ["alive"]
+        table = cli(env.store.root, "mounts", env=env.env).stdout.splitlines()
+        assert "state" in table[0].split() and "alive" in table[1].split()
+        os.kill(record.pid, signal.SIGSTOP)
+        try:
+            assert [m["state"] for m in _mounts_json(env)] == ["hung"]
+        finally:
+            os.kill(record.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while answers(image.diff) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m["state"] for m in _mounts_json(env)] == ["dead"]
+        assert "dead" in cli(env.store.root, "mounts", env=env.env).stdout.splitlines()[1]
+        # ... as cleanup sees it: it unmounts exactly that one as dead.
+        out = cli(env.store.root, "cleanup", env=env.env).stdout
+        assert out.startswith("unmounted dead") or "dead" in out, out
+
+
+def test_mount_help_names_the_real_default_backend(tmp_path: Path) -> None:
+    """Issue 10 #10: the default backend is fuse (or the config's), for root too."""
+    out = cli(tmp_path / "store", "mount", "--help").stdout
+    text = " ".join(out.split())
+    assert "else fuse" in text and "kernel for root" not in text
+
+
+def test_umount_says_unmounted_only_when_it_was(benv: Env) -> None:
+    image = publish(benv)
+    out = cli(benv.store.root, "umount", IMAGE, env=benv.env).stdout
+    assert out.startswith("unmounted ") and not host.is_mountpoint(image.diff)
+    out = cli(benv.store.root, "umount", IMAGE, env=benv.env).stdout
+    assert out.startswith("not mounted: ")

@@ -26,3 +26,11 @@ def test_wheel_installs_only_the_squashstore_package(tmp_path: Path) -> None:
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "squashstore = squashstore.cli.main:run" in entry_points
     assert "squashstore-mount-program = squashstore.mountprogram:run" in entry_points
+
+
+def test_mypy_sees_cli_and_fuse_under_their_installed_names() -> None:
+    """`[tool.mypy] files = ["squashstore"]` covers cli/ and fuse/ only through these links."""
+    for name in ("cli", "fuse"):
+        link = ROOT / "squashstore" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()
+        assert (link / "__init__.py").is_file()

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from squashstore import tree
+from squashstore.squashfs.meta import MetaReader, Region
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader
 from support import listing
 
@@ -588,7 +589,9 @@ def _file_bytes(path: Path) -> bytes:
     return _FILE_CACHE[path]
 
 
-def test_big_directory_uses_its_index(reader: SquashReader, gzip_image: Path) -> None:
+def test_big_directory_uses_its_index(
+    reader: SquashReader, gzip_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     big = reader.resolve("/big-dir")
     assert big.extended and len(big.dir_index) > 5
     names = [e.name for e in reader.readdir(big)]
@@ -597,14 +600,14 @@ def test_big_directory_uses_its_index(reader: SquashReader, gzip_image: Path) ->
     with SquashReader(gzip_image) as fresh:
         directory = fresh.resolve("big-dir")
         touched: list[int] = []
-        original = fresh._metablock
+        original = MetaReader.block
 
-        def counting(region, pos, **kw):  # type: ignore[no-untyped-def]
+        def counting(self: MetaReader, region: Region, pos: int) -> tuple[bytes, int]:
             if region.name == "directory table":
                 touched.append(pos)
-            return original(region, pos, **kw)
+            return original(self, region, pos)
 
-        fresh._metablock = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(MetaReader, "block", counting)
         assert fresh.lookup(directory, names[-1]) is not None
         assert fresh.lookup(directory, names[len(names) // 2]) is not None
         listing_blocks = (big.size // 8192) + 1
@@ -972,3 +975,22 @@ def test_decompression_bomb_is_an_error(tmp_path: Path) -> None:
     image[word_pos : word_pos + 4] = len(bomb).to_bytes(4, "little")
     with _open_patched(tmp_path, image) as r, pytest.raises(SquashfsError, match="more than"):
         r.read(r.resolve("rnd"), 0, 10)
+
+
+def test_reads_through_a_byte_source(gzip_image: Path, source: Path) -> None:
+    """The hook lazily pulled images use: every read goes to `source`, none to the path."""
+    data = gzip_image.read_bytes()
+    reads: list[tuple[int, int]] = []
+
+    class Source:
+        size = len(data)
+
+        def pread(self, size: int, offset: int) -> bytes:
+            reads.append((offset, size))
+            return data[offset : offset + size]
+
+    with SquashReader("/nonexistent/image", source=Source()) as r:
+        assert r.remote and reads
+        assert r.read(r.resolve("random.bin"), 0, 1 << 30) == _file_bytes(source / "random.bin")
+    with SquashReader(gzip_image) as plain:
+        assert not plain.remote

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squashstore import locking, runtime
+from squashstore import host, locking, podmanstore
 from squashstore.image import Image
 from squashstore.migrate import migrate_image
 from squashstore.mounts import Registry
@@ -38,7 +38,6 @@ from squashstore.store import (
     Store,
     StoreError,
     atomic_write_json,
-    big_data_file_name,
     normalize_name,
 )
 from support.fixture_trees import write_base_tar
@@ -74,7 +73,7 @@ def store_image_source(podman: Podman, name: str) -> Image:
     folder = podman.graphroot / "overlay-images" / iid
     manifest = (folder / "manifest").read_bytes()
     config_digest = json.loads(manifest)["config"]["digest"]
-    config = (folder / big_data_file_name(config_digest)).read_bytes()
+    config = (folder / podmanstore.big_data_name(config_digest)).read_bytes()
     return Image(reference=f"containers-storage:{name}", names=tuple(record["names"]),
                  manifest=manifest, manifest_digest="sha256:" + hashlib.sha256(manifest)
                  .hexdigest(), config=config, config_digest=config_digest, layers=(),
@@ -134,7 +133,7 @@ def cli(store: Path, *args: str, env: dict[str, str] | None = None,
 
 
 def unmount_below(path: Path) -> None:
-    for point in sorted(runtime.mount_table(), key=len, reverse=True):
+    for point in sorted(host.mount_table(), key=len, reverse=True):
         if point.startswith(str(path.resolve()) + "/"):
             subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
@@ -210,9 +209,9 @@ def publish(e: Env, name: str = IMAGE, delay: float = 0.0, mount: bool = True) -
 def store_snapshot(store: Store) -> dict[str, bytes]:
     """Every regular file and symlink of the store (for "store unchanged" checks)."""
     out = {}
-    mounted = runtime.mount_table()
+    mounted = host.mount_table()
     for root, dirs, files in os.walk(store.root):
-        dirs[:] = [d for d in dirs if runtime.real_path(Path(root) / d) not in mounted]
+        dirs[:] = [d for d in dirs if host.real_path(Path(root) / d) not in mounted]
         for name in [*files, *dirs]:
             path = Path(root) / name
             key = str(path.relative_to(store.root))
@@ -351,7 +350,7 @@ def test_published_image_lists_runs_and_inspects(env: Env) -> None:
     assert [h["CreatedBy"] for h in history[1:]] == [h["CreatedBy"] for h in source_history]
     assert env.store.verify_structure() == []
     # podman sees the layer's diff mounted, and the token of its lock files was rewritten.
-    assert runtime.is_mountpoint(image.diff)
+    assert host.is_mountpoint(image.diff)
     assert len(locking.read_token(env.store.images_lock)) == 64
 
 
@@ -406,7 +405,7 @@ def test_rmi_refuses_while_used_and_unmounts(env: Env) -> None:
     env.consumer.run("rm", cid)
     cli(env.store.root, "rmi", IMAGE, env=env.env)
     assert env.store.images() == []
-    assert not runtime.is_mountpoint(image.diff)
+    assert not host.is_mountpoint(image.diff)
     assert not image.squash.exists()
     assert not (env.store.overlay / image.layer).exists()
     assert sorted(os.listdir(env.store.links)) == []
@@ -426,7 +425,7 @@ def test_gc_removes_dead_writers_leftovers_but_not_live_ones(env: Env) -> None:
     image = publish(env, mount=False)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    dead_tag = runtime.ProcessId(runtime.hostname(), dead.pid, 1).tag()
+    dead_tag = host.ProcessId(host.hostname(), dead.pid, 1).tag()
     leftovers = [env.store.tmp_dir / f"{dead_tag}.abc", env.store.squash_dir /
                  f".x.sqfs.{dead_tag}.1234{'.sqtmp'}", env.store.overlay / ("f" * 64),
                  env.store.images_dir / ("e" * 64), env.store.squash_dir / f"{'d' * 64}.sqfs"]
@@ -435,7 +434,7 @@ def test_gc_removes_dead_writers_leftovers_but_not_live_ones(env: Env) -> None:
             path.write_bytes(b"x")
         else:
             path.mkdir()
-    live = env.store.tmp_dir / f"{runtime.me().tag()}.live"
+    live = env.store.tmp_dir / f"{host.me().tag()}.live"
     live.mkdir()
     orphan = {"id": "c" * 64, "diff-digest": "sha256:" + "c" * 64}
     atomic_write_json(env.store.layers_json, [*env.store.layer_records(), orphan])
@@ -538,7 +537,8 @@ print("done", flush=True)
 """
 
 
-def spawn_publisher(e: Env, name: str, delay: float) -> subprocess.Popen[str]:
+def spawn_publisher(e: Env, name: str, delay: float,
+                    extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     image = store_image_source(e.producer, name)
     layer = e.squash if name == IMAGE else e.squash2
     spec = e.store.root.parent / f"spec-{hashlib.sha256(name.encode()).hexdigest()[:8]}.json"
@@ -551,7 +551,7 @@ def spawn_publisher(e: Env, name: str, delay: float) -> subprocess.Popen[str]:
     code = CHILD
     return subprocess.Popen([str(PYTHON), "-c", code, str(e.store.root), str(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **e.env}, cwd=REPO)
+                            env={**os.environ, **e.env, **(extra_env or {})}, cwd=REPO)
 
 
 @pytest.mark.slow
@@ -597,6 +597,45 @@ def test_sigkill_at_random_points_leaves_a_valid_store(env: Env) -> None:
     assert env.store.verify_structure() == []
 
 
+def test_sigkill_inside_publish_at_every_step(env: Env) -> None:
+    """Kills timed to land inside publish itself (test hook `publish_hook`): after each, podman
+    lists the store, verify is ok, gc removes the leftovers, and publishing again works."""
+    from squashstore.store import PUBLISH_HOOK, PUBLISH_STEPS
+
+    complete = publish(env, IMAGE)
+    for step in PUBLISH_STEPS:
+        hook = env.store.root.parent / f"hook-{step}"
+        hook.mkdir()
+        for earlier in PUBLISH_STEPS[:PUBLISH_STEPS.index(step)]:
+            (hook / f"{earlier}.go").touch()
+        child = spawn_publisher(env, IMAGE2, 0.0, {PUBLISH_HOOK: str(hook)})
+        deadline = time.monotonic() + 120
+        while not (hook / f"{step}.reached").exists():
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        listed = {i["Id"] for i in podman_images(env.consumer)}
+        assert complete.id in listed, step
+        for record in env.store.image_records():
+            assert env.store.squash_file(record["layer"]).is_file(), step
+        assert env.store.verify_structure() == [], step
+        assert "ok: " in cli(env.store.root, "verify", env=env.env).stdout, step
+        cli(env.store.root, "gc", env=env.env)
+        assert list(env.store.tmp_dir.iterdir()) == [], step
+        assert env.store.verify_structure() == [], step
+        if step == "image-record":
+            assert {n for i in podman_images(env.consumer) for n in i["Names"]} == {
+                IMAGE, IMAGE2}
+            env.store.remove_image(env.store.resolve(IMAGE2).id)
+        else:  # not yet visible: gc took every piece of it
+            assert len(env.store.images()) == 1 and len(env.store.layer_records()) == 1, step
+            assert sorted(os.listdir(env.store.squash_dir)) == [f"{complete.layer}.sqfs"]
+    publish(env, IMAGE2)
+    assert "second image" in env.consumer.text("run", "--rm", "--pull=never", IMAGE2,
+                                               "cat", "/extra")
+
+
 @pytest.mark.slow
 def test_concurrent_publishes_while_podman_lists(env: Env) -> None:
     lister = subprocess.Popen(
@@ -628,7 +667,7 @@ def test_inspect_and_verify_detect_damage(env: Env) -> None:
     assert data["mounted"] is True and data["mount"]["backend"] == "kernel"
     assert "ok: 1 image(s)" in cli(env.store.root, "verify", env=env.env).stdout
     # A damaged config and a truncated squash file are both reported.
-    config = env.store.images_dir / image.id / big_data_file_name("sha256:" + image.id)
+    config = env.store.images_dir / image.id / podmanstore.big_data_name("sha256:" + image.id)
     config.write_bytes(config.read_bytes() + b" ")
     cli(env.store.root, "umount", "--all", env=env.env)
     with open(image.squash, "r+b") as file:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from squashstore import locking, oci
+from squashstore import locking, oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
 from squashstore.image import SourceError
 from squashstore.migrate import rfc3339, squashed_manifest
@@ -31,7 +31,6 @@ from squashstore.store import (
     Store,
     StoreImage,
     Unmounter,
-    big_data_file_name,
     now_rfc3339,
     sha256_hex,
 )
@@ -135,11 +134,12 @@ class PushPlan:
 def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) -> PushPlan:
     """The artifact of `image`: its config as podman has it, squash file and tar-split."""
     try:
-        config = (store.images_dir / image.id / big_data_file_name("sha256:" + image.id)
-                  ).read_bytes()
+        config = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
     except OSError as exc:
         raise SourceError(f"{image.id[:12]}: cannot read the image's config: "
                           f"{exc.strerror}") from exc
+    if config is None:
+        raise SourceError(f"{image.id[:12]}: the image's config is missing from the store")
     if sha256_hex(config) != image.id:
         raise SourceError(f"{image.id[:12]}: the stored config does not match the image id")
     diff_ids = oci.diff_ids(config, f"{image.id[:12]}: config")
@@ -273,7 +273,7 @@ def _publication(artifact: Artifact, config: bytes, squash: Path, split: Path | 
         image_metadata={"source": _json_annotation(artifact, SOURCE),
                         "pulled": {"reference": reference, "digest": manifest_digest,
                                    "squash_digest": artifact.squash.digest},
-                        "migrated": now_rfc3339(), "stats": {}})
+                        "migrated": now_rfc3339(), "stats": {}, "named": bool(names)})
 
 
 def manifest_digest(manifest: bytes) -> str:

@@ -275,7 +275,7 @@ def dir_entry(path: str, st: os.stat_result) -> Entry:
         uid=st.st_uid,
         gid=st.st_gid,
         size=size,
-        mtime=int(st.st_mtime // 1),
+        mtime=st.st_mtime_ns // 1_000_000_000,  # the float st_mtime rounds .999999999 up
         sha256=sha,
         target=os.readlink(path) if kind == SYMLINK else "",
         rdev=(os.major(st.st_rdev), os.minor(st.st_rdev))

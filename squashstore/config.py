@@ -1,0 +1,178 @@
+"""The project configuration: one typed `Config`, read from its files once.
+
+This module owns squashstore's own configuration file (TOML: ``$SQUASHSTORE_CONFIG`` if set,
+else ``/etc/squashstore/config.toml`` overlaid by ``$XDG_CONFIG_HOME/squashstore/config.toml``,
+tables merged one level deep): its schema (``[mount] backend = "fuse" | "kernel" |
+"squashfuse"``, default fuse, squashstore's own server; ``[mount] overlay = "auto" |
+"fuse-overlayfs" | "kernel"`` for the mount program; ``[cleanup] grace`` and ``min_age`` in
+seconds and ``podman_stores``, graphroot strings or ``{graphroot=..., runroot=...}`` tables),
+its defaults, and the one loader: `load()` parses and checks every value into frozen
+dataclasses, and reads the files again only when one of them changed (so the mount program,
+cleanup and the CLI share one parse per process). podman's own configuration is not here
+(see `squashstore.podmanconf`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squashstore.image import SquashstoreError
+
+
+class ConfigError(SquashstoreError):
+    """The project configuration file is unreadable or has a bad value."""
+
+
+SYSTEM_CONFIG = Path("/etc/squashstore/config.toml")
+TABLES = ("mount", "cleanup")
+"""The tables of the project configuration; each must be a TOML table."""
+MOUNT_BACKENDS = ("fuse", "kernel", "squashfuse")
+"""``[mount] backend``: the mounters of `squashstore.mounts`; the first is the default."""
+OVERLAYS = ("auto", "fuse-overlayfs", "kernel")
+"""``[mount] overlay``: how the mount program mounts the overlay; the first is the default."""
+DEFAULT_GRACE = 600.0
+"""Seconds an unused mount stays (``[cleanup] grace``)."""
+DEFAULT_MIN_AGE = 5.0
+"""A mount younger than this is being set up for a starting container: cleanup never
+touches it (``[cleanup] min_age``)."""
+
+
+@dataclass(frozen=True)
+class PodmanStore:
+    """A podman (primary) store whose containers may use squash mounts; `runroot` (its
+    ``overlay-layers/mountpoints.json``) also tells what is mounted in other namespaces."""
+
+    graphroot: str
+    runroot: str | None = None
+
+
+@dataclass(frozen=True)
+class MountSettings:
+    """The ``[mount]`` table."""
+
+    backend: str = MOUNT_BACKENDS[0]
+    overlay: str = OVERLAYS[0]
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    """The ``[cleanup]`` table."""
+
+    grace: float = DEFAULT_GRACE
+    min_age: float = DEFAULT_MIN_AGE
+    podman_stores: tuple[PodmanStore, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole project configuration."""
+
+    mount: MountSettings = field(default_factory=MountSettings)
+    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
+
+
+def config_paths() -> list[Path]:
+    """Configuration files in the order they are read (later ones win)."""
+    env = os.environ.get("SQUASHSTORE_CONFIG")
+    if env:
+        return [Path(env)]
+    home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [SYSTEM_CONFIG, Path(home) / "squashstore" / "config.toml"]
+
+
+def read_tables(paths: list[Path]) -> dict[str, Any]:
+    """The merged TOML of `paths` (missing files skipped; tables merged one level deep)."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        for key, value in data.items():
+            if key in TABLES and not isinstance(value, dict):
+                raise ConfigError(f"{path}: {key!r} must be a table ([{key}])")
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def _choice(table: Mapping[str, Any], name: str, key: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"config [{name}] {key} = {value!r}: expected one of "
+                          + ", ".join(choices))
+    return str(value)
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"config [cleanup] {key} = {value!r}: expected seconds >= 0")
+    return float(value)
+
+
+def _stores(items: object) -> tuple[PodmanStore, ...]:
+    """``podman_stores`` entries; malformed ones are ignored, as podman ignores them."""
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, str):
+            out.append(PodmanStore(item))
+        elif isinstance(item, dict) and isinstance(item.get("graphroot"), str):
+            runroot = item.get("runroot")
+            out.append(PodmanStore(item["graphroot"],
+                                   runroot if isinstance(runroot, str) else None))
+    return tuple(out)
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    """The typed configuration of merged TOML tables; `ConfigError` for a bad value."""
+    mount = data.get("mount", {})
+    cleanup = data.get("cleanup", {})
+    return Config(
+        MountSettings(_choice(mount, "mount", "backend", MOUNT_BACKENDS),
+                      _choice(mount, "mount", "overlay", OVERLAYS)),
+        CleanupSettings(_seconds(cleanup, "grace", DEFAULT_GRACE),
+                        _seconds(cleanup, "min_age", DEFAULT_MIN_AGE),
+                        _stores(cleanup.get("podman_stores", []))),
+    )
+
+
+_loaded: dict[tuple[tuple[str, int, int], ...], Config] = {}
+_lock = threading.Lock()
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append((str(path), -1, -1))
+            continue
+        out.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def load() -> Config:
+    """The project configuration, parsed once per process while its files stay the same."""
+    paths = config_paths()
+    stamp = _stamp(paths)
+    with _lock:
+        cached = _loaded.get(stamp)
+        if cached is not None:
+            return cached
+    config = parse(read_tables(paths))
+    with _lock:
+        _loaded.clear()
+        _loaded[stamp] = config
+    return config

@@ -1,0 +1,333 @@
+"""The host squashstore runs on, as the kernel shows it: /proc, mount tables, processes.
+
+This module owns every fact squashstore reads about the running system and every wait on
+it: the per-host state directory (`runtime_dir`: ``$SQUASHSTORE_RUNTIME_DIR``, else
+``/run/squashstore`` for real root, else ``$XDG_RUNTIME_DIR/squashstore`` or
+``/run/user/UID/squashstore``) and the log files of the FUSE servers in it; user namespaces
+(``/proc/self/uid_map``: real root, the uid outside); every scan of ``/proc`` (process
+command lines, mount namespaces, this process's descriptors); the mount table (the one
+``mountinfo`` parser, this namespace's mounts, the devices other namespaces mount);
+process identity that survives pid reuse (`ProcessId`: host, pid, kernel start time) and
+process age; whether a mount still answers (`probe`, statfs in a thread); the one
+``fusermount3 -u`` command; and each timeout and window, defined once: `MOUNT_TIMEOUT`,
+`LIVENESS_TIMEOUT`, `STARTING_WINDOW`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MOUNT_TIMEOUT = 30.0
+"""Seconds a FUSE server may take until its mount appears and answers."""
+LIVENESS_TIMEOUT = 5.0
+"""Seconds a mount gets to answer statfs before it counts as hung (dead)."""
+STARTING_WINDOW = 120.0
+"""Seconds a container start the mount program recorded counts as a use before its overlay
+is mounted (the mount program records the use, then podman mounts the overlay)."""
+
+
+# ---------------------------------------------------------------------------------------
+# User namespaces and the per-host state directory.
+
+
+def outside_uid(uid_map: str) -> int | None:
+    """The uid outside a user namespace that uid 0 inside maps to (``/proc/self/uid_map``)."""
+    for line in uid_map.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == "0":
+            return int(fields[1])
+    return None
+
+
+def own_uid_map() -> str | None:
+    """This process's ``/proc/self/uid_map``, None when it cannot be read."""
+    try:
+        return Path("/proc/self/uid_map").read_text()
+    except OSError:
+        return None
+
+
+def is_real_root() -> bool:
+    """Root in the initial user namespace (not root inside a rootless user namespace)."""
+    if os.geteuid() != 0:
+        return False
+    uid_map = own_uid_map()
+    if uid_map is None:
+        return True
+    return uid_map.split()[:3] == ["0", "0", "4294967295"]
+
+
+def runtime_dir() -> Path:
+    """Per-host (per user namespace) state: the mount registry lives here."""
+    env = os.environ.get("SQUASHSTORE_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    if is_real_root():
+        return Path("/run/squashstore")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "squashstore"
+    return Path(f"/run/user/{os.getuid()}/squashstore")
+
+
+def server_log(mountpoint: Path, backend: str) -> Path:
+    """Where the FUSE server of `backend` for `mountpoint` logs when nothing else is asked:
+    ``<runtime dir>/logs/<backend>-<key>.log`` (the directory is made)."""
+    directory = runtime_dir() / "logs"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24]
+    return directory / f"{backend}-{key}.log"
+
+
+# ---------------------------------------------------------------------------------------
+# Processes.
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process identity that survives pid reuse: host, pid and kernel start time."""
+
+    host: str
+    pid: int
+    start: int
+
+    def tag(self) -> str:
+        return f"{self.host}.{self.pid}.{self.start}"
+
+    @classmethod
+    def parse(cls, tag: str) -> ProcessId | None:
+        host, _, rest = tag.rpartition(".")
+        host, _, pid = host.rpartition(".")
+        try:
+            return cls(host, int(pid), int(rest))
+        except ValueError:
+            return None
+
+    def is_alive(self) -> bool:
+        """Whether this process still runs (unknown for other hosts: assumed alive)."""
+        if self.host != hostname():
+            return True
+        return process_start(self.pid) == self.start
+
+
+def hostname() -> str:
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
+def process_start(pid: int) -> int | None:
+    """The kernel start time (clock ticks since boot) of ``pid``, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def me() -> ProcessId:
+    start = process_start(os.getpid())
+    return ProcessId(hostname(), os.getpid(), start or 0)
+
+
+def process_age(pid: int) -> float | None:
+    """Seconds since ``pid`` started (None when it is gone)."""
+    start = process_start(pid)
+    if start is None:
+        return None
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start / os.sysconf("SC_CLK_TCK")
+
+
+def pids() -> Iterator[int]:
+    """The ids of the processes visible in ``/proc`` now."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            yield int(entry.name)
+
+
+def cmdline(pid: int) -> list[bytes] | None:
+    """A process's command line (arguments as bytes), None when it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.split(b"\0")[:-1] if raw.endswith(b"\0") else raw.split(b"\0")
+
+
+def commands_named(program: str) -> list[list[str]]:
+    """The command lines of the processes whose ``argv[0]`` has basename `program`."""
+    out = []
+    for pid in pids():
+        argv = cmdline(pid)
+        if argv and os.path.basename(argv[0]) == program.encode():
+            out.append([a.decode(errors="surrogateescape") for a in argv])
+    return out
+
+
+def names_argument(pid: int, argument: str) -> bool:
+    """Whether process `pid` runs with `argument` among its arguments (a FUSE server serving
+    that mount point, and not a recycled pid)."""
+    argv = cmdline(pid)
+    return argv is not None and argument.encode() in argv
+
+
+def server_pid(mountpoint: str) -> int | None:
+    """The pid of a FUSE server whose command line names ``mountpoint`` (adopted mounts)."""
+    for pid in pids():
+        if pid != os.getpid() and names_argument(pid, mountpoint):
+            return pid
+    return None
+
+
+def open_descriptors_of(target: str) -> list[int]:
+    """This process's file descriptors open on `target` (e.g. ``/dev/fuse``)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == target:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# Mount tables.
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of a ``mountinfo`` file."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    mount_id: int = 0
+    device: str = ""
+    """``major:minor`` of the mounted file system: the same in every mount namespace."""
+    super_options: str = ""
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The lines of a ``/proc/PID/mountinfo`` file."""
+    out = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        out.append(MountEntry(_unescape_mountinfo(fields[4]), rfields[0],
+                              _unescape_mountinfo(rfields[1]), int(fields[0]), fields[2],
+                              rfields[2] if len(rfields) > 2 else ""))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[MountEntry]:
+    """A process's mount table (empty when it is gone or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as file:
+            return parse_mountinfo(file.read())
+    except OSError:
+        return []
+
+
+def mount_table() -> dict[str, MountEntry]:
+    """The current mount namespace's mounts by mount point (the topmost one wins)."""
+    return {entry.mountpoint: entry for entry in read_mountinfo()}
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Whether ``path`` is a mount point; unlike os.path.ismount, true for dead FUSE mounts."""
+    return real_path(path) in mount_table()
+
+
+def real_path(path: Path) -> str:
+    """``path`` with its parent's symlinks resolved, never stat-ing ``path`` itself."""
+    absolute = Path(os.path.abspath(path))
+    return os.path.join(os.path.realpath(absolute.parent), absolute.name)
+
+
+def other_namespace_devices() -> dict[str, int]:
+    """Device numbers mounted in mount namespaces other than ours, with how many namespaces.
+
+    One process per namespace is read (``/proc/PID/ns/mnt`` tells them apart).
+    """
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return {}
+    seen = {mine}
+    counts: dict[str, int] = {}
+    for pid in pids():
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if namespace in seen:
+            continue
+        seen.add(namespace)
+        for device in {m.device for m in read_mountinfo(pid)}:
+            counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# Whether a mount answers, and FUSE unmounts.
+
+
+def probe(mountpoint: Path, timeout: float = LIVENESS_TIMEOUT) -> bool | None:
+    """Whether a mount serves: True, False when dead (a FUSE mount whose server died gives
+    ENOTCONN), None when it gave no answer within `timeout` (a hung server; the call would
+    block forever, so it runs in a thread). Other errors count as serving: never unmount
+    blindly.
+
+    statfs, not stat: with long attribute timeouts the kernel answers stat of a dead
+    server's root from its cache, while statfs always reaches the server.
+    """
+    answer: list[bool] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(mountpoint)
+        except OSError as exc:
+            answer.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO))
+            return
+        answer.append(True)
+
+    thread = threading.Thread(target=ask, name="statfs", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
+
+
+def answers(mountpoint: Path) -> bool:
+    """Whether a mount serves within `LIVENESS_TIMEOUT` (dead and hung mounts do not)."""
+    return probe(mountpoint) is True
+
+
+def fusermount_unmount(mountpoint: Path, lazy: bool, quiet: bool = False) -> str | None:
+    """``fusermount3 -u [-z] [-q] MOUNTPOINT``: None when it worked, else its last error line."""
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), *(["-q"] if quiet else []),
+            str(mountpoint)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stderr.strip() or f"exit status {proc.returncode}").splitlines()
+    return lines[-1]

@@ -1,0 +1,362 @@
+"""podman's on-disk image store (containers/storage 1.43), read and written by one module.
+
+This module owns containers/storage's store format as squashstore meets it, in podman's own
+primary stores, in additional image stores and in the squash store (which has the same
+layout): where a driver keeps its files (`Layout`: ``<driver>-images``, ``<driver>-layers``,
+``<driver>-containers``, a layer's ``diff`` directory, its tar-split, the overlay path rule
+``<root>/overlay/<layer>/<leaf>``); the JSON record files (``images.json``, ``layers.json``,
+``containers.json``, the runroot's ``mountpoints.json``) loaded by one loader with one error
+policy (`PodmanStoreError` for a file that cannot be read or is not an array of objects
+with string ids; a missing or empty file has no records) into typed records
+(`ImageRecord`, `LayerRecord`, `ContainerRecord`, `MountCount`, each keeping its raw JSON
+so a writer never drops a field it does not model); image big-data file names exactly as
+containers/storage makes them (`big_data_name`, its ``makeBigDataBaseName``) and the name
+squashstore 0.1 wrote for some keys (`legacy_big_data_name`), so stores written before are
+still read; containers/storage's read locks (shared record locks, the layer store's before
+the image store's; `squashstore.locking` holds the lock mechanism and the writers' side);
+and the walk down a layer's parent chain.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squashstore.image import SquashstoreError
+
+
+class PodmanStoreError(SquashstoreError):
+    """A containers/storage record file cannot be read or is damaged."""
+
+
+# ---------------------------------------------------------------------------------------
+# Layout.
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one containers/storage store (a graph root or an additional image store) keeps
+    its files for `driver` (``overlay`` or ``vfs``)."""
+
+    root: Path
+    driver: str = "overlay"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / f"{self.driver}-images"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / f"{self.driver}-layers"
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.root / f"{self.driver}-containers"
+
+    @property
+    def images_json(self) -> Path:
+        return self.images_dir / "images.json"
+
+    @property
+    def layers_json(self) -> Path:
+        return self.layers_dir / "layers.json"
+
+    @property
+    def containers_json(self) -> Path:
+        return self.containers_dir / "containers.json"
+
+    @property
+    def images_lock(self) -> Path:
+        return self.images_dir / "images.lock"
+
+    @property
+    def layers_lock(self) -> Path:
+        return self.layers_dir / "layers.lock"
+
+    def image_dir(self, image_id: str) -> Path:
+        """The directory of an image's big-data items."""
+        return self.images_dir / image_id
+
+    def diff_dir(self, layer_id: str) -> Path:
+        if self.driver == "vfs":
+            return self.root / "vfs" / "dir" / layer_id
+        return self.root / self.driver / layer_id / "diff"
+
+    def tar_split(self, layer_id: str) -> Path:
+        return self.layers_dir / f"{layer_id}.tar-split.gz"
+
+
+def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
+    """The runroot's record of how often each layer is mounted."""
+    return runroot / f"{driver}-layers" / "mountpoints.json"
+
+
+def overlay_layer(path: str | Path, leaf: str) -> tuple[Path, str] | None:
+    """``<root>/overlay/<layer>/<leaf>`` -> (root, layer): where containers/storage's overlay
+    driver (and a squash store, which has its layout) keeps a layer's ``diff`` or ``merged``."""
+    path = Path(path)
+    if path.name != leaf or path.parent.parent.name != "overlay":
+        return None
+    return path.parent.parent.parent, path.parent.name
+
+
+# ---------------------------------------------------------------------------------------
+# Big-data file names.
+
+
+def big_data_name(key: str) -> str:
+    """containers/storage's file name for an image big-data item (``makeBigDataBaseName``):
+    the key itself when every character is in ``[.0-9a-z]``, else ``=`` + base64 (standard
+    alphabet, padded) of the key."""
+    if all(c == "." or "0" <= c <= "9" or "a" <= c <= "z" for c in key):
+        return key
+    return "=" + base64.standard_b64encode(key.encode()).decode()
+
+
+_LEGACY_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def legacy_big_data_name(key: str) -> str:
+    """The file name squashstore 0.1 wrote for a big-data item (plain for ``[A-Za-z0-9._-]``,
+    where podman looks for ``=`` + base64): read, never written."""
+    if _LEGACY_PLAIN.fullmatch(key) and not key.startswith("="):
+        return key
+    return "=" + base64.standard_b64encode(key.encode()).decode()
+
+
+def big_data_paths(image_dir: Path, key: str) -> list[Path]:
+    """Where an image's big-data item `key` may be: podman's name, then the legacy one."""
+    names = dict.fromkeys((big_data_name(key), legacy_big_data_name(key)))
+    return [image_dir / name for name in names]
+
+
+def read_big_data(image_dir: Path, key: str) -> bytes | None:
+    """An image's big-data item `key`, None when it is under neither name."""
+    for path in big_data_paths(image_dir, key):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Records.
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def _string(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One entry of ``images.json``."""
+
+    id: str
+    names: tuple[str, ...] = ()
+    layer: str = ""
+    """The image's top layer ("" for an image without layers)."""
+    digest: str = ""
+    """The digest of its manifest."""
+    digests: tuple[str, ...] = ()
+    created: str = ""
+    big_data_names: tuple[str, ...] = ()
+    big_data_digests: Mapping[str, str] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The whole JSON object, with the fields not modelled here."""
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> ImageRecord:
+        digests = raw.get("big-data-digests")
+        return cls(
+            id=raw["id"], names=_strings(raw.get("names")), layer=_string(raw.get("layer")),
+            digest=_string(raw.get("digest")), digests=_strings(raw.get("digests")),
+            created=_string(raw.get("created")),
+            big_data_names=_strings(raw.get("big-data-names")),
+            big_data_digests={k: v for k, v in digests.items()
+                              if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(digests, dict) else {},
+            raw=raw)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One entry of ``layers.json``."""
+
+    id: str
+    parent: str = ""
+    """The layer below ("" for a bottom layer)."""
+    diff_digest: str = ""
+    """The digest of its uncompressed tar (an image config's diff id)."""
+    diff_size: int = -1
+    """Bytes of that tar; -1 when not recorded."""
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> LayerRecord:
+        size = raw.get("diff-size")
+        return cls(id=raw["id"], parent=_string(raw.get("parent")),
+                   diff_digest=_string(raw.get("diff-digest")),
+                   diff_size=size if isinstance(size, int) and not isinstance(size, bool)
+                   else -1,
+                   raw=raw)
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    """One entry of ``containers.json``."""
+
+    id: str
+    names: tuple[str, ...] = ()
+    layer: str = ""
+    """The container's own (read-write) layer."""
+    image: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> ContainerRecord:
+        return cls(id=raw["id"], names=_strings(raw.get("names")),
+                   layer=_string(raw.get("layer")), image=_string(raw.get("image")), raw=raw)
+
+
+@dataclass(frozen=True)
+class MountCount:
+    """One entry of a runroot's ``mountpoints.json``: how often a layer is mounted."""
+
+    id: str
+    count: int = 0
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> MountCount:
+        count = raw.get("count")
+        return cls(id=raw["id"], count=count if isinstance(count, int) else 0, raw=raw)
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The objects of a containers/storage record file; [] when it is missing or empty.
+
+    `PodmanStoreError` when it cannot be read, is not JSON, is not an array, or holds an
+    entry that is not an object with a string ``id`` (the one policy for every record file).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PodmanStoreError(f"cannot read {path}: {exc.strerror}") from exc
+    if not data.strip():
+        return []
+    try:
+        records = json.loads(data)
+    except ValueError as exc:
+        raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(records, list):
+        raise PodmanStoreError(f"{path} is not a JSON array")
+    if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
+        raise PodmanStoreError(f"{path}: damaged (not an array of records with ids)")
+    return records
+
+
+def images(path: Path) -> list[ImageRecord]:
+    """The records of an ``images.json``."""
+    return [ImageRecord.parse(r) for r in load_records(path)]
+
+
+def layers(path: Path) -> list[LayerRecord]:
+    """The records of a ``layers.json``."""
+    return [LayerRecord.parse(r) for r in load_records(path)]
+
+
+def containers(path: Path) -> list[ContainerRecord]:
+    """The records of a ``containers.json``."""
+    return [ContainerRecord.parse(r) for r in load_records(path)]
+
+
+def mount_counts(path: Path) -> list[MountCount]:
+    """The records of a runroot's ``mountpoints.json``."""
+    return [MountCount.parse(r) for r in load_records(path)]
+
+
+# ---------------------------------------------------------------------------------------
+# Locks.
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path) -> Iterator[None]:
+    """containers/storage's read lock (a shared record lock) on `path`, when it exists."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def read_locked(layout: Layout) -> Iterator[None]:
+    """A store's layer and image records held still for reading, as podman reads them (the
+    layer store's lock before the image store's)."""
+    with shared_lock(layout.layers_lock), shared_lock(layout.images_lock):
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# Layer chains.
+
+MAX_CHAIN = 1000
+"""Longest layer chain followed: a longer one is taken for a loop."""
+
+
+def ancestors(layer: str, parents: Mapping[str, str]) -> list[str]:
+    """``layer`` and its parents, top first, following ``parents`` (stops at a loop or an id
+    `parents` does not know: a layer of another store)."""
+    chain: list[str] = []
+    current = layer
+    while current and current not in chain and len(chain) < MAX_CHAIN:
+        chain.append(current)
+        current = parents.get(current, "")
+    return chain
+
+
+def layer_chain(top: str, records: Mapping[str, LayerRecord]) -> list[LayerRecord]:
+    """The records of ``top`` and every layer below it, bottom first; `PodmanStoreError`
+    when one is missing or the chain loops."""
+    chain: list[LayerRecord] = []
+    current = top
+    while current:
+        record = records.get(current)
+        if record is None:
+            raise PodmanStoreError(f"layer {current[:12]} is missing from the store")
+        chain.append(record)
+        if len(chain) > MAX_CHAIN:
+            raise PodmanStoreError("layer chain is too long (a loop?)")
+        current = record.parent
+    chain.reverse()
+    return chain
+
+
+def parents(records: Iterable[LayerRecord]) -> dict[str, str]:
+    """layer id -> parent id, for the layers that have a parent."""
+    return {r.id: r.parent for r in records if r.parent}
+
+
+def children(records: Iterable[LayerRecord], layer_id: str) -> list[str]:
+    """Ids of the layers whose parent is ``layer_id`` (containers and images built FROM it)."""
+    return [r.id for r in records if r.parent == layer_id]

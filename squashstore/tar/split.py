@@ -1,0 +1,282 @@
+"""tar-split, both directions: recording how to rebuild a tar stream, and rebuilding one.
+
+`TarSplitRecorder` writes, while squashstore's canonical tar streams past, the gzip'd JSON
+lines that let containers/storage rebuild that exact tar from the mounted layer (for
+``podman save`` and ``podman push``). The rest of this module reads them back:
+
+containers/storage keeps no layer tars: it keeps each layer's files unpacked (overlay's
+``<graphroot>/overlay/<id>/diff``) plus ``overlay-layers/<id>.tar-split.gz``, gzip'd JSON lines
+in vbatts/tar-split's format. A line of type 2 (segment) carries raw tar bytes (headers,
+padding, the end-of-archive blocks) base64'd in ``payload``; a line of type 1 (file) names an
+entry (``name``, or base64 ``name_raw`` when not UTF-8) whose ``size`` content bytes are read
+from the diff directory. Concatenated they reproduce the original layer tar byte for byte.
+This module owns that reconstruction and, for a layer without a tar-split, an equivalent tar
+made by walking the diff directory (overlay whiteouts and opaque directories turned into OCI
+``.wh.`` entries). Both are produced as iterators of byte chunks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from fastcrc import crc64
+
+from squashstore.image import SourceError
+from squashstore.tar import format as f
+from squashstore.tar.format import SPLIT_FILE as FILE
+from squashstore.tar.format import SPLIT_SEGMENT as SEGMENT
+from squashstore.tar.writer import encode_header
+
+CHUNK = 1 << 20
+
+
+class TarSplitRecorder:
+    """Writes a tar-split metadata file: how to reassemble the stream from a directory."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1)
+        self._position = 0
+        self._segment = bytearray()
+
+    def segment(self, raw: bytes) -> None:
+        """Raw tar bytes (headers, padding, the end marker) kept as they are."""
+        self._segment += raw
+
+    def file(self, name: str, size: int, crc: int | None) -> None:
+        """An entry whose `size` content bytes come from the file `name` (CRC-64/ISO)."""
+        self._flush_segment()
+        entry: dict[str, object] = {"type": FILE}
+        raw = name.encode("utf-8", "surrogateescape")
+        try:
+            entry["name"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["name_raw"] = base64.b64encode(raw).decode()
+        if size:
+            entry["size"] = size
+        entry["payload"] = (
+            base64.b64encode(crc.to_bytes(8, "big")).decode() if crc is not None else None)
+        self._emit(entry)
+
+    def close(self) -> None:
+        self._flush_segment()
+        self._gz.close()
+
+    def _flush_segment(self) -> None:
+        if self._segment:
+            self._emit({"type": SEGMENT,
+                        "payload": base64.b64encode(bytes(self._segment)).decode()})
+            self._segment.clear()
+
+    def _emit(self, entry: dict[str, object]) -> None:
+        entry["position"] = self._position
+        self._position += 1
+        self._gz.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+_OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+_SKIPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+
+def _entry_name(entry: dict[str, object], where: str) -> bytes:
+    raw = entry.get("name_raw")
+    if isinstance(raw, str) and raw:
+        try:
+            return base64.b64decode(raw, validate=True)
+        except binascii.Error as exc:
+            raise SourceError(f"{where}: invalid name_raw ({exc})") from exc
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise SourceError(f"{where}: file entry without a name")
+    return name.encode("utf-8", "surrogateescape")
+
+
+def _safe_relative(name: bytes, where: str) -> bytes:
+    """`name` as a path relative to the diff directory; never leaves it."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts or not parts:
+        raise SourceError(f"{where}: entry name {name!r} escapes the layer")
+    return b"/".join(parts)
+
+
+def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
+                  where: str) -> Iterator[bytes]:
+    """`size` bytes of the file `name`; checked against the CRC-64/ISO that tar-split
+    recorded, as containers/storage checks it ("file integrity checksum failed")."""
+    path = os.path.join(diff, _safe_relative(name, where))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    try:
+        remaining = size
+        checksum: int | None = None
+        while remaining:
+            data = os.read(fd, min(CHUNK, remaining))
+            if not data:
+                raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
+                                  f"{size} bytes the layer recorded")
+            remaining -= len(data)
+            if crc is not None:
+                checksum = (crc64.go_iso(data) if checksum is None
+                            else crc64.go_iso(data, checksum))
+            yield data
+    finally:
+        os.close(fd)
+    if crc is not None and checksum is not None and checksum.to_bytes(8, "big") != crc:
+        raise SourceError(f"{where}: file integrity checksum failed for "
+                          f"{os.fsdecode(path)}")
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _parse_line(line: bytes, where: str) -> dict[str, object]:
+    try:
+        entry, _ = _DECODER.raw_decode(line.decode())
+    except ValueError as exc:
+        raise SourceError(f"{where}: invalid tar-split line ({exc})") from exc
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: invalid tar-split line")
+    return entry
+
+
+def _payload(entry: dict[str, object], where: str) -> bytes:
+    payload = entry.get("payload")
+    if payload is None:
+        return b""
+    if not isinstance(payload, str):
+        raise SourceError(f"{where}: invalid segment payload")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise SourceError(f"{where}: invalid segment payload ({exc})") from exc
+
+
+def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[bytes]:
+    """The layer tar rebuilt from `tar_split` (a ``.tar-split.gz``) and `diff_dir`.
+
+    `where` names the layer in errors.
+    """
+    diff = os.fsencode(diff_dir)
+    try:
+        with gzip.open(tar_split, "rb") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                entry = _parse_line(line, where)
+                kind = entry.get("type")
+                if kind == SEGMENT:
+                    data = _payload(entry, where)
+                    if data:
+                        yield data
+                elif kind == FILE:
+                    size = entry.get("size", 0)
+                    if not isinstance(size, int) or size < 0:
+                        raise SourceError(f"{where}: invalid size in tar-split")
+                    if size:
+                        crc = _payload(entry, where) or None
+                        yield from _file_content(diff, _entry_name(entry, where), size, crc,
+                                                 where)
+                else:
+                    raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+    except (OSError, EOFError) as exc:
+        raise SourceError(f"{where}: cannot read {tar_split}: {exc}") from exc
+
+
+# --- a layer without a tar-split: walk the diff directory ----------------------------------
+
+
+def _xattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    values: dict[bytes, bytes] = {}
+    for name in sorted(names):
+        key = os.fsencode(name)
+        try:
+            values[key] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return values
+
+
+def _header(name: bytes, st: os.stat_result, kind: bytes, xattrs: dict[bytes, bytes],
+            linkname: bytes = b"", size: int = 0) -> bytes:
+    device = kind in (f.TYPE_CHAR, f.TYPE_BLOCK)
+    return encode_header(
+        os.fsdecode(name), kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+        size=size, mtime=int(st.st_mtime), linkname=os.fsdecode(linkname),
+        devmajor=os.major(st.st_rdev) if device else 0,
+        devminor=os.minor(st.st_rdev) if device else 0,
+        xattrs={key.decode("utf-8", "surrogateescape"): value for key, value in xattrs.items()
+                if not key.startswith(_SKIPPED_XATTR_PREFIXES)})
+
+
+def _whiteout(name: bytes, st: os.stat_result, mtime: int | None = None) -> bytes:
+    """An empty regular file `name` with the owner, mode and time of `st` (the whiteout
+    device, or for an opaque marker its directory, then with time 0), as containers/storage
+    writes them."""
+    return encode_header(os.fsdecode(name), f.TYPE_REG, mode=stat.S_IMODE(st.st_mode) & 0o777,
+                         uid=st.st_uid, gid=st.st_gid,
+                         mtime=int(st.st_mtime) if mtime is None else mtime)
+
+
+def _is_opaque(xattrs: dict[bytes, bytes]) -> bool:
+    return any(xattrs.get(k) == b"y" for k in _OPAQUE_XATTRS)
+
+
+def _walk_entry(root: bytes, rel: bytes, links: dict[tuple[int, int], bytes],
+                where: str) -> Iterator[bytes]:
+    path = os.path.join(root, rel)
+    st = os.lstat(path)
+    mode = st.st_mode
+    parent, _, base = rel.rpartition(b"/")
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        yield _whiteout((parent + b"/" if parent else b"") + f.WHITEOUT_PREFIX.encode() + base, st)
+        return
+    xattrs = _xattrs(path)
+    if stat.S_ISDIR(mode):
+        yield _header(rel + b"/", st, f.TYPE_DIR, xattrs)
+        if _is_opaque(xattrs):
+            yield _whiteout(rel + b"/" + f.OPAQUE_MARKER.encode(), st, mtime=0)
+        for child in sorted(os.listdir(path)):
+            yield from _walk_entry(root, rel + b"/" + child, links, where)
+        return
+    if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+        first = links.setdefault((st.st_dev, st.st_ino), rel)
+        if first != rel:
+            yield _header(rel, st, f.TYPE_LINK, xattrs, linkname=first)
+            return
+    if stat.S_ISREG(mode):
+        yield _header(rel, st, f.TYPE_REG, xattrs, size=st.st_size)
+        yield from _file_content(root, rel, st.st_size, None, where)
+        if st.st_size % f.BLOCK:
+            yield bytes(f.BLOCK - st.st_size % f.BLOCK)
+    elif stat.S_ISLNK(mode):
+        yield _header(rel, st, f.TYPE_SYMLINK, xattrs, linkname=os.readlink(path))
+    elif stat.S_ISCHR(mode):
+        yield _header(rel, st, f.TYPE_CHAR, xattrs)
+    elif stat.S_ISBLK(mode):
+        yield _header(rel, st, f.TYPE_BLOCK, xattrs)
+    elif stat.S_ISFIFO(mode):
+        yield _header(rel, st, f.TYPE_FIFO, xattrs)
+    # sockets cannot be represented in a tar and are left out, as tar does
+
+
+def tar_from_diff_dir(diff_dir: Path, where: str) -> Iterator[bytes]:
+    """A tar equivalent to the layer whose unpacked files are `diff_dir` (overlay layout)."""
+    root = os.fsencode(diff_dir)
+    links: dict[tuple[int, int], bytes] = {}
+    try:
+        for child in sorted(os.listdir(root)):
+            yield from _walk_entry(root, child, links, where)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {diff_dir}: {exc.strerror}") from exc
+    yield bytes(2 * f.BLOCK)
