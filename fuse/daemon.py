@@ -222,6 +222,8 @@ def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> No
 def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
     from squashstore.fuse import server
+    from squashstore.lazy import image as lazy_image
+    from squashstore.lazy import remote
     from squashstore.squashfs.reader import SquashReader
 
     def ready(message: str) -> None:
@@ -235,11 +237,15 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
         check_arguments(args)
         set_process_name("squashstore-fs")
         opts = _server_options(args)
-        with SquashReader(args.squash, metadata_cache_blocks=1, data_cache_blocks=1) as probe:
+        lazy = lazy_image.open_lazy(args.squash, remote.open_source)
+        if lazy is not None:  # a lazily pulled image: its cache, and the registry for the rest
+            lazy_image.prefetch_metadata(lazy)
+        with SquashReader(args.squash, metadata_cache_blocks=1, data_cache_blocks=1,
+                          source=lazy) as probe:
             block_size = probe.block_size
         reader = SquashReader(
             args.squash, metadata_cache_blocks=opts.metadata_cache_blocks,
-            data_cache_blocks=max(1, opts.cache_bytes // block_size))
+            data_cache_blocks=max(1, opts.cache_bytes // block_size), source=lazy)
     except (SquashstoreError, OSError) as exc:
         ready(f"{args.squash}: {exc}" if isinstance(exc, OSError) else str(exc))
         raise

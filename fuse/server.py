@@ -367,14 +367,14 @@ class SquashOperations(pyfuse3.Operations):
         if off >= node.size:
             return b""
         try:
-            if (
-                self._limiter is None
-                or off >= node.block_count * self._reader.block_size
+            if self._limiter is None or (not self._reader.remote and (
+                off >= node.block_count * self._reader.block_size
                 or (not self._in_threads and not self._requests_waiting())
-            ):
+            )):
                 # Only the tail (a slice of a fragment block that many small files share
                 # and that is nearly always decompressed already), or nothing else to do:
-                # a thread hop costs more than it saves.
+                # a thread hop costs more than it saves. Not for a lazily pulled image,
+                # whose read may wait on the registry: lookups and stats go on meanwhile.
                 return self._reader.read(node, off, size)
             self._in_threads += 1
             try:

@@ -1,0 +1,275 @@
+"""The local cache of one lazily pulled blob: a sparse data file and a map of its chunks.
+
+`RangeCache` owns two files in a cache directory, named after the blob's digest:
+``<hex>.data``, a sparse file of the blob's full size holding the bytes fetched so far at
+their own offsets, and ``<hex>.map``, a header (magic, blob size, chunk size, digest) and a
+bitmap with one bit per `chunk`-sized piece of the blob. Every process that serves the
+blob on the host opens the same two files (so containers of one image share what any of
+them fetched, and a remount finds it again). A bit is set only after its chunk's bytes
+are written and flushed to disk (`fdatasync`), under an exclusive ``flock`` of the map,
+by or-ing it into the bytes on disk; bits are never cleared except by `reset`, so readers
+need no lock: a bit they have not seen yet only costs a duplicate fetch, whose bytes are
+the same. The cache is `complete` when every bit is set; then the data file is the blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from squashstore.image import SquashstoreError
+from squashstore.lazy import ranges
+from squashstore.lazy.ranges import Span
+
+CHUNK = 64 << 10
+"""Bytes per map bit: small enough that a few small files cost little, large enough that
+the map of a 10 GB blob is 20 KB."""
+MAGIC = b"SQSLAZY1"
+_HEADER = struct.Struct("<8sQI4x96s")
+HEADER_SIZE = 128
+"""The map's bitmap starts here (the header struct, zero-padded)."""
+
+
+class CacheError(SquashstoreError):
+    """A cache file is unusable (not ours, of another blob, or unwritable)."""
+
+
+def _hex(digest: str) -> str:
+    algorithm, _, hex_ = digest.partition(":")
+    if not algorithm.isalnum() or not hex_ or not all(c in "0123456789abcdef" for c in hex_):
+        raise CacheError(f"bad blob digest {digest!r}")
+    return hex_
+
+
+def data_path(directory: Path, digest: str) -> Path:
+    """Where the cache of `digest` keeps its bytes (the blob itself once complete)."""
+    return directory / f"{_hex(digest)}.data"
+
+
+def map_path(directory: Path, digest: str) -> Path:
+    return directory / f"{_hex(digest)}.map"
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a cache directory another user could write to (it would feed us bytes)."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise CacheError(f"{directory}: cannot use as cache directory: {exc.strerror}") \
+            from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{directory}: not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CacheError(f"{directory}: cache directory must be owned by uid {os.geteuid()} "
+                         "and writable only by it")
+
+
+def _open(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot open cache file: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise CacheError(f"{path}: not a cache file of uid {os.geteuid()}")
+    return fd
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:  # pragma: no cover - pwrite raises rather than returning 0
+            raise OSError(errno.ENOSPC, "short write")
+        view = view[written:]
+        offset += written
+
+
+class RangeCache:
+    """The cache of the blob `digest` of `size` bytes: its bytes in `data` and its map in
+    `map_` (both created if absent). `in_directory` names them after the digest."""
+
+    def __init__(self, data: Path, map_: Path, digest: str, size: int,
+                 chunk: int = CHUNK) -> None:
+        if size < 0 or chunk <= 0:
+            raise CacheError(f"bad cache geometry (size {size}, chunk {chunk})")
+        _hex(digest)
+        self.digest, self.size, self.chunk = digest, size, chunk
+        self.chunks = ranges.chunk_count(size, chunk)
+        self.data_path, self.map_path = Path(data), Path(map_)
+        self._bitmap = bytearray(-(-self.chunks // 8))
+        self._lock = threading.Lock()
+        self._map = _open(self.map_path)
+        try:
+            self._data = _open(self.data_path)
+        except BaseException:
+            os.close(self._map)
+            raise
+        try:
+            self._initialise()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def in_directory(cls, directory: Path, digest: str, size: int,
+                     chunk: int = CHUNK) -> RangeCache:
+        """The cache of `digest` in a cache directory of its own (``<hex>.data``/``.map``)."""
+        return cls(data_path(directory, digest), map_path(directory, digest), digest, size,
+                   chunk)
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        for name in ("_data", "_map"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def __enter__(self) -> RangeCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._map, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._map, fcntl.LOCK_UN)
+
+    def _header(self) -> bytes:
+        digest = self.digest.encode()
+        if len(digest) > 96:
+            raise CacheError(f"digest too long: {self.digest}")
+        return _HEADER.pack(MAGIC, self.size, self.chunk, digest).ljust(HEADER_SIZE, b"\0")
+
+    def _initialise(self) -> None:
+        expected = self._header()
+        with self._locked():
+            current = os.pread(self._map, HEADER_SIZE, 0)
+            if current == expected and \
+                    os.fstat(self._map).st_size == HEADER_SIZE + len(self._bitmap) and \
+                    os.fstat(self._data).st_size == self.size:
+                self._bitmap[:] = os.pread(self._map, len(self._bitmap), HEADER_SIZE)
+                return
+            if current.strip(b"\0") and current != expected:
+                raise CacheError(f"{self.map_path}: the cache of another blob or format")
+            # New (or left half-made by a crash): empty map first, header last. Bytes
+            # already in the data file stay (it may be a store's squash file) but count
+            # for nothing until fetched again.
+            if os.fstat(self._data).st_size != self.size:
+                os.ftruncate(self._data, self.size)
+            os.ftruncate(self._map, 0)
+            os.ftruncate(self._map, HEADER_SIZE + len(self._bitmap))
+            os.fsync(self._map)
+            _pwrite_all(self._map, expected, 0)
+            os.fsync(self._map)
+
+    # -- the map -----------------------------------------------------------------------
+
+    def _refresh(self, chunks: range) -> None:
+        """Pick up bits other processes set for `chunks` (bits only ever get set)."""
+        if not len(chunks):
+            return
+        first, last = chunks.start >> 3, ((chunks.stop - 1) >> 3) + 1
+        disk = os.pread(self._map, last - first, HEADER_SIZE + first)
+        with self._lock:
+            for i, byte in enumerate(disk):
+                self._bitmap[first + i] |= byte
+
+    def refresh(self) -> None:
+        """Re-read the whole map from disk."""
+        self._refresh(range(self.chunks))
+
+    def _chunks(self, span: Span) -> range:
+        if span.end > self.size:
+            raise CacheError(f"{self.data_path}: span {span} beyond the blob's {self.size} "
+                             "bytes")
+        return ranges.chunk_range(span, self.chunk)
+
+    def missing(self, span: Span) -> list[Span]:
+        """The chunk-aligned spans of `span`'s chunks not yet present (sorted)."""
+        chunks = self._chunks(span)
+        if not ranges.missing_runs(self._bitmap, chunks):
+            return []
+        self._refresh(chunks)
+        return ranges.runs_to_spans(ranges.missing_runs(self._bitmap, chunks), self.chunk,
+                                    self.size)
+
+    def all_missing(self) -> list[Span]:
+        return self.missing(Span(0, self.size))
+
+    def present_chunks(self) -> int:
+        return ranges.count_present(self._bitmap, self.chunks)
+
+    def present_bytes(self) -> int:
+        """Bytes present (the last chunk counted at its own, shorter length)."""
+        total = self.present_chunks() * self.chunk
+        if self.chunks and ranges.has_chunk(self._bitmap, self.chunks - 1):
+            total -= self.chunks * self.chunk - self.size
+        return total
+
+    def complete(self) -> bool:
+        """Whether every chunk is present (the data file is then the whole blob)."""
+        if self.present_chunks() < self.chunks:
+            self.refresh()
+        return self.present_chunks() == self.chunks
+
+    # -- data --------------------------------------------------------------------------
+
+    def store(self, pieces: Iterable[tuple[Span, bytes]]) -> None:
+        """Write fetched chunk-aligned pieces, flush them, then mark them present."""
+        marks: list[range] = []
+        for span, data in pieces:
+            if len(data) != len(span):
+                raise CacheError(f"{self.data_path}: {len(data)} bytes for span {span}")
+            if span.start % self.chunk or (span.end % self.chunk and span.end != self.size):
+                raise CacheError(f"{self.data_path}: span {span} is not chunk-aligned")
+            _pwrite_all(self._data, data, span.start)
+            marks.append(self._chunks(span))
+        if not marks:
+            return
+        os.fdatasync(self._data)
+        with self._locked():
+            for chunks in marks:
+                if not len(chunks):
+                    continue
+                first, last = chunks.start >> 3, ((chunks.stop - 1) >> 3) + 1
+                disk = bytearray(os.pread(self._map, last - first, HEADER_SIZE + first))
+                window = bytearray(last - first)
+                ranges.set_chunks(window, range(chunks.start - first * 8,
+                                                chunks.stop - first * 8))
+                for i, byte in enumerate(window):
+                    disk[i] |= byte
+                _pwrite_all(self._map, bytes(disk), HEADER_SIZE + first)
+                for i, byte in enumerate(disk):
+                    self._bitmap[first + i] |= byte
+
+    def read(self, span: Span) -> bytes:
+        """The cached bytes of `span` (the caller made sure they are present)."""
+        data = os.pread(self._data, len(span), span.start)
+        if len(data) != len(span):
+            raise CacheError(f"{self.data_path}: short read at {span.start}")
+        return data
+
+    def reset(self) -> None:
+        """Forget everything (a complete cache whose digest turned out wrong)."""
+        with self._locked():
+            os.ftruncate(self._map, HEADER_SIZE)
+            os.ftruncate(self._map, HEADER_SIZE + len(self._bitmap))
+            self._bitmap[:] = bytes(len(self._bitmap))
+            os.ftruncate(self._data, 0)
+            os.ftruncate(self._data, self.size)

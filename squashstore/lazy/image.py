@@ -1,0 +1,234 @@
+"""Lazily pulled images in a store: where their bytes, map and registry location live.
+
+A lazy image is an ordinary store image (records, config, manifest, layer directory, and
+the squash file at the store's squash-file place) whose squash file is still sparse: the
+`RangeCache` data file IS the store's squash file, so the image never moves when it
+completes and no mount of it goes stale. Beside the store's ``squash/`` directory,
+``lazy/<layer>.json`` (the marker: which registry, repository, digest and size the squash
+file comes from) and ``lazy/<layer>.map`` (the cache's chunk map) say it is lazy. This
+module owns those paths, reading and writing the marker, opening the squash file as a
+`LazyFile` for the FUSE server, staging a new lazy squash file for `pull --lazy` (the
+superblock and every metadata table fetched up front), completing an image (everything
+fetched, the digest checked, then the marker and the map removed: from then on an ordinary
+image), and the leftovers `cleanup` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from squashstore.image import SquashstoreError
+from squashstore.lazy.cache import RangeCache
+from squashstore.lazy.lazyfile import LazyFile, metadata_spans
+from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.source import FetchError, RangeSource
+from squashstore.squashfs import format
+
+SourceOpener = Callable[["Remote"], RangeSource]
+"""Opens the registry side of a lazy image (auth, TLS and redirects as the registry
+client does them)."""
+
+
+class LazyError(SquashstoreError):
+    """A lazy image's marker is damaged, or its completed bytes do not match the digest."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where a lazy image's squash file lives: blob `digest` of `size` bytes in
+    `repository` at `registry` (``HOST[:PORT]``); `reference` is what was pulled."""
+
+    registry: str
+    repository: str
+    digest: str
+    size: int
+    reference: str = ""
+    tls_verify: bool | None = None
+    cert_dir: str | None = None
+    authfile: str | None = None
+    """TLS and credentials as at the pull (never the credentials themselves: the FUSE
+    server finds them where podman keeps them, as `squashstore login` leaves them)."""
+
+    def describe(self) -> str:
+        return f"{self.registry}/{self.repository}@{self.digest}"
+
+
+def read_marker(squash: Path) -> Remote | None:
+    """The registry location of a lazy squash file, None when it is an ordinary one."""
+    path = marker_path(squash)
+    try:
+        data = json.loads(path.read_bytes())
+        remote = Remote(registry=str(data["registry"]), repository=str(data["repository"]),
+                        digest=str(data["digest"]), size=int(data["size"]),
+                        reference=str(data.get("reference", "")),
+                        tls_verify=data.get("tls_verify"),
+                        cert_dir=_optional_str(data.get("cert_dir")),
+                        authfile=_optional_str(data.get("authfile")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LazyError(f"{path}: damaged lazy-image marker ({exc})") from None
+    if remote.tls_verify not in (None, True, False):
+        raise LazyError(f"{path}: damaged lazy-image marker (tls_verify)")
+    return remote
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def write_marker(squash: Path, remote: Remote) -> None:
+    """Record `remote` for `squash`, with this process as its writer: the store's leftover
+    cleanup keeps the marker of a layer not yet published while its writer lives."""
+    from squashstore import host
+    from squashstore.store import atomic_write
+
+    directory = lazy_dir(squash)
+    directory.mkdir(mode=0o755, exist_ok=True)
+    record = {**asdict(remote), WRITER: host.me().tag()}
+    atomic_write(marker_path(squash), json.dumps(record, sort_keys=True).encode())
+
+
+def open_cache(squash: Path, remote: Remote, data: Path | None = None) -> RangeCache:
+    """The cache of a lazy image; its bytes at `data` (a staged file) or the squash file."""
+    return RangeCache(data or squash, map_path(squash), remote.digest, remote.size)
+
+
+def open_lazy(squash: Path, open_source: SourceOpener | None) -> LazyFile | None:
+    """The squash file as a `LazyFile` when it is lazy (None when it is ordinary); without
+    `open_source`, only what is cached can be read."""
+    remote = read_marker(squash)
+    if remote is None:
+        return None
+    from squashstore import trust
+
+    # Root reads where to fetch from, and writes the cache, only where only root can write.
+    for path in (lazy_dir(squash), marker_path(squash), map_path(squash)):
+        if path.exists():
+            trust.check_entry(path, what="a lazy image")
+    cache = open_cache(squash, remote)
+    if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
+        cache.close()
+        with contextlib.suppress(FileNotFoundError):
+            map_path(squash).unlink()
+        return None
+    try:
+        source = open_source(remote) if open_source is not None else None
+        return LazyFile(cache, source)
+    except BaseException:
+        cache.close()
+        raise
+
+
+def prefetch_metadata(lazy: LazyFile) -> None:
+    """Fetch the superblock and every metadata table, so `ls` and `stat` never wait."""
+    head = lazy.pread(format.SUPERBLOCK_SIZE, 0)
+    try:
+        superblock = format.Superblock.unpack(head)
+    except ValueError as exc:
+        raise LazyError(f"not a squash file ({exc})") from None
+    lazy.prefetch(metadata_spans(superblock, lazy.size))
+
+
+def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource) -> int:
+    """Make `staged` the sparse squash file of a lazy image to be published at `squash`
+    (its map and marker already where the published image finds them); returns the bytes
+    fetched (the metadata)."""
+    write_marker(squash, remote)
+    lazy = LazyFile(open_cache(squash, remote, data=staged), source)
+    try:
+        before = source.bytes
+        prefetch_metadata(lazy)
+        return source.bytes - before
+    finally:
+        lazy.close()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def complete(squash: Path, open_source: SourceOpener | None,
+             progress: Callable[[int], None] | None = None) -> bool:
+    """Fetch what a lazy image still lacks, check its digest, and make it ordinary.
+
+    False when it was not lazy. A digest mismatch forgets what was cached (the next read
+    fetches again) and raises `LazyError`; a registry that cannot be reached raises
+    `FetchError` and leaves the image lazy.
+    """
+    lazy = open_lazy(squash, open_source)
+    if lazy is None:
+        return False
+    remote = read_marker(squash)
+    assert remote is not None
+    try:
+        if not lazy.cache.complete():
+            if lazy.source is None:
+                raise FetchError(f"{squash}: incomplete lazy image and no registry to "
+                                 "complete it from")
+            lazy.fill(progress)
+        finalise(squash, lazy.cache, remote)
+    finally:
+        if lazy.source is not None:
+            lazy.source.close()
+        lazy.close()
+    return True
+
+
+def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
+    """A complete cache whose digest matches: drop the marker, then the map."""
+    actual = file_digest(squash)
+    if actual != remote.digest:
+        cache.reset()
+        raise LazyError(f"{squash}: completed lazy image has digest {actual}, expected "
+                        f"{remote.digest}; its cache was discarded")
+    with contextlib.suppress(FileNotFoundError):
+        marker_path(squash).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        map_path(squash).unlink()
+
+
+@dataclass(frozen=True)
+class Status:
+    """How much of a lazy image is here."""
+
+    remote: Remote
+    present: int
+    """Bytes present."""
+
+
+def status(squash: Path) -> Status | None:
+    remote = read_marker(squash)
+    if remote is None:
+        return None
+    with open_cache(squash, remote) as cache:
+        present = cache.present_bytes()
+    return Status(remote, present)
+
+
+def open_for_verify(squash: Path) -> LazyFile | None:
+    """What `verify` reads a squash file through: None for an ordinary one (read it from
+    disk). A lazy one whose every chunk is present is completed here (its digest checked:
+    `LazyError` when wrong) and then is ordinary; an incomplete one is its cache alone, whose
+    metadata can be checked without fetching anything."""
+    lazy = open_lazy(squash, None)
+    if lazy is None:
+        return None
+    if not lazy.cache.complete():
+        return lazy
+    remote = read_marker(squash)
+    try:
+        if remote is not None:
+            finalise(squash, lazy.cache, remote)
+    finally:
+        lazy.close()
+    return None

@@ -1,0 +1,70 @@
+"""Where a store keeps what makes an image lazy (no I/O beyond a stat, no heavy imports:
+the mount path asks `is_lazy` on every container start).
+
+For a squash file at ``<store meta>/squash/<layer>.sqfs``: ``<store meta>/lazy/<layer>.json``
+is the marker (the registry location) and ``<store meta>/lazy/<layer>.map`` the chunk map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LAZY_DIR = "lazy"
+"""Beside the store's ``squash/`` directory."""
+WRITER = "writer"
+"""The marker's field naming the process that staged it (`host.ProcessId` tag)."""
+
+
+def lazy_dir(squash: Path) -> Path:
+    """The store's lazy directory for a squash file at ``<store meta>/squash/<layer>.sqfs``."""
+    return squash.parent.parent / LAZY_DIR
+
+
+def marker_path(squash: Path) -> Path:
+    return lazy_dir(squash) / f"{squash.stem}.json"
+
+
+def map_path(squash: Path) -> Path:
+    return lazy_dir(squash) / f"{squash.stem}.map"
+
+
+def is_lazy(squash: Path) -> bool:
+    """Whether the squash file is a lazily pulled one not yet complete."""
+    return marker_path(squash).is_file()
+
+
+def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
+    """Files of the lazy directory under store `meta` whose layer is gone (a marker left
+    behind would make a later full copy of the layer look lazy), and maps of layers that
+    completed; `temp_suffix` names atomic writes in flight, which stay."""
+    directory = meta / LAZY_DIR
+    try:
+        entries = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        stem, dot, suffix = entry.rpartition(".")
+        if not dot or entry.endswith(temp_suffix):
+            continue
+        marker = directory / f"{stem}.json"
+        if stem in layer_ids:
+            if suffix == "map" and not marker.exists():
+                found.append(directory / entry)  # the map of a completed image
+        elif not _being_staged(marker):
+            found.append(directory / entry)
+    return found
+
+
+def _being_staged(marker: Path) -> bool:
+    """Whether the process that wrote `marker` for a layer not yet published still runs."""
+    from squashstore import host
+
+    try:
+        writer = json.loads(marker.read_bytes()).get(WRITER, "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    process = host.ProcessId.parse(writer) if isinstance(writer, str) else None
+    return process is not None and process.is_alive()

@@ -1,0 +1,204 @@
+"""Byte ranges of one registry blob, fetched with HTTP ``Range`` requests.
+
+`RangeSource` owns the remote side of a lazy image: it asks for ``bytes=a-b`` of
+``GET /v2/<repo>/blobs/<digest>`` through a `Get` callable (which owns the URL, the auth
+and the redirects to blob storage: `session_get` for a plain `requests` session with an
+auth-header callback that is asked again, with ``refresh=True``, when the registry answers
+401 because a bearer token expired), checks that the answer is exactly the bytes asked for
+(206 with the right ``Content-Range``; a registry that ignores ``Range`` is read up to the
+range and skipped), retries dropped connections and 429/5xx with backoff, and fetches
+several ranges at once on a small thread pool. Whatever still fails is one `FetchError`,
+an `OSError` with errno EIO: the squashfs reader reports it like a failed disk read, so
+the FUSE server answers EIO to that read only and a later read tries again.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from squashstore.image import SquashstoreError
+from squashstore.lazy.ranges import Span
+
+WORKERS = 4
+"""Ranges fetched at once per image."""
+RETRIES = 2
+"""Attempts after the first for one range; a read waits at most about `BACKOFF` * 3 s
+plus the timeouts before it fails with EIO."""
+BACKOFF = 0.2
+TIMEOUT = (5.0, 30.0)
+"""(connect, read) seconds of one request."""
+_RETRY_STATUS = frozenset((429, 500, 502, 503, 504))
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+Get = Callable[[Mapping[str, str]], requests.Response]
+"""GETs the blob with these extra headers (a ``Range``), auth and redirects included; the
+response should be streamed (``stream=True``)."""
+AuthHeaders = Callable[[bool], Mapping[str, str]]
+"""The auth headers to send; called with True to get fresh ones after a 401."""
+
+
+class FetchError(SquashstoreError, OSError):
+    """A range of a lazily pulled blob could not be fetched (errno EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def session_get(session: requests.Session, url: str, auth: AuthHeaders | None = None,
+                timeout: tuple[float, float] = TIMEOUT) -> Get:
+    """A `Get` for `url` over `session`; a 401 asks `auth` for fresh headers once."""
+
+    def get(headers: Mapping[str, str]) -> requests.Response:
+        fresh = False
+        while True:
+            sent = {**headers, **(auth(fresh) if auth is not None else {})}
+            response = session.get(url, headers=sent, timeout=timeout, allow_redirects=True,
+                                   stream=True)
+            if response.status_code != 401 or auth is None or fresh:
+                return response
+            response.close()
+            fresh = True
+
+    return get
+
+
+class RangeSource:
+    """The `size` bytes of one blob, fetched by range through `get`; `what` names it in
+    errors (``HOST/REPO@DIGEST``)."""
+
+    def __init__(self, get: Get, size: int, what: str, *, workers: int = WORKERS,
+                 retries: int = RETRIES, backoff: float = BACKOFF,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._get, self.size, self.what = get, size, what
+        self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self._pool = ThreadPoolExecutor(max_workers=workers,
+                                        thread_name_prefix="squashstore-fetch")
+        self.requests = 0
+        """Range requests answered (for figures and tests)."""
+        self.bytes = 0
+        """Bytes received."""
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def fetch(self, span: Span) -> bytes:
+        """The bytes of `span`, retried; `FetchError` when they cannot be had."""
+        if span.end > self.size:
+            raise FetchError(f"{self.what}: range {span.start}-{span.end} beyond the blob's "
+                             f"{self.size} bytes")
+        if not len(span):
+            return b""
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                return self._fetch_once(span)
+            except _Retry as exc:
+                if last:
+                    raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: "
+                                     f"{exc}") from None
+            self._sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def fetch_many(self, spans: Sequence[Span]) -> list[bytes]:
+        """The bytes of every span, fetched concurrently; the first failure is raised after
+        all have finished."""
+        if len(spans) <= 1:
+            return [self.fetch(s) for s in spans]
+        futures = [self._pool.submit(self.fetch, s) for s in spans]
+        results: list[bytes] = []
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # re-raised below, after the others finished
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _fetch_once(self, span: Span) -> bytes:
+        headers = {"Range": f"bytes={span.start}-{span.end - 1}",
+                   "Accept-Encoding": "identity"}
+        try:
+            response = self._get(headers)
+        except FetchError:
+            raise
+        except SquashstoreError as exc:  # the registry client's own error, retried already
+            raise FetchError(f"{self.what}: {exc}") from None
+        except (requests.RequestException, OSError) as exc:
+            raise _Retry(_describe(exc)) from None
+        with response:
+            status = response.status_code
+            if status in _RETRY_STATUS:
+                raise _Retry(f"HTTP {status}")
+            if status == 206:
+                return self._partial(response, span)
+            if status == 200:
+                return self._whole(response, span)
+            raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: HTTP {status}")
+
+    def _partial(self, response: requests.Response, span: Span) -> bytes:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if match is None or int(match.group(1)) != span.start or \
+                int(match.group(2)) != span.end - 1 or \
+                match.group(3) not in ("*", str(self.size)):
+            raise FetchError(f"{self.what}: the registry answered bytes {span.start}-"
+                             f"{span.end - 1} with Content-Range "
+                             f"{response.headers.get('Content-Range')!r}")
+        try:
+            data = response.content
+        except (requests.RequestException, OSError) as exc:
+            raise _Retry(_describe(exc)) from None
+        if len(data) != len(span):
+            raise _Retry(f"got {len(data)} of {len(span)} bytes")
+        self._count(len(data))
+        return data
+
+    def _whole(self, response: requests.Response, span: Span) -> bytes:
+        """A registry that ignores Range: skip to the span, read it, drop the rest."""
+        try:
+            raw = response.raw
+            skip = span.start
+            while skip:
+                piece = raw.read(min(skip, 1 << 20))
+                if not piece:
+                    raise _Retry("the blob ended early")
+                skip -= len(piece)
+            data = raw.read(len(span))
+        except (requests.RequestException, OSError) as exc:
+            raise _Retry(_describe(exc)) from None
+        if len(data) != len(span):
+            raise _Retry(f"got {len(data)} of {len(span)} bytes")
+        self._count(span.end)
+        return bytes(data)
+
+    def _count(self, received: int) -> None:
+        with self._stats_lock:
+            self.requests += 1
+            self.bytes += received
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (connection trouble, 429, 5xx, short body)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if "Connection refused" in text or isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    return " ".join(text.split())[:160] or type(exc).__name__

@@ -1,0 +1,611 @@
+"""Lazy pull: range arithmetic (Hypothesis), the shared cache file (real files, real
+concurrent processes), and reading a squash file through a real registry by HTTP Range."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from squashstore import tree
+from squashstore.lazy import ranges
+from squashstore.lazy.cache import CacheError, RangeCache
+from squashstore.lazy.ranges import Span
+
+# ---------------------------------------------------------------------------------------
+# Range arithmetic.
+
+spans = st.builds(lambda a, n: Span(a, a + n), st.integers(0, 300), st.integers(0, 40))
+
+
+def covered(items: list[Span]) -> set[int]:
+    return {b for s in items for b in range(s.start, s.end)}
+
+
+@given(st.lists(spans, max_size=20), st.integers(0, 10))
+def test_coalesce_covers_exactly_the_inputs_and_gaps(items: list[Span], gap: int) -> None:
+    out = ranges.coalesce(items, gap)
+    assert all(len(s) for s in out)
+    for a, b in itertools.pairwise(out):
+        assert b.start > a.end + gap  # sorted, disjoint, and not joinable
+    inputs, outputs = covered(items), covered(out)
+    assert inputs <= outputs
+    extra = sorted(outputs - inputs)
+    # Every byte added lies in a hole of at most `gap` bytes between input bytes.
+    holes: list[list[int]] = []
+    for byte in extra:
+        if holes and holes[-1][-1] == byte - 1:
+            holes[-1].append(byte)
+        else:
+            holes.append([byte])
+    for hole in holes:
+        assert len(hole) <= gap
+        assert hole[0] - 1 in inputs and hole[-1] + 1 in inputs
+
+
+@given(st.lists(spans, max_size=10), st.integers(1, 8), st.integers(1, 6))
+def test_split_keeps_bytes_and_cuts_on_alignment(items: list[Span], align: int,
+                                                 times: int) -> None:
+    limit = align * times
+    pieces = ranges.split(items, limit, align)
+    assert [b for p in pieces for b in range(p.start, p.end)] == \
+        [b for s in items for b in range(s.start, s.end)]
+    for piece in pieces:
+        assert 0 < len(piece) <= limit
+    assert pieces == [p for s in items for p in ranges.split([s], limit, align)]
+    for span in items:
+        for a, _ in itertools.pairwise(ranges.split([span], limit, align)):
+            assert a.end % align == 0  # a cut inside one input span
+
+
+@given(st.binary(min_size=1, max_size=8), st.integers(1, 16), spans)
+def test_missing_runs_are_exactly_the_absent_chunks(bitmap: bytes, chunk: int,
+                                                    span: Span) -> None:
+    chunks = len(bitmap) * 8
+    size = chunks * chunk - random.Random(span.start).randrange(chunk)
+    span = Span(min(span.start, size), min(span.end, size))
+    touched = ranges.chunk_range(span, chunk)
+    runs = ranges.missing_runs(bitmap, touched)
+    absent = [i for i in touched if not ranges.has_chunk(bitmap, i)]
+    assert [i for r in runs for i in r] == absent
+    for a, b in itertools.pairwise(runs):
+        assert b.start > a.stop  # maximal: runs never touch
+    for s in ranges.runs_to_spans(runs, chunk, size):
+        assert s.start % chunk == 0 and (s.end % chunk == 0 or s.end == size)
+    # Reading the span is covered by its present chunks plus the missing spans.
+    present = covered([Span(i * chunk, min((i + 1) * chunk, size)) for i in touched
+                       if ranges.has_chunk(bitmap, i)])
+    assert covered([span]) <= present | covered(ranges.runs_to_spans(runs, chunk, size))
+
+
+@given(st.binary(max_size=16), st.integers(0, 128))
+def test_set_and_count_chunks(bitmap: bytes, upto: int) -> None:
+    upto = min(upto, len(bitmap) * 8)
+    naive = sum(ranges.has_chunk(bitmap, i) for i in range(upto))
+    assert ranges.count_present(bitmap, upto) == naive
+    grown = bytearray(bitmap)
+    ranges.set_chunks(grown, range(upto))
+    assert ranges.count_present(grown, upto) == upto
+    assert all(ranges.has_chunk(grown, i) == ranges.has_chunk(bitmap, i)
+               for i in range(upto, len(bitmap) * 8))
+
+
+@given(st.integers(1, 64), st.integers(1, 10), st.lists(st.integers(1, 50), min_size=1,
+                                                      max_size=30))
+def test_readahead_doubles_on_sequential_reads_and_stops_on_random(
+        initial: int, factor: int, sizes: list[int]) -> None:
+    maximum = initial * factor
+    streams: tuple[ranges.Stream, ...] = ()
+    pos, windows = 1000, []
+    for size in sizes:
+        streams, ahead = ranges.readahead(streams, Span(pos, pos + size), initial=initial,
+                                          maximum=maximum)
+        windows.append(ahead)
+        pos += size
+    assert windows[0] == 0  # the first read of a stream is taken as random
+    for before, after in itertools.pairwise(windows[1:]):
+        assert after == min(maximum, max(initial, before * 2))
+    assert all(w <= maximum for w in windows)
+    # A read far from every stream reads nothing ahead and starts a new stream.
+    streams, ahead = ranges.readahead(streams, Span(0, 1), initial=initial, maximum=maximum)
+    assert ahead == 0 and streams[0] == ranges.Stream(1, 0)
+
+
+def test_readahead_follows_several_streams_at_once() -> None:
+    streams: tuple[ranges.Stream, ...] = ()
+    kw = {"initial": 10, "maximum": 80}
+    for step in range(4):
+        for base in (0, 10_000, 20_000):
+            streams, ahead = ranges.readahead(
+                streams, Span(base + 5 * step, base + 5 * step + 5), **kw)
+            assert ahead == (0 if step == 0 else min(80, 10 * 2 ** (step - 1)))
+    assert len(streams) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# The cache file.
+
+CHUNK = 4096
+
+
+def blob_bytes(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def chunk_spans(size: int, chunk: int = CHUNK) -> list[Span]:
+    return [Span(i, min(i + chunk, size)) for i in range(0, size, chunk)]
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "cache"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_cache_stores_reads_and_survives_a_reopen(cache_dir: Path) -> None:
+    blob = blob_bytes(10 * CHUNK + 123)
+    digest = digest_of(blob)
+    with RangeCache.in_directory(cache_dir, digest, len(blob), CHUNK) as cache:
+        assert cache.missing(Span(5, 9000)) == [Span(0, 3 * CHUNK)]
+        cache.store([(Span(CHUNK, 2 * CHUNK), blob[CHUNK:2 * CHUNK])])
+        assert cache.missing(Span(5, 9000)) == [Span(0, CHUNK), Span(2 * CHUNK, 3 * CHUNK)]
+        last = Span(10 * CHUNK, len(blob))
+        cache.store([(last, blob[last.start:])])
+        assert cache.read(Span(CHUNK + 7, 2 * CHUNK)) == blob[CHUNK + 7:2 * CHUNK]
+        assert not cache.complete()
+        with pytest.raises(CacheError, match="chunk-aligned"):
+            cache.store([(Span(1, CHUNK + 1), blob[1:CHUNK + 1])])
+    # The data file is sparse: only what was stored occupies disk.
+    assert os.stat(cache.data_path).st_blocks * 512 < 4 * CHUNK + 8192
+    with RangeCache.in_directory(cache_dir, digest, len(blob), CHUNK) as again:  # a remount
+        assert again.present_chunks() == 2
+        assert again.read(last) == blob[last.start:]
+        again.store((s, blob[s.start:s.end]) for s in again.all_missing())
+        assert again.complete()
+    assert cache.data_path.read_bytes() == blob
+
+
+def test_cache_refuses_another_blobs_map_and_an_open_directory(cache_dir: Path) -> None:
+    blob = blob_bytes(3 * CHUNK)
+    RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK).close()
+    with pytest.raises(CacheError, match="another blob"):
+        RangeCache.in_directory(cache_dir, digest_of(blob), len(blob) + 1, CHUNK)
+    from squashstore.lazy.cache import check_directory
+
+    check_directory(cache_dir)
+    cache_dir.chmod(0o777)
+    with pytest.raises(CacheError, match="writable only by it"):
+        check_directory(cache_dir)
+
+
+def test_cache_a_crash_before_the_header_leaves_a_new_cache(cache_dir: Path) -> None:
+    blob = blob_bytes(2 * CHUNK)
+    cache = RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK)
+    cache.store([(Span(0, CHUNK), blob[:CHUNK])])
+    cache.close()
+    with open(cache.map_path, "r+b") as f:  # header torn away, bits left behind
+        f.write(bytes(128))
+    with RangeCache.in_directory(cache_dir, digest_of(blob), len(blob), CHUNK) as again:
+        assert again.present_chunks() == 0
+        assert again.missing(Span(0, len(blob))) == [Span(0, len(blob))]
+
+
+def _fill_worker(directory: str, digest: str, size: int, seed: int, start: object) -> None:
+    blob = blob_bytes(size)
+    order = chunk_spans(size)
+    random.Random(seed).shuffle(order)
+    start.wait()  # type: ignore[attr-defined]
+    stored = []
+    with RangeCache.in_directory(Path(directory), digest, size, CHUNK) as cache:
+        for span in order[: len(order) * 2 // 3]:
+            if cache.missing(span):
+                cache.store([(span, blob[span.start:span.end])])
+                stored.append(str(span.start))
+    (Path(directory) / f"stored-{seed}").write_text(" ".join(stored))
+
+
+def test_cache_is_shared_by_racing_processes(cache_dir: Path) -> None:
+    size = 200 * CHUNK + 77
+    blob = blob_bytes(size)
+    digest = digest_of(blob)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    workers = [ctx.Process(target=_fill_worker,
+                           args=(str(cache_dir), digest, size, seed, barrier))
+               for seed in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    with RangeCache.in_directory(cache_dir, digest, size, CHUNK) as cache:
+        # No bit was lost to a racing read-modify-write of the map: every chunk a worker
+        # stored is marked present.
+        stored = {int(x) for seed in range(4)
+                  for x in (cache_dir / f"stored-{seed}").read_text().split()}
+        missing = cache.all_missing()
+        present = [s for s in chunk_spans(size) if not cache.missing(s)]
+        assert {s.start for s in present} == stored
+        assert len(stored) > len(chunk_spans(size)) * 2 // 3
+        for span in present:
+            assert cache.read(span) == blob[span.start:span.end]
+        cache.store((s, blob[s.start:s.end]) for s in missing)
+        assert cache.complete()
+    assert hashlib.sha256(cache.data_path.read_bytes()).hexdigest() == digest[7:]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a squash file through a real registry.
+
+# A minimal plain-HTTP docker-registry (the registry branch's tests/support/registry.py is
+# the full one, with TLS and auth; this converges on it once both are on main).
+
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import requests  # noqa: E402
+
+from squashstore.lazy.lazyfile import LazyFile, metadata_spans  # noqa: E402
+from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
+from squashstore.squashfs import format as sqformat  # noqa: E402
+from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
+
+REPO = "lazy/test"
+_ACCESS = re.compile(r'"GET (/v2/[^ "]*/blobs/[^ "]*) HTTP/[0-9.]+" (\d{3}) (\d+)')
+
+
+class Registry:
+    """Debian's docker-registry on 127.0.0.1 over plain HTTP, optionally with htpasswd."""
+
+    def __init__(self, base: Path, htpasswd: tuple[str, str] | None = None) -> None:
+        base.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = base / "registry.log"
+        lines = ["version: 0.1", "log: {level: info, accesslog: {disabled: false}}",
+                 f"storage: {{filesystem: {{rootdirectory: {base / 'storage'}}}}}",
+                 f"http: {{addr: '127.0.0.1:{self.port}'}}"]
+        if htpasswd is not None:
+            out = subprocess.run(["htpasswd", "-Bbn", *htpasswd], check=True,
+                                 capture_output=True, text=True).stdout
+            (base / "htpasswd").write_text(out.strip() + "\n")
+            lines.append(f"auth: {{htpasswd: {{realm: lazy, path: {base / 'htpasswd'}}}}}")
+        self.config = base / "config.yml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(["docker-registry", "serve", str(self.config)],
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("docker-registry did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def push_blob(self, data: bytes, auth: tuple[str, str] | None = None) -> str:
+        digest = digest_of(data)
+        start = requests.post(f"{self.url}/v2/{REPO}/blobs/uploads/", auth=auth, timeout=30)
+        assert start.status_code == 202, start.text
+        location = requests.compat.urljoin(self.url, start.headers["Location"])
+        done = requests.put(location, params={"digest": digest}, data=data, auth=auth,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=60)
+        assert done.status_code == 201, done.text
+        return digest
+
+    def blob_url(self, digest: str) -> str:
+        return f"{self.url}/v2/{REPO}/blobs/{digest}"
+
+    def served(self, digest: str) -> tuple[int, int]:
+        """(GET requests, body bytes) the access log shows for the blob so far."""
+        requests_, total = 0, 0
+        for match in _ACCESS.finditer(self.log.read_text(errors="replace")):
+            if match.group(1).endswith(digest) and match.group(2) in ("200", "206"):
+                requests_ += 1
+                total += int(match.group(3))
+        return requests_, total
+
+
+def squash_dir(root: Path, out: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "squashstore.cli.main", "squash", f"rootfs:{root}",
+                    str(out)], check=True, capture_output=True)
+    return out
+
+
+def make_tree(root: Path) -> None:
+    """Small text files (what a start reads) beside large incompressible ones."""
+    rng = random.Random(13)
+    for d in range(4):
+        sub = root / f"dir{d}"
+        sub.mkdir(parents=True)
+        for i in range(15):
+            (sub / f"small{i}.txt").write_text(f"file {d}/{i}\n" * rng.randrange(1, 200))
+        (sub / f"big{d}.bin").write_bytes(rng.randbytes(1_400_000 + d * 7919))
+        (sub / f"medium{d}.bin").write_bytes(rng.randbytes(150_000))
+    (root / "etc").mkdir()
+    (root / "etc" / "os-release").write_text('NAME="lazy"\n')
+    os.symlink("etc/os-release", root / "link")
+
+
+@dataclass
+class Pushed:
+    registry: Registry
+    squash: Path
+    digest: str
+    size: int
+    cache_dir: Path
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+    base = tmp_path_factory.mktemp("lazy-registry")
+    make_tree(base / "rootfs")
+    squash = squash_dir(base / "rootfs", base / "image.sqfs")
+    registry = Registry(base / "registry")
+    try:
+        data = squash.read_bytes()
+        digest = registry.push_blob(data)
+        yield Pushed(registry, squash, digest, len(data), base)
+    finally:
+        registry.kill()
+
+
+def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, RangeSource]:
+    cache_dir.mkdir(mode=0o700, exist_ok=True)
+    source = RangeSource(session_get(requests.Session(), pushed.registry.blob_url(pushed.digest)),
+                         pushed.size, f"127.0.0.1/{REPO}@{pushed.digest[:19]}", backoff=0.05)
+    cache = RangeCache.in_directory(cache_dir, pushed.digest, pushed.size)
+    return LazyFile(cache, source, **kw), source  # type: ignore[arg-type]
+
+
+def lazy_reader(lazy: LazyFile) -> SquashReader:
+    """What `pull --lazy` and the server do: metadata up front, then the reader."""
+    head = lazy.pread(sqformat.SUPERBLOCK_SIZE, 0)
+    lazy.prefetch(metadata_spans(sqformat.Superblock.unpack(head), lazy.size))
+    return SquashReader(lazy.cache.data_path, source=lazy)
+
+
+def read_file(reader: SquashReader, path: str) -> bytes:
+    inode = reader.resolve(path)
+    return reader.read(inode, 0, inode.size)
+
+
+def walk(reader: SquashReader) -> Iterator[tuple[str, SqInode]]:
+    pending = [("", reader.root)]
+    while pending:
+        prefix, directory = pending.pop()
+        for entry in reader.readdir(directory):
+            inode = reader.inode(entry.ref)
+            path = f"{prefix}/{entry.name.decode()}"
+            yield path, inode
+            if inode.kind is tree.Kind.DIR:
+                pending.append((path, inode))
+
+
+def test_lazy_read_of_a_few_files_fetches_little(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    local = SquashReader(pushed.squash)
+    before = pushed.registry.served(pushed.digest)
+    started = time.perf_counter()
+    reader = lazy_reader(lazy)
+    opened = time.perf_counter() - started
+    after_meta = pushed.registry.served(pushed.digest)
+    # ls -lR and stat of everything: answered from the metadata fetched up front.
+    listing = {p: (i.st_mode, i.size, i.uid) for p, i in walk(reader)}
+    assert listing == {p: (i.st_mode, i.size, i.uid) for p, i in walk(local)}
+    assert pushed.registry.served(pushed.digest) == after_meta
+    assert reader.readlink(reader.resolve("/link")) == b"etc/os-release"
+    latencies = []
+    for path in ("/etc/os-release", "/dir1/small3.txt", "/dir2/medium2.bin"):
+        t = time.perf_counter()
+        assert read_file(reader, path) == read_file(local, path)
+        latencies.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    assert read_file(reader, "/dir2/medium2.bin") == read_file(local, "/dir2/medium2.bin")
+    cached = time.perf_counter() - t
+    count, served = pushed.registry.served(pushed.digest)
+    count -= before[0]
+    served -= before[1]
+    print(f"\nlazy: squash file {pushed.size} B; metadata up front "
+          f"{after_meta[1] - before[1]} B in {opened * 1000:.1f} ms; 3 files: "
+          f"{served} B served in {count} requests ({100 * served / pushed.size:.1f} %), "
+          f"cold reads {', '.join(f'{x * 1000:.1f}' for x in latencies)} ms, "
+          f"cached {cached * 1000:.2f} ms")
+    assert served == source.bytes
+    assert served > after_meta[1] - before[1]  # the medium file came from the registry
+    assert served < pushed.size / 4
+    assert not lazy.cache.complete()
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_reading_every_file_completes_the_cache(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    local = SquashReader(pushed.squash)
+    t = time.perf_counter()
+    files = 0
+    for path, inode in walk(reader):
+        if inode.kind is tree.Kind.FILE:
+            assert read_file(reader, path) == read_file(local, path)
+            files += 1
+    elapsed = time.perf_counter() - t
+    assert lazy.cache.complete()
+    assert lazy.cache.data_path.read_bytes() == pushed.squash.read_bytes()
+    print(f"\nlazy: all {files} files in {elapsed:.2f} s, {source.requests} range requests, "
+          f"{source.bytes} B for a {pushed.size} B file")
+    # A remount (a new cache object, no registry at all) serves everything from the file.
+    reader.close()
+    lazy.close()
+    source.close()
+    offline = LazyFile(
+        RangeCache.in_directory(tmp_path / "cache", pushed.digest, pushed.size), None)
+    again = SquashReader(offline.cache.data_path, source=offline)
+    assert read_file(again, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
+    again.close()
+    offline.close()
+
+
+def test_sequential_read_reads_ahead(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    meta_requests = source.requests
+    inode = reader.resolve("/dir0/big0.bin")
+    data = b"".join(reader.read(inode, pos, 128 << 10) for pos in range(0, inode.size, 128 << 10))
+    assert data == read_file(SquashReader(pushed.squash), "/dir0/big0.bin")
+    blocks = -(-inode.size // reader.block_size)
+    # Without readahead, every 128 KiB block is at least one request of its own.
+    print(f"\nlazy: sequential read of {blocks} blocks: {source.requests - meta_requests} "
+          "range requests")
+    assert source.requests - meta_requests < blocks / 2
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_registry_down_fails_uncached_reads_only(pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    reader = lazy_reader(lazy)
+    local = SquashReader(pushed.squash)
+    cached = read_file(reader, "/dir0/small1.txt")
+    pushed.registry.kill()
+    try:
+        t = time.perf_counter()
+        with pytest.raises(SquashfsError, match="connection refused"):
+            read_file(reader, "/dir3/big3.bin")
+        failed_in = time.perf_counter() - t
+        assert read_file(reader, "/dir0/small1.txt") == cached
+        assert [p for p, _ in walk(reader)]  # ls still works
+        with pytest.raises(FetchError):
+            lazy.pread(10, pushed.size - (pushed.size // 2))
+    finally:
+        pushed.registry.start()
+    assert read_file(reader, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
+    print(f"\nlazy: a read with the registry down failed in {failed_in * 1000:.0f} ms")
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_auth_callback_is_asked_again_after_401(tmp_path: Path) -> None:
+    creds = ("lazyuser", "lazy-pass")
+    registry = Registry(tmp_path / "registry", htpasswd=creds)
+    try:
+        blob = blob_bytes(300_000)
+        digest = registry.push_blob(blob, auth=creds)
+        asked: list[bool] = []
+
+        def auth(refresh: bool) -> dict[str, str]:
+            asked.append(refresh)
+            if not refresh:
+                return {"Authorization": "Basic " + "ZXhwaXJlZDp0b2tlbg=="}  # stale
+            return {"Authorization": requests.auth._basic_auth_str(*creds)}
+
+        source = RangeSource(session_get(requests.Session(), registry.blob_url(digest), auth),
+                             len(blob), "test")
+        assert source.fetch(Span(1000, 70_000)) == blob[1000:70_000]
+        assert asked == [False, True]
+        no_auth = RangeSource(session_get(requests.Session(), registry.blob_url(digest)),
+                              len(blob), "test", retries=0)
+        with pytest.raises(FetchError, match="HTTP 401"):
+            no_auth.fetch(Span(0, 10))
+    finally:
+        registry.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# A lazy squash file in a store layout, served by the real FUSE server.
+
+from squashstore.fuse import daemon  # noqa: E402
+from squashstore.lazy import image as lazy_image  # noqa: E402
+from squashstore.lazy import paths as lazy_paths  # noqa: E402
+from squashstore.lazy import remote as lazy_remote  # noqa: E402
+
+
+def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -> None:
+    meta = tmp_path / "store-meta"
+    (meta / "squash").mkdir(parents=True)
+    squash = meta / "squash" / ("ab" * 32 + ".sqfs")
+    staged = tmp_path / "staged.sqfs"
+    remote = lazy_image.Remote(f"127.0.0.1:{pushed.registry.port}", REPO, pushed.digest,
+                               pushed.size, tls_verify=False)
+    source = lazy_remote.open_source(remote)
+    fetched = lazy_image.stage(staged, squash, remote, source)
+    source.close()
+    staged.rename(squash)  # what the store's publish does
+    assert lazy_paths.is_lazy(squash)
+    assert fetched < pushed.size / 10
+    status = lazy_image.status(squash)
+    assert status is not None and status.present == fetched
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = pushed.registry.served(pushed.digest)
+    daemon.start(squash, mnt, ("--log-file", str(tmp_path / "fuse.log")))
+    try:
+        root = pushed.squash.parent / "rootfs"
+        names = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        assert names == sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        files = [p for p in names if (root / p).is_file() and not (root / p).is_symlink()]
+        assert {p: (mnt / p).lstat().st_size for p in files} == \
+            {p: (root / p).lstat().st_size for p in files}
+        # ls and stat of everything: no request at all (the metadata came with the pull).
+        assert pushed.registry.served(pushed.digest) == before
+        assert (mnt / "dir1/small3.txt").read_bytes() == (root / "dir1/small3.txt").read_bytes()
+        assert (mnt / "dir3/medium3.bin").read_bytes() == \
+            (root / "dir3/medium3.bin").read_bytes()
+        served = pushed.registry.served(pushed.digest)[1] - before[1]
+        assert served < pushed.size / 4
+        pushed.registry.kill()
+        try:
+            with pytest.raises(OSError) as failed:
+                (mnt / "dir2/big2.bin").read_bytes()
+            assert failed.value.errno == 5  # EIO, for that read only
+            assert (mnt / "dir3/medium3.bin").read_bytes() == \
+                (root / "dir3/medium3.bin").read_bytes()
+            assert (mnt / "etc/os-release").read_text() == 'NAME="lazy"\n'
+        finally:
+            pushed.registry.start()
+        assert (mnt / "dir2/big2.bin").read_bytes() == (root / "dir2/big2.bin").read_bytes()
+        log = (tmp_path / "fuse.log").read_text()
+        assert "connection refused" in log
+        # Completing it (what `pull` does to a lazy image) while it is mounted.
+        assert lazy_image.complete(squash, lazy_remote.open_source)
+        assert not lazy_paths.is_lazy(squash) and not lazy_paths.map_path(squash).exists()
+        assert squash.read_bytes() == pushed.squash.read_bytes()
+        assert (mnt / "dir0/big0.bin").read_bytes() == (root / "dir0/big0.bin").read_bytes()
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert lazy_image.complete(squash, None) is False  # an ordinary squash file now
