@@ -16,6 +16,13 @@ without a system call; so the container's own file system calls are shown too (e
 least one lookup per layer on an overlay store, and nothing on the shared file system for a
 mounted squash image, whose FUSE server reads only the one squash file).
 
+Known gap (seen in every run here): the counts come out the same for ``true`` and for the
+walk, and the container's own calls as 1: strace does not report the container's processes
+(runc's init and what it forks) nor, through the second strace, the server's reads while the
+container walks; so the columns measure podman's and the mount's own work on the store (its
+metadata reads per start), not the reads of the workload. Those need a kernel-side count
+(fanotify on the store's file system, or NFS's /proc/self/mountstats with the store on NFS).
+
 Part 2, on the 3-node Slurm cluster of tests/support/slurm.py: node n1 migrates a large image
 (``--size-mb``, default 1024: random and compressible halves) into the shared store while node
 n2 starts containers of another store image in a loop; printed: n2's start times before and
