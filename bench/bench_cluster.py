@@ -226,7 +226,7 @@ def build_image(source: Podman, work: Path) -> None:
     source.build(ctx, IMAGE)
 
 
-def part1(work: Path, runs: int) -> None:
+def part1(work: Path, runs: int, trace: bool = True) -> None:
     source = make_podman(work / "src")
     consumers: list[Podman] = []
     try:
@@ -255,7 +255,7 @@ def part1(work: Path, runs: int) -> None:
         for workload, command in WORKLOADS.items():
             for label, podman, store in cases:
                 counts = []
-                for _ in range(runs):
+                for _ in range(runs if trace else 0):
                     counts.append(traced_run(podman, store, command,
                                              env if podman is on_squash else None))
                 times = []
@@ -265,10 +265,11 @@ def part1(work: Path, runs: int) -> None:
                                        check=False, capture_output=True)
                     times.append(timed_run(podman, command))
                 warm = statistics.median(timed_run(podman, command) for _ in range(runs))
-                ops = counts[-1].store
-                rows.append([workload, label, str(ops["open"]), str(ops["stat"]),
-                             str(ops["read"]), str(ops["readdir"]), str(sum(ops.values())),
-                             str(counts[-1].container), f"{statistics.median(times):.2f}",
+                ops = counts[-1].store if counts else Counter()
+                shown = [str(ops["open"]), str(ops["stat"]), str(ops["read"]),
+                         str(ops["readdir"]), str(sum(ops.values())),
+                         str(counts[-1].container)] if counts else ["-"] * 6
+                rows.append([workload, label, *shown, f"{statistics.median(times):.2f}",
                              f"{warm:.2f}"])
         print_table("Per container start: system calls on the store's file system "
                     "(strace -ff; last of the runs)",
@@ -375,11 +376,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-publish", action="store_true")
     parser.add_argument("--skip-ops", action="store_true")
+    parser.add_argument("--no-strace", action="store_true",
+                        help="only the start times (no strace anywhere near the servers)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir="/var/tmp"))
     try:
         if not args.skip_ops:
-            part1(work, args.runs)
+            part1(work, args.runs, trace=not args.no_strace)
         if not args.skip_publish:
             part2(work, args.size_mb)
     finally:
