@@ -269,14 +269,16 @@ class Store:
         self.layer_meta_dir = self.meta / "layers"
         self.squash_dir = self.meta / "squash"
         self.tmp_dir = self.meta / "tmp"
-        self.overlay = self.root / "overlay"
+        # podman's part of the store: containers/storage's overlay layout (podmanstore's).
+        self.layout = podmanstore.Layout(self.root, "overlay")
+        self.overlay = self.root / self.layout.driver
         self.links = self.overlay / "l"
-        self.layers_dir = self.root / "overlay-layers"
-        self.images_dir = self.root / "overlay-images"
-        self.layers_json = self.layers_dir / "layers.json"
-        self.images_json = self.images_dir / "images.json"
-        self.layers_lock = self.layers_dir / "layers.lock"
-        self.images_lock = self.images_dir / "images.lock"
+        self.layers_dir = self.layout.layers_dir
+        self.images_dir = self.layout.images_dir
+        self.layers_json = self.layout.layers_json
+        self.images_json = self.layout.images_json
+        self.layers_lock = self.layout.layers_lock
+        self.images_lock = self.layout.images_lock
 
     # ----------------------------------------------------------------- layout
 
@@ -298,7 +300,7 @@ class Store:
         return self.squash_dir / f"{self._checked_id(layer_id)}.sqfs"
 
     def tar_split_file(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.tar-split.gz"
+        return self.layout.tar_split(layer_id)
 
     def check(self) -> None:
         """Raise StoreError unless this is a store of our format (and, as root, one whose
@@ -444,18 +446,12 @@ class Store:
         with locking.exclusive(self.lock_file):
             yield self._clean_leftovers(unmount)
 
-    @contextmanager
-    def _podman_lock(self, lock: Path) -> Iterator[None]:
-        with locking.exclusive(lock, create=False) as fd:
-            yield
-            locking.touch_token(fd)
-
     def _write_layers(self, records: list[dict[str, Any]]) -> None:
-        with self._podman_lock(self.layers_lock):
+        with podmanstore.write_locked(self.layers_lock):
             atomic_write_json(self.layers_json, records)
 
     def _write_images(self, records: list[dict[str, Any]]) -> None:
-        with self._podman_lock(self.images_lock):
+        with podmanstore.write_locked(self.images_lock):
             atomic_write_json(self.images_json, records)
 
     def publish(self, pub: Publication, unmount: Unmounter = _no_unmount) -> StoreImage:
