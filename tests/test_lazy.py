@@ -263,9 +263,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import requests  # noqa: E402
 
-from squashstore.lazy.lazyfile import LazyFile, metadata_spans  # noqa: E402
+from squashstore.lazy.lazyfile import LazyFile  # noqa: E402
 from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
-from squashstore.squashfs import format as sqformat  # noqa: E402
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
 
 REPO = "lazy/test"
@@ -329,7 +328,18 @@ class Registry:
         return f"{self.url}/v2/{REPO}/blobs/{digest}"
 
     def served(self, digest: str) -> tuple[int, int]:
-        """(GET requests, body bytes) the access log shows for the blob so far."""
+        """(GET requests, body bytes) the access log shows for the blob so far, once the
+        log has settled (the registry writes its access log lines asynchronously)."""
+        last, deadline = self._served(digest), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self._served(digest)
+            if now == last:
+                break
+            last = now
+        return last
+
+    def _served(self, digest: str) -> tuple[int, int]:
         requests_, total = 0, 0
         for match in _ACCESS.finditer(self.log.read_text(errors="replace")):
             if match.group(1).endswith(digest) and match.group(2) in ("200", "206"):
@@ -392,8 +402,7 @@ def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, 
 
 def lazy_reader(lazy: LazyFile) -> SquashReader:
     """What `pull --lazy` and the server do: metadata up front, then the reader."""
-    head = lazy.pread(sqformat.SUPERBLOCK_SIZE, 0)
-    lazy.prefetch(metadata_spans(sqformat.Superblock.unpack(head), lazy.size))
+    lazy.prefetch_metadata()
     return SquashReader(lazy.cache.data_path, source=lazy)
 
 
