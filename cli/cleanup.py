@@ -1,5 +1,7 @@
-"""Cleanup commands: ``cleanup [--dry-run] [--grace SECONDS] [--format json]`` and
-``hook poststop`` (the OCI hook entry), over `squashstore.cleanup` and `squashstore.hook`.
+"""Cleanup commands: ``cleanup [--dry-run] [--grace SECONDS] [--format json]``,
+``hook poststop`` (the OCI hook entry) and ``slurm prolog|epilog [--job ID]`` (what
+``contrib/slurm/{prolog,epilog}`` run), over `squashstore.cleanup`, `squashstore.hook` and
+`squashstore.slurm`.
 
 ``cleanup`` prints one line per mount it acted on (``--dry-run``: would act on) and exits 1 with
 one ``squashstore: `` line per failure on stderr when any action failed. ``--format json``
@@ -9,13 +11,15 @@ prints every mount considered, kept ones included.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from squashstore import cleanup, config, hook
+from squashstore import cleanup, config, hook, slurm
 from squashstore.cli.output import add_format_option, print_json
 from squashstore.mounts import Registry
+from squashstore.store import Store
 
 VERBS = {cleanup.UNMOUNT: ("unmounted", "would unmount"),
          cleanup.UNMOUNT_DEAD: ("unmounted dead", "would unmount dead"),
@@ -63,6 +67,18 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return report(outcomes, "table", False)
 
 
+def cmd_slurm(args: argparse.Namespace) -> int:
+    ctx = slurm.JobContext.from_env(os.environ, args.job)
+    if args.stage == "prolog":
+        result = slurm.prolog(ctx, Store(Path(args.store)))
+        for mountpoint in result.mounted:
+            sys.stdout.write(f"mounted {mountpoint} for job {ctx.job}\n")
+        for error in result.errors:
+            sys.stderr.write(f"squashstore: prolog of job {ctx.job}: {error}\n")
+        return 1 if result.errors else 0
+    return report(slurm.epilog(ctx, [Path(args.store)]), args.format, False)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -81,6 +97,16 @@ def register(subparsers: Any) -> None:
                    f"grace, else {config.DEFAULT_GRACE:.0f})")
     add_format_option(p)
     p.set_defaults(func=cmd_cleanup)
+
+    p = subparsers.add_parser("slurm", help="Slurm node prolog/epilog (contrib/slurm/)")
+    p.add_argument("stage", choices=("prolog", "epilog"),
+                   help="prolog: mount the images the job's comment declares "
+                   f"({slurm.COMMENT_KEY}=IMAGE,...); epilog: unmount what no container and "
+                   "no other job on this node uses, at once")
+    p.add_argument("--job", default=None, metavar="ID",
+                   help="the job (default: $SLURM_JOB_ID, as slurmd sets it)")
+    add_format_option(p)
+    p.set_defaults(func=cmd_slurm)
 
     p = subparsers.add_parser("hook", help="OCI hook entry points (podman runs them)")
     p.add_argument("stage", choices=("poststop",), help="the hook stage")

@@ -119,12 +119,9 @@ def _in_podman_userns(args: argparse.Namespace) -> bool:
         return False
     if args.command not in ("export", "squash"):
         return True
-    from squashstore.sources import CONTAINERS_STORAGE, parse_reference
+    from squashstore.sources import reads_local_podman
 
-    try:
-        return parse_reference(str(args.source)).transport == CONTAINERS_STORAGE
-    except SquashstoreError:
-        return False
+    return reads_local_podman(str(args.source))
 
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:

@@ -18,11 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import host, podmanstore, runtime
+from squashstore import host, runtime, sources, tracker
 from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
+from squashstore.lazy import image as lazy_image
 from squashstore.mounts import Registry
+from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
 
 MIGRATE_ZSTD_LEVEL = 3
@@ -52,20 +54,7 @@ def _human(size: int) -> str:
 
 def users_of(image: StoreImage, registry: Registry) -> list[str]:
     """Containers and images (of the local podman and of recorded mounts) using ``image``."""
-    users: list[str] = []
-    graphroot = runtime.podman_graphroot()
-    if graphroot is not None:
-        try:
-            records = podmanstore.layers(podmanstore.Layout(graphroot).layers_json)
-        except podmanstore.PodmanStoreError:
-            records = []
-        users += [f"layer {lid[:12]}" for lid in podmanstore.children(records, image.layer)]
-    record = registry.record(image.diff)
-    if record is not None:
-        mounted = host.mount_table()
-        users += [f"container at {u.merged}" for u in record.users
-                  if u.merged and u.merged in mounted]
-    return users
+    return tracker.image_users(image, registry, runtime.podman_graphroot())
 
 
 # --------------------------------------------------------------------------- commands
@@ -112,7 +101,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
               f"{' '.join(result.names) or '<none>'} ({_human(result.size)} tree, "
               f"{_human(int(stats.get('bytes', 0)))} squash file)")
         if args.rm_source and result.id != image.source_id:  # not the store's own copy
-            _remove_source(image)
+            sources.remove_from_podman(image.reference)
     return 0
 
 
@@ -124,16 +113,6 @@ def _options_text(options: dict[str, Any]) -> str:
     level = options.get("level")
     text = str(options.get("compression", "?")) + (f" level {level}" if level is not None else "")
     return f"{text}, {int(options.get('block_size', 0)) // 1024}K blocks"
-
-
-def _remove_source(image: Image) -> None:
-    ref = image.reference
-    transport, sep, rest = ref.partition(":")
-    if sep and transport in ("oci", "oci-archive", "docker-archive", "docker", "dir"):
-        return
-    if transport == "containers-storage":
-        ref = rest
-    runtime.podman("rmi", ref)
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -157,10 +136,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     image = store.resolve(args.image)
     record = Registry().record(image.diff)
-    data = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
-    if data is None:
-        raise StoreError(f"image {image.id}: its config is missing from the store")
-    config = json.loads(data)
+    config = json.loads(store.config_of(image))
     print_json({**image.to_json(), "config": config,
                 "mounted": host.is_mountpoint(image.diff),
                 "mount": record.to_json() if record else None})
@@ -225,43 +201,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = store.verify_structure()
     images = [store.resolve(args.image)] if args.image else store.images()
     for image in images:
-        problems.extend(verify_squash_file(image.squash))
+        try:  # a lazily pulled image: completed (digest checked) or its metadata alone
+            source = lazy_image.open_for_verify(image.squash)
+        except (SquashstoreError, OSError) as exc:
+            problems.append(f"{image.squash}: {exc}")
+            continue
+        problems.extend(verify_file(image.squash, source=source))
     for problem in problems:
         print(problem)
     if problems:
         raise StoreError(f"{len(problems)} problem(s) in store {store.root}")
     print(f"ok: {len(images)} image(s)")
     return 0
-
-
-def verify_squash_file(path: Path) -> list[str]:
-    """Read every directory, symlink and file byte of a squash file with the project's reader."""
-    from squashstore import tree
-    from squashstore.lazy import image as lazy_image
-    from squashstore.squashfs.reader import SquashReader
-
-    try:
-        # A lazy image: completed here when all is present, else only its metadata read.
-        lazy = lazy_image.open_for_verify(path)
-        with SquashReader(path, source=lazy) as reader:
-            stack = [reader.root]
-            while stack:
-                directory = stack.pop()
-                for entry in reader.readdir(directory):
-                    child = reader.lookup(directory, entry.name)
-                    if child is None:
-                        return [f"{path}: {entry.name!r} listed but not found"]
-                    if child.kind is tree.Kind.DIR:
-                        stack.append(child)
-                    elif child.kind is tree.Kind.SYMLINK:
-                        reader.readlink(child)
-                    elif child.kind is tree.Kind.FILE and lazy is None:
-                        offset = 0
-                        while offset < child.size:
-                            offset += len(reader.read(child, offset, 1 << 20)) or child.size
-    except (SquashstoreError, OSError) as exc:
-        return [f"{path}: {exc}"]
-    return []
 
 
 def mount_program_path() -> str:

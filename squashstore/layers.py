@@ -119,6 +119,17 @@ _TAR_KINDS = {
 it refuses every other type (``unhandled tar header type``): ``S``, ``7``, ``D``, ``V``..."""
 
 
+_NO_CHANGE = (1 << 32) - 1
+"""chown's "leave unchanged" id, (uid_t)-1: the file keeps extraction's owner, root."""
+
+
+def _owner(value: int) -> int:
+    """An owner id as extraction's lchown leaves it: the kernel takes the low 32 bits (podman
+    shows uid 2**33 as 0), and -1 changes nothing."""
+    value &= _NO_CHANGE
+    return 0 if value == _NO_CHANGE else value
+
+
 def inode_from_member(member: Header, layer: Layer) -> Inode:
     """The metadata of a tar entry (not a hard link) as an `Inode`."""
     kind = _TAR_KINDS.get(member.typeflag)
@@ -132,8 +143,8 @@ def inode_from_member(member: Header, layer: Layer) -> Inode:
         kind,
         # Linux symlinks are always 0777: no lchmod (podman shows 0777 whatever the header).
         mode=0o777 if kind is Kind.SYMLINK else member.mode & 0o7777,
-        uid=member.uid,
-        gid=member.gid,
+        uid=_owner(member.uid),
+        gid=_owner(member.gid),
         mtime=member.mtime,
         size=member.size if kind is Kind.FILE else 0,
         target=member.linkname if kind is Kind.SYMLINK else "",
@@ -157,7 +168,7 @@ def _copy_metadata(directory: Inode, source: Inode) -> None:
 
 def apply_link_header(inode: Inode, member: Header) -> None:
     """What extracting hard link `member` does to the inode it links to."""
-    inode.uid, inode.gid = member.uid, member.gid
+    inode.uid, inode.gid = _owner(member.uid), _owner(member.gid)
     inode.xattrs.update(member.xattrs)
     if inode.kind is not Kind.SYMLINK:  # no lchmod, and chtimes follows links
         inode.mode = member.mode & 0o7777

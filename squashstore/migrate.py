@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from squashstore import oci
 from squashstore.image import Image
 from squashstore.imageconfig import ConfigError, carried_config, config_problems, is_go_time, load
 from squashstore.mounts import Registry
@@ -30,10 +31,6 @@ from squashstore.store import (
     now_rfc3339,
     sha256_hex,
 )
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
 class SquashedLayer(Protocol):
@@ -113,10 +110,10 @@ def squashed_config(source: dict[str, Any], diff_digest: str) -> bytes:
 def squashed_manifest(config: bytes, diff_digest: str, diff_size: int) -> bytes:
     manifest = {
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + sha256_hex(config),
+        "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + sha256_hex(config),
                    "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER, "digest": diff_digest, "size": diff_size}],
+        "layers": [{"mediaType": oci.OCI_LAYER, "digest": diff_digest, "size": diff_size}],
     }
     return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 

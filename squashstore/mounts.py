@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from squashstore import config, host, locking, trust
+from squashstore import config, detach, host, jobs, locking, trust
 from squashstore.image import SquashstoreError
 from squashstore.lazy import paths as lazy_paths
 from squashstore.store import atomic_write_json
@@ -198,6 +198,8 @@ class MountRecord:
     pid: int | None
     since: float
     users: list[RecordedUse] = field(default_factory=list)
+    claims: list[jobs.JobClaim] = field(default_factory=list)
+    """The batch jobs that claim the mount (see `squashstore.jobs`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,9 +210,13 @@ class MountRecord:
         users = data.get("users") or []
         if not isinstance(users, list):
             raise TypeError("users is not a list")
-        fields = {k: v for k, v in data.items() if k != "users"}
+        claims = data.get("claims") or []
+        if not isinstance(claims, list):
+            raise TypeError("claims is not a list")
+        fields = {k: v for k, v in data.items() if k not in ("users", "claims")}
         return cls(**fields, users=[RecordedUse.from_json(u) for u in users
-                                    if isinstance(u, dict)])
+                                    if isinstance(u, dict)],
+                   claims=[c for c in map(jobs.JobClaim.from_json, claims) if c is not None])
 
 
 def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
@@ -284,6 +290,9 @@ class Registry:
                 # A lazily pulled image's squash file is sparse: only our server reads it.
                 chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
+                if pid is not None:
+                    # The server serves every job's containers: it must not end with this one.
+                    detach.leave_job(pid)
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:
@@ -291,6 +300,8 @@ class Registry:
                 record.users = [u for u in record.users
                                 if u.merged != user.merged and _may_still_use(u, mounted)]
                 record.users.append(user)
+            # Inside a batch job, the job claims the mount until its epilog (jobs.py).
+            record.claims = jobs.add_claim(record.claims, jobs.current_job())
             self.write(record)
             return record
 

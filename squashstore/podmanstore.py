@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from squashstore import locking
 from squashstore.image import SquashstoreError
 
 
@@ -263,6 +264,8 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         records = json.loads(data)
     except ValueError as exc:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
     if not isinstance(records, list):
         raise PodmanStoreError(f"{path} is not a JSON array")
     if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
@@ -315,6 +318,16 @@ def read_locked(layout: Layout) -> Iterator[None]:
     layer store's lock before the image store's)."""
     with shared_lock(layout.layers_lock), shared_lock(layout.images_lock):
         yield
+
+
+@contextlib.contextmanager
+def write_locked(lock: Path) -> Iterator[None]:
+    """A record file's lock held for writing, as containers/storage writes: an exclusive
+    record lock on the existing lock file, and on success a new last-writer token, so
+    podman notices the change (`squashstore.locking` holds the mechanism)."""
+    with locking.exclusive(lock, create=False) as fd:
+        yield
+        locking.touch_token(fd)
 
 
 # ---------------------------------------------------------------------------------------

@@ -110,12 +110,12 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    """containers/storage's records: a JSON array of objects, each with a string id."""
-    records = read_json(path, [])
-    if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
-        raise StoreError(f"{path}: damaged (not an array of records with ids)")
-    return records
+    """containers/storage's records (`podmanstore.load_records`): a JSON array of objects,
+    each with a string id."""
+    try:
+        return podmanstore.load_records(path)
+    except podmanstore.PodmanStoreError as exc:
+        raise StoreError(str(exc)) from exc
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -269,14 +269,16 @@ class Store:
         self.layer_meta_dir = self.meta / "layers"
         self.squash_dir = self.meta / "squash"
         self.tmp_dir = self.meta / "tmp"
-        self.overlay = self.root / "overlay"
+        # podman's part of the store: containers/storage's overlay layout (podmanstore's).
+        self.layout = podmanstore.Layout(self.root, "overlay")
+        self.overlay = self.root / self.layout.driver
         self.links = self.overlay / "l"
-        self.layers_dir = self.root / "overlay-layers"
-        self.images_dir = self.root / "overlay-images"
-        self.layers_json = self.layers_dir / "layers.json"
-        self.images_json = self.images_dir / "images.json"
-        self.layers_lock = self.layers_dir / "layers.lock"
-        self.images_lock = self.images_dir / "images.lock"
+        self.layers_dir = self.layout.layers_dir
+        self.images_dir = self.layout.images_dir
+        self.layers_json = self.layout.layers_json
+        self.images_json = self.layout.images_json
+        self.layers_lock = self.layout.layers_lock
+        self.images_lock = self.layout.images_lock
 
     # ----------------------------------------------------------------- layout
 
@@ -298,7 +300,7 @@ class Store:
         return self.squash_dir / f"{self._checked_id(layer_id)}.sqfs"
 
     def tar_split_file(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.tar-split.gz"
+        return self.layout.tar_split(layer_id)
 
     def check(self) -> None:
         """Raise StoreError unless this is a store of our format (and, as root, one whose
@@ -365,6 +367,13 @@ class Store:
             digest=str(record.get("digest", "")), created=str(record.get("created", "")),
             size=int(layer.get("diff-size", 0)), squash=self.squash_file(lid),
             diff=self.diff_dir(lid), metadata=metadata)
+
+    def config_of(self, image: StoreImage) -> bytes:
+        """The image's config (its big-data item ``sha256:<id>``)."""
+        data = podmanstore.read_big_data(self.images_dir / image.id, "sha256:" + image.id)
+        if data is None:
+            raise StoreError(f"image {image.id}: its config is missing from the store")
+        return data
 
     def image_of_layer(self, layer: str) -> str:
         """The id of an image whose layer is `layer` ("" if none), from images.json alone
@@ -437,18 +446,12 @@ class Store:
         with locking.exclusive(self.lock_file):
             yield self._clean_leftovers(unmount)
 
-    @contextmanager
-    def _podman_lock(self, lock: Path) -> Iterator[None]:
-        with locking.exclusive(lock, create=False) as fd:
-            yield
-            locking.touch_token(fd)
-
     def _write_layers(self, records: list[dict[str, Any]]) -> None:
-        with self._podman_lock(self.layers_lock):
+        with podmanstore.write_locked(self.layers_lock):
             atomic_write_json(self.layers_json, records)
 
     def _write_images(self, records: list[dict[str, Any]]) -> None:
-        with self._podman_lock(self.images_lock):
+        with podmanstore.write_locked(self.images_lock):
             atomic_write_json(self.images_json, records)
 
     def publish(self, pub: Publication, unmount: Unmounter = _no_unmount) -> StoreImage:
@@ -762,105 +765,8 @@ class Store:
     # ----------------------------------------------------------------- verification
 
     def verify_structure(self) -> list[str]:
-        """Problems found in the store's records and files (empty when sound)."""
-        self.check()
-        trust.check_tree(self.root)
-        problems: list[str] = []
-        for path, kind in ((self.images_json, imageconfig.STORAGE_IMAGES),
-                           (self.layers_json, imageconfig.STORAGE_LAYERS)):
-            problems += [f"{path}: {p} (podman cannot read the store)"
-                         for p in imageconfig.problems(read_json(path, []), kind, "")]
-        layers = {str(r.get("id")): r for r in self.layer_records()}
-        images = self.image_records()
-        for path in (self.layers_lock, self.images_lock):
-            if not path.is_file():
-                problems.append(f"{path}: missing (podman needs it)")
-        owners: dict[str, str] = {}
-        for record in images:
-            iid = str(record.get("id"))
-            for name in record.get("names") or []:
-                if name in owners:
-                    problems.append(f"name {name} on images {owners[name]} and {iid}")
-                owners[name] = iid
-            problems.extend(self._verify_image(record, layers))
-        for lid in layers:
-            problems.extend(self._verify_layer(lid))
-        problems.extend(self._verify_modes())
-        return problems
+        """Problems found in the store's records and files (empty when sound; see
+        `squashstore.storeverify`)."""
+        from squashstore import storeverify
 
-    def _verify_image(self, record: dict[str, Any],
-                      layers: dict[str, dict[str, Any]]) -> list[str]:
-        iid = str(record.get("id"))
-        problems = []
-        if record.get("layer") not in layers:
-            problems.append(f"image {iid}: layer {record.get('layer')} has no record")
-        digests = record.get("big-data-digests")
-        for key, digest in (digests.items() if isinstance(digests, dict) else ()):
-            paths = podmanstore.big_data_paths(self.images_dir / iid, key)
-            path = next((p for p in paths if p.exists()), paths[0])
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                problems.append(f"image {iid}: {key}: {exc.strerror}")
-                continue
-            if path != paths[0]:
-                problems.append(f"image {iid}: {key}: in {path.name}, squashstore 0.1's file "
-                                f"name, where podman does not look (podman's is {paths[0].name})")
-            actual = "sha256:" + sha256_hex(data)
-            if actual != digest:
-                problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
-            problems += [f"image {iid}: {key}: {p} (podman cannot read it)"
-                         for p in self._big_data_problems(key, data)]
-        if "sha256:" + iid not in (record.get("big-data-digests") or {}):
-            problems.append(f"image {iid}: no config whose digest is the image id")
-        return problems
-
-    @staticmethod
-    def _big_data_problems(key: str, data: bytes) -> list[str]:
-        """A config or manifest item checked as podman reads it (the config is the item
-        keyed by a digest, manifests are ``manifest`` and ``manifest-<digest>``)."""
-        try:
-            if key.startswith("sha256:"):
-                return imageconfig.config_problems(imageconfig.load(data, key))
-            if key == "manifest" or key.startswith("manifest-"):
-                return imageconfig.manifest_problems(imageconfig.load(data, key))
-        except SquashstoreError as exc:
-            return [str(exc)]
-        return []
-
-    def _verify_layer(self, lid: str) -> list[str]:
-        problems = []
-        if not self.squash_file(lid).is_file():
-            problems.append(f"layer {lid}: squash file missing")
-        try:
-            fd = os.open(self.overlay / lid / "link", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                link = os.read(fd, 256).decode(errors="replace")
-            finally:
-                os.close(fd)
-        except OSError:
-            return [*problems, f"layer {lid}: link file missing"]
-        if len(link) != LINK_LENGTH:
-            problems.append(f"layer {lid}: link name {link!r} is not {LINK_LENGTH} characters")
-        target = self.links / link
-        if not target.is_symlink() or os.readlink(target) != f"../{lid}/diff":
-            problems.append(f"layer {lid}: {target} does not point at its diff directory")
-        if not host.is_mountpoint(self.diff_dir(lid)) and not self.diff_dir(lid).is_dir():
-            problems.append(f"layer {lid}: diff directory missing")
-        return problems
-
-    def _verify_modes(self) -> list[str]:
-        problems = []
-        mounted = host.mount_table()
-        for root, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs
-                       if host.real_path(Path(root) / d) not in mounted and d != "tmp"]
-            for name in dirs:
-                mode = (Path(root) / name).lstat().st_mode
-                if mode & 0o005 != 0o005:
-                    problems.append(f"{Path(root) / name}: not world-searchable")
-            for name in files:
-                mode = (Path(root) / name).lstat().st_mode
-                if mode & 0o004 == 0 and not name.endswith(TMP_SUFFIX):
-                    problems.append(f"{Path(root) / name}: not world-readable")
-        return problems
+        return storeverify.verify_structure(self)

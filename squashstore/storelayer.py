@@ -12,30 +12,20 @@ stream is the layer's tar byte for byte.
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterator
 from pathlib import Path
-
-from fastcrc import crc64
 
 from squashstore import tree
 from squashstore.image import SourceError, SquashstoreError
 from squashstore.squashfs.reader import SquashReader
-from squashstore.tar.format import SPLIT_FILE as FILE
-from squashstore.tar.format import SPLIT_SEGMENT as SEGMENT
-from squashstore.tar.split import (
-    CHUNK,
-    _entry_name,
-    _parse_line,
-    _payload,
-    _safe_relative,
-)
+from squashstore.tar.split import CHUNK, crc_checked, rebuild_tar
 
 
 def _content(reader: SquashReader, name: bytes, size: int, crc: bytes | None,
              where: str) -> Iterator[bytes]:
+    """`size` bytes of the file `name` (relative, checked by `rebuild_tar`) in `reader`."""
     inode = reader.root
-    for part in _safe_relative(name, where).split(b"/"):
+    for part in name.split(b"/"):
         found = reader.lookup(inode, part) if inode.kind is tree.Kind.DIR else None
         if found is None:
             raise SourceError(f"{where}: {name.decode(errors='replace')} is not in "
@@ -44,43 +34,30 @@ def _content(reader: SquashReader, name: bytes, size: int, crc: bytes | None,
     if inode.kind is not tree.Kind.FILE or inode.size < size:
         raise SourceError(f"{where}: {name.decode(errors='replace')} in {reader.path} is "
                           f"not the {size}-byte file the layer recorded")
-    offset = 0
-    checksum: int | None = None
-    while offset < size:
-        data = reader.read(inode, offset, min(CHUNK, size - offset))
-        if not data:
-            raise SourceError(f"{where}: {reader.path}: short read")
-        offset += len(data)
-        if crc is not None:
-            checksum = crc64.go_iso(data) if checksum is None else crc64.go_iso(data, checksum)
-        yield data
-    if crc is not None and checksum is not None and checksum.to_bytes(8, "big") != crc:
-        raise SourceError(f"{where}: file integrity checksum failed for "
-                          f"{name.decode(errors='replace')} in {reader.path}")
+    found = inode
+
+    def chunks() -> Iterator[bytes]:
+        offset = 0
+        while offset < size:
+            data = reader.read(found, offset, min(CHUNK, size - offset))
+            if not data:
+                raise SourceError(f"{where}: {reader.path}: short read")
+            offset += len(data)
+            yield data
+
+    return crc_checked(chunks(), crc, f"{where}: file integrity checksum failed for "
+                                      f"{name.decode(errors='replace')} in {reader.path}")
 
 
 def tar_from_squash(tar_split: Path, squash: Path, where: str) -> Iterator[bytes]:
     """The layer tar rebuilt from `tar_split` and the squash file `squash`."""
     try:
-        with SquashReader(squash) as reader, gzip.open(tar_split, "rb") as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                entry = _parse_line(line, where)
-                kind = entry.get("type")
-                if kind == SEGMENT:
-                    data = _payload(entry, where)
-                    if data:
-                        yield data
-                elif kind == FILE:
-                    size = entry.get("size", 0)
-                    if not isinstance(size, int) or size < 0:
-                        raise SourceError(f"{where}: invalid size in tar-split")
-                    if size:
-                        yield from _content(reader, _entry_name(entry, where), size,
-                                            _payload(entry, where) or None, where)
-                else:
-                    raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+        with SquashReader(squash) as reader:
+
+            def content_of(name: bytes, size: int, crc: bytes | None) -> Iterator[bytes]:
+                return _content(reader, name, size, crc, where)
+
+            yield from rebuild_tar(tar_split, content_of, where)
     except SourceError:
         raise
     except (OSError, EOFError, SquashstoreError) as exc:

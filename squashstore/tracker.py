@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 
 from squashstore import host, podmanstore
 from squashstore.config import Config, PodmanStore
-from squashstore.mounts import MountRecord, RecordedUse
+from squashstore.mounts import MountRecord, RecordedUse, Registry
+from squashstore.store import StoreImage
 
 T = TypeVar("T")
 
@@ -261,3 +262,19 @@ def observe_users(records: list[MountRecord], settings: Config,
     points = {e.mountpoint for e in entries}
     views = [StoreView.read(store) for store in known_stores(records, settings, points)]
     return find_users(views, points, records, now, overlay_lowerdirs(entries))
+
+
+def image_users(image: StoreImage, registry: Registry, graphroot: Path | None) -> list[str]:
+    """What uses a store image, for ``rmi`` and ``gc``: layers of the podman store at
+    `graphroot` built on the image's layer (containers, images built FROM it), and the
+    containers the mount program recorded whose overlay is mounted now."""
+    users: list[str] = []
+    if graphroot is not None:
+        records = _tolerant(podmanstore.layers, podmanstore.Layout(graphroot).layers_json)
+        users += [f"layer {lid[:12]}" for lid in podmanstore.children(records, image.layer)]
+    record = registry.record(image.diff)
+    if record is not None:
+        mounted = host.mount_table()
+        users += [f"container at {u.merged}" for u in record.users
+                  if u.merged and u.merged in mounted]
+    return users

@@ -72,8 +72,11 @@ def check_ancestors(path: Path, what: str) -> None:
 def check_entry(path: Path, symlink_ok: bool = False, what: str = "a store") -> None:
     """As real root: one path, lstat-ed: root's, no group or other write bit, a directory or
     a regular file (or a symlink when `symlink_ok`). `UnsafeStore` otherwise."""
-    if not host.is_real_root():
-        return
+    if host.is_real_root():
+        _check_entry(path, symlink_ok, what)
+
+
+def _check_entry(path: Path, symlink_ok: bool, what: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -90,9 +93,9 @@ def check_top(root: Path, parts: Iterable[str], what: str = "a store") -> None:
     if not host.is_real_root() or not os.path.lexists(root):
         return
     check_ancestors(root, what)
-    check_entry(root, what=what)
+    _check_entry(root, False, what)
     for part in parts:
-        check_entry(root / part, what=what)
+        _check_entry(root / part, False, what)
 
 
 def check_tree(root: Path, mounted: Container[str] | None = None, what: str = "a store"

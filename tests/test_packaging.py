@@ -20,7 +20,8 @@ def test_wheel_installs_only_the_squashstore_package(tmp_path: Path) -> None:
     assert top == {"squashstore", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]
                    + ".dist-info"}
     for module in ("squashstore/fuse/server.py", "squashstore/cli/main.py",
-                   "squashstore/squashfs/writer.py", "squashstore/py.typed"):
+                   "squashstore/squashfs/writer.py", "squashstore/tar/reader.py",
+                   "squashstore/py.typed"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -137,3 +137,10 @@ def test_layer_chain_and_ancestors() -> None:
     assert podmanstore.ancestors("a", {"a": "b", "b": "a"}) == ["a", "b"]
     # Another store's layer ends the walk quietly (the tracker reads one store at a time).
     assert podmanstore.ancestors("a", {"a": "elsewhere"}) == ["a", "elsewhere"]
+
+
+def test_deeply_nested_record_file_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "images.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PodmanStoreError, match="not valid JSON"):
+        podmanstore.images(path)

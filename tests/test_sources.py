@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squashstore import oci
@@ -456,6 +456,7 @@ _names = st.lists(st.binary(min_size=1, max_size=12).filter(
     min_size=1, max_size=6, unique=True)
 
 
+@settings(deadline=None)  # a tempdir, a gzip and six files per example: slow under load
 @given(names=_names, sizes=st.lists(st.integers(0, 3000), min_size=6, max_size=6))
 def test_tar_split_rebuilds_any_tar_byte_for_byte(names: list[bytes], sizes: list[int]
                                                   ) -> None:

@@ -167,6 +167,8 @@ def _cases(tmp: Path) -> dict[str, bytes]:
     cases["PAX mtime with trailing garbage"] = ts.archive(
         _pax_entry([("mtime", "1600000000xyz")], b"f", b"x"))
     cases["PAX uid not a number"] = ts.archive(_pax_entry([("uid", "12a")], b"f", b"x"))
+    cases["PAX uid -1 (chown leaves it)"] = ts.archive(_pax_entry([("uid", "-1")], b"f", b"x"))
+    cases["PAX uid 2^33"] = ts.archive(_pax_entry([("uid", str(1 << 33))], b"f", b"x"))
     cases["PAX record with a bad length"] = ts.archive(
         ts.special(b"x", b"99 path=f\n") + ts.header(b"f", b"0"))
     cases["octal field with garbage"] = ts.archive(

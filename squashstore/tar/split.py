@@ -23,7 +23,7 @@ import gzip
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -104,33 +104,53 @@ def _safe_relative(name: bytes, where: str) -> bytes:
     return b"/".join(parts)
 
 
+ContentOf = Callable[[bytes, int, "bytes | None"], Iterator[bytes]]
+"""``content_of(name, size, crc)``: the `size` content bytes of the file `name` (relative,
+never leaving the layer), for `rebuild_tar`; `crc` is what tar-split recorded (or None),
+for `crc_checked`."""
+
+
+def crc_checked(chunks: Iterable[bytes], crc: bytes | None, failure: str) -> Iterator[bytes]:
+    """`chunks` passed on, then checked against the CRC-64/ISO tar-split recorded, as
+    containers/storage checks it; a mismatch raises SourceError(`failure`)."""
+    checksum: int | None = None
+    for data in chunks:
+        if crc is not None:
+            checksum = crc64.go_iso(data) if checksum is None else crc64.go_iso(data, checksum)
+        yield data
+    if crc is not None and checksum is not None and checksum.to_bytes(8, "big") != crc:
+        raise SourceError(failure)
+
+
 def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
                   where: str) -> Iterator[bytes]:
-    """`size` bytes of the file `name`; checked against the CRC-64/ISO that tar-split
-    recorded, as containers/storage checks it ("file integrity checksum failed")."""
-    path = os.path.join(diff, _safe_relative(name, where))
+    """`size` bytes of the file `name` below `diff` (never through a symlink), checked
+    ("file integrity checksum failed")."""
+    path = os.path.join(diff, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
-    try:
+
+    def chunks() -> Iterator[bytes]:
         remaining = size
-        checksum: int | None = None
         while remaining:
-            data = os.read(fd, min(CHUNK, remaining))
+            try:
+                data = os.read(fd, min(CHUNK, remaining))
+            except OSError as exc:
+                raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: "
+                                  f"{exc.strerror}") from exc
             if not data:
                 raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
                                   f"{size} bytes the layer recorded")
             remaining -= len(data)
-            if crc is not None:
-                checksum = (crc64.go_iso(data) if checksum is None
-                            else crc64.go_iso(data, checksum))
             yield data
+
+    try:
+        yield from crc_checked(chunks(), crc, f"{where}: file integrity checksum failed for "
+                                              f"{os.fsdecode(path)}")
     finally:
         os.close(fd)
-    if crc is not None and checksum is not None and checksum.to_bytes(8, "big") != crc:
-        raise SourceError(f"{where}: file integrity checksum failed for "
-                          f"{os.fsdecode(path)}")
 
 
 _DECODER = json.JSONDecoder()
@@ -164,29 +184,45 @@ def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[
     `where` names the layer in errors.
     """
     diff = os.fsencode(diff_dir)
+
+    def content_of(name: bytes, size: int, crc: bytes | None) -> Iterator[bytes]:
+        return _file_content(diff, name, size, crc, where)
+
+    return rebuild_tar(tar_split, content_of, where)
+
+
+def _lines(tar_split: Path, where: str) -> Iterator[bytes]:
+    """The lines of a gzip'd tar-split; a file that cannot be read is a SourceError."""
     try:
         with gzip.open(tar_split, "rb") as lines:
-            for line in lines:
-                if not line.strip():
-                    continue
-                entry = _parse_line(line, where)
-                kind = entry.get("type")
-                if kind == SEGMENT:
-                    data = _payload(entry, where)
-                    if data:
-                        yield data
-                elif kind == FILE:
-                    size = entry.get("size", 0)
-                    if not isinstance(size, int) or size < 0:
-                        raise SourceError(f"{where}: invalid size in tar-split")
-                    if size:
-                        crc = _payload(entry, where) or None
-                        yield from _file_content(diff, _entry_name(entry, where), size, crc,
-                                                 where)
-                else:
-                    raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+            yield from lines
     except (OSError, EOFError) as exc:
         raise SourceError(f"{where}: cannot read {tar_split}: {exc}") from exc
+
+
+def rebuild_tar(tar_split: Path, content_of: ContentOf, where: str) -> Iterator[bytes]:
+    """The tar `tar_split` describes: its segments as recorded, each file's content from
+    `content_of` (a diff directory, a squash file; its errors pass through). `where` names
+    the layer in errors."""
+    for line in _lines(tar_split, where):
+        if not line.strip():
+            continue
+        entry = _parse_line(line, where)
+        kind = entry.get("type")
+        if kind == SEGMENT:
+            data = _payload(entry, where)
+            if data:
+                yield data
+        elif kind == FILE:
+            size = entry.get("size", 0)
+            if not isinstance(size, int) or size < 0:
+                raise SourceError(f"{where}: invalid size in tar-split")
+            if size:
+                crc = _payload(entry, where) or None
+                yield from content_of(_safe_relative(_entry_name(entry, where), where), size,
+                                      crc)
+        else:
+            raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
 
 
 # --- a layer without a tar-split: walk the diff directory ----------------------------------
