@@ -651,7 +651,8 @@ class Store:
         removed.extend(self._clean_files(self.image_meta_dir, image_ids, ".json"))
         removed.extend(self._clean_files(self.layer_meta_dir, layer_ids, ".json"))
         removed.extend(self._clean_files(self.squash_dir, layer_ids, ".sqfs"))
-        for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX):
+        for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX,
+                                              FOREIGN_LEFTOVER_AGE):
             path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(self.root)))
         removed.extend(self._clean_files(self.layers_dir, layer_ids, ".tar-split.gz",
