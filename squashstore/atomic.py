@@ -1,17 +1,29 @@
 """Atomic file creation: write under a temporary name beside the target, fsync, rename.
 
-Every file squashstore produces for a user or for the store goes through `atomic_output`,
-so an interrupted or failed command never leaves a half-written file under the real name.
+Every file squashstore produces for a user or for the store goes through `atomic_output`
+(a stream) or `atomic_write` (bytes; temporary names by `temp_name`, which name their writer
+so leftover removal knows whose they are), so an interrupted or failed command never leaves a
+half-written file under the real name. Imports little: the mount program writes its mount
+record with `atomic_write_json` at every container start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+
+from squashstore import host
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
+TMP_SUFFIX = ".sqtmp"
+"""The suffix of `temp_name` names (a store's leftover removal looks for it)."""
 
 
 @contextmanager
@@ -21,6 +33,8 @@ def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterat
     `durable` fsyncs the data and the directory too (the store needs it; a user's export,
     which can simply be made again, does not pay for it).
     """
+    import tempfile  # imported when used: the mount program starts without it
+
     dest = Path(dest)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -54,3 +68,34 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def temp_name(target: Path) -> Path:
+    """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
+    return target.with_name(f".{target.name}.{host.me().tag()}.{os.urandom(4).hex()}"
+                            f"{TMP_SUFFIX}")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import threading
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ConfigError(SquashstoreError):
@@ -91,10 +93,16 @@ def read_tables(paths: list[Path]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for path in paths:
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             continue
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        import tomllib  # only when a file exists: the mount program starts without it
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         for key, value in data.items():
             if key in TABLES and not isinstance(value, dict):

@@ -16,10 +16,7 @@ process age; whether a mount still answers (`probe`, statfs in a thread); the on
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,11 +52,18 @@ def own_uid_map() -> str | None:
         return None
 
 
+_OWN_UID_MAP: list[str | None] = []
+"""`own_uid_map`, read once: a process's user namespace never changes (squashstore enters
+podman's by re-exec'ing itself), and root's checks ask at every path they check."""
+
+
 def is_real_root() -> bool:
     """Root in the initial user namespace (not root inside a rootless user namespace)."""
     if os.geteuid() != 0:
         return False
-    uid_map = own_uid_map()
+    if not _OWN_UID_MAP:
+        _OWN_UID_MAP.append(own_uid_map())
+    uid_map = _OWN_UID_MAP[0]
     if uid_map is None:
         return True
     return uid_map.split()[:3] == ["0", "0", "4294967295"]
@@ -83,6 +87,8 @@ def server_log(mountpoint: Path, backend: str) -> Path:
     ``<runtime dir>/logs/<backend>-<key>.log`` (the directory is made)."""
     directory = runtime_dir() / "logs"
     directory.mkdir(parents=True, exist_ok=True)
+    import hashlib  # imported when used: the mount program starts fast
+
     key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:24]
     return directory / f"{backend}-{key}.log"
 
@@ -119,6 +125,8 @@ class ProcessId:
 
 
 def hostname() -> str:
+    import socket  # imported when used: the mount program starts fast
+
     return socket.gethostname().replace(".", "_") or "localhost"
 
 
@@ -325,6 +333,8 @@ def fusermount_unmount(mountpoint: Path, lazy: bool, quiet: bool = False) -> str
     """``fusermount3 -u [-z] [-q] MOUNTPOINT``: None when it worked, else its last error line."""
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), *(["-q"] if quiet else []),
             str(mountpoint)]
+    import subprocess  # imported when used: the mount program starts fast
+
     proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                           stdin=subprocess.DEVNULL)
     if proc.returncode == 0:

@@ -17,9 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-
-class SquashstoreError(Exception):
-    """An error the command line reports as one line (``squashstore: <message>``)."""
+from squashstore.errors import SquashstoreError as SquashstoreError  # re-exported
 
 
 class SourceError(SquashstoreError):

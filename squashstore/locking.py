@@ -15,13 +15,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
 
 
 class LockError(SquashstoreError):
@@ -88,7 +87,7 @@ def reentrant(path: Path) -> Iterator[None]:
 
 def touch_token(fd: int) -> None:
     """Write a new last-writer id into a held containers/storage lock file."""
-    token = secrets.token_hex(TOKEN_LENGTH // 2).encode()
+    token = os.urandom(TOKEN_LENGTH // 2).hex().encode()
     written = os.pwrite(fd, token, 0)
     if written != len(token):
         raise OSError(errno.ENOSPC, "short write to lock file")

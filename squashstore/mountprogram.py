@@ -17,18 +17,15 @@ container users (its ACL check gets EOPNOTSUPP from squashfs), hence the kernel 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import __version__, config, host, podmanstore, trust
-from squashstore.image import SquashstoreError
-from squashstore.mounts import RecordedUse, Registry
-from squashstore.store import Store
+from squashstore import __version__, config, host, storelayout, trust
+from squashstore.errors import SquashstoreError
+from squashstore.mountrecords import RecordedUse, RecordRegistry
 
 PROGRAM = "squashstore-mount-program"
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
@@ -84,57 +81,64 @@ def parse_call(argv: Sequence[str]) -> OverlayCall:
 
 @dataclass(frozen=True)
 class StoreLayer:
-    store: Store
+    """A layer of a squash store (`root` resolved) that a lowerdir leads to."""
+
+    root: Path
     layer: str
 
     @property
     def diff(self) -> Path:
-        return self.store.diff_dir(self.layer)
+        return storelayout.diff_dir(self.root, self.layer)
 
-
-_LINK_TARGET = re.compile(r"\.\./([0-9a-f]{64})/diff")
+    @property
+    def squash(self) -> Path:
+        return storelayout.squash_file(self.root, self.layer)
 
 
 def store_layer(lowerdir: str) -> StoreLayer | None:
-    """The squash store layer a lowerdir leads to: ``S/overlay/l/<short>`` (a symlink whose
-    target is exactly ``../<LID>/diff``) or ``S/overlay/<LID>/diff``, S being a squash
-    store. Nothing else is followed: a lowerdir that reaches a store by another way (a
-    planted symlink) is not a store layer. As root, a store other users can change is
-    refused (`trust`; the layer's own paths are checked when it is mounted)."""
-    path = Path(os.path.abspath(lowerdir))
-    if path.parent.name == "l" and path.parent.parent.name == "overlay":
-        root, link = path.parent.parent.parent, path
-        if not Store.is_store(root) or not link.is_symlink():
-            return None
-        match = _LINK_TARGET.fullmatch(os.readlink(link))
-        if match is None:
-            return None
-        layer = match.group(1)
-    else:
-        found = podmanstore.overlay_layer(path, "diff")
-        if found is None or not Store.is_store(found[0]):
-            return None
-        (root, layer), link = found, None
-    store = Store(root)
-    store.check()
+    """The squash store layer a lowerdir leads to (`storelayout.lowerdir_layer`: only
+    ``overlay/l/<short> -> ../<LID>/diff`` is followed). As root, a store other users can
+    change is refused (`storelayout.check`, and the link itself: `trust.check_entry`; the
+    layer's own paths are checked when it is mounted)."""
+    found = storelayout.lowerdir_layer(lowerdir)
+    if found is None:
+        return None
+    root, layer, link = found
+    root = Path(os.path.realpath(root))
+    storelayout.check(root)
     if link is not None:
-        trust.check_entry(store.links / link.name, symlink_ok=True)
-    return StoreLayer(store, layer)
+        trust.check_entry(root / "overlay" / "l" / link.name, symlink_ok=True)
+    return StoreLayer(root, layer)
 
 
-def mount_layers(call: OverlayCall, registry: Registry) -> list[StoreLayer]:
-    """Mount every store layer among the call's lowerdirs and record the container."""
+def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer]:
+    """Mount every store layer among the call's lowerdirs and record the container.
+
+    Under the registry's lock, a layer already mounted, live and recorded only gains the
+    container as a user (`RecordRegistry.use_if_live`: the fast path, which imports neither
+    the store nor the mounters); any other is mounted, adopted or replaced by
+    `squashstore.mounts.Registry.ensure_mounted`, imported only then."""
     found = [layer for d in call.lowerdirs() if (layer := store_layer(d)) is not None]
     user = RecordedUse(os.path.abspath(call.merged), call.option("upperdir") or "",
                        os.getpid(), time.time())
-    for item in found:
-        squash = item.store.squash_file(item.layer)
-        if not squash.is_file():
-            raise MountProgramError(f"{item.store.root}: layer {item.layer[:12]} has no "
-                                    "squash file (removed from the store?)")
-        image = item.store.image_of_layer(item.layer)
-        registry.ensure_mounted(image, item.layer, squash, item.diff, user=user)
+    with registry.locked():
+        for item in found:
+            if not item.squash.is_file():
+                raise MountProgramError(f"{item.root}: layer {item.layer[:12]} has no "
+                                        "squash file (removed from the store?)")
+            if registry.use_if_live(item.diff, user) is None:
+                _mount(item, registry, user)
     return found
+
+
+def _mount(item: StoreLayer, registry: RecordRegistry, user: RecordedUse) -> None:
+    """Mount (or adopt, or replace) one layer: the slow path, with the store and mounters."""
+    from squashstore.mounts import Registry  # imported when a mount is needed
+    from squashstore.store import Store
+
+    image = Store(item.root).image_of_layer(item.layer)
+    Registry(registry.dir).ensure_mounted(image, item.layer, item.squash, item.diff,
+                                          user=user)
 
 
 def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
@@ -147,10 +151,7 @@ def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
         raise MountProgramError("the kernel overlay needs root and plain overlay options")
     if choice == "kernel" or (choice == "auto" and kernel_ok):
         return ["mount", "-t", "overlay", "overlay", "-o", ",".join(items), call.merged]
-    binary = shutil.which("fuse-overlayfs")
-    if binary is None:
-        raise MountProgramError("fuse-overlayfs not found on PATH")
-    return [binary, *argv]
+    return ["fuse-overlayfs", *argv]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         call = parse_call(args)
-        mount_layers(call, Registry())
+        mount_layers(call, RecordRegistry())
         command = overlay_argv(call, args)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
@@ -179,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(command[0] if os.path.isabs(command[0]) else shutil.which(command[0]) or command[0],
-             command)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        missing = " not found on PATH" if isinstance(exc, FileNotFoundError) else ""
+        sys.stderr.write(f"{PROGRAM}: {command[0]}{missing}: {_one_line(exc)}\n")
+        return 1
 
 
 def run() -> None:

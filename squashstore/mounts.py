@@ -1,8 +1,8 @@
 """Squash mounts: the per-host mount registry and the mounter backends.
 
 The registry lives in the runtime directory (see `squashstore.host.runtime_dir`): a lock
-file and one JSON record per mount point (image id, layer id, squash file, mount point,
-backend, server pid, since, and the users the mount program recorded). Every mount and
+file and one JSON record per mount point (`squashstore.mountrecords` owns the records, the
+lock and the use of a mount that is already live; they are re-exported here). Every mount and
 unmount happens under the registry's lock, so an image's layer is mounted at most once however
 many containers start together, and a dead FUSE mount (ENOTCONN) is lazily unmounted and
 replaced. Backends implement the small `Mounter` interface: `fuse` (squashstore's own server,
@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import importlib
-import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from squashstore import config, detach, host, jobs, locking, trust
+from squashstore import config, detach, host, trust
 from squashstore.image import SquashstoreError
 from squashstore.lazy import paths as lazy_paths
-from squashstore.store import atomic_write_json
+from squashstore.mountrecords import FSTYPE_BACKENDS as FSTYPE_BACKENDS
+from squashstore.mountrecords import MountRecord as MountRecord
+from squashstore.mountrecords import RecordedUse as RecordedUse
+from squashstore.mountrecords import RecordRegistry
 
 
 class MountError(SquashstoreError):
@@ -140,9 +139,6 @@ BACKENDS: dict[str, Callable[[], Mounter]] = {
     "kernel": KernelMounter,
     "squashfuse": SquashfuseMounter,
 }
-FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
-                   "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
-"""The file systems squashstore mounts: the only ones it ever unmounts."""
 
 
 def default_backend() -> str:
@@ -164,125 +160,17 @@ def mounter_for_fstype(fstype: str) -> Mounter:
     return mounter(FSTYPE_BACKENDS.get(fstype, "kernel"))
 
 
-@dataclass(frozen=True)
-class RecordedUse:
-    """A container start the mount program recorded on a mount (one entry of a record's
-    ``users``): its overlay's merged directory and upperdir, the mount program's pid (which
-    becomes the overlay's server) and when; a field an older record lacks is empty."""
-
-    merged: str = ""
-    upperdir: str = ""
-    pid: int | None = None
-    since: float | None = None
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> RecordedUse:
-        merged, upperdir = value.get("merged"), value.get("upperdir")
-        pid, since = value.get("pid"), value.get("since")
-        return cls(merged if isinstance(merged, str) else "",
-                   upperdir if isinstance(upperdir, str) else "",
-                   pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                   float(since) if isinstance(since, int | float)
-                   and not isinstance(since, bool) else None)
-
-
-@dataclass
-class MountRecord:
-    """The registry's knowledge of one mount."""
-
-    image: str
-    layer: str
-    squash: str
-    mountpoint: str
-    backend: str
-    pid: int | None
-    since: float
-    users: list[RecordedUse] = field(default_factory=list)
-    claims: list[jobs.JobClaim] = field(default_factory=list)
-    """The batch jobs that claim the mount (see `squashstore.jobs`)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MountRecord:
-        """A record as `to_json` wrote it (TypeError when it is not one)."""
-        users = data.get("users") or []
-        if not isinstance(users, list):
-            raise TypeError("users is not a list")
-        claims = data.get("claims") or []
-        if not isinstance(claims, list):
-            raise TypeError("claims is not a list")
-        fields = {k: v for k, v in data.items() if k not in ("users", "claims")}
-        return cls(**fields, users=[RecordedUse.from_json(u) for u in users
-                                    if isinstance(u, dict)],
-                   claims=[c for c in map(jobs.JobClaim.from_json, claims) if c is not None])
-
-
-def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
-    """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
-    (The mount program records a use before the overlay exists; uses never pruned would
-    grow the record with every container start.)"""
-    if not user.merged or host.real_path(Path(user.merged)) in mounted:
-        return True
-    return user.since is None or time.time() - user.since < host.STARTING_WINDOW
-
-
-class Registry:
-    """The mount registry of this host / user namespace."""
-
-    def __init__(self, directory: Path | None = None) -> None:
-        self.dir = directory or host.runtime_dir()
-        self.records_dir = self.dir / "mounts"
-        self.lock_file = self.dir / "lock"
-
-    def _key(self, mountpoint: Path) -> str:
-        return hashlib.sha256(host.real_path(mountpoint).encode()).hexdigest()[:32]
-
-    def _record_path(self, mountpoint: Path) -> Path:
-        return self.records_dir / f"{self._key(mountpoint)}.json"
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """The registry's lock: other processes and threads wait; nesting is allowed.
-
-        As root, only a registry nobody else can change is used (`trust.check_top`)."""
-        self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
-        with locking.reentrant(self.lock_file):
-            yield
-
-    def record(self, mountpoint: Path) -> MountRecord | None:
-        try:
-            data = json.loads(self._record_path(mountpoint).read_bytes())
-            return MountRecord.from_json(data)
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def records(self) -> list[MountRecord]:
-        out = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in sorted(self.records_dir.iterdir()):
-                if entry.suffix != ".json":
-                    continue
-                with contextlib.suppress(OSError, ValueError, TypeError):
-                    out.append(MountRecord.from_json(json.loads(entry.read_bytes())))
-        return out
-
-    def write(self, record: MountRecord) -> None:
-        """Store a record (call with `locked` held)."""
-        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
-
-    def forget(self, mountpoint: Path) -> None:
-        """Drop the record of ``mountpoint`` (call with `locked` held)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._record_path(mountpoint).unlink()
+class Registry(RecordRegistry):
+    """The mount registry of this host / user namespace: its records (`RecordRegistry`) and
+    the mounts themselves."""
 
     def ensure_mounted(self, image: str, layer: str, squash: Path, mountpoint: Path,
                        backend: str | None = None,
                        user: RecordedUse | None = None) -> MountRecord:
         """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``."""
         with self.locked():
+            if user is not None and (used := self.use_if_live(mountpoint, user)) is not None:
+                return used
             record = self._live_record(image, layer, squash, mountpoint)
             if record is None:
                 trust.check_mountpoint(mountpoint)
@@ -296,12 +184,7 @@ class Registry:
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())
             if user is not None:
-                mounted = host.mount_table()
-                record.users = [u for u in record.users
-                                if u.merged != user.merged and _may_still_use(u, mounted)]
-                record.users.append(user)
-            # Inside a batch job, the job claims the mount until its epilog (jobs.py).
-            record.claims = jobs.add_claim(record.claims, jobs.current_job())
+                self.add_user(record, user, host.mount_table())
             self.write(record)
             return record
 

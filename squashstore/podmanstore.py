@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from squashstore import locking
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
+from squashstore.storelayout import overlay_layer as overlay_layer  # the rule is shared
 
 
 class PodmanStoreError(SquashstoreError):
@@ -98,15 +99,6 @@ class Layout:
 def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
     """The runroot's record of how often each layer is mounted."""
     return runroot / f"{driver}-layers" / "mountpoints.json"
-
-
-def overlay_layer(path: str | Path, leaf: str) -> tuple[Path, str] | None:
-    """``<root>/overlay/<layer>/<leaf>`` -> (root, layer): where containers/storage's overlay
-    driver (and a squash store, which has its layout) keeps a layer's ``diff`` or ``merged``."""
-    path = Path(path)
-    if path.name != leaf or path.parent.parent.name != "overlay":
-        return None
-    return path.parent.parent.parent, path.parent.name
 
 
 # ---------------------------------------------------------------------------------------

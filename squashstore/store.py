@@ -30,28 +30,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import host, imageconfig, locking, names, podmanstore, trust
-from squashstore.atomic import fsync_dir
-from squashstore.image import SquashstoreError
+from squashstore import host, imageconfig, locking, names, podmanstore, storelayout, trust
+from squashstore.atomic import TMP_SUFFIX as TMP_SUFFIX
+from squashstore.atomic import atomic_write as atomic_write
+from squashstore.atomic import atomic_write_json as atomic_write_json
+from squashstore.atomic import fsync_dir, temp_name
 from squashstore.lazy import paths as lazy_paths
+from squashstore.storelayout import FORMAT_VERSION as FORMAT_VERSION
+from squashstore.storelayout import META as META
+from squashstore.storelayout import TOP_ENTRIES as TOP_ENTRIES
+from squashstore.storelayout import StoreError as StoreError
 
-FORMAT_VERSION = 1
-_ID_RE = re.compile(r"[0-9a-f]{64}")
-META = "squashstore"
-TOP_ENTRIES = (META, f"{META}/format-version", f"{META}/lock", f"{META}/images",
-               f"{META}/layers", f"{META}/squash", f"{META}/tmp", "overlay", "overlay/l",
-               "overlay-layers", "overlay-images", "overlay-layers/layers.json",
-               "overlay-images/images.json")
-"""The store's fixed entries, checked (as root) whenever it is opened."""
 LINK_LENGTH = 26
-TMP_SUFFIX = ".sqtmp"
 LAYER_DIRS = ("diff", "empty", "merged")
 FOREIGN_LEFTOVER_AGE = 24 * 3600
 """Leftovers of writers on other hosts are removed only when older than this (seconds)."""
-
-
-class StoreError(SquashstoreError):
-    """The store is missing, of another format, damaged, or the request does not fit it."""
 
 
 class ImageNotFound(StoreError):
@@ -76,37 +69,6 @@ def link_name(layer_id: str) -> str:
     """The layer's 26-character short name (deterministic, so re-publishing is idempotent)."""
     digest = hashlib.sha256(f"squashstore-link:{layer_id}".encode()).digest()
     return base64.b32encode(digest).decode()[:LINK_LENGTH]
-
-
-def temp_name(target: Path) -> Path:
-    """A temporary sibling of ``target`` naming its writer (for leftover removal)."""
-    return target.with_name(f".{target.name}.{host.me().tag()}.{secrets.token_hex(4)}"
-                            f"{TMP_SUFFIX}")
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = temp_name(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -262,20 +224,17 @@ class Store:
 
     @staticmethod
     def is_store(path: Path) -> bool:
-        return (path / META / "format-version").is_file()
+        return storelayout.is_store(path)
 
     @staticmethod
     def _checked_id(layer_id: str) -> str:
-        """A layer id used in a path: 64 hex digits, so it never leads out of the store."""
-        if not _ID_RE.fullmatch(layer_id):
-            raise StoreError(f"invalid layer id {layer_id[:80]!r} (damaged records?)")
-        return layer_id
+        return storelayout.checked_id(layer_id)
 
     def diff_dir(self, layer_id: str) -> Path:
-        return self.overlay / self._checked_id(layer_id) / "diff"
+        return storelayout.diff_dir(self.root, layer_id)
 
     def squash_file(self, layer_id: str) -> Path:
-        return self.squash_dir / f"{self._checked_id(layer_id)}.sqfs"
+        return storelayout.squash_file(self.root, layer_id)
 
     def tar_split_file(self, layer_id: str) -> Path:
         return self.layout.tar_split(layer_id)
@@ -283,16 +242,8 @@ class Store:
     def check(self) -> None:
         """Raise StoreError unless this is a store of our format (and, as root, one whose
         fixed directories nobody else can change: `trust.check_top`, before any file of
-        it is read)."""
-        trust.check_top(self.root, TOP_ENTRIES)
-        try:
-            text = self.format_file.read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            raise StoreError(f"{self.root}: not a squash store (run `squashstore init`)")\
-                from None
-        if text != str(FORMAT_VERSION):
-            raise StoreError(f"{self.root}: store format {text!r}, this squashstore reads "
-                             f"format {FORMAT_VERSION}")
+        it is read): `storelayout.check`."""
+        storelayout.check(self.root)
 
     def init(self) -> None:
         """Create the store (idempotent); podman accepts it empty and read-only."""

@@ -29,7 +29,7 @@ from collections.abc import Container, Iterable
 from pathlib import Path
 
 from squashstore import host
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
 
 LINK_DIR = ("overlay", "l")
 """The one directory of a store whose entries are symlinks (``overlay/l/<short>``)."""

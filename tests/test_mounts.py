@@ -167,11 +167,89 @@ def test_mount_program_parses_podmans_call(benv: Env) -> None:
     assert call.lowerdirs() == [str(benv.store.links / link), "/nonstore/diff"]
     found = store_layer(call.lowerdirs()[0])
     assert found is not None and found.layer == image.layer
-    assert found.store.root == benv.store.root
+    assert found.root == benv.store.root
     assert store_layer("/nonstore/diff") is None
     version = subprocess.run([str(PYTHON), "-m", "squashstore.mountprogram", "--version"],
                              capture_output=True, text=True, check=True)
     assert version.stdout.startswith("squashstore-mount-program")
+
+
+_MOUNT_LAYERS = """
+import json, sys
+from squashstore import mountprogram
+from squashstore.mountrecords import RecordRegistry
+mountprogram.mount_layers(mountprogram.parse_call(sys.argv[1:]), RecordRegistry())
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("squashstore"))))
+"""
+
+
+def mount_layers(env: Env, image: Any, merged: str) -> list[str]:
+    """The mount program's work before the overlay (`mount_layers`), as a container start
+    does it in its own process; returns the squashstore modules that process imported."""
+    link = (env.store.overlay / image.layer / "link").read_text()
+    call = ["-o", f"lowerdir={env.store.links / link},upperdir={merged}.up,workdir=/w", merged]
+    proc = subprocess.run([str(PYTHON), "-c", _MOUNT_LAYERS, *call], env=env.env,
+                          capture_output=True, text=True, check=True)
+    modules: list[str] = json.loads(proc.stdout)
+    return modules
+
+
+@pytest.mark.parametrize("setup", ["kernel", "fuse"])
+def test_mount_program_fast_path_records_the_container(setup: str, tmp_path: Path,
+                                                       podman: Podman, make_podman: Any,
+                                                       images: dict[str, SqLayer]) -> None:
+    """A layer already mounted, live and recorded: the mount program only records the
+    container (pruning nothing live), without importing the store or the mounters."""
+    backend, overlay = SETUPS[setup]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as env:
+        image = publish(env)
+        registry = Registry(env.runtime_dir)
+        before = registry.record(image.diff)
+        assert before is not None
+        first = mount_layers(env, image, "/c1/merged")
+        second = mount_layers(env, image, "/c2/merged")
+        for modules in (first, second):
+            assert "squashstore.mountprogram" in modules
+            assert "squashstore.mounts" not in modules and "squashstore.store" not in modules
+        after = registry.record(image.diff)
+        assert after is not None
+        assert (after.pid, after.since, after.backend) == (before.pid, before.since,
+                                                           before.backend)
+        assert [u.merged for u in after.users][-2:] == ["/c1/merged", "/c2/merged"]
+        assert after.users[-1].upperdir == "/c2/merged.up" and after.users[-1].pid
+        assert mount_count(image.diff) == 1
+
+
+def test_mount_program_replaces_a_dead_mount(tmp_path: Path, podman: Podman,
+                                            make_podman: Any,
+                                            images: dict[str, SqLayer]) -> None:
+    """The fast path never uses a dead mount: the mount program replaces it (slow path) and
+    records the container on the new mount; an unrecorded live mount is adopted."""
+    with store_setup(tmp_path, podman, make_podman, images, "squashfuse",
+                     "fuse-overlayfs") as env:
+        image = publish(env)
+        registry = Registry(env.runtime_dir)
+        record = registry.record(image.diff)
+        assert record is not None and record.pid is not None
+        os.kill(record.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while answers(image.diff) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not answers(image.diff)
+        modules = mount_layers(env, image, "/c3/merged")
+        assert "squashstore.mounts" in modules  # the slow path ran
+        again = registry.record(image.diff)
+        assert again is not None and again.pid not in (None, record.pid)
+        assert [u.merged for u in again.users] == ["/c3/merged"]
+        assert answers(image.diff) and (image.diff / "bin" / "busybox").is_file()
+        assert mount_count(image.diff) == 1
+        # A live mount without a record (registry lost): adopted, not used blindly.
+        with registry.locked():
+            registry.forget(image.diff)
+        assert "squashstore.mounts" in mount_layers(env, image, "/c4/merged")
+        adopted = registry.record(image.diff)
+        assert adopted is not None and [u.merged for u in adopted.users] == ["/c4/merged"]
+        assert mount_count(image.diff) == 1
 
 
 def test_podman_run_remounts_after_umount_all(benv: Env) -> None:

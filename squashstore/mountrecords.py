@@ -1,0 +1,178 @@
+"""The mount registry's records and lock, importing little (the mount program's fast path).
+
+The registry lives in the runtime directory (see `squashstore.host.runtime_dir`): a lock
+file and one JSON record per mount point (`MountRecord`: image id, layer id, squash file,
+mount point, backend, server pid, since, and the container starts the mount program recorded
+as `RecordedUse`). This module owns that format, the lock, which recorded uses are kept
+(`add_user`), the file systems squashstore mounts (`FSTYPE_BACKENDS`, the only ones it ever
+unmounts) and `use_if_live`: the whole of a container start whose layer is already mounted,
+live and recorded. Mounting, unmounting and replacing dead mounts are
+`squashstore.mounts.Registry`'s (a subclass), which needs the mounter backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from squashstore import host, jobs, locking, trust
+from squashstore.atomic import atomic_write_json
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
+                   "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
+"""The file systems squashstore mounts: the only ones it ever unmounts."""
+
+
+@dataclass(frozen=True)
+class RecordedUse:
+    """A container start the mount program recorded on a mount (one entry of a record's
+    ``users``): its overlay's merged directory and upperdir, the mount program's pid (which
+    becomes the overlay's server) and when; a field an older record lacks is empty."""
+
+    merged: str = ""
+    upperdir: str = ""
+    pid: int | None = None
+    since: float | None = None
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> RecordedUse:
+        merged, upperdir = value.get("merged"), value.get("upperdir")
+        pid, since = value.get("pid"), value.get("since")
+        return cls(merged if isinstance(merged, str) else "",
+                   upperdir if isinstance(upperdir, str) else "",
+                   pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                   float(since) if isinstance(since, int | float)
+                   and not isinstance(since, bool) else None)
+
+
+@dataclass
+class MountRecord:
+    """The registry's knowledge of one mount."""
+
+    image: str
+    layer: str
+    squash: str
+    mountpoint: str
+    backend: str
+    pid: int | None
+    since: float
+    users: list[RecordedUse] = field(default_factory=list)
+    claims: list[jobs.JobClaim] = field(default_factory=list)
+    """The batch jobs that claim the mount (see `squashstore.jobs`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MountRecord:
+        """A record as `to_json` wrote it (TypeError when it is not one)."""
+        users = data.get("users") or []
+        if not isinstance(users, list):
+            raise TypeError("users is not a list")
+        claims = data.get("claims") or []
+        if not isinstance(claims, list):
+            raise TypeError("claims is not a list")
+        fields = {k: v for k, v in data.items() if k not in ("users", "claims")}
+        return cls(**fields, users=[RecordedUse.from_json(u) for u in users
+                                    if isinstance(u, dict)],
+                   claims=[c for c in map(jobs.JobClaim.from_json, claims) if c is not None])
+
+
+def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
+    """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
+    (The mount program records a use before the overlay exists; uses never pruned would
+    grow the record with every container start.)"""
+    if not user.merged or host.real_path(Path(user.merged)) in mounted:
+        return True
+    return user.since is None or time.time() - user.since < host.STARTING_WINDOW
+
+
+class RecordRegistry:
+    """The records and lock of the mount registry of this host / user namespace."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.dir = directory or host.runtime_dir()
+        self.records_dir = self.dir / "mounts"
+        self.lock_file = self.dir / "lock"
+
+    def _key(self, mountpoint: Path) -> str:
+        return hashlib.sha256(host.real_path(mountpoint).encode()).hexdigest()[:32]
+
+    def _record_path(self, mountpoint: Path) -> Path:
+        return self.records_dir / f"{self._key(mountpoint)}.json"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The registry's lock: other processes and threads wait; nesting is allowed.
+
+        As root, only a registry nobody else can change is used (`trust.check_top`)."""
+        self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
+        with locking.reentrant(self.lock_file):
+            yield
+
+    def record(self, mountpoint: Path) -> MountRecord | None:
+        try:
+            data = json.loads(self._record_path(mountpoint).read_bytes())
+            return MountRecord.from_json(data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def records(self) -> list[MountRecord]:
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(self.records_dir.iterdir()):
+                if entry.suffix != ".json":
+                    continue
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    out.append(MountRecord.from_json(json.loads(entry.read_bytes())))
+        return out
+
+    def write(self, record: MountRecord) -> None:
+        """Store a record (call with `locked` held)."""
+        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
+
+    def forget(self, mountpoint: Path) -> None:
+        """Drop the record of ``mountpoint`` (call with `locked` held)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._record_path(mountpoint).unlink()
+
+    @staticmethod
+    def add_user(record: MountRecord, user: RecordedUse,
+                 mounted: Mapping[str, object]) -> None:
+        """Record a container start `user` on `record` (dropping its earlier entry and uses
+        no longer live); inside a batch job, the job claims the mount until its epilog
+        (`squashstore.jobs`)."""
+        record.users = [u for u in record.users
+                        if u.merged != user.merged and _may_still_use(u, mounted)]
+        record.users.append(user)
+        record.claims = jobs.add_claim(record.claims, jobs.current_job())
+
+    def use_if_live(self, mountpoint: Path, user: RecordedUse) -> MountRecord | None:
+        """With `locked` held: when a squash mount that this registry recorded is on
+        `mountpoint` and answers (`host.answers`), record `user` on it and return the
+        record. None otherwise: the caller mounts, adopts or replaces a dead mount
+        (`squashstore.mounts.Registry.ensure_mounted`). A mount point reached through a
+        symlink, or a file system other than a squash mount there, raises `UnsafeStore`."""
+        trust.check_unmount(mountpoint, None)
+        mounted = host.mount_table()
+        entry = mounted.get(host.real_path(mountpoint))
+        record = self.record(mountpoint) if entry is not None else None
+        if entry is None or record is None:
+            return None
+        trust.check_unmount(mountpoint, entry.fstype, FSTYPE_BACKENDS)
+        if not host.answers(mountpoint):
+            return None
+        self.add_user(record, user, mounted)
+        self.write(record)
+        return record
