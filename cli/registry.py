@@ -98,7 +98,9 @@ def register(sub: Any) -> None:
                        description="A squashstore artifact is installed as it is (verified, "
                        "same image id); an ordinary image is migrated from docker://REF.")
     p.add_argument("ref", metavar="REF")
-    p.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lazy", action="store_true",
+                   help="install a squashstore artifact at once and fetch its squash file's "
+                   "blocks from the registry as they are read (a later pull completes it)")
     p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch image")
     p.add_argument("--backend", default=None, choices=("fuse", "kernel", "squashfuse"),
                    help="mount backend (default: [mount] backend of the config, else fuse)")
@@ -198,6 +200,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     if ref.name.digest:
         raise RegistryUsageError("push: REF needs a tag, not a digest")
     bars = _transfer(sys.stderr.isatty() and not args.quiet)
+    _complete_lazy(image.squash, lambda label: None)  # a lazy image's file has holes
     size = image.squash.stat().st_size if image.squash.is_file() else -1
     update, done = bars("hashing squash file", size)
     plan = plan_push(store, image, update)
@@ -228,9 +231,21 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None] | None]
+                   ) -> int:
+    """Finish a lazily pulled image (`pull REF` of one); the bytes it fetched."""
+    from squashstore.lazy import image as lazy_image
+    from squashstore.lazy import paths as lazy_paths
+    from squashstore.lazy import remote
+
+    status = lazy_image.status(squash) if lazy_paths.is_lazy(squash) else None
+    if status is None:
+        return 0
+    lazy_image.complete(squash, remote.open_source, progress("complete squash file"))
+    return status.remote.size - status.present
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
-    if args.lazy:
-        raise RegistryUsageError("pull --lazy is not implemented yet")
     from squashstore.migrate import migrate_image
     from squashstore.mounts import Registry
     from squashstore.registry import artifact
@@ -255,19 +270,33 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 current.append(done)
                 return update
 
+            downloaded_lazily = 0
             try:
-                installed = artifact.install(
-                    store, parsed, config,
-                    lambda d: client.open_blob(ref.repository, d.digest, d.size),
-                    (name,), what, digest, registry.umount, progress)
+                if args.lazy:
+                    from squashstore.lazy.install import install_lazy
+
+                    installed = install_lazy(store, parsed, config, client, ref.repository,
+                                             registry_options(args), (name,), what, digest,
+                                             registry.umount)
+                else:
+                    installed = artifact.install(
+                        store, parsed, config,
+                        lambda d: client.open_blob(ref.repository, d.digest, d.size),
+                        (name,), what, digest, registry.umount, progress)
+                    downloaded_lazily = _complete_lazy(installed.image.squash, progress)
             finally:
                 for done in current:
                     done()
             result, downloaded, kind = installed.image, installed.downloaded, "artifact"
+            if not args.lazy:
+                downloaded += downloaded_lazily
             if not args.no_mount:
                 registry.ensure_mounted(result.id, result.layer, result.squash, result.diff,
                                         backend=args.backend)
         else:
+            if args.lazy:
+                raise RegistryUsageError(f"{ref.text}: not a squashstore artifact: only a "
+                                         "pushed squash file can be pulled --lazy")
             wanted = None
             if args.platform:
                 from squashstore import oci
@@ -283,8 +312,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(result.id)
     elif args.format == "json":
         print_json({"id": result.id, "names": list(result.names), "reference": ref.text,
-                    "digest": digest, "kind": kind, "downloaded": downloaded})
+                    "digest": digest, "kind": kind, "downloaded": downloaded,
+                    "lazy": bool(args.lazy and kind == "artifact")})
     else:
         how = "installed" if kind == "artifact" else "migrated"
+        how = "installed lazily" if args.lazy and kind == "artifact" else how
         print(f"{ref.text} -> {result.id[:12]} {' '.join(result.names) or '<none>'} ({how})")
     return 0

@@ -707,3 +707,86 @@ def test_a_completed_lazy_image_with_wrong_bytes_fails_verify(pushed: Pushed,
     assert lazy_paths.is_lazy(squash)  # still lazy; its cache forgotten
     status = lazy_image.status(squash)
     assert status is not None and status.present == 0
+
+
+# ---------------------------------------------------------------------------------------
+# pull --lazy end to end: a store image pushed by one site, pulled lazily by another, run by
+# podman through a real FUSE mount, then completed.
+
+from test_registry import (  # noqa: E402, F401 - their fixtures, used by name
+    CREDS,
+    Site,
+    _migrated_id,
+    make_site,
+    pki,
+    registries,
+)
+
+from support.fixture_trees import image_ref  # noqa: E402
+from support.podman import Podman  # noqa: E402
+
+LAZY_IMAGE = "localhost/sqs-lazy-data:latest"
+
+
+@pytest.fixture(scope="module")
+def data_image(podman: Podman, fixture_images: dict[str, str],
+               tmp_path_factory: pytest.TempPathFactory) -> str:
+    """base + 6 MB of incompressible data a container start never reads."""
+    ctx = tmp_path_factory.mktemp("lazy-image")
+    (ctx / "Containerfile").write_text(
+        f"FROM {image_ref('base')}\n"
+        "RUN head -c 6000000 /dev/urandom > /data.bin && echo lazy-hello > /hello\n")
+    podman.build(ctx, LAZY_IMAGE)
+    return LAZY_IMAGE
+
+
+def _squash_served(server: object, digest: str) -> int:
+    log = server.access_log()  # type: ignore[attr-defined]
+    return sum(int(m.group(3)) for m in _ACCESS.finditer(log)
+               if m.group(1).endswith(digest) and m.group(2) in ("200", "206"))
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_pull_lazy_runs_in_podman_and_completes(
+        request: pytest.FixtureRequest, data_image: str) -> None:
+    new_site: Any = request.getfixturevalue("make_site")
+    servers: dict[str, Any] = request.getfixturevalue("registries")
+    origin = new_site("origin")
+    iid = _migrated_id(origin, data_image)
+    server = servers["token"]  # bearer tokens: the FUSE server fetches its own
+    ref = f"{server.host}/lazy/data:1"
+    origin.cli("push", "--creds", CREDS, data_image, ref)
+    original = origin.store.resolve(iid).squash.read_bytes()
+    digest = digest_of(original)
+
+    node: Site = new_site("node")
+    node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
+    t = time.perf_counter()
+    out = node.cli("pull", "--lazy", "--format", "json", ref)
+    pulled_in = time.perf_counter() - t
+    result = json.loads(out.stdout)
+    assert result["id"] == iid and result["lazy"] is True
+    image = node.store.resolve(iid)
+    assert lazy_paths.is_lazy(image.squash)
+    assert image.metadata  # listed like any other image
+    meta_served = _squash_served(server, digest)
+    t = time.perf_counter()
+    hello = node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/hello")
+    run_in = time.perf_counter() - t
+    assert hello.strip() == "lazy-hello"
+    served = _squash_served(server, digest)
+    print(f"\nlazy pull: squash file {len(original)} B; pull --lazy {pulled_in:.2f} s "
+          f"({meta_served} B); podman run cat: {run_in:.2f} s, {served} B served in all "
+          f"({100 * served / len(original):.1f} %)")
+    assert served < len(original) / 2
+    assert node.cli("verify", tls=False).returncode == 0  # metadata only, nothing fetched
+    assert _squash_served(server, digest) == served
+    # A plain pull completes it: the same bytes, an ordinary image, verify reads it all.
+    done = json.loads(node.cli("pull", "--creds", CREDS, "--format", "json", ref).stdout)
+    assert done["id"] == iid and done["downloaded"] > 0
+    assert not lazy_paths.is_lazy(image.squash)
+    assert image.squash.read_bytes() == original
+    assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "wc", "-c",
+                                  "/data.bin").split()[0] == "6000000"
+    assert node.cli("verify", tls=False).returncode == 0
