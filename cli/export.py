@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from squashstore.atomic import atomic_output
+from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.flatten import export_image
 from squashstore.sources import open_image
 
@@ -20,16 +21,18 @@ def register(sub: Any) -> None:
         "container, straight from the image.")
     parser.add_argument("source", metavar="SOURCE",
                         help="image reference (containers-storage:NAME, oci:DIR[:TAG], "
-                        "oci-archive:FILE[:TAG], docker-archive:FILE[:NAME])")
+                        "oci-archive:FILE[:TAG], docker-archive:FILE[:NAME], "
+                        "docker://HOST/REPO[:TAG|@DIGEST])")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
                         help="the tar to write; - for stdout")
     parser.add_argument("--platform", help="os/arch[/variant] to choose from a multi-arch "
                         "index (default: this host's)")
+    add_registry_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    image = open_image(args.source, platform=args.platform)
+    image = open_image(args.source, platform=args.platform, registry=registry_options(args))
     if args.output == "-":
         if sys.stdout.isatty():
             raise SystemExit("squashstore: refusing to write a tar to a terminal")

@@ -29,13 +29,14 @@ COMMAND_MODULES = (
     "squashstore.cli.mounts",
     "squashstore.cli.serve",
     "squashstore.cli.cleanup",
+    "squashstore.cli.registry",
 )
 
 # Commands that read rootless podman's layers (files owned by subordinate ids) or make,
 # check or remove mounts, which live in podman's mount namespace: for an ordinary user they
 # run inside rootless podman's namespace (``podman unshare``).
 IN_PODMAN_USERNS = frozenset({"migrate", "export", "squash", "mount", "umount", "mounts",
-                              "cleanup", "rmi", "gc"})
+                              "cleanup", "rmi", "gc", "pull"})
 
 
 class UsageError(SquashstoreError):

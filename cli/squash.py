@@ -56,6 +56,9 @@ def register(sub: Any) -> None:
     parser.add_argument("output", metavar="OUTPUT", type=Path)
     parser.add_argument("--platform", help="os/arch[/variant] from a multi-arch index")
     add_squash_options(parser)
+    from squashstore.cli.registry import add_registry_options
+
+    add_registry_options(parser)
     parser.set_defaults(func=run_squash)
 
     parser = sub.add_parser("ls", help="list a directory of a squash file",
@@ -100,11 +103,12 @@ def run_squash(args: argparse.Namespace) -> int:
         files, bytes_in, bytes_out = _squash_rootfs(Path(source[len("rootfs:"):]),
                                                     args.output, options)
     else:
+        from squashstore.cli.registry import registry_options
         from squashstore.flatten import squash_image
         from squashstore.sources import open_image
 
         image = tar_image(source[4:]) if source.startswith("tar:") else open_image(
-            source, platform=args.platform)
+            source, platform=args.platform, registry=registry_options(args))
         result = squash_image(image, args.output, options, progress=sys.stderr.isatty())
         files, bytes_in, bytes_out = result.files, result.bytes_in, result.bytes_out
     seconds = time.monotonic() - started

@@ -20,10 +20,12 @@ from typing import Any
 
 from squashstore import host, runtime, sources, tracker
 from squashstore.cli.output import add_format_option, print_json, print_table
+from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
 from squashstore.lazy import image as lazy_image
 from squashstore.mounts import Registry
+from squashstore.registry.client import RegistryOptions
 from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
 
@@ -66,10 +68,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_sources(references: list[str], platform: str | None) -> list[Image]:
+def _open_sources(references: list[str], platform: str | None,
+                  registry: RegistryOptions | None = None) -> list[Image]:
     from squashstore.sources import open_image
 
-    images = [open_image(ref, platform=platform) for ref in references]
+    images = [open_image(ref, platform=platform, registry=registry) for ref in references]
     owners: dict[str, Image] = {}
     for image in images:
         for name in image.names:
@@ -85,7 +88,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     store = _store(args)
     options = squash_options(args, zstd_level=MIGRATE_ZSTD_LEVEL)
-    images = _open_sources(args.sources, args.platform)
+    images = _open_sources(args.sources, args.platform, registry_options(args))
     store.init()
     for image in images:
         result = migrate_image(store, image, options, mount=not args.no_mount,
@@ -254,6 +257,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", default=None, choices=("fuse", "kernel", "squashfuse"),
                    help="mount backend (default: [mount] backend of the config, else fuse)")
     p.add_argument("--no-mount", action="store_true", help="do not leave the image mounted")
+    add_registry_options(p)
     p.set_defaults(func=cmd_migrate)
 
     p = subparsers.add_parser("images", help="list the store's images")

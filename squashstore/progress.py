@@ -2,7 +2,8 @@
 
 `Progress` redraws one line (layers done, files, bytes, throughput) at most ten times a
 second and erases it when done, so a long migrate or squash shows that it moves without
-filling logs: callers create it only when stderr is a terminal.
+filling logs: callers create it only when stderr is a terminal. `Transfer` does the same
+for one download or upload (bytes done of the total, throughput).
 """
 
 from __future__ import annotations
@@ -48,3 +49,33 @@ class Progress:
         if self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
+
+
+class Transfer:
+    """``label: 120.3 MB / 2.0 GB (45.0 MB/s)`` redrawn in place, for one download or
+    upload of `total` bytes (-1: unknown)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr,
+                 interval: float = 0.1) -> None:
+        self.label, self.total, self.stream, self.interval = label, total, stream, interval
+        self.started = time.monotonic()
+        self._next = self.started
+        self._width = 0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now < self._next and done != self.total:
+            return
+        self._next = now + self.interval
+        rate = done / max(now - self.started, 1e-3)
+        of = f" / {human(self.total)}" if self.total >= 0 else ""
+        text = f"{self.label}: {human(done)}{of} ({human(rate)}/s)"
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._width = len(text)
+
+    def done(self) -> None:
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0

@@ -6,8 +6,8 @@ no transport is written; the local podman store, read in place through its tar-s
 ``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]`` (members read in place with tarfile, never
 extracted: that reads the archive *file*, whose members are blobs; the layer blobs
 themselves are read only by `squashstore.tar.reader`, as podman reads them) and
-``docker-archive:FILE[:NAME|:@N]``. It also owns image names as podman
-resolves and normalises them (``alpine`` -> ``docker.io/library/alpine:latest``). The
+``docker-archive:FILE[:NAME|:@N]``, and ``docker://`` (`squashstore.registry`). Image names
+are `squashstore.names`' (``alpine`` -> ``docker.io/library/alpine:latest``). The
 documents are parsed by `oci`, blobs verified by `blobs`, local layers rebuilt by `tar.split`
 and the local store found by `podmanconf`.
 
@@ -21,18 +21,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from squashstore import oci, runtime
+from squashstore import names, oci, runtime
 from squashstore.image import Image, SourceError
+from squashstore.registry.client import RegistryOptions
 
 CONTAINERS_STORAGE = "containers-storage"
 OCI_DIR = "oci"
 OCI_ARCHIVE = "oci-archive"
 DOCKER_ARCHIVE = "docker-archive"
-TRANSPORTS = (CONTAINERS_STORAGE, OCI_DIR, OCI_ARCHIVE, DOCKER_ARCHIVE)
+DOCKER = "docker"
+TRANSPORTS = (CONTAINERS_STORAGE, OCI_DIR, OCI_ARCHIVE, DOCKER_ARCHIVE, DOCKER)
 _OTHER_SKOPEO_TRANSPORTS = ("dir", "docker-daemon", "ostree", "sif", "tarball", "atomic")
 _TRANSPORT_TOKEN = re.compile(r"[a-z][a-z0-9-]*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
-_DEFAULT_DOMAIN = "docker.io"
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ def parse_reference(text: str) -> Reference:
     if not text.strip():
         raise SourceError("empty image reference")
     if text.startswith("docker://"):
-        raise SourceError(f"{text}: docker:// is not supported yet")
+        return Reference(DOCKER, "", text[len("docker://"):], text)
     prefix, sep, rest = text.partition(":")
     if not sep or not _TRANSPORT_TOKEN.fullmatch(prefix) or (
             prefix not in TRANSPORTS + _OTHER_SKOPEO_TRANSPORTS + ("docker",)
             and _looks_like_name_with_colon(rest)):
         return _storage_reference(text, text)
-    if prefix == "docker":
-        raise SourceError(f"{text}: docker:// is not supported yet")
+    if prefix == DOCKER:
+        raise SourceError(f"{text}: write docker://HOST/REPO[:TAG|@DIGEST]")
     if prefix not in TRANSPORTS:
         raise SourceError(f"{text}: unknown or unsupported transport {prefix!r} "
                           f"(supported: {', '.join(TRANSPORTS)})")
@@ -97,61 +98,18 @@ def _storage_reference(rest: str, text: str) -> Reference:
 # --- names --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Name:
-    domain: str
-    """Empty when the name had none (a short name)."""
-    path: str
-    tag: str
-    digest: str
-
-    def qualified(self, domain: str) -> str:
-        path = self.path
-        if domain == _DEFAULT_DOMAIN and "/" not in path:
-            path = "library/" + path
-        text = f"{domain}/{path}"
-        if self.tag or not self.digest:
-            text += ":" + (self.tag or "latest")
-        if self.digest:
-            text += "@" + self.digest
-        return text
-
-
-_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-
-
-def _split_name(text: str) -> _Name:
-    name, _, digest = text.partition("@")
-    if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}", digest):
-        raise SourceError(f"invalid image name {text!r}: bad digest")
-    tag = ""
-    last = name.rfind(":")
-    if last > name.rfind("/"):
-        name, tag = name[:last], name[last + 1:]
-        if not _TAG.fullmatch(tag):
-            raise SourceError(f"invalid image name {text!r}: bad tag")
-    domain, slash, path = name.partition("/")
-    if not slash or not ("." in domain or ":" in domain or domain == "localhost"):
-        domain, path = "", name
-    if domain == "index.docker.io":
-        domain = _DEFAULT_DOMAIN
-    if not path or not all(_PATH_COMPONENT.fullmatch(p) for p in path.split("/")):
-        raise SourceError(f"invalid image name {text!r}")
-    return _Name(domain, path, tag, digest)
+def _split_name(text: str) -> names.Name:
+    return names.parse(text)
 
 
 def normalize_name(text: str) -> str:
     """A fully qualified name: ``alpine`` -> ``docker.io/library/alpine:latest``."""
-    name = _split_name(text)
-    return name.qualified(name.domain or _DEFAULT_DOMAIN)
+    return names.registry_name(text)
 
 
 def _candidate_names(text: str) -> list[str]:
     """The fully qualified names a (short) name may mean, in podman's order."""
-    name = _split_name(text)
-    if name.domain:
-        return [name.qualified(name.domain)]
-    return [name.qualified("localhost"), name.qualified(_DEFAULT_DOMAIN)]
+    return names.local_candidates(text)
 
 
 # --- public entry -------------------------------------------------------------------------
@@ -177,19 +135,25 @@ def remove_from_podman(reference: str) -> None:
     runtime.podman("rmi", f"[{ref.path}]{ref.name}" if ref.path else ref.name)
 
 
-def open_image(reference: str, platform: str | None = None) -> Image:
+def open_image(reference: str, platform: str | None = None,
+               registry: RegistryOptions | None = None) -> Image:
     """The image `reference` names; `platform` (``linux/arm64``) chooses from a multi-arch
     index (default: this host's platform).
 
     For ``containers-storage:`` this briefly takes containers/storage's read locks (fcntl
     record locks) on the graph root's and the additional stores' lock files: do not call it
     while this process holds a lock on one of those files, since closing our descriptor
-    would release it. `Layer.open` takes no locks.
+    would release it. `Layer.open` takes no locks. `registry` holds the registry options
+    of a ``docker://`` reference.
     """
     from squashstore.transports import containers_storage, docker_archive, oci_layout
     from squashstore.transports.common import ArchiveFiles, DirFiles
 
     ref = parse_reference(reference)
+    if ref.transport == DOCKER:
+        from squashstore.registry.docker import open_docker
+
+        return open_docker(ref.text, platform, registry)
     wanted = oci.parse_platform(platform) if platform else None
     if ref.transport == CONTAINERS_STORAGE:
         return containers_storage.open_containers_storage(ref)

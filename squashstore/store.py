@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import host, imageconfig, locking, podmanstore, storelayout, trust
+from squashstore import host, imageconfig, locking, names, podmanstore, storelayout, trust
 from squashstore.atomic import TMP_SUFFIX as TMP_SUFFIX
 from squashstore.atomic import atomic_write as atomic_write
 from squashstore.atomic import atomic_write_json as atomic_write_json
@@ -108,46 +108,24 @@ def remove_tree(path: Path) -> None:
 
 # --------------------------------------------------------------------------- names
 
-_NAME_RE = re.compile(r"[a-z0-9]+(?:[._/-][a-z0-9]+|__|--+)*(?::[0-9]+)?"
-                      r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-                      r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
-
-
-def _split_domain(name: str) -> tuple[str, str]:
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return first, rest
-    return "", name
-
-
 def normalize_name(name: str) -> str:
     """A name as podman stores it: ``localhost/x:latest``, ``docker.io/library/alpine:3``."""
-    if not name or not _NAME_RE.fullmatch(name) or name.startswith("sha256:"):
+    if name.startswith("sha256:"):
         raise NameError_(f"invalid image name {name!r}")
-    domain, remainder = _split_domain(name)
-    if not domain:
-        domain = "localhost"
-    if domain == "docker.io" and "/" not in remainder:
-        remainder = "library/" + remainder
-    last = remainder.rsplit("/", 1)[-1]
-    if ":" not in last and "@" not in last:
-        remainder += ":latest"
-    return f"{domain}/{remainder}"
+    try:
+        return names.local_name(name)
+    except names.InvalidName as exc:
+        raise NameError_(str(exc)) from None
 
 
 def name_candidates(reference: str) -> list[str]:
     """Full names a user's short reference may mean, most likely first."""
-    ref = reference
-    last = ref.rsplit("/", 1)[-1]
-    if ":" not in last and "@" not in last:
-        ref += ":latest"
-    domain, _ = _split_domain(ref)
-    if domain:
-        out = [ref]
-        if domain == "docker.io" and ref.count("/") == 1:
-            out.append(ref.replace("docker.io/", "docker.io/library/", 1))
-        return out
-    return [ref, f"localhost/{ref}", f"docker.io/library/{ref}", f"docker.io/{ref}"]
+    try:
+        parsed = names.parse(reference)
+    except names.InvalidName:
+        return [reference]
+    return list(dict.fromkeys([str(parsed.with_default_tag()),
+                               *names.local_candidates(reference)]))
 
 
 # --------------------------------------------------------------------------- data types
@@ -624,7 +602,8 @@ class Store:
         removed.extend(self._clean_files(self.image_meta_dir, image_ids, ".json"))
         removed.extend(self._clean_files(self.layer_meta_dir, layer_ids, ".json"))
         removed.extend(self._clean_files(self.squash_dir, layer_ids, ".sqfs"))
-        for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX):
+        for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX,
+                                              FOREIGN_LEFTOVER_AGE):
             path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(self.root)))
         removed.extend(self._clean_files(self.layers_dir, layer_ids, ".tar-split.gz",

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import multiprocessing
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -263,9 +265,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import requests  # noqa: E402
 
-from squashstore.lazy.lazyfile import LazyFile, metadata_spans  # noqa: E402
+from squashstore.lazy.lazyfile import LazyFile  # noqa: E402
 from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
-from squashstore.squashfs import format as sqformat  # noqa: E402
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
 
 REPO = "lazy/test"
@@ -329,7 +330,18 @@ class Registry:
         return f"{self.url}/v2/{REPO}/blobs/{digest}"
 
     def served(self, digest: str) -> tuple[int, int]:
-        """(GET requests, body bytes) the access log shows for the blob so far."""
+        """(GET requests, body bytes) the access log shows for the blob so far, once the
+        log has settled (the registry writes its access log lines asynchronously)."""
+        last, deadline = self._served(digest), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self._served(digest)
+            if now == last:
+                break
+            last = now
+        return last
+
+    def _served(self, digest: str) -> tuple[int, int]:
         requests_, total = 0, 0
         for match in _ACCESS.finditer(self.log.read_text(errors="replace")):
             if match.group(1).endswith(digest) and match.group(2) in ("200", "206"):
@@ -392,8 +404,7 @@ def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, 
 
 def lazy_reader(lazy: LazyFile) -> SquashReader:
     """What `pull --lazy` and the server do: metadata up front, then the reader."""
-    head = lazy.pread(sqformat.SUPERBLOCK_SIZE, 0)
-    lazy.prefetch(metadata_spans(sqformat.Superblock.unpack(head), lazy.size))
+    lazy.prefetch_metadata()
     return SquashReader(lazy.cache.data_path, source=lazy)
 
 
@@ -609,3 +620,173 @@ def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert lazy_image.complete(squash, None) is False  # an ordinary squash file now
+
+
+# ---------------------------------------------------------------------------------------
+# A lazy image in a real store: verify and gc know it.
+
+
+def publish_lazy(store_root: Path, pushed: Pushed) -> tuple[Any, Path]:
+    """What `pull --lazy` does, with the store's own publication: a sparse squash file with
+    its metadata fetched, the marker and map in place, then publish."""
+    from squashstore.migrate import squashed_config, squashed_manifest
+    from squashstore.store import Publication, Store
+
+    store = Store(store_root)
+    store.init()
+    diff = "sha256:" + hashlib.sha256(pushed.squash.read_bytes() + b"diff").hexdigest()
+    config = squashed_config({"architecture": "amd64", "os": "linux", "config": {},
+                              "rootfs": {"type": "layers", "diff_ids": []}}, diff)
+    final = store.squash_file(diff.removeprefix("sha256:"))
+    remote = lazy_image.Remote(f"127.0.0.1:{pushed.registry.port}", REPO, pushed.digest,
+                               pushed.size, tls_verify=False)
+    with store.staging() as stage:
+        source = lazy_remote.open_source(remote)
+        lazy_image.stage(stage / "layer.sqfs", final, remote, source)
+        source.close()
+        image = store.publish(Publication(
+            stage / "layer.sqfs", diff, 1, config, squashed_manifest(config, diff, 1),
+            ("localhost/lazy:1",), "2026-01-01T00:00:00Z"))
+    return store, image.squash
+
+
+def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
+    from test_store import cli
+
+    from squashstore import host
+
+    store, squash = publish_lazy(tmp_path / "store", pushed)
+    assert lazy_paths.is_lazy(squash)  # survived the writer lock's leftover cleanup
+    before = pushed.registry.served(pushed.digest)
+    # verify of an incomplete lazy image: its structure from the cache, no download.
+    out = cli(store.root, "verify")
+    assert "ok: 1 image(s)" in out.stdout
+    assert pushed.registry.served(pushed.digest) == before
+    # A stale marker of a layer nobody stages goes at the next gc; the live image's stays.
+    stale = lazy_paths.marker_path(squash.with_name("cd" * 32 + ".sqfs"))
+    stale.write_text(json.dumps({"registry": "x", "repository": "y", "digest": "sha256:00",
+                                 "size": 1, "writer": f"{host.hostname()}.{os.getpid()}.1"}))
+    stale.chmod(0o644)
+    cli(store.root, "gc")
+    assert not stale.exists() and lazy_paths.is_lazy(squash)
+    # Every chunk present: verify checks the digest and makes the image ordinary.
+    lazy = lazy_image.open_lazy(squash, lazy_remote.open_source)
+    assert lazy is not None and lazy.source is not None
+    lazy.fill()
+    lazy.source.close()
+    lazy.close()
+    assert lazy_paths.is_lazy(squash)
+    out = cli(store.root, "verify")
+    assert "ok: 1 image(s)" in out.stdout
+    assert not lazy_paths.is_lazy(squash) and not lazy_paths.map_path(squash).exists()
+    assert squash.read_bytes() == pushed.squash.read_bytes()
+    # Removing the image takes its lazy files along (none are left here) and its file.
+    cli(store.root, "rmi", "localhost/lazy:1")
+    assert not squash.exists()
+    assert not list(lazy_paths.lazy_dir(squash).iterdir())
+
+
+def test_a_completed_lazy_image_with_wrong_bytes_fails_verify(pushed: Pushed,
+                                                                tmp_path: Path) -> None:
+    from test_store import cli
+
+    store, squash = publish_lazy(tmp_path / "store", pushed)
+    lazy = lazy_image.open_lazy(squash, lazy_remote.open_source)
+    assert lazy is not None and lazy.source is not None
+    lazy.fill()
+    lazy.source.close()
+    lazy.close()
+    with open(squash, "r+b") as f:  # a bit flipped in the cache after it was fetched
+        f.seek(len(pushed.squash.read_bytes()) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    out = cli(store.root, "verify", check=False)
+    assert out.returncode != 0
+    assert "expected " + pushed.digest in out.stdout + out.stderr
+    assert lazy_paths.is_lazy(squash)  # still lazy; its cache forgotten
+    status = lazy_image.status(squash)
+    assert status is not None and status.present == 0
+
+
+# ---------------------------------------------------------------------------------------
+# pull --lazy end to end: a store image pushed by one site, pulled lazily by another, run by
+# podman through a real FUSE mount, then completed.
+
+from test_registry import (  # noqa: E402, F401 - their fixtures, used by name
+    CREDS,
+    Site,
+    _migrated_id,
+    make_site,
+    pki,
+    registries,
+)
+
+from support.fixture_trees import image_ref  # noqa: E402
+from support.podman import Podman  # noqa: E402
+
+LAZY_IMAGE = "localhost/sqs-lazy-data:latest"
+
+
+@pytest.fixture(scope="module")
+def data_image(podman: Podman, fixture_images: dict[str, str],
+               tmp_path_factory: pytest.TempPathFactory) -> str:
+    """base + 6 MB of incompressible data a container start never reads."""
+    ctx = tmp_path_factory.mktemp("lazy-image")
+    (ctx / "Containerfile").write_text(
+        f"FROM {image_ref('base')}\n"
+        "RUN head -c 6000000 /dev/urandom > /data.bin && echo lazy-hello > /hello\n")
+    podman.build(ctx, LAZY_IMAGE)
+    return LAZY_IMAGE
+
+
+def _squash_served(server: object, digest: str) -> int:
+    log = server.access_log()  # type: ignore[attr-defined]
+    return sum(int(m.group(3)) for m in _ACCESS.finditer(log)
+               if m.group(1).endswith(digest) and m.group(2) in ("200", "206"))
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_pull_lazy_runs_in_podman_and_completes(
+        request: pytest.FixtureRequest, data_image: str) -> None:
+    new_site: Any = request.getfixturevalue("make_site")
+    servers: dict[str, Any] = request.getfixturevalue("registries")
+    origin = new_site("origin")
+    iid = _migrated_id(origin, data_image)
+    server = servers["token"]  # bearer tokens: the FUSE server fetches its own
+    ref = f"{server.host}/lazy/data:1"
+    origin.cli("push", "--creds", CREDS, data_image, ref)
+    original = origin.store.resolve(iid).squash.read_bytes()
+    digest = digest_of(original)
+
+    node: Site = new_site("node")
+    node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
+    t = time.perf_counter()
+    out = node.cli("pull", "--lazy", "--format", "json", ref)
+    pulled_in = time.perf_counter() - t
+    result = json.loads(out.stdout)
+    assert result["id"] == iid and result["lazy"] is True
+    image = node.store.resolve(iid)
+    assert lazy_paths.is_lazy(image.squash)
+    assert image.metadata  # listed like any other image
+    meta_served = _squash_served(server, digest)
+    t = time.perf_counter()
+    hello = node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/hello")
+    run_in = time.perf_counter() - t
+    assert hello.strip() == "lazy-hello"
+    served = _squash_served(server, digest)
+    print(f"\nlazy pull: squash file {len(original)} B; pull --lazy {pulled_in:.2f} s "
+          f"({meta_served} B); podman run cat: {run_in:.2f} s, {served} B served in all "
+          f"({100 * served / len(original):.1f} %)")
+    assert served < len(original) / 2
+    assert node.cli("verify", tls=False).returncode == 0  # metadata only, nothing fetched
+    assert _squash_served(server, digest) == served
+    # A plain pull completes it: the same bytes, an ordinary image, verify reads it all.
+    done = json.loads(node.cli("pull", "--creds", CREDS, "--format", "json", ref).stdout)
+    assert done["id"] == iid and done["downloaded"] > 0
+    assert not lazy_paths.is_lazy(image.squash)
+    assert image.squash.read_bytes() == original
+    assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "wc", "-c",
+                                  "/data.bin").split()[0] == "6000000"
+    assert node.cli("verify", tls=False).returncode == 0

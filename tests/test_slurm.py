@@ -95,7 +95,11 @@ def idle(cluster: Cluster) -> Iterator[Cluster]:
     _assert_no_mounts_left(cluster)
     yield cluster
     cluster.run("scancel", "--user=root", check=False)  # (a failed test's jobs)
-    _assert_no_mounts_left(cluster)
+    try:
+        _assert_no_mounts_left(cluster)
+    except AssertionError:
+        cluster.reset(str(BIN / "squashstore"))  # so that the next tests start clean
+        raise
 
 
 def _assert_no_mounts_left(cluster: Cluster) -> None:
@@ -147,8 +151,8 @@ def test_a_jobs_end_never_breaks_another_jobs_container(idle: Cluster, tmp_path:
     signal_dir = tmp_path / "sig"
     signal_dir.mkdir()
     job_a = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-a", "podman",
-                          "run", "--rm", "--pull=never", IMAGE, "sh", "-c",
-                          "cat /etc/config >/dev/null; sleep 2")
+                          "run", "--rm", "--pull=never", "-v", f"{signal_dir}:/sig", IMAGE,
+                          "sh", "-c", "until [ -e /sig/a ]; do sleep 0.05; done")
     _wait(lambda: cluster.squash_mounts("n2") and cluster.registry("n2"), 60,
           "job A's mount on n2")
     # The server left job A's cgroups (under proctrack/cgroup it was started in them).
@@ -160,7 +164,8 @@ def test_a_jobs_end_never_breaks_another_jobs_container(idle: Cluster, tmp_path:
     job_b = cluster.popen("srun", "-w", "n2", "--oversubscribe", "-J", "job-b", "podman",
                           "run", "--rm", "--pull=never", "-v", f"{signal_dir}:/sig", IMAGE,
                           "sh", "-c", reader)
-    _wait(lambda: _running_containers(cluster, "n2") >= 2, 60, "both containers running")
+    _wait(lambda: _running_containers(cluster, "n2") >= 2, 120, "both containers running")
+    (signal_dir / "a").touch()
     _, err_a = job_a.communicate(timeout=120)
     assert job_a.returncode == 0, err_a
     _wait(lambda: "job-a" not in cluster.run("squeue", "-h", "-o", "%j").stdout, 60,

@@ -828,6 +828,7 @@ def test_docker_archive_corrupt_layer(tmp_path: Path) -> None:
     ("oci:/some/dir:v1", "oci", "/some/dir", "v1"),
     ("oci-archive:img.tar:localhost/a:b", "oci-archive", "img.tar", "localhost/a:b"),
     ("docker-archive:/x.tar:@1", "docker-archive", "/x.tar", "@1"),
+    ("docker://localhost:5000/a:b", "docker", "", "localhost:5000/a:b"),
 ])
 def test_parse_reference(text: str, transport: str, path: str, name: str) -> None:
     ref = parse_reference(text)
@@ -835,8 +836,9 @@ def test_parse_reference(text: str, transport: str, path: str, name: str) -> Non
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("docker://alpine", "docker:// is not supported yet"),
-    ("docker://localhost:5000/a:b", "docker:// is not supported yet"),
+    ("docker:alpine", "write docker://HOST/REPO"),
+    ("docker://", "no image name"),
+    ("docker://localhost:5000/A:b", "invalid image name"),
     ("foo:/some/path", "unknown or unsupported transport 'foo'"),
     ("dir:/some/path", "unknown or unsupported transport 'dir'"),
     ("", "empty image reference"),

@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
-from squashstore.lazy.lazyfile import LazyFile, metadata_spans
+from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
 from squashstore.lazy.source import FetchError, RangeSource
-from squashstore.squashfs import format
 
 SourceOpener = Callable[["Remote"], RangeSource]
 """Opens the registry side of a lazy image (auth, TLS and redirects as the registry
@@ -127,12 +127,10 @@ def open_lazy(squash: Path, open_source: SourceOpener | None) -> LazyFile | None
 
 def prefetch_metadata(lazy: LazyFile) -> None:
     """Fetch the superblock and every metadata table, so `ls` and `stat` never wait."""
-    head = lazy.pread(format.SUPERBLOCK_SIZE, 0)
     try:
-        superblock = format.Superblock.unpack(head)
-    except ValueError as exc:
-        raise LazyError(f"not a squash file ({exc})") from None
-    lazy.prefetch(metadata_spans(superblock, lazy.size))
+        lazy.prefetch_metadata()
+    except (ValueError, struct.error) as exc:
+        raise LazyError(f"{lazy.cache.data_path}: not a squash file ({exc})") from None
 
 
 def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource) -> int:

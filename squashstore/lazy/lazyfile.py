@@ -27,6 +27,9 @@ PIECE = 1 << 20
 several go at once and a retry repeats little."""
 READAHEAD = 128 << 10
 READAHEAD_MAX = 4 << 20
+FETCH_MIN = 256 << 10
+"""Fewest bytes fetched for a read that misses (from the read's start): an import reads
+hundreds of small files one after another, each miss a round trip (bench_lazy)."""
 HEAD = 64 << 10
 """Bytes at the start of the image fetched up front: the superblock and compressor options."""
 
@@ -48,7 +51,7 @@ class LazyFile:
 
     def __init__(self, cache: RangeCache, source: RangeSource | None, *,
                  piece: int = PIECE, readahead_initial: int = READAHEAD,
-                 readahead_max: int = READAHEAD_MAX) -> None:
+                 readahead_max: int = READAHEAD_MAX, fetch_min: int = FETCH_MIN) -> None:
         if source is not None and source.size != cache.size:
             raise FetchError(f"{source.what}: the registry's blob is {source.size} bytes, the "
                              f"cache's {cache.size}")
@@ -56,6 +59,7 @@ class LazyFile:
         self.size = cache.size
         self._piece = max(cache.chunk, piece // cache.chunk * cache.chunk)
         self._initial, self._max = readahead_initial, readahead_max
+        self._fetch_min = fetch_min
         self._streams: tuple[ranges.Stream, ...] = ()
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
@@ -72,7 +76,10 @@ class LazyFile:
             self._streams, ahead = ranges.readahead(
                 self._streams, span, initial=self._initial, maximum=self._max,
                 slack=self.cache.chunk)
-        optional = Span(span.end, min(self.size, span.end + ahead)) if ahead else None
+        # At least `fetch_min` bytes per miss: a request costs a round trip whatever its
+        # size, and what lies next to a read is read next more often than not.
+        ahead = max(ahead, self._fetch_min - len(span))
+        optional = Span(span.end, min(self.size, span.end + ahead)) if ahead > 0 else None
         self.ensure([span], [optional] if optional else [])
         return self.cache.read(span)
 
@@ -81,6 +88,13 @@ class LazyFile:
     def prefetch(self, spans: Sequence[Span]) -> None:
         """Make `spans` present (the metadata at a lazy pull, a start-up list)."""
         self.ensure(spans, [])
+
+    def prefetch_metadata(self) -> None:
+        """Fetch the superblock and every metadata table (`metadata_spans`), so `ls` and
+        `stat` never wait on the registry; `ValueError` when the head is no superblock."""
+        self.prefetch([Span(0, min(HEAD, self.size))])
+        head = self.cache.read(Span(0, min(format.SUPERBLOCK_SIZE, self.size)))
+        self.prefetch(metadata_spans(format.Superblock.unpack(head), self.size))
 
     def fill(self, progress: Callable[[int], None] | None = None) -> None:
         """Fetch everything still missing, `READAHEAD_MAX` bytes at a time."""

@@ -35,10 +35,13 @@ def is_lazy(squash: Path) -> bool:
     return marker_path(squash).is_file()
 
 
-def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
+def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str,
+              foreign_age: float) -> list[Path]:
     """Files of the lazy directory under store `meta` whose layer is gone (a marker left
     behind would make a later full copy of the layer look lazy), and maps of layers that
-    completed; `temp_suffix` names atomic writes in flight, which stay."""
+    completed; `temp_suffix` names atomic writes in flight, which stay, as does the marker
+    of a layer being staged: by a live process of this host, or on another host less than
+    `foreign_age` seconds ago."""
     directory = meta / LAZY_DIR
     try:
         entries = sorted(os.listdir(directory))
@@ -53,18 +56,25 @@ def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str) -> list[Path]:
         if stem in layer_ids:
             if suffix == "map" and not marker.exists():
                 found.append(directory / entry)  # the map of a completed image
-        elif not _being_staged(marker):
+        elif not _being_staged(marker, foreign_age):
             found.append(directory / entry)
     return found
 
 
-def _being_staged(marker: Path) -> bool:
+def _being_staged(marker: Path, foreign_age: float) -> bool:
     """Whether the process that wrote `marker` for a layer not yet published still runs."""
+    import time
+
     from squashstore import host
 
     try:
         writer = json.loads(marker.read_bytes()).get(WRITER, "")
+        age = time.time() - marker.stat().st_mtime
     except (OSError, ValueError, AttributeError):
         return False
     process = host.ProcessId.parse(writer) if isinstance(writer, str) else None
-    return process is not None and process.is_alive()
+    if process is None:
+        return False
+    if process.host != host.hostname():
+        return age < foreign_age
+    return process.is_alive()

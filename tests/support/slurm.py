@@ -329,6 +329,16 @@ class Cluster:
 
     # ------------------------------------------------------------------ stop
 
+    def reset(self, squashstore: str) -> None:
+        """After a failed test: kill the nodes' containers (a cancelled job's container
+        outlives it) and lazily unmount every squash mount of every node."""
+        ids = {c for n in self.nodes for c in _container_ids(n.graphroot)}
+        for pid in [int(p) for p in _pids() if ids and _libpod_id(p) in ids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for node in self.nodes:
+            self.on_node(node.name, squashstore, "umount", "--all", "--lazy", check=False)
+
     def close(self) -> None:
         """Stop everything (pid files, then the nodes' leftovers) and remove the directory."""
         for proc in self._procs:

@@ -1,0 +1,85 @@
+"""`pull --lazy`: install a squashstore artifact into a store before its squash file is here.
+
+`install_lazy` does what `squashstore.registry.artifact.install` does (config checked
+against its digest and the layer's diff id, the per-layer pull lock, the same publication,
+so the image id is the pusher's) except for the squash file: instead of downloading it, it
+stages a sparse file of its size, fetches the superblock and every metadata table into it
+with Range requests, records where the rest lives (the lazy marker, and ``lazy`` in the
+image's metadata), and publishes. The image is listed and runnable at once; the FUSE
+server fetches the rest as it is read. `complete` (any later ``pull REF``) finishes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import asdict
+
+from squashstore import locking, oci
+from squashstore.blobs import check_bytes
+from squashstore.image import SourceError
+from squashstore.lazy import image as lazy_image
+from squashstore.lazy import paths as lazy_paths
+from squashstore.lazy.remote import client_source, remote_for
+from squashstore.registry import artifact
+from squashstore.registry.client import Client, RegistryOptions
+from squashstore.store import Store, Unmounter, sha256_hex
+
+
+def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client: Client,
+                 repository: str, options: RegistryOptions, names: tuple[str, ...],
+                 reference: str, manifest_digest: str, unmount: Unmounter
+                 ) -> artifact.Installed:
+    """Install `parsed` lazily; `downloaded` counts the metadata and tar-split fetched."""
+    what = reference
+    check_bytes(config, parsed.config.digest, f"{what}: config")
+    diff_ids = oci.diff_ids(config, f"{what}: config")
+    if len(diff_ids) != 1 or diff_ids[0] != parsed.diff_id or \
+            not parsed.diff_id.startswith("sha256:"):
+        raise SourceError(f"{what}: the config's diff_ids do not match the squashfs layer's "
+                          f"{artifact.DIFF_ID} annotation")
+    iid = sha256_hex(config)
+    lid = parsed.diff_id.removeprefix("sha256:")
+    store.init()
+    final = store.squash_file(lid)
+    with locking.exclusive(store.squash_dir / f"{lid}.pull.lock"):
+        present = {i.id: i for i in store.images()}
+        if iid in present:
+            image = store.add_names(iid, names) if names else present[iid]
+            return artifact.Installed(image, 0)
+        remote = remote_for(client, repository, parsed.squash.digest, parsed.squash.size,
+                            reference, options)
+        downloaded = 0
+        staged_marker = False
+        try:
+            with store.staging() as stage:
+                squash = stage / "layer.sqfs"
+                if not final.is_file():
+                    source = client_source(client, remote)
+                    try:
+                        staged_marker = True
+                        downloaded += lazy_image.stage(squash, final, remote, source)
+                    finally:
+                        source.close()
+                split = None
+                if parsed.tar_split is not None and not store.tar_split_file(lid).is_file():
+                    split = stage / "layer.tar-split.gz"
+                    artifact.download(
+                        lambda d: client.open_blob(repository, d.digest, d.size),
+                        parsed.tar_split, split, f"{what}: tar-split")
+                    downloaded += parsed.tar_split.size
+                pub = artifact._publication(parsed, config, squash, split, names, reference,
+                                            manifest_digest)
+                if staged_marker:
+                    pub = dataclasses.replace(
+                        pub, image_metadata={**pub.image_metadata, "lazy": asdict(remote)})
+                image = store.publish(pub, unmount=unmount)
+        except BaseException:
+            if staged_marker and not final.is_file():
+                # Nothing published: a marker left behind would make a later full copy
+                # of this layer look lazy.
+                for path in (lazy_paths.marker_path(final), lazy_paths.map_path(final)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            raise
+    return artifact.Installed(image, downloaded)

@@ -1,0 +1,280 @@
+"""squashstore's own OCI artifact: a store image shipped as is, so a cluster converts once.
+
+The format (docs/artifact-format.md) is an OCI image manifest with ``artifactType``
+`ARTIFACT_TYPE` whose config blob is the image's own config (media type `CONFIG_TYPE`, so
+no runtime mistakes it for a runnable image; its digest is the image id) and whose layers
+are the squash file (`SQUASHFS_TYPE`, annotated with the layer's diff id and size) and,
+when the image has one, its gzip'd tar-split (`TAR_SPLIT_TYPE`). `push` uploads them
+(chunked, memory flat, blobs the registry has skipped); `install` pulls one into a store
+without converting: every blob is hashed while it streams into the writer's staging
+directory, a mismatch fails before anything is published, then the same `Store.publish` as
+migrate runs with the same config, so the image id is the pusher's. Concurrent installs of
+one artifact into a shared store serialise on a per-layer lock file: the first downloads
+and publishes, the others find it published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from squashstore import locking, oci, podmanstore
+from squashstore.blobs import HashingReader, check_bytes, digest_bytes
+from squashstore.image import SourceError
+from squashstore.migrate import rfc3339, squashed_manifest
+from squashstore.store import (
+    Publication,
+    Store,
+    StoreImage,
+    Unmounter,
+    now_rfc3339,
+    sha256_hex,
+)
+
+ARTIFACT_TYPE = "application/vnd.squashstore.image.v1"
+CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
+SQUASHFS_TYPE = "application/vnd.squashstore.image.squashfs.v1"
+TAR_SPLIT_TYPE = "application/vnd.squashstore.image.tar-split.v1+gzip"
+TITLE = "org.opencontainers.image.title"
+CREATED = "org.opencontainers.image.created"
+DIFF_ID = "io.squashstore.diff-id"
+DIFF_SIZE = "io.squashstore.diff-size"
+OPTIONS = "io.squashstore.squash-options"
+SOURCE = "io.squashstore.source"
+VERSION = "io.squashstore.format-version"
+FORMAT_VERSION = "1"
+CONFIG_LIMIT = 8 << 20
+COPY_CHUNK = 1 << 20
+
+Progress = Callable[[int], None]
+"""Called with the bytes done so far of the current blob."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A parsed squashstore artifact manifest."""
+
+    config: oci.Descriptor
+    squash: oci.Descriptor
+    tar_split: oci.Descriptor | None
+    diff_id: str
+    diff_size: int
+    annotations: dict[str, str]
+
+
+def is_artifact(manifest: bytes) -> bool:
+    """Whether a manifest is squashstore's artifact (by artifactType or config type)."""
+    try:
+        doc = json.loads(manifest)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    config = doc.get("config")
+    return doc.get("artifactType") == ARTIFACT_TYPE or (
+        isinstance(config, dict) and config.get("mediaType") == CONFIG_TYPE)
+
+
+def parse_artifact(manifest: bytes, what: str) -> Artifact:
+    doc = oci.load_json(manifest, what)
+    config = oci.parse_descriptor(doc.get("config"), f"{what}: config")
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise SourceError(f"{what}: artifact without layers")
+    parsed = [oci.parse_descriptor(layer, f"{what}: layer") for layer in layers]
+    squash = [d for d in parsed if d.media_type == SQUASHFS_TYPE]
+    split = [d for d in parsed if d.media_type == TAR_SPLIT_TYPE]
+    if len(squash) != 1 or len(split) > 1:
+        raise SourceError(f"{what}: a squashstore artifact has one {SQUASHFS_TYPE} layer "
+                          "and at most one tar-split")
+    annotations = doc.get("annotations") or {}
+    annotations = {str(k): str(v) for k, v in annotations.items()} \
+        if isinstance(annotations, dict) else {}
+    diff_id = squash[0].annotations.get(DIFF_ID, "")
+    try:
+        diff_size = int(squash[0].annotations.get(DIFF_SIZE, ""))
+    except ValueError:
+        raise SourceError(f"{what}: the squashfs layer has no {DIFF_SIZE} annotation") \
+            from None
+    return Artifact(config, squash[0], split[0] if split else None, diff_id, diff_size,
+                    annotations)
+
+
+# --------------------------------------------------------------------------- push
+
+
+def file_digest(path: Path, progress: Progress | None = None) -> str:
+    h = hashlib.sha256()
+    done = 0
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What a push uploads for one store image."""
+
+    config: bytes
+    squash: Path
+    squash_digest: str
+    tar_split: Path | None
+    tar_split_digest: str
+    manifest: bytes
+
+
+def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) -> PushPlan:
+    """The artifact of `image`: its config as podman has it, squash file and tar-split."""
+    try:
+        config = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
+    except OSError as exc:
+        raise SourceError(f"{image.id[:12]}: cannot read the image's config: "
+                          f"{exc.strerror}") from exc
+    if config is None:
+        raise SourceError(f"{image.id[:12]}: the image's config is missing from the store")
+    if sha256_hex(config) != image.id:
+        raise SourceError(f"{image.id[:12]}: the stored config does not match the image id")
+    diff_ids = oci.diff_ids(config, f"{image.id[:12]}: config")
+    if len(diff_ids) != 1 or diff_ids[0] != "sha256:" + image.layer:
+        raise SourceError(f"{image.id[:12]}: not a one-layer squashstore image")
+    squash_digest = file_digest(image.squash, hashing)
+    split = store.tar_split_file(image.layer)
+    tar_split = split if split.is_file() else None
+    split_digest = file_digest(tar_split) if tar_split is not None else ""
+    squash_meta: dict[str, Any] = image.metadata.get("squash") or {}
+    source = image.metadata.get("source") or {}
+    title = f"{image.layer[:12]}.sqfs"
+    layers: list[dict[str, Any]] = [{
+        "mediaType": SQUASHFS_TYPE, "digest": squash_digest,
+        "size": image.squash.stat().st_size,
+        "annotations": {TITLE: title, DIFF_ID: "sha256:" + image.layer,
+                        DIFF_SIZE: str(image.size)}}]
+    if tar_split is not None:
+        layers.append({"mediaType": TAR_SPLIT_TYPE, "digest": split_digest,
+                       "size": tar_split.stat().st_size,
+                       "annotations": {TITLE: f"{image.layer[:12]}.tar-split.gz"}})
+    annotations = {VERSION: FORMAT_VERSION,
+                   OPTIONS: json.dumps(squash_meta.get("options") or {}, sort_keys=True),
+                   SOURCE: json.dumps(source, sort_keys=True)}
+    if rfc3339(image.created):
+        annotations[CREATED] = image.created
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": "sha256:" + image.id,
+                   "size": len(config)},
+        "layers": layers,
+        "annotations": annotations,
+    }
+    return PushPlan(config, image.squash, squash_digest, tar_split, split_digest,
+                    json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+# --------------------------------------------------------------------------- pull
+
+
+BlobOpener = Callable[[oci.Descriptor], BinaryIO]
+"""Opens a blob's raw byte stream (a registry `BlobReader`)."""
+
+
+def download(open_blob: BlobOpener, descriptor: oci.Descriptor, dest: Path, what: str,
+             progress: Progress | None = None) -> None:
+    """Stream a blob into `dest`, hashing it as it arrives; `SourceError` on a mismatch."""
+    algorithm = descriptor.digest.partition(":")[0]
+    with open_blob(descriptor) as raw, dest.open("wb") as out:
+        reader = HashingReader(raw, (algorithm,))
+        while chunk := reader.read(COPY_CHUNK):
+            out.write(chunk)
+            if progress is not None:
+                progress(reader.count)
+    if descriptor.size >= 0 and reader.count != descriptor.size:
+        raise SourceError(f"{what}: {descriptor.digest} is {reader.count} bytes, expected "
+                          f"{descriptor.size} (truncated or corrupt)")
+    actual = reader.digest(algorithm)
+    if actual != descriptor.digest:
+        raise SourceError(f"{what}: blob digest mismatch (expected {descriptor.digest}, got "
+                          f"{actual}); nothing was installed")
+
+
+@dataclass(frozen=True)
+class Installed:
+    image: StoreImage
+    downloaded: int
+    """Bytes downloaded (0 when the store already had the layer)."""
+
+
+def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpener,
+            names: tuple[str, ...], reference: str, manifest_digest: str,
+            unmount: Unmounter, progress: Callable[[str], Progress | None] | None = None
+            ) -> Installed:
+    """Install a verified artifact into `store`; concurrent installs download once."""
+    what = reference
+    check_bytes(config, artifact.config.digest, f"{what}: config")
+    diff_ids = oci.diff_ids(config, f"{what}: config")
+    if len(diff_ids) != 1 or diff_ids[0] != artifact.diff_id:
+        raise SourceError(f"{what}: the config's diff_ids do not match the squashfs layer's "
+                          f"{DIFF_ID} annotation")
+    if not artifact.diff_id.startswith("sha256:"):
+        raise SourceError(f"{what}: unsupported diff id {artifact.diff_id!r}")
+    iid = sha256_hex(config)
+    lid = artifact.diff_id.removeprefix("sha256:")
+    store.init()
+    with locking.exclusive(store.squash_dir / f"{lid}.pull.lock"):
+        present = {i.id: i for i in store.images()}
+        if iid in present:
+            image = store.add_names(iid, names) if names else present[iid]
+            return Installed(image, 0)
+        downloaded = 0
+        with store.staging() as stage:
+            squash = stage / "layer.sqfs"
+            if not store.squash_file(lid).is_file():
+                download(open_blob, artifact.squash, squash, f"{what}: squash file",
+                         progress("download squash file") if progress else None)
+                downloaded += artifact.squash.size
+            split: Path | None = None
+            if artifact.tar_split is not None and not store.tar_split_file(lid).is_file():
+                split = stage / "layer.tar-split.gz"
+                download(open_blob, artifact.tar_split, split, f"{what}: tar-split")
+                downloaded += artifact.tar_split.size
+            pub = _publication(artifact, config, squash, split, names, reference,
+                               manifest_digest)
+            image = store.publish(pub, unmount=unmount)
+    return Installed(image, downloaded)
+
+
+def _json_annotation(artifact: Artifact, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(artifact.annotations.get(key, "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _publication(artifact: Artifact, config: bytes, squash: Path, split: Path | None,
+                 names: tuple[str, ...], reference: str, manifest_digest: str) -> Publication:
+    source = json.loads(config)
+    created = rfc3339(artifact.annotations.get(CREATED)) or rfc3339(source.get("created")) \
+        or now_rfc3339()
+    return Publication(
+        squash=squash, diff_digest=artifact.diff_id, diff_size=artifact.diff_size,
+        config=config, manifest=squashed_manifest(config, artifact.diff_id, artifact.diff_size),
+        names=names, created=created, tar_split=split,
+        layer_metadata={"options": _json_annotation(artifact, OPTIONS),
+                        "diff_digest": artifact.diff_id, "diff_size": artifact.diff_size},
+        image_metadata={"source": _json_annotation(artifact, SOURCE),
+                        "pulled": {"reference": reference, "digest": manifest_digest,
+                                   "squash_digest": artifact.squash.digest},
+                        "migrated": now_rfc3339(), "stats": {}, "named": bool(names)})
+
+
+def manifest_digest(manifest: bytes) -> str:
+    return digest_bytes(manifest)

@@ -1,0 +1,609 @@
+"""One registry's HTTP API (the OCI distribution spec) as squashstore speaks it.
+
+`Client` owns a `requests` session to one registry host: TLS as podman configures it
+(verified by default against the system CAs plus ``/etc/containers/certs.d/HOST:PORT/*.crt``,
+client certificates from ``*.cert``/``*.key`` there, ``--cert-dir`` instead of that directory,
+``--tls-verify=false`` or an ``insecure`` registries.conf entry: no verification, and plain
+http when https does not answer); the authentication handshake (anonymous, then what the
+``WWW-Authenticate`` challenge asks: basic, or a bearer token from the realm, cached per
+scope); retries with backoff for idempotent requests on dropped connections and 429/5xx;
+`BlobReader`, a raw stream of one blob that resumes with a ``Range`` request where the
+connection dropped; and chunked uploads whose memory does not grow with the blob. Every
+error is a `RegistryError` with one line naming the host and what failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import ssl
+import time
+import urllib.parse
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import requests
+import requests.adapters
+import urllib3
+
+from squashstore import oci
+from squashstore.image import SourceError
+from squashstore.registry.auth import Credentials, find_credentials, parse_creds
+
+CERTS_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
+"""Per-registry TLS directories, as containers/image reads them (root's; a user's
+``~/.config/containers/certs.d`` is added first)."""
+RETRIES = 4
+"""Attempts after the first for an idempotent request or a dropped download."""
+BACKOFF = 0.5
+"""Seconds before the first retry; doubled each time."""
+TIMEOUT = (10.0, 60.0)
+"""(connect, read) seconds."""
+UPLOAD_CHUNK = 16 << 20
+"""Bytes per PATCH of a chunked upload: the most a push holds in memory."""
+MANIFEST_LIMIT = 4 << 20
+"""The largest manifest or index accepted (containers/image's limit)."""
+MANIFEST_ACCEPT = ", ".join((oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST,
+                             oci.DOCKER_LIST))
+DOCKER_HUB_API = "registry-1.docker.io"
+
+
+class RegistryError(SourceError):
+    """A registry request failed (network, TLS, auth, missing content)."""
+
+
+class NotFound(RegistryError):
+    """The registry does not have the manifest or blob asked for."""
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """The registry options of cli.md (``--tls-verify``, ``--authfile``, ``--cert-dir``,
+    ``--creds``); None means podman's default."""
+
+    tls_verify: bool | None = None
+    authfile: Path | None = None
+    cert_dir: Path | None = None
+    creds: str | None = None
+
+
+def certs_dirs(host: str) -> list[Path]:
+    """The directories whose ``*.crt`` are CAs for `host` when no ``--cert-dir`` is given."""
+    dirs = []
+    if os.getuid() != 0:
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        dirs.append(config / "containers" / "certs.d")
+    return [d / host for d in [*dirs, *CERTS_DIRS]]
+
+
+def _ssl_context(host: str, options: RegistryOptions) -> tuple[ssl.SSLContext, tuple[str, str]
+                                                                | None]:
+    context = ssl.create_default_context()
+    client_cert: tuple[str, str] | None = None
+    dirs = [options.cert_dir] if options.cert_dir is not None else certs_dirs(host)
+    for directory in dirs:
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError:
+            continue
+        for path in entries:
+            try:
+                if path.suffix == ".crt":
+                    context.load_verify_locations(cafile=str(path))
+                elif path.suffix == ".cert" and path.with_suffix(".key").is_file():
+                    client_cert = (str(path), str(path.with_suffix(".key")))
+            except (OSError, ssl.SSLError) as exc:
+                raise RegistryError(f"{host}: cannot load {path}: {exc}") from exc
+    return context, client_cert
+
+
+class _ContextAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose TLS verification uses `context` (system CAs + certs.d)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__(max_retries=0, pool_maxsize=8)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="...",service="..."`` -> ``("bearer", {realm: ..., ...})``."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+              for m in _CHALLENGE_PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """A short reason for a failed connection."""
+    text = str(exc)
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted ({cause.verify_message})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+    if "NameResolutionError" in text or "Name or service not known" in text or \
+            "Failed to resolve" in text or "nodename nor servname" in text:
+        return "unknown host (name does not resolve)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate not trusted"
+    if "Connection refused" in text:
+        return "connection refused"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    return " ".join(text.split())[:200]
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or any(current is s for s in seen) or len(seen) > 20:
+            continue
+        seen.append(current)
+        pending += [current.__cause__, current.__context__]
+        pending += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+    return seen
+
+
+def _unresolvable(exc: BaseException) -> bool:
+    return describe_connection_error(exc).startswith("unknown host")
+
+
+class Client:
+    """The registry at `host` (``HOST[:PORT]``, ``docker.io`` meaning Docker Hub)."""
+
+    def __init__(self, host: str, options: RegistryOptions | None = None,
+                 insecure: bool = False, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.host = host
+        self.options = options or RegistryOptions()
+        self.api_host = DOCKER_HUB_API if host == "docker.io" else host
+        verify = self.options.tls_verify
+        self.verify = (not insecure) if verify is None else verify
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "squashstore"
+        context, client_cert = _ssl_context(host, self.options)
+        self.session.mount("https://", _ContextAdapter(context) if self.verify else
+                           requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=8))
+        self.session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0))
+        if client_cert is not None:
+            self.session.cert = client_cert
+        self.session.verify = self.verify
+        self._base: str | None = None
+        self._tokens: dict[str, str] = {}
+        self._basic = False
+        self._explicit: Credentials | None = (parse_creds(self.options.creds)
+                                              if self.options.creds else None)
+        self._sleep = sleep
+
+    # ------------------------------------------------------------------ connection
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def credentials(self, repository: str = "") -> Credentials | None:
+        if self._explicit is not None:
+            return self._explicit
+        return find_credentials(self.host, repository, self.options.authfile)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            # verify given per request: a session's verify=False loses to $REQUESTS_CA_BUNDLE
+            return self.session.request(method, url, timeout=TIMEOUT, verify=self.verify,
+                                        **kwargs)
+
+    def base(self) -> str:
+        """``https://HOST`` (or ``http://HOST`` for an insecure registry that has no TLS)."""
+        if self._base is not None:
+            return self._base
+        https = f"https://{self.api_host}"
+        try:
+            self._retrying(lambda: self._send("GET", https + "/v2/"), "GET /v2/")
+            self._base = https
+        except RegistryError as exc:
+            if self.verify or not isinstance(exc.__cause__, requests.RequestException):
+                raise
+            http = f"http://{self.api_host}"
+            self._retrying(lambda: self._send("GET", http + "/v2/"), "GET /v2/")
+            self._base = http
+        return self._base
+
+    def _retrying(self, call: Callable[[], requests.Response], what: str,
+                  idempotent: bool = True) -> requests.Response:
+        delay = BACKOFF
+        attempts = RETRIES + 1 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                response = call()
+            except requests.RequestException as exc:
+                if attempt == attempts - 1 or _unresolvable(exc) or \
+                        isinstance(exc, requests.exceptions.SSLError):
+                    raise RegistryError(f"{self.host}: {what}: "
+                                        f"{describe_connection_error(exc)}") from exc
+            else:
+                if response.status_code not in (429, 500, 502, 503, 504) or \
+                        attempt == attempts - 1:
+                    return response
+                response.close()
+            self._sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ auth
+
+    def _auth_headers(self, scope: str, repository: str) -> dict[str, str]:
+        token = self._tokens.get(scope)
+        if token:
+            return {"Authorization": f"Bearer {token}"}
+        creds = self.credentials(repository)
+        if self._basic and creds is not None:
+            return {"Authorization": requests.auth._basic_auth_str(
+                creds.username, creds.password)}
+        return {}
+
+    def _authenticate(self, response: requests.Response, scope: str, repository: str,
+                      attempt: int) -> None:
+        """Answer a 401: the first time with what the challenge asks (a cached token may
+        have expired: it is replaced), a second refusal is final."""
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme, params = parse_challenge(header)
+        creds = self.credentials(repository)
+        if scheme == "basic":
+            if creds is None:
+                raise RegistryError(f"{self.host}: authentication required (no credentials: "
+                                    "`squashstore login` or --creds)")
+            if self._basic and attempt > 0:
+                raise self._refused(creds)
+            self._basic = True
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError(f"{self.host}: unsupported authentication challenge "
+                                f"{header[:80]!r}")
+        if attempt > 0:
+            if creds is None:
+                raise RegistryError(f"{self.host}: access denied to {scope} (not logged in)")
+            raise RegistryError(f"{self.host}: access denied to {scope} for "
+                                f"{creds.username}")
+        self._tokens[scope] = self._fetch_token(params, scope, creds)
+
+    def _refused(self, creds: Credentials) -> RegistryError:
+        where = f" (from {creds.source})" if creds.source else ""
+        return RegistryError(f"{self.host}: authentication failed: wrong username or password "
+                             f"for {creds.username!r}{where}")
+
+    def _fetch_token(self, params: Mapping[str, str], scope: str,
+                     creds: Credentials | None) -> str:
+        query = {k: v for k, v in (("service", params.get("service", "")),
+                                   ("scope", scope)) if v}
+        auth = (creds.username, creds.password) if creds is not None else None
+        realm = params["realm"]
+        response = self._retrying(
+            lambda: self._send("GET", realm, params=query, auth=auth), "token request")
+        if response.status_code in (401, 403):
+            if creds is not None:
+                raise self._refused(creds)
+            raise RegistryError(f"{self.host}: authentication required (no credentials: "
+                                "`squashstore login` or --creds)")
+        if response.status_code != 200:
+            raise RegistryError(f"{self.host}: token request to {realm} failed: HTTP "
+                                f"{response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise RegistryError(f"{self.host}: the token service sent no JSON") from exc
+        token = body.get("token") or body.get("access_token") if isinstance(body, dict) \
+            else None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"{self.host}: the token service sent no token")
+        return token
+
+    def check_login(self) -> None:
+        """What ``podman login`` checks: the credentials are accepted by the registry."""
+        creds = self.credentials()
+        url = self.base() + "/v2/"
+        response = self._retrying(lambda: self._send("GET", url), "GET /v2/")
+        if response.status_code == 401:
+            scheme, params = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            if creds is None:
+                raise RegistryError(f"{self.host}: no credentials given")
+            if scheme == "bearer" and "realm" in params:
+                self._fetch_token(params, "", creds)
+                return
+            response = self._retrying(lambda: self._send(
+                "GET", url, auth=(creds.username, creds.password)), "GET /v2/")
+            if response.status_code == 401:
+                raise self._refused(creds)
+        if response.status_code >= 400:
+            raise RegistryError(f"{self.host}: GET /v2/: HTTP {response.status_code}")
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, method: str, path: str, repository: str, *, push: bool = False,
+                headers: Mapping[str, str] | None = None, stream: bool = False,
+                data: Any = None, idempotent: bool | None = None) -> requests.Response:
+        """`method` on `path` (``/v2/...`` or an absolute URL) with auth for `repository`."""
+        scope = f"repository:{repository}:{'pull,push' if push else 'pull'}"
+        url = path if path.startswith(("http://", "https://")) else self.base() + path
+        idem = method in ("GET", "HEAD") if idempotent is None else idempotent
+        for attempt in range(2):
+            all_headers = {**(headers or {}), **self._auth_headers(scope, repository)}
+
+            def send(h: dict[str, str] = all_headers) -> requests.Response:
+                return self._send(method, url, headers=h, stream=stream, data=data,
+                                  allow_redirects=True)
+
+            response = self._retrying(send, f"{method} {urllib.parse.urlsplit(url).path}",
+                                      idem)
+            if response.status_code != 401:
+                return response
+            response.close()
+            self._authenticate(response, scope, repository, attempt)
+        raise AssertionError("unreachable: a second 401 raises")
+
+    def _error(self, response: requests.Response, what: str) -> RegistryError:
+        detail = ""
+        with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+            errors = response.json()["errors"]
+            detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                               for e in errors)
+        if response.status_code == 403:
+            detail = detail or "access denied"
+        text = f"{self.host}: {what}: HTTP {response.status_code}" + \
+            (f" ({detail})" if detail else "")
+        return NotFound(text) if response.status_code == 404 else RegistryError(text)
+
+    def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
+        """``(bytes, media type, digest)`` of a manifest or index; the digest is checked."""
+        response = self.request("GET", f"/v2/{repository}/manifests/{reference}", repository,
+                                headers={"Accept": MANIFEST_ACCEPT}, stream=True)
+        with response:
+            if response.status_code != 200:
+                raise self._error(response, f"manifest {repository}:{reference}")
+            data = response.raw.read(MANIFEST_LIMIT + 1, decode_content=True)
+        if len(data) > MANIFEST_LIMIT:
+            raise RegistryError(f"{self.host}: manifest {repository}:{reference} is larger "
+                                f"than {MANIFEST_LIMIT} bytes")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if reference.startswith("sha") and ":" in reference and reference != digest:
+            raise RegistryError(f"{self.host}: manifest {repository}@{reference}: digest "
+                                f"mismatch (got {digest})")
+        promised = response.headers.get("Docker-Content-Digest", "")
+        if promised.startswith("sha256:") and promised != digest:
+            raise RegistryError(f"{self.host}: manifest {repository}:{reference}: "
+                                f"Docker-Content-Digest {promised} does not match {digest}")
+        media_type = response.headers.get("Content-Type", "").partition(";")[0].strip()
+        with contextlib.suppress(SourceError):
+            media_type = oci.media_type_of(data, f"{repository}:{reference}") \
+                if media_type not in (*oci.MANIFEST_TYPES, *oci.INDEX_TYPES) else media_type
+        return data, media_type, digest
+
+    def open_blob(self, repository: str, digest: str, size: int = -1) -> BinaryIO:
+        """A raw stream of the blob (not yet verified: the caller checks the digest)."""
+        return cast(BinaryIO, BlobReader(self, repository, digest, size))
+
+    def read_blob(self, repository: str, descriptor: oci.Descriptor, limit: int) -> bytes:
+        """A small blob's bytes (a config), checked against `descriptor`."""
+        if descriptor.size > limit:
+            raise RegistryError(f"{self.host}: {descriptor.digest} is {descriptor.size} "
+                                f"bytes, more than {limit}")
+        with self.open_blob(repository, descriptor.digest, descriptor.size) as blob:
+            data = blob.read(limit + 1)
+        return oci.fetch_verified(lambda _d: data, descriptor,
+                                  f"{self.host}/{repository}")
+
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        response = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", repository,
+                                push=True)
+        response.close()
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404:
+            return False
+        raise self._error(response, f"HEAD blob {digest}")
+
+    def upload_blob(self, repository: str, path: Path, digest: str,
+                    progress: Callable[[int], None] | None = None) -> bool:
+        """Upload the file at `path` as blob `digest` in `UPLOAD_CHUNK` pieces; False when
+        the registry already had it. The digest is checked by the registry on the final PUT.
+        """
+        if self.blob_exists(repository, digest):
+            if progress is not None:
+                progress(path.stat().st_size)
+            return False
+        last: RegistryError | None = None
+        for attempt in range(RETRIES + 1):
+            try:
+                self._upload_once(repository, path, digest, progress)
+                return True
+            except RegistryError as exc:
+                if not isinstance(exc.__cause__, requests.RequestException) or \
+                        attempt == RETRIES:
+                    raise
+                last = exc
+                self._sleep(BACKOFF * 2 ** attempt)
+        raise last or AssertionError("unreachable")
+
+    def _upload_once(self, repository: str, path: Path, digest: str,
+                     progress: Callable[[int], None] | None) -> None:
+        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", repository,
+                                push=True, headers={"Content-Length": "0"})
+        response.close()
+        if response.status_code != 202:
+            raise self._error(response, "starting an upload")
+        location = self._location(response)
+        offset = 0
+        with path.open("rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK):
+                end = offset + len(chunk) - 1
+                response = self.request(
+                    "PATCH", location, repository, push=True, data=chunk, idempotent=False,
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{offset}-{end}",
+                             "Content-Length": str(len(chunk))})
+                response.close()
+                if response.status_code != 202:
+                    raise self._error(response, f"uploading {digest} at byte {offset}")
+                location = self._location(response)
+                offset += len(chunk)
+                del chunk
+                if progress is not None:
+                    progress(offset)
+        url = location + ("&" if "?" in location else "?") + \
+            urllib.parse.urlencode({"digest": digest})
+        response = self.request("PUT", url, repository, push=True, idempotent=False,
+                                headers={"Content-Length": "0"})
+        response.close()
+        if response.status_code != 201:
+            raise self._error(response, f"finishing the upload of {digest}")
+
+    def _location(self, response: requests.Response) -> str:
+        location = response.headers.get("Location", "")
+        if not location:
+            raise RegistryError(f"{self.host}: the registry sent no upload location")
+        return urllib.parse.urljoin(self.base() + "/", location)
+
+    def upload_bytes(self, repository: str, data: bytes, digest: str) -> None:
+        """A small blob (a config) in one monolithic PUT."""
+        if self.blob_exists(repository, digest):
+            return
+        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", repository,
+                                push=True, headers={"Content-Length": "0"})
+        response.close()
+        if response.status_code != 202:
+            raise self._error(response, "starting an upload")
+        location = self._location(response)
+        url = location + ("&" if "?" in location else "?") + \
+            urllib.parse.urlencode({"digest": digest})
+        response = self.request("PUT", url, repository, push=True, data=data,
+                                idempotent=False,
+                                headers={"Content-Type": "application/octet-stream"})
+        response.close()
+        if response.status_code != 201:
+            raise self._error(response, f"uploading {digest}")
+
+    def put_manifest(self, repository: str, reference: str, data: bytes,
+                     media_type: str) -> None:
+        response = self.request("PUT", f"/v2/{repository}/manifests/{reference}", repository,
+                                push=True, data=data, idempotent=True,
+                                headers={"Content-Type": media_type})
+        response.close()
+        if response.status_code not in (200, 201):
+            raise self._error(response, f"putting the manifest {repository}:{reference}")
+
+
+class BlobReader(io.RawIOBase):
+    """A blob's bytes as they arrive; a dropped connection is resumed from the byte where it
+    broke with a ``Range`` request (or, when the registry ignores Range, by skipping), at
+    most `RETRIES` times in a row without progress."""
+
+    def __init__(self, client: Client, repository: str, digest: str, size: int) -> None:
+        super().__init__()
+        self._client, self._repository, self._digest, self._size = \
+            client, repository, digest, size
+        self.position = 0
+        self.resumes = 0
+        self._response: requests.Response | None = None
+        self._failures = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _what(self) -> str:
+        return f"{self._client.host}/{self._repository}@{self._digest}"
+
+    def _open(self) -> None:
+        headers = {"Range": f"bytes={self.position}-"} if self.position else {}
+        response = self._client.request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
+                                        self._repository, headers=headers, stream=True)
+        if response.status_code not in (200, 206):
+            error = self._client._error(response, f"blob {self._digest}")
+            response.close()
+            raise error
+        if self.position and response.status_code == 200:
+            skip = self.position
+            while skip:
+                data = response.raw.read(min(skip, 1 << 20), decode_content=False)
+                if not data:
+                    response.close()
+                    raise RegistryError(f"{self._what()}: the blob ended early on resume")
+                skip -= len(data)
+        elif response.status_code == 206:
+            start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            if start is None or int(start.group(1)) != self.position:
+                response.close()
+                raise RegistryError(f"{self._what()}: the registry resumed at the wrong byte")
+        self._response = response
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        while True:
+            if self._response is None:
+                self._open()
+            assert self._response is not None
+            try:
+                data = self._response.raw.read(len(buffer), decode_content=False)
+                failure: BaseException | None = None
+                if not data and self._size >= 0 and self.position < self._size:
+                    failure = RegistryError(f"connection closed at byte {self.position} of "
+                                            f"{self._size}")
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                data, failure = b"", exc
+            if failure is None:
+                n = len(data)
+                buffer[:n] = data
+                self.position += n
+                if n:
+                    self._failures = 0
+                return n
+            self._response.close()
+            self._response = None
+            self._failures += 1
+            if self._failures > RETRIES:
+                raise RegistryError(f"{self._what()}: download failed at byte {self.position}"
+                                    f" after {RETRIES} retries ({_short(failure)})") \
+                    from failure
+            self.resumes += 1
+            self._client._sleep(BACKOFF * 2 ** (self._failures - 1))
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+        super().close()
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, RegistryError):
+        return str(exc)
+    return describe_connection_error(exc)
+
+
+def spool(reader: BinaryIO, dest: BinaryIO, chunk: int = 1 << 20) -> int:
+    """Copy `reader` to `dest`; the byte count."""
+    total = 0
+    while data := reader.read(chunk):
+        dest.write(data)
+        total += len(data)
+    return total
