@@ -436,8 +436,8 @@ def test_bad_references_and_credentials_are_one_line(
     insecure = site.cli("export", "--tls-verify=false", "--creds", CREDS, pushed["base"],
                         "-o", str(site.store.root.parent / "x.tar"), tls=False)
     assert insecure.returncode == 0
-    lazy = site.cli("pull", "--lazy", pushed["base"], check=False)
-    _one_line_error(lazy, "--lazy")
+    lazy = site.cli("pull", "--lazy", "--creds", CREDS, pushed["base"], check=False)
+    _one_line_error(lazy, "--lazy")  # an ordinary image has no squash file to read lazily
     _nothing_left(site)
 
 
@@ -632,3 +632,32 @@ def test_an_expired_token_is_replaced(registries: dict[str, RegistryServer], pki
     data, _, digest = client.get_manifest("fixtures/base", "1")
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert client._tokens["repository:fixtures/base:pull"] != "expired.garbage.token"
+
+
+@pytest.mark.podman
+def test_concurrent_first_requests_share_one_token(registries: dict[str, RegistryServer],
+                                                   pki: Pki, pushed: dict[str, str]) -> None:
+    """Threads of one client that meet the token challenge together (parallel layer
+    downloads, a lazy image's concurrent range reads) all get through: none takes the token
+    another thread fetched meanwhile for a refusal of its credentials."""
+    for _ in range(3):
+        client = Client(registries["token"].host, RegistryOptions(cert_dir=pki.certs,
+                                                                  creds=CREDS))
+        start = threading.Barrier(8)
+        results: list[object] = []
+
+        def fetch(client: Client = client, start: threading.Barrier = start,
+                  results: list[object] = results) -> None:
+            start.wait()
+            try:
+                results.append(client.get_manifest("fixtures/base", "1")[2])
+            except Exception as exc:  # collected: the assertion shows it
+                results.append(exc)
+
+        threads = [threading.Thread(target=fetch) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 8 and all(isinstance(r, str) and r.startswith("sha256:")
+                                         for r in results), results

@@ -20,6 +20,7 @@ import io
 import os
 import re
 import ssl
+import threading
 import time
 import urllib.parse
 import warnings
@@ -39,6 +40,9 @@ from squashstore.registry.auth import Credentials, find_credentials, parse_creds
 CERTS_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 """Per-registry TLS directories, as containers/image reads them (root's; a user's
 ``~/.config/containers/certs.d`` is added first)."""
+AUTH_ROUNDS = 4
+"""Requests one call may send while answering 401s (a second refusal of the same
+credentials is final; other rounds follow tokens other threads fetched meanwhile)."""
 RETRIES = 4
 """Attempts after the first for an idempotent request or a dropped download."""
 BACKOFF = 0.5
@@ -187,6 +191,9 @@ class Client:
         self.session.verify = self.verify
         self._base: str | None = None
         self._tokens: dict[str, str] = {}
+        self._auth_lock = threading.Lock()
+        """Taken to answer a 401, so that threads share one token instead of each taking
+        another thread's fresh token for a refusal."""
         self._basic = False
         self._explicit: Credentials | None = (parse_creds(self.options.creds)
                                               if self.options.creds else None)
@@ -348,8 +355,10 @@ class Client:
         scope = f"repository:{repository}:{'pull,push' if push else 'pull'}"
         url = path if path.startswith(("http://", "https://")) else self.base() + path
         idem = method in ("GET", "HEAD") if idempotent is None else idempotent
-        for attempt in range(2):
-            all_headers = {**(headers or {}), **self._auth_headers(scope, repository)}
+        refusals = 0
+        for _ in range(AUTH_ROUNDS):
+            sent = self._auth_headers(scope, repository)
+            all_headers = {**(headers or {}), **sent}
 
             def send(h: dict[str, str] = all_headers) -> requests.Response:
                 return self._send(method, url, headers=h, stream=stream, data=data,
@@ -360,8 +369,13 @@ class Client:
             if response.status_code != 401:
                 return response
             response.close()
-            self._authenticate(response, scope, repository, attempt)
-        raise AssertionError("unreachable: a second 401 raises")
+            with self._auth_lock:
+                if self._auth_headers(scope, repository) != sent:
+                    continue  # another thread authenticated meanwhile: try with its token
+                self._authenticate(response, scope, repository, refusals)
+            refusals += 1
+        raise RegistryError(f"{self.host}: {method} {urllib.parse.urlsplit(url).path}: "
+                            "authentication kept changing under concurrent requests")
 
     def _error(self, response: requests.Response, what: str) -> RegistryError:
         detail = ""
