@@ -291,6 +291,8 @@ class Store:
         layer_meta = read_json(self.layer_meta_dir / f"{lid}.json", {})
         metadata = {"source": meta.get("source", {}), "squash": layer_meta,
                     "migrated": meta.get("migrated", ""), "named": meta.get("named", True)}
+        if meta.get("pulled"):
+            metadata["pulled"] = meta["pulled"]
         return StoreImage(
             id=iid, names=tuple(record.get("names") or ()), layer=lid,
             digest=str(record.get("digest", "")), created=str(record.get("created", "")),
@@ -345,6 +347,10 @@ class Store:
                        options: dict[str, Any]) -> StoreImage | None:
         """An image migrated from this source with these squash options, if any."""
         for image in self.images():
+            if image.metadata.get("pulled"):
+                # What a pulled artifact says of its source is the pusher's claim: never
+                # taken as this store's own migration of that source.
+                continue
             source = image.metadata.get("source", {})
             same_source = (source.get("config_digest") == config_digest
                            and source.get("digest") == manifest_digest)

@@ -661,3 +661,36 @@ def test_concurrent_first_requests_share_one_token(registries: dict[str, Registr
             t.join()
         assert len(results) == 8 and all(isinstance(r, str) and r.startswith("sha256:")
                                          for r in results), results
+
+
+@pytest.mark.podman
+def test_an_artifact_claiming_another_layer_is_refused(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki) -> None:
+    """A hostile artifact: one image's config and layer claims (diff id, source) with
+    another image's squash file and tar-split. pull refuses it and publishes nothing, and a
+    later migrate of the claimed image makes its own layer (nothing of the artifact)."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    for name in ("base", "whiteouts"):
+        _migrated_id(origin, fixture_images[name])
+        origin.cli("push", "--creds", CREDS, fixture_images[name], f"{host}/evil/x:{name}")
+    client = Client(host, RegistryOptions(cert_dir=pki.certs, creds=CREDS))
+    claimed = json.loads(client.get_manifest("evil/x", "whiteouts")[0])
+    other = json.loads(client.get_manifest("evil/x", "base")[0])
+    for index in (0, 1):  # the claims stay, the bytes are base's
+        claimed["layers"][index]["digest"] = other["layers"][index]["digest"]
+        claimed["layers"][index]["size"] = other["layers"][index]["size"]
+    body = json.dumps(claimed).encode()
+    put = client.request("PUT", "/v2/evil/x/manifests/crafted", "evil/x", push=True,
+                         headers={"Content-Type": claimed["mediaType"]}, data=body)
+    assert put.status_code == 201, put.text
+
+    node = make_site("node")
+    proc = node.cli("pull", "--creds", CREDS, f"{host}/evil/x:crafted", check=False)
+    _one_line_error(proc, "does not hold the layer it claims")
+    _nothing_left(node)
+    iid = _migrated_id(node, fixture_images["whiteouts"])
+    assert node.store.resolve(iid).squash.read_bytes() == \
+        origin.store.resolve(iid).squash.read_bytes()
+    assert node.cli("verify", tls=False).returncode == 0

@@ -34,6 +34,7 @@ from squashstore.store import (
     now_rfc3339,
     sha256_hex,
 )
+from squashstore.storelayer import tar_from_squash
 
 ARTIFACT_TYPE = "application/vnd.squashstore.image.v1"
 CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
@@ -95,11 +96,11 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
     annotations = {str(k): str(v) for k, v in annotations.items()} \
         if isinstance(annotations, dict) else {}
     diff_id = squash[0].annotations.get(DIFF_ID, "")
-    try:
-        diff_size = int(squash[0].annotations.get(DIFF_SIZE, ""))
-    except ValueError:
-        raise SourceError(f"{what}: the squashfs layer has no {DIFF_SIZE} annotation") \
-            from None
+    size_text = squash[0].annotations.get(DIFF_SIZE, "")
+    if not size_text.isdigit() or not size_text.isascii():
+        raise SourceError(f"{what}: the squashfs layer has no valid {DIFF_SIZE} annotation "
+                          "(a size in bytes)")
+    diff_size = int(size_text)
     return Artifact(config, squash[0], split[0] if split else None, diff_id, diff_size,
                     annotations)
 
@@ -236,7 +237,8 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
         downloaded = 0
         with store.staging() as stage:
             squash = stage / "layer.sqfs"
-            if not store.squash_file(lid).is_file():
+            fetched = not store.squash_file(lid).is_file()
+            if fetched:
                 download(open_blob, artifact.squash, squash, f"{what}: squash file",
                          progress("download squash file") if progress else None)
                 downloaded += artifact.squash.size
@@ -245,10 +247,33 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
                 split = stage / "layer.tar-split.gz"
                 download(open_blob, artifact.tar_split, split, f"{what}: tar-split")
                 downloaded += artifact.tar_split.size
+            if fetched:  # a layer the store has was made or checked by it already
+                known = store.tar_split_file(lid)
+                check_layer(squash, split or (known if known.is_file() else None), artifact,
+                            what)
             pub = _publication(artifact, config, squash, split, names, reference,
                                manifest_digest)
             image = store.publish(pub, unmount=unmount)
     return Installed(image, downloaded)
+
+
+def check_layer(squash: Path, split: Path | None, artifact: Artifact, what: str) -> None:
+    """A downloaded squash file and tar-split hold the layer the artifact claims: the
+    canonical tar rebuilt from them has the claimed diff id and size (the layer id the store
+    files them under). Without this a hostile artifact could claim another image's layer id
+    and have a later ``migrate`` of that image reuse its files; it also refuses a squash
+    layer that is not a squash file, or a tar-split that does not match it."""
+    if split is None:
+        raise SourceError(f"{what}: the artifact has no tar-split: its squash file cannot be "
+                          "checked against its diff id")
+    digest, size = hashlib.sha256(), 0
+    for chunk in tar_from_squash(split, squash, f"{what}: squash file"):
+        digest.update(chunk)
+        size += len(chunk)
+    if "sha256:" + digest.hexdigest() != artifact.diff_id or size != artifact.diff_size:
+        raise SourceError(f"{what}: the squash file does not hold the layer it claims "
+                          f"({DIFF_ID} {artifact.diff_id[:19]}..., {DIFF_SIZE} "
+                          f"{artifact.diff_size}): refused")
 
 
 def _json_annotation(artifact: Artifact, key: str) -> dict[str, Any]:
