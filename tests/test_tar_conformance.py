@@ -427,3 +427,25 @@ def test_reader_expands_sparse_files_without_reading_holes() -> None:
                         bytes(500) + b"abc" + bytes(497))]
     with pytest.raises(TarError, match="non-existent data"):
         _read_all(ts.archive(_sparse_1_0(1000, [(500, b"abc")], map_text=b"1\n500\n9\n")))
+
+
+@pytest.mark.parametrize(("major", "minor"), [(1, 2**21), (2**21, 1), (5000, 2**20 + 5)])
+def test_device_numbers_no_header_or_squashfs_holds_are_one_line(major: int, minor: int,
+                                                                 tmp_path: Path) -> None:
+    """A device node whose numbers fit GNU tar's base-256 fields but not squashfs's encoding
+    (nor, past 2**21, the canonical tar's octal fields): one line, no output."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("dev/odd")
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, major, minor
+        tar.addfile(info)
+    source = _layout(tmp_path / "oci", buf.getvalue())
+    commands = [["squash", source, str(tmp_path / "out.sqfs")]]
+    if max(major, minor) >= 2**21:  # past the canonical tar's 7 octal digits too
+        commands.append(["export", source, "-o", str(tmp_path / "out.tar")])
+    for command in commands:
+        result = _cli(*command)
+        err = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(err) == 1, (command, result.stderr[-2000:])
+        assert err[0].startswith("squashstore: ") and "Traceback" not in result.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]

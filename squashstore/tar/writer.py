@@ -12,6 +12,7 @@ independent of the Python version, and tested against ``tarfile`` byte for byte.
 
 from __future__ import annotations
 
+from squashstore.errors import SquashstoreError
 from squashstore.tar import format as f
 
 _NUL16 = bytes(16)
@@ -21,9 +22,13 @@ _USTAR_MAGIC = f.MAGIC_USTAR + f.VERSION_USTAR
 _PAX_NAME = b"././@PaxHeader"
 
 
+class TarFieldError(SquashstoreError):
+    """A value (a device number) that no header of the canonical tar can hold."""
+
+
 def _octal(value: int, width: int) -> bytes:
     if not 0 <= value < 8 ** (width - 1):
-        raise ValueError(f"number {value} does not fit a {width}-byte tar field")
+        raise TarFieldError(f"number {value} does not fit a {width}-byte tar field")
     return b"%0*o\x00" % (width - 1, value)
 
 
@@ -77,7 +82,19 @@ def encode_header(name: str, typeflag: bytes, *, mode: int = 0, uid: int = 0, gi
                   size: int = 0, mtime: int = 0, linkname: str = "", devmajor: int = 0,
                   devminor: int = 0, xattrs: dict[str, bytes] | None = None) -> bytes:
     """The header blocks of one entry (content and padding follow separately); a
-    directory's name gets its trailing slash."""
+    directory's name gets its trailing slash. `TarFieldError` names the entry when a
+    number does not fit its field."""
+    try:
+        return _encode_header(name, typeflag, mode=mode, uid=uid, gid=gid, size=size,
+                              mtime=mtime, linkname=linkname, devmajor=devmajor,
+                              devminor=devminor, xattrs=xattrs)
+    except TarFieldError as exc:
+        raise TarFieldError(f"{name[:200]!r}: {exc}") from None
+
+
+def _encode_header(name: str, typeflag: bytes, *, mode: int, uid: int, gid: int,
+                   size: int, mtime: int, linkname: str, devmajor: int, devminor: int,
+                   xattrs: dict[str, bytes] | None) -> bytes:
     if typeflag == f.TYPE_DIR and not name.endswith("/"):
         name += "/"
     records = {f.PAX_XATTR + key: value.decode("utf-8", "surrogateescape")
