@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import stat
 import sys
 import time
@@ -143,22 +144,37 @@ def _line(reader: SquashReader, inode: SqInode, name: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(inode.mtime))
     text = f"{mode} {inode.nlink:>3} {inode.uid:>5} {inode.gid:>5} {size:>10} {when} {name}"
     if inode.kind is Kind.SYMLINK:
-        text += " -> " + reader.readlink(inode).decode("utf-8", "backslashreplace")
+        text += " -> " + _printable(reader.readlink(inode))
     return text
 
 
-def _list(reader: SquashReader, directory: SqInode, path: str, recursive: bool,
+def _printable(raw: bytes) -> str:
+    """A name as `ls` shows it: undecodable bytes and control characters escaped, so a
+    hostile name can neither break a listing's lines nor drive the terminal."""
+    text = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _list(reader: SquashReader, top: SqInode, top_path: str, recursive: bool,
           out: IO[str]) -> None:
-    subdirs: list[tuple[str, SqInode]] = []
-    for entry in reader.readdir(directory):
-        inode = reader.inode(entry.ref)
-        name = entry.name.decode("utf-8", "backslashreplace")
-        out.write(_line(reader, inode, name) + "\n")
-        if recursive and inode.kind is Kind.DIR:
-            subdirs.append((f"{path.rstrip('/')}/{name}", inode))
-    for sub_path, inode in subdirs:
-        out.write(f"\n{sub_path}:\n")
-        _list(reader, inode, sub_path, recursive, out)
+    """``ls`` of `top` (``-R``: then of every directory below, depth first, as ``ls -R``
+    orders it; iterative, so a tree of any depth lists)."""
+    stack = [(top_path, top, False)]
+    while stack:
+        path, directory, header = stack.pop()
+        if header:
+            out.write(f"\n{path}:\n")
+        subdirs: list[tuple[str, SqInode, bool]] = []
+        for entry in reader.readdir(directory):
+            inode = reader.inode(entry.ref)
+            name = _printable(entry.name)
+            out.write(_line(reader, inode, name) + "\n")
+            if recursive and inode.kind is Kind.DIR:
+                subdirs.append((f"{path.rstrip('/')}/{name}", inode, True))
+        stack.extend(reversed(subdirs))
 
 
 def _resolve(reader: SquashReader, path: str) -> SqInode:

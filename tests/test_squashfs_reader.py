@@ -994,3 +994,31 @@ def test_reads_through_a_byte_source(gzip_image: Path, source: Path) -> None:
         assert r.read(r.resolve("random.bin"), 0, 1 << 30) == _file_bytes(source / "random.bin")
     with SquashReader(gzip_image) as plain:
         assert not plain.remote
+
+
+def test_ls_lists_any_depth_and_escapes_hostile_names(tmp_path: Path) -> None:
+    """``ls -R`` of a 2,000-deep tree lists every level (no recursion limit), and names
+    with control characters cannot break the listing's lines or reach the terminal raw."""
+    import sys
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ["/".join(["d"] * 2000) + "/f", "x\x1b]0;PWNED\x07\x1b[2J", "a\nb"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"z"))
+    (tmp_path / "in.tar").write_bytes(buf.getvalue())
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "squashstore.cli.main", *args],
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    image = str(tmp_path / "deep.sqfs")
+    assert cli("squash", f"tar:{tmp_path / 'in.tar'}", image).returncode == 0
+    listed = cli("ls", image, "/", "-R")
+    assert listed.returncode == 0, listed.stderr[-500:]
+    assert listed.stdout.count(":\n") == 2001 and listed.stdout.rstrip().endswith(" f")
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    top = cli("ls", image, "/").stdout.splitlines()
+    assert len(top) == 3 and any(line.endswith(" a\\nb") for line in top), top
