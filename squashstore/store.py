@@ -453,11 +453,21 @@ class Store:
         # The layer id is the content's digest: a layer already here has the same files, and
         # its squash file may be mounted on other hosts of a shared store (replacing it
         # would give them ESTALE), so it is kept, with the options it was written with.
-        kept = self.squash_file(lid).is_file()
+        # A lazily pulled layer is the exception: its file is a partial cache of what a
+        # registry claimed (its diff id unchecked until complete), so a squash file made
+        # here from the source replaces it; its servers keep their open cache file.
+        # (A lazy install's own marker is staged before its file is here: not this case.)
+        existing = self.squash_file(lid)
+        lazy = existing.is_file() and lazy_paths.is_lazy(existing)
+        kept = existing.is_file() and not lazy
         if not kept:
             os.chmod(pub.squash, 0o644)
-            os.rename(pub.squash, self.squash_file(lid))
+            os.rename(pub.squash, existing)
             publish_hook("squash-file")
+            if lazy:
+                for stale in (lazy_paths.marker_path(existing), lazy_paths.map_path(existing)):
+                    with contextlib.suppress(FileNotFoundError):
+                        stale.unlink()
         if pub.tar_split is not None and not (kept and self.tar_split_file(lid).is_file()):
             os.chmod(pub.tar_split, 0o644)
             os.rename(pub.tar_split, self.tar_split_file(lid))

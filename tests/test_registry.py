@@ -694,3 +694,11 @@ def test_an_artifact_claiming_another_layer_is_refused(
     assert node.store.resolve(iid).squash.read_bytes() == \
         origin.store.resolve(iid).squash.read_bytes()
     assert node.cli("verify", tls=False).returncode == 0
+    # lazily pulled, the claim cannot be checked before the bytes are here; a migrate of
+    # the claimed image then replaces the partial file with its own
+    lazy = make_site("lazy")
+    lazy.cli("pull", "--lazy", "--no-mount", "--creds", CREDS, f"{host}/evil/x:crafted")
+    iid = _migrated_id(lazy, fixture_images["whiteouts"])
+    assert lazy.store.resolve(iid).squash.read_bytes() == \
+        origin.store.resolve(iid).squash.read_bytes()
+    assert lazy.cli("verify", tls=False).returncode == 0

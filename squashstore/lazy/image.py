@@ -182,6 +182,27 @@ def complete(squash: Path, open_source: SourceOpener | None,
     return True
 
 
+def _layer_problem(squash: Path) -> str:
+    """Why a complete squash file does not hold the layer its name (the claimed diff id)
+    says, as `registry.artifact.check_layer` checks an eager pull; "" when it does."""
+    from squashstore.podmanstore import Layout
+    from squashstore.storelayer import tar_from_squash
+
+    lid = squash.name.removesuffix(".sqfs")
+    split = Layout(squash.parent.parent.parent).tar_split(lid)
+    if not split.is_file():  # `pull --lazy` refuses an artifact without one
+        return ""
+    digest = hashlib.sha256()
+    try:
+        for chunk in tar_from_squash(split, squash, str(squash)):
+            digest.update(chunk)
+    except SquashstoreError as exc:
+        return f"cannot rebuild its layer: {exc}"
+    if digest.hexdigest() != lid:
+        return "does not hold the layer it claims (its tar rebuilds to another diff id)"
+    return ""
+
+
 def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
     """A complete cache whose digest matches: drop the marker, then the map."""
     actual = file_digest(squash)
@@ -189,6 +210,9 @@ def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
         cache.reset()
         raise LazyError(f"{squash}: completed lazy image has digest {actual}, expected "
                         f"{remote.digest}; its cache was discarded")
+    problem = _layer_problem(squash)
+    if problem:  # the pusher's claim, unchecked while lazy: it stays lazy (and unverified)
+        raise LazyError(f"{squash}: {problem}")
     with contextlib.suppress(FileNotFoundError):
         marker_path(squash).unlink()
     with contextlib.suppress(FileNotFoundError):

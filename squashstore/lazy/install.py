@@ -38,6 +38,9 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
             not parsed.diff_id.startswith("sha256:"):
         raise SourceError(f"{what}: the config's diff_ids do not match the squashfs layer's "
                           f"{artifact.DIFF_ID} annotation")
+    if parsed.tar_split is None:
+        raise SourceError(f"{what}: the artifact has no tar-split: its squash file could "
+                          "never be checked against its diff id")
     iid = sha256_hex(config)
     lid = parsed.diff_id.removeprefix("sha256:")
     store.init()

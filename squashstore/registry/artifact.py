@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from squashstore import locking, oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
 from squashstore.image import SourceError
+from squashstore.lazy import paths as lazy_paths
 from squashstore.migrate import rfc3339, squashed_manifest
 from squashstore.store import (
     Publication,
@@ -237,7 +238,8 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
         downloaded = 0
         with store.staging() as stage:
             squash = stage / "layer.sqfs"
-            fetched = not store.squash_file(lid).is_file()
+            have = store.squash_file(lid)
+            fetched = not have.is_file() or lazy_paths.is_lazy(have)  # a lazy one: unchecked
             if fetched:
                 download(open_blob, artifact.squash, squash, f"{what}: squash file",
                          progress("download squash file") if progress else None)
