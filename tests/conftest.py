@@ -82,3 +82,21 @@ def make_podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakePodman
     finally:
         for p in reversed(made):
             p.close()
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """mount(squash_file) -> mount point (kernel squashfs, read-only), undone afterwards."""
+    points: list[Path] = []
+
+    def mount(image: Path) -> Path:
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(point)],
+                       check=True, capture_output=True)
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", "-l", str(point)], check=False)

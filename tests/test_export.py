@@ -12,7 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,24 +89,6 @@ def test_export_equals_podman_export(name: str, transport: str, tmp_path: Path,
     ours = canonical_from_tar(out)
     differences = diff_listings(ours, podman_exports[name], ignore_root_mtime=True)  # type: ignore[arg-type]
     assert not differences, "\n".join(differences[:40])
-
-
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
-    """mount(squash_file) -> mount point (kernel squashfs, read-only), undone afterwards."""
-    points: list[Path] = []
-
-    def mount(image: Path) -> Path:
-        point = tmp_path / f"mnt{len(points)}"
-        point.mkdir()
-        subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(point)],
-                       check=True, capture_output=True)
-        points.append(point)
-        return point
-
-    yield mount
-    for point in points:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 @pytest.mark.parametrize("name", FIXTURES)

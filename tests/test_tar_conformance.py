@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -236,23 +236,6 @@ def _ours(data: bytes, tmp: Path, mount: Callable[[Path], Path]) -> tuple[Listin
     squash = tmp / "layer.sqfs"
     squash_image(_image(data), squash, SquashOptions())
     return exported, canonical_from_dir(mount(squash))
-
-
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
-    points: list[Path] = []
-
-    def mount(image: Path) -> Path:
-        point = tmp_path / f"mnt{len(points)}"
-        point.mkdir()
-        subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(point)],
-                       check=True, capture_output=True)
-        points.append(point)
-        return point
-
-    yield mount
-    for point in points:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_every_archive_reads_as_podman_reads_it(podman: Podman, tmp_path: Path,
