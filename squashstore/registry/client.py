@@ -462,12 +462,7 @@ class Client:
 
     def _upload_once(self, repository: str, path: Path, digest: str,
                      progress: Callable[[int], None] | None) -> None:
-        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", repository,
-                                push=True, headers={"Content-Length": "0"})
-        response.close()
-        if response.status_code != 202:
-            raise self._error(response, "starting an upload")
-        location = self._location(response)
+        location = self._start_upload(repository)
         offset = 0
         with path.open("rb") as f:
             while chunk := f.read(UPLOAD_CHUNK):
@@ -485,13 +480,21 @@ class Client:
                 del chunk
                 if progress is not None:
                     progress(offset)
-        url = location + ("&" if "?" in location else "?") + \
-            urllib.parse.urlencode({"digest": digest})
+        url = _with_digest(location, digest)
         response = self.request("PUT", url, repository, push=True, idempotent=False,
                                 headers={"Content-Length": "0"})
         response.close()
         if response.status_code != 201:
             raise self._error(response, f"finishing the upload of {digest}")
+
+    def _start_upload(self, repository: str) -> str:
+        """POST a new upload session; its location."""
+        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", repository,
+                                push=True, headers={"Content-Length": "0"})
+        response.close()
+        if response.status_code != 202:
+            raise self._error(response, "starting an upload")
+        return self._location(response)
 
     def _location(self, response: requests.Response) -> str:
         location = response.headers.get("Location", "")
@@ -503,14 +506,8 @@ class Client:
         """A small blob (a config) in one monolithic PUT."""
         if self.blob_exists(repository, digest):
             return
-        response = self.request("POST", f"/v2/{repository}/blobs/uploads/", repository,
-                                push=True, headers={"Content-Length": "0"})
-        response.close()
-        if response.status_code != 202:
-            raise self._error(response, "starting an upload")
-        location = self._location(response)
-        url = location + ("&" if "?" in location else "?") + \
-            urllib.parse.urlencode({"digest": digest})
+        location = self._start_upload(repository)
+        url = _with_digest(location, digest)
         response = self.request("PUT", url, repository, push=True, data=data,
                                 idempotent=False,
                                 headers={"Content-Type": "application/octet-stream"})
@@ -621,3 +618,9 @@ def spool(reader: BinaryIO, dest: BinaryIO, chunk: int = 1 << 20) -> int:
         dest.write(data)
         total += len(data)
     return total
+
+
+def _with_digest(location: str, digest: str) -> str:
+    """An upload location with the ``digest`` query that completes it."""
+    return location + ("&" if "?" in location else "?") + \
+        urllib.parse.urlencode({"digest": digest})
