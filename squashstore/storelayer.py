@@ -12,6 +12,7 @@ stream is the layer's tar byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +63,13 @@ def tar_from_squash(tar_split: Path, squash: Path, where: str) -> Iterator[bytes
         raise
     except (OSError, EOFError, SquashstoreError) as exc:
         raise SourceError(f"{where}: cannot read {squash}: {exc}") from exc
+
+
+def layer_digest(tar_split: Path, squash: Path, where: str) -> tuple[str, int]:
+    """``("sha256:...", size)`` of the layer tar rebuilt from `tar_split` and `squash`:
+    what a layer's diff id and size must be when the two hold the layer they claim."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in tar_from_squash(tar_split, squash, where):
+        digest.update(chunk)
+        size += len(chunk)
+    return "sha256:" + digest.hexdigest(), size

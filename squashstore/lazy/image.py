@@ -186,19 +186,17 @@ def _layer_problem(squash: Path) -> str:
     """Why a complete squash file does not hold the layer its name (the claimed diff id)
     says, as `registry.artifact.check_layer` checks an eager pull; "" when it does."""
     from squashstore.podmanstore import Layout
-    from squashstore.storelayer import tar_from_squash
+    from squashstore.storelayer import layer_digest
 
     lid = squash.name.removesuffix(".sqfs")
     split = Layout(squash.parent.parent.parent).tar_split(lid)
     if not split.is_file():  # `pull --lazy` refuses an artifact without one
         return ""
-    digest = hashlib.sha256()
     try:
-        for chunk in tar_from_squash(split, squash, str(squash)):
-            digest.update(chunk)
+        digest, _ = layer_digest(split, squash, str(squash))
     except SquashstoreError as exc:
         return f"cannot rebuild its layer: {exc}"
-    if digest.hexdigest() != lid:
+    if digest != "sha256:" + lid:
         return "does not hold the layer it claims (its tar rebuilds to another diff id)"
     return ""
 

@@ -35,7 +35,7 @@ from squashstore.store import (
     now_rfc3339,
     sha256_hex,
 )
-from squashstore.storelayer import tar_from_squash
+from squashstore.storelayer import layer_digest
 
 ARTIFACT_TYPE = "application/vnd.squashstore.image.v1"
 CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
@@ -268,11 +268,8 @@ def check_layer(squash: Path, split: Path | None, artifact: Artifact, what: str)
     if split is None:
         raise SourceError(f"{what}: the artifact has no tar-split: its squash file cannot be "
                           "checked against its diff id")
-    digest, size = hashlib.sha256(), 0
-    for chunk in tar_from_squash(split, squash, f"{what}: squash file"):
-        digest.update(chunk)
-        size += len(chunk)
-    if "sha256:" + digest.hexdigest() != artifact.diff_id or size != artifact.diff_size:
+    digest, size = layer_digest(split, squash, f"{what}: squash file")
+    if digest != artifact.diff_id or size != artifact.diff_size:
         raise SourceError(f"{what}: the squash file does not hold the layer it claims "
                           f"({DIFF_ID} {artifact.diff_id[:19]}..., {DIFF_SIZE} "
                           f"{artifact.diff_size}): refused")
