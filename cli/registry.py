@@ -214,6 +214,10 @@ def cmd_push(args: argparse.Namespace) -> int:
         if plan.tar_split is not None and client.upload_blob(
                 ref.repository, plan.tar_split, plan.tar_split_digest):
             uploaded.append(plan.tar_split_digest)
+        if plan.prefetch is not None:
+            from squashstore.blobs import digest_bytes
+
+            client.upload_bytes(ref.repository, plan.prefetch, digest_bytes(plan.prefetch))
         client.upload_bytes(ref.repository, plan.config, "sha256:" + image.id)
         client.put_manifest(ref.repository, ref.reference, plan.manifest,
                             "application/vnd.oci.image.manifest.v1+json")
@@ -245,6 +249,30 @@ def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None]
     return status.remote.size - status.present
 
 
+def _prefetch_list(client: Any, repository: str, parsed: Any, what: str) -> Any:
+    """The artifact's start-up prefetch list (`squashstore.lazy.prefetch`), checked to be
+    about its squash file; None when it has none (or one of a later format)."""
+    from squashstore.lazy import prefetch
+
+    if parsed.prefetch is None:
+        return None
+    data = client.read_blob(repository, parsed.prefetch, prefetch.LIMIT)
+    listed = prefetch.parse(data, f"{what}: prefetch list")
+    if listed is None:
+        return None
+    return prefetch.for_squash(listed, parsed.squash.digest, parsed.squash.size, what)
+
+
+def _keep_prefetch_list(squash: Path, listed: Any) -> None:
+    """Keep a pulled prefetch list in the store (a later push sends it on), unless the
+    store has one of its own for that squash file."""
+    from squashstore.lazy import prefetch
+
+    if listed is None or prefetch.store_path(squash).exists():
+        return
+    prefetch.save(squash, listed)
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from squashstore.migrate import migrate_image
     from squashstore.mounts import Registry
@@ -271,13 +299,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 return update
 
             downloaded_lazily = 0
+            listed = _prefetch_list(client, ref.repository, parsed, what)
             try:
                 if args.lazy:
                     from squashstore.lazy.install import install_lazy
 
                     installed = install_lazy(store, parsed, config, client, ref.repository,
                                              registry_options(args), (name,), what, digest,
-                                             registry.umount)
+                                             registry.umount,
+                                             listed.spans if listed is not None else ())
                 else:
                     installed = artifact.install(
                         store, parsed, config,
@@ -288,6 +318,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 for done in current:
                     done()
             result, downloaded, kind = installed.image, installed.downloaded, "artifact"
+            _keep_prefetch_list(result.squash, listed)
             if not args.lazy:
                 downloaded += downloaded_lazily
             if not args.no_mount:

@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
 
 SourceOpener = Callable[["Remote"], RangeSource]
@@ -133,15 +134,18 @@ def prefetch_metadata(lazy: LazyFile) -> None:
         raise LazyError(f"{lazy.cache.data_path}: not a squash file ({exc})") from None
 
 
-def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource) -> int:
+def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource,
+          prefetch: Sequence[Span] = ()) -> int:
     """Make `staged` the sparse squash file of a lazy image to be published at `squash`
-    (its map and marker already where the published image finds them); returns the bytes
-    fetched (the metadata)."""
+    (its map and marker already where the published image finds them), with its metadata
+    and the `prefetch` spans (a start-up prefetch list) fetched; returns the bytes fetched."""
     write_marker(squash, remote)
     lazy = LazyFile(open_cache(squash, remote, data=staged), source)
     try:
         before = source.bytes
         prefetch_metadata(lazy)
+        if prefetch:
+            lazy.prefetch_bulk(prefetch)
         return source.bytes - before
     finally:
         lazy.close()

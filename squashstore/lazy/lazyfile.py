@@ -32,6 +32,11 @@ FETCH_MIN = 256 << 10
 hundreds of small files one after another, each miss a round trip (bench_lazy)."""
 HEAD = 64 << 10
 """Bytes at the start of the image fetched up front: the superblock and compressor options."""
+BULK_GAP = 128 << 10
+"""A prefetch list's ranges at most this far apart are fetched as one (the gap's bytes
+cost less than a request)."""
+BULK_PIECE = 8 << 20
+"""Most bytes per request of a bulk prefetch (its pieces are about a worker's share)."""
 
 
 def metadata_spans(superblock: format.Superblock, size: int) -> list[Span]:
@@ -88,6 +93,31 @@ class LazyFile:
     def prefetch(self, spans: Sequence[Span]) -> None:
         """Make `spans` present (the metadata at a lazy pull, a start-up list)."""
         self.ensure(spans, [])
+
+    def prefetch_bulk(self, spans: Sequence[Span], gap: int = BULK_GAP) -> None:
+        """Make `spans` (a start-up prefetch list) present in few requests: what is missing,
+        neighbours up to `gap` bytes apart merged, cut into about one piece per worker of
+        the source (at least `PIECE`, at most `BULK_PIECE` bytes), fetched concurrently."""
+        if self.source is None:
+            self.ensure(spans, [])
+            return
+        chunk = self.cache.chunk
+        need = ranges.coalesce((m for s in spans for m in self.cache.missing(s)), gap)
+        total = sum(len(s) for s in need)
+        workers = max(1, self.source.workers)
+        piece = min(BULK_PIECE, max(self._piece, -(-total // workers)))
+        piece = -(-piece // chunk) * chunk
+        mine, waits = self._claim(need)
+        try:
+            pieces = ranges.split(mine, piece, chunk)
+            for i in range(0, len(pieces), workers):
+                batch = pieces[i:i + workers]
+                self.cache.store(zip(batch, self.source.fetch_many(batch), strict=True))
+        finally:
+            self._release(mine)
+        for event in waits:
+            event.wait()
+        self.ensure(spans, [])  # what another thread was fetching, should that have failed
 
     def prefetch_metadata(self) -> None:
         """Fetch the superblock and every metadata table (`metadata_spans`), so `ls` and

@@ -13,6 +13,9 @@ from pathlib import Path
 
 LAZY_DIR = "lazy"
 """Beside the store's ``squash/`` directory."""
+PREFETCH_DIR = "prefetch"
+"""Beside the store's ``squash/`` directory: ``<layer>.json``, a layer's start-up prefetch
+list (`squashstore.lazy.prefetch`)."""
 WRITER = "writer"
 """The marker's field naming the process that staged it (`host.ProcessId` tag)."""
 

@@ -81,6 +81,8 @@ class RangeSource:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._get, self.size, self.what = get, size, what
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self.workers = workers
+        """Ranges fetched at once."""
         self._pool = ThreadPoolExecutor(max_workers=workers,
                                         thread_name_prefix="squashstore-fetch")
         self.requests = 0
