@@ -230,6 +230,7 @@ def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> No
 
 def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
+    from squashstore import config
     from squashstore.fuse import server
     from squashstore.lazy import image as lazy_image
     from squashstore.lazy import remote
@@ -246,7 +247,8 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
         check_arguments(args)
         set_process_name("squashstore-fs")
         opts = _server_options(args)
-        lazy = lazy_image.open_lazy(args.squash, remote.open_source)
+        lazy = lazy_image.open_lazy(args.squash, remote.open_source,
+                                    config.load().lazy.cache_path())
         if lazy is not None:  # a lazily pulled image: its cache, and the registry for the rest
             lazy_image.prefetch_metadata(lazy)
         source: ByteSource | None = lazy

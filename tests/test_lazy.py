@@ -977,3 +977,65 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     assert pulled[0] - before[0] <= 2 + len(listed.spans)
     assert ran[0] - pulled[0] <= 1
     assert ran[1] - pulled[1] <= 256 << 10
+
+
+# ---------------------------------------------------------------------------------------
+# Node-local caches: a shared store keeps the marker; each host its own fetched bytes.
+
+
+def test_node_local_caches_leave_the_shared_store_alone(
+        pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from squashstore import config
+
+    _, squash = publish_lazy(tmp_path / "store", pushed)
+    shared_map = lazy_paths.map_path(squash).read_bytes()
+    shared_bytes = digest_of(squash.read_bytes())
+    root = pushed.squash.parent / "rootfs"
+    mounts: list[Path] = []
+    try:
+        served = pushed.registry.served(pushed.digest)
+        for host_name in ("node-a", "node-b"):
+            conf = tmp_path / f"{host_name}.toml"
+            conf.write_text(f'[lazy]\ncache_dir = "{tmp_path}/{host_name}/$LAZY_USER/cache"\n')
+            monkeypatch.setenv("SQUASHSTORE_CONFIG", str(conf))
+            monkeypatch.setenv("LAZY_USER", "u1")
+            mnt = tmp_path / f"mnt-{host_name}"
+            mnt.mkdir()
+            daemon.start(squash, mnt, ("--log-file", str(tmp_path / f"{host_name}.log")))
+            mounts.append(mnt)
+            assert sorted(p.name for p in mnt.rglob("*")) == \
+                sorted(p.name for p in root.rglob("*"))
+        # Each node's cache was seeded from the store's (metadata): nothing fetched.
+        assert pushed.registry.served(pushed.digest) == served
+        caches = [tmp_path / h / "u1" / "cache" for h in ("node-a", "node-b")]
+        for cache_dir in caches:
+            assert (cache_dir / f"{pushed.digest[7:]}.map").is_file()
+            assert cache_dir.stat().st_mode & 0o077 == 0
+        a, b = mounts
+        assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        after_a = pushed.registry.served(pushed.digest)
+        assert after_a[1] > served[1]
+        assert (b / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        after_b = pushed.registry.served(pushed.digest)
+        assert after_b[1] > after_a[1]  # node b's cache is its own: fetched again
+        assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        assert pushed.registry.served(pushed.digest) == after_b  # node a's is kept
+        # The store was only read.
+        assert lazy_paths.map_path(squash).read_bytes() == shared_map
+        assert digest_of(squash.read_bytes()) == shared_bytes
+        status = lazy_image.status(squash)
+        assert status is not None
+        with RangeCache.in_directory(caches[0], pushed.digest, pushed.size) as node:
+            assert node.present_bytes() > status.present
+    finally:
+        for mnt in mounts:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    # A cache directory others could write to is refused (it would feed a mount bytes).
+    caches[0].chmod(0o777)
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "node-a.toml"))
+    with pytest.raises(CacheError, match="writable only by it"):
+        lazy_image.open_lazy(squash, None, config.load().lazy.cache_path())
+    (tmp_path / "rel.toml").write_text('[lazy]\ncache_dir = "relative/dir"\n')
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
+    with pytest.raises(config.ConfigError, match="absolute"):
+        config.load().lazy.cache_path()
