@@ -101,6 +101,9 @@ def register(sub: Any) -> None:
     p.add_argument("--lazy", action="store_true",
                    help="install a squashstore artifact at once and fetch its squash file's "
                    "blocks from the registry as they are read (a later pull completes it)")
+    p.add_argument("--background", action="store_true",
+                   help="complete a lazily pulled image (with --lazy: the one just installed) "
+                   "in a detached process instead of in front")
     p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch image")
     p.add_argument("--backend", default=None, choices=("fuse", "kernel", "squashfuse"),
                    help="mount backend (default: [mount] backend of the config, else fuse)")
@@ -273,6 +276,14 @@ def _keep_prefetch_list(squash: Path, listed: Any) -> None:
     prefetch.save(squash, listed)
 
 
+def _complete_in_background(squash: Path) -> tuple[int, Path] | None:
+    """Start completing a lazy image in a detached process; None when it is not lazy."""
+    from squashstore.lazy import background
+    from squashstore.lazy import paths as lazy_paths
+
+    return background.spawn(squash) if lazy_paths.is_lazy(squash) else None
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from squashstore.migrate import migrate_image
     from squashstore.mounts import Registry
@@ -299,6 +310,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 return update
 
             downloaded_lazily = 0
+            background: tuple[int, Path] | None = None
             listed = _prefetch_list(client, ref.repository, parsed, what)
             try:
                 if args.lazy:
@@ -313,7 +325,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
                         store, parsed, config,
                         lambda d: client.open_blob(ref.repository, d.digest, d.size),
                         (name,), what, digest, registry.umount, progress)
-                    downloaded_lazily = _complete_lazy(installed.image.squash, progress)
+                    if not args.background:
+                        downloaded_lazily = _complete_lazy(installed.image.squash, progress)
+                if args.background:
+                    background = _complete_in_background(installed.image.squash)
             finally:
                 for done in current:
                     done()
@@ -325,9 +340,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 registry.ensure_mounted(result.id, result.layer, result.squash, result.diff,
                                         backend=args.backend)
         else:
-            if args.lazy:
+            if args.lazy or args.background:
                 raise RegistryUsageError(f"{ref.text}: not a squashstore artifact: only a "
-                                         "pushed squash file can be pulled --lazy")
+                                         "pushed squash file can be pulled --lazy or "
+                                         "completed --background")
             wanted = None
             if args.platform:
                 from squashstore import oci
@@ -338,15 +354,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
             result = migrate_image(store, image, squash_options(args, MIGRATE_ZSTD_LEVEL),
                                    mount=not args.no_mount, backend=args.backend,
                                    progress=show)
-            downloaded, kind = -1, "image"
+            downloaded, kind, background = -1, "image", None
     if args.quiet:
         print(result.id)
     elif args.format == "json":
         print_json({"id": result.id, "names": list(result.names), "reference": ref.text,
                     "digest": digest, "kind": kind, "downloaded": downloaded,
-                    "lazy": bool(args.lazy and kind == "artifact")})
+                    "lazy": bool(args.lazy and kind == "artifact"),
+                    "background": {"pid": background[0], "log": str(background[1])}
+                    if background is not None else None})
     else:
         how = "installed" if kind == "artifact" else "migrated"
         how = "installed lazily" if args.lazy and kind == "artifact" else how
+        if background is not None:
+            how += f"; completing in the background (pid {background[0]}, log {background[1]})"
         print(f"{ref.text} -> {result.id[:12]} {' '.join(result.names) or '<none>'} ({how})")
     return 0

@@ -993,9 +993,21 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
           f"podman run afterwards: {ran[0] - pulled[0]} requests, {ran[1] - pulled[1]} B")
     # Metadata (2 requests) and the list in few requests; the start then fetches (almost)
     # nothing: a different kernel readahead may touch a chunk the recording did not.
-    assert pulled[0] - before[0] <= 2 + len(listed.spans)
+    assert pulled[0] - before[0] <= 2 + len(listed.spans) + 4  # metadata, list in pieces
     assert ran[0] - pulled[0] <= 1
     assert ran[1] - pulled[1] <= 256 << 10
+    # pull --background completes it in a detached process; pull returns at once.
+    done = json.loads(node.cli("pull", "--background", "--format", "json", ref).stdout)
+    assert done["background"] is not None and done["downloaded"] == 0
+    deadline = time.monotonic() + 120
+    while lazy_paths.is_lazy(image.squash) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = Path(done["background"]["log"]).read_text()
+    assert not lazy_paths.is_lazy(image.squash), log
+    assert "complete" in log
+    assert image.squash.read_bytes() == squash.read_bytes()
+    again = json.loads(node.cli("pull", "--background", "--format", "json", ref).stdout)
+    assert again["background"] is None  # nothing left to complete
 
 
 # ---------------------------------------------------------------------------------------
@@ -1058,3 +1070,40 @@ def test_node_local_caches_leave_the_shared_store_alone(
     monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
     with pytest.raises(config.ConfigError, match="absolute"):
         config.load().lazy.cache_path()
+
+
+def test_concurrent_first_range_requests_share_one_token(request: pytest.FixtureRequest,
+                                                          tmp_path: Path) -> None:
+    """The FUSE server's first reads go out together on a fresh client: the registry
+    client answers their 401s under its lock, so one token serves them all (lazy/remote.py
+    no longer sends a first request alone)."""
+    import urllib.parse
+
+    from squashstore.registry.client import Client, RegistryOptions
+    from support.registry import RegistryServer, TokenIssuer
+
+    certs = request.getfixturevalue("pki")
+    issuer = TokenIssuer(certs)
+    server = RegistryServer(tmp_path / "token", certs, "token", issuer)
+    try:
+        blob = blob_bytes(1_600_000)
+        digest = digest_of(blob)
+        options = RegistryOptions(cert_dir=certs.certs, creds=CREDS)
+        with Client(server.host, options) as pusher:
+            pusher.upload_bytes("lazy/tok", blob, digest)
+        remote = lazy_image.Remote(server.host, "lazy/tok", digest, len(blob))
+        spans = [Span(i * 200_000, (i + 1) * 200_000) for i in range(8)]
+        for _ in range(3):  # a race: a few fresh clients
+            issuer.requests.clear()
+            with Client(server.host, options) as client:
+                source = lazy_remote.client_source(client, remote)
+                try:
+                    assert b"".join(source.fetch_many(spans)) == blob
+                finally:
+                    source.close()
+            scopes = [urllib.parse.parse_qs(urllib.parse.urlsplit(r).query).get("scope")
+                      for r in issuer.requests]
+            assert scopes == [["repository:lazy/tok:pull"]], scopes
+    finally:
+        server.close()
+        issuer.close()
