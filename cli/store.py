@@ -23,7 +23,6 @@ from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
-from squashstore.lazy import image as lazy_image
 from squashstore.mounts import Registry
 from squashstore.registry.client import RegistryOptions
 from squashstore.squashfs.reader import verify_file
@@ -140,6 +139,12 @@ def _lazy_state(squash: Path) -> dict[str, Any] | None:
     """``lazy_status`` of an image not yet complete: ``{"present", "size", "source"}`` (bytes
     of its squash file here, of all, where the rest is); None once complete or ordinary.
     (``lazy`` in its metadata says where a lazy pull came from, and stays.)"""
+    from squashstore.lazy import paths as lazy_paths
+
+    if not lazy_paths.is_lazy(squash):
+        return None
+    from squashstore.lazy import image as lazy_image  # brings requests: only when lazy
+
     try:
         status = lazy_image.status(squash)
     except (SquashstoreError, OSError):
@@ -216,6 +221,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from squashstore.lazy import image as lazy_image  # brings requests: only here
+
     store = _store(args)
     problems = store.verify_structure()
     images = [store.resolve(args.image)] if args.image else store.images()

@@ -827,7 +827,8 @@ def test_prefetch_list_refuses_bad_lists_and_ignores_later_versions() -> None:
     for bad in (b"[", b"[]", json.dumps({**doc, "ranges": [[90, 20]]}).encode(),
                 json.dumps({**doc, "ranges": [[-1, 5]]}).encode(),
                 json.dumps({**doc, "ranges": [[1, True]]}).encode(),
-                json.dumps({**doc, "squash": {"digest": 5, "size": 100}}).encode()):
+                json.dumps({**doc, "squash": {"digest": 5, "size": 100}}).encode(),
+                b"[" * 100_000 + b"]" * 100_000):
         with pytest.raises(SourceError):
             prefetch.parse(bad, "t")
     assert prefetch.for_squash(good, good.digest, 100, "t") is good
@@ -1107,3 +1108,16 @@ def test_concurrent_first_range_requests_share_one_token(request: pytest.Fixture
     finally:
         server.close()
         issuer.close()
+
+
+def test_a_damaged_marker_is_one_error_whatever_its_shape(tmp_path: Path) -> None:
+    squash = tmp_path / "meta" / "squash" / ("ef" * 32 + ".sqfs")
+    squash.parent.mkdir(parents=True)
+    lazy_paths.lazy_dir(squash).mkdir()
+    for text in ("{", "[]", '{"registry": 1}', "[" * 100_000 + "]" * 100_000):
+        lazy_paths.marker_path(squash).write_text(text)
+        with pytest.raises(lazy_image.LazyError, match="damaged lazy-image marker"):
+            lazy_image.read_marker(squash)
+    # The leftover check takes a marker it cannot read for one nobody is staging.
+    assert lazy_paths.leftovers(squash.parent.parent, set(), ".tmp", 60) == \
+        [lazy_paths.marker_path(squash)]

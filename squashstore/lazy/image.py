@@ -73,8 +73,10 @@ def read_marker(squash: Path) -> Remote | None:
                         authfile=_optional_str(data.get("authfile")))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LazyError(f"{path}: damaged lazy-image marker ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise LazyError(f"{path}: damaged lazy-image marker "
+                        f"({type(exc).__name__ if isinstance(exc, RecursionError) else exc})"
+                        ) from None
     if remote.tls_verify not in (None, True, False):
         raise LazyError(f"{path}: damaged lazy-image marker (tls_verify)")
     return remote

@@ -73,7 +73,7 @@ def _being_staged(marker: Path, foreign_age: float) -> bool:
     try:
         writer = json.loads(marker.read_bytes()).get(WRITER, "")
         age = time.time() - marker.stat().st_mtime
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
     process = host.ProcessId.parse(writer) if isinstance(writer, str) else None
     if process is None:

@@ -70,6 +70,8 @@ def parse(data: bytes, what: str) -> PrefetchList | None:
         doc = json.loads(data)
     except ValueError as exc:
         raise SourceError(f"{what}: prefetch list is not JSON ({exc})") from None
+    except RecursionError:
+        raise SourceError(f"{what}: prefetch list nested too deep") from None
     if not isinstance(doc, dict):
         raise SourceError(f"{what}: prefetch list is not a JSON object")
     if doc.get("version") != VERSION:
