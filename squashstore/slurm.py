@@ -48,13 +48,19 @@ class JobContext:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], job: str | None = None) -> JobContext:
+        given = job is not None
         job = job or env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
-        if not job.isdigit():
+        if not job:
             raise SlurmError("no Slurm job: SLURM_JOB_ID is not set (run by slurmd as "
                              "Prolog=/Epilog=, or give --job)")
+        if not (job.isascii() and job.isdigit()):
+            where = "--job" if given else "SLURM_JOB_ID"
+            raise SlurmError(f"{where} {' '.join(job.split())[:40]!r} is not a Slurm job id "
+                             "(digits)")
         uid = env.get("SLURM_JOB_UID", "0")
-        return cls(job, int(uid) if uid.isdigit() else 0, env.get("SLURM_JOB_USER", ""),
-                   env.get("SLURMD_NODENAME", ""), env.get("SLURM_JOB_COMMENT", ""))
+        return cls(job, int(uid) if uid.isascii() and uid.isdigit() else 0,
+                   env.get("SLURM_JOB_USER", ""), env.get("SLURMD_NODENAME", ""),
+                   env.get("SLURM_JOB_COMMENT", ""))
 
 
 def declared_images(comment: str) -> list[str]:

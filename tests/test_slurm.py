@@ -370,3 +370,27 @@ def test_job_comments_declare_images_and_claims_follow_jobs() -> None:
     assert MountRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     plain = {k: v for k, v in record.to_json().items() if k != "claims"}
     assert MountRecord.from_json(plain).claims == []
+
+
+@pytest.mark.parametrize(("job", "message"), [
+    (None, "no Slurm job: SLURM_JOB_ID is not set"),
+    ("12; rm -rf /", "SLURM_JOB_ID '12; rm -rf /' is not a Slurm job id (digits)"),
+    ("\u0661\u0662", "is not a Slurm job id"),  # Arabic-Indic digits: isdigit() but not ours
+])
+def test_a_job_id_that_is_not_a_number_is_named_as_such(tmp_path: Path, job: str | None,
+                                                         message: str) -> None:
+    from test_store import cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["SQUASHSTORE_RUNTIME_DIR"] = str(tmp_path / "run")
+    if job is not None:
+        env["SLURM_JOB_ID"] = job
+    for stage in ("prolog", "epilog"):
+        proc = cli(tmp_path / "store", "slurm", stage, env=env, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith("squashstore: ") and proc.stderr.count("\n") == 1
+        assert message in proc.stderr, proc.stderr
+    uid = {"SLURM_JOB_ID": "5", "SLURM_JOB_UID": "\u0661"}  # not int()-able: no traceback
+    from squashstore import slurm
+
+    assert slurm.JobContext.from_env(uid).uid == 0
