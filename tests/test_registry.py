@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tarfile
 import threading
@@ -27,10 +28,18 @@ from test_store import PYTHON, cli, unmount_below
 from squashstore import names
 from squashstore.image import SourceError
 from squashstore.mounts import Registry
-from squashstore.registry.client import BlobReader, Client, RegistryOptions
+from squashstore.registry.client import (
+    BlobReader,
+    Client,
+    Deadline,
+    RegistryError,
+    RegistryOptions,
+    TimedOut,
+)
 from squashstore.store import Store
 from support.podman import Podman
 from support.registry import PASSWORD, USER, Pki, RegistryServer, TokenIssuer, make_pki
+from support.stallproxy import StallProxy
 
 CREDS = f"{USER}:{PASSWORD}"
 
@@ -445,11 +454,12 @@ def _fresh_registry(base: Path, pki: Pki) -> RegistryServer:
     return RegistryServer(base, pki, "none")
 
 
-def _unique_image(podman: Podman, base: Path, tag: str, size: int) -> str:
-    """A one-layer image with `size` random bytes in /blob (content nobody else pushes)."""
+def _unique_image(podman: Podman, base: Path, tag: str, mib: int) -> str:
+    """A one-layer image with `mib` MiB of random bytes in /blob (content nobody else
+    pushes)."""
     payload = base / f"{tag}.bin"
     with payload.open("wb") as f:
-        for _ in range(size // (1 << 20)):
+        for _ in range(mib):
             f.write(os.urandom(1 << 20))
     tar = base / f"{tag}.tar"
     with tarfile.open(tar, "w") as t:
@@ -520,7 +530,7 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
     server = _fresh_registry(tmp_path / "reg", pki)
     try:
         origin = make_site("origin")
-        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "big", 384))
+        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "big", 64))
         ref = f"{server.host}/k/big:1"
         origin.cli("push", iid, ref)
         back = make_site("back")
@@ -543,6 +553,45 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
 
 
 @pytest.mark.podman
+@pytest.mark.slow
+def test_pull_through_a_stalling_registry_resumes_or_stops_at_the_timeout(
+        make_site: Callable[[str], Site], podman: Podman, pki: Pki, tmp_path: Path) -> None:
+    """A registry that hangs mid-blob: with ``[registry] stall = 1`` the pull resumes after a
+    second; when it hangs for good, ``--timeout`` ends the pull with one line and nothing
+    left behind (a Slurm prolog's own timeout must not hit first). `migrate` of the artifact
+    says to pull it."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    proxies: list[StallProxy] = []
+    try:
+        origin = make_site("origin")
+        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "stall", 8))
+        origin.cli("push", iid, f"{server.host}/s/img:1")
+        proxies.append(StallProxy(server.port, after=1 << 20))
+        site = make_site("once")
+        config = Path(site.env["SQUASHSTORE_CONFIG"])
+        config.write_text(config.read_text() + "[registry]\nstall = 1\n")
+        started = time.monotonic()
+        pulled = site.cli("pull", "--no-mount", "--quiet", f"{proxies[0].host}/s/img:1")
+        assert pulled.stdout.strip() == iid
+        assert proxies[0].hits == 1 and time.monotonic() - started < 60
+        proxies.append(StallProxy(server.port, after=1 << 20, times=-1))
+        late = make_site("late")
+        started = time.monotonic()
+        failed = late.cli("pull", "--no-mount", "--timeout", "3", f"{proxies[1].host}/s/img:1",
+                          check=False)
+        _one_line_error(failed, "gave up after 3 s", "at byte")
+        assert proxies[1].hits >= 1 and time.monotonic() - started < 20
+        _nothing_left(late)
+        wrong = late.cli("migrate", f"docker://{server.host}/s/img:1", check=False)
+        _one_line_error(wrong, "is a squashstore artifact", "squashstore pull")
+        _nothing_left(late)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+        server.close()
+
+
+@pytest.mark.podman
 def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
     server = _fresh_registry(tmp_path / "reg", pki)
     try:
@@ -560,6 +609,65 @@ def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
         assert hashlib.sha256(head + rest).hexdigest() == digest.removeprefix("sha256:")
         assert reader.resumes >= 1
     finally:
+        server.close()
+
+
+@pytest.mark.podman
+def test_a_blob_that_stalls_breaks_or_lies_is_resumed_or_one_clear_line(
+        pki: Pki, tmp_path: Path) -> None:
+    """Against a real registry behind a proxy that stalls or cuts connections mid-blob: a
+    stall (nothing for the stall limit) and a cut are resumed with Range; a registry gone
+    mid-blob says how far the download got; a stall that never ends stops at the deadline;
+    sizes that do not match the blob are said as such (not HTTP 416, not a digest
+    mismatch after downloading what a lying server sends)."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    proxies: list[StallProxy] = []
+    try:
+        size = 4 << 20
+        blob = tmp_path / "blob"
+        blob.write_bytes(os.urandom(size))
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+
+        def client(host: str, **options: Any) -> Client:
+            return Client(host, RegistryOptions(cert_dir=pki.certs, **options),
+                          sleep=lambda _s: None)
+
+        def proxy(**kwargs: Any) -> str:
+            proxies.append(StallProxy(server.port, after=1 << 20, **kwargs))
+            return proxies[-1].host
+
+        def read_all(c: Client, declared: int = size) -> BlobReader:
+            with cast(BlobReader, c.open_blob("r/b", digest, declared)) as reader:
+                data = b"".join(iter(lambda: reader.read(1 << 20), b""))
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+            return reader
+
+        assert client(server.host).upload_blob("r/b", blob, digest)
+        for mode in ("stall", "close"):
+            started = time.monotonic()
+            reader = read_all(client(proxy(mode=mode), stall=1.0))
+            assert reader.resumes == 1 and proxies[-1].hits == 1
+            assert time.monotonic() - started < 15
+        with pytest.raises(RegistryError) as info:
+            read_all(client(proxy(mode="close", then_refuse=True)))
+        message = str(info.value)
+        assert re.search(rf"connection closed after \d+ of {size} bytes, and resuming failed: "
+                         r".*connection closed by the registry$", message), message
+        assert "Pool" not in message and "\n" not in message
+        started = time.monotonic()
+        with pytest.raises(TimedOut) as timed:
+            read_all(client(proxy(mode="stall", times=-1), deadline=Deadline.after(2)))
+        assert "gave up after 2 s" in str(timed.value)
+        assert 1.5 < time.monotonic() - started < 8
+        with pytest.raises(RegistryError) as info:
+            read_all(client(server.host), size + 10)
+        assert f"the registry has only {size} bytes of it" in str(info.value)
+        with pytest.raises(RegistryError) as info:
+            read_all(client(server.host), size - 10)
+        assert f"the registry sent more than the {size - 10} bytes" in str(info.value)
+    finally:
+        for p in proxies:
+            p.close()
         server.close()
 
 

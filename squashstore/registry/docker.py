@@ -139,6 +139,11 @@ def image_from_manifest(client: Client, ref: RemoteRef, data: bytes, media_type:
 
     top = oci.Descriptor(media_type, digest, len(data))
     manifest_bytes, manifest_desc = oci.resolve_manifest(fetch, top, wanted, what)
+    from squashstore.registry.artifact import is_artifact  # imported when used: no cycle
+
+    if is_artifact(manifest_bytes):
+        raise SourceError(f"{what}: this is a squashstore artifact, not an image: use "
+                          f"`squashstore pull {strip_scheme(text)}`")
     manifest = oci.parse_manifest(manifest_bytes, f"{what}: manifest")
     config = client.read_blob(repository, manifest.config, CONFIG_LIMIT)
     ids = oci.diff_ids(config, f"{what}: config")
