@@ -22,7 +22,7 @@ from squashstore.cli.output import add_format_option, print_json, seconds
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import SquashstoreError
 from squashstore.progress import Transfer, human
-from squashstore.registry.client import RegistryOptions
+from squashstore.registry.options import Deadline, RegistryOptions
 
 MIGRATE_ZSTD_LEVEL = 3
 """pull's zstd level for an ordinary image: migrate's (`squashstore.cli.store`)."""
@@ -63,8 +63,6 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
     """The registry options of `args`; the deadline counts from the first call."""
-    from squashstore.registry.client import Deadline
-
     deadline = getattr(args, "registry_deadline", None)
     if deadline is None:
         from squashstore import config

@@ -23,9 +23,8 @@ from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
-from squashstore.lazy import image as lazy_image
 from squashstore.mounts import Registry
-from squashstore.registry.client import RegistryOptions
+from squashstore.registry.options import RegistryOptions
 from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
 
@@ -205,6 +204,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     images = [store.resolve(args.image)] if args.image else store.images()
     for image in images:
         try:  # a lazily pulled image: completed (digest checked) or its metadata alone
+            from squashstore.lazy import image as lazy_image  # when used: it imports requests
+
             source = lazy_image.open_for_verify(image.squash)
         except (SquashstoreError, OSError) as exc:
             problems.append(f"{image.squash}: {exc}")

@@ -30,7 +30,6 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -41,6 +40,9 @@ import urllib3
 from squashstore import config, oci
 from squashstore.image import SourceError
 from squashstore.registry.auth import Credentials, find_credentials, parse_creds
+from squashstore.registry.options import Deadline, RegistryOptions
+
+__all__ = ["Client", "Deadline", "NotFound", "RegistryError", "RegistryOptions", "TimedOut"]
 
 CERTS_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 """Per-registry TLS directories, as containers/image reads them (root's; a user's
@@ -76,40 +78,6 @@ class NotFound(RegistryError):
 
 class TimedOut(RegistryError):
     """The command's deadline for registry work passed (never retried)."""
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """The time (``time.monotonic()``) a command's registry work must end by: `seconds`
-    after the command began (``--timeout``)."""
-
-    at: float
-    seconds: float
-
-    @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds, seconds)
-
-    def remaining(self) -> float:
-        return self.at - time.monotonic()
-
-    def error(self, host: str, what: str) -> TimedOut:
-        return TimedOut(f"{host}: gave up after {self.seconds:g} s (--timeout, [registry] "
-                        f"timeout): {what}")
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """The registry options of cli.md (``--tls-verify``, ``--authfile``, ``--cert-dir``,
-    ``--creds``); None means podman's default. `deadline` ends all registry work of the
-    command (``--timeout``); `stall` overrides ``[registry] stall``."""
-
-    tls_verify: bool | None = None
-    authfile: Path | None = None
-    cert_dir: Path | None = None
-    creds: str | None = None
-    deadline: Deadline | None = None
-    stall: float | None = None
 
 
 def certs_dirs(host: str) -> list[Path]:
@@ -278,14 +246,19 @@ class Client:
         if self.deadline is not None:
             left = self.deadline.remaining()
             if left <= 0:
-                raise self.deadline.error(self.host, what)
+                raise self._timed_out(what)
             connect, read = min(connect, left), min(read, left)
         return connect, read
 
     def expired(self, what: str, cause: BaseException | None = None) -> None:
         """Raise `TimedOut` if the deadline has passed (`cause` chained)."""
         if self.deadline is not None and self.deadline.remaining() <= 0:
-            raise self.deadline.error(self.host, what) from cause
+            raise self._timed_out(what) from cause
+
+    def _timed_out(self, what: str) -> TimedOut:
+        seconds = self.deadline.seconds if self.deadline is not None else 0.0
+        return TimedOut(f"{self.host}: gave up after {seconds:g} s (--timeout, [registry] "
+                        f"timeout): {what}")
 
     def pause(self, seconds: float) -> None:
         """A backoff wait, cut short by the deadline."""
