@@ -732,6 +732,29 @@ def test_credentials_are_looked_up_in_podmans_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.podman
+def test_credentials_outside_latin1_are_sent_as_utf8(
+        make_site: Callable[[str], Site], podman: Podman, pki: Pki, tmp_path: Path) -> None:
+    """A user name or password outside latin-1 raised UnicodeEncodeError from requests (a
+    traceback) and one inside it was sent latin-1: podman sends UTF-8, and so do we."""
+    server = RegistryServer(tmp_path / "reg", pki, "htpasswd")
+    try:
+        user, password = "\u00fcser", "p\u00e4ssw\u00f6rd\u20ac"
+        subprocess.run(["htpasswd", "-Bb", str(server.base / "htpasswd"), user, password],
+                       check=True, capture_output=True)
+        server.kill()
+        server.start()
+        site = make_site("utf8")
+        login = site.cli("login", "-u", user, "-p", password, server.host)
+        assert "Login Succeeded" in login.stdout
+        wrong = site.cli("login", "-u", user, "-p", "\u20ac", server.host, check=False)
+        _one_line_error(wrong, "wrong username or password")
+        podman.run("login", "--cert-dir", str(pki.certs), "--authfile",
+                   str(tmp_path / "podman-auth.json"), "-u", user, "-p", password, server.host)
+    finally:
+        server.close()
+
+
+@pytest.mark.podman
 def test_an_expired_token_is_replaced(registries: dict[str, RegistryServer], pki: Pki,
                                       pushed: dict[str, str]) -> None:
     client = Client(registries["token"].host, RegistryOptions(cert_dir=pki.certs,

@@ -17,6 +17,7 @@ seconds counts as stalled (retried, a download resumed), and a `Deadline` (``--t
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -184,6 +185,14 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+def basic_authorization(creds: Credentials) -> dict[str, str]:
+    """The basic ``Authorization`` header, UTF-8 as podman sends it (requests would encode
+    latin-1, and raise on a name or password outside it)."""
+    token = base64.b64encode(f"{creds.username}:{creds.password}".encode("utf-8",
+                                                                          "surrogateescape"))
+    return {"Authorization": f"Basic {token.decode()}"}
+
+
 def _final(exc: BaseException) -> bool:
     """A failure retrying cannot mend: an unknown host, an untrusted certificate, a TLS
     setup the server refuses, a redirect loop."""
@@ -337,8 +346,7 @@ class Client:
             return {"Authorization": f"Bearer {token}"}
         creds = self.credentials(repository)
         if self._basic and creds is not None:
-            return {"Authorization": requests.auth._basic_auth_str(
-                creds.username, creds.password)}
+            return basic_authorization(creds)
         return {}
 
     def _authenticate(self, response: requests.Response, scope: str, repository: str,
@@ -375,12 +383,12 @@ class Client:
                      creds: Credentials | None) -> str:
         query = {k: v for k, v in (("service", params.get("service", "")),
                                    ("scope", scope)) if v}
-        auth = (creds.username, creds.password) if creds is not None else None
+        auth = basic_authorization(creds) if creds is not None else {}
         realm = params["realm"]
         if urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
             raise RegistryError(f"{self.host}: unsupported token realm {realm[:80]!r}")
         response = self._retrying(
-            lambda: self._send("GET", realm, params=query, auth=auth), "token request")
+            lambda: self._send("GET", realm, params=query, headers=auth), "token request")
         if response.status_code in (401, 403):
             if creds is not None:
                 raise self._refused(creds)
@@ -412,7 +420,7 @@ class Client:
                 self._fetch_token(params, "", creds)
                 return
             response = self._retrying(lambda: self._send(
-                "GET", url, auth=(creds.username, creds.password)), "GET /v2/")
+                "GET", url, headers=basic_authorization(creds)), "GET /v2/")
             if response.status_code == 401:
                 raise self._refused(creds)
         if response.status_code >= 400:
