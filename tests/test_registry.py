@@ -62,10 +62,16 @@ def test_the_two_defaults(text: str, registry: str, local: str) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "UPPER", "a b", "x::y", "a@sha256:12", "a:-t",
-                                 "0" * 64, "bad_host.io:x/a"])
+                                 "0" * 64, "bad_host.io:x/a",
+                                 "h:65536/a", "h:99999/a", "h:0/a", "h:1234567/a"])
 def test_invalid_names(bad: str) -> None:
     with pytest.raises(names.InvalidName):
         names.registry_name(bad)
+
+
+def test_every_valid_port_parses() -> None:
+    for port in (1, 80, 5000, 9999, 10000, 59999, 65000, 65499, 65529, 65535, "08080"):
+        assert names.parse(f"h:{port}/a").domain == f"h:{port}"
 
 
 _component = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,4})?", fullmatch=True)
