@@ -30,6 +30,9 @@ from squashstore.store import Store
 
 COMMENT_KEY = "squashstore"
 """``squashstore=IMAGE[,IMAGE...]`` in a job's comment declares the images to premount."""
+MAX_DECLARED = 16
+"""The most images one job's comment premounts: each mount is a FUSE server of its own
+(tens of MB), and any user writes the comment."""
 
 
 class SlurmError(SquashstoreError):
@@ -89,7 +92,11 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
     registry = registry or Registry()
     claim = jobs.JobClaim(ctx.job, ctx.node, time.time())
     result = PrologResult([], [])
-    for name in declared_images(ctx.comment):
+    declared = declared_images(ctx.comment)
+    if len(declared) > MAX_DECLARED:
+        result.errors.append(f"{len(declared)} images declared: only the first "
+                             f"{MAX_DECLARED} are premounted")
+    for name in declared[:MAX_DECLARED]:
         try:
             image = store.resolve(name)
             with registry.locked():
@@ -99,8 +106,15 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
                 registry.write(record)
             result.mounted.append(record.mountpoint)
         except (SquashstoreError, OSError) as exc:
-            result.errors.append(f"{name}: {' '.join(str(exc).split())}")
+            result.errors.append(_printable(f"{name}: {' '.join(str(exc).split())}"))
     return result
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """`text` safe for slurmd's log: control characters escaped, at most `limit` long (the
+    image names come from a comment any user writes)."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def release(registry: Registry, job: str) -> None:

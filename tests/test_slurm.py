@@ -394,3 +394,28 @@ def test_a_job_id_that_is_not_a_number_is_named_as_such(tmp_path: Path, job: str
     from squashstore import slurm
 
     assert slurm.JobContext.from_env(uid).uid == 0
+
+
+def test_a_hostile_comment_premounts_at_most_a_few_images_and_logs_printable_lines(
+        tmp_path: Path) -> None:
+    """Any user writes the job comment the root prolog reads: paths, `..`, shell
+    metacharacters and terminal escapes are image names that are not found (never files),
+    error lines are printable, and at most MAX_DECLARED images are looked at."""
+    from squashstore import slurm
+    from squashstore.mounts import Registry
+    from squashstore.store import Store
+
+    store = Store(tmp_path / "store")
+    store.init()
+    hostile = ["../../etc/passwd", "/etc/shadow", "$(reboot)", "`id`", "a|b", "\x1b[2J\x1b[31m",
+               "x\x07y", "\u202eevil"] + [f"img{i}" for i in range(100)]
+    comment = "squashstore=" + ",".join(hostile)
+    ctx = slurm.JobContext("7", comment=comment)
+    result = slurm.prolog(ctx, store, Registry(tmp_path / "run"))
+    assert result.mounted == []
+    assert len(result.errors) == 1 + slurm.MAX_DECLARED
+    assert result.errors[0] == f"{len(hostile)} images declared: only the first 16 are premounted"
+    for line in result.errors:
+        assert line.isprintable() and len(line) < 400, line
+    assert "\\x1b[2J" in result.errors[6]
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.json"))
