@@ -928,3 +928,14 @@ def test_an_archive_that_is_a_device_or_a_pipe_is_refused(tmp_path: Path,
         with pytest.raises(SourceError, match="is not a regular file"):
             open_image(f"{transport}:{path}")
         assert time.monotonic() - started < 5
+
+
+def test_a_docker_archive_manifest_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    archive = tmp_path / "deep.tar"
+    data = b"[" * 100_000 + b"]" * 100_000
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SourceError, match="nested too deeply"):
+        open_image(f"docker-archive:{archive}")
