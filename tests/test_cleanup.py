@@ -112,6 +112,8 @@ def test_hook_state_is_parsed_from_podmans_bundle() -> None:
     assert parsed == cleanup.StoppingContainer("abc", "/var/lib/containers/storage")
     with pytest.raises(cleanup.CleanupError):
         cleanup.StoppingContainer.parse("not json")
+    with pytest.raises(cleanup.CleanupError, match="nested too deeply"):
+        cleanup.StoppingContainer.parse("[" * 100_000)
 
 
 # --------------------------------------------------------------------------- real podman
