@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -554,6 +555,50 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
         _one_line_error(failed, server.host)
         assert time.monotonic() - started < 60
         _nothing_left(gone)
+    finally:
+        server.close()
+
+
+@pytest.mark.podman
+def test_manifests_that_lie_about_sizes_are_one_line(
+        make_site: Callable[[str], Site], pki: Pki, tmp_path: Path) -> None:
+    """distribution stores manifests whose layer sizes are missing, negative, too small or
+    far too large. Missing or negative meant an unbounded download (a hostile registry may
+    send without end); too small and too large name what happened."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        client = Client(server.host, RegistryOptions(cert_dir=pki.certs))
+        layer = io.BytesIO()
+        with tarfile.open(fileobj=layer, mode="w") as tar:
+            info = tarfile.TarInfo("f")
+            info.size = 4000
+            tar.addfile(info, io.BytesIO(os.urandom(4000)))
+        blob = layer.getvalue()
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        client.upload_bytes("lie/img", blob, digest)
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        client.upload_bytes("lie/img", config, config_digest)
+        expected = {"none": "no size", "-5": "no size", "100": "sent more than the 100 bytes",
+                    str(10**15): f"the registry has only {len(blob)} bytes of it"}
+        site = make_site("lies")
+        for size, message in expected.items():
+            descriptor: dict[str, object] = {"mediaType": "application/vnd.oci.image.layer"
+                                             ".v1.tar", "digest": digest}
+            if size != "none":
+                descriptor["size"] = int(size)
+            manifest = {"schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                   "digest": config_digest, "size": len(config)},
+                        "layers": [descriptor]}
+            client.put_manifest("lie/img", f"s{size.lstrip('-')}", json.dumps(manifest).encode(),
+                                "application/vnd.oci.image.manifest.v1+json")
+            failed = site.cli("migrate", f"docker://{server.host}/lie/img:s{size.lstrip('-')}",
+                              check=False)
+            _one_line_error(failed, message)
+        _nothing_left(site)
     finally:
         server.close()
 

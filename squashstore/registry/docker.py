@@ -150,6 +150,9 @@ def image_from_manifest(client: Client, ref: RemoteRef, data: bytes, media_type:
     if len(ids) != len(manifest.layers):
         raise SourceError(f"{what}: the manifest has {len(manifest.layers)} layers but the "
                           f"config lists {len(ids)} diff_ids")
+    for descriptor in (manifest.config, *manifest.layers):
+        if descriptor.size < 0:  # unbounded: a lying registry could send without end
+            raise SourceError(f"{what}: the manifest gives {descriptor.digest} no size")
     for descriptor in manifest.layers:
         if oci.layer_compression(descriptor.media_type) is None and \
                 descriptor.media_type not in ("", oci.OCI_LAYER):
