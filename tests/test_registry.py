@@ -559,6 +559,75 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
         server.close()
 
 
+class _HostileRegistry:
+    """A plain-HTTP 'registry' on 127.0.0.1 whose every answer is `behaviour`: ``loop``
+    redirects to itself, ``endless`` answers 200 with a body without end, ``token`` asks
+    for a bearer token from a realm that sends an endless body."""
+
+    def __init__(self, behaviour: str) -> None:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                outer.requests += 1
+                if behaviour == "loop":
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if behaviour == "token" and self.path.startswith("/v2/"):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", f'Bearer realm="http://'
+                                     f'{outer.host}/token",service="x"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    chunk = b"[" * 65536
+                    for _ in range(1 << 16):  # 4 GiB at most
+                        self.wfile.write(chunk)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    ("loop", "too many redirects"),
+    ("endless", "the answer is larger than 1048576 bytes"),
+    ("token", "the answer is larger than 1048576 bytes"),
+])
+def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: str) -> None:
+    """A redirect loop was retried 5 times with backoff and then shown as requests' text;
+    an endless answer to a small request (GET /v2/, a token) was read into memory whole."""
+    hostile = _HostileRegistry(behaviour)
+    try:
+        client = Client(hostile.host, RegistryOptions(tls_verify=False))
+        started = time.monotonic()
+        with pytest.raises(RegistryError) as info:
+            client.get_manifest("a/b", "1")
+        assert message in str(info.value) and "\n" not in str(info.value)
+        assert time.monotonic() - started < 10
+    finally:
+        hostile.close()
+
+
 @pytest.mark.podman
 def test_manifests_that_lie_about_sizes_are_one_line(
         make_site: Callable[[str], Site], pki: Pki, tmp_path: Path) -> None:
