@@ -165,14 +165,16 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line: OSErrors with their file name, no newlines."""
+    """An exception as one line: OSErrors with their file name, no newlines, and no other
+    control characters (a registry's error text or a name inside an image could otherwise
+    drive the user's terminal: escapes are shown as ``\\x1b``)."""
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
         if exc.filename:
             text = f"{exc.filename}: {text}"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
 
 
 def run() -> None:

@@ -580,6 +580,14 @@ class _HostileRegistry:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if behaviour == "escape":
+                    body = json.dumps({"errors": [{"code": "DENIED", "message":
+                                       "\x1b]0;owned\x07\x1b[2J\u202e"}]}).encode()
+                    self.send_response(404)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if behaviour == "token" and self.path.startswith("/v2/"):
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", f'Bearer realm="http://'
@@ -612,6 +620,7 @@ class _HostileRegistry:
     ("loop", "too many redirects"),
     ("endless", "the answer is larger than 1048576 bytes"),
     ("token", "the answer is larger than 1048576 bytes"),
+    ("escape", "DENIED"),
 ])
 def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: str) -> None:
     """A redirect loop was retried 5 times with backoff and then shown as requests' text;
@@ -624,6 +633,12 @@ def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: 
             client.get_manifest("a/b", "1")
         assert message in str(info.value) and "\n" not in str(info.value)
         assert time.monotonic() - started < 10
+        if behaviour == "escape":  # the registry's text reaches the terminal escaped
+            proc = cli(Path("/nonexistent-store"), "pull", "--tls-verify=false",
+                       f"{hostile.host}/a/b:1", check=False)
+            assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+            assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in proc.stderr, proc.stderr
+            assert proc.stderr.isascii() and proc.stderr[:-1].isprintable()
     finally:
         hostile.close()
 
