@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from squashstore import __version__, host, userns
+from squashstore.errors import printable
 from squashstore.image import SquashstoreError
 
 # Command modules, in the order their commands appear in --help. A module that does not
@@ -174,7 +175,7 @@ def one_line(exc: BaseException) -> str:
             text = f"{exc.filename}: {text}"
     else:
         text = str(exc) or type(exc).__name__
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
+    return printable(text)
 
 
 def run() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from squashstore import cleanup, jobs
 from squashstore import config as configuration
+from squashstore.errors import printable
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
@@ -106,15 +107,9 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
                 registry.write(record)
             result.mounted.append(record.mountpoint)
         except (SquashstoreError, OSError) as exc:
-            result.errors.append(_printable(f"{name}: {' '.join(str(exc).split())}"))
+            line = printable(f"{name}: {exc}")  # names come from a comment any user writes
+            result.errors.append(line if len(line) <= 300 else line[:300] + "...")
     return result
-
-
-def _printable(text: str, limit: int = 300) -> str:
-    """`text` safe for slurmd's log: control characters escaped, at most `limit` long (the
-    image names come from a comment any user writes)."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def release(registry: Registry, job: str) -> None:
