@@ -1,6 +1,6 @@
 """Registry commands: `login`, `logout`, `push IMAGE REF`, `pull REF`, and the registry
-options (``--tls-verify``, ``--authfile``, ``--cert-dir``, ``--creds``) that `migrate`,
-`squash` and `export` also take for a ``docker://`` SOURCE.
+options (``--tls-verify``, ``--authfile``, ``--cert-dir``, ``--creds``, ``--timeout``) that
+`migrate`, `squash` and `export` also take for a ``docker://`` SOURCE.
 
 `push` uploads a store image as squashstore's artifact (docs/artifact-format.md); `pull`
 installs such an artifact without converting, or migrates an ordinary image from the
@@ -10,6 +10,7 @@ registry (podman-hpc's ``pull``). Progress lines go to stderr on terminals only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import sys
 from collections.abc import Callable
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from squashstore import names
-from squashstore.cli.output import add_format_option, print_json
+from squashstore.cli.output import add_format_option, print_json, seconds
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import SquashstoreError
 from squashstore.progress import Transfer, human
-from squashstore.registry.client import RegistryOptions
+from squashstore.registry.options import Deadline, RegistryOptions
 
 MIGRATE_ZSTD_LEVEL = 3
 """pull's zstd level for an ordinary image: migrate's (`squashstore.cli.store`)."""
@@ -54,13 +55,28 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
                        "instead of /etc/containers/certs.d/HOST:PORT")
     group.add_argument("--creds", default=None, metavar="USER:PASS",
                        help="credentials for this command only")
+    group.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                       help="give up when the registry transfers are not done SECONDS after "
+                       "the command started (default: [registry] timeout of the config; "
+                       "0: no limit)")
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
+    """The registry options of `args`; the deadline counts from the first call."""
+    deadline = getattr(args, "registry_deadline", None)
+    if deadline is None:
+        from squashstore import config
+
+        seconds = getattr(args, "timeout", None)
+        if seconds is None:
+            seconds = config.load().registry.timeout
+        deadline = Deadline.after(seconds) if seconds else False
+        args.registry_deadline = deadline
     return RegistryOptions(tls_verify=getattr(args, "tls_verify", None),
                            authfile=getattr(args, "authfile", None),
                            cert_dir=getattr(args, "cert_dir", None),
-                           creds=getattr(args, "creds", None))
+                           creds=getattr(args, "creds", None),
+                           deadline=deadline if isinstance(deadline, Deadline) else None)
 
 
 def register(sub: Any) -> None:
@@ -149,9 +165,7 @@ def cmd_login(args: argparse.Namespace) -> int:
                                      "(no terminal to ask on)")
         password = getpass.getpass("Password: ")
     host = key.split("/", 1)[0]
-    options = registry_options(args)
-    options = RegistryOptions(options.tls_verify, options.authfile, options.cert_dir,
-                              f"{user}:{password}")
+    options = dataclasses.replace(registry_options(args), creds=f"{user}:{password}")
     with Client(host, options) as client:
         client.check_login()
     path = store_credentials(key, Credentials(user, password), args.authfile)

@@ -24,7 +24,7 @@ from squashstore.cli.registry import add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
 from squashstore.mounts import Registry
-from squashstore.registry.client import RegistryOptions
+from squashstore.registry.options import RegistryOptions
 from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
 
@@ -229,6 +229,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     incomplete = []
     for image in images:
         try:  # a lazily pulled image: completed (digest checked) or its metadata alone
+            from squashstore.lazy import image as lazy_image  # when used: it imports requests
+
             source = lazy_image.open_for_verify(image.squash)
             status = lazy_image.status(image.squash) if source is not None else None
         except (SquashstoreError, OSError) as exc:

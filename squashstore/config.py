@@ -6,11 +6,11 @@ tables merged one level deep): its schema (``[mount] backend = "fuse" | "kernel"
 "squashfuse"``, default fuse, squashstore's own server; ``[mount] overlay = "auto" |
 "fuse-overlayfs" | "kernel"`` for the mount program; ``[cleanup] grace`` and ``min_age`` in
 seconds and ``podman_stores``, graphroot strings or ``{graphroot=..., runroot=...}`` tables;
-``[lazy] cache_dir``, a node-local directory for lazily pulled images' cached bytes),
-its defaults, and the one loader: `load()` parses and checks every value into frozen
-dataclasses, and reads the files again only when one of them changed (so the mount program,
-cleanup and the CLI share one parse per process). podman's own configuration is not here
-(see `squashstore.podmanconf`).
+``[registry] stall`` and ``timeout`` in seconds; ``[lazy] cache_dir``, a node-local
+directory for lazily pulled images' cached bytes), its defaults, and the one loader:
+`load()` parses and checks every value into frozen dataclasses, and reads the files again
+only when one of them changed (so the mount program, cleanup and the CLI share one parse
+per process). podman's own configuration is not here (see `squashstore.podmanconf`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ConfigError(SquashstoreError):
 
 
 SYSTEM_CONFIG = Path("/etc/squashstore/config.toml")
-TABLES = ("mount", "cleanup", "lazy")
+TABLES = ("mount", "cleanup", "registry", "lazy")
 """The tables of the project configuration; each must be a TOML table."""
 MOUNT_BACKENDS = ("fuse", "kernel", "squashfuse")
 """``[mount] backend``: the mounters of `squashstore.mounts`; the first is the default."""
@@ -44,6 +44,12 @@ DEFAULT_GRACE = 600.0
 DEFAULT_MIN_AGE = 5.0
 """A mount younger than this is being set up for a starting container: cleanup never
 touches it (``[cleanup] min_age``)."""
+DEFAULT_STALL = 30.0
+"""Seconds a registry transfer may go without receiving a byte before it counts as stalled
+and is retried (a download resumes where it stopped) (``[registry] stall``)."""
+DEFAULT_REGISTRY_TIMEOUT = 0.0
+"""Seconds a command may spend on a registry in all before it gives up; 0: no limit
+(``[registry] timeout``, ``--timeout``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,14 @@ class CleanupSettings:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    """The ``[registry]`` table."""
+
+    stall: float = DEFAULT_STALL
+    timeout: float = DEFAULT_REGISTRY_TIMEOUT
+
+
+@dataclass(frozen=True)
 class LazySettings:
     """The ``[lazy]`` table."""
 
@@ -98,6 +112,7 @@ class Config:
 
     mount: MountSettings = field(default_factory=MountSettings)
     cleanup: CleanupSettings = field(default_factory=CleanupSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     lazy: LazySettings = field(default_factory=LazySettings)
 
 
@@ -144,10 +159,13 @@ def _choice(table: Mapping[str, Any], name: str, key: str, choices: tuple[str, .
     return str(value)
 
 
-def _seconds(table: Mapping[str, Any], key: str, default: float) -> float:
+def _seconds(table: Mapping[str, Any], name: str, key: str, default: float,
+             positive: bool = False) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"config [cleanup] {key} = {value!r}: expected seconds >= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+            value != value or value == float("inf") or (positive and value == 0):
+        raise ConfigError(f"config [{name}] {key} = {value!r}: expected seconds "
+                          f"{'> 0' if positive else '>= 0'}")
     return float(value)
 
 
@@ -171,12 +189,15 @@ def parse(data: Mapping[str, Any]) -> Config:
     cache_dir = data.get("lazy", {}).get("cache_dir")
     if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
         raise ConfigError(f"config [lazy] cache_dir = {cache_dir!r}: expected a path")
+    registry = data.get("registry", {})
     return Config(
         MountSettings(_choice(mount, "mount", "backend", MOUNT_BACKENDS),
                       _choice(mount, "mount", "overlay", OVERLAYS)),
-        CleanupSettings(_seconds(cleanup, "grace", DEFAULT_GRACE),
-                        _seconds(cleanup, "min_age", DEFAULT_MIN_AGE),
+        CleanupSettings(_seconds(cleanup, "cleanup", "grace", DEFAULT_GRACE),
+                        _seconds(cleanup, "cleanup", "min_age", DEFAULT_MIN_AGE),
                         _stores(cleanup.get("podman_stores", []))),
+        RegistrySettings(_seconds(registry, "registry", "stall", DEFAULT_STALL, positive=True),
+                         _seconds(registry, "registry", "timeout", DEFAULT_REGISTRY_TIMEOUT)),
         LazySettings(cache_dir),
     )
 

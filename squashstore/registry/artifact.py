@@ -98,6 +98,9 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
     if len(squash) != 1 or len(split) > 1 or len(lists) > 1:
         raise SourceError(f"{what}: a squashstore artifact has one {SQUASHFS_TYPE} layer, "
                           "at most one tar-split and at most one prefetch list")
+    for descriptor in (config, *squash, *split, *lists):
+        if descriptor.size < 0:  # unbounded: a lying registry could send without end
+            raise SourceError(f"{what}: the manifest gives {descriptor.digest} no size")
     annotations = doc.get("annotations") or {}
     annotations = {str(k): str(v) for k, v in annotations.items()} \
         if isinstance(annotations, dict) else {}
