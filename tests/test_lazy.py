@@ -875,6 +875,13 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     podman_env = {k: consumer.env[k] for k in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF",
                                                "CONTAINERS_REGISTRIES_CONF", "TMPDIR")}
     origin.authfile.write_text('{"auths": {}}')  # podman run insists on it when named
+    # An image in use is not recorded (its mount has a warm cache): one line.
+    mounted = origin.store.resolve(iid).diff
+    origin.cli("mount", data_image, tls=False)
+    with (mounted / "hello").open("rb"):
+        busy = origin.cli("record", data_image, "--", "true", tls=False, check=False)
+    assert busy.returncode == 1 and "is in use" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
     # A failing command records nothing.
     failed = origin.cli("record", data_image, "--", "false", tls=False, check=False)
     assert failed.returncode == 1 and "nothing recorded" in failed.stderr
