@@ -6,9 +6,10 @@ tables merged one level deep): its schema (``[mount] backend = "fuse" | "kernel"
 "squashfuse"``, default fuse, squashstore's own server; ``[mount] overlay = "auto" |
 "fuse-overlayfs" | "kernel"`` for the mount program; ``[cleanup] grace`` and ``min_age`` in
 seconds and ``podman_stores``, graphroot strings or ``{graphroot=..., runroot=...}`` tables),
-its defaults, and the one loader: `load()` parses and checks every value into frozen
-dataclasses, and reads the files again only when one of them changed (so the mount program,
-cleanup and the CLI share one parse per process). podman's own configuration is not here
+its defaults, and the one loader: `load()` parses and checks every value into read-only
+records (`Slots`: the mount program reads this at every container start), and reads the
+files again only when one of them changed (so the mount program, cleanup and the CLI share
+one parse per process). podman's own configuration is not here
 (see `squashstore.podmanconf`).
 """
 
@@ -17,10 +18,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from squashstore.errors import SquashstoreError
+from squashstore.slots import Slots
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
@@ -45,38 +46,57 @@ DEFAULT_MIN_AGE = 5.0
 touches it (``[cleanup] min_age``)."""
 
 
-@dataclass(frozen=True)
-class PodmanStore:
+class PodmanStore(Slots):
     """A podman (primary) store whose containers may use squash mounts; `runroot` (its
     ``overlay-layers/mountpoints.json``) also tells what is mounted in other namespaces."""
 
+    __slots__ = ("graphroot", "runroot")
     graphroot: str
-    runroot: str | None = None
+    runroot: str | None
+
+    def __init__(self, graphroot: str, runroot: str | None = None) -> None:
+        self.graphroot = graphroot
+        self.runroot = runroot
 
 
-@dataclass(frozen=True)
-class MountSettings:
+class MountSettings(Slots):
     """The ``[mount]`` table."""
 
-    backend: str = MOUNT_BACKENDS[0]
-    overlay: str = OVERLAYS[0]
+    __slots__ = ("backend", "overlay")
+    backend: str
+    overlay: str
+
+    def __init__(self, backend: str = MOUNT_BACKENDS[0], overlay: str = OVERLAYS[0]) -> None:
+        self.backend = backend
+        self.overlay = overlay
 
 
-@dataclass(frozen=True)
-class CleanupSettings:
+class CleanupSettings(Slots):
     """The ``[cleanup]`` table."""
 
-    grace: float = DEFAULT_GRACE
-    min_age: float = DEFAULT_MIN_AGE
-    podman_stores: tuple[PodmanStore, ...] = ()
+    __slots__ = ("grace", "min_age", "podman_stores")
+    grace: float
+    min_age: float
+    podman_stores: tuple[PodmanStore, ...]
+
+    def __init__(self, grace: float = DEFAULT_GRACE, min_age: float = DEFAULT_MIN_AGE,
+                 podman_stores: tuple[PodmanStore, ...] = ()) -> None:
+        self.grace = grace
+        self.min_age = min_age
+        self.podman_stores = podman_stores
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Slots):
     """The whole project configuration."""
 
-    mount: MountSettings = field(default_factory=MountSettings)
-    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
+    __slots__ = ("cleanup", "mount")
+    mount: MountSettings
+    cleanup: CleanupSettings
+
+    def __init__(self, mount: MountSettings | None = None,
+                 cleanup: CleanupSettings | None = None) -> None:
+        self.mount = MountSettings() if mount is None else mount
+        self.cleanup = CleanupSettings() if cleanup is None else cleanup
 
 
 def config_paths() -> list[Path]:

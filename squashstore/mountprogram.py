@@ -20,12 +20,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from squashstore import __version__, config, host, storelayout, trust
 from squashstore.errors import SquashstoreError
 from squashstore.mountrecords import RecordedUse, RecordRegistry
+from squashstore.slots import Slots
 
 PROGRAM = "squashstore-mount-program"
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
@@ -36,12 +36,16 @@ class MountProgramError(SquashstoreError):
     """The mount program was called with arguments it cannot handle."""
 
 
-@dataclass(frozen=True)
-class OverlayCall:
+class OverlayCall(Slots):
     """podman's call: the ``-o`` option string(s) and the merged directory."""
 
+    __slots__ = ("merged", "options")
     options: tuple[str, ...]
     merged: str
+
+    def __init__(self, options: tuple[str, ...], merged: str) -> None:
+        self.options = options
+        self.merged = merged
 
     def option(self, key: str) -> str | None:
         for group in self.options:
@@ -79,12 +83,16 @@ def parse_call(argv: Sequence[str]) -> OverlayCall:
     return OverlayCall(tuple(options), positional[-1])
 
 
-@dataclass(frozen=True)
-class StoreLayer:
+class StoreLayer(Slots):
     """A layer of a squash store (`root` resolved) that a lowerdir leads to."""
 
+    __slots__ = ("layer", "root")
     root: Path
     layer: str
+
+    def __init__(self, root: Path, layer: str) -> None:
+        self.root = root
+        self.layer = layer
 
     @property
     def diff(self) -> Path:
