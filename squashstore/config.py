@@ -15,11 +15,15 @@ one parse per process). podman's own configuration is not here
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from squashstore import trust
+from squashstore.atomic import atomic_write_json
 from squashstore.errors import SquashstoreError
 from squashstore.slots import Slots
 
@@ -191,16 +195,47 @@ def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def load() -> Config:
-    """The project configuration, parsed once per process while its files stay the same."""
+def load(cache: Path | None = None) -> Config:
+    """The project configuration, parsed once per process while its files stay the same.
+
+    With `cache`, the merged tables of the files are also kept there as JSON for the next
+    process while the files stay the same: the mount program keeps them in its mount
+    registry, since importing tomllib alone is ~43 M instructions, more than a quarter of a
+    container start when a config file exists. As root, the cache is used only while no
+    one else can change it (`trust.check_entry`; its directory is the registry, checked)."""
     paths = config_paths()
     stamp = _stamp(paths)
     with _lock:
         cached = _loaded.get(stamp)
         if cached is not None:
             return cached
-    config = parse(read_tables(paths))
+    tables = _read_cache(cache, stamp) if cache is not None else None
+    if tables is None:
+        tables = read_tables(paths)
+        if cache is not None:
+            _write_cache(cache, stamp, tables)
+    config = parse(tables)
     with _lock:
         _loaded.clear()
         _loaded[stamp] = config
     return config
+
+
+def _read_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, Any] | None:
+    """The tables `_write_cache` kept for the files as they are now, else None."""
+    trust.check_entry(cache, what="a mount registry")
+    try:
+        data = json.loads(cache.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("stamp") != [list(item) for item in stamp]:
+        return None
+    tables = data.get("tables")
+    return tables if isinstance(tables, dict) else None
+
+
+def _write_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...],
+                 tables: dict[str, Any]) -> None:
+    """Keep `tables` for `stamp` (best effort: tables JSON cannot hold are not kept)."""
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        atomic_write_json(cache, {"stamp": [list(item) for item in stamp], "tables": tables})

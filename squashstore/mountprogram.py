@@ -149,9 +149,16 @@ def _mount(item: StoreLayer, registry: RecordRegistry, user: RecordedUse) -> Non
                                           user=user)
 
 
-def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
+CONFIG_CACHE = "config.json"
+"""The project configuration's tables as the mount program last read them, in its registry
+(`config.load`'s cache)."""
+
+
+def overlay_argv(call: OverlayCall, argv: Sequence[str], registry: Path | None = None
+                 ) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = config.load().mount.overlay
+    cache = registry / CONFIG_CACHE if registry is not None else None
+    choice = config.load(cache).mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
     kernel_ok = host.is_real_root() and all(
         item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
@@ -177,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         call = parse_call(args)
-        mount_layers(call, RecordRegistry())
-        command = overlay_argv(call, args)
+        registry = RecordRegistry()
+        mount_layers(call, registry)
+        command = overlay_argv(call, args, registry.dir)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1
