@@ -372,7 +372,7 @@ def poststop(registry: Registry, container: StoppingContainer,
     if not below:
         return []
     stores = (*settings.cleanup.podman_stores, PodmanStore(container.graphroot))
-    settings = replace(settings, cleanup=replace(settings.cleanup, podman_stores=stores))
+    settings = settings.replace(cleanup=settings.cleanup.replace(podman_stores=stores))
     with registry.locked():
         now = time.time()
         states = observe(registry, (), settings, now)
