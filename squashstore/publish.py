@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,19 +95,17 @@ def publish(store: Store, pub: Publication, unmount: Unmounter) -> StoreImage:
         publish_hook("layer-files")
         _install_image_files(store, pub, iid, staged_image)
         publish_hook("image-files")
-        layers = [r for r in store.layer_records() if r.get("id") != lid]
-        layers.append(_layer_record(pub, lid))
+        layers = [r for r in store.layer_records() if r.id != lid]
+        layers.append(podmanstore.new_layer_record(lid, pub.created, pub.diff_digest,
+                                                   pub.diff_size))
         store.write_layer_records(layers)
         publish_hook("layer-record")
         images = store.image_records()
-        old = next((r for r in images if r.get("id") == iid), None)
+        old = next((r for r in images if r.id == iid), None)
         record = _image_record(pub, iid, lid, old)
-        for other in images:
-            if other.get("id") != iid:
-                other["names"] = [n for n in other.get("names") or [] if n not in names]
-        images = [r for r in images if r.get("id") != iid] + [record]
-        all_names = [*record["names"], *names]
-        record["names"] = list(dict.fromkeys(all_names))
+        images = [replace(r, names=tuple(n for n in r.names if n not in names))
+                  for r in images if r.id != iid]
+        images.append(replace(record, names=tuple(dict.fromkeys([*record.names, *names]))))
         store.write_image_records(images)
         publish_hook("image-record")
     return store.resolve(iid)
@@ -201,27 +199,11 @@ def _same_files(staged: Path, installed: Path) -> bool:
         return False
 
 
-def _layer_record(pub: Publication, lid: str) -> dict[str, Any]:
-    return {"id": lid, "created": pub.created,
-            "compressed-diff-digest": pub.diff_digest, "compressed-size": pub.diff_size,
-            "diff-digest": pub.diff_digest, "diff-size": pub.diff_size,
-            "compression": 0}
-
-
 def _image_record(pub: Publication, iid: str, lid: str,
-                  old: dict[str, Any] | None) -> dict[str, Any]:
+                  old: podmanstore.ImageRecord | None) -> podmanstore.ImageRecord:
     config_key = "sha256:" + iid
     manifest_digest = "sha256:" + sha256_hex(pub.manifest)
     manifest_key = "manifest-" + manifest_digest
     items = {config_key: pub.config, manifest_key: pub.manifest, "manifest": pub.manifest}
-    return {
-        "id": iid,
-        "digest": manifest_digest,
-        "names": list((old or {}).get("names") or []),
-        "layer": lid,
-        "metadata": "{}",
-        "big-data-names": list(items),
-        "big-data-sizes": {k: len(v) for k, v in items.items()},
-        "big-data-digests": {k: "sha256:" + sha256_hex(v) for k, v in items.items()},
-        "created": pub.created,
-    }
+    return podmanstore.new_image_record(iid, manifest_digest, old.names if old else (), lid,
+                                        pub.created, items)

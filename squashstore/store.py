@@ -19,16 +19,17 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from squashstore import host, locking, podmanstore, publish, storegc, storelayout, trust
 from squashstore.atomic import TMP_SUFFIX as TMP_SUFFIX
 from squashstore.atomic import atomic_write as atomic_write
 from squashstore.atomic import atomic_write_json as atomic_write_json
+from squashstore.podmanstore import ImageRecord, LayerRecord
 from squashstore.publish import PUBLISH_HOOK as PUBLISH_HOOK
 from squashstore.publish import PUBLISH_STEPS as PUBLISH_STEPS
 from squashstore.publish import Publication as Publication
@@ -52,12 +53,14 @@ from squashstore.storelayout import META as META
 from squashstore.storelayout import TOP_ENTRIES as TOP_ENTRIES
 from squashstore.storelayout import StoreError as StoreError
 
+R = TypeVar("R")
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """containers/storage's records (`podmanstore.load_records`): a JSON array of objects,
-    each with a string id."""
+
+def _records(load: Callable[[Path], list[R]], path: Path) -> list[R]:
+    """containers/storage's records (`podmanstore`'s loader and its one error policy), a
+    damaged file reported as a `StoreError`."""
     try:
-        return podmanstore.load_records(path)
+        return load(path)
     except podmanstore.PodmanStoreError as exc:
         raise StoreError(str(exc)) from exc
 
@@ -165,17 +168,17 @@ class Store:
 
     # ----------------------------------------------------------------- reading
 
-    def layer_records(self) -> list[dict[str, Any]]:
-        return _records(self.layers_json)
+    def layer_records(self) -> list[LayerRecord]:
+        return _records(podmanstore.layers, self.layers_json)
 
-    def image_records(self) -> list[dict[str, Any]]:
-        return _records(self.images_json)
+    def image_records(self) -> list[ImageRecord]:
+        return _records(podmanstore.images, self.images_json)
 
-    def store_image(self, record: dict[str, Any],
-                     layers: dict[str, dict[str, Any]]) -> StoreImage:
-        iid = str(record["id"])
-        lid = str(record.get("layer", ""))
-        layer = layers.get(lid, {})
+    def store_image(self, record: ImageRecord,
+                    layers: Mapping[str, LayerRecord]) -> StoreImage:
+        iid = record.id
+        lid = record.layer
+        layer = layers.get(lid)
         meta = read_json(self.image_meta_dir / f"{iid}.json", {})
         layer_meta = read_json(self.layer_meta_dir / f"{lid}.json", {})
         metadata = {"source": meta.get("source", {}), "squash": layer_meta,
@@ -183,9 +186,10 @@ class Store:
         if meta.get("pulled"):
             metadata["pulled"] = meta["pulled"]
         return StoreImage(
-            id=iid, names=tuple(record.get("names") or ()), layer=lid,
-            digest=str(record.get("digest", "")), created=str(record.get("created", "")),
-            size=int(layer.get("diff-size", 0)), squash=self.squash_file(lid),
+            id=iid, names=record.names, layer=lid, digest=record.digest,
+            created=record.created,
+            size=layer.diff_size if layer is not None and layer.diff_size >= 0 else 0,
+            squash=self.squash_file(lid),
             diff=self.diff_dir(lid), metadata=metadata)
 
     def config_of(self, image: StoreImage) -> bytes:
@@ -198,12 +202,11 @@ class Store:
     def image_of_layer(self, layer: str) -> str:
         """The id of an image whose layer is `layer` ("" if none), from images.json alone
         (the mount program asks at every container start: no per-image files read)."""
-        return next((str(r["id"]) for r in self.image_records() if r.get("layer") == layer),
-                    "")
+        return next((r.id for r in self.image_records() if r.layer == layer), "")
 
     def images(self) -> list[StoreImage]:
         self.check()
-        layers = {str(r.get("id")): r for r in self.layer_records()}
+        layers = {r.id: r for r in self.layer_records()}
         return [self.store_image(r, layers) for r in self.image_records()]
 
     def resolve(self, reference: str) -> StoreImage:
@@ -270,15 +273,17 @@ class Store:
         with locking.exclusive(self.lock_file):
             yield storegc.clean_leftovers(self, unmount)
 
-    def write_layer_records(self, records: list[dict[str, Any]]) -> None:
-        """Rewrite ``layers.json`` under podman's lock (call under the project lock)."""
+    def write_layer_records(self, records: Iterable[LayerRecord]) -> None:
+        """Rewrite ``layers.json`` under podman's lock (call under the project lock); every
+        field a record was read with is written back."""
         with podmanstore.write_locked(self.layers_lock):
-            atomic_write_json(self.layers_json, records)
+            atomic_write_json(self.layers_json, [r.to_json() for r in records])
 
-    def write_image_records(self, records: list[dict[str, Any]]) -> None:
-        """Rewrite ``images.json`` under podman's lock (call under the project lock)."""
+    def write_image_records(self, records: Iterable[ImageRecord]) -> None:
+        """Rewrite ``images.json`` under podman's lock (call under the project lock); every
+        field a record was read with is written back."""
         with podmanstore.write_locked(self.images_lock):
-            atomic_write_json(self.images_json, records)
+            atomic_write_json(self.images_json, [r.to_json() for r in records])
 
     def publish(self, pub: Publication, unmount: Unmounter = no_unmount) -> StoreImage:
         """Make a staged image visible (`squashstore.publish.publish`)."""
@@ -291,27 +296,28 @@ class Store:
         full = tuple(dict.fromkeys(normalize_name(n) for n in names))
         with self.write_lock():
             images = self.image_records()
-            if not any(r.get("id") == iid for r in images):
+            if not any(r.id == iid for r in images):
                 raise ImageNotFound(f"{iid}: image not found in store {self.root}")
+            renamed = []
             for record in images:
-                current = [n for n in record.get("names") or [] if n not in full]
-                if record.get("id") == iid:
-                    current = list(dict.fromkeys([*(record.get("names") or []), *full]))
-                record["names"] = current
-            self.write_image_records(images)
+                current = tuple(n for n in record.names if n not in full)
+                if record.id == iid:
+                    current = tuple(dict.fromkeys([*record.names, *full]))
+                renamed.append(replace(record, names=current))
+            self.write_image_records(renamed)
         return self.resolve(iid)
 
     def remove_name(self, iid: str, name: str) -> StoreImage:
         full = normalize_name(name)
         with self.write_lock():
             images = self.image_records()
-            record = next((r for r in images if r.get("id") == iid), None)
+            record = next((r for r in images if r.id == iid), None)
             if record is None:
                 raise ImageNotFound(f"{iid}: image not found in store {self.root}")
-            if full not in (record.get("names") or []):
+            if full not in record.names:
                 raise StoreError(f"image {iid[:12]} has no name {full}")
-            record["names"] = [n for n in record["names"] if n != full]
-            self.write_image_records(images)
+            renamed = replace(record, names=tuple(n for n in record.names if n != full))
+            self.write_image_records(renamed if r is record else r for r in images)
         return self.resolve(iid)
 
     # ----------------------------------------------------------------- removal and gc

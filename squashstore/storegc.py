@@ -41,9 +41,9 @@ def remove_image(store: Store, iid: str, unmount: Unmounter) -> list[str]:
     """Remove an image (record first, then its files and unshared layer)."""
     with store.write_lock(unmount) as removed:
         images = store.image_records()
-        if not any(r.get("id") == iid for r in images):
+        if not any(r.id == iid for r in images):
             raise ImageNotFound(f"{iid}: image not found in store {store.root}")
-        store.write_image_records([r for r in images if r.get("id") != iid])
+        store.write_image_records([r for r in images if r.id != iid])
         return [*removed, iid, *clean_leftovers(store, unmount)]
 
 
@@ -55,13 +55,12 @@ def gc(store: Store, in_use: Callable[[StoreImage], bool], unmount: Unmounter) -
     false) is never dangling: only `remove_image` removes it."""
     with store.write_lock(unmount) as removed:
         images = store.image_records()
-        layers = {str(r.get("id")): r for r in store.layer_records()}
+        layers = {r.id: r for r in store.layer_records()}
         keep = []
         for record in images:
             image = store.store_image(record, layers)
-            if not record.get("names") and image.metadata.get("named", True) and not \
-                    in_use(image):
-                removed.append(f"image {record['id']}")
+            if not record.names and image.metadata.get("named", True) and not in_use(image):
+                removed.append(f"image {record.id}")
             else:
                 keep.append(record)
         if len(keep) != len(images):
@@ -74,14 +73,14 @@ def clean_leftovers(store: Store, unmount: Unmounter) -> list[str]:
     """Remove everything no record reaches. Call only under the project lock."""
     removed = _clean_temporaries(store)
     images = store.image_records()
-    image_ids = {str(r.get("id")) for r in images}
-    used_layers = {str(r.get("layer")) for r in images}
+    image_ids = {r.id for r in images}
+    used_layers = {r.layer for r in images}
     layers = store.layer_records()
-    orphans = [r for r in layers if str(r.get("id")) not in used_layers]
+    orphans = [r for r in layers if r.id not in used_layers]
     if orphans:
-        store.write_layer_records([r for r in layers if str(r.get("id")) in used_layers])
-        removed.extend(f"layer record {r.get('id')}" for r in orphans)
-    layer_ids = used_layers & {str(r.get("id")) for r in layers}
+        store.write_layer_records([r for r in layers if r.id in used_layers])
+        removed.extend(f"layer record {r.id}" for r in orphans)
+    layer_ids = used_layers & {r.id for r in layers}
     removed.extend(_clean_layer_dirs(store, layer_ids, unmount))
     removed.extend(_clean_files(store, store.images_dir, image_ids, "",
                                 keep={store.images_json.name, store.images_lock.name}))
