@@ -9,7 +9,10 @@ layout): where a driver keeps its files (`Layout`: ``<driver>-images``, ``<drive
 policy (`PodmanStoreError` for a file that cannot be read or is not an array of objects
 with string ids; a missing or empty file has no records) into typed records
 (`ImageRecord`, `LayerRecord`, `ContainerRecord`, `MountCount`, each keeping its raw JSON
-so a writer never drops a field it does not model); image big-data file names exactly as
+so a writer never drops a field it does not model: `to_json` writes it back with only the
+changed fields set; the squash store's new records come from `new_image_record` and
+`new_layer_record`); an image's big-data keys (`MANIFEST_KEY`, `manifest_key`,
+`config_key`) and their file names exactly as
 containers/storage makes them (`big_data_name`, its ``makeBigDataBaseName``) and the name
 squashstore 0.1 wrote for some keys (`legacy_big_data_name`), so stores written before are
 still read; containers/storage's read locks (shared record locks, the layer store's before
@@ -94,7 +97,11 @@ class Layout:
         return self.root / self.driver / layer_id / "diff"
 
     def tar_split(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.tar-split.gz"
+        return self.layers_dir / f"{layer_id}{TAR_SPLIT_SUFFIX}"
+
+
+TAR_SPLIT_SUFFIX = ".tar-split.gz"
+"""A layer's tar-split file: its id and this, in the layer store's directory."""
 
 
 def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
@@ -104,6 +111,24 @@ def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
 
 # ---------------------------------------------------------------------------------------
 # Big-data file names.
+
+
+MANIFEST_KEY = "manifest"
+"""The big-data key of an image's manifest (also kept under `manifest_key`)."""
+
+
+def manifest_key(digest: str) -> str:
+    """The big-data key of the manifest whose digest is `digest`."""
+    return f"{MANIFEST_KEY}-{digest}"
+
+
+def is_manifest_key(key: str) -> bool:
+    return key == MANIFEST_KEY or key.startswith(MANIFEST_KEY + "-")
+
+
+def config_key(image_id: str) -> str:
+    """The big-data key of an image's config: its digest, which is the image id."""
+    return "sha256:" + image_id
 
 
 def big_data_name(key: str) -> str:

@@ -58,6 +58,9 @@ PUBLISH_HOOK = "SQUASHSTORE_TEST_PUBLISH_HOOK"
 """Test-only: a directory; `publish` stops at each step until the test lets it go."""
 PUBLISH_STEPS = ("locked", "squash-file", "layer-files", "image-files", "layer-record",
                  "image-record")
+STAGED_SQUASH = "layer.sqfs"
+STAGED_TAR_SPLIT = "layer.tar-split.gz"
+"""The names a writer gives its squash file and tar-split in its staging directory."""
 HOOK_POLL = 0.01
 """How often a writer stopped at a hook looks for the test's go-ahead (seconds)."""
 
@@ -115,10 +118,7 @@ def _stage_image_dir(pub: Publication, iid: str) -> Path:
     staged = pub.squash.parent / f"image-{iid}"
     staged.mkdir(mode=0o755, exist_ok=True)
     os.chmod(staged, 0o755)
-    config_key = "sha256:" + iid
-    manifest_key = "manifest-sha256:" + sha256_hex(pub.manifest)
-    for key, data in ((config_key, pub.config), (manifest_key, pub.manifest),
-                      ("manifest", pub.manifest)):
+    for key, data in _big_data(pub, iid).items():
         atomic_write(staged / podmanstore.big_data_name(key), data)
     return staged
 
@@ -201,9 +201,16 @@ def _same_files(staged: Path, installed: Path) -> bool:
 
 def _image_record(pub: Publication, iid: str, lid: str,
                   old: podmanstore.ImageRecord | None) -> podmanstore.ImageRecord:
-    config_key = "sha256:" + iid
-    manifest_digest = "sha256:" + sha256_hex(pub.manifest)
-    manifest_key = "manifest-" + manifest_digest
-    items = {config_key: pub.config, manifest_key: pub.manifest, "manifest": pub.manifest}
-    return podmanstore.new_image_record(iid, manifest_digest, old.names if old else (), lid,
-                                        pub.created, items)
+    return podmanstore.new_image_record(iid, _manifest_digest(pub), old.names if old else (),
+                                        lid, pub.created, _big_data(pub, iid))
+
+
+def _manifest_digest(pub: Publication) -> str:
+    return "sha256:" + sha256_hex(pub.manifest)
+
+
+def _big_data(pub: Publication, iid: str) -> dict[str, bytes]:
+    """The image's big-data items, in the order containers/storage lists them."""
+    return {podmanstore.config_key(iid): pub.config,
+            podmanstore.manifest_key(_manifest_digest(pub)): pub.manifest,
+            podmanstore.MANIFEST_KEY: pub.manifest}

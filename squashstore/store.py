@@ -95,16 +95,16 @@ class Store:
         # Resolved once: every path below it is then used only if reached without symlinks.
         self.root = Path(os.path.realpath(root))
         self.meta = self.root / META
-        self.format_file = self.meta / "format-version"
-        self.lock_file = self.meta / "lock"
-        self.image_meta_dir = self.meta / "images"
-        self.layer_meta_dir = self.meta / "layers"
-        self.squash_dir = self.meta / "squash"
-        self.tmp_dir = self.meta / "tmp"
+        self.format_file = storelayout.format_file(self.root)
+        self.lock_file = self.meta / storelayout.LOCK_FILE
+        self.image_meta_dir = self.meta / storelayout.IMAGE_META_DIR
+        self.layer_meta_dir = self.meta / storelayout.LAYER_META_DIR
+        self.squash_dir = self.meta / storelayout.SQUASH_DIR
+        self.tmp_dir = self.meta / storelayout.TMP_DIR
         # podman's part of the store: containers/storage's overlay layout (podmanstore's).
         self.layout = podmanstore.Layout(self.root, "overlay")
         self.overlay = self.root / self.layout.driver
-        self.links = self.overlay / "l"
+        self.links = self.root.joinpath(*trust.LINK_DIR)
         self.layers_dir = self.layout.layers_dir
         self.images_dir = self.layout.images_dir
         self.layers_json = self.layout.layers_json
@@ -130,6 +130,11 @@ class Store:
 
     def tar_split_file(self, layer_id: str) -> Path:
         return self.layout.tar_split(layer_id)
+
+    def pull_lock(self, layer_id: str) -> Path:
+        """The lock a pull of layer `layer_id` holds while it checks what the store has and
+        installs (eager and lazy pulls alike)."""
+        return self.squash_dir / f"{storelayout.checked_id(layer_id)}.pull{storegc.LOCK_SUFFIX}"
 
     def check(self) -> None:
         """Raise StoreError unless this is a store of our format (and, as root, one whose
@@ -194,7 +199,8 @@ class Store:
 
     def config_of(self, image: StoreImage) -> bytes:
         """The image's config (its big-data item ``sha256:<id>``)."""
-        data = podmanstore.read_big_data(self.images_dir / image.id, "sha256:" + image.id)
+        data = podmanstore.read_big_data(self.images_dir / image.id,
+                                         podmanstore.config_key(image.id))
         if data is None:
             raise StoreError(f"image {image.id}: its config is missing from the store")
         return data

@@ -22,14 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from squashstore import host, names
+from squashstore import host, names, trust
 from squashstore.storelayout import StoreError
 
 LINK_LENGTH = 26
-LAYER_DIRS = ("diff", "empty", "merged")
-"""A layer's directories: diff (the squash mount point), and empty and merged, on which
-podman mounts the layer read-only (lowerdir=diff:empty) when it commits a container built
-FROM the image."""
+LAYER_DIRS = trust.LAYER_DIRS
 
 
 class ImageNotFound(StoreError):

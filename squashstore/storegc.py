@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING
 from squashstore import host
 from squashstore.atomic import TMP_SUFFIX
 from squashstore.lazy import paths as lazy_paths
+from squashstore.podmanstore import TAR_SPLIT_SUFFIX
 from squashstore.storebase import ImageNotFound, Unmounter, link_name, remove_tree
-from squashstore.storelayout import StoreError
+from squashstore.storelayout import SQUASH_SUFFIX, StoreError
 
 if TYPE_CHECKING:
     from squashstore.store import Store, StoreImage
 
 FOREIGN_LEFTOVER_AGE = 24 * 3600
 """Leftovers of writers on other hosts are removed only when older than this (seconds)."""
-SQUASH_SUFFIX = ".sqfs"
-TAR_SPLIT_SUFFIX = ".tar-split.gz"
 LOCK_SUFFIX = ".lock"
+"""Lock files (podman's and pulls') are never removed: a waiter may hold them open."""
 
 
 def remove_image(store: Store, iid: str, unmount: Unmounter) -> list[str]:

@@ -73,7 +73,7 @@ def _verify_image(store: Store, record: podmanstore.ImageRecord,
             problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
         problems += [f"image {iid}: {key}: {p} (podman cannot read it)"
                      for p in _big_data_problems(key, data)]
-    if "sha256:" + iid not in record.big_data_digests:
+    if podmanstore.config_key(iid) not in record.big_data_digests:
         problems.append(f"image {iid}: no config whose digest is the image id")
     return problems
 
@@ -84,7 +84,7 @@ def _big_data_problems(key: str, data: bytes) -> list[str]:
     try:
         if key.startswith("sha256:"):
             return imageconfig.config_problems(imageconfig.load(data, key))
-        if key == "manifest" or key.startswith("manifest-"):
+        if podmanstore.is_manifest_key(key):
             return imageconfig.manifest_problems(imageconfig.load(data, key))
     except SquashstoreError as exc:
         return [str(exc)]

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from squashstore.atomic import fsync_dir
+from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import WRITABLE, CodecError, codec_for
 from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
@@ -139,7 +139,7 @@ class SquashWriter:
         self._opts_block = self._codec.options_block()
         try:
             fd, tmp = tempfile.mkstemp(
-                prefix=f".{self._dest.name}.", suffix=".tmp", dir=self._dest.parent
+                prefix=f".{self._dest.name}.", suffix=PARTIAL_SUFFIX, dir=self._dest.parent
             )
         except OSError as exc:
             raise WriterError(f"cannot write in {self._dest.parent}: {exc.strerror}") from None

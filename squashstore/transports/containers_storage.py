@@ -154,9 +154,10 @@ def _storage_manifest(store: _Store, record: podmanstore.ImageRecord, what: str)
     image_id = record.id
     keys: list[str] = []
     if record.digest:
-        keys.append("manifest-" + record.digest)
-    keys.append("manifest")
-    keys += [k for k in record.big_data_names if k.startswith("manifest-") and k not in keys]
+        keys.append(podmanstore.manifest_key(record.digest))
+    keys.append(podmanstore.MANIFEST_KEY)
+    keys += [k for k in record.big_data_names
+             if podmanstore.is_manifest_key(k) and k not in keys]
     for key in keys:
         data = _read_big_data(store, image_id, key)
         if data is None:
