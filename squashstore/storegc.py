@@ -87,6 +87,8 @@ def clean_leftovers(store: Store, unmount: Unmounter) -> list[str]:
     removed.extend(_clean_files(store, store.image_meta_dir, image_ids, ".json"))
     removed.extend(_clean_files(store, store.layer_meta_dir, layer_ids, ".json"))
     removed.extend(_clean_files(store, store.squash_dir, layer_ids, SQUASH_SUFFIX))
+    removed.extend(_clean_files(store, store.meta / lazy_paths.PREFETCH_DIR, layer_ids,
+                                ".json"))
     for path in lazy_paths.leftovers(store.meta, layer_ids, TMP_SUFFIX, FOREIGN_LEFTOVER_AGE):
         path.unlink(missing_ok=True)
         removed.append(str(path.relative_to(store.root)))
