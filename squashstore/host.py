@@ -27,6 +27,8 @@ MOUNT_TIMEOUT = 30.0
 """Seconds a FUSE server may take until its mount appears and answers."""
 LIVENESS_TIMEOUT = 5.0
 """Seconds a mount gets to answer statfs before it counts as hung (dead)."""
+POLL_INTERVAL = 0.02
+"""Seconds between two looks while waiting for a mount to appear or a server to exit."""
 STARTING_WINDOW = 120.0
 """Seconds a container start the mount program recorded counts as a use before its overlay
 is mounted (the mount program records the use, then podman mounts the overlay)."""
