@@ -894,6 +894,13 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     assert listed.digest == digest_of(squash.read_bytes())
     assert "cat /hello" in listed.command
     assert listed.total < squash.stat().st_size / 2  # not /data.bin
+    # --add merges another recording into the list (here one that reads nothing more).
+    origin.cli("record", "--add", data_image, "--", "true", tls=False)
+    merged = prefetch.load(squash)
+    assert merged is not None and merged.command == f"{listed.command}; true"
+    assert all(any(m.start <= o.start and o.end <= m.end for m in merged.spans)
+               for o in listed.spans)
+    listed = merged
     server = servers["token"]
     ref = f"{server.host}/lazy/prefetch:1"
     origin.cli("push", "--creds", CREDS, data_image, ref)
