@@ -11,7 +11,11 @@ iteration ends, `root` is the complete tree (`squashstore.tree`). Hard links joi
 `Inode`; a link whose target a higher layer shadowed gets the content from a second read of
 that layer. Hostile paths are normalised like Docker does (absolute paths kept inside the
 root) or rejected (``..`` above the root, entries below a non-directory of the same layer,
-links out of the layer); owners, modes, devices and xattrs are kept without root.
+links out of the layer); owners, modes, devices and xattrs are kept without root. Whiteouts
+follow podman's overlay driver, which makes each one a device at the hidden path as it
+extracts the layer: a whiteout of a path its own layer already has, a bare ``.wh.`` (it names
+its own directory) or an entry below a whiteout refuses the layer, and a later entry at a
+whiteout's path replaces it.
 """
 
 from __future__ import annotations
@@ -307,10 +311,21 @@ class LayerMerge:
             yield from self._imply_parents(path, member.mtime, state)
             if base == OPAQUE_MARKER:
                 state.opaque.add(_parent(path))
-            else:
-                hidden = posixpath.join(_parent(path), base[len(WHITEOUT_PREFIX):])
-                state.whiteouts.add(hidden)
+                return
+            name = base[len(WHITEOUT_PREFIX):]
+            hidden = posixpath.join(_parent(path), name)
+            if not name or hidden in state.kinds:
+                # podman's overlay driver makes a whiteout by mknod of the hidden path, which
+                # fails when the layer already has it; a bare ".wh." names the directory it
+                # lies in (or the root), which always exists.
+                what = "its own directory" if not name else "an entry of its own layer"
+                raise LayerError(f"{layer.describe()}: whiteout {quote(member.name)} names "
+                                 f"{what} (podman refuses it: file exists)")
+            state.whiteouts.add(hidden)
             return
+        # A later entry replaces a whiteout of its own layer (extraction removes the device
+        # first): a directory there merges with the lower one again, as podman shows.
+        state.whiteouts.discard(path)
         if path == "" and member.typeflag != tarformat.TYPE_DIR:
             raise LayerError(f"{layer.describe()}: the root {quote(member.name)} is not a "
                              "directory")
@@ -372,6 +387,10 @@ class LayerMerge:
             if state.kinds.get(parent) == "other":
                 raise LayerError(f"{layer.describe()}: entry {quote(path)} lies below "
                                  f"non-directory {quote(parent)}")
+            if parent in state.whiteouts:
+                raise LayerError(f"{layer.describe()}: entry {quote(path)} lies below a "
+                                 f"whiteout of its own layer, {quote(parent)} (podman "
+                                 "refuses it: not a directory)")
             parent = _parent(parent)
         if checked:
             if len(state.clean) >= _CACHE_LIMIT:
