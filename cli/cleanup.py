@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from squashstore import cleanup, config, hook, slurm
-from squashstore.cli.output import add_format_option, print_json
+from squashstore.cli.output import add_format_option, print_json, seconds
 from squashstore.mounts import Registry
 from squashstore.store import Store
 
@@ -79,20 +79,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     return report(slurm.epilog(ctx, [Path(args.store)]), args.format, False)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("seconds must be >= 0")
-    return value
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("cleanup", help="unmount stale and dead squash mounts")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
-    p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--grace", type=seconds, default=None, metavar="SECONDS",
                    help="unmount unused mounts older than this (default: config [cleanup] "
                    f"grace, else {config.DEFAULT_GRACE:.0f})")
     add_format_option(p)

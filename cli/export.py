@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("squashstore: refusing to write a tar to a terminal")
         result = export_image(image, sys.stdout.buffer)
         sys.stdout.buffer.flush()
+    elif _special(Path(args.output)):  # /dev/null, a FIFO: written as they are
+        with Path(args.output).open("wb") as out:
+            result = export_image(image, out)
     else:
         with atomic_output(Path(args.output), durable=False) as out:
             result = export_image(image, out)
@@ -45,3 +49,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{result.bytes_in} bytes of content, {result.size} bytes of tar "
                          f"({result.digest})\n")
     return 0
+
+
+def _special(path: Path) -> bool:
+    """A device or a FIFO (never replaced by a file: `atomic_output` refuses them)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISBLK(mode)

@@ -18,25 +18,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from squashstore import __version__, host, userns
+from squashstore.errors import printable
 from squashstore.image import SquashstoreError
 
 # Command modules, in the order their commands appear in --help. A module that does not
 # exist yet is skipped, so the command line grows as the project does.
-COMMAND_MODULES = (
-    "squashstore.cli.export",
-    "squashstore.cli.squash",
-    "squashstore.cli.store",
-    "squashstore.cli.mounts",
-    "squashstore.cli.serve",
-    "squashstore.cli.cleanup",
-    "squashstore.cli.registry",
-)
+COMMANDS = {
+    "squashstore.cli.export": ("export",),
+    "squashstore.cli.squash": ("squash", "ls", "cat"),
+    "squashstore.cli.store": ("init", "migrate", "images", "inspect", "tag", "untag", "rmi",
+                              "gc", "verify", "config"),
+    "squashstore.cli.mounts": ("mount", "umount", "mounts"),
+    "squashstore.cli.serve": ("serve",),
+    "squashstore.cli.cleanup": ("cleanup", "slurm", "hook"),
+    "squashstore.cli.registry": ("login", "logout", "push", "pull"),
+}
+"""Each command module and the commands it registers. A command line imports only its
+command's module: importing them all (requests, the squashfs writer, ...) tripled the time of
+`cleanup` and of every OCI hook call. `test_the_command_table_matches_the_modules` keeps this
+table true."""
+COMMAND_MODULES = tuple(COMMANDS)
 
 # Commands that read rootless podman's layers (files owned by subordinate ids) or make,
 # check or remove mounts, which live in podman's mount namespace: for an ordinary user they
 # run inside rootless podman's namespace (``podman unshare``).
 IN_PODMAN_USERNS = frozenset({"migrate", "export", "squash", "mount", "umount", "mounts",
-                              "cleanup", "rmi", "gc", "pull"})
+                              "cleanup", "rmi", "gc", "pull", "record"})
 
 
 class UsageError(SquashstoreError):
@@ -61,7 +68,32 @@ def default_store() -> Path:
     return Path(data_home) / "squashstore" / "store"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command a command line names (after the global options), None when it names none
+    (``--help``, ``--version``, nothing)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--store":
+            next(words, None)
+        elif word == "--debug" or word.startswith("--store="):
+            continue
+        else:
+            return None if word.startswith("-") else word
+    return None
+
+
+def modules_for(argv: Sequence[str] | None) -> tuple[str, ...]:
+    """The command modules a command line needs: its command's, or all of them (for help,
+    and for a mistyped command, whose error lists every command)."""
+    command = command_word(argv) if argv is not None else None
+    for module, commands in COMMANDS.items():
+        if command in commands:
+            return (module,)
+    return COMMAND_MODULES
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of only the one `argv` names."""
     parser = _Parser(
         prog="squashstore",
         description="Squash OCI images into one squashfs file each, in a podman "
@@ -75,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"squashstore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules_for(argv):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -87,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words)
+    args = parser.parse_args(words)
     if args.store is None:
         args.store = default_store()
     try:
@@ -133,14 +166,16 @@ def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one line: OSErrors with their file name, no newlines."""
+    """An exception as one line: OSErrors with their file name, no newlines, and no other
+    control characters (a registry's error text or a name inside an image could otherwise
+    drive the user's terminal: escapes are shown as ``\\x1b``)."""
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
         if exc.filename:
             text = f"{exc.filename}: {text}"
     else:
         text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return printable(text)
 
 
 def run() -> None:

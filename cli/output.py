@@ -1,4 +1,5 @@
-"""Output helpers shared by the commands: `--format json` and aligned tables on stdout."""
+"""Output helpers shared by the commands: `--format json` and aligned tables on stdout, and
+the one parser of a SECONDS argument."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ def add_format_option(parser: argparse.ArgumentParser) -> None:
     """The `--format {table,json}` option every listing command has."""
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="output format (json: an array, or an object for inspect)")
+
+
+def seconds(text: str) -> float:
+    """A SECONDS option's value: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, not {text!r}")
+    return value
 
 
 def print_json(value: Any) -> None:

@@ -97,6 +97,9 @@ def tar_image(spec: str) -> Image:
 
 
 def run_squash(args: argparse.Namespace) -> int:
+    from squashstore.atomic import refuse_special
+
+    refuse_special(args.output)  # the writer renames over OUTPUT: never over /dev/null
     options = squash_options(args)
     started = time.monotonic()
     source: str = args.source

@@ -10,8 +10,10 @@ record with `atomic_write_json` at every container start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,7 @@ def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterat
     import tempfile  # imported when used: the mount program starts without it
 
     dest = Path(dest)
+    refuse_special(dest)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     except OSError as exc:
@@ -53,6 +56,18 @@ def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterat
         raise
     if durable:
         fsync_dir(dest.parent)
+
+
+def refuse_special(dest: Path) -> None:
+    """An `OSError` when `dest` is a device, a FIFO or a socket: a rename over it would
+    replace the node itself (``export -o /dev/null`` as root replaced /dev/null with a
+    regular file)."""
+    try:
+        mode = os.stat(dest).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, "not a regular file: refusing to replace it", str(dest))
 
 
 def fsync_dir(path: Path) -> None:

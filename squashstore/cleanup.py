@@ -343,6 +343,9 @@ class StoppingContainer:
             cid, bundle = state["id"], state["bundle"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CleanupError(f"hook: not an OCI container state on stdin ({exc})") from exc
+        except RecursionError:
+            raise CleanupError("hook: not an OCI container state on stdin (nested too "
+                               "deeply)") from None
         if not isinstance(cid, str) or not isinstance(bundle, str):
             raise CleanupError("hook: the container state has no id or bundle")
         # podman's bundle: <graphroot>/overlay-containers/<id>/userdata

@@ -51,7 +51,7 @@ def current_job(env: Mapping[str, str] | None = None) -> JobClaim | None:
     """The job this process runs in (``SLURM_JOB_ID``), None outside Slurm."""
     env = os.environ if env is None else env
     job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
-    if not job.isdigit():
+    if not (job.isascii() and job.isdigit()):
         return None
     return JobClaim(job, env.get("SLURMD_NODENAME", ""), time.time())
 

@@ -88,6 +88,32 @@ class MountRecord:
                    claims=[c for c in map(jobs.JobClaim.from_json, claims) if c is not None])
 
 
+_RECORD_TEXT = ("image", "layer", "squash", "mountpoint", "backend")
+
+
+def parse_record(data: object) -> MountRecord | None:
+    """A record file's JSON as a `MountRecord`, None when it is not one: wrong types, an
+    empty or relative mount point, a NUL in a path (a damaged file must not make every
+    command that lists mounts fail, nor hand cleanup an int where it expects a path)."""
+    if not isinstance(data, dict):
+        return None
+    for key in _RECORD_TEXT:
+        value = data.get(key)
+        if not isinstance(value, str) or "\0" in value:
+            return None
+    pid, since = data.get("pid"), data.get("since")
+    if not data["mountpoint"].startswith("/") or isinstance(pid, bool) or \
+            not (pid is None or (isinstance(pid, int) and 0 < pid < 1 << 22)) or \
+            isinstance(since, bool) or not isinstance(since, int | float) or \
+            not 0 <= since < 1e11:
+        return None
+    known = {"users", "claims", *_RECORD_TEXT, "pid", "since"}
+    try:
+        return MountRecord.from_json({k: v for k, v in data.items() if k in known})
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
 def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
     """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
     (The mount program records a use before the overlay exists; uses never pruned would
@@ -123,9 +149,8 @@ class RecordRegistry:
 
     def record(self, mountpoint: Path) -> MountRecord | None:
         try:
-            data = json.loads(self._record_path(mountpoint).read_bytes())
-            return MountRecord.from_json(data)
-        except (OSError, ValueError, TypeError):
+            return parse_record(json.loads(self._record_path(mountpoint).read_bytes()))
+        except (OSError, ValueError, RecursionError):
             return None
 
     def records(self) -> list[MountRecord]:
@@ -134,8 +159,10 @@ class RecordRegistry:
             for entry in sorted(self.records_dir.iterdir()):
                 if entry.suffix != ".json":
                     continue
-                with contextlib.suppress(OSError, ValueError, TypeError):
-                    out.append(MountRecord.from_json(json.loads(entry.read_bytes())))
+                with contextlib.suppress(OSError, ValueError, RecursionError):
+                    record = parse_record(json.loads(entry.read_bytes()))
+                    if record is not None:
+                        out.append(record)
         return out
 
     def write(self, record: MountRecord) -> None:

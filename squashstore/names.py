@@ -112,6 +112,10 @@ def parse(text: str) -> Name:
         domain, path = "", name
     elif not _DOMAIN.fullmatch(domain):
         raise InvalidName(f"invalid image name {text!r}: bad registry {domain!r}")
+    elif re.search(r":0*(?:[0-9]{6,}|[7-9][0-9]{4}|6[6-9][0-9]{3}|65[6-9][0-9]{2}|"
+                   r"655[4-9][0-9]|6553[6-9]|0)$", domain):
+        raise InvalidName(f"invalid image name {text!r}: bad registry port {domain!r} "
+                          "(1-65535)")
     if domain == "index.docker.io":
         domain = DOCKER_HUB
     if not path or not all(_PATH_COMPONENT.fullmatch(p) for p in path.split("/")):

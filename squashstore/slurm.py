@@ -24,12 +24,16 @@ from pathlib import Path
 
 from squashstore import cleanup, jobs
 from squashstore import config as configuration
+from squashstore.errors import printable
 from squashstore.image import SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.store import Store
 
 COMMENT_KEY = "squashstore"
 """``squashstore=IMAGE[,IMAGE...]`` in a job's comment declares the images to premount."""
+MAX_DECLARED = 16
+"""The most images one job's comment premounts: each mount is a FUSE server of its own
+(tens of MB), and any user writes the comment."""
 
 
 class SlurmError(SquashstoreError):
@@ -48,13 +52,19 @@ class JobContext:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], job: str | None = None) -> JobContext:
+        given = job is not None
         job = job or env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or ""
-        if not job.isdigit():
+        if not job:
             raise SlurmError("no Slurm job: SLURM_JOB_ID is not set (run by slurmd as "
                              "Prolog=/Epilog=, or give --job)")
+        if not (job.isascii() and job.isdigit()):
+            where = "--job" if given else "SLURM_JOB_ID"
+            raise SlurmError(f"{where} {' '.join(job.split())[:40]!r} is not a Slurm job id "
+                             "(digits)")
         uid = env.get("SLURM_JOB_UID", "0")
-        return cls(job, int(uid) if uid.isdigit() else 0, env.get("SLURM_JOB_USER", ""),
-                   env.get("SLURMD_NODENAME", ""), env.get("SLURM_JOB_COMMENT", ""))
+        return cls(job, int(uid) if uid.isascii() and uid.isdigit() else 0,
+                   env.get("SLURM_JOB_USER", ""), env.get("SLURMD_NODENAME", ""),
+                   env.get("SLURM_JOB_COMMENT", ""))
 
 
 def declared_images(comment: str) -> list[str]:
@@ -83,7 +93,11 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
     registry = registry or Registry()
     claim = jobs.JobClaim(ctx.job, ctx.node, time.time())
     result = PrologResult([], [])
-    for name in declared_images(ctx.comment):
+    declared = declared_images(ctx.comment)
+    if len(declared) > MAX_DECLARED:
+        result.errors.append(f"{len(declared)} images declared: only the first "
+                             f"{MAX_DECLARED} are premounted")
+    for name in declared[:MAX_DECLARED]:
         try:
             image = store.resolve(name)
             with registry.locked():
@@ -93,7 +107,8 @@ def prolog(ctx: JobContext, store: Store, registry: Registry | None = None) -> P
                 registry.write(record)
             result.mounted.append(record.mountpoint)
         except (SquashstoreError, OSError) as exc:
-            result.errors.append(f"{name}: {' '.join(str(exc).split())}")
+            line = printable(f"{name}: {exc}")  # names come from a comment any user writes
+            result.errors.append(line if len(line) <= 300 else line[:300] + "...")
     return result
 
 

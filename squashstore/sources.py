@@ -23,7 +23,7 @@ from pathlib import Path
 
 from squashstore import names, oci, runtime
 from squashstore.image import Image, SourceError
-from squashstore.registry.client import RegistryOptions
+from squashstore.registry.options import RegistryOptions
 
 CONTAINERS_STORAGE = "containers-storage"
 OCI_DIR = "oci"

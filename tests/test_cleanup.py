@@ -112,6 +112,8 @@ def test_hook_state_is_parsed_from_podmans_bundle() -> None:
     assert parsed == cleanup.StoppingContainer("abc", "/var/lib/containers/storage")
     with pytest.raises(cleanup.CleanupError):
         cleanup.StoppingContainer.parse("not json")
+    with pytest.raises(cleanup.CleanupError, match="nested too deeply"):
+        cleanup.StoppingContainer.parse("[" * 100_000)
 
 
 # --------------------------------------------------------------------------- real podman
@@ -526,3 +528,33 @@ def test_grace_runs_from_the_last_recorded_container_start() -> None:
     mounted = dataclasses.replace(state, fstype="fuse.squashstore", alive=True)
     [d] = cleanup.decide([mounted], 1000.0, 600.0)
     assert d.action == cleanup.KEEP and "unused, 10s old" in d.reason
+
+
+def test_damaged_mount_records_are_skipped_by_every_command(tmp_path: Path) -> None:
+    """Records that are not records (nested 100,000 deep, a list, an int for a path, a pid
+    of 10**30, a time no clock shows, a NUL in a path) made cleanup, mounts and umount
+    --all fail with a traceback (RecursionError, AttributeError, OverflowError); they are
+    skipped, and the one good record is still listed."""
+    from test_store import cli
+
+    run = tmp_path / "run"
+    records = run / "mounts"
+    records.mkdir(parents=True)
+    good = {"image": "i", "layer": "l", "squash": "/s", "mountpoint": str(tmp_path / "m"),
+            "backend": "fuse", "pid": None, "since": 0}
+    bad: list[object] = [
+        {**good, "mountpoint": 5}, {**good, "pid": 10**30}, {**good, "since": 1e308},
+        {**good, "mountpoint": "relative/m"}, {**good, "squash": "/s\0x"}, [1, 2],
+        {**good, "users": "x"}, {**good, "pid": True}, {**good, "since": "x"}]
+    for i, value in enumerate(bad):
+        (records / f"bad{i}.json").write_text(json.dumps(value))
+    (records / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (records / "binary.json").write_bytes(b"\xff\xfe\x00")
+    (records / "good.json").write_text(json.dumps(good))
+    env = {**os.environ, "SQUASHSTORE_RUNTIME_DIR": str(run),
+           "SQUASHSTORE_CONFIG": str(tmp_path / "none.toml")}
+    for command in (["cleanup"], ["cleanup", "--grace", "0", "--dry-run"], ["mounts"]):
+        proc = cli(tmp_path / "store", *command, env=env, check=False)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    listed = cli(tmp_path / "store", "mounts", "--format", "json", env=env)
+    assert [r["mountpoint"] for r in json.loads(listed.stdout)] == [good["mountpoint"]]

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from squashstore import config, mounts
-from squashstore.config import CleanupSettings, Config, ConfigError, MountSettings, PodmanStore
+from squashstore.config import (
+    CleanupSettings,
+    Config,
+    ConfigError,
+    MountSettings,
+    PodmanStore,
+    RegistrySettings,
+)
 
 
 def test_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,6 +28,9 @@ def test_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert config.load() == Config(
         MountSettings("kernel", "fuse-overlayfs"),
         CleanupSettings(30.0, 0.5, (PodmanStore("/a"), PodmanStore("/b", "/r"))))
+    path.write_text("[registry]\nstall = 2.5\ntimeout = 300\n")
+    os.utime(path, ns=(3, 3))
+    assert config.load().registry == RegistrySettings(2.5, 300.0)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -29,6 +39,9 @@ def test_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     ('[mount]\noverlay = 1\n', "config [mount] overlay = 1: expected one of auto"),
     ("[cleanup]\ngrace = -1\n", "config [cleanup] grace = -1: expected seconds >= 0"),
     ("[cleanup]\nmin_age = true\n", "config [cleanup] min_age = True: expected seconds"),
+    ("[registry]\nstall = 0\n", "config [registry] stall = 0: expected seconds > 0"),
+    ("[registry]\ntimeout = nan\n", "config [registry] timeout = nan: expected seconds"),
+    ('[registry]\ntimeout = "5m"\n', "config [registry] timeout = '5m': expected seconds"),
     ('mount = "x"\n', "'mount' must be a table"),
     ("[mount\n", "config.toml: "),
 ])

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -251,3 +253,27 @@ def test_shadowed_link_that_changed_its_file_reaches_the_tar_stream(
     rebuilt = b"".join(tar_from_tar_split(split, point, "test"))
     assert "sha256:" + hashlib.sha256(rebuilt).hexdigest() == result.diff_digest
     assert not diff_listings(canonical_from_tar(io.BytesIO(rebuilt)), exported)
+
+
+def test_export_to_a_device_or_fifo_writes_through_and_squash_refuses_it(
+        tmp_path: Path, saved: dict[tuple[str, str], str],
+        storage_env: dict[str, str]) -> None:
+    """``export -o /dev/null`` renamed a regular file over the device node (as root: over
+    /dev/null itself). A device or FIFO is now written as it is; `squash`, whose writer
+    renames over its output, refuses one; the node is never replaced."""
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    source = saved["base", "oci"]
+    squashstore("export", source, "-o", str(null), env=storage_env)
+    assert stat.S_ISCHR(null.stat().st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    squashstore("export", source, "-o", str(fifo), env=storage_env)
+    reader.join(60)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and got and len(got[0]) > 10240
+    refused = squashstore("squash", source, str(null), env=storage_env, check=False)
+    assert refused.returncode == 1 and "not a regular file" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1 and stat.S_ISCHR(null.stat().st_mode)

@@ -35,3 +35,30 @@ def test_mypy_sees_cli_and_fuse_under_their_installed_names() -> None:
         link = ROOT / "squashstore" / name
         assert link.is_symlink() and link.resolve() == (ROOT / name).resolve()
         assert (link / "__init__.py").is_file()
+
+
+def test_the_command_table_matches_the_modules() -> None:
+    """`main.COMMANDS` names each module's commands (a command line imports only its own
+    module), and the commands run on every container stop and by cleanup and Slurm import
+    neither requests nor the squashfs writer."""
+    import argparse
+    import importlib
+
+    from squashstore.cli import main
+
+    for module, commands in main.COMMANDS.items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert tuple(sub.choices) == commands, module
+    assert main.modules_for(["--store", "/s", "--debug", "hook", "poststop"]) == (
+        "squashstore.cli.cleanup",)
+    assert main.modules_for(["--store=/s", "pull", "x"]) == ("squashstore.cli.registry",)
+    assert main.modules_for(["--help"]) == main.modules_for(["nosuch"]) == main.COMMAND_MODULES
+    for argv in (["cleanup"], ["hook", "poststop"], ["slurm", "epilog"], ["mounts"]):
+        probe = ("import sys; from squashstore.cli.main import build_parser; "
+                 f"build_parser({argv!r}).parse_args({argv!r}); "
+                 "print(sorted(m for m in ('requests', 'squashstore.squashfs.writer') "
+                 "if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip() == "[]", (argv, out)

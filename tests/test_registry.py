@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import threading
@@ -27,10 +29,18 @@ from test_store import PYTHON, cli, unmount_below
 from squashstore import names
 from squashstore.image import SourceError
 from squashstore.mounts import Registry
-from squashstore.registry.client import BlobReader, Client, RegistryOptions
+from squashstore.registry.client import (
+    BlobReader,
+    Client,
+    Deadline,
+    RegistryError,
+    RegistryOptions,
+    TimedOut,
+)
 from squashstore.store import Store
 from support.podman import Podman
 from support.registry import PASSWORD, USER, Pki, RegistryServer, TokenIssuer, make_pki
+from support.stallproxy import StallProxy
 
 CREDS = f"{USER}:{PASSWORD}"
 
@@ -53,10 +63,16 @@ def test_the_two_defaults(text: str, registry: str, local: str) -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "UPPER", "a b", "x::y", "a@sha256:12", "a:-t",
-                                 "0" * 64, "bad_host.io:x/a"])
+                                 "0" * 64, "bad_host.io:x/a",
+                                 "h:65536/a", "h:99999/a", "h:0/a", "h:1234567/a"])
 def test_invalid_names(bad: str) -> None:
     with pytest.raises(names.InvalidName):
         names.registry_name(bad)
+
+
+def test_every_valid_port_parses() -> None:
+    for port in (1, 80, 5000, 9999, 10000, 59999, 65000, 65499, 65529, 65535, "08080"):
+        assert names.parse(f"h:{port}/a").domain == f"h:{port}"
 
 
 _component = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,4})?", fullmatch=True)
@@ -445,11 +461,12 @@ def _fresh_registry(base: Path, pki: Pki) -> RegistryServer:
     return RegistryServer(base, pki, "none")
 
 
-def _unique_image(podman: Podman, base: Path, tag: str, size: int) -> str:
-    """A one-layer image with `size` random bytes in /blob (content nobody else pushes)."""
+def _unique_image(podman: Podman, base: Path, tag: str, mib: int) -> str:
+    """A one-layer image with `mib` MiB of random bytes in /blob (content nobody else
+    pushes)."""
     payload = base / f"{tag}.bin"
     with payload.open("wb") as f:
-        for _ in range(size // (1 << 20)):
+        for _ in range(mib):
             f.write(os.urandom(1 << 20))
     tar = base / f"{tag}.tar"
     with tarfile.open(tar, "w") as t:
@@ -520,7 +537,7 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
     server = _fresh_registry(tmp_path / "reg", pki)
     try:
         origin = make_site("origin")
-        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "big", 384))
+        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "big", 64))
         ref = f"{server.host}/k/big:1"
         origin.cli("push", iid, ref)
         back = make_site("back")
@@ -542,6 +559,173 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
         server.close()
 
 
+class _HostileRegistry:
+    """A plain-HTTP 'registry' on 127.0.0.1 whose every answer is `behaviour`: ``loop``
+    redirects to itself, ``endless`` answers 200 with a body without end, ``token`` asks
+    for a bearer token from a realm that sends an endless body."""
+
+    def __init__(self, behaviour: str) -> None:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                outer.requests += 1
+                if behaviour == "loop":
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if behaviour == "escape":
+                    body = json.dumps({"errors": [{"code": "DENIED", "message":
+                                       "\x1b]0;owned\x07\x1b[2J\u202e"}]}).encode()
+                    self.send_response(404)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if behaviour == "token" and self.path.startswith("/v2/"):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", f'Bearer realm="http://'
+                                     f'{outer.host}/token",service="x"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    chunk = b"[" * 65536
+                    for _ in range(1 << 16):  # 4 GiB at most
+                        self.wfile.write(chunk)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    ("loop", "too many redirects"),
+    ("endless", "the answer is larger than 1048576 bytes"),
+    ("token", "the answer is larger than 1048576 bytes"),
+    ("escape", "DENIED"),
+])
+def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: str) -> None:
+    """A redirect loop was retried 5 times with backoff and then shown as requests' text;
+    an endless answer to a small request (GET /v2/, a token) was read into memory whole."""
+    hostile = _HostileRegistry(behaviour)
+    try:
+        client = Client(hostile.host, RegistryOptions(tls_verify=False))
+        started = time.monotonic()
+        with pytest.raises(RegistryError) as info:
+            client.get_manifest("a/b", "1")
+        assert message in str(info.value) and "\n" not in str(info.value)
+        assert time.monotonic() - started < 10
+        if behaviour == "escape":  # the registry's text reaches the terminal escaped
+            proc = cli(Path("/nonexistent-store"), "pull", "--tls-verify=false",
+                       f"{hostile.host}/a/b:1", check=False)
+            assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+            assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in proc.stderr, proc.stderr
+            assert proc.stderr.isascii() and proc.stderr[:-1].isprintable()
+    finally:
+        hostile.close()
+
+
+@pytest.mark.podman
+def test_manifests_that_lie_about_sizes_are_one_line(
+        make_site: Callable[[str], Site], pki: Pki, tmp_path: Path) -> None:
+    """distribution stores manifests whose layer sizes are missing, negative, too small or
+    far too large. Missing or negative meant an unbounded download (a hostile registry may
+    send without end); too small and too large name what happened."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        client = Client(server.host, RegistryOptions(cert_dir=pki.certs))
+        layer = io.BytesIO()
+        with tarfile.open(fileobj=layer, mode="w") as tar:
+            info = tarfile.TarInfo("f")
+            info.size = 4000
+            tar.addfile(info, io.BytesIO(os.urandom(4000)))
+        blob = layer.getvalue()
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        client.upload_bytes("lie/img", blob, digest)
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        client.upload_bytes("lie/img", config, config_digest)
+        expected = {"none": "no size", "-5": "no size", "100": "sent more than the 100 bytes",
+                    str(10**15): f"the registry has only {len(blob)} bytes of it"}
+        site = make_site("lies")
+        for size, message in expected.items():
+            descriptor: dict[str, object] = {"mediaType": "application/vnd.oci.image.layer"
+                                             ".v1.tar", "digest": digest}
+            if size != "none":
+                descriptor["size"] = int(size)
+            manifest = {"schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                   "digest": config_digest, "size": len(config)},
+                        "layers": [descriptor]}
+            client.put_manifest("lie/img", f"s{size.lstrip('-')}", json.dumps(manifest).encode(),
+                                "application/vnd.oci.image.manifest.v1+json")
+            failed = site.cli("migrate", f"docker://{server.host}/lie/img:s{size.lstrip('-')}",
+                              check=False)
+            _one_line_error(failed, message)
+        _nothing_left(site)
+    finally:
+        server.close()
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_pull_through_a_stalling_registry_resumes_or_stops_at_the_timeout(
+        make_site: Callable[[str], Site], podman: Podman, pki: Pki, tmp_path: Path) -> None:
+    """A registry that hangs mid-blob: with ``[registry] stall = 1`` the pull resumes after a
+    second; when it hangs for good, ``--timeout`` ends the pull with one line and nothing
+    left behind (a Slurm prolog's own timeout must not hit first). `migrate` of the artifact
+    says to pull it."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    proxies: list[StallProxy] = []
+    try:
+        origin = make_site("origin")
+        iid = _migrated_id(origin, _unique_image(podman, tmp_path, "stall", 8))
+        origin.cli("push", iid, f"{server.host}/s/img:1")
+        proxies.append(StallProxy(server.port, after=1 << 20))
+        site = make_site("once")
+        config = Path(site.env["SQUASHSTORE_CONFIG"])
+        config.write_text(config.read_text() + "[registry]\nstall = 1\n")
+        started = time.monotonic()
+        pulled = site.cli("pull", "--no-mount", "--quiet", f"{proxies[0].host}/s/img:1")
+        assert pulled.stdout.strip() == iid
+        assert proxies[0].hits == 1 and time.monotonic() - started < 60
+        proxies.append(StallProxy(server.port, after=1 << 20, times=-1))
+        late = make_site("late")
+        started = time.monotonic()
+        failed = late.cli("pull", "--no-mount", "--timeout", "3", f"{proxies[1].host}/s/img:1",
+                          check=False)
+        _one_line_error(failed, "gave up after 3 s", "at byte")
+        assert proxies[1].hits >= 1 and time.monotonic() - started < 20
+        _nothing_left(late)
+        wrong = late.cli("migrate", f"docker://{server.host}/s/img:1", check=False)
+        _one_line_error(wrong, "is a squashstore artifact", "squashstore pull")
+        _nothing_left(late)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+        server.close()
+
+
 @pytest.mark.podman
 def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
     server = _fresh_registry(tmp_path / "reg", pki)
@@ -560,6 +744,65 @@ def test_blob_reader_resumes_with_range(pki: Pki, tmp_path: Path) -> None:
         assert hashlib.sha256(head + rest).hexdigest() == digest.removeprefix("sha256:")
         assert reader.resumes >= 1
     finally:
+        server.close()
+
+
+@pytest.mark.podman
+def test_a_blob_that_stalls_breaks_or_lies_is_resumed_or_one_clear_line(
+        pki: Pki, tmp_path: Path) -> None:
+    """Against a real registry behind a proxy that stalls or cuts connections mid-blob: a
+    stall (nothing for the stall limit) and a cut are resumed with Range; a registry gone
+    mid-blob says how far the download got; a stall that never ends stops at the deadline;
+    sizes that do not match the blob are said as such (not HTTP 416, not a digest
+    mismatch after downloading what a lying server sends)."""
+    server = _fresh_registry(tmp_path / "reg", pki)
+    proxies: list[StallProxy] = []
+    try:
+        size = 4 << 20
+        blob = tmp_path / "blob"
+        blob.write_bytes(os.urandom(size))
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+
+        def client(host: str, **options: Any) -> Client:
+            return Client(host, RegistryOptions(cert_dir=pki.certs, **options),
+                          sleep=lambda _s: None)
+
+        def proxy(**kwargs: Any) -> str:
+            proxies.append(StallProxy(server.port, after=1 << 20, **kwargs))
+            return proxies[-1].host
+
+        def read_all(c: Client, declared: int = size) -> BlobReader:
+            with cast(BlobReader, c.open_blob("r/b", digest, declared)) as reader:
+                data = b"".join(iter(lambda: reader.read(1 << 20), b""))
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+            return reader
+
+        assert client(server.host).upload_blob("r/b", blob, digest)
+        for mode in ("stall", "close"):
+            started = time.monotonic()
+            reader = read_all(client(proxy(mode=mode), stall=1.0))
+            assert reader.resumes == 1 and proxies[-1].hits == 1
+            assert time.monotonic() - started < 15
+        with pytest.raises(RegistryError) as info:
+            read_all(client(proxy(mode="close", then_refuse=True)))
+        message = str(info.value)
+        assert re.search(rf"connection closed after \d+ of {size} bytes, and resuming failed: "
+                         r".*connection closed by the registry$", message), message
+        assert "Pool" not in message and "\n" not in message
+        started = time.monotonic()
+        with pytest.raises(TimedOut) as timed:
+            read_all(client(proxy(mode="stall", times=-1), deadline=Deadline.after(2)))
+        assert "gave up after 2 s" in str(timed.value)
+        assert 1.5 < time.monotonic() - started < 8
+        with pytest.raises(RegistryError) as info:
+            read_all(client(server.host), size + 10)
+        assert f"the registry has only {size} bytes of it" in str(info.value)
+        with pytest.raises(RegistryError) as info:
+            read_all(client(server.host), size - 10)
+        assert f"the registry sent more than the {size - 10} bytes" in str(info.value)
+    finally:
+        for p in proxies:
+            p.close()
         server.close()
 
 
@@ -621,6 +864,29 @@ def test_credentials_are_looked_up_in_podmans_order(tmp_path: Path) -> None:
     assert auth.remove_credentials("new.example", env=env)
     assert not auth.remove_credentials("new.example", env=env)
     assert auth.find_credentials("r.example:5000", "other/x", env=env) is not None
+
+
+@pytest.mark.podman
+def test_credentials_outside_latin1_are_sent_as_utf8(
+        make_site: Callable[[str], Site], podman: Podman, pki: Pki, tmp_path: Path) -> None:
+    """A user name or password outside latin-1 raised UnicodeEncodeError from requests (a
+    traceback) and one inside it was sent latin-1: podman sends UTF-8, and so do we."""
+    server = RegistryServer(tmp_path / "reg", pki, "htpasswd")
+    try:
+        user, password = "\u00fcser", "p\u00e4ssw\u00f6rd\u20ac"
+        subprocess.run(["htpasswd", "-Bb", str(server.base / "htpasswd"), user, password],
+                       check=True, capture_output=True)
+        server.kill()
+        server.start()
+        site = make_site("utf8")
+        login = site.cli("login", "-u", user, "-p", password, server.host)
+        assert "Login Succeeded" in login.stdout
+        wrong = site.cli("login", "-u", user, "-p", "\u20ac", server.host, check=False)
+        _one_line_error(wrong, "wrong username or password")
+        podman.run("login", "--cert-dir", str(pki.certs), "--authfile",
+                   str(tmp_path / "podman-auth.json"), "-u", user, "-p", password, server.host)
+    finally:
+        server.close()
 
 
 @pytest.mark.podman

@@ -370,3 +370,52 @@ def test_job_comments_declare_images_and_claims_follow_jobs() -> None:
     assert MountRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     plain = {k: v for k, v in record.to_json().items() if k != "claims"}
     assert MountRecord.from_json(plain).claims == []
+
+
+@pytest.mark.parametrize(("job", "message"), [
+    (None, "no Slurm job: SLURM_JOB_ID is not set"),
+    ("12; rm -rf /", "SLURM_JOB_ID '12; rm -rf /' is not a Slurm job id (digits)"),
+    ("\u0661\u0662", "is not a Slurm job id"),  # Arabic-Indic digits: isdigit() but not ours
+])
+def test_a_job_id_that_is_not_a_number_is_named_as_such(tmp_path: Path, job: str | None,
+                                                         message: str) -> None:
+    from test_store import cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["SQUASHSTORE_RUNTIME_DIR"] = str(tmp_path / "run")
+    if job is not None:
+        env["SLURM_JOB_ID"] = job
+    for stage in ("prolog", "epilog"):
+        proc = cli(tmp_path / "store", "slurm", stage, env=env, check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith("squashstore: ") and proc.stderr.count("\n") == 1
+        assert message in proc.stderr, proc.stderr
+    uid = {"SLURM_JOB_ID": "5", "SLURM_JOB_UID": "\u0661"}  # not int()-able: no traceback
+    from squashstore import slurm
+
+    assert slurm.JobContext.from_env(uid).uid == 0
+
+
+def test_a_hostile_comment_premounts_at_most_a_few_images_and_logs_printable_lines(
+        tmp_path: Path) -> None:
+    """Any user writes the job comment the root prolog reads: paths, `..`, shell
+    metacharacters and terminal escapes are image names that are not found (never files),
+    error lines are printable, and at most MAX_DECLARED images are looked at."""
+    from squashstore import slurm
+    from squashstore.mounts import Registry
+    from squashstore.store import Store
+
+    store = Store(tmp_path / "store")
+    store.init()
+    hostile = ["../../etc/passwd", "/etc/shadow", "$(reboot)", "`id`", "a|b", "\x1b[2J\x1b[31m",
+               "x\x07y", "\u202eevil"] + [f"img{i}" for i in range(100)]
+    comment = "squashstore=" + ",".join(hostile)
+    ctx = slurm.JobContext("7", comment=comment)
+    result = slurm.prolog(ctx, store, Registry(tmp_path / "run"))
+    assert result.mounted == []
+    assert len(result.errors) == 1 + slurm.MAX_DECLARED
+    assert result.errors[0] == f"{len(hostile)} images declared: only the first 16 are premounted"
+    for line in result.errors:
+        assert line.isprintable() and len(line) < 400, line
+    assert "\\x1b[2J" in result.errors[6]
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.json"))

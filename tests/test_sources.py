@@ -918,6 +918,31 @@ def test_local_store_layer_with_a_changed_file_fails_like_podman(
     assert b"file integrity checksum failed" in saved.stderr
 
 
+@pytest.mark.parametrize("transport", ["oci-archive", "docker-archive"])
+def test_an_archive_that_is_a_device_or_a_pipe_is_refused(tmp_path: Path,
+                                                          transport: str) -> None:
+    """`oci-archive:/dev/zero` never returned (tarfile probing compressions on an endless
+    stream); a FIFO would block forever. Both: one line, at once."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="is not a regular file"):
+            open_image(f"{transport}:{path}")
+        assert time.monotonic() - started < 5
+
+
+def test_a_docker_archive_manifest_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    archive = tmp_path / "deep.tar"
+    data = b"[" * 100_000 + b"]" * 100_000
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SourceError, match="nested too deeply"):
+        open_image(f"docker-archive:{archive}")
+
+
 _OPS = st.lists(st.one_of(
     st.tuples(st.just("segment"), st.binary(max_size=40)),
     st.tuples(st.just("file"),

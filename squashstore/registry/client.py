@@ -8,15 +8,21 @@ http when https does not answer); the authentication handshake (anonymous, then 
 ``WWW-Authenticate`` challenge asks: basic, or a bearer token from the realm, cached per
 scope); retries with backoff for idempotent requests on dropped connections and 429/5xx;
 `BlobReader`, a raw stream of one blob that resumes with a ``Range`` request where the
-connection dropped; and chunked uploads whose memory does not grow with the blob. Every
-error is a `RegistryError` with one line naming the host and what failed.
+connection dropped or stalled; and chunked uploads whose memory does not grow with the blob.
+Two limits bound the waiting: a transfer that receives nothing for ``[registry] stall``
+seconds counts as stalled (retried, a download resumed), and a `Deadline` (``--timeout``,
+``[registry] timeout``) ends all of a command's registry work at once. Every error is a
+`RegistryError` with one line naming the host and what failed.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import http.client
 import io
+import json
 import os
 import re
 import ssl
@@ -25,7 +31,6 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -33,9 +38,12 @@ import requests
 import requests.adapters
 import urllib3
 
-from squashstore import oci
+from squashstore import config, oci
 from squashstore.image import SourceError
 from squashstore.registry.auth import Credentials, find_credentials, parse_creds
+from squashstore.registry.options import Deadline, RegistryOptions
+
+__all__ = ["Client", "Deadline", "NotFound", "RegistryError", "RegistryOptions", "TimedOut"]
 
 CERTS_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 """Per-registry TLS directories, as containers/image reads them (root's; a user's
@@ -47,12 +55,15 @@ RETRIES = 4
 """Attempts after the first for an idempotent request or a dropped download."""
 BACKOFF = 0.5
 """Seconds before the first retry; doubled each time."""
-TIMEOUT = (10.0, 60.0)
-"""(connect, read) seconds."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds to establish a connection (the read timeout is the stall limit,
+`squashstore.config.DEFAULT_STALL`)."""
 UPLOAD_CHUNK = 16 << 20
 """Bytes per PATCH of a chunked upload: the most a push holds in memory."""
 MANIFEST_LIMIT = 4 << 20
 """The largest manifest or index accepted (containers/image's limit)."""
+SMALL_BODY_LIMIT = 1 << 20
+"""The most read of a token answer or an error's body (the rest is not read)."""
 MANIFEST_ACCEPT = ", ".join((oci.OCI_MANIFEST, oci.OCI_INDEX, oci.DOCKER_MANIFEST,
                              oci.DOCKER_LIST))
 DOCKER_HUB_API = "registry-1.docker.io"
@@ -66,15 +77,8 @@ class NotFound(RegistryError):
     """The registry does not have the manifest or blob asked for."""
 
 
-@dataclass(frozen=True)
-class RegistryOptions:
-    """The registry options of cli.md (``--tls-verify``, ``--authfile``, ``--cert-dir``,
-    ``--creds``); None means podman's default."""
-
-    tls_verify: bool | None = None
-    authfile: Path | None = None
-    cert_dir: Path | None = None
-    creds: str | None = None
+class TimedOut(RegistryError):
+    """The command's deadline for registry work passed (never retried)."""
 
 
 def certs_dirs(host: str) -> list[Path]:
@@ -133,11 +137,19 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 def describe_connection_error(exc: BaseException) -> str:
     """A short reason for a failed connection."""
     text = str(exc)
-    for cause in _causes(exc):
+    causes = _causes(exc)
+    for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate not trusted ({cause.verify_message})"
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
+    if isinstance(exc, requests.TooManyRedirects):
+        return "too many redirects"
+    for cause in causes:
+        if isinstance(cause, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError,
+                              http.client.RemoteDisconnected, http.client.IncompleteRead,
+                              urllib3.exceptions.IncompleteRead)):
+            return "connection closed by the registry"
     if "NameResolutionError" in text or "Name or service not known" in text or \
             "Failed to resolve" in text or "nodename nor servname" in text:
         return "unknown host (name does not resolve)"
@@ -145,8 +157,15 @@ def describe_connection_error(exc: BaseException) -> str:
         return "TLS certificate not trusted"
     if "Connection refused" in text:
         return "connection refused"
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
+    if isinstance(exc, requests.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(exc, (requests.Timeout, TimeoutError)) or any(
+            isinstance(c, (urllib3.exceptions.ReadTimeoutError, TimeoutError))
+            for c in causes):
+        return "no data received in time (stalled)"
+    for cause in causes:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error ({cause.reason or cause})"
     return " ".join(text.split())[:200]
 
 
@@ -166,8 +185,19 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _unresolvable(exc: BaseException) -> bool:
-    return describe_connection_error(exc).startswith("unknown host")
+def basic_authorization(creds: Credentials) -> dict[str, str]:
+    """The basic ``Authorization`` header, UTF-8 as podman sends it (requests would encode
+    latin-1, and raise on a name or password outside it)."""
+    token = base64.b64encode(f"{creds.username}:{creds.password}".encode("utf-8",
+                                                                          "surrogateescape"))
+    return {"Authorization": f"Basic {token.decode()}"}
+
+
+def _final(exc: BaseException) -> bool:
+    """A failure retrying cannot mend: an unknown host, an untrusted certificate, a TLS
+    setup the server refuses, a redirect loop."""
+    reason = describe_connection_error(exc)
+    return reason.startswith(("unknown host", "TLS", "too many redirects"))
 
 
 class Client:
@@ -198,6 +228,9 @@ class Client:
         self._explicit: Credentials | None = (parse_creds(self.options.creds)
                                               if self.options.creds else None)
         self._sleep = sleep
+        self.stall = self.options.stall or config.load().registry.stall
+        """Seconds without a byte before a request counts as stalled."""
+        self.deadline = self.options.deadline
 
     # ------------------------------------------------------------------ connection
 
@@ -215,12 +248,57 @@ class Client:
             return self._explicit
         return find_credentials(self.host, repository, self.options.authfile)
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def timeouts(self, what: str) -> tuple[float, float]:
+        """(connect, read) seconds for the next request or read: the stall limit, cut to
+        what is left of the deadline; `TimedOut` when nothing is left."""
+        connect, read = CONNECT_TIMEOUT, self.stall
+        if self.deadline is not None:
+            left = self.deadline.remaining()
+            if left <= 0:
+                raise self._timed_out(what)
+            connect, read = min(connect, left), min(read, left)
+        return connect, read
+
+    def expired(self, what: str, cause: BaseException | None = None) -> None:
+        """Raise `TimedOut` if the deadline has passed (`cause` chained)."""
+        if self.deadline is not None and self.deadline.remaining() <= 0:
+            raise self._timed_out(what) from cause
+
+    def _timed_out(self, what: str) -> TimedOut:
+        seconds = self.deadline.seconds if self.deadline is not None else 0.0
+        return TimedOut(f"{self.host}: gave up after {seconds:g} s (--timeout, [registry] "
+                        f"timeout): {what}")
+
+    def pause(self, seconds: float) -> None:
+        """A backoff wait, cut short by the deadline."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(self.deadline.remaining(), 0.0))
+        self._sleep(seconds)
+
+    def _send(self, method: str, url: str, stream: bool = False,
+              **kwargs: Any) -> requests.Response:
+        """One request. Bodies always stream: one not asked for as a stream is read here, at
+        most `SMALL_BODY_LIMIT` bytes (a registry's answer cannot fill the memory)."""
+        what = f"{method} {urllib.parse.urlsplit(url).path}"
+        timeout = self.timeouts(what)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
             # verify given per request: a session's verify=False loses to $REQUESTS_CA_BUNDLE
-            return self.session.request(method, url, timeout=TIMEOUT, verify=self.verify,
-                                        **kwargs)
+            response = self.session.request(method, url, timeout=timeout, verify=self.verify,
+                                            stream=True, **kwargs)
+        if not stream:
+            try:
+                body = self.read_body(response, SMALL_BODY_LIMIT + 1, what)
+            except BaseException:
+                response.close()
+                raise
+            if len(body) > SMALL_BODY_LIMIT:
+                response.close()
+                raise RegistryError(f"{self.host}: {what}: the answer is larger than "
+                                    f"{SMALL_BODY_LIMIT} bytes")
+            response._content = body  # what requests keeps of a body it read itself
+            response.raw.release_conn()  # read to its end: the connection is reused
+        return response
 
     def base(self) -> str:
         """``https://HOST`` (or ``http://HOST`` for an insecure registry that has no TLS)."""
@@ -246,8 +324,8 @@ class Client:
             try:
                 response = call()
             except requests.RequestException as exc:
-                if attempt == attempts - 1 or _unresolvable(exc) or \
-                        isinstance(exc, requests.exceptions.SSLError):
+                self.expired(what, exc)
+                if attempt == attempts - 1 or _final(exc):
                     raise RegistryError(f"{self.host}: {what}: "
                                         f"{describe_connection_error(exc)}") from exc
             else:
@@ -255,7 +333,8 @@ class Client:
                         attempt == attempts - 1:
                     return response
                 response.close()
-            self._sleep(delay)
+            self.pause(delay)
+            self.expired(what)
             delay *= 2
         raise AssertionError("unreachable")
 
@@ -267,8 +346,7 @@ class Client:
             return {"Authorization": f"Bearer {token}"}
         creds = self.credentials(repository)
         if self._basic and creds is not None:
-            return {"Authorization": requests.auth._basic_auth_str(
-                creds.username, creds.password)}
+            return basic_authorization(creds)
         return {}
 
     def _authenticate(self, response: requests.Response, scope: str, repository: str,
@@ -305,10 +383,12 @@ class Client:
                      creds: Credentials | None) -> str:
         query = {k: v for k, v in (("service", params.get("service", "")),
                                    ("scope", scope)) if v}
-        auth = (creds.username, creds.password) if creds is not None else None
+        auth = basic_authorization(creds) if creds is not None else {}
         realm = params["realm"]
+        if urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
+            raise RegistryError(f"{self.host}: unsupported token realm {realm[:80]!r}")
         response = self._retrying(
-            lambda: self._send("GET", realm, params=query, auth=auth), "token request")
+            lambda: self._send("GET", realm, params=query, headers=auth), "token request")
         if response.status_code in (401, 403):
             if creds is not None:
                 raise self._refused(creds)
@@ -340,7 +420,7 @@ class Client:
                 self._fetch_token(params, "", creds)
                 return
             response = self._retrying(lambda: self._send(
-                "GET", url, auth=(creds.username, creds.password)), "GET /v2/")
+                "GET", url, headers=basic_authorization(creds)), "GET /v2/")
             if response.status_code == 401:
                 raise self._refused(creds)
         if response.status_code >= 400:
@@ -379,8 +459,11 @@ class Client:
 
     def _error(self, response: requests.Response, what: str) -> RegistryError:
         detail = ""
-        with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
-            errors = response.json()["errors"]
+        with contextlib.suppress(ValueError, KeyError, TypeError, IndexError, AttributeError,
+                                 RegistryError):
+            body = response._content if isinstance(response._content, bytes) else \
+                self.read_body(response, SMALL_BODY_LIMIT, what)
+            errors = json.loads(body)["errors"]
             detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
                                for e in errors)
         if response.status_code == 403:
@@ -396,7 +479,8 @@ class Client:
         with response:
             if response.status_code != 200:
                 raise self._error(response, f"manifest {repository}:{reference}")
-            data = response.raw.read(MANIFEST_LIMIT + 1, decode_content=True)
+            data = self.read_body(response, MANIFEST_LIMIT + 1,
+                                  f"manifest {repository}:{reference}", decode=True)
         if len(data) > MANIFEST_LIMIT:
             raise RegistryError(f"{self.host}: manifest {repository}:{reference} is larger "
                                 f"than {MANIFEST_LIMIT} bytes")
@@ -414,6 +498,26 @@ class Client:
                 if media_type not in (*oci.MANIFEST_TYPES, *oci.INDEX_TYPES) else media_type
         return data, media_type, digest
 
+    def read_body(self, response: requests.Response, limit: int, what: str,
+                  decode: bool = False) -> bytes:
+        """At most `limit` bytes of a streamed response's body (a Content-Encoding undone
+        when `decode`), read under the stall limit and the deadline."""
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while total < limit:
+                _set_read_timeout(response, self.timeouts(what)[1])
+                data = _read_some(response, limit - total, decode)
+                if not data:
+                    break
+                parts.append(data)
+                total += len(data)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            self.expired(what, exc)
+            raise RegistryError(f"{self.host}: {what}: "
+                                f"{describe_connection_error(exc)}") from exc
+        return b"".join(parts)
+
     def open_blob(self, repository: str, digest: str, size: int = -1) -> BinaryIO:
         """A raw stream of the blob (not yet verified: the caller checks the digest)."""
         return cast(BinaryIO, BlobReader(self, repository, digest, size))
@@ -423,8 +527,13 @@ class Client:
         if descriptor.size > limit:
             raise RegistryError(f"{self.host}: {descriptor.digest} is {descriptor.size} "
                                 f"bytes, more than {limit}")
+        parts: list[bytes] = []
+        total = 0
         with self.open_blob(repository, descriptor.digest, descriptor.size) as blob:
-            data = blob.read(limit + 1)
+            while total <= limit and (part := blob.read(limit + 1 - total)):
+                parts.append(part)
+                total += len(part)
+        data = b"".join(parts)
         return oci.fetch_verified(lambda _d: data, descriptor,
                                   f"{self.host}/{repository}")
 
@@ -453,11 +562,11 @@ class Client:
                 self._upload_once(repository, path, digest, progress)
                 return True
             except RegistryError as exc:
-                if not isinstance(exc.__cause__, requests.RequestException) or \
-                        attempt == RETRIES:
+                if isinstance(exc, TimedOut) or attempt == RETRIES or \
+                        not isinstance(exc.__cause__, requests.RequestException):
                     raise
                 last = exc
-                self._sleep(BACKOFF * 2 ** attempt)
+                self.pause(BACKOFF * 2 ** attempt)
         raise last or AssertionError("unreachable")
 
     def _upload_once(self, repository: str, path: Path, digest: str,
@@ -526,9 +635,12 @@ class Client:
 
 
 class BlobReader(io.RawIOBase):
-    """A blob's bytes as they arrive; a dropped connection is resumed from the byte where it
-    broke with a ``Range`` request (or, when the registry ignores Range, by skipping), at
-    most `RETRIES` times in a row without progress."""
+    """A blob's bytes as they arrive; a dropped or stalled connection (nothing received for
+    the client's `stall` seconds) is resumed from the byte where it broke with a ``Range``
+    request (or, when the registry ignores Range, by skipping), at most `RETRIES` times in a
+    row without progress. Each read returns what one receive brings, so the client's
+    deadline is checked at least every `stall` seconds. A registry that sends more than the
+    blob's `size` is cut off at once (a lying server cannot fill the disk)."""
 
     def __init__(self, client: Client, repository: str, digest: str, size: int) -> None:
         super().__init__()
@@ -538,6 +650,8 @@ class BlobReader(io.RawIOBase):
         self.resumes = 0
         self._response: requests.Response | None = None
         self._failures = 0
+        self._broke = ""
+        """Why the last connection broke (named when resuming it fails too)."""
 
     def readable(self) -> bool:
         return True
@@ -545,10 +659,28 @@ class BlobReader(io.RawIOBase):
     def _what(self) -> str:
         return f"{self._client.host}/{self._repository}@{self._digest}"
 
+    def _of(self) -> str:
+        return f"{self.position} of {self._size}" if self._size >= 0 else str(self.position)
+
     def _open(self) -> None:
         headers = {"Range": f"bytes={self.position}-"} if self.position else {}
-        response = self._client.request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
-                                        self._repository, headers=headers, stream=True)
+        try:
+            response = self._client.request(
+                "GET", f"/v2/{self._repository}/blobs/{self._digest}", self._repository,
+                headers=headers, stream=True)
+        except TimedOut:
+            raise
+        except RegistryError as exc:
+            if not self.position:
+                raise
+            raise RegistryError(f"{self._what()}: {self._broke}, and resuming failed: "
+                                f"{str(exc).removeprefix(self._client.host + ': ')}") from exc
+        if response.status_code == 416:
+            response.close()
+            total = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
+            has = f"has only {total.group(1)} bytes of it" if total else "cannot resume it"
+            raise RegistryError(f"{self._what()}: resuming at byte {self._of()}: the registry "
+                                f"{has} (the manifest gives a wrong size, or the blob changed)")
         if response.status_code not in (200, 206):
             error = self._client._error(response, f"blob {self._digest}")
             response.close()
@@ -556,7 +688,8 @@ class BlobReader(io.RawIOBase):
         if self.position and response.status_code == 200:
             skip = self.position
             while skip:
-                data = response.raw.read(min(skip, 1 << 20), decode_content=False)
+                _set_read_timeout(response, self._client.timeouts(self._at())[1])
+                data = _read_some(response, min(skip, 1 << 20))
                 if not data:
                     response.close()
                     raise RegistryError(f"{self._what()}: the blob ended early on resume")
@@ -568,21 +701,39 @@ class BlobReader(io.RawIOBase):
                 raise RegistryError(f"{self._what()}: the registry resumed at the wrong byte")
         self._response = response
 
+    def _at(self) -> str:
+        return f"blob {self._digest} at byte {self._of()}"
+
+    def _reason(self, exc: BaseException) -> str:
+        """Why a read failed, with where: stalled, or closed after N of M bytes."""
+        text = _short(exc)
+        if "stalled" in text:
+            return f"no data for {self._client.stall:g} s after {self._of()} bytes (stalled)"
+        if text.startswith("connection closed") or isinstance(exc, RegistryError):
+            return f"connection closed after {self._of()} bytes"
+        return f"{text} after {self._of()} bytes"
+
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while True:
             if self._response is None:
                 self._open()
             assert self._response is not None
+            limit = len(buffer)
+            if self._size >= 0:
+                limit = min(limit, self._size - self.position + 1)  # one byte to see a lie
             try:
-                data = self._response.raw.read(len(buffer), decode_content=False)
+                _set_read_timeout(self._response, self._client.timeouts(self._at())[1])
+                data = _read_some(self._response, limit) if limit > 0 else b""
                 failure: BaseException | None = None
                 if not data and self._size >= 0 and self.position < self._size:
-                    failure = RegistryError(f"connection closed at byte {self.position} of "
-                                            f"{self._size}")
+                    failure = RegistryError("connection closed")
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
                 data, failure = b"", exc
             if failure is None:
                 n = len(data)
+                if self._size >= 0 and self.position + n > self._size:
+                    raise RegistryError(f"{self._what()}: the registry sent more than the "
+                                        f"{self._size} bytes the manifest gives")
                 buffer[:n] = data
                 self.position += n
                 if n:
@@ -590,19 +741,39 @@ class BlobReader(io.RawIOBase):
                 return n
             self._response.close()
             self._response = None
+            self._broke = self._reason(failure)
+            self._client.expired(self._at(), failure)
             self._failures += 1
             if self._failures > RETRIES:
-                raise RegistryError(f"{self._what()}: download failed at byte {self.position}"
-                                    f" after {RETRIES} retries ({_short(failure)})") \
-                    from failure
+                raise RegistryError(f"{self._what()}: download failed after {RETRIES} "
+                                    f"retries: {self._broke}") from failure
             self.resumes += 1
-            self._client._sleep(BACKOFF * 2 ** (self._failures - 1))
+            self._client.pause(BACKOFF * 2 ** (self._failures - 1))
 
     def close(self) -> None:
         if self._response is not None:
             self._response.close()
             self._response = None
         super().close()
+
+
+def _read_some(response: requests.Response, limit: int, decode: bool = False) -> bytes:
+    """Up to `limit` bytes of a streamed body, as one receive brings them (urllib3's read1;
+    a plain read where it has none)."""
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    if read1 is not None:
+        return cast(bytes, read1(limit, decode_content=decode))
+    return cast(bytes, raw.read(limit, decode_content=decode))
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    """The socket timeout for the next receives of a streamed body (requests fixes it when
+    the request is sent; a deadline that comes closer must shorten it)."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(seconds)
 
 
 def _short(exc: BaseException) -> str:

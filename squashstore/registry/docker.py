@@ -139,12 +139,20 @@ def image_from_manifest(client: Client, ref: RemoteRef, data: bytes, media_type:
 
     top = oci.Descriptor(media_type, digest, len(data))
     manifest_bytes, manifest_desc = oci.resolve_manifest(fetch, top, wanted, what)
+    from squashstore.registry.artifact import is_artifact  # imported when used: no cycle
+
+    if is_artifact(manifest_bytes):
+        raise SourceError(f"{what}: this is a squashstore artifact, not an image: use "
+                          f"`squashstore pull {strip_scheme(text)}`")
     manifest = oci.parse_manifest(manifest_bytes, f"{what}: manifest")
     config = client.read_blob(repository, manifest.config, CONFIG_LIMIT)
     ids = oci.diff_ids(config, f"{what}: config")
     if len(ids) != len(manifest.layers):
         raise SourceError(f"{what}: the manifest has {len(manifest.layers)} layers but the "
                           f"config lists {len(ids)} diff_ids")
+    for descriptor in (manifest.config, *manifest.layers):
+        if descriptor.size < 0:  # unbounded: a lying registry could send without end
+            raise SourceError(f"{what}: the manifest gives {descriptor.digest} no size")
     for descriptor in manifest.layers:
         if oci.layer_compression(descriptor.media_type) is None and \
                 descriptor.media_type not in ("", oci.OCI_LAYER):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import stat
 import tarfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -133,6 +134,9 @@ class ArchiveFiles(Files):
     def __init__(self, archive: Path, what: str) -> None:
         self.archive, self.what = archive, what
         try:
+            if not stat.S_ISREG(archive.stat().st_mode) and not archive.is_dir():
+                # a device or a pipe: /dev/zero made tarfile's compression probing loop
+                raise SourceError(f"{what}: {archive} is not a regular file")
             with tarfile.open(archive, mode="r:*") as tar:
                 members = tar.getmembers()
         except FileNotFoundError:

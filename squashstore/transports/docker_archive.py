@@ -75,6 +75,8 @@ def _docker_entry(files: ArchiveFiles, ref: Reference) -> dict[str, Any]:
         entries = json.loads(files.read("manifest.json"))
     except ValueError as exc:
         raise SourceError(f"{what}: manifest.json is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise SourceError(f"{what}: manifest.json is nested too deeply") from None
     if not isinstance(entries, list) or not entries or not all(
             isinstance(e, dict) for e in entries):
         raise SourceError(f"{what}: manifest.json lists no images")
