@@ -93,5 +93,5 @@ def build_image(podman_root: Path, tree: Path) -> tuple[Any, str]:
         + "".join(f"COPY tree/site-packages/{p.name} /usr/lib/python3/site-packages/{p.name}\n"
                   for p in extra))
     podman.run("build", "--network", "none", "--pull=never", "-t", "localhost/bench:1",
-               str(ctx))
+               str(ctx), timeout=3600)  # --large on a loaded machine takes over 5 minutes
     return podman, "localhost/bench:1"

@@ -317,7 +317,7 @@ def layer_members(draw: st.DrawFn, index: int) -> list[Member]:
     return members
 
 
-REFUSED = "duplicates of file paths not supported|file exists|not a directory"
+REFUSED = "duplicates of file paths not supported|file exists|not a directory|lies below"
 """How podman refuses the layers the strategies can make."""
 
 
