@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from test_migrate import Migration
 from test_store import PYTHON, cli, unmount_below
 
-from squashstore import names
+from squashstore import names, oci
 from squashstore.image import SourceError
 from squashstore.mounts import Registry
 from squashstore.registry.client import (
@@ -641,6 +641,39 @@ def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: 
             assert proc.stderr.isascii() and proc.stderr[:-1].isprintable()
     finally:
         hostile.close()
+
+
+@pytest.mark.podman
+def test_a_manifest_nested_too_deeply_is_one_line(
+        make_site: Callable[[str], Site], pki: Pki, tmp_path: Path) -> None:
+    """distribution (Go, 10,000 levels) stores a manifest nested 5,000 deep that Python's
+    parser cannot read: `pull` and `migrate` raised RecursionError from the artifact check;
+    a nested artifact annotation did the same after the download."""
+    from squashstore.registry import artifact
+
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        client = Client(server.host, RegistryOptions(cert_dir=pki.certs))
+        config = b"{}"
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        client.upload_bytes("deep/img", config, config_digest)
+        deep = "[" * 5000 + "]" * 5000
+        manifest = ('{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1'
+                    '+json", "config": {"mediaType": "application/vnd.oci.image.config.v1+json",'
+                    f' "digest": "{config_digest}", "size": 2}}, "layers": [], "x": {deep}}}')
+        client.put_manifest("deep/img", "1", manifest.encode(),
+                            "application/vnd.oci.image.manifest.v1+json")
+        site = make_site("deep")
+        for command in (["pull", f"{server.host}/deep/img:1"],
+                        ["migrate", f"docker://{server.host}/deep/img:1"]):
+            _one_line_error(site.cli(*command, check=False), "nested too deeply")
+        _nothing_left(site)
+    finally:
+        server.close()
+    nested = artifact.Artifact(
+        oci.Descriptor("", "sha256:" + "0" * 64, 2), oci.Descriptor("", "sha256:" + "1" * 64, 2),
+        None, "sha256:" + "2" * 64, 1, {artifact.OPTIONS: deep})
+    assert artifact._json_annotation(nested, artifact.OPTIONS) == {}
 
 
 @pytest.mark.podman
