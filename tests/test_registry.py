@@ -922,6 +922,17 @@ def test_credentials_outside_latin1_are_sent_as_utf8(
         server.close()
 
 
+def test_a_damaged_auth_file_is_one_line(tmp_path: Path) -> None:
+    from squashstore.registry.auth import AuthError, find_credentials
+
+    for text in ("[" * 100_000, "{", "[]", '{"auths": {"h": {"auth": "!!"}}}'):
+        path = tmp_path / "auth.json"
+        path.write_text(text)
+        with pytest.raises(AuthError) as info:
+            find_credentials("h", "r", path, env={"HOME": str(tmp_path)})
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
 @pytest.mark.podman
 def test_an_expired_token_is_replaced(registries: dict[str, RegistryServer], pki: Pki,
                                       pushed: dict[str, str]) -> None:
