@@ -8,6 +8,8 @@ forwards. For each way onto a fresh store, the time from the command's start unt
 host's Python has imported numpy from the image's mounted layer (the FUSE mount the command
 leaves behind; podman would run the same files):
 - `pull --lazy` of the artifact (blocks fetched as the import reads them),
+- `pull --lazy` of the artifact with a start-up prefetch list (`squashstore record` of the
+  same import on the origin; its ranges fetched in bulk before pull returns),
 - `pull` of the artifact (the whole squash file first),
 - `migrate docker://` of the ordinary image (layers downloaded and squashed on the node).
 Run: .venv/bin/python bench/bench_lazy.py
@@ -16,6 +18,7 @@ Run: .venv/bin/python bench/bench_lazy.py
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -93,6 +96,15 @@ def _cli(store: Path, *args: str) -> list[str]:
     return [SQUASHSTORE, "--store", str(store), *args]
 
 
+IMPORT = [sys.executable, "-c", "import numpy; numpy.zeros(3).sum()"]
+
+
+def import_env(env: dict[str, str], diff: Path) -> dict[str, str]:
+    """`IMPORT` run by the host's Python from the image's mounted layer."""
+    return {**env, "PYTHONPATH": str(diff / "usr/lib/python3/site-packages"),
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def first_import(store: Path, argv: list[str], proxy: Throttle, env: dict[str, str]
                  ) -> tuple[float, float, int]:
     """(seconds until the command is done, until numpy imported, bytes through the proxy)."""
@@ -101,10 +113,7 @@ def first_import(store: Path, argv: list[str], proxy: Throttle, env: dict[str, s
     subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
     installed = time.perf_counter() - start
     diff = next(p for p in store.glob("overlay/*/diff") if os.path.ismount(p))
-    site = diff / "usr/lib/python3/site-packages"
-    subprocess.run([sys.executable, "-c", "import numpy; numpy.zeros(3).sum()"], check=True,
-                   env={**env, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"},
-                   cwd="/")
+    subprocess.run(IMPORT, check=True, env=import_env(env, diff), cwd="/")
     done = time.perf_counter() - start
     return installed, done, proxy.sent - before
 
@@ -130,26 +139,41 @@ def main() -> int:
                             f"{server.host}/bench/image:squashed"), check=True,
                        capture_output=True)
         squash = next((work / "origin").glob("squashstore/squash/*.sqfs")).stat().st_size
+        # The same import, recorded on the origin (a fresh mount of its complete image).
+        diff = next(p for p in (work / "origin").glob("overlay/*/diff"))
+        pythonpath = import_env({}, diff)
+        recorded = subprocess.run(
+            _cli(work / "origin", "record", "--format", "json", origin, "--", "env",
+                 *(f"{k}={v}" for k, v in pythonpath.items()), *IMPORT),
+            check=True, capture_output=True, text=True, cwd="/")
+        listed = json.loads(recorded.stdout)
+        subprocess.run(_cli(work / "origin", "push", *certs, origin,
+                            f"{server.host}/bench/image:prefetch"), check=True,
+                       capture_output=True)
         proxy = Throttle(server.port, RATE)
         via = f"127.0.0.1:{proxy.port}"
         env = dict(os.environ)
         rows = []
         for label, args in (
                 ("pull --lazy", ("pull", "--lazy", *certs, f"{via}/bench/image:squashed")),
+                ("pull --lazy, prefetch list",
+                 ("pull", "--lazy", *certs, f"{via}/bench/image:prefetch")),
                 ("pull", ("pull", *certs, f"{via}/bench/image:squashed")),
                 ("migrate docker://", ("migrate", *certs, f"docker://{via}/bench/image:1"))):
-            store = work / label.replace(" ", "-").replace(":", "").replace("/", "")
+            store = work / "".join(c if c.isalnum() else "-" for c in label)
             stores.append(store)
             installed, done, moved = first_import(store, _cli(store, *args), proxy, env)
             rows.append([label, f"{installed:.1f}", f"{done:.1f}", f"{moved / 1e6:.1f}",
                          f"{100 * moved / squash:.0f} %"])
         print(f"image: {files} files, {size / 1e6:.0f} MB; squash file {squash / 1e6:.0f} MB;"
-              f" link {RATE / 1e6:.0f} MB/s")
+              f" link {RATE / 1e6:.0f} MB/s; prefetch list {listed['bytes'] / 1e6:.1f} MB in "
+              f"{listed['ranges']} ranges")
         print_table("fresh store -> first `import numpy` from the mounted image",
                     ["how", "command s", "to import s", "MB moved", "of squash"], rows)
-        lazy, full = float(rows[0][2]), float(rows[1][2])
-        print(f"ratio pull --lazy / pull (time to import): {lazy / full:.2f}; "
-              f"/ migrate docker://: {lazy / float(rows[2][2]):.2f}")
+        lazy, listed_lazy, full, migrate = (float(row[2]) for row in rows)
+        print(f"time to import, ratio to pull: pull --lazy {lazy / full:.2f}, with the "
+              f"prefetch list {listed_lazy / full:.2f}; to migrate docker://: "
+              f"{lazy / migrate:.2f} and {listed_lazy / migrate:.2f}")
     finally:
         for store in stores:
             subprocess.run(_cli(store, "umount", "--all"), capture_output=True, check=False)

@@ -43,7 +43,7 @@ COMMAND_MODULES = tuple(COMMANDS)
 # check or remove mounts, which live in podman's mount namespace: for an ordinary user they
 # run inside rootless podman's namespace (``podman unshare``).
 IN_PODMAN_USERNS = frozenset({"migrate", "export", "squash", "mount", "umount", "mounts",
-                              "cleanup", "rmi", "gc", "pull"})
+                              "cleanup", "rmi", "gc", "pull", "record"})
 
 
 class UsageError(SquashstoreError):

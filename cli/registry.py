@@ -117,6 +117,9 @@ def register(sub: Any) -> None:
     p.add_argument("--lazy", action="store_true",
                    help="install a squashstore artifact at once and fetch its squash file's "
                    "blocks from the registry as they are read (a later pull completes it)")
+    p.add_argument("--background", action="store_true",
+                   help="complete a lazily pulled image (with --lazy: the one just installed) "
+                   "in a detached process instead of in front")
     p.add_argument("--platform", default=None, help="os/arch[/variant] of a multi-arch image")
     p.add_argument("--backend", default=None, choices=("fuse", "kernel", "squashfuse"),
                    help="mount backend (default: [mount] backend of the config, else fuse)")
@@ -228,6 +231,10 @@ def cmd_push(args: argparse.Namespace) -> int:
         if plan.tar_split is not None and client.upload_blob(
                 ref.repository, plan.tar_split, plan.tar_split_digest):
             uploaded.append(plan.tar_split_digest)
+        if plan.prefetch is not None:
+            from squashstore.blobs import digest_bytes
+
+            client.upload_bytes(ref.repository, plan.prefetch, digest_bytes(plan.prefetch))
         client.upload_bytes(ref.repository, plan.config, "sha256:" + image.id)
         client.put_manifest(ref.repository, ref.reference, plan.manifest,
                             "application/vnd.oci.image.manifest.v1+json")
@@ -259,6 +266,38 @@ def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None]
     return status.remote.size - status.present
 
 
+def _prefetch_list(client: Any, repository: str, parsed: Any, what: str) -> Any:
+    """The artifact's start-up prefetch list (`squashstore.lazy.prefetch`), checked to be
+    about its squash file; None when it has none (or one of a later format)."""
+    from squashstore.lazy import prefetch
+
+    if parsed.prefetch is None:
+        return None
+    data = client.read_blob(repository, parsed.prefetch, prefetch.LIMIT)
+    listed = prefetch.parse(data, f"{what}: prefetch list")
+    if listed is None:
+        return None
+    return prefetch.for_squash(listed, parsed.squash.digest, parsed.squash.size, what)
+
+
+def _keep_prefetch_list(squash: Path, listed: Any) -> None:
+    """Keep a pulled prefetch list in the store (a later push sends it on), unless the
+    store has one of its own for that squash file."""
+    from squashstore.lazy import prefetch
+
+    if listed is None or prefetch.store_path(squash).exists():
+        return
+    prefetch.save(squash, listed)
+
+
+def _complete_in_background(squash: Path) -> tuple[int, Path] | None:
+    """Start completing a lazy image in a detached process; None when it is not lazy."""
+    from squashstore.lazy import background
+    from squashstore.lazy import paths as lazy_paths
+
+    return background.spawn(squash) if lazy_paths.is_lazy(squash) else None
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from squashstore.migrate import migrate_image
     from squashstore.mounts import Registry
@@ -285,32 +324,40 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 return update
 
             downloaded_lazily = 0
+            background: tuple[int, Path] | None = None
+            listed = _prefetch_list(client, ref.repository, parsed, what)
             try:
                 if args.lazy:
                     from squashstore.lazy.install import install_lazy
 
                     installed = install_lazy(store, parsed, config, client, ref.repository,
                                              registry_options(args), (name,), what, digest,
-                                             registry.umount)
+                                             registry.umount,
+                                             listed.spans if listed is not None else ())
                 else:
                     installed = artifact.install(
                         store, parsed, config,
                         lambda d: client.open_blob(ref.repository, d.digest, d.size),
                         (name,), what, digest, registry.umount, progress)
-                    downloaded_lazily = _complete_lazy(installed.image.squash, progress)
+                    if not args.background:
+                        downloaded_lazily = _complete_lazy(installed.image.squash, progress)
+                if args.background:
+                    background = _complete_in_background(installed.image.squash)
             finally:
                 for done in current:
                     done()
             result, downloaded, kind = installed.image, installed.downloaded, "artifact"
+            _keep_prefetch_list(result.squash, listed)
             if not args.lazy:
                 downloaded += downloaded_lazily
             if not args.no_mount:
                 registry.ensure_mounted(result.id, result.layer, result.squash, result.diff,
                                         backend=args.backend)
         else:
-            if args.lazy:
+            if args.lazy or args.background:
                 raise RegistryUsageError(f"{ref.text}: not a squashstore artifact: only a "
-                                         "pushed squash file can be pulled --lazy")
+                                         "pushed squash file can be pulled --lazy or "
+                                         "completed --background")
             wanted = None
             if args.platform:
                 from squashstore import oci
@@ -321,15 +368,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
             result = migrate_image(store, image, squash_options(args, MIGRATE_ZSTD_LEVEL),
                                    mount=not args.no_mount, backend=args.backend,
                                    progress=show)
-            downloaded, kind = -1, "image"
+            downloaded, kind, background = -1, "image", None
     if args.quiet:
         print(result.id)
     elif args.format == "json":
         print_json({"id": result.id, "names": list(result.names), "reference": ref.text,
                     "digest": digest, "kind": kind, "downloaded": downloaded,
-                    "lazy": bool(args.lazy and kind == "artifact")})
+                    "lazy": bool(args.lazy and kind == "artifact"),
+                    "background": {"pid": background[0], "log": str(background[1])}
+                    if background is not None else None})
     else:
         how = "installed" if kind == "artifact" else "migrated"
         how = "installed lazily" if args.lazy and kind == "artifact" else how
+        if background is not None:
+            how += f"; completing in the background (pid {background[0]}, log {background[1]})"
         print(f"{ref.text} -> {result.id[:12]} {' '.join(result.names) or '<none>'} ({how})")
     return 0

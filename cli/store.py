@@ -121,7 +121,8 @@ def cmd_images(args: argparse.Namespace) -> int:
     store = _store(args)
     images = store.images()
     mounted = host.mount_table()
-    rows = [{**i.to_json(), "mounted": host.real_path(i.diff) in mounted} for i in images]
+    rows = [{**i.to_json(), "mounted": host.real_path(i.diff) in mounted,
+             "lazy_status": _lazy_state(i.squash)} for i in images]
     if args.format == "json":
         print_json(rows)
         return 0
@@ -134,6 +135,26 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy_state(squash: Path) -> dict[str, Any] | None:
+    """``lazy_status`` of an image not yet complete: ``{"present", "size", "source"}`` (bytes
+    of its squash file here, of all, where the rest is); None once complete or ordinary.
+    (``lazy`` in its metadata says where a lazy pull came from, and stays.)"""
+    from squashstore.lazy import paths as lazy_paths
+
+    if not lazy_paths.is_lazy(squash):
+        return None
+    from squashstore.lazy import image as lazy_image  # brings requests: only when lazy
+
+    try:
+        status = lazy_image.status(squash)
+    except (SquashstoreError, OSError):
+        return {"present": None, "size": None, "source": None}  # verify says what is wrong
+    if status is None:
+        return None
+    return {"present": status.present, "size": status.remote.size,
+            "source": status.remote.describe()}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     store = _store(args)
     image = store.resolve(args.image)
@@ -141,6 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = json.loads(store.config_of(image))
     print_json({**image.to_json(), "config": config,
                 "mounted": host.is_mountpoint(image.diff),
+                "lazy_status": _lazy_state(image.squash),
                 "mount": record.to_json() if record else None})
     return 0
 
@@ -199,24 +221,47 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from squashstore.lazy import image as lazy_image  # brings requests: only here
+
     store = _store(args)
     problems = store.verify_structure()
     images = [store.resolve(args.image)] if args.image else store.images()
+    incomplete = []
     for image in images:
         try:  # a lazily pulled image: completed (digest checked) or its metadata alone
             from squashstore.lazy import image as lazy_image  # when used: it imports requests
 
             source = lazy_image.open_for_verify(image.squash)
+            status = lazy_image.status(image.squash) if source is not None else None
         except (SquashstoreError, OSError) as exc:
             problems.append(f"{image.squash}: {exc}")
             continue
         problems.extend(verify_file(image.squash, source=source))
-    for problem in problems:
-        print(problem)
+        if status is not None:
+            incomplete.append(f"{image.id[:12]}: incomplete (lazy): "
+                              f"{_percent(status.present, status.remote.size)} present, "
+                              f"{_human(status.present)} of {_human(status.remote.size)} "
+                              f"from {status.remote.describe()}; structure checked, file "
+                              "data and digest only once complete (`pull` completes it)")
+    for line in [*problems, *incomplete]:
+        print(line)
     if problems:
         raise StoreError(f"{len(problems)} problem(s) in store {store.root}")
-    print(f"ok: {len(images)} image(s)")
+    print(f"ok: {len(images)} image(s)"
+          + (f", {len(incomplete)} of them incomplete (lazy)" if incomplete else ""))
     return 0
+
+
+def _percent(part: int, whole: int) -> str:
+    """``37 %``; never 100 % for a part short of the whole, nor 0 % for a part above none."""
+    if whole <= 0:
+        return "100 %"
+    share = 100 * part / whole
+    if part < whole:
+        share = min(share, 99.9)
+    if part > 0:
+        share = max(share, 0.1)
+    return f"{share:.1f} %" if share < 10 or share > 99 else f"{share:.0f} %"
 
 
 def mount_program_path() -> str:

@@ -34,6 +34,7 @@ from squashstore.image import SquashstoreError
 
 if TYPE_CHECKING:
     from squashstore.fuse.server import ServerOptions
+    from squashstore.squashfs.meta import ByteSource
 
 MIB = 1 << 20
 
@@ -71,6 +72,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="honour setuid bits (root only; default nosuid)")
     parser.add_argument("--dev", action="store_true",
                         help="honour device files (root only; default nodev)")
+    parser.add_argument("--record", type=Path, default=None, metavar="FILE",
+                        help="append to FILE (which must exist) the index of every 64 KiB "
+                        "chunk of the squash file read for the first time (what "
+                        "`squashstore record` makes a prefetch list of)")
 
 
 def forwarded_arguments(args: argparse.Namespace) -> list[str]:
@@ -80,6 +85,8 @@ def forwarded_arguments(args: argparse.Namespace) -> list[str]:
            f"--dir-cache-entries={args.dir_cache_entries}", f"--threads={args.threads}"]
     if args.log_file is not None:
         out.append(f"--log-file={Path(args.log_file).absolute()}")
+    if args.record is not None:
+        out.append(f"--record={Path(args.record).absolute()}")
     if args.allow_other is not None:
         out.append("--allow-other" if args.allow_other else "--no-allow-other")
     out += ["--suid"] * bool(args.suid) + ["--dev"] * bool(args.dev)
@@ -109,6 +116,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ServeError(f"{args.squash}: no such squash file")
     if not args.mountpoint.is_dir():
         raise ServeError(f"{args.mountpoint}: not a directory")
+    if args.record is not None and not args.record.is_file():
+        raise ServeError(f"{args.record}: no such file to record into")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,6 +230,7 @@ def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> No
 
 def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
+    from squashstore import config
     from squashstore.fuse import server
     from squashstore.lazy import image as lazy_image
     from squashstore.lazy import remote
@@ -237,15 +247,19 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
         check_arguments(args)
         set_process_name("squashstore-fs")
         opts = _server_options(args)
-        lazy = lazy_image.open_lazy(args.squash, remote.open_source)
+        lazy = lazy_image.open_lazy(args.squash, remote.open_source,
+                                    config.load().lazy.cache_path())
         if lazy is not None:  # a lazily pulled image: its cache, and the registry for the rest
             lazy_image.prefetch_metadata(lazy)
+        source: ByteSource | None = lazy
+        if args.record is not None:
+            source = _recorder(args.squash, args.record, lazy)
         with SquashReader(args.squash, metadata_cache_blocks=1, data_cache_blocks=1,
-                          source=lazy) as probe:
+                          source=source) as probe:
             block_size = probe.block_size
         reader = SquashReader(
             args.squash, metadata_cache_blocks=opts.metadata_cache_blocks,
-            data_cache_blocks=max(1, opts.cache_bytes // block_size), source=lazy)
+            data_cache_blocks=max(1, opts.cache_bytes // block_size), source=source)
     except (SquashstoreError, OSError) as exc:
         ready(f"{args.squash}: {exc}" if isinstance(exc, OSError) else str(exc))
         raise
@@ -259,6 +273,14 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     finally:
         reader.close()
     return 0
+
+
+def _recorder(squash: Path, record: Path, lazy: ByteSource | None) -> ByteSource:
+    """The squash file (or its lazy cache) read through a `Recorder` appending to `record`."""
+    from squashstore.lazy.prefetch import FileSource, Recorder
+
+    fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return Recorder(lazy if lazy is not None else FileSource(squash), fd)
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:

@@ -6,10 +6,11 @@ tables merged one level deep): its schema (``[mount] backend = "fuse" | "kernel"
 "squashfuse"``, default fuse, squashstore's own server; ``[mount] overlay = "auto" |
 "fuse-overlayfs" | "kernel"`` for the mount program; ``[cleanup] grace`` and ``min_age`` in
 seconds and ``podman_stores``, graphroot strings or ``{graphroot=..., runroot=...}`` tables;
-``[registry] stall`` and ``timeout`` in seconds), its defaults, and the one loader: `load()`
-parses and checks every value into frozen dataclasses, and reads the files again only when
-one of them changed (so the mount program, cleanup and the CLI share one parse per process).
-podman's own configuration is not here (see `squashstore.podmanconf`).
+``[registry] stall`` and ``timeout`` in seconds; ``[lazy] cache_dir``, a node-local
+directory for lazily pulled images' cached bytes), its defaults, and the one loader:
+`load()` parses and checks every value into frozen dataclasses, and reads the files again
+only when one of them changed (so the mount program, cleanup and the CLI share one parse
+per process). podman's own configuration is not here (see `squashstore.podmanconf`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ConfigError(SquashstoreError):
 
 
 SYSTEM_CONFIG = Path("/etc/squashstore/config.toml")
-TABLES = ("mount", "cleanup", "registry")
+TABLES = ("mount", "cleanup", "registry", "lazy")
 """The tables of the project configuration; each must be a TOML table."""
 MOUNT_BACKENDS = ("fuse", "kernel", "squashfuse")
 """``[mount] backend``: the mounters of `squashstore.mounts`; the first is the default."""
@@ -86,12 +87,33 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class LazySettings:
+    """The ``[lazy]`` table."""
+
+    cache_dir: str | None = None
+    """Where this node's FUSE servers keep the bytes they fetch of lazily pulled images
+    (``~`` and ``$VARS`` expanded when used), instead of the store's squash file: a shared
+    store, perhaps read-only to this user, keeps only the marker. None: in the store."""
+
+    def cache_path(self) -> Path | None:
+        """`cache_dir` expanded (``~``, ``$VAR``); `ConfigError` when it is not absolute."""
+        if self.cache_dir is None:
+            return None
+        path = os.path.expandvars(os.path.expanduser(self.cache_dir))
+        if not os.path.isabs(path):
+            raise ConfigError(f"config [lazy] cache_dir = {self.cache_dir!r}: expected an "
+                              f"absolute path (got {path!r})")
+        return Path(path)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole project configuration."""
 
     mount: MountSettings = field(default_factory=MountSettings)
     cleanup: CleanupSettings = field(default_factory=CleanupSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    lazy: LazySettings = field(default_factory=LazySettings)
 
 
 def config_paths() -> list[Path]:
@@ -164,6 +186,9 @@ def parse(data: Mapping[str, Any]) -> Config:
     """The typed configuration of merged TOML tables; `ConfigError` for a bad value."""
     mount = data.get("mount", {})
     cleanup = data.get("cleanup", {})
+    cache_dir = data.get("lazy", {}).get("cache_dir")
+    if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
+        raise ConfigError(f"config [lazy] cache_dir = {cache_dir!r}: expected a path")
     registry = data.get("registry", {})
     return Config(
         MountSettings(_choice(mount, "mount", "backend", MOUNT_BACKENDS),
@@ -173,6 +198,7 @@ def parse(data: Mapping[str, Any]) -> Config:
                         _stores(cleanup.get("podman_stores", []))),
         RegistrySettings(_seconds(registry, "registry", "stall", DEFAULT_STALL, positive=True),
                          _seconds(registry, "registry", "timeout", DEFAULT_REGISTRY_TIMEOUT)),
+        LazySettings(cache_dir),
     )
 
 

@@ -166,8 +166,10 @@ class Registry(RecordRegistry):
 
     def ensure_mounted(self, image: str, layer: str, squash: Path, mountpoint: Path,
                        backend: str | None = None,
-                       user: RecordedUse | None = None) -> MountRecord:
-        """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``."""
+                       user: RecordedUse | None = None,
+                       using: Mounter | None = None) -> MountRecord:
+        """Mount ``squash`` on ``mountpoint`` unless a live mount is there; record ``user``.
+        `using`: this mounter instead of `backend`'s (a FUSE server with extra arguments)."""
         with self.locked():
             if user is not None and (used := self.use_if_live(mountpoint, user)) is not None:
                 return used
@@ -176,7 +178,7 @@ class Registry(RecordRegistry):
                 trust.check_mountpoint(mountpoint)
                 trust.check_squash_file(squash)
                 # A lazily pulled image's squash file is sparse: only our server reads it.
-                chosen = mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
+                chosen = using or mounter("fuse" if lazy_paths.is_lazy(squash) else backend)
                 pid = chosen.mount(squash, mountpoint)
                 if pid is not None:
                     # The server serves every job's containers: it must not end with this one.

@@ -618,6 +618,8 @@ class Store:
         removed.extend(self._clean_files(self.image_meta_dir, image_ids, ".json"))
         removed.extend(self._clean_files(self.layer_meta_dir, layer_ids, ".json"))
         removed.extend(self._clean_files(self.squash_dir, layer_ids, ".sqfs"))
+        removed.extend(self._clean_files(self.meta / lazy_paths.PREFETCH_DIR, layer_ids,
+                                         ".json"))
         for path in lazy_paths.leftovers(self.meta, layer_ids, TMP_SUFFIX,
                                               FOREIGN_LEFTOVER_AGE):
             path.unlink(missing_ok=True)

@@ -660,8 +660,15 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
     before = pushed.registry.served(pushed.digest)
     # verify of an incomplete lazy image: its structure from the cache, no download.
     out = cli(store.root, "verify")
-    assert "ok: 1 image(s)" in out.stdout
+    assert "ok: 1 image(s), 1 of them incomplete (lazy)" in out.stdout
+    status = lazy_image.status(squash)
+    assert status is not None
+    share = 100 * status.present / pushed.size
+    assert f"incomplete (lazy): {share:.1f} % present" in out.stdout, out.stdout
     assert pushed.registry.served(pushed.digest) == before
+    listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
+    assert listed[0]["lazy_status"] == {"present": status.present, "size": pushed.size,
+                                        "source": status.remote.describe()}
     # A stale marker of a layer nobody stages goes at the next gc; the live image's stays.
     stale = lazy_paths.marker_path(squash.with_name("cd" * 32 + ".sqfs"))
     stale.write_text(json.dumps({"registry": "x", "repository": "y", "digest": "sha256:00",
@@ -677,8 +684,10 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
     lazy.close()
     assert lazy_paths.is_lazy(squash)
     out = cli(store.root, "verify")
-    assert "ok: 1 image(s)" in out.stdout
+    assert out.stdout.strip().endswith("ok: 1 image(s)") and "incomplete" not in out.stdout
     assert not lazy_paths.is_lazy(squash) and not lazy_paths.map_path(squash).exists()
+    listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
+    assert listed[0]["lazy_status"] is None
     assert squash.read_bytes() == pushed.squash.read_bytes()
     # Removing the image takes its lazy files along (none are left here) and its file.
     cli(store.root, "rmi", "localhost/lazy:1")
@@ -790,3 +799,325 @@ def test_pull_lazy_runs_in_podman_and_completes(
     assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "wc", "-c",
                                   "/data.bin").split()[0] == "6000000"
     assert node.cli("verify", tls=False).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Start-up prefetch lists: recorded while a command reads the image, fetched in bulk.
+
+from squashstore.image import SourceError  # noqa: E402
+from squashstore.lazy import prefetch  # noqa: E402
+
+
+@given(st.lists(st.integers(0, 200), max_size=60))
+def test_prefetch_list_round_trips_and_covers_the_recorded_chunks(chunks: list[int]) -> None:
+    size = 150 * 1000 + 17
+    listed = prefetch.from_chunks(chunks, 1000, "sha256:" + "a" * 64, size, "cmd")
+    assert prefetch.parse(listed.to_json(), "t") == listed
+    wanted = {b for i in chunks if i * 1000 < size
+              for b in range(i * 1000, min((i + 1) * 1000, size))}
+    assert covered(list(listed.spans)) == wanted
+    for a, b in itertools.pairwise(listed.spans):
+        assert b.start > a.end  # sorted, disjoint, merged
+
+
+def test_prefetch_list_refuses_bad_lists_and_ignores_later_versions() -> None:
+    good = prefetch.PrefetchList("sha256:" + "b" * 64, 100, (Span(0, 10),))
+    doc = json.loads(good.to_json())
+    assert prefetch.parse(json.dumps({**doc, "version": 2}).encode(), "t") is None
+    for bad in (b"[", b"[]", json.dumps({**doc, "ranges": [[90, 20]]}).encode(),
+                json.dumps({**doc, "ranges": [[-1, 5]]}).encode(),
+                json.dumps({**doc, "ranges": [[1, True]]}).encode(),
+                json.dumps({**doc, "squash": {"digest": 5, "size": 100}}).encode(),
+                b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(SourceError):
+            prefetch.parse(bad, "t")
+    assert prefetch.for_squash(good, good.digest, 100, "t") is good
+    with pytest.raises(SourceError, match="another squash file"):
+        prefetch.for_squash(good, good.digest, 101, "t")
+
+
+def test_recorder_notes_each_chunk_once_in_first_read_order(tmp_path: Path) -> None:
+    blob = blob_bytes(10 * CHUNK + 5)
+    (tmp_path / "f").write_bytes(blob)
+    (tmp_path / "rec").touch()
+    fd = os.open(tmp_path / "rec", os.O_WRONLY | os.O_APPEND)
+    inner = prefetch.FileSource(tmp_path / "f")
+    recorder = prefetch.Recorder(inner, fd, CHUNK)
+    assert recorder.size == len(blob)
+    assert recorder.pread(10, 5 * CHUNK - 5) == blob[5 * CHUNK - 5:5 * CHUNK + 5]
+    assert recorder.pread(CHUNK, 0) == blob[:CHUNK]
+    assert recorder.pread(100, 5 * CHUNK + 9) == blob[5 * CHUNK + 9:5 * CHUNK + 109]
+    assert recorder.pread(50, 10 * CHUNK) == blob[10 * CHUNK:]
+    os.close(fd)
+    inner.close()
+    assert prefetch.read_recording(tmp_path / "rec") == [4, 5, 0, 10]
+
+
+def test_a_recorded_start_is_prefetched_in_few_requests(pushed: Pushed, tmp_path: Path) -> None:
+    """Read a few files through a recording lazy reader; a fresh cache then fetches that
+    list in bulk, and reading the same files again asks the registry nothing."""
+    wanted = ["/etc/os-release", "/dir1/small3.txt", "/dir0/small7.txt", "/dir3/small1.txt",
+              *(f"/dir{d}/medium{d}.bin" for d in range(4))]
+    heads = [f"/dir{d}/big{d}.bin" for d in range(4)]  # scattered: a start reads a bit of each
+
+    def read_all(reader: SquashReader) -> None:
+        for path in wanted:
+            assert read_file(reader, path) == read_file(local, path)
+        for path in heads:
+            assert reader.read(reader.resolve(path), 0, 5000) == \
+                read_file(local, path)[:5000]
+
+    lazy, source = open_lazy(pushed, tmp_path / "first")
+    lazy.prefetch_metadata()
+    first_meta = source.requests
+    (tmp_path / "rec").touch()
+    fd = os.open(tmp_path / "rec", os.O_WRONLY | os.O_APPEND)
+    reader = SquashReader(lazy.cache.data_path, source=prefetch.Recorder(lazy, fd))
+    local = SquashReader(pushed.squash)
+    read_all(reader)
+    cold_requests = source.requests - first_meta
+    reader.close()
+    lazy.close()
+    source.close()
+    os.close(fd)
+    listed = prefetch.from_chunks(prefetch.read_recording(tmp_path / "rec"),
+                                  prefetch.RECORD_CHUNK, pushed.digest, pushed.size)
+    assert listed.total < pushed.size / 3
+
+    lazy, source = open_lazy(pushed, tmp_path / "second")
+    lazy.prefetch_metadata()
+    before = pushed.registry.served(pushed.digest)
+    t = time.perf_counter()
+    lazy.prefetch_bulk(listed.spans)
+    bulk_in = time.perf_counter() - t
+    bulk = pushed.registry.served(pushed.digest)
+    reader = SquashReader(lazy.cache.data_path, source=lazy)
+    read_all(reader)
+    after = pushed.registry.served(pushed.digest)
+    print(f"\nprefetch: {listed.total} B in {len(listed.spans)} ranges fetched in "
+          f"{bulk[0] - before[0]} requests ({bulk_in * 1000:.0f} ms); reading the files "
+          f"afterwards: {after[0] - bulk[0]} requests (cold, without the list: "
+          f"{cold_requests})")
+    # Ranges merged, then cut into about one piece per fetching thread: few requests.
+    assert bulk[0] - before[0] <= min(len(listed.spans), cold_requests) + source.workers
+    assert after == bulk  # nothing more from the registry
+    reader.close()
+    lazy.close()
+    source.close()
+
+
+def test_bulk_prefetch_fails_whole_with_the_registry_down_and_works_after(
+        pushed: Pushed, tmp_path: Path) -> None:
+    lazy, source = open_lazy(pushed, tmp_path / "cache")
+    lazy.prefetch_metadata()
+    present = lazy.cache.present_chunks()
+    pushed.registry.kill()
+    try:
+        with pytest.raises(FetchError, match="connection refused"):
+            lazy.prefetch_bulk([Span(0, pushed.size)])
+        assert lazy.cache.present_chunks() == present  # nothing marked that did not come
+    finally:
+        pushed.registry.start()
+    lazy.prefetch_bulk([Span(0, pushed.size)])
+    assert lazy.cache.complete()
+    assert lazy.cache.data_path.read_bytes() == pushed.squash.read_bytes()
+    lazy.close()
+    source.close()
+
+
+def _squash_requests(server: object, digest: str) -> tuple[int, int]:
+    """(GET requests, body bytes) of the blob in the registry's access log, once settled."""
+    def now() -> tuple[int, int]:
+        log = server.access_log()  # type: ignore[attr-defined]
+        hits = [int(m.group(3)) for m in _ACCESS.finditer(log)
+                if m.group(1).endswith(digest) and m.group(2) in ("200", "206")]
+        return len(hits), sum(hits)
+
+    last, deadline = now(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        if (current := now()) == last:
+            break
+        last = current
+    return last
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_record_push_and_pull_lazy_prefetch_the_start(
+        request: pytest.FixtureRequest, data_image: str) -> None:
+    from support.podman import PODMAN
+
+    new_site: Any = request.getfixturevalue("make_site")
+    servers: dict[str, Any] = request.getfixturevalue("registries")
+    origin = new_site("origin")
+    iid = _migrated_id(origin, data_image)
+    squash = origin.store.resolve(iid).squash
+    consumer = origin.mig.consumer
+    podman_env = {k: consumer.env[k] for k in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF",
+                                               "CONTAINERS_REGISTRIES_CONF", "TMPDIR")}
+    origin.authfile.write_text('{"auths": {}}')  # podman run insists on it when named
+    # A failing command records nothing.
+    failed = origin.cli("record", data_image, "--", "false", tls=False, check=False)
+    assert failed.returncode == 1 and "nothing recorded" in failed.stderr
+    assert not prefetch.store_path(squash).exists()
+    out = origin.cli("record", "--format", "json", data_image, "--", PODMAN, "run", "--rm",
+                     "--pull=never", data_image, "cat", "/hello", tls=False, env=podman_env)
+    recorded = json.loads(out.stdout)
+    listed = prefetch.load(squash)
+    assert listed is not None and recorded["bytes"] == listed.total > 0
+    assert listed.digest == digest_of(squash.read_bytes())
+    assert "cat /hello" in listed.command
+    assert listed.total < squash.stat().st_size / 2  # not /data.bin
+    server = servers["token"]
+    ref = f"{server.host}/lazy/prefetch:1"
+    origin.cli("push", "--creds", CREDS, data_image, ref)
+
+    node: Site = new_site("node")
+    node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
+    before = _squash_requests(server, listed.digest)
+    t = time.perf_counter()
+    node.cli("pull", "--lazy", ref)
+    pulled_in = time.perf_counter() - t
+    pulled = _squash_requests(server, listed.digest)
+    image = node.store.resolve(iid)
+    assert lazy_paths.is_lazy(image.squash)
+    assert prefetch.load(image.squash) == listed  # kept: a push from here sends it on
+    status = lazy_image.status(image.squash)
+    assert status is not None and status.present >= listed.total
+    hello = node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/hello")
+    assert hello.strip() == "lazy-hello"
+    ran = _squash_requests(server, listed.digest)
+    print(f"\nprefetch: recorded {listed.total} B in {len(listed.spans)} ranges "
+          f"({100 * listed.total / image.squash.stat().st_size:.1f} %); pull --lazy "
+          f"{pulled_in:.2f} s: {pulled[0] - before[0]} requests, {pulled[1] - before[1]} B; "
+          f"podman run afterwards: {ran[0] - pulled[0]} requests, {ran[1] - pulled[1]} B")
+    # Metadata (2 requests) and the list in few requests; the start then fetches (almost)
+    # nothing: a different kernel readahead may touch a chunk the recording did not.
+    assert pulled[0] - before[0] <= 2 + len(listed.spans) + 4  # metadata, list in pieces
+    assert ran[0] - pulled[0] <= 1
+    assert ran[1] - pulled[1] <= 256 << 10
+    # pull --background completes it in a detached process; pull returns at once.
+    done = json.loads(node.cli("pull", "--background", "--format", "json", ref).stdout)
+    assert done["background"] is not None and done["downloaded"] == 0
+    deadline = time.monotonic() + 120
+    while lazy_paths.is_lazy(image.squash) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = Path(done["background"]["log"]).read_text()
+    assert not lazy_paths.is_lazy(image.squash), log
+    assert "complete" in log
+    assert image.squash.read_bytes() == squash.read_bytes()
+    again = json.loads(node.cli("pull", "--background", "--format", "json", ref).stdout)
+    assert again["background"] is None  # nothing left to complete
+
+
+# ---------------------------------------------------------------------------------------
+# Node-local caches: a shared store keeps the marker; each host its own fetched bytes.
+
+
+def test_node_local_caches_leave_the_shared_store_alone(
+        pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from squashstore import config
+
+    _, squash = publish_lazy(tmp_path / "store", pushed)
+    shared_map = lazy_paths.map_path(squash).read_bytes()
+    shared_bytes = digest_of(squash.read_bytes())
+    root = pushed.squash.parent / "rootfs"
+    mounts: list[Path] = []
+    try:
+        served = pushed.registry.served(pushed.digest)
+        for host_name in ("node-a", "node-b"):
+            conf = tmp_path / f"{host_name}.toml"
+            conf.write_text(f'[lazy]\ncache_dir = "{tmp_path}/{host_name}/$LAZY_USER/cache"\n')
+            monkeypatch.setenv("SQUASHSTORE_CONFIG", str(conf))
+            monkeypatch.setenv("LAZY_USER", "u1")
+            mnt = tmp_path / f"mnt-{host_name}"
+            mnt.mkdir()
+            daemon.start(squash, mnt, ("--log-file", str(tmp_path / f"{host_name}.log")))
+            mounts.append(mnt)
+            assert sorted(p.name for p in mnt.rglob("*")) == \
+                sorted(p.name for p in root.rglob("*"))
+        # Each node's cache was seeded from the store's (metadata): nothing fetched.
+        assert pushed.registry.served(pushed.digest) == served
+        caches = [tmp_path / h / "u1" / "cache" for h in ("node-a", "node-b")]
+        for cache_dir in caches:
+            assert (cache_dir / f"{pushed.digest[7:]}.map").is_file()
+            assert cache_dir.stat().st_mode & 0o077 == 0
+        a, b = mounts
+        assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        after_a = pushed.registry.served(pushed.digest)
+        assert after_a[1] > served[1]
+        assert (b / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        after_b = pushed.registry.served(pushed.digest)
+        assert after_b[1] > after_a[1]  # node b's cache is its own: fetched again
+        assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
+        assert pushed.registry.served(pushed.digest) == after_b  # node a's is kept
+        # The store was only read.
+        assert lazy_paths.map_path(squash).read_bytes() == shared_map
+        assert digest_of(squash.read_bytes()) == shared_bytes
+        status = lazy_image.status(squash)
+        assert status is not None
+        with RangeCache.in_directory(caches[0], pushed.digest, pushed.size) as node:
+            assert node.present_bytes() > status.present
+    finally:
+        for mnt in mounts:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    # A cache directory others could write to is refused (it would feed a mount bytes).
+    caches[0].chmod(0o777)
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "node-a.toml"))
+    with pytest.raises(CacheError, match="writable only by it"):
+        lazy_image.open_lazy(squash, None, config.load().lazy.cache_path())
+    (tmp_path / "rel.toml").write_text('[lazy]\ncache_dir = "relative/dir"\n')
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
+    with pytest.raises(config.ConfigError, match="absolute"):
+        config.load().lazy.cache_path()
+
+
+def test_concurrent_first_range_requests_share_one_token(request: pytest.FixtureRequest,
+                                                          tmp_path: Path) -> None:
+    """The FUSE server's first reads go out together on a fresh client: the registry
+    client answers their 401s under its lock, so one token serves them all (lazy/remote.py
+    no longer sends a first request alone)."""
+    import urllib.parse
+
+    from squashstore.registry.client import Client, RegistryOptions
+    from support.registry import RegistryServer, TokenIssuer
+
+    certs = request.getfixturevalue("pki")
+    issuer = TokenIssuer(certs)
+    server = RegistryServer(tmp_path / "token", certs, "token", issuer)
+    try:
+        blob = blob_bytes(1_600_000)
+        digest = digest_of(blob)
+        options = RegistryOptions(cert_dir=certs.certs, creds=CREDS)
+        with Client(server.host, options) as pusher:
+            pusher.upload_bytes("lazy/tok", blob, digest)
+        remote = lazy_image.Remote(server.host, "lazy/tok", digest, len(blob))
+        spans = [Span(i * 200_000, (i + 1) * 200_000) for i in range(8)]
+        for _ in range(3):  # a race: a few fresh clients
+            issuer.requests.clear()
+            with Client(server.host, options) as client:
+                source = lazy_remote.client_source(client, remote)
+                try:
+                    assert b"".join(source.fetch_many(spans)) == blob
+                finally:
+                    source.close()
+            scopes = [urllib.parse.parse_qs(urllib.parse.urlsplit(r).query).get("scope")
+                      for r in issuer.requests]
+            assert scopes == [["repository:lazy/tok:pull"]], scopes
+    finally:
+        server.close()
+        issuer.close()
+
+
+def test_a_damaged_marker_is_one_error_whatever_its_shape(tmp_path: Path) -> None:
+    squash = tmp_path / "meta" / "squash" / ("ef" * 32 + ".sqfs")
+    squash.parent.mkdir(parents=True)
+    lazy_paths.lazy_dir(squash).mkdir()
+    for text in ("{", "[]", '{"registry": 1}', "[" * 100_000 + "]" * 100_000):
+        lazy_paths.marker_path(squash).write_text(text)
+        with pytest.raises(lazy_image.LazyError, match="damaged lazy-image marker"):
+            lazy_image.read_marker(squash)
+    # The leftover check takes a marker it cannot read for one nobody is staging.
+    assert lazy_paths.leftovers(squash.parent.parent, set(), ".tmp", 60) == \
+        [lazy_paths.marker_path(squash)]

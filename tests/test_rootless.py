@@ -470,3 +470,55 @@ def test_mount_and_rmi_as_a_user(session: UserSession, image: str) -> None:
     names = session.ok("podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
                        env=consumer)
     assert image not in names.split(), names
+
+
+def test_record_push_pull_lazy_and_run_as_a_user(
+        session: UserSession, image: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The lazy path as an ordinary user: record a start's prefetch list, push, `pull
+    --lazy` into a second store of the user's, and `podman run` from it: the FUSE server
+    (in podman's namespace, as the user) fetches from the registry what the list lacks."""
+    from support.registry import RegistryServer, make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("rootless-pki"))
+    server = RegistryServer(tmp_path_factory.mktemp("rootless-registry"), pki, "none")
+    certs = session.base / "certs"
+    certs.mkdir(exist_ok=True)
+    shutil.copy(pki.certs / "ca.crt", certs / "ca.crt")
+    for path in (certs, certs / "ca.crt"):
+        os.chown(path, session.uid, session.uid)
+    store, lazy_store = str(session.store), str(session.base / "lazy-store")
+    try:
+        consumer = session.env(_migrated(session, image).name)
+        out = session.ok("squashstore", "--store", store, "record", "--format", "json", image,
+                         "--", "podman", "run", "--rm", "--pull=never", image,
+                         "/bin/busybox", "cat", "/data/new.txt", env=consumer)
+        assert json.loads(out)["bytes"] > 0
+        ref = f"{server.host}/rootless/lazy:1"
+        session.ok("squashstore", "--store", store, "push", "--cert-dir", str(certs), image,
+                   ref)
+        out = session.ok("squashstore", "--store", lazy_store, "pull", "--lazy", "--format",
+                         "json", "--cert-dir", str(certs), ref)
+        assert json.loads(out)["lazy"] is True
+        config = session.ok("squashstore", "--store", lazy_store, "config")
+        env = session.env(session.write("lazy-consumer.conf",
+                                        '[storage]\ndriver = "overlay"\n' + config).name)
+        run = session.ok("podman", "run", "--rm", "--pull=never", ref, "/bin/busybox", "sh",
+                         "-c", "cat /data/new.txt /data/priv/secret /etc/greeting", env=env)
+        assert run.splitlines() == ["layer2", "secret", "hello"]
+        listed = json.loads(session.ok("squashstore", "--store", lazy_store, "images",
+                                       "--format", "json"))
+        status = listed[0]["lazy_status"]
+        assert status is not None and 0 < status["present"] <= status["size"], listed
+        verified = session.ok("squashstore", "--store", lazy_store, "verify")
+        # (an image whose every chunk came already is completed by verify, digest checked)
+        assert ("incomplete (lazy)" in verified) == (status["present"] < status["size"])
+        # A plain pull completes it, as the user.
+        session.ok("squashstore", "--store", lazy_store, "pull", "--cert-dir", str(certs),
+                   "--no-mount", ref)
+        listed = json.loads(session.ok("squashstore", "--store", lazy_store, "images",
+                                       "--format", "json"))
+        assert listed[0]["lazy_status"] is None
+    finally:
+        session.run("podman", "rm", "--all", "--force", env=session.env("lazy-consumer.conf"))
+        session.run("squashstore", "--store", lazy_store, "umount", "--all")
+        server.close()

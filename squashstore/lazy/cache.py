@@ -71,6 +71,28 @@ def check_directory(directory: Path) -> None:
                          "and writable only by it")
 
 
+def header(digest: str, size: int, chunk: int) -> bytes:
+    """The map's header for the blob `digest` of `size` bytes in `chunk`-byte chunks."""
+    encoded = digest.encode()
+    if len(encoded) > 96:
+        raise CacheError(f"digest too long: {digest}")
+    return _HEADER.pack(MAGIC, size, chunk, encoded).ljust(HEADER_SIZE, b"\0")
+
+
+def read_bitmap(map_: Path, digest: str, size: int, chunk: int = CHUNK) -> bytes | None:
+    """The chunk bitmap of another process's cache map, read without writing anything (a
+    shared store's, perhaps read-only to us); None when absent or of another blob."""
+    try:
+        data = map_.read_bytes()
+    except OSError:
+        return None
+    length = -(-ranges.chunk_count(size, chunk) // 8)
+    if data[:HEADER_SIZE] != header(digest, size, chunk) or \
+            len(data) != HEADER_SIZE + length:
+        return None
+    return data[HEADER_SIZE:]
+
+
 def _open(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
@@ -151,10 +173,7 @@ class RangeCache:
                 fcntl.flock(self._map, fcntl.LOCK_UN)
 
     def _header(self) -> bytes:
-        digest = self.digest.encode()
-        if len(digest) > 96:
-            raise CacheError(f"digest too long: {self.digest}")
-        return _HEADER.pack(MAGIC, self.size, self.chunk, digest).ljust(HEADER_SIZE, b"\0")
+        return header(self.digest, self.size, self.chunk)
 
     def _initialise(self) -> None:
         expected = self._header()

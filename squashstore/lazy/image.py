@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
 
 SourceOpener = Callable[["Remote"], RangeSource]
@@ -71,8 +73,10 @@ def read_marker(squash: Path) -> Remote | None:
                         authfile=_optional_str(data.get("authfile")))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LazyError(f"{path}: damaged lazy-image marker ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise LazyError(f"{path}: damaged lazy-image marker "
+                        f"({type(exc).__name__ if isinstance(exc, RecursionError) else exc})"
+                        ) from None
     if remote.tls_verify not in (None, True, False):
         raise LazyError(f"{path}: damaged lazy-image marker (tls_verify)")
     return remote
@@ -99,9 +103,58 @@ def open_cache(squash: Path, remote: Remote, data: Path | None = None) -> RangeC
     return RangeCache(data or squash, map_path(squash), remote.digest, remote.size)
 
 
-def open_lazy(squash: Path, open_source: SourceOpener | None) -> LazyFile | None:
+SEED_PIECE = 4 << 20
+"""Bytes copied at a time from a store's cache into a node-local one."""
+
+
+def node_cache(directory: Path, squash: Path, remote: Remote) -> RangeCache:
+    """The cache of a lazy image in a node-local `directory` (``<digest hex>.data`` and
+    ``.map``, created owned by us and writable only by us), first given what the store's own
+    cache holds that it lacks (the metadata and prefetch list `pull --lazy` fetched there):
+    the store is only read."""
+    from squashstore.lazy.cache import check_directory, read_bitmap
+
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LazyError(f"{directory}: cannot create the lazy cache directory: "
+                        f"{exc.strerror}") from None
+    check_directory(directory)
+    cache = RangeCache.in_directory(directory, remote.digest, remote.size)
+    try:
+        shared = read_bitmap(map_path(squash), remote.digest, remote.size, cache.chunk)
+        if shared is not None:
+            _seed(cache, squash, shared)
+    except BaseException:
+        cache.close()
+        raise
+    return cache
+
+
+def _seed(cache: RangeCache, squash: Path, shared: bytes) -> None:
+    from squashstore.lazy import ranges
+
+    present = ranges.missing_runs(bytes(b ^ 0xFF for b in shared), range(cache.chunks))
+    wanted = [m for span in ranges.runs_to_spans(present, cache.chunk, cache.size)
+              for m in cache.missing(span)]
+    if not wanted:
+        return
+    fd = os.open(squash, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        for span in ranges.split(wanted, SEED_PIECE, cache.chunk):
+            data = os.pread(fd, len(span), span.start)
+            if len(data) == len(span):
+                cache.store([(span, data)])
+    finally:
+        os.close(fd)
+
+
+def open_lazy(squash: Path, open_source: SourceOpener | None,
+              cache_dir: Path | None = None) -> LazyFile | None:
     """The squash file as a `LazyFile` when it is lazy (None when it is ordinary); without
-    `open_source`, only what is cached can be read."""
+    `open_source`, only what is cached can be read. With `cache_dir` (a node-local cache,
+    `squashstore.config`'s ``[lazy] cache_dir``), the bytes fetched go there and the store
+    is only read."""
     remote = read_marker(squash)
     if remote is None:
         return None
@@ -111,12 +164,18 @@ def open_lazy(squash: Path, open_source: SourceOpener | None) -> LazyFile | None
     for path in (lazy_dir(squash), marker_path(squash), map_path(squash)):
         if path.exists():
             trust.check_entry(path, what="a lazy image")
-    cache = open_cache(squash, remote)
-    if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
-        cache.close()
-        with contextlib.suppress(FileNotFoundError):
-            map_path(squash).unlink()
-        return None
+    if cache_dir is not None:
+        cache = node_cache(cache_dir, squash, remote)
+        if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
+            cache.close()
+            return None
+    else:
+        cache = open_cache(squash, remote)
+        if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
+            cache.close()
+            with contextlib.suppress(FileNotFoundError):
+                map_path(squash).unlink()
+            return None
     try:
         source = open_source(remote) if open_source is not None else None
         return LazyFile(cache, source)
@@ -133,15 +192,18 @@ def prefetch_metadata(lazy: LazyFile) -> None:
         raise LazyError(f"{lazy.cache.data_path}: not a squash file ({exc})") from None
 
 
-def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource) -> int:
+def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource,
+          prefetch: Sequence[Span] = ()) -> int:
     """Make `staged` the sparse squash file of a lazy image to be published at `squash`
-    (its map and marker already where the published image finds them); returns the bytes
-    fetched (the metadata)."""
+    (its map and marker already where the published image finds them), with its metadata
+    and the `prefetch` spans (a start-up prefetch list) fetched; returns the bytes fetched."""
     write_marker(squash, remote)
     lazy = LazyFile(open_cache(squash, remote, data=staged), source)
     try:
         before = source.bytes
         prefetch_metadata(lazy)
+        if prefetch:
+            lazy.prefetch_bulk(prefetch)
         return source.bytes - before
     finally:
         lazy.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from squashstore import locking, oci
@@ -20,6 +21,7 @@ from squashstore.blobs import check_bytes
 from squashstore.image import SourceError
 from squashstore.lazy import image as lazy_image
 from squashstore.lazy import paths as lazy_paths
+from squashstore.lazy.ranges import Span
 from squashstore.lazy.remote import client_source, remote_for
 from squashstore.registry import artifact
 from squashstore.registry.client import Client, RegistryOptions
@@ -28,9 +30,11 @@ from squashstore.store import Store, Unmounter, sha256_hex
 
 def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client: Client,
                  repository: str, options: RegistryOptions, names: tuple[str, ...],
-                 reference: str, manifest_digest: str, unmount: Unmounter
-                 ) -> artifact.Installed:
-    """Install `parsed` lazily; `downloaded` counts the metadata and tar-split fetched."""
+                 reference: str, manifest_digest: str, unmount: Unmounter,
+                 prefetch: Sequence[Span] = ()) -> artifact.Installed:
+    """Install `parsed` lazily; `downloaded` counts the metadata, the `prefetch` spans (a
+    start-up prefetch list, fetched in bulk before the image is published) and the
+    tar-split fetched."""
     what = reference
     check_bytes(config, parsed.config.digest, f"{what}: config")
     diff_ids = oci.diff_ids(config, f"{what}: config")
@@ -61,7 +65,8 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                     source = client_source(client, remote)
                     try:
                         staged_marker = True
-                        downloaded += lazy_image.stage(squash, final, remote, source)
+                        downloaded += lazy_image.stage(squash, final, remote, source,
+                                                       prefetch)
                     finally:
                         source.close()
                 split = None

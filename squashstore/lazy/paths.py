@@ -13,6 +13,9 @@ from pathlib import Path
 
 LAZY_DIR = "lazy"
 """Beside the store's ``squash/`` directory."""
+PREFETCH_DIR = "prefetch"
+"""Beside the store's ``squash/`` directory: ``<layer>.json``, a layer's start-up prefetch
+list (`squashstore.lazy.prefetch`)."""
 WRITER = "writer"
 """The marker's field naming the process that staged it (`host.ProcessId` tag)."""
 
@@ -70,7 +73,7 @@ def _being_staged(marker: Path, foreign_age: float) -> bool:
     try:
         writer = json.loads(marker.read_bytes()).get(WRITER, "")
         age = time.time() - marker.stat().st_mtime
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
     process = host.ProcessId.parse(writer) if isinstance(writer, str) else None
     if process is None:

@@ -11,7 +11,6 @@ a whole-image download can afford.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ import requests
 
 from squashstore.lazy.image import Remote
 from squashstore.lazy.source import RangeSource
-from squashstore.registry.client import Client, RegistryError, RegistryOptions
+from squashstore.registry.client import Client, RegistryOptions
 
 BACKOFF_CAP = 0.2
 """Longest wait between two attempts of one range request."""
@@ -35,29 +34,12 @@ def remote_for(client: Client, repository: str, digest: str, size: int, referenc
 
 
 def client_source(client: Client, remote: Remote) -> RangeSource:
-    """A `RangeSource` over an open registry client."""
+    """A `RangeSource` over an open registry client (safe for concurrent first requests:
+    the client answers 401s under its lock, so threads share one token)."""
     path = f"/v2/{remote.repository}/blobs/{remote.digest}"
-    serial = threading.Lock()
-    warm = threading.Event()
-
-    def send(headers: Mapping[str, str]) -> requests.Response:
-        return client.request("GET", path, remote.repository, headers=headers, stream=True)
 
     def get(headers: Mapping[str, str]) -> requests.Response:
-        # The client fetches a bearer token on a 401, but two threads hitting the 401 at
-        # once make the second take its token as refused. So the first request (which
-        # gets the token) goes alone, and a refusal is tried once more alone, when the
-        # token another thread fetched meanwhile is there.
-        if not warm.is_set():
-            with serial:
-                response = send(headers)
-                warm.set()
-                return response
-        try:
-            return send(headers)
-        except RegistryError:
-            with serial:
-                return send(headers)
+        return client.request("GET", path, remote.repository, headers=headers, stream=True)
 
     return RangeSource(get, remote.size, remote.describe(), retries=1)
 

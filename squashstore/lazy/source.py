@@ -18,8 +18,8 @@ import errno
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import requests
 
@@ -81,6 +81,8 @@ class RangeSource:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._get, self.size, self.what = get, size, what
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self.workers = workers
+        """Ranges fetched at once."""
         self._pool = ThreadPoolExecutor(max_workers=workers,
                                         thread_name_prefix="squashstore-fetch")
         self.requests = 0
@@ -128,6 +130,39 @@ class RangeSource:
         if error is not None:
             raise error
         return results
+
+    def fetch_each(self, spans: Sequence[Span]) -> Iterator[tuple[Span, bytes]]:
+        """Each span with its bytes, as they arrive, `workers` requests in flight (a new
+        one as soon as one ends, at most twice `workers` answers held); the first failure
+        is raised after the requests in flight have finished."""
+        pending: set[Future[bytes]] = set()
+        owner: dict[Future[bytes], Span] = {}
+        queue = list(reversed(spans))
+        error: BaseException | None = None
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * self.workers and error is None:
+                    span = queue.pop()
+                    future = self._pool.submit(self.fetch, span)
+                    pending.add(future)
+                    owner[future] = span
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        data = future.result()
+                    except BaseException as exc:  # re-raised once the others finished
+                        error = error or exc
+                        continue
+                    if error is None:
+                        yield owner.pop(future), data
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)
+        if error is not None:
+            raise error
 
     def _fetch_once(self, span: Span) -> bytes:
         headers = {"Range": f"bytes={span.start}-{span.end - 1}",

@@ -26,6 +26,7 @@ from squashstore import locking, oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
 from squashstore.image import SourceError
 from squashstore.lazy import paths as lazy_paths
+from squashstore.lazy import prefetch
 from squashstore.migrate import rfc3339, squashed_manifest
 from squashstore.store import (
     Publication,
@@ -41,6 +42,7 @@ ARTIFACT_TYPE = "application/vnd.squashstore.image.v1"
 CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
 SQUASHFS_TYPE = "application/vnd.squashstore.image.squashfs.v1"
 TAR_SPLIT_TYPE = "application/vnd.squashstore.image.tar-split.v1+gzip"
+PREFETCH_TYPE = prefetch.MEDIA_TYPE
 TITLE = "org.opencontainers.image.title"
 CREATED = "org.opencontainers.image.created"
 DIFF_ID = "io.squashstore.diff-id"
@@ -66,6 +68,8 @@ class Artifact:
     diff_id: str
     diff_size: int
     annotations: dict[str, str]
+    prefetch: oci.Descriptor | None = None
+    """The start-up prefetch list (`squashstore.lazy.prefetch`), when the pusher had one."""
 
 
 def is_artifact(manifest: bytes) -> bool:
@@ -90,10 +94,11 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
     parsed = [oci.parse_descriptor(layer, f"{what}: layer") for layer in layers]
     squash = [d for d in parsed if d.media_type == SQUASHFS_TYPE]
     split = [d for d in parsed if d.media_type == TAR_SPLIT_TYPE]
-    if len(squash) != 1 or len(split) > 1:
-        raise SourceError(f"{what}: a squashstore artifact has one {SQUASHFS_TYPE} layer "
-                          "and at most one tar-split")
-    for descriptor in (config, *squash, *split):
+    lists = [d for d in parsed if d.media_type == PREFETCH_TYPE]
+    if len(squash) != 1 or len(split) > 1 or len(lists) > 1:
+        raise SourceError(f"{what}: a squashstore artifact has one {SQUASHFS_TYPE} layer, "
+                          "at most one tar-split and at most one prefetch list")
+    for descriptor in (config, *squash, *split, *lists):
         if descriptor.size < 0:  # unbounded: a lying registry could send without end
             raise SourceError(f"{what}: the manifest gives {descriptor.digest} no size")
     annotations = doc.get("annotations") or {}
@@ -106,7 +111,7 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
                           "(a size in bytes)")
     diff_size = int(size_text)
     return Artifact(config, squash[0], split[0] if split else None, diff_id, diff_size,
-                    annotations)
+                    annotations, lists[0] if lists else None)
 
 
 # --------------------------------------------------------------------------- push
@@ -134,6 +139,8 @@ class PushPlan:
     tar_split: Path | None
     tar_split_digest: str
     manifest: bytes
+    prefetch: bytes | None = None
+    """The image's start-up prefetch list (`squashstore record`), when it has one."""
 
 
 def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) -> PushPlan:
@@ -166,6 +173,14 @@ def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) 
         layers.append({"mediaType": TAR_SPLIT_TYPE, "digest": split_digest,
                        "size": tar_split.stat().st_size,
                        "annotations": {TITLE: f"{image.layer[:12]}.tar-split.gz"}})
+    listed = prefetch.load(image.squash)
+    listing = None
+    if listed is not None and (listed.digest, listed.size) == \
+            (squash_digest, image.squash.stat().st_size):  # else of an earlier squash file
+        listing = listed.to_json()
+        layers.append({"mediaType": PREFETCH_TYPE, "digest": digest_bytes(listing),
+                       "size": len(listing),
+                       "annotations": {TITLE: f"{image.layer[:12]}.prefetch.json"}})
     annotations = {VERSION: FORMAT_VERSION,
                    OPTIONS: json.dumps(squash_meta.get("options") or {}, sort_keys=True),
                    SOURCE: json.dumps(source, sort_keys=True)}
@@ -181,7 +196,7 @@ def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) 
         "annotations": annotations,
     }
     return PushPlan(config, image.squash, squash_digest, tar_split, split_digest,
-                    json.dumps(manifest, indent=2, sort_keys=True).encode())
+                    json.dumps(manifest, indent=2, sort_keys=True).encode(), listing)
 
 
 # --------------------------------------------------------------------------- pull
