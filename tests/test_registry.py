@@ -580,6 +580,19 @@ class _HostileRegistry:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if behaviour == "cut-once" and outer.requests == 1:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    self.close_connection = True
+                    return
+                if behaviour == "cut-once":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
                 if behaviour == "escape":
                     body = json.dumps({"errors": [{"code": "DENIED", "message":
                                        "\x1b]0;owned\x07\x1b[2J\u202e"}]}).encode()
@@ -614,6 +627,15 @@ class _HostileRegistry:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_a_small_answer_cut_short_is_retried() -> None:
+    hostile = _HostileRegistry("cut-once")
+    try:
+        client = Client(hostile.host, RegistryOptions(tls_verify=False), sleep=lambda _s: None)
+        assert client.base() == f"http://{hostile.host}" and hostile.requests == 2
+    finally:
+        hostile.close()
 
 
 @pytest.mark.parametrize(("behaviour", "message"), [

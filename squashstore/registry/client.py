@@ -289,6 +289,12 @@ class Client:
         if not stream:
             try:
                 body = self.read_body(response, SMALL_BODY_LIMIT + 1, what)
+            except TimedOut:
+                response.close()
+                raise
+            except RegistryError as exc:  # a broken connection: retried like one
+                response.close()
+                raise requests.ConnectionError(str(exc)) from exc.__cause__
             except BaseException:
                 response.close()
                 raise
