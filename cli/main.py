@@ -28,7 +28,7 @@ COMMANDS = {
     "squashstore.cli.squash": ("squash", "ls", "cat"),
     "squashstore.cli.store": ("init", "migrate", "images", "inspect", "tag", "untag", "rmi",
                               "gc", "verify", "config"),
-    "squashstore.cli.mounts": ("mount", "umount", "mounts"),
+    "squashstore.cli.mounts": ("mount", "umount", "mounts", "record"),
     "squashstore.cli.serve": ("serve",),
     "squashstore.cli.cleanup": ("cleanup", "slurm", "hook"),
     "squashstore.cli.registry": ("login", "logout", "push", "pull"),
