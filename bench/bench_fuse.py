@@ -181,13 +181,33 @@ OPERATIONS: dict[str, Callable[[Path, Workload], float]] = {
 # ----------------------------------------------------------------------------- the run
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds the process `pid` has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Result:
     times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    """The FUSE server's CPU seconds per operation."""
     rss: list[float] = field(default_factory=list)
 
     def add(self, op: str, phase: str, seconds: float) -> None:
         self.times.setdefault((op, phase), []).append(seconds)
+
+    def timed(self, op: str, phase: str, mnt: Path, w: Workload, pid: int | None) -> None:
+        before = cpu_seconds(pid)
+        self.add(op, phase, OPERATIONS[op](mnt, w))
+        after = cpu_seconds(pid)
+        if before is not None and after is not None:
+            self.cpu.setdefault((op, phase), []).append(after - before)
 
     def median(self, op: str, phase: str) -> float:
         return statistics.median(self.times[(op, phase)])
@@ -200,8 +220,8 @@ def bench_backend(backend: str, image: Path, mnt: Path, w: Workload, runs: int) 
             drop_caches()
             pid = mount(backend, image, mnt)
             try:
-                result.add(op, "fresh", OPERATIONS[op](mnt, w))
-                result.add(op, "warm", OPERATIONS[op](mnt, w))
+                result.timed(op, "fresh", mnt, w, pid)
+                result.timed(op, "warm", mnt, w, pid)
                 rss = peak_rss_mib(pid)
                 if rss is not None:
                     result.rss.append(rss)
@@ -277,6 +297,14 @@ def report(results: dict[str, Result], w: Workload) -> None:
     for row in [head, *rows]:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
     print("(times are medians in seconds; read in MB/s; ratio >1: slower time, faster read)")
+    cpu_rows = [[name] + [_fmt(statistics.median(r.cpu[c]), 3) if c in r.cpu else "-"
+                          for c in cols] for name, r in results.items() if r.cpu]
+    if cpu_rows:
+        head = ["server CPU s"] + [f"{op} {ph}" for op, ph in cols]
+        widths = [max(len(str(row[i])) for row in [head, *cpu_rows]) for i in range(len(head))]
+        for row in [head, *cpu_rows]:
+            print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
+        print("(the FUSE server's user + system CPU seconds per operation, medians)")
 
 
 def main() -> int:

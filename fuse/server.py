@@ -81,15 +81,19 @@ def escape_option(value: str) -> str:
 
 
 class _Listing:
-    """One directory's entries, decoded once: names in order, children, and a name index."""
+    """One directory's entries, decoded once: names in order, children, a name index, and
+    each child's reply attributes once made (a warm ``find`` gets every directory's
+    entries again on every walk, as readdirplus with attributes: pyfuse3 cannot let the
+    kernel cache listings, see NOTES.md)."""
 
-    __slots__ = ("index", "names", "numbers", "refs")
+    __slots__ = ("attrs", "index", "names", "numbers", "refs")
 
     def __init__(self, names: list[bytes], refs: array[int], numbers: array[int]) -> None:
         self.names = names
         self.refs = refs
         self.numbers = numbers
         self.index = {name: i for i, name in enumerate(names)}
+        self.attrs: list[pyfuse3.EntryAttributes | None] = [None] * len(names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -253,6 +257,15 @@ class SquashOperations(pyfuse3.Operations):
         self._remember(number, ref)
         return node
 
+    def _child_attrs(self, listing: _Listing, pos: int) -> pyfuse3.EntryAttributes:
+        """The reply attributes of entry `pos` of `listing`, made once (pyfuse3 copies them
+        into each reply, and nothing in the image changes)."""
+        attrs = listing.attrs[pos]
+        if attrs is None:
+            attrs = self._attrs(self._child(listing.numbers[pos], listing.refs[pos]))
+            listing.attrs[pos] = attrs
+        return attrs
+
     # -- metadata requests -------------------------------------------------------------
 
     @_guard
@@ -271,7 +284,7 @@ class SquashOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = TIMEOUT
             return negative
-        return self._attrs(self._child(listing.numbers[pos], listing.refs[pos]))
+        return self._child_attrs(listing, pos)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -302,9 +315,9 @@ class SquashOperations(pyfuse3.Operations):
         ):
             return
         listing = self._listing(directory)
-        names, refs, numbers = listing.names, listing.refs, listing.numbers
+        names, made = listing.names, listing.attrs
         for pos in range(max(0, start_id - 2), len(names)):
-            attrs = self._attrs(self._child(numbers[pos], refs[pos]))
+            attrs = made[pos] or self._child_attrs(listing, pos)
             if not pyfuse3.readdir_reply(token, names[pos], attrs, pos + 3):
                 return
 

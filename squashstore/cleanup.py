@@ -280,7 +280,7 @@ def _end_server(m: MountState, wait: float) -> str:
         return f"hung server {pid} killed"
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and _serves(pid, m.mountpoint):
-        time.sleep(0.02)
+        time.sleep(host.POLL_INTERVAL)
     if not _serves(pid, m.mountpoint):
         return f"server {pid} exited"
     where = ("; still mounted in another mount namespace"
@@ -372,7 +372,7 @@ def poststop(registry: Registry, container: StoppingContainer,
     if not below:
         return []
     stores = (*settings.cleanup.podman_stores, PodmanStore(container.graphroot))
-    settings = replace(settings, cleanup=replace(settings.cleanup, podman_stores=stores))
+    settings = settings.replace(cleanup=settings.cleanup.replace(podman_stores=stores))
     with registry.locked():
         now = time.time()
         states = observe(registry, (), settings, now)

@@ -8,20 +8,25 @@ tables merged one level deep): its schema (``[mount] backend = "fuse" | "kernel"
 seconds and ``podman_stores``, graphroot strings or ``{graphroot=..., runroot=...}`` tables;
 ``[registry] stall`` and ``timeout`` in seconds; ``[lazy] cache_dir``, a node-local
 directory for lazily pulled images' cached bytes), its defaults, and the one loader:
-`load()` parses and checks every value into frozen dataclasses, and reads the files again
-only when one of them changed (so the mount program, cleanup and the CLI share one parse
-per process). podman's own configuration is not here (see `squashstore.podmanconf`).
+`load()` parses and checks every value into read-only records (`Slots`: the mount program
+reads this at every container start), and reads the files again only when one of them
+changed (so the mount program, cleanup and the CLI share one parse per process). podman's
+own configuration is not here (see `squashstore.podmanconf`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from squashstore import trust
+from squashstore.atomic import atomic_write_json
 from squashstore.errors import SquashstoreError
+from squashstore.slots import Slots
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
@@ -52,48 +57,70 @@ DEFAULT_REGISTRY_TIMEOUT = 0.0
 (``[registry] timeout``, ``--timeout``)."""
 
 
-@dataclass(frozen=True)
-class PodmanStore:
+class PodmanStore(Slots):
     """A podman (primary) store whose containers may use squash mounts; `runroot` (its
     ``overlay-layers/mountpoints.json``) also tells what is mounted in other namespaces."""
 
+    __slots__ = ("graphroot", "runroot")
     graphroot: str
-    runroot: str | None = None
+    runroot: str | None
+
+    def __init__(self, graphroot: str, runroot: str | None = None) -> None:
+        self.graphroot = graphroot
+        self.runroot = runroot
 
 
-@dataclass(frozen=True)
-class MountSettings:
+class MountSettings(Slots):
     """The ``[mount]`` table."""
 
-    backend: str = MOUNT_BACKENDS[0]
-    overlay: str = OVERLAYS[0]
+    __slots__ = ("backend", "overlay")
+    backend: str
+    overlay: str
+
+    def __init__(self, backend: str = MOUNT_BACKENDS[0], overlay: str = OVERLAYS[0]) -> None:
+        self.backend = backend
+        self.overlay = overlay
 
 
-@dataclass(frozen=True)
-class CleanupSettings:
+class CleanupSettings(Slots):
     """The ``[cleanup]`` table."""
 
-    grace: float = DEFAULT_GRACE
-    min_age: float = DEFAULT_MIN_AGE
-    podman_stores: tuple[PodmanStore, ...] = ()
+    __slots__ = ("grace", "min_age", "podman_stores")
+    grace: float
+    min_age: float
+    podman_stores: tuple[PodmanStore, ...]
+
+    def __init__(self, grace: float = DEFAULT_GRACE, min_age: float = DEFAULT_MIN_AGE,
+                 podman_stores: tuple[PodmanStore, ...] = ()) -> None:
+        self.grace = grace
+        self.min_age = min_age
+        self.podman_stores = podman_stores
 
 
-@dataclass(frozen=True)
-class RegistrySettings:
+class RegistrySettings(Slots):
     """The ``[registry]`` table."""
 
-    stall: float = DEFAULT_STALL
-    timeout: float = DEFAULT_REGISTRY_TIMEOUT
+    __slots__ = ("stall", "timeout")
+    stall: float
+    timeout: float
+
+    def __init__(self, stall: float = DEFAULT_STALL,
+                 timeout: float = DEFAULT_REGISTRY_TIMEOUT) -> None:
+        self.stall = stall
+        self.timeout = timeout
 
 
-@dataclass(frozen=True)
-class LazySettings:
-    """The ``[lazy]`` table."""
+class LazySettings(Slots):
+    """The ``[lazy]`` table: `cache_dir` is where this node's FUSE servers keep the bytes
+    they fetch of lazily pulled images (``~`` and ``$VARS`` expanded when used), instead of
+    the store's squash file: a shared store, perhaps read-only to this user, keeps only the
+    marker. None: in the store."""
 
-    cache_dir: str | None = None
-    """Where this node's FUSE servers keep the bytes they fetch of lazily pulled images
-    (``~`` and ``$VARS`` expanded when used), instead of the store's squash file: a shared
-    store, perhaps read-only to this user, keeps only the marker. None: in the store."""
+    __slots__ = ("cache_dir",)
+    cache_dir: str | None
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache_dir = cache_dir
 
     def cache_path(self) -> Path | None:
         """`cache_dir` expanded (``~``, ``$VAR``); `ConfigError` when it is not absolute."""
@@ -106,14 +133,23 @@ class LazySettings:
         return Path(path)
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Slots):
     """The whole project configuration."""
 
-    mount: MountSettings = field(default_factory=MountSettings)
-    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
-    registry: RegistrySettings = field(default_factory=RegistrySettings)
-    lazy: LazySettings = field(default_factory=LazySettings)
+    __slots__ = ("cleanup", "lazy", "mount", "registry")
+    mount: MountSettings
+    cleanup: CleanupSettings
+    registry: RegistrySettings
+    lazy: LazySettings
+
+    def __init__(self, mount: MountSettings | None = None,
+                 cleanup: CleanupSettings | None = None,
+                 registry: RegistrySettings | None = None,
+                 lazy: LazySettings | None = None) -> None:
+        self.mount = MountSettings() if mount is None else mount
+        self.cleanup = CleanupSettings() if cleanup is None else cleanup
+        self.registry = RegistrySettings() if registry is None else registry
+        self.lazy = LazySettings() if lazy is None else lazy
 
 
 def config_paths() -> list[Path]:
@@ -218,16 +254,47 @@ def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def load() -> Config:
-    """The project configuration, parsed once per process while its files stay the same."""
+def load(cache: Path | None = None) -> Config:
+    """The project configuration, parsed once per process while its files stay the same.
+
+    With `cache`, the merged tables of the files are also kept there as JSON for the next
+    process while the files stay the same: the mount program keeps them in its mount
+    registry, since importing tomllib alone is ~43 M instructions, more than a quarter of a
+    container start when a config file exists. As root, the cache is used only while no
+    one else can change it (`trust.check_entry`; its directory is the registry, checked)."""
     paths = config_paths()
     stamp = _stamp(paths)
     with _lock:
         cached = _loaded.get(stamp)
         if cached is not None:
             return cached
-    config = parse(read_tables(paths))
+    tables = _read_cache(cache, stamp) if cache is not None else None
+    if tables is None:
+        tables = read_tables(paths)
+        if cache is not None:
+            _write_cache(cache, stamp, tables)
+    config = parse(tables)
     with _lock:
         _loaded.clear()
         _loaded[stamp] = config
     return config
+
+
+def _read_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, Any] | None:
+    """The tables `_write_cache` kept for the files as they are now, else None."""
+    trust.check_entry(cache, what="a mount registry")
+    try:
+        data = json.loads(cache.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("stamp") != [list(item) for item in stamp]:
+        return None
+    tables = data.get("tables")
+    return tables if isinstance(tables, dict) else None
+
+
+def _write_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...],
+                 tables: dict[str, Any]) -> None:
+    """Keep `tables` for `stamp` (best effort: tables JSON cannot hold are not kept)."""
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        atomic_write_json(cache, {"stamp": [list(item) for item in stamp], "tables": tables})

@@ -19,13 +19,16 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from squashstore.slots import Slots
 
 MOUNT_TIMEOUT = 30.0
 """Seconds a FUSE server may take until its mount appears and answers."""
 LIVENESS_TIMEOUT = 5.0
 """Seconds a mount gets to answer statfs before it counts as hung (dead)."""
+POLL_INTERVAL = 0.02
+"""Seconds between two looks while waiting for a mount to appear or a server to exit."""
 STARTING_WINDOW = 120.0
 """Seconds a container start the mount program recorded counts as a use before its overlay
 is mounted (the mount program records the use, then podman mounts the overlay)."""
@@ -97,13 +100,18 @@ def server_log(mountpoint: Path, backend: str) -> Path:
 # Processes.
 
 
-@dataclass(frozen=True)
-class ProcessId:
+class ProcessId(Slots):
     """A process identity that survives pid reuse: host, pid and kernel start time."""
 
+    __slots__ = ("host", "pid", "start")
     host: str
     pid: int
     start: int
+
+    def __init__(self, host: str, pid: int, start: int) -> None:
+        self.host = host
+        self.pid = pid
+        self.start = start
 
     def tag(self) -> str:
         return f"{self.host}.{self.pid}.{self.start}"
@@ -125,9 +133,9 @@ class ProcessId:
 
 
 def hostname() -> str:
-    import socket  # imported when used: the mount program starts fast
-
-    return socket.gethostname().replace(".", "_") or "localhost"
+    # uname's nodename is what gethostname(2) returns on Linux; importing socket for it
+    # cost ~15 M instructions of every container start (the mount program's temp names)
+    return os.uname().nodename.replace(".", "_") or "localhost"
 
 
 def process_start(pid: int) -> int | None:
@@ -219,17 +227,26 @@ def _unescape_mountinfo(field: str) -> str:
             .replace("\\134", "\\"))
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of a ``mountinfo`` file."""
+class MountEntry(Slots):
+    """One line of a ``mountinfo`` file; `device` is ``major:minor`` of the mounted file
+    system (the same in every mount namespace)."""
 
+    __slots__ = ("device", "fstype", "mount_id", "mountpoint", "source", "super_options")
     mountpoint: str
     fstype: str
     source: str
-    mount_id: int = 0
-    device: str = ""
-    """``major:minor`` of the mounted file system: the same in every mount namespace."""
-    super_options: str = ""
+    mount_id: int
+    device: str
+    super_options: str
+
+    def __init__(self, mountpoint: str, fstype: str, source: str, mount_id: int = 0,
+                 device: str = "", super_options: str = "") -> None:
+        self.mountpoint = mountpoint
+        self.fstype = fstype
+        self.source = source
+        self.mount_id = mount_id
+        self.device = device
+        self.super_options = super_options
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:

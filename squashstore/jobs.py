@@ -18,8 +18,9 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+
+from squashstore.slots import Slots
 
 CLAIM_SETUP_SECONDS = 120.0
 """A claim this young counts even before its job has a step on the node (the prolog runs
@@ -28,13 +29,21 @@ before the first step's slurmstepd exists)."""
 _STEPD = re.compile(rb"^slurmstepd: \[(\d+)(?:_\d+)?\.[^\]]+\]")
 
 
-@dataclass(frozen=True)
-class JobClaim:
+class JobClaim(Slots):
     """A job's claim on a mount (an entry of `squashstore.mounts.MountRecord.claims`)."""
 
+    __slots__ = ("job", "node", "since")
     job: str
-    node: str = ""
-    since: float = 0.0
+    node: str
+    since: float
+
+    def __init__(self, job: str, node: str = "", since: float = 0.0) -> None:
+        self.job = job
+        self.node = node
+        self.since = since
+
+    def to_json(self) -> dict[str, object]:
+        return {"job": self.job, "node": self.node, "since": self.since}
 
     @classmethod
     def from_json(cls, value: object) -> JobClaim | None:

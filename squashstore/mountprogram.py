@@ -20,12 +20,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from squashstore import __version__, config, host, storelayout, trust
 from squashstore.errors import SquashstoreError
 from squashstore.mountrecords import RecordedUse, RecordRegistry
+from squashstore.slots import Slots
 
 PROGRAM = "squashstore-mount-program"
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
@@ -36,12 +36,16 @@ class MountProgramError(SquashstoreError):
     """The mount program was called with arguments it cannot handle."""
 
 
-@dataclass(frozen=True)
-class OverlayCall:
+class OverlayCall(Slots):
     """podman's call: the ``-o`` option string(s) and the merged directory."""
 
+    __slots__ = ("merged", "options")
     options: tuple[str, ...]
     merged: str
+
+    def __init__(self, options: tuple[str, ...], merged: str) -> None:
+        self.options = options
+        self.merged = merged
 
     def option(self, key: str) -> str | None:
         for group in self.options:
@@ -79,12 +83,16 @@ def parse_call(argv: Sequence[str]) -> OverlayCall:
     return OverlayCall(tuple(options), positional[-1])
 
 
-@dataclass(frozen=True)
-class StoreLayer:
+class StoreLayer(Slots):
     """A layer of a squash store (`root` resolved) that a lowerdir leads to."""
 
+    __slots__ = ("layer", "root")
     root: Path
     layer: str
+
+    def __init__(self, root: Path, layer: str) -> None:
+        self.root = root
+        self.layer = layer
 
     @property
     def diff(self) -> Path:
@@ -107,7 +115,7 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
     root = Path(os.path.realpath(root))
     storelayout.check(root)
     if link is not None:
-        trust.check_entry(root / "overlay" / "l" / link.name, symlink_ok=True)
+        trust.check_entry(root.joinpath(*trust.LINK_DIR, link.name), symlink_ok=True)
     return StoreLayer(root, layer)
 
 
@@ -141,9 +149,16 @@ def _mount(item: StoreLayer, registry: RecordRegistry, user: RecordedUse) -> Non
                                           user=user)
 
 
-def overlay_argv(call: OverlayCall, argv: Sequence[str]) -> list[str]:
+CONFIG_CACHE = "config.json"
+"""The project configuration's tables as the mount program last read them, in its registry
+(`config.load`'s cache)."""
+
+
+def overlay_argv(call: OverlayCall, argv: Sequence[str], registry: Path | None = None
+                 ) -> list[str]:
     """The command that mounts the overlay itself."""
-    choice = config.load().mount.overlay
+    cache = registry / CONFIG_CACHE if registry is not None else None
+    choice = config.load(cache).mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
     kernel_ok = host.is_real_root() and all(
         item.partition("=")[0] in KERNEL_OVERLAY_OPTIONS for item in items)
@@ -169,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         call = parse_call(args)
-        mount_layers(call, RecordRegistry())
-        command = overlay_argv(call, args)
+        registry = RecordRegistry()
+        mount_layers(call, registry)
+        command = overlay_argv(call, args, registry.dir)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1

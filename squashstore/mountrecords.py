@@ -13,16 +13,15 @@ live and recorded. Mounting, unmounting and replacing dead mounts are
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from squashstore import host, jobs, locking, trust
 from squashstore.atomic import atomic_write_json
+from squashstore.slots import Slots
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
@@ -33,16 +32,27 @@ FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
 """The file systems squashstore mounts: the only ones it ever unmounts."""
 
 
-@dataclass(frozen=True)
-class RecordedUse:
+class RecordedUse(Slots):
     """A container start the mount program recorded on a mount (one entry of a record's
     ``users``): its overlay's merged directory and upperdir, the mount program's pid (which
     becomes the overlay's server) and when; a field an older record lacks is empty."""
 
-    merged: str = ""
-    upperdir: str = ""
-    pid: int | None = None
-    since: float | None = None
+    __slots__ = ("merged", "pid", "since", "upperdir")
+    merged: str
+    upperdir: str
+    pid: int | None
+    since: float | None
+
+    def __init__(self, merged: str = "", upperdir: str = "", pid: int | None = None,
+                 since: float | None = None) -> None:
+        self.merged = merged
+        self.upperdir = upperdir
+        self.pid = pid
+        self.since = since
+
+    def to_json(self) -> dict[str, object]:
+        return {"merged": self.merged, "upperdir": self.upperdir, "pid": self.pid,
+                "since": self.since}
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> RecordedUse:
@@ -55,10 +65,21 @@ class RecordedUse:
                    and not isinstance(since, bool) else None)
 
 
-@dataclass
-class MountRecord:
-    """The registry's knowledge of one mount."""
+class MountRecord(Slots):
+    """The registry's knowledge of one mount; `claims` are the batch jobs that claim it
+    (see `squashstore.jobs`)."""
 
+    __slots__ = (
+        "backend",
+        "claims",
+        "image",
+        "layer",
+        "mountpoint",
+        "pid",
+        "since",
+        "squash",
+        "users",
+    )
     image: str
     layer: str
     squash: str
@@ -66,12 +87,29 @@ class MountRecord:
     backend: str
     pid: int | None
     since: float
-    users: list[RecordedUse] = field(default_factory=list)
-    claims: list[jobs.JobClaim] = field(default_factory=list)
-    """The batch jobs that claim the mount (see `squashstore.jobs`)."""
+    users: list[RecordedUse]
+    claims: list[jobs.JobClaim]
+
+    def __init__(self, image: str, layer: str, squash: str, mountpoint: str, backend: str,
+                 pid: int | None, since: float, users: list[RecordedUse] | None = None,
+                 claims: list[jobs.JobClaim] | None = None) -> None:
+        self.image = image
+        self.layer = layer
+        self.squash = squash
+        self.mountpoint = mountpoint
+        self.backend = backend
+        self.pid = pid
+        self.since = since
+        self.users = [] if users is None else users
+        self.claims = [] if claims is None else claims
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass without frozen
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"image": self.image, "layer": self.layer, "squash": self.squash,
+                "mountpoint": self.mountpoint, "backend": self.backend, "pid": self.pid,
+                "since": self.since, "users": [u.to_json() for u in self.users],
+                "claims": [c.to_json() for c in self.claims]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MountRecord:
@@ -132,7 +170,12 @@ class RecordRegistry:
         self.lock_file = self.dir / "lock"
 
     def _key(self, mountpoint: Path) -> str:
-        return hashlib.sha256(host.real_path(mountpoint).encode()).hexdigest()[:32]
+        try:  # hashlib loads OpenSSL: ~11 M instructions of every container start
+            from _sha256 import sha256  # type: ignore[import-not-found]
+        except ImportError:  # an interpreter without that module (3.12 has _sha2)
+            from hashlib import sha256
+        digest: str = sha256(host.real_path(mountpoint).encode()).hexdigest()
+        return digest[:32]
 
     def _record_path(self, mountpoint: Path) -> Path:
         return self.records_dir / f"{self._key(mountpoint)}.json"

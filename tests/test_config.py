@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from squashstore import config, mounts
+from squashstore import config, host, mounts, trust
 from squashstore.config import (
     CleanupSettings,
     Config,
@@ -76,3 +77,38 @@ def test_read_once_until_a_file_changes(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_every_configurable_backend_is_a_mounter() -> None:
     assert tuple(mounts.BACKENDS) == config.MOUNT_BACKENDS
+
+
+def test_the_mount_programs_cache_stands_for_the_files_while_they_stay_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load(cache)` keeps the merged tables as JSON (the mount program then needs no
+    tomllib); a changed file is read again; a cache others can write is refused as root."""
+    path, cache = tmp_path / "config.toml", tmp_path / "config.json"
+    path.write_text('[mount]\noverlay = "kernel"\n')
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(path))
+    assert config.load(cache).mount.overlay == "kernel"
+    data = json.loads(cache.read_text())
+    assert data["tables"] == {"mount": {"overlay": "kernel"}}
+    data["tables"]["mount"]["overlay"] = "fuse-overlayfs"  # only the cache says so
+    cache.write_text(json.dumps(data))
+    cache.chmod(0o644)
+    config._loaded.clear()  # a new process
+    assert config.load(cache).mount.overlay == "fuse-overlayfs"
+    path.write_text('[mount]\noverlay = "auto"\n')
+    os.utime(path, ns=(2, 2))
+    assert config.load(cache).mount.overlay == "auto"
+    assert json.loads(cache.read_text())["tables"] == {"mount": {"overlay": "auto"}}
+    if host.is_real_root():
+        cache.chmod(0o666)
+        config._loaded.clear()
+        with pytest.raises(trust.UnsafeStore, match="writable by group or others"):
+            config.load(cache)
+
+
+def test_tables_json_cannot_hold_are_not_cached(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path, cache = tmp_path / "config.toml", tmp_path / "config.json"
+    path.write_text('[mount]\nbackend = "kernel"\n[site]\nsince = 2026-01-01\n')
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(path))
+    assert config.load(cache).mount.backend == "kernel"
+    assert not cache.exists()

@@ -249,8 +249,9 @@ def _layer_problem(squash: Path) -> str:
     says, as `registry.artifact.check_layer` checks an eager pull; "" when it does."""
     from squashstore.podmanstore import Layout
     from squashstore.storelayer import layer_digest
+    from squashstore.storelayout import SQUASH_SUFFIX
 
-    lid = squash.name.removesuffix(".sqfs")
+    lid = squash.name.removesuffix(SQUASH_SUFFIX)
     split = Layout(squash.parent.parent.parent).tar_split(lid)
     if not split.is_file():  # `pull --lazy` refuses an artifact without one
         return ""
