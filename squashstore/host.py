@@ -206,6 +206,25 @@ def server_pid(mountpoint: str) -> int | None:
     return None
 
 
+def open_files_under(directory: str) -> set[str]:
+    """The paths below `directory` any process we can see has open (``/proc/PID/fd``)."""
+    prefix = directory.rstrip("/") + "/"
+    found = set()
+    for pid in pids():
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                found.add(target)
+    return found
+
+
 def open_descriptors_of(target: str) -> list[int]:
     """This process's file descriptors open on `target` (e.g. ``/dev/fuse``)."""
     found = []

@@ -875,6 +875,13 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     podman_env = {k: consumer.env[k] for k in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF",
                                                "CONTAINERS_REGISTRIES_CONF", "TMPDIR")}
     origin.authfile.write_text('{"auths": {}}')  # podman run insists on it when named
+    # An image in use is not recorded (its mount has a warm cache): one line.
+    mounted = origin.store.resolve(iid).diff
+    origin.cli("mount", data_image, tls=False)
+    with (mounted / "hello").open("rb"):
+        busy = origin.cli("record", data_image, "--", "true", tls=False, check=False)
+    assert busy.returncode == 1 and "is in use" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
     # A failing command records nothing.
     failed = origin.cli("record", data_image, "--", "false", tls=False, check=False)
     assert failed.returncode == 1 and "nothing recorded" in failed.stderr
@@ -935,9 +942,9 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
 
 def test_node_local_caches_leave_the_shared_store_alone(
         pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from squashstore import config
+    from squashstore import config, host
 
-    _, squash = publish_lazy(tmp_path / "store", pushed)
+    store, squash = publish_lazy(tmp_path / "store", pushed)
     shared_map = lazy_paths.map_path(squash).read_bytes()
     shared_bytes = digest_of(squash.read_bytes())
     root = pushed.squash.parent / "rootfs"
@@ -989,6 +996,30 @@ def test_node_local_caches_leave_the_shared_store_alone(
     monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
     with pytest.raises(config.ConfigError, match="absolute"):
         config.load().lazy.cache_path()
+    # cleanup keeps a node's cache while the store's image is lazy, and while a process has
+    # it open; once the image is complete in the store, the cache goes.
+    from test_store import cli
+
+    env = {**os.environ, "SQUASHSTORE_CONFIG": str(tmp_path / "node-a.toml"),
+           "LAZY_USER": "u1", "SQUASHSTORE_RUNTIME_DIR": str(tmp_path / "run")}
+    files = sorted(caches[0].iterdir())
+    for path in files:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    for _ in range(50):  # the servers unmounted lazily: wait until they closed the cache
+        if not host.open_files_under(str(caches[0])):
+            break
+        time.sleep(0.1)
+    out = cli(store.root, "cleanup", "--grace", "0", env=env)
+    assert "lazy cache" not in out.stdout and sorted(caches[0].iterdir()) == files
+    assert lazy_image.complete(squash, lazy_remote.open_source)
+    with files[0].open("rb"):
+        out = cli(store.root, "cleanup", "--grace", "0", env=env)
+        assert "lazy cache" not in out.stdout  # open: a server may still read it
+    out = cli(store.root, "cleanup", "--grace", "0", "--dry-run", env=env)
+    assert f"would remove lazy cache {caches[0] / files[0].name}" in out.stdout
+    out = cli(store.root, "cleanup", "--grace", "0", env=env)
+    assert f"removed lazy cache {caches[0] / files[0].name}" in out.stdout
+    assert list(caches[0].iterdir()) == []
 
 
 def test_concurrent_first_range_requests_share_one_token(request: pytest.FixtureRequest,

@@ -27,7 +27,7 @@ from pathlib import Path
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile
-from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.paths import LAZY_DIR, WRITER, lazy_dir, map_path, marker_path
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
 
@@ -147,6 +147,56 @@ def _seed(cache: RangeCache, squash: Path, shared: bytes) -> None:
                 cache.store([(span, data)])
     finally:
         os.close(fd)
+
+
+def lazy_digests(meta: Path) -> set[str]:
+    """The blob digests of the lazy images of the store whose metadata directory is `meta`
+    (unreadable markers skipped)."""
+    from squashstore.storelayout import SQUASH_DIR, SQUASH_SUFFIX  # cleanup's alone
+
+    found: set[str] = set()
+    directory = meta / LAZY_DIR
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.endswith(".json"):
+            with contextlib.suppress(LazyError):
+                squash = meta / SQUASH_DIR / f"{entry.removesuffix('.json')}{SQUASH_SUFFIX}"
+                remote = read_marker(squash)
+                if remote is not None:
+                    found.add(remote.digest)
+    return found
+
+
+def stale_node_caches(directory: Path, keep: set[str], open_paths: set[str],
+                      min_age: float, now: float) -> list[Path]:
+    """The files of a node-local cache `directory` that `cleanup` removes: the ``.data`` and
+    ``.map`` of blobs whose digest is not in `keep` (the lazy images of the stores cleaned),
+    neither of them open by any process (`open_paths`: a FUSE server still serving from
+    it), and untouched for `min_age` seconds (a server opening it right now)."""
+    from squashstore.lazy.cache import data_path
+
+    keep_names = {data_path(directory, d).name for d in keep if ":" in d}
+    found = []
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        stem, dot, suffix = entry.rpartition(".")
+        if not dot or suffix != "data" or entry in keep_names:
+            continue
+        pair = [directory / entry, directory / f"{stem}.map"]
+        try:
+            recent = any(now - os.lstat(p).st_mtime < min_age for p in pair if p.exists())
+        except OSError:
+            continue
+        if recent or any(str(p) in open_paths for p in pair):
+            continue
+        found += [p for p in pair if p.exists()]
+    return found
 
 
 def open_lazy(squash: Path, open_source: SourceOpener | None,
