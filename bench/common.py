@@ -19,19 +19,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SQUASHSTORE_BENCH_CACHE", Path.home() / ".cache/squashstore-bench"))
 PACKAGES = ("numpy", "scipy", "pandas")
+LARGE_PACKAGES = (*PACKAGES, "sympy", "matplotlib", "scikit-learn", "botocore", "networkx",
+                  "babel", "plotly", "django", "kubernetes", "ansible-core")
+"""A Python environment of ~35,000 files (~41,000 entries), for `--large` runs."""
 
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def realistic_tree() -> Path:
+def realistic_tree(packages: tuple[str, ...] = PACKAGES, name: str = "site-packages") -> Path:
     """A directory of a real Python package tree (built once, then cached)."""
-    target = CACHE / "site-packages"
-    done = CACHE / "site-packages.done"
+    target = CACHE / name
+    done = CACHE / f"{name}.done"
     if done.exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target",
-                             str(target), *PACKAGES], capture_output=True, text=True)
+                             str(target), *packages], capture_output=True, text=True)
     if result.returncode != 0:
         fallback = sorted(Path("/usr/lib").glob("python3*"))[-1]
         print(f"pip install failed; using {fallback}", file=sys.stderr)
@@ -90,5 +93,5 @@ def build_image(podman_root: Path, tree: Path) -> tuple[Any, str]:
         + "".join(f"COPY tree/site-packages/{p.name} /usr/lib/python3/site-packages/{p.name}\n"
                   for p in extra))
     podman.run("build", "--network", "none", "--pull=never", "-t", "localhost/bench:1",
-               str(ctx))
+               str(ctx), timeout=3600)  # --large on a loaded machine takes over 5 minutes
     return podman, "localhost/bench:1"

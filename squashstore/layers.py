@@ -11,13 +11,18 @@ iteration ends, `root` is the complete tree (`squashstore.tree`). Hard links joi
 `Inode`; a link whose target a higher layer shadowed gets the content from a second read of
 that layer. Hostile paths are normalised like Docker does (absolute paths kept inside the
 root) or rejected (``..`` above the root, entries below a non-directory of the same layer,
-links out of the layer); owners, modes, devices and xattrs are kept without root.
+links out of the layer); owners, modes, devices and xattrs are kept without root. Whiteouts
+follow podman's overlay driver, which makes each one a device at the hidden path as it
+extracts the layer: a whiteout of a path its own layer already has, a bare ``.wh.`` (it names
+its own directory) or an entry below a whiteout refuses the layer, and a later entry at a
+whiteout's path replaces it.
 """
 
 from __future__ import annotations
 
 import io
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +36,10 @@ from squashstore.tree import Inode, Kind, name_bytes, new_dir
 
 MAX_NAME = 255
 MAX_FILE_SIZE = 1 << 46  # 64 TiB: larger than any real layer, smaller than absurd headers
+_MAYBE_LONG = re.compile(rf"[^/]{{{MAX_NAME // 4 + 1},}}")
+"""Path parts that may be longer than MAX_NAME bytes (a character is at most 4 bytes)."""
+_CACHE_LIMIT = 4096
+"""Entries of each path-lookup cache of the merge before it starts afresh (memory bound)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +89,17 @@ class _LayerState:
     """Shadowed link target -> the headers of the links to it, in tar order."""
     names: set[str] = field(default_factory=set)
     """Every entry's name as containers/storage's tar-split records it (Go's Clean)."""
+    clean: dict[str, None] = field(default_factory=dict)
+    """A cache: directories none of whose ancestors (or themselves) is a non-directory of
+    this layer, so checking an entry's parents stops at the nearest one of them."""
+    upper: dict[str, _Upper | bool] = field(default_factory=dict)
+    """A cache of `LayerMerge._upper_state` while this layer is read (the trie of the
+    layers above does not change meanwhile)."""
+
+    def set_kind(self, path: str, kind: str) -> None:
+        if kind == "other" and path in self.kinds:
+            self.clean.clear()  # an implied directory became a non-directory
+        self.kinds[path] = kind
 
 
 def normalise(name: str, layer: Layer) -> str:
@@ -90,8 +110,9 @@ def normalise(name: str, layer: Layer) -> str:
         return ""
     if path == ".." or path.startswith("../"):
         raise LayerError(f"{layer.describe()}: entry {quote(name)} points outside the root")
-    for part in path.split("/"):
-        if len(name_bytes(part)) > MAX_NAME:
+    # One C-level scan, not a Python loop over the parts: a 10,000-deep path stays cheap.
+    for match in _MAYBE_LONG.finditer(path):
+        if len(name_bytes(match.group())) > MAX_NAME:
             raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in "
                              f"{quote(name)}")
     return path
@@ -105,6 +126,17 @@ def go_clean(name: str) -> str:
 
 def _parent(path: str) -> str:
     return path.rpartition("/")[0]
+
+
+def _step(node: _Upper | bool, name: str) -> _Upper | bool:
+    """From what the layers above say about a directory to what they say about its child
+    `name` (see `LayerMerge._upper_state`)."""
+    if isinstance(node, bool):
+        return node
+    if node.kind == "other" or node.hides_below:
+        return True
+    child = node.children.get(name)
+    return False if child is None else child
 
 
 _TAR_KINDS = {
@@ -227,6 +259,8 @@ class LayerMerge:
         self._implicit: set[int] = {id(self.root)}
         self._upper = _Upper(kind="dir")
         self._first_path: dict[int, str] = {}
+        self._dirs: dict[str, Inode] = {}
+        """A cache of `_directory`: path -> the directory there in `root`."""
         self.files = 0
         self.bytes = 0
         self.layers_done = 0
@@ -277,10 +311,21 @@ class LayerMerge:
             yield from self._imply_parents(path, member.mtime, state)
             if base == OPAQUE_MARKER:
                 state.opaque.add(_parent(path))
-            else:
-                hidden = posixpath.join(_parent(path), base[len(WHITEOUT_PREFIX):])
-                state.whiteouts.add(hidden)
+                return
+            name = base[len(WHITEOUT_PREFIX):]
+            hidden = posixpath.join(_parent(path), name)
+            if not name or hidden in state.kinds:
+                # podman's overlay driver makes a whiteout by mknod of the hidden path, which
+                # fails when the layer already has it; a bare ".wh." names the directory it
+                # lies in (or the root), which always exists.
+                what = "its own directory" if not name else "an entry of its own layer"
+                raise LayerError(f"{layer.describe()}: whiteout {quote(member.name)} names "
+                                 f"{what} (podman refuses it: file exists)")
+            state.whiteouts.add(hidden)
             return
+        # A later entry replaces a whiteout of its own layer (extraction removes the device
+        # first): a directory there merges with the lower one again, as podman shows.
+        state.whiteouts.discard(path)
         if path == "" and member.typeflag != tarformat.TYPE_DIR:
             raise LayerError(f"{layer.describe()}: the root {quote(member.name)} is not a "
                              "directory")
@@ -303,8 +348,8 @@ class LayerMerge:
                 _copy_metadata(existing, inode)
                 yield MergedEntry(path, existing)  # again: in a tar, the later header wins
             return
-        state.kinds[path] = "dir" if inode.kind is Kind.DIR else "other"
-        if self._hidden(path, inode.kind is Kind.DIR):
+        state.set_kind(path, "dir" if inode.kind is Kind.DIR else "other")
+        if self._hidden(path, inode.kind is Kind.DIR, state):
             if inode.kind is not Kind.DIR:
                 state.hidden_files.add(path)
             return
@@ -328,20 +373,29 @@ class LayerMerge:
         for directory in reversed(missing):
             state.kinds[directory] = "dir"
             state.implied.add(directory)
-            if self._hidden(directory, True):
+            if self._hidden(directory, True, state):
                 continue
             inode = new_dir(mtime=mtime)
             state.yielded[directory] = inode
             yield self._place(directory, inode, None)
 
     def _check_parents(self, path: str, layer: Layer, state: _LayerState) -> None:
-        """Reject an entry below a non-directory of its own layer (a path through a symlink)."""
-        parent = _parent(path)
-        while parent:
+        """Reject an entry below a non-directory of its own layer (a path through a symlink).
+        The walk up stops at a directory already checked, so deep paths cost linear time."""
+        checked = parent = _parent(path)
+        while parent and parent not in state.clean:
             if state.kinds.get(parent) == "other":
                 raise LayerError(f"{layer.describe()}: entry {quote(path)} lies below "
                                  f"non-directory {quote(parent)}")
+            if parent in state.whiteouts:
+                raise LayerError(f"{layer.describe()}: entry {quote(path)} lies below a "
+                                 f"whiteout of its own layer, {quote(parent)} (podman "
+                                 "refuses it: not a directory)")
             parent = _parent(parent)
+        if checked:
+            if len(state.clean) >= _CACHE_LIMIT:
+                state.clean.clear()
+            state.clean[checked] = None
 
     def _hard_link(self, member: Header, path: str, layer: Layer,
                    state: _LayerState) -> Iterator[MergedEntry]:
@@ -357,10 +411,10 @@ class LayerMerge:
                              f"{quote(member.linkname)}, which is not a file of this layer")
         if inode is not None and inode.kind is Kind.DIR:
             raise LayerError(f"{layer.describe()}: hard link {quote(path)} to a directory")
-        state.kinds[path] = "other"
+        state.set_kind(path, "other")
         # Extracting a link applies its own header to the shared inode, as containers/storage
         # does (chown, xattrs, chmod, chtimes on the new name), whether or not it survives.
-        hidden = self._hidden(path, False)
+        hidden = self._hidden(path, False, state)
         if inode is not None:
             before = _metadata(inode)
             apply_link_header(inode, member)
@@ -429,18 +483,14 @@ class LayerMerge:
                              "the second read")
 
     # -- shadowing ---------------------------------------------------------------------
-    def _hidden(self, path: str, is_dir: bool) -> bool:
+    def _hidden(self, path: str, is_dir: bool, state: _LayerState) -> bool:
         """Whether the layers above shadow an entry of the current layer at `path`."""
-        node = self._upper
         if not path:
             return False  # the root: `_place` keeps the highest layer's metadata
-        for part in path.split("/"):
-            if node.kind == "other" or node.hides_below:
-                return True
-            child = node.children.get(part)
-            if child is None:
-                return False
-            node = child
+        parent, _, name = path.rpartition("/")
+        node = _step(self._upper_state(parent, state.upper), name)
+        if isinstance(node, bool):
+            return node
         if node.hides_below or node.kind == "other":
             return True
         if node.kind == "dir":
@@ -449,24 +499,69 @@ class LayerMerge:
         # anything else is replaced by that implied directory.
         return not is_dir
 
+    def _upper_state(self, path: str, cache: dict[str, _Upper | bool]) -> _Upper | bool:
+        """What the layers above say about the place `path`: True when an ancestor hides
+        everything below it, False when they have nothing there, else their trie node.
+        Found from the nearest cached ancestor, so a deep path costs one step, not its
+        depth (the walk from the root made a 10,000-deep layer take minutes)."""
+        if not path:
+            return self._upper
+        found = cache.get(path)
+        if found is not None:
+            return found
+        names: list[str] = []
+        prefix = path
+        node: _Upper | bool = self._upper
+        while prefix:
+            hit = cache.get(prefix)
+            if hit is not None:
+                node = hit
+                break
+            prefix, _, name = prefix.rpartition("/")
+            names.append(name)
+        for name in reversed(names):
+            node = _step(node, name)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[path] = node
+        return node
+
     def _absorb(self, state: _LayerState) -> None:
         """Add what the finished layer shadows to the view of the layers above."""
+        cache: dict[str, _Upper] = {}
         for path, kind in state.kinds.items():
-            node = self._upper_node(path)
+            node = self._upper_node(path, cache)
             if node.kind is None:
                 node.kind = kind
             if kind == "other":
                 # A non-directory cuts off the lower subtree, even under a directory above.
                 node.hides_below = True
         for path in state.whiteouts | state.opaque:
-            self._upper_node(path).hides_below = True
+            self._upper_node(path, cache).hides_below = True
 
-    def _upper_node(self, path: str) -> _Upper:
-        node = self._upper
-        if path:
-            for part in path.split("/"):
-                node = node.children.setdefault(part, _Upper())
-        return node
+    def _upper_node(self, path: str, cache: dict[str, _Upper]) -> _Upper:
+        """The trie node of `path`, made where missing; from the nearest cached ancestor."""
+        if not path:
+            return self._upper
+        node = cache.get(path)
+        if node is not None:
+            return node
+        parent, _, name = path.rpartition("/")
+        names = [name]
+        found = self._upper
+        while parent:
+            hit = cache.get(parent)
+            if hit is not None:
+                found = hit
+                break
+            parent, _, name = parent.rpartition("/")
+            names.append(name)
+        for name in reversed(names):
+            found = found.children.setdefault(name, _Upper())
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[path] = found
+        return found
 
     # -- the tree ----------------------------------------------------------------------
     def _place(self, path: str, inode: Inode, content: IO[bytes] | None) -> MergedEntry:
@@ -478,6 +573,8 @@ class LayerMerge:
         if existing is not None and existing.is_dir() and inode.is_dir():
             self._fill_implicit(existing, inode)
             return MergedEntry(path, existing)
+        if existing is not None and existing.is_dir():
+            self._dirs.clear()  # a directory is replaced: cached paths below it are stale
         parent.children[name] = inode
         first = self._first_path.setdefault(id(inode), path)
         if first != path:
@@ -495,18 +592,36 @@ class LayerMerge:
         _copy_metadata(directory, source)
 
     def _directory(self, path: str, mtime: int) -> Inode:
-        """The directory at `path`, made implicitly (0755, root) where missing."""
-        node = self.root
+        """The directory at `path`, made implicitly (0755, root) where missing; found from
+        the nearest cached ancestor (entries come in tree order: usually the parent)."""
         if not path:
-            return node
-        for part in path.split("/"):
+            return self.root
+        cached = self._dirs.get(path)
+        if cached is not None:
+            return cached
+        names: list[str] = []
+        prefix = path
+        node = self.root
+        while prefix:
+            hit = self._dirs.get(prefix)
+            if hit is not None:
+                node = hit
+                break
+            prefix, _, name = prefix.rpartition("/")
+            names.append(name)
+        for part in reversed(names):
             assert node.children is not None
             child = node.children.get(part)
             if child is None or not child.is_dir():
+                if child is not None:
+                    self._dirs.clear()
                 child = new_dir(mtime=mtime)
                 self._implicit.add(id(child))
                 node.children[part] = child
             node = child
+        if len(self._dirs) >= _CACHE_LIMIT:
+            self._dirs.clear()
+        self._dirs[path] = node
         return node
 
     def _finish_implicit(self) -> Iterator[MergedEntry]:

@@ -13,6 +13,9 @@ from the layer's mounted directory, so containers/storage can re-create the laye
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import weakref
 from typing import BinaryIO
 
 from fastcrc import crc64
@@ -58,6 +61,53 @@ def header_for(path: str, inode: Inode, link_to: str | None = None) -> tuple[str
     return name, size, header
 
 
+class _BackgroundSha256:
+    """sha256 of a byte stream, computed on a thread of its own: hashlib lets go of the GIL
+    for large buffers, so the canonical tar's digest costs the thread that streams only the
+    hand-over. Small pieces (headers, small files) are joined into batches first."""
+
+    BATCH = 1 << 20
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._parts: list[bytes] = []
+        self._batched = 0
+        self._thread = threading.Thread(target=_hash_worker, args=(self._queue, self._hash),
+                                        name="tar-sha256", daemon=True)
+        self._thread.start()
+        # An abandoned stream (an error mid-way) must not leave its thread waiting forever.
+        self._stop = weakref.finalize(self, self._queue.put, None)
+        self._hex: str | None = None
+
+    def update(self, data: bytes) -> None:
+        if self._hex is not None:
+            raise ValueError("update after hexdigest")
+        self._parts.append(data)
+        self._batched += len(data)
+        if self._batched >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._parts:
+            batch = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            self._parts, self._batched = [], 0
+            self._queue.put(bytes(batch))
+
+    def hexdigest(self) -> str:
+        if self._hex is None:
+            self._flush()
+            self._stop()
+            self._thread.join()
+            self._hex = self._hash.hexdigest()
+        return self._hex
+
+
+def _hash_worker(work: queue.Queue[bytes | None], digest: hashlib._Hash) -> None:
+    while (data := work.get()) is not None:
+        digest.update(data)
+
+
 class TarStream:
     """Serialise merged entries as one tar stream: written, hashed, tar-split recorded."""
 
@@ -65,7 +115,7 @@ class TarStream:
                  tarsplit: TarSplitRecorder | None = None) -> None:
         self._out = out
         self._split = tarsplit
-        self._sha = hashlib.sha256()
+        self._sha = _BackgroundSha256()
         self.size = 0
         self._pending: tuple[str, int, int | None] | None = None
 

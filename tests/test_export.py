@@ -8,6 +8,7 @@ that mount, exactly the tar whose digest became the layer's diff_id.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import stat
@@ -115,6 +116,24 @@ def test_squash_equals_podman_export_and_tar_split_rebuilds_the_diff(
         size += len(chunk)
     assert "sha256:" + digest.hexdigest() == result.diff_digest
     assert size == result.diff_size
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_squash_is_the_same_from_podmans_store_and_from_an_archive(
+        name: str, tmp_path: Path, saved: dict[tuple[str, str], str],
+        storage_env: dict[str, str]) -> None:
+    """containers-storage layers are rebuilt from tar-split and diff directories and read
+    without open_verified's buffers; an oci-archive's are read through them: the squash
+    files, their tar-splits and the canonical tar digests must not differ by one byte."""
+    results = {}
+    for transport in ("containers-storage", "oci-archive"):
+        dest = tmp_path / f"{transport}.sqfs"
+        split = tmp_path / f"{transport}.tar-split.gz"
+        result = squash_image(open_image(saved[name, transport]), dest,
+                              SquashOptions(compression="lz4"), tar_split=split)
+        results[transport] = (result.diff_digest, result.diff_size, dest.read_bytes(),
+                              gzip.decompress(split.read_bytes()))
+    assert results["containers-storage"] == results["oci-archive"]
 
 
 def test_squash_is_reproducible(tmp_path: Path, fixture_images: dict[str, str],

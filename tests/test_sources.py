@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import gzip
 import hashlib
@@ -26,6 +27,7 @@ from squashstore import oci
 from squashstore.image import Image, SourceError
 from squashstore.podmanconf import load_storage_config
 from squashstore.sources import normalize_name, open_image, parse_reference
+from squashstore.tar.split import TarSplitRecorder
 from squashstore.tarsplit import tar_from_diff_dir, tar_from_tar_split
 
 BASE = "localhost/sqs-sources-base:1"
@@ -939,3 +941,54 @@ def test_a_docker_archive_manifest_nested_too_deeply_is_one_line(tmp_path: Path)
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(SourceError, match="nested too deeply"):
         open_image(f"docker-archive:{archive}")
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("segment"), st.binary(max_size=40)),
+    st.tuples(st.just("file"),
+              st.one_of(st.text(max_size=12), st.binary(max_size=12).map(
+                  lambda raw: raw.decode("utf-8", "surrogateescape"))),
+              st.sampled_from([0, 1, 4096]), st.one_of(st.none(), st.integers(0, 2**64 - 1)))),
+    max_size=30)
+
+
+@settings(deadline=None)
+@given(ops=_OPS, filler=st.integers(0, 3))
+def test_tar_split_recorder_writes_the_lines_json_dumps_wrote(
+        ops: list[tuple[Any, ...]], filler: int) -> None:
+    """The recorder writes its JSON lines by hand (json.dumps per entry was its main cost):
+    they must be exactly what json.dumps made of the same entries, in tar-split's key order,
+    including names that are not UTF-8 (name_raw) and ones JSON escapes."""
+    buf = io.BytesIO()
+    recorder = TarSplitRecorder(buf)
+    expected: list[dict[str, object]] = []
+    segment = b""
+    # Enough lines between some entries to cross the recorder's write buffer.
+    ops = [*ops, *[("segment", bytes(200_000))] * filler, *ops]
+    for op in ops:
+        if op[0] == "segment":
+            recorder.segment(op[1])
+            segment += op[1]
+            continue
+        _, name, size, crc = op
+        recorder.file(name, size, crc)
+        if segment:
+            expected.append({"type": 2, "payload": base64.b64encode(segment).decode()})
+            segment = b""
+        entry: dict[str, object] = {"type": 1}
+        raw = name.encode("utf-8", "surrogateescape")
+        try:
+            entry["name"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["name_raw"] = base64.b64encode(raw).decode()
+        if size:
+            entry["size"] = size
+        entry["payload"] = (base64.b64encode(crc.to_bytes(8, "big")).decode()
+                            if crc is not None else None)
+        expected.append(entry)
+    recorder.close()
+    if segment:
+        expected.append({"type": 2, "payload": base64.b64encode(segment).decode()})
+    lines = [json.dumps({**e, "position": i}, separators=(",", ":")) + "\n"
+             for i, e in enumerate(expected)]
+    assert gzip.decompress(buf.getvalue()).decode() == "".join(lines)

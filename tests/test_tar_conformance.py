@@ -201,6 +201,17 @@ def _cases(tmp: Path) -> dict[str, bytes]:
         ts.special(b"L", b"n" * (1 << 20) + b"\x00", b"././@LongLink", "gnu"),
         ts.header(b"n", b"0", magic="gnu"))
     cases["contiguous file (type 7)"] = ts.archive(ts.header(b"c", b"7"))
+    # Whiteouts: podman's overlay driver makes each a device at the hidden path (mknod).
+    cases["a bare whiteout d/.wh."] = ts.archive(
+        ts.entry("pax", "d", "dir", mode=0o755), _file("d/x"), _file("d/.wh.", b""))
+    cases["a bare whiteout at the root"] = ts.archive(_file(".wh.", b""), _file("f"))
+    cases["a whiteout of a file of its own layer"] = ts.archive(
+        _file("d/x"), _file("d/.wh.x", b""))
+    cases["an entry below a whiteout of its own layer"] = ts.archive(
+        _file(".wh.d", b""), _file("d/x"))
+    cases["a whiteout, then a directory at its path"] = ts.archive(
+        _file(".wh.d", b""), ts.entry("pax", "d", "dir", mode=0o700, mtime=1_600_000_000),
+        _file("d/x"))
     cases["truncated content"] = _file("f", b"z" * 2000)[:1200]
     cases["stream ending in the padding"] = _file("f", b"z" * 10)[:600]
     return cases
@@ -271,6 +282,41 @@ def test_every_archive_reads_as_podman_reads_it(podman: Podman, tmp_path: Path,
     assert agreed_trees >= 20 and agreed_refusals >= 10, (agreed_trees, agreed_refusals)
 
 
+def test_whiteouts_over_a_lower_layer_read_as_podman_reads_them(
+        podman: Podman, tmp_path: Path, mounted: Callable[[Path], Path]) -> None:
+    """A whiteout hides the lower layer's path, and a later entry of its own layer at that
+    path replaces it: a directory there shows the lower directory's files again (podman's
+    overlay driver removes the device before it makes the directory)."""
+    lower = ts.archive(ts.entry("pax", "d", "dir", mode=0o755, mtime=1_600_000_000),
+                       _file("d/old"), _file("e"), _file("gone"),
+                       ts.entry("pax", "k", "dir", mode=0o755, mtime=1_600_000_000),
+                       _file("k/kept"))
+    upper = ts.archive(_file(".wh.d", b""), ts.entry("pax", "d", "dir", mode=0o700,
+                                                     mtime=1_600_000_000),
+                       _file("d/new"), _file(".wh.e", b""),
+                       ts.entry("pax", "e", "dir", mode=0o755, mtime=1_600_000_000),
+                       _file(".wh.gone", b""),
+                       ts.entry("pax", "k", "dir", mode=0o755, mtime=1_600_000_000),
+                       _file("k/.wh.kept", b""), _file("k/.wh.x", b""))
+    layout = Layout(tmp_path / "oci")
+    layout.write_index([layout.image([(lower, "none"), (upper, "none")])])
+    pulled = podman.text("pull", f"oci:{tmp_path / 'oci'}").strip().splitlines()[-1]
+    try:
+        with podman.mount_image(pulled) as point:
+            theirs = canonical_from_dir(point)
+    finally:
+        podman.run("rmi", "-f", pulled, check=False)
+    assert "/d/old" in theirs and "/d/new" in theirs and "/gone" not in theirs
+    image = Image("test", (), b"", "", b"", "", (make_layer(0, lower), make_layer(1, upper)))
+    out = io.BytesIO()
+    export_image(image, out)
+    squash_image(image, tmp_path / "layer.sqfs", SquashOptions())
+    for how, ours in (("export", canonical_from_tar(io.BytesIO(out.getvalue()))),
+                      ("squash", canonical_from_dir(mounted(tmp_path / "layer.sqfs")))):
+        differences = diff_listings(ours, theirs, ignore_paths={"/"})
+        assert not differences, (how, differences[:8])
+
+
 # -- the command line: one line, nothing left behind ---------------------------------------
 
 
@@ -286,7 +332,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("case", ["a path twice", "a directory then a file",
-                                  "a file, a directory, a child", "a name of 1 MiB"])
+                                  "a file, a directory, a child", "a name of 1 MiB",
+                                  "a bare whiteout d/.wh."])
 def test_refused_layers_one_line_and_no_output_from_every_command(case: str,
                                                                   tmp_path: Path) -> None:
     data = _cases(tmp_path / "src")[case]

@@ -27,7 +27,7 @@ from pathlib import Path
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile
-from squashstore.lazy.paths import WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.paths import LAZY_DIR, WRITER, lazy_dir, map_path, marker_path
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
 
@@ -152,8 +152,10 @@ def _seed(cache: RangeCache, squash: Path, shared: bytes) -> None:
 def lazy_digests(meta: Path) -> set[str]:
     """The blob digests of the lazy images of the store whose metadata directory is `meta`
     (unreadable markers skipped)."""
+    from squashstore.storelayout import SQUASH_DIR, SQUASH_SUFFIX  # cleanup's alone
+
     found: set[str] = set()
-    directory = meta / "lazy"
+    directory = meta / LAZY_DIR
     try:
         entries = sorted(os.listdir(directory))
     except OSError:
@@ -161,7 +163,8 @@ def lazy_digests(meta: Path) -> set[str]:
     for entry in entries:
         if entry.endswith(".json"):
             with contextlib.suppress(LazyError):
-                remote = read_marker(meta / "squash" / f"{entry[:-5]}.sqfs")
+                squash = meta / SQUASH_DIR / f"{entry.removesuffix('.json')}{SQUASH_SUFFIX}"
+                remote = read_marker(squash)
                 if remote is not None:
                     found.add(remote.digest)
     return found

@@ -76,7 +76,7 @@ def is_artifact(manifest: bytes) -> bool:
     """Whether a manifest is squashstore's artifact (by artifactType or config type)."""
     try:
         doc = json.loads(manifest)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: not ours
         return False
     if not isinstance(doc, dict):
         return False
@@ -297,7 +297,7 @@ def check_layer(squash: Path, split: Path | None, artifact: Artifact, what: str)
 def _json_annotation(artifact: Artifact, key: str) -> dict[str, Any]:
     try:
         value = json.loads(artifact.annotations.get(key, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -36,15 +36,27 @@ from squashstore.tar.format import SPLIT_SEGMENT as SEGMENT
 from squashstore.tar.writer import encode_header
 
 CHUNK = 1 << 20
+_json_string = json.encoder.encode_basestring_ascii
+"""A str as json.dumps writes it (ASCII, escaped): the C encoder json.dumps itself uses."""
+
+
+_LINES_BUFFER = 1 << 18
+"""JSON lines gathered before one gzip write (a write per line cost more than the JSON)."""
 
 
 class TarSplitRecorder:
-    """Writes a tar-split metadata file: how to reassemble the stream from a directory."""
+    """Writes a tar-split metadata file: how to reassemble the stream from a directory.
+
+    The JSON lines are the bytes ``json.dumps(entry, separators=(",", ":"))`` gives (keys in
+    the order type, name or name_raw, size, payload, position), written by hand: json.dumps
+    cost more per entry than the rest of the recording."""
 
     def __init__(self, out: IO[bytes]) -> None:
         self._gz = gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1)
         self._position = 0
         self._segment = bytearray()
+        self._lines: list[str] = []
+        self._buffered = 0
 
     def segment(self, raw: bytes) -> None:
         """Raw tar bytes (headers, padding, the end marker) kept as they are."""
@@ -53,32 +65,41 @@ class TarSplitRecorder:
     def file(self, name: str, size: int, crc: int | None) -> None:
         """An entry whose `size` content bytes come from the file `name` (CRC-64/ISO)."""
         self._flush_segment()
-        entry: dict[str, object] = {"type": FILE}
         raw = name.encode("utf-8", "surrogateescape")
         try:
-            entry["name"] = raw.decode("utf-8")
+            field = '"name":' + _json_string(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            entry["name_raw"] = base64.b64encode(raw).decode()
-        if size:
-            entry["size"] = size
-        entry["payload"] = (
-            base64.b64encode(crc.to_bytes(8, "big")).decode() if crc is not None else None)
-        self._emit(entry)
+            field = '"name_raw":"' + base64.b64encode(raw).decode() + '"'
+        sized = f',"size":{size}' if size else ""
+        payload = ('"' + base64.b64encode(crc.to_bytes(8, "big")).decode() + '"'
+                   if crc is not None else "null")
+        self._emit(f'{{"type":{FILE},{field}{sized},"payload":{payload},')
 
     def close(self) -> None:
         self._flush_segment()
+        self._write_lines()
         self._gz.close()
 
     def _flush_segment(self) -> None:
         if self._segment:
-            self._emit({"type": SEGMENT,
-                        "payload": base64.b64encode(bytes(self._segment)).decode()})
+            payload = base64.b64encode(self._segment).decode()
+            self._emit(f'{{"type":{SEGMENT},"payload":"{payload}",')
             self._segment.clear()
 
-    def _emit(self, entry: dict[str, object]) -> None:
-        entry["position"] = self._position
+    def _emit(self, head: str) -> None:
+        """One JSON line: `head` (the object up to its last key) and the position."""
+        line = f'{head}"position":{self._position}}}\n'
         self._position += 1
-        self._gz.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._buffered >= _LINES_BUFFER:
+            self._write_lines()
+
+    def _write_lines(self) -> None:
+        if self._lines:
+            self._gz.write("".join(self._lines).encode())
+            self._lines.clear()
+            self._buffered = 0
 _OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 _SKIPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 

@@ -14,20 +14,13 @@ import contextlib
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from squashstore import oci, podmanstore
-from squashstore.blobs import (
-    Compression,
-    Expect,
-    IterReader,
-    check_bytes,
-    digest_bytes,
-    open_verified,
-)
+from squashstore.blobs import check_bytes, digest_bytes
 from squashstore.image import Image, Layer, SourceError
 from squashstore.podmanconf import StorageConfig, load_storage_config
 from squashstore.sources import (
@@ -223,6 +216,54 @@ def _layer_store(stores: Sequence[_Store], preferred: _Store, layer_id: str) -> 
     return preferred
 
 
+class _ChunkStream(io.RawIOBase):
+    """A rebuilt layer tar read straight from its chunks: `read` hands a whole chunk over
+    when it fits and slices it otherwise, so each byte is copied once at most. (Through
+    `blobs.open_verified`, whose digests a local layer does not need, every byte went through
+    two 1 MiB buffers: ~0.55 s of CPU per 300 MB, as much as rebuilding the tar.)"""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._pending = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            rest = [self._pending[self._offset:], *self._chunks]
+            self._pending, self._offset = b"", 0
+            return b"".join(rest)
+        while self._offset == len(self._pending):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._pending, self._offset = chunk, 0
+        if not self._offset and size >= len(self._pending):
+            data, self._pending = self._pending, b""
+            return data
+        data = self._pending[self._offset:self._offset + size]
+        self._offset += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def _rebuilt(chunks: Iterator[bytes]) -> Iterator[BinaryIO]:
+    """The layer tar `chunks` as a stream; on a normal exit the rest is read, so the checks
+    the rebuild makes as it goes (each file's CRC-64) cover the whole layer."""
+    stream = _ChunkStream(chunks)
+    yield cast(BinaryIO, stream)
+    for _ in chunks:
+        pass
+
+
 def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
                    record: podmanstore.LayerRecord, manifest: oci.Manifest,
                    ids: Sequence[str]) -> Layer:
@@ -247,12 +288,10 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
             # A squash store's layer: its files are in the squash file, whether or not it is
             # mounted on diff (squashstore.storelayer).
             chunks = tar_from_squash(tar_split, squash, describe)
-            expect = Expect(describe, compression=Compression.NONE)
         elif tar_split.exists():
             # Trust containers/storage's records, as podman does: the rebuilt tar is checked
             # file by file against tar-split's CRC-64s, not hashed again as a whole.
             chunks = tar_from_tar_split(tar_split, diff, describe)
-            expect = Expect(describe, compression=Compression.NONE)
         else:
             if store.driver != "overlay":
                 raise SourceError(f"{describe}: the layer has no tar-split, and a "
@@ -261,7 +300,6 @@ def _storage_layer(stores: Sequence[_Store], preferred: _Store, index: int,
                 raise SourceError(f"{describe}: the layer has no tar-split and its files "
                                   f"({diff}) are not there (an unmounted additional store?)")
             chunks = tar_from_diff_dir(diff, describe)
-            expect = Expect(describe, compression=Compression.NONE)
-        return open_verified(io.BufferedReader(IterReader(chunks), 1 << 20), expect)
+        return _rebuilt(iter(chunks))
 
     return Layer(index, diff_id, digest, media_type, blob_size, open_layer)
