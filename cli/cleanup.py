@@ -59,7 +59,36 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     settings = config.load()
     grace = settings.cleanup.grace if args.grace is None else args.grace
     outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, settings)
-    return report(outcomes, args.format, args.dry_run)
+    code = report(outcomes, args.format, args.dry_run)
+    for path in _lazy_caches(settings, Path(args.store), grace, args.dry_run):
+        if args.format != "json":
+            verb = "would remove" if args.dry_run else "removed"
+            sys.stdout.write(f"{verb} lazy cache {path}\n")
+    return code
+
+
+def _lazy_caches(settings: config.Config, store: Path, grace: float,
+                 dry_run: bool) -> list[Path]:
+    """Files of the node-local lazy cache (``[lazy] cache_dir``) no lazy image of `store`
+    needs and no process has open, untouched for `grace` seconds: removed (listed when
+    `dry_run`)."""
+    directory = settings.lazy.cache_path()
+    if directory is None or not directory.is_dir():
+        return []
+    import time
+
+    from squashstore import host
+    from squashstore.lazy import image as lazy_image
+    from squashstore.storelayout import META
+
+    real = Path(os.path.realpath(directory))
+    stale = lazy_image.stale_node_caches(
+        real, lazy_image.lazy_digests(store / META), host.open_files_under(str(real)),
+        max(grace, settings.cleanup.min_age), time.time())
+    if not dry_run:
+        for path in stale:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def cmd_hook(args: argparse.Namespace) -> int:

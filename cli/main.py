@@ -28,7 +28,7 @@ COMMANDS = {
     "squashstore.cli.squash": ("squash", "ls", "cat"),
     "squashstore.cli.store": ("init", "migrate", "images", "inspect", "tag", "untag", "rmi",
                               "gc", "verify", "config"),
-    "squashstore.cli.mounts": ("mount", "umount", "mounts"),
+    "squashstore.cli.mounts": ("mount", "umount", "mounts", "record"),
     "squashstore.cli.serve": ("serve",),
     "squashstore.cli.cleanup": ("cleanup", "slurm", "hook"),
     "squashstore.cli.registry": ("login", "logout", "push", "pull"),
@@ -143,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, exc, 2)
     except (SquashstoreError, OSError) as exc:
         return _fail(args, exc, 1)
+    except RecursionError as exc:  # data nested deeper than a parser we call can read
+        return _fail(args, SquashstoreError(f"input nested too deeply to read ({exc})"), 1)
     return int(code or 0)
 
 

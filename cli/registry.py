@@ -25,7 +25,7 @@ from squashstore.progress import Transfer, human
 from squashstore.registry.options import Deadline, RegistryOptions
 
 MIGRATE_ZSTD_LEVEL = 3
-"""pull's zstd level for an ordinary image: migrate's (`squashstore.cli.store`)."""
+"""The zstd level of migrate and of pull for an ordinary image (`cli/store.py` uses it too)."""
 
 
 class RegistryUsageError(SquashstoreError):

@@ -20,7 +20,7 @@ from typing import Any
 
 from squashstore import host, runtime, sources, tracker
 from squashstore.cli.output import add_format_option, print_json, print_table
-from squashstore.cli.registry import add_registry_options, registry_options
+from squashstore.cli.registry import MIGRATE_ZSTD_LEVEL, add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
 from squashstore.image import Image, SquashstoreError
 from squashstore.mounts import Registry
@@ -28,7 +28,6 @@ from squashstore.registry.options import RegistryOptions
 from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
 
-MIGRATE_ZSTD_LEVEL = 3
 """migrate's zstd level: see the module docstring."""
 
 

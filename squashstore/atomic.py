@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 TMP_SUFFIX = ".sqtmp"
 """The suffix of `temp_name` names (a store's leftover removal looks for it)."""
+PARTIAL_SUFFIX = ".tmp"
+"""The suffix of a file being written by `atomic_output` or the squashfs writer (a
+``mkstemp`` name, which does not name its writer: never a store's leftover to remove)."""
 
 
 @contextmanager
@@ -40,7 +43,7 @@ def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterat
     dest = Path(dest)
     refuse_special(dest)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL_SUFFIX, dir=dest.parent)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(dest)) from None
     try:

@@ -280,7 +280,7 @@ def _end_server(m: MountState, wait: float) -> str:
         return f"hung server {pid} killed"
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and _serves(pid, m.mountpoint):
-        time.sleep(0.02)
+        time.sleep(host.POLL_INTERVAL)
     if not _serves(pid, m.mountpoint):
         return f"server {pid} exited"
     where = ("; still mounted in another mount namespace"

@@ -27,6 +27,8 @@ MOUNT_TIMEOUT = 30.0
 """Seconds a FUSE server may take until its mount appears and answers."""
 LIVENESS_TIMEOUT = 5.0
 """Seconds a mount gets to answer statfs before it counts as hung (dead)."""
+POLL_INTERVAL = 0.02
+"""Seconds between two looks while waiting for a mount to appear or a server to exit."""
 STARTING_WINDOW = 120.0
 """Seconds a container start the mount program recorded counts as a use before its overlay
 is mounted (the mount program records the use, then podman mounts the overlay)."""
@@ -202,6 +204,25 @@ def server_pid(mountpoint: str) -> int | None:
         if pid != os.getpid() and names_argument(pid, mountpoint):
             return pid
     return None
+
+
+def open_files_under(directory: str) -> set[str]:
+    """The paths below `directory` any process we can see has open (``/proc/PID/fd``)."""
+    prefix = directory.rstrip("/") + "/"
+    found = set()
+    for pid in pids():
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                found.add(target)
+    return found
 
 
 def open_descriptors_of(target: str) -> list[int]:

@@ -84,7 +84,9 @@ def _readlink(path: str) -> str | None:
 
 
 def jobs_on_node() -> set[str]:
-    """Ids of the jobs with a running step (a ``slurmstepd``) on this host."""
+    """Ids of the jobs with a running step (a ``slurmstepd``, which runs as root) on this
+    host. Any user can name a process ``slurmstepd: [JOB.0]``: only root's count, or a
+    user could keep another job's mounts claimed for as long as they like."""
     uts = _readlink("/proc/self/ns/uts")
     found = set()
     for entry in os.scandir("/proc"):
@@ -92,6 +94,8 @@ def jobs_on_node() -> set[str]:
             continue
         try:
             title = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            if not title.startswith(b"slurmstepd:") or entry.stat().st_uid != 0:
+                continue
         except OSError:
             continue
         match = _STEPD.match(title)

@@ -22,6 +22,7 @@ from squashstore import oci
 from squashstore.image import Image
 from squashstore.imageconfig import ConfigError, carried_config, config_problems, is_go_time, load
 from squashstore.mounts import Registry
+from squashstore.publish import STAGED_SQUASH, STAGED_TAR_SPLIT
 from squashstore.store import (
     Publication,
     Store,
@@ -210,7 +211,7 @@ def migrate_image(store: Store, image: Image, options: Any, *, mount: bool = Tru
     else:
         with store.staging() as stage:
             squash = squasher or functools.partial(flatten_squasher, progress=progress)
-            layer = squash(image, stage / "layer.sqfs", options, stage / "layer.tar-split.gz")
+            layer = squash(image, stage / STAGED_SQUASH, options, stage / STAGED_TAR_SPLIT)
             pub = publication(image, layer, recorded, _stats(layer))
             result = store.publish(pub, unmount=registry.umount)
     if mount:

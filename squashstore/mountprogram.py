@@ -115,7 +115,7 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
     root = Path(os.path.realpath(root))
     storelayout.check(root)
     if link is not None:
-        trust.check_entry(root / "overlay" / "l" / link.name, symlink_ok=True)
+        trust.check_entry(root.joinpath(*trust.LINK_DIR, link.name), symlink_ok=True)
     return StoreLayer(root, layer)
 
 

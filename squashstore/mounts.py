@@ -115,7 +115,7 @@ class SquashfuseMounter:
                 message = log.read_text(errors="replace").strip().splitlines()
                 raise MountError(f"{self.program} {squash}: "
                                  + (message[-1] if message else f"exit {server.returncode}"))
-            time.sleep(0.02)
+            time.sleep(host.POLL_INTERVAL)
         server.kill()
         raise MountError(f"{self.program} {squash}: no mount after {host.MOUNT_TIMEOUT:.0f}s")
 

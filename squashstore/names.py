@@ -37,7 +37,8 @@ SYSTEM_REGISTRIES_CONF_DIR = Path("/etc/containers/registries.conf.d")
 USER_REGISTRIES_CONF = Path(".config/containers/registries.conf")
 USER_REGISTRIES_CONF_DIR = Path(".config/containers/registries.conf.d")
 
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+TAG = re.compile(r"[\w][\w.-]{0,127}")
+"""A tag, as docker's reference grammar has it."""
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)"
@@ -105,7 +106,7 @@ def parse(text: str) -> Name:
     last = name.rfind(":")
     if last > name.rfind("/"):
         name, tag = name[:last], name[last + 1:]
-        if not _TAG.fullmatch(tag):
+        if not TAG.fullmatch(tag):
             raise InvalidName(f"invalid image name {text!r}: bad tag")
     domain, slash, path = name.partition("/")
     if not slash or not ("." in domain or ":" in domain or domain == LOCAL_DOMAIN):

@@ -9,7 +9,10 @@ layout): where a driver keeps its files (`Layout`: ``<driver>-images``, ``<drive
 policy (`PodmanStoreError` for a file that cannot be read or is not an array of objects
 with string ids; a missing or empty file has no records) into typed records
 (`ImageRecord`, `LayerRecord`, `ContainerRecord`, `MountCount`, each keeping its raw JSON
-so a writer never drops a field it does not model); image big-data file names exactly as
+so a writer never drops a field it does not model: `to_json` writes it back with only the
+changed fields set; the squash store's new records come from `new_image_record` and
+`new_layer_record`); an image's big-data keys (`MANIFEST_KEY`, `manifest_key`,
+`config_key`) and their file names exactly as
 containers/storage makes them (`big_data_name`, its ``makeBigDataBaseName``) and the name
 squashstore 0.1 wrote for some keys (`legacy_big_data_name`), so stores written before are
 still read; containers/storage's read locks (shared record locks, the layer store's before
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -93,7 +97,11 @@ class Layout:
         return self.root / self.driver / layer_id / "diff"
 
     def tar_split(self, layer_id: str) -> Path:
-        return self.layers_dir / f"{layer_id}.tar-split.gz"
+        return self.layers_dir / f"{layer_id}{TAR_SPLIT_SUFFIX}"
+
+
+TAR_SPLIT_SUFFIX = ".tar-split.gz"
+"""A layer's tar-split file: its id and this, in the layer store's directory."""
 
 
 def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
@@ -103,6 +111,24 @@ def mount_counts_json(runroot: Path, driver: str = "overlay") -> Path:
 
 # ---------------------------------------------------------------------------------------
 # Big-data file names.
+
+
+MANIFEST_KEY = "manifest"
+"""The big-data key of an image's manifest (also kept under `manifest_key`)."""
+
+
+def manifest_key(digest: str) -> str:
+    """The big-data key of the manifest whose digest is `digest`."""
+    return f"{MANIFEST_KEY}-{digest}"
+
+
+def is_manifest_key(key: str) -> bool:
+    return key == MANIFEST_KEY or key.startswith(MANIFEST_KEY + "-")
+
+
+def config_key(image_id: str) -> str:
+    """The big-data key of an image's config: its digest, which is the image id."""
+    return "sha256:" + image_id
 
 
 def big_data_name(key: str) -> str:
@@ -153,6 +179,28 @@ def _string(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _json_value(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _to_json(record: object, read: object | None, raw: Mapping[str, Any],
+             fields: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """`raw` with each modelled field that differs from what was read (`read`, the record
+    parsed from `raw`; None for a record not read from JSON) set anew: a record read and
+    written back keeps every key, modelled or not, in its order."""
+    out = dict(raw)
+    for attr, key in fields:
+        value = getattr(record, attr)
+        if read is not None and getattr(read, attr) == value:
+            continue
+        out[key] = _json_value(value)
+    return out
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One entry of ``images.json``."""
@@ -168,7 +216,12 @@ class ImageRecord:
     big_data_names: tuple[str, ...] = ()
     big_data_digests: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    """The whole JSON object, with the fields not modelled here."""
+    """The whole JSON object as read, with the fields not modelled here (written back by
+    `to_json`, so a rewrite never drops what podman or a later version wrote)."""
+
+    FIELDS = (("id", "id"), ("names", "names"), ("layer", "layer"), ("digest", "digest"),
+              ("digests", "digests"), ("created", "created"),
+              ("big_data_names", "big-data-names"), ("big_data_digests", "big-data-digests"))
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> ImageRecord:
@@ -183,6 +236,11 @@ class ImageRecord:
             if isinstance(digests, dict) else {},
             raw=raw)
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object to write (`raw`, with the modelled fields changed since)."""
+        return _to_json(self, ImageRecord.parse(self.raw) if self.raw else None, self.raw,
+                        self.FIELDS)
+
 
 @dataclass(frozen=True)
 class LayerRecord:
@@ -196,6 +254,10 @@ class LayerRecord:
     diff_size: int = -1
     """Bytes of that tar; -1 when not recorded."""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The whole JSON object as read (see `ImageRecord.raw`)."""
+
+    FIELDS = (("id", "id"), ("parent", "parent"), ("diff_digest", "diff-digest"),
+              ("diff_size", "diff-size"))
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> LayerRecord:
@@ -205,6 +267,11 @@ class LayerRecord:
                    diff_size=size if isinstance(size, int) and not isinstance(size, bool)
                    else -1,
                    raw=raw)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object to write (`raw`, with the modelled fields changed since)."""
+        return _to_json(self, LayerRecord.parse(self.raw) if self.raw else None, self.raw,
+                        self.FIELDS)
 
 
 @dataclass(frozen=True)
@@ -238,12 +305,38 @@ class MountCount:
         return cls(id=raw["id"], count=count if isinstance(count, int) else 0, raw=raw)
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """The objects of a containers/storage record file; [] when it is missing or empty.
+def new_layer_record(layer_id: str, created: str, diff_digest: str,
+                     diff_size: int) -> LayerRecord:
+    """The record of a layer stored uncompressed (as the squash store's layers are), with
+    the fields containers/storage writes for one, in its order."""
+    return LayerRecord.parse({
+        "id": layer_id, "created": created,
+        "compressed-diff-digest": diff_digest, "compressed-size": diff_size,
+        "diff-digest": diff_digest, "diff-size": diff_size, "compression": 0})
 
-    `PodmanStoreError` when it cannot be read, is not JSON, is not an array, or holds an
-    entry that is not an object with a string ``id`` (the one policy for every record file).
-    """
+
+def new_image_record(image_id: str, manifest_digest: str, names: Iterable[str], layer: str,
+                     created: str, big_data: Mapping[str, bytes]) -> ImageRecord:
+    """The record of an image with one top layer and these big-data items, with the
+    fields containers/storage writes for one, in its order."""
+    return ImageRecord.parse({
+        "id": image_id,
+        "digest": manifest_digest,
+        "names": list(names),
+        "layer": layer,
+        "metadata": "{}",
+        "big-data-names": list(big_data),
+        "big-data-sizes": {k: len(v) for k, v in big_data.items()},
+        "big-data-digests": {k: "sha256:" + hashlib.sha256(v).hexdigest()
+                             for k, v in big_data.items()},
+        "created": created,
+    })
+
+
+def load_document(path: Path) -> Any:
+    """The JSON document of a record file, unchecked: [] when it is missing or empty
+    (`imageconfig` checks it against podman's Go types); `PodmanStoreError` when it cannot
+    be read or is not JSON."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -253,11 +346,20 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     if not data.strip():
         return []
     try:
-        records = json.loads(data)
+        return json.loads(data)
     except ValueError as exc:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
     except RecursionError:
         raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """The objects of a containers/storage record file; [] when it is missing or empty.
+
+    `PodmanStoreError` when it cannot be read, is not JSON, is not an array, or holds an
+    entry that is not an object with a string ``id`` (the one policy for every record file).
+    """
+    records = load_document(path)
     if not isinstance(records, list):
         raise PodmanStoreError(f"{path} is not a JSON array")
     if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):

@@ -33,7 +33,6 @@ DOCKER = "docker"
 TRANSPORTS = (CONTAINERS_STORAGE, OCI_DIR, OCI_ARCHIVE, DOCKER_ARCHIVE, DOCKER)
 _OTHER_SKOPEO_TRANSPORTS = ("dir", "docker-daemon", "ostree", "sif", "tarball", "atomic")
 _TRANSPORT_TOKEN = re.compile(r"[a-z][a-z0-9-]*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def parse_reference(text: str) -> Reference:
 
 def _looks_like_name_with_colon(rest: str) -> bool:
     """After ``word:``, is this a tag (``alpine:3.19``) or a port (``host:5000/x``)?"""
-    if _TAG.fullmatch(rest.partition("@")[0]):
+    if names.TAG.fullmatch(rest.partition("@")[0]):
         return True
     return re.match(r"[0-9]+/", rest) is not None
 

@@ -23,8 +23,17 @@ from squashstore.errors import SquashstoreError
 
 FORMAT_VERSION = 1
 META = "squashstore"
-TOP_ENTRIES = (META, f"{META}/format-version", f"{META}/lock", f"{META}/images",
-               f"{META}/layers", f"{META}/squash", f"{META}/tmp", "overlay", "overlay/l",
+FORMAT_FILE = "format-version"
+LOCK_FILE = "lock"
+IMAGE_META_DIR = "images"
+LAYER_META_DIR = "layers"
+SQUASH_DIR = "squash"
+TMP_DIR = "tmp"
+SQUASH_SUFFIX = ".sqfs"
+"""A squash file's name: its layer id and this."""
+TOP_ENTRIES = (META, f"{META}/{FORMAT_FILE}", f"{META}/{LOCK_FILE}", f"{META}/{IMAGE_META_DIR}",
+               f"{META}/{LAYER_META_DIR}", f"{META}/{SQUASH_DIR}", f"{META}/{TMP_DIR}",
+               "overlay", "/".join(trust.LINK_DIR),
                "overlay-layers", "overlay-images", "overlay-layers/layers.json",
                "overlay-images/images.json")
 """The store's fixed entries, checked (as root) whenever it is opened."""
@@ -38,7 +47,7 @@ class StoreError(SquashstoreError):
 
 
 def format_file(root: Path) -> Path:
-    return root / META / "format-version"
+    return root / META / FORMAT_FILE
 
 
 def is_store(root: Path) -> bool:
@@ -72,7 +81,7 @@ def diff_dir(root: Path, layer_id: str) -> Path:
 
 
 def squash_file(root: Path, layer_id: str) -> Path:
-    return root / META / "squash" / f"{checked_id(layer_id)}.sqfs"
+    return root / META / SQUASH_DIR / f"{checked_id(layer_id)}{SQUASH_SUFFIX}"
 
 
 def overlay_layer(path: str | Path, leaf: str) -> tuple[Path, str] | None:

@@ -11,12 +11,12 @@ is its entry; the squash files' content is read by `squashfs.reader.verify_file`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from squashstore import host, imageconfig, podmanstore, trust
 from squashstore.image import SquashstoreError
-from squashstore.store import LINK_LENGTH, TMP_SUFFIX, Store, read_json, sha256_hex
+from squashstore.store import LINK_LENGTH, TMP_SUFFIX, Store, StoreError, sha256_hex
 
 
 def verify_structure(store: Store) -> list[str]:
@@ -26,17 +26,21 @@ def verify_structure(store: Store) -> list[str]:
     problems: list[str] = []
     for path, kind in ((store.images_json, imageconfig.STORAGE_IMAGES),
                        (store.layers_json, imageconfig.STORAGE_LAYERS)):
+        try:
+            document = podmanstore.load_document(path)
+        except podmanstore.PodmanStoreError as exc:
+            raise StoreError(str(exc)) from exc
         problems += [f"{path}: {p} (podman cannot read the store)"
-                     for p in imageconfig.problems(read_json(path, []), kind, "")]
-    layers = {str(r.get("id")): r for r in store.layer_records()}
+                     for p in imageconfig.problems(document, kind, "")]
+    layers = {r.id: r for r in store.layer_records()}
     images = store.image_records()
     for path in (store.layers_lock, store.images_lock):
         if not path.is_file():
             problems.append(f"{path}: missing (podman needs it)")
     owners: dict[str, str] = {}
     for record in images:
-        iid = str(record.get("id"))
-        for name in record.get("names") or []:
+        iid = record.id
+        for name in record.names:
             if name in owners:
                 problems.append(f"name {name} on images {owners[name]} and {iid}")
             owners[name] = iid
@@ -47,14 +51,13 @@ def verify_structure(store: Store) -> list[str]:
     return problems
 
 
-def _verify_image(store: Store, record: dict[str, Any],
-                  layers: dict[str, dict[str, Any]]) -> list[str]:
-    iid = str(record.get("id"))
+def _verify_image(store: Store, record: podmanstore.ImageRecord,
+                  layers: Mapping[str, podmanstore.LayerRecord]) -> list[str]:
+    iid = record.id
     problems = []
-    if record.get("layer") not in layers:
-        problems.append(f"image {iid}: layer {record.get('layer')} has no record")
-    digests = record.get("big-data-digests")
-    for key, digest in (digests.items() if isinstance(digests, dict) else ()):
+    if record.layer not in layers:
+        problems.append(f"image {iid}: layer {record.layer or None} has no record")
+    for key, digest in record.big_data_digests.items():
         paths = podmanstore.big_data_paths(store.images_dir / iid, key)
         path = next((p for p in paths if p.exists()), paths[0])
         try:
@@ -70,7 +73,7 @@ def _verify_image(store: Store, record: dict[str, Any],
             problems.append(f"image {iid}: {key}: digest {actual}, recorded {digest}")
         problems += [f"image {iid}: {key}: {p} (podman cannot read it)"
                      for p in _big_data_problems(key, data)]
-    if "sha256:" + iid not in (record.get("big-data-digests") or {}):
+    if podmanstore.config_key(iid) not in record.big_data_digests:
         problems.append(f"image {iid}: no config whose digest is the image id")
     return problems
 
@@ -81,7 +84,7 @@ def _big_data_problems(key: str, data: bytes) -> list[str]:
     try:
         if key.startswith("sha256:"):
             return imageconfig.config_problems(imageconfig.load(data, key))
-        if key == "manifest" or key.startswith("manifest-"):
+        if podmanstore.is_manifest_key(key):
             return imageconfig.manifest_problems(imageconfig.load(data, key))
     except SquashstoreError as exc:
         return [str(exc)]

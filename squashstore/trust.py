@@ -33,7 +33,11 @@ from squashstore.errors import SquashstoreError
 
 LINK_DIR = ("overlay", "l")
 """The one directory of a store whose entries are symlinks (``overlay/l/<short>``)."""
-UNENTERED = frozenset({"diff", "empty", "merged"})
+LAYER_DIRS = ("diff", "empty", "merged")
+"""A store layer's directories: diff (the squash mount point), and empty and merged, on
+which podman mounts the layer read-only (lowerdir=diff:empty) when it commits a container
+built FROM the image."""
+UNENTERED = frozenset(LAYER_DIRS)
 """A layer directory's children that are checked but never entered."""
 FIX = "chown -R root and chmod -R go-w it"
 

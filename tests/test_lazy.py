@@ -251,12 +251,8 @@ def test_cache_is_shared_by_racing_processes(cache_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Reading a squash file through a real registry.
 
-# A minimal plain-HTTP docker-registry (the registry branch's tests/support/registry.py is
-# the full one, with TLS and auth; this converges on it once both are on main).
+# The registry is tests/support/registry.py's (TLS, no auth unless a test asks).
 
-import re  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -268,86 +264,9 @@ import requests  # noqa: E402
 from squashstore.lazy.lazyfile import LazyFile  # noqa: E402
 from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
+from support.registry import PASSWORD, USER, RegistryServer  # noqa: E402
 
 REPO = "lazy/test"
-_ACCESS = re.compile(r'"GET (/v2/[^ "]*/blobs/[^ "]*) HTTP/[0-9.]+" (\d{3}) (\d+)')
-
-
-class Registry:
-    """Debian's docker-registry on 127.0.0.1 over plain HTTP, optionally with htpasswd."""
-
-    def __init__(self, base: Path, htpasswd: tuple[str, str] | None = None) -> None:
-        base.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = base / "registry.log"
-        lines = ["version: 0.1", "log: {level: info, accesslog: {disabled: false}}",
-                 f"storage: {{filesystem: {{rootdirectory: {base / 'storage'}}}}}",
-                 f"http: {{addr: '127.0.0.1:{self.port}'}}"]
-        if htpasswd is not None:
-            out = subprocess.run(["htpasswd", "-Bbn", *htpasswd], check=True,
-                                 capture_output=True, text=True).stdout
-            (base / "htpasswd").write_text(out.strip() + "\n")
-            lines.append(f"auth: {{htpasswd: {{realm: lazy, path: {base / 'htpasswd'}}}}}")
-        self.config = base / "config.yml"
-        self.config.write_text("\n".join(lines) + "\n")
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(["docker-registry", "serve", str(self.config)],
-                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("docker-registry did not start")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-    def push_blob(self, data: bytes, auth: tuple[str, str] | None = None) -> str:
-        digest = digest_of(data)
-        start = requests.post(f"{self.url}/v2/{REPO}/blobs/uploads/", auth=auth, timeout=30)
-        assert start.status_code == 202, start.text
-        location = requests.compat.urljoin(self.url, start.headers["Location"])
-        done = requests.put(location, params={"digest": digest}, data=data, auth=auth,
-                            headers={"Content-Type": "application/octet-stream"}, timeout=60)
-        assert done.status_code == 201, done.text
-        return digest
-
-    def blob_url(self, digest: str) -> str:
-        return f"{self.url}/v2/{REPO}/blobs/{digest}"
-
-    def served(self, digest: str) -> tuple[int, int]:
-        """(GET requests, body bytes) the access log shows for the blob so far, once the
-        log has settled (the registry writes its access log lines asynchronously)."""
-        last, deadline = self._served(digest), time.monotonic() + 5
-        while time.monotonic() < deadline:
-            time.sleep(0.25)
-            now = self._served(digest)
-            if now == last:
-                break
-            last = now
-        return last
-
-    def _served(self, digest: str) -> tuple[int, int]:
-        requests_, total = 0, 0
-        for match in _ACCESS.finditer(self.log.read_text(errors="replace")):
-            if match.group(1).endswith(digest) and match.group(2) in ("200", "206"):
-                requests_ += 1
-                total += int(match.group(3))
-        return requests_, total
 
 
 def squash_dir(root: Path, out: Path) -> Path:
@@ -373,30 +292,45 @@ def make_tree(root: Path) -> None:
 
 @dataclass
 class Pushed:
-    registry: Registry
+    registry: RegistryServer
     squash: Path
     digest: str
     size: int
     cache_dir: Path
+    certs: Path
+    """A --cert-dir trusting the registry (its CA)."""
+    ca: Path
+
+    def served(self) -> tuple[int, int]:
+        return self.registry.served(self.digest)
+
+    def remote(self) -> Any:
+        return lazy_image.Remote(self.registry.host, REPO, self.digest, self.size,
+                                 cert_dir=str(self.certs))
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+def pushed(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Pushed]:
+    certs = request.getfixturevalue("pki")  # test_registry's CA and server certificate
     base = tmp_path_factory.mktemp("lazy-registry")
     make_tree(base / "rootfs")
     squash = squash_dir(base / "rootfs", base / "image.sqfs")
-    registry = Registry(base / "registry")
+    registry = RegistryServer(base / "registry", certs)
     try:
         data = squash.read_bytes()
-        digest = registry.push_blob(data)
-        yield Pushed(registry, squash, digest, len(data), base)
+        digest = registry.push_blob(REPO, data)
+        yield Pushed(registry, squash, digest, len(data), base, certs.certs, certs.ca_cert)
     finally:
-        registry.kill()
+        registry.close()
 
 
 def open_lazy(pushed: Pushed, cache_dir: Path, **kw: object) -> tuple[LazyFile, RangeSource]:
     cache_dir.mkdir(mode=0o700, exist_ok=True)
-    source = RangeSource(session_get(requests.Session(), pushed.registry.blob_url(pushed.digest)),
+    session = requests.Session()
+    session.verify = str(pushed.ca)
+    session.trust_env = False  # else $REQUESTS_CA_BUNDLE wins over session.verify
+    source = RangeSource(session_get(session, pushed.registry.blob_url(REPO, pushed.digest)),
                          pushed.size, f"127.0.0.1/{REPO}@{pushed.digest[:19]}", backoff=0.05)
     cache = RangeCache.in_directory(cache_dir, pushed.digest, pushed.size)
     return LazyFile(cache, source, **kw), source  # type: ignore[arg-type]
@@ -428,15 +362,15 @@ def walk(reader: SquashReader) -> Iterator[tuple[str, SqInode]]:
 def test_lazy_read_of_a_few_files_fetches_little(pushed: Pushed, tmp_path: Path) -> None:
     lazy, source = open_lazy(pushed, tmp_path / "cache")
     local = SquashReader(pushed.squash)
-    before = pushed.registry.served(pushed.digest)
+    before = pushed.served()
     started = time.perf_counter()
     reader = lazy_reader(lazy)
     opened = time.perf_counter() - started
-    after_meta = pushed.registry.served(pushed.digest)
+    after_meta = pushed.served()
     # ls -lR and stat of everything: answered from the metadata fetched up front.
     listing = {p: (i.st_mode, i.size, i.uid) for p, i in walk(reader)}
     assert listing == {p: (i.st_mode, i.size, i.uid) for p, i in walk(local)}
-    assert pushed.registry.served(pushed.digest) == after_meta
+    assert pushed.served() == after_meta
     assert reader.readlink(reader.resolve("/link")) == b"etc/os-release"
     latencies = []
     for path in ("/etc/os-release", "/dir1/small3.txt", "/dir2/medium2.bin"):
@@ -446,7 +380,7 @@ def test_lazy_read_of_a_few_files_fetches_little(pushed: Pushed, tmp_path: Path)
     t = time.perf_counter()
     assert read_file(reader, "/dir2/medium2.bin") == read_file(local, "/dir2/medium2.bin")
     cached = time.perf_counter() - t
-    count, served = pushed.registry.served(pushed.digest)
+    count, served = pushed.served()
     count -= before[0]
     served -= before[1]
     print(f"\nlazy: squash file {pushed.size} B; metadata up front "
@@ -531,12 +465,17 @@ def test_registry_down_fails_uncached_reads_only(pushed: Pushed, tmp_path: Path)
     source.close()
 
 
-def test_auth_callback_is_asked_again_after_401(tmp_path: Path) -> None:
-    creds = ("lazyuser", "lazy-pass")
-    registry = Registry(tmp_path / "registry", htpasswd=creds)
+def test_auth_callback_is_asked_again_after_401(pushed: Pushed, tmp_path: Path,
+                                                request: pytest.FixtureRequest) -> None:
+    creds = (USER, PASSWORD)
+    registry = RegistryServer(tmp_path / "registry", request.getfixturevalue("pki"),
+                              "htpasswd")
+    session = requests.Session()
+    session.verify = str(pushed.ca)
+    session.trust_env = False  # else $REQUESTS_CA_BUNDLE wins over session.verify
     try:
         blob = blob_bytes(300_000)
-        digest = registry.push_blob(blob, auth=creds)
+        digest = registry.push_blob(REPO, blob, auth=creds)
         asked: list[bool] = []
 
         def auth(refresh: bool) -> dict[str, str]:
@@ -545,16 +484,16 @@ def test_auth_callback_is_asked_again_after_401(tmp_path: Path) -> None:
                 return {"Authorization": "Basic " + "ZXhwaXJlZDp0b2tlbg=="}  # stale
             return {"Authorization": requests.auth._basic_auth_str(*creds)}
 
-        source = RangeSource(session_get(requests.Session(), registry.blob_url(digest), auth),
+        source = RangeSource(session_get(session, registry.blob_url(REPO, digest), auth),
                              len(blob), "test")
         assert source.fetch(Span(1000, 70_000)) == blob[1000:70_000]
         assert asked == [False, True]
-        no_auth = RangeSource(session_get(requests.Session(), registry.blob_url(digest)),
+        no_auth = RangeSource(session_get(session, registry.blob_url(REPO, digest)),
                               len(blob), "test", retries=0)
         with pytest.raises(FetchError, match="HTTP 401"):
             no_auth.fetch(Span(0, 10))
     finally:
-        registry.kill()
+        registry.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,8 +510,7 @@ def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -
     (meta / "squash").mkdir(parents=True)
     squash = meta / "squash" / ("ab" * 32 + ".sqfs")
     staged = tmp_path / "staged.sqfs"
-    remote = lazy_image.Remote(f"127.0.0.1:{pushed.registry.port}", REPO, pushed.digest,
-                               pushed.size, tls_verify=False)
+    remote = pushed.remote()
     source = lazy_remote.open_source(remote)
     fetched = lazy_image.stage(staged, squash, remote, source)
     source.close()
@@ -583,7 +521,7 @@ def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -
     assert status is not None and status.present == fetched
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    before = pushed.registry.served(pushed.digest)
+    before = pushed.served()
     daemon.start(squash, mnt, ("--log-file", str(tmp_path / "fuse.log")))
     try:
         root = pushed.squash.parent / "rootfs"
@@ -593,11 +531,11 @@ def test_fuse_server_serves_a_lazy_squash_file(pushed: Pushed, tmp_path: Path) -
         assert {p: (mnt / p).lstat().st_size for p in files} == \
             {p: (root / p).lstat().st_size for p in files}
         # ls and stat of everything: no request at all (the metadata came with the pull).
-        assert pushed.registry.served(pushed.digest) == before
+        assert pushed.served() == before
         assert (mnt / "dir1/small3.txt").read_bytes() == (root / "dir1/small3.txt").read_bytes()
         assert (mnt / "dir3/medium3.bin").read_bytes() == \
             (root / "dir3/medium3.bin").read_bytes()
-        served = pushed.registry.served(pushed.digest)[1] - before[1]
+        served = pushed.served()[1] - before[1]
         assert served < pushed.size / 4
         pushed.registry.kill()
         try:
@@ -638,8 +576,7 @@ def publish_lazy(store_root: Path, pushed: Pushed) -> tuple[Any, Path]:
     config = squashed_config({"architecture": "amd64", "os": "linux", "config": {},
                               "rootfs": {"type": "layers", "diff_ids": []}}, diff)
     final = store.squash_file(diff.removeprefix("sha256:"))
-    remote = lazy_image.Remote(f"127.0.0.1:{pushed.registry.port}", REPO, pushed.digest,
-                               pushed.size, tls_verify=False)
+    remote = pushed.remote()
     with store.staging() as stage:
         source = lazy_remote.open_source(remote)
         lazy_image.stage(stage / "layer.sqfs", final, remote, source)
@@ -657,7 +594,7 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
 
     store, squash = publish_lazy(tmp_path / "store", pushed)
     assert lazy_paths.is_lazy(squash)  # survived the writer lock's leftover cleanup
-    before = pushed.registry.served(pushed.digest)
+    before = pushed.served()
     # verify of an incomplete lazy image: its structure from the cache, no download.
     out = cli(store.root, "verify")
     assert "ok: 1 image(s), 1 of them incomplete (lazy)" in out.stdout
@@ -665,7 +602,7 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
     assert status is not None
     share = 100 * status.present / pushed.size
     assert f"incomplete (lazy): {share:.1f} % present" in out.stdout, out.stdout
-    assert pushed.registry.served(pushed.digest) == before
+    assert pushed.served() == before
     listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
     assert listed[0]["lazy_status"] == {"present": status.present, "size": pushed.size,
                                         "source": status.remote.describe()}
@@ -749,10 +686,8 @@ def data_image(podman: Podman, fixture_images: dict[str, str],
     return LAZY_IMAGE
 
 
-def _squash_served(server: object, digest: str) -> int:
-    log = server.access_log()  # type: ignore[attr-defined]
-    return sum(int(m.group(3)) for m in _ACCESS.finditer(log)
-               if m.group(1).endswith(digest) and m.group(2) in ("200", "206"))
+def _squash_served(server: RegistryServer, digest: str) -> int:
+    return server.served(digest)[1]
 
 
 @pytest.mark.podman
@@ -886,14 +821,14 @@ def test_a_recorded_start_is_prefetched_in_few_requests(pushed: Pushed, tmp_path
 
     lazy, source = open_lazy(pushed, tmp_path / "second")
     lazy.prefetch_metadata()
-    before = pushed.registry.served(pushed.digest)
+    before = pushed.served()
     t = time.perf_counter()
     lazy.prefetch_bulk(listed.spans)
     bulk_in = time.perf_counter() - t
-    bulk = pushed.registry.served(pushed.digest)
+    bulk = pushed.served()
     reader = SquashReader(lazy.cache.data_path, source=lazy)
     read_all(reader)
-    after = pushed.registry.served(pushed.digest)
+    after = pushed.served()
     print(f"\nprefetch: {listed.total} B in {len(listed.spans)} ranges fetched in "
           f"{bulk[0] - before[0]} requests ({bulk_in * 1000:.0f} ms); reading the files "
           f"afterwards: {after[0] - bulk[0]} requests (cold, without the list: "
@@ -925,23 +860,6 @@ def test_bulk_prefetch_fails_whole_with_the_registry_down_and_works_after(
     source.close()
 
 
-def _squash_requests(server: object, digest: str) -> tuple[int, int]:
-    """(GET requests, body bytes) of the blob in the registry's access log, once settled."""
-    def now() -> tuple[int, int]:
-        log = server.access_log()  # type: ignore[attr-defined]
-        hits = [int(m.group(3)) for m in _ACCESS.finditer(log)
-                if m.group(1).endswith(digest) and m.group(2) in ("200", "206")]
-        return len(hits), sum(hits)
-
-    last, deadline = now(), time.monotonic() + 5
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        if (current := now()) == last:
-            break
-        last = current
-    return last
-
-
 @pytest.mark.podman
 @pytest.mark.slow
 def test_record_push_and_pull_lazy_prefetch_the_start(
@@ -957,6 +875,13 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     podman_env = {k: consumer.env[k] for k in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF",
                                                "CONTAINERS_REGISTRIES_CONF", "TMPDIR")}
     origin.authfile.write_text('{"auths": {}}')  # podman run insists on it when named
+    # An image in use is not recorded (its mount has a warm cache): one line.
+    mounted = origin.store.resolve(iid).diff
+    origin.cli("mount", data_image, tls=False)
+    with (mounted / "hello").open("rb"):
+        busy = origin.cli("record", data_image, "--", "true", tls=False, check=False)
+    assert busy.returncode == 1 and "is in use" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
     # A failing command records nothing.
     failed = origin.cli("record", data_image, "--", "false", tls=False, check=False)
     assert failed.returncode == 1 and "nothing recorded" in failed.stderr
@@ -975,11 +900,11 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
 
     node: Site = new_site("node")
     node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
-    before = _squash_requests(server, listed.digest)
+    before = server.served(listed.digest)
     t = time.perf_counter()
     node.cli("pull", "--lazy", ref)
     pulled_in = time.perf_counter() - t
-    pulled = _squash_requests(server, listed.digest)
+    pulled = server.served(listed.digest)
     image = node.store.resolve(iid)
     assert lazy_paths.is_lazy(image.squash)
     assert prefetch.load(image.squash) == listed  # kept: a push from here sends it on
@@ -987,7 +912,7 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
     assert status is not None and status.present >= listed.total
     hello = node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/hello")
     assert hello.strip() == "lazy-hello"
-    ran = _squash_requests(server, listed.digest)
+    ran = server.served(listed.digest)
     print(f"\nprefetch: recorded {listed.total} B in {len(listed.spans)} ranges "
           f"({100 * listed.total / image.squash.stat().st_size:.1f} %); pull --lazy "
           f"{pulled_in:.2f} s: {pulled[0] - before[0]} requests, {pulled[1] - before[1]} B; "
@@ -1017,15 +942,15 @@ def test_record_push_and_pull_lazy_prefetch_the_start(
 
 def test_node_local_caches_leave_the_shared_store_alone(
         pushed: Pushed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from squashstore import config
+    from squashstore import config, host
 
-    _, squash = publish_lazy(tmp_path / "store", pushed)
+    store, squash = publish_lazy(tmp_path / "store", pushed)
     shared_map = lazy_paths.map_path(squash).read_bytes()
     shared_bytes = digest_of(squash.read_bytes())
     root = pushed.squash.parent / "rootfs"
     mounts: list[Path] = []
     try:
-        served = pushed.registry.served(pushed.digest)
+        served = pushed.served()
         for host_name in ("node-a", "node-b"):
             conf = tmp_path / f"{host_name}.toml"
             conf.write_text(f'[lazy]\ncache_dir = "{tmp_path}/{host_name}/$LAZY_USER/cache"\n')
@@ -1038,20 +963,20 @@ def test_node_local_caches_leave_the_shared_store_alone(
             assert sorted(p.name for p in mnt.rglob("*")) == \
                 sorted(p.name for p in root.rglob("*"))
         # Each node's cache was seeded from the store's (metadata): nothing fetched.
-        assert pushed.registry.served(pushed.digest) == served
+        assert pushed.served() == served
         caches = [tmp_path / h / "u1" / "cache" for h in ("node-a", "node-b")]
         for cache_dir in caches:
             assert (cache_dir / f"{pushed.digest[7:]}.map").is_file()
             assert cache_dir.stat().st_mode & 0o077 == 0
         a, b = mounts
         assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
-        after_a = pushed.registry.served(pushed.digest)
+        after_a = pushed.served()
         assert after_a[1] > served[1]
         assert (b / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
-        after_b = pushed.registry.served(pushed.digest)
+        after_b = pushed.served()
         assert after_b[1] > after_a[1]  # node b's cache is its own: fetched again
         assert (a / "dir1/medium1.bin").read_bytes() == (root / "dir1/medium1.bin").read_bytes()
-        assert pushed.registry.served(pushed.digest) == after_b  # node a's is kept
+        assert pushed.served() == after_b  # node a's is kept
         # The store was only read.
         assert lazy_paths.map_path(squash).read_bytes() == shared_map
         assert digest_of(squash.read_bytes()) == shared_bytes
@@ -1071,6 +996,30 @@ def test_node_local_caches_leave_the_shared_store_alone(
     monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
     with pytest.raises(config.ConfigError, match="absolute"):
         config.load().lazy.cache_path()
+    # cleanup keeps a node's cache while the store's image is lazy, and while a process has
+    # it open; once the image is complete in the store, the cache goes.
+    from test_store import cli
+
+    env = {**os.environ, "SQUASHSTORE_CONFIG": str(tmp_path / "node-a.toml"),
+           "LAZY_USER": "u1", "SQUASHSTORE_RUNTIME_DIR": str(tmp_path / "run")}
+    files = sorted(caches[0].iterdir())
+    for path in files:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    for _ in range(50):  # the servers unmounted lazily: wait until they closed the cache
+        if not host.open_files_under(str(caches[0])):
+            break
+        time.sleep(0.1)
+    out = cli(store.root, "cleanup", "--grace", "0", env=env)
+    assert "lazy cache" not in out.stdout and sorted(caches[0].iterdir()) == files
+    assert lazy_image.complete(squash, lazy_remote.open_source)
+    with files[0].open("rb"):
+        out = cli(store.root, "cleanup", "--grace", "0", env=env)
+        assert "lazy cache" not in out.stdout  # open: a server may still read it
+    out = cli(store.root, "cleanup", "--grace", "0", "--dry-run", env=env)
+    assert f"would remove lazy cache {caches[0] / files[0].name}" in out.stdout
+    out = cli(store.root, "cleanup", "--grace", "0", env=env)
+    assert f"removed lazy cache {caches[0] / files[0].name}" in out.stdout
+    assert list(caches[0].iterdir()) == []
 
 
 def test_concurrent_first_range_requests_share_one_token(request: pytest.FixtureRequest,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_store import cli, podman_images, store_env, store_snapshot, unmount_below, write_wrapper
 
-from squashstore import host
+from squashstore import host, podmanstore
 from squashstore.image import SourceError
 from squashstore.migrate import options_json, squashed_config
 from squashstore.mounts import Registry
@@ -363,7 +363,7 @@ def _rewrite_config(store: Store, iid: str, change: Any) -> None:
     change(config)
     data = json.dumps(config).encode()
     atomic_write(path, data)
-    records = store.image_records()
+    records = podmanstore.load_records(store.images_json)
     for record in records:
         if record["id"] == iid:
             record["big-data-digests"]["sha256:" + iid] = "sha256:" + hashlib.sha256(
@@ -391,7 +391,7 @@ def test_verify_reads_configs_and_records_as_podman_does(mig: Migration,
         if where == "config":
             _rewrite_config(mig.store, image.id, change)
         else:
-            records = mig.store.image_records()
+            records = podmanstore.load_records(mig.store.images_json)
             change(records[0])
             atomic_write_json(mig.store.images_json, records)
         # The oracle: podman cannot list the store (or loses the image) ...

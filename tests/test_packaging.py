@@ -6,6 +6,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +63,20 @@ def test_the_command_table_matches_the_modules() -> None:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              check=True).stdout
         assert out.strip() == "[]", (argv, out)
+
+
+def test_data_nested_too_deeply_anywhere_is_one_line(
+        monkeypatch: Any, capsys: Any, tmp_path: Path) -> None:
+    """The last net under every JSON and tar parser a command calls: a RecursionError is
+    one ``squashstore:`` line, exit 1, no traceback."""
+    from squashstore import cleanup
+    from squashstore.cli import main
+
+    def deep(*args: object, **kwargs: object) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(cleanup, "cleanup", deep)
+    monkeypatch.setenv("SQUASHSTORE_RUNTIME_DIR", str(tmp_path / "run"))
+    assert main.main(["--store", str(tmp_path / "store"), "cleanup"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("squashstore: input nested too deeply") and err.count("\n") == 1

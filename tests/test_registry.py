@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from test_migrate import Migration
 from test_store import PYTHON, cli, unmount_below
 
-from squashstore import names
+from squashstore import names, oci
 from squashstore.image import SourceError
 from squashstore.mounts import Registry
 from squashstore.registry.client import (
@@ -580,6 +580,19 @@ class _HostileRegistry:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if behaviour == "cut-once" and outer.requests == 1:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    self.close_connection = True
+                    return
+                if behaviour == "cut-once":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
                 if behaviour == "escape":
                     body = json.dumps({"errors": [{"code": "DENIED", "message":
                                        "\x1b]0;owned\x07\x1b[2J\u202e"}]}).encode()
@@ -616,6 +629,15 @@ class _HostileRegistry:
         self.server.server_close()
 
 
+def test_a_small_answer_cut_short_is_retried() -> None:
+    hostile = _HostileRegistry("cut-once")
+    try:
+        client = Client(hostile.host, RegistryOptions(tls_verify=False), sleep=lambda _s: None)
+        assert client.base() == f"http://{hostile.host}" and hostile.requests == 2
+    finally:
+        hostile.close()
+
+
 @pytest.mark.parametrize(("behaviour", "message"), [
     ("loop", "too many redirects"),
     ("endless", "the answer is larger than 1048576 bytes"),
@@ -641,6 +663,39 @@ def test_a_hostile_registry_answer_is_one_line_at_once(behaviour: str, message: 
             assert proc.stderr.isascii() and proc.stderr[:-1].isprintable()
     finally:
         hostile.close()
+
+
+@pytest.mark.podman
+def test_a_manifest_nested_too_deeply_is_one_line(
+        make_site: Callable[[str], Site], pki: Pki, tmp_path: Path) -> None:
+    """distribution (Go, 10,000 levels) stores a manifest nested 5,000 deep that Python's
+    parser cannot read: `pull` and `migrate` raised RecursionError from the artifact check;
+    a nested artifact annotation did the same after the download."""
+    from squashstore.registry import artifact
+
+    server = _fresh_registry(tmp_path / "reg", pki)
+    try:
+        client = Client(server.host, RegistryOptions(cert_dir=pki.certs))
+        config = b"{}"
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        client.upload_bytes("deep/img", config, config_digest)
+        deep = "[" * 5000 + "]" * 5000
+        manifest = ('{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1'
+                    '+json", "config": {"mediaType": "application/vnd.oci.image.config.v1+json",'
+                    f' "digest": "{config_digest}", "size": 2}}, "layers": [], "x": {deep}}}')
+        client.put_manifest("deep/img", "1", manifest.encode(),
+                            "application/vnd.oci.image.manifest.v1+json")
+        site = make_site("deep")
+        for command in (["pull", f"{server.host}/deep/img:1"],
+                        ["migrate", f"docker://{server.host}/deep/img:1"]):
+            _one_line_error(site.cli(*command, check=False), "nested too deeply")
+        _nothing_left(site)
+    finally:
+        server.close()
+    nested = artifact.Artifact(
+        oci.Descriptor("", "sha256:" + "0" * 64, 2), oci.Descriptor("", "sha256:" + "1" * 64, 2),
+        None, "sha256:" + "2" * 64, 1, {artifact.OPTIONS: deep})
+    assert artifact._json_annotation(nested, artifact.OPTIONS) == {}
 
 
 @pytest.mark.podman
@@ -887,6 +942,17 @@ def test_credentials_outside_latin1_are_sent_as_utf8(
                    str(tmp_path / "podman-auth.json"), "-u", user, "-p", password, server.host)
     finally:
         server.close()
+
+
+def test_a_damaged_auth_file_is_one_line(tmp_path: Path) -> None:
+    from squashstore.registry.auth import AuthError, find_credentials
+
+    for text in ("[" * 100_000, "{", "[]", '{"auths": {"h": {"auth": "!!"}}}'):
+        path = tmp_path / "auth.json"
+        path.write_text(text)
+        with pytest.raises(AuthError) as info:
+            find_credentials("h", "r", path, env={"HOME": str(tmp_path)})
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
 @pytest.mark.podman

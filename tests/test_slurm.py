@@ -419,3 +419,27 @@ def test_a_hostile_comment_premounts_at_most_a_few_images_and_logs_printable_lin
         assert line.isprintable() and len(line) < 400, line
     assert "\\x1b[2J" in result.errors[6]
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.json"))
+
+
+def test_only_roots_slurmstepd_counts_as_a_running_job() -> None:
+    """A process any user names ``slurmstepd: [JOB.0]`` kept JOB's claims alive (its mounts
+    never unmounted by the epilog or cleanup); slurmstepd runs as root."""
+    import pwd
+
+    from squashstore import jobs
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    fakes = {}
+    for job, uid in (("424242", nobody), ("434343", 0)):
+        fakes[job] = subprocess.Popen(
+            [f"slurmstepd: [{job}.0]", "30"], executable="/bin/sleep", user=uid)
+    try:
+        deadline = time.monotonic() + 5
+        while "434343" not in jobs.jobs_on_node() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = jobs.jobs_on_node()
+        assert "434343" in running and "424242" not in running
+    finally:
+        for fake in fakes.values():
+            fake.kill()
+            fake.wait()

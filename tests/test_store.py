@@ -391,6 +391,33 @@ def test_names_move_and_are_never_on_two_images(env: Env) -> None:
     podman_images(env.consumer)
 
 
+def test_rewrites_keep_every_field_podman_or_a_later_version_wrote(env: Env) -> None:
+    """Fields the typed records do not model (podman's ``names-history``, a future key)
+    survive every rewrite of images.json and layers.json, in their place."""
+    one = publish(env)
+    extra = {"names-history": [IMAGE], "future-field": {"nested": [1, 2]}}
+    images = podmanstore.load_records(env.store.images_json)
+    layers = podmanstore.load_records(env.store.layers_json)
+    images[0].update(extra)
+    layers[0].update(extra)
+    atomic_write_json(env.store.images_json, images)
+    atomic_write_json(env.store.layers_json, layers)
+    before_image = list(images[0])
+    two = publish(env, IMAGE2)  # rewrites both files
+    env.store.add_names(one.id, ("again:1",))  # one's record changes
+    env.store.add_names(two.id, ("again:1",))  # ... and again: the name moves to two
+    env.store.remove_image(two.id)  # rewrites images.json and layers.json
+    assert env.store.resolve(one.id).names == (IMAGE,)
+    for path, keys in ((env.store.images_json, before_image), (env.store.layers_json, None)):
+        record = next(r for r in podmanstore.load_records(path) if r["id"] in (one.id,
+                                                                                 one.layer))
+        assert {k: record[k] for k in extra} == extra, path
+        if keys is not None:
+            assert list(record) == keys, path
+    assert env.store.verify_structure() == []
+    podman_images(env.consumer)
+
+
 def test_rmi_refuses_while_used_and_unmounts(env: Env) -> None:
     image = publish(env)
     cli(env.store.root, "tag", IMAGE, "second:name", env=env.env)
@@ -437,7 +464,8 @@ def test_gc_removes_dead_writers_leftovers_but_not_live_ones(env: Env) -> None:
     live = env.store.tmp_dir / f"{host.me().tag()}.live"
     live.mkdir()
     orphan = {"id": "c" * 64, "diff-digest": "sha256:" + "c" * 64}
-    atomic_write_json(env.store.layers_json, [*env.store.layer_records(), orphan])
+    atomic_write_json(env.store.layers_json,
+                      [*(r.to_json() for r in env.store.layer_records()), orphan])
     removed = cli(env.store.root, "gc", env=env.env).stdout
     assert "c" * 64 in removed
     for path in leftovers:
@@ -445,7 +473,7 @@ def test_gc_removes_dead_writers_leftovers_but_not_live_ones(env: Env) -> None:
     assert live.exists()
     live.rmdir()
     assert [i.id for i in env.store.images()] == [image.id]
-    assert [r["id"] for r in env.store.layer_records()] == [image.layer]
+    assert [r.id for r in env.store.layer_records()] == [image.layer]
     assert env.store.verify_structure() == []
 
 
@@ -569,16 +597,16 @@ def test_sigkill_at_random_points_leaves_a_valid_store(env: Env) -> None:
         done = child.returncode == 0
         outcomes["done" if done else "killed"] += 1
         staged = any(env.store.tmp_dir.iterdir())
-        published = any(r["names"] == [IMAGE2] for r in env.store.image_records())
+        published = any(r.names == (IMAGE2,) for r in env.store.image_records())
         outcomes["staged" if staged else "published" if published else "other"] = (
             outcomes.get("staged" if staged else "published" if published else "other", 0) + 1)
         listed = {i["Id"]: i for i in podman_images(env.consumer)}
         assert complete.id in listed, trial
         # Every image podman lists is complete: its squash file and layer are in place.
         for record in env.store.image_records():
-            lid = record["layer"]
+            lid = record.layer
             assert env.store.squash_file(lid).is_file(), trial
-            assert any(r["id"] == lid for r in env.store.layer_records()), trial
+            assert any(r.id == lid for r in env.store.layer_records()), trial
         if trial % 10 == 0:
             assert "default-cmd" in env.consumer.text("run", "--rm", "--pull=never", IMAGE)
         if trial % 2 == 0:
@@ -618,7 +646,7 @@ def test_sigkill_inside_publish_at_every_step(env: Env) -> None:
         listed = {i["Id"] for i in podman_images(env.consumer)}
         assert complete.id in listed, step
         for record in env.store.image_records():
-            assert env.store.squash_file(record["layer"]).is_file(), step
+            assert env.store.squash_file(record.layer).is_file(), step
         assert env.store.verify_structure() == [], step
         assert "ok: " in cli(env.store.root, "verify", env=env.env).stdout, step
         cli(env.store.root, "gc", env=env.env)

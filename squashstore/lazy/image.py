@@ -149,6 +149,53 @@ def _seed(cache: RangeCache, squash: Path, shared: bytes) -> None:
         os.close(fd)
 
 
+def lazy_digests(meta: Path) -> set[str]:
+    """The blob digests of the lazy images of the store whose metadata directory is `meta`
+    (unreadable markers skipped)."""
+    found: set[str] = set()
+    directory = meta / "lazy"
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.endswith(".json"):
+            with contextlib.suppress(LazyError):
+                remote = read_marker(meta / "squash" / f"{entry[:-5]}.sqfs")
+                if remote is not None:
+                    found.add(remote.digest)
+    return found
+
+
+def stale_node_caches(directory: Path, keep: set[str], open_paths: set[str],
+                      min_age: float, now: float) -> list[Path]:
+    """The files of a node-local cache `directory` that `cleanup` removes: the ``.data`` and
+    ``.map`` of blobs whose digest is not in `keep` (the lazy images of the stores cleaned),
+    neither of them open by any process (`open_paths`: a FUSE server still serving from
+    it), and untouched for `min_age` seconds (a server opening it right now)."""
+    from squashstore.lazy.cache import data_path
+
+    keep_names = {data_path(directory, d).name for d in keep if ":" in d}
+    found = []
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        stem, dot, suffix = entry.rpartition(".")
+        if not dot or suffix != "data" or entry in keep_names:
+            continue
+        pair = [directory / entry, directory / f"{stem}.map"]
+        try:
+            recent = any(now - os.lstat(p).st_mtime < min_age for p in pair if p.exists())
+        except OSError:
+            continue
+        if recent or any(str(p) in open_paths for p in pair):
+            continue
+        found += [p for p in pair if p.exists()]
+    return found
+
+
 def open_lazy(squash: Path, open_source: SourceOpener | None,
               cache_dir: Path | None = None) -> LazyFile | None:
     """The squash file as a `LazyFile` when it is lazy (None when it is ordinary); without
@@ -249,8 +296,9 @@ def _layer_problem(squash: Path) -> str:
     says, as `registry.artifact.check_layer` checks an eager pull; "" when it does."""
     from squashstore.podmanstore import Layout
     from squashstore.storelayer import layer_digest
+    from squashstore.storelayout import SQUASH_SUFFIX
 
-    lid = squash.name.removesuffix(".sqfs")
+    lid = squash.name.removesuffix(SQUASH_SUFFIX)
     split = Layout(squash.parent.parent.parent).tar_split(lid)
     if not split.is_file():  # `pull --lazy` refuses an artifact without one
         return ""

@@ -23,6 +23,7 @@ from squashstore.lazy import image as lazy_image
 from squashstore.lazy import paths as lazy_paths
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.remote import client_source, remote_for
+from squashstore.publish import STAGED_SQUASH, STAGED_TAR_SPLIT
 from squashstore.registry import artifact
 from squashstore.registry.client import Client, RegistryOptions
 from squashstore.store import Store, Unmounter, sha256_hex
@@ -49,7 +50,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     lid = parsed.diff_id.removeprefix("sha256:")
     store.init()
     final = store.squash_file(lid)
-    with locking.exclusive(store.squash_dir / f"{lid}.pull.lock"):
+    with locking.exclusive(store.pull_lock(lid)):
         present = {i.id: i for i in store.images()}
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
@@ -60,7 +61,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
         staged_marker = False
         try:
             with store.staging() as stage:
-                squash = stage / "layer.sqfs"
+                squash = stage / STAGED_SQUASH
                 if not final.is_file():
                     source = client_source(client, remote)
                     try:
@@ -71,7 +72,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                         source.close()
                 split = None
                 if parsed.tar_split is not None and not store.tar_split_file(lid).is_file():
-                    split = stage / "layer.tar-split.gz"
+                    split = stage / STAGED_TAR_SPLIT
                     artifact.download(
                         lambda d: client.open_blob(repository, d.digest, d.size),
                         parsed.tar_split, split, f"{what}: tar-split")

@@ -28,6 +28,7 @@ from squashstore.image import SourceError
 from squashstore.lazy import paths as lazy_paths
 from squashstore.lazy import prefetch
 from squashstore.migrate import rfc3339, squashed_manifest
+from squashstore.publish import STAGED_SQUASH, STAGED_TAR_SPLIT
 from squashstore.store import (
     Publication,
     Store,
@@ -51,7 +52,6 @@ OPTIONS = "io.squashstore.squash-options"
 SOURCE = "io.squashstore.source"
 VERSION = "io.squashstore.format-version"
 FORMAT_VERSION = "1"
-CONFIG_LIMIT = 8 << 20
 COPY_CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
@@ -76,7 +76,7 @@ def is_artifact(manifest: bytes) -> bool:
     """Whether a manifest is squashstore's artifact (by artifactType or config type)."""
     try:
         doc = json.loads(manifest)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: not ours
         return False
     if not isinstance(doc, dict):
         return False
@@ -146,7 +146,8 @@ class PushPlan:
 def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) -> PushPlan:
     """The artifact of `image`: its config as podman has it, squash file and tar-split."""
     try:
-        config = podmanstore.read_big_data(store.images_dir / image.id, "sha256:" + image.id)
+        config = podmanstore.read_big_data(store.images_dir / image.id,
+                                           podmanstore.config_key(image.id))
     except OSError as exc:
         raise SourceError(f"{image.id[:12]}: cannot read the image's config: "
                           f"{exc.strerror}") from exc
@@ -248,14 +249,14 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
     iid = sha256_hex(config)
     lid = artifact.diff_id.removeprefix("sha256:")
     store.init()
-    with locking.exclusive(store.squash_dir / f"{lid}.pull.lock"):
+    with locking.exclusive(store.pull_lock(lid)):
         present = {i.id: i for i in store.images()}
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
             return Installed(image, 0)
         downloaded = 0
         with store.staging() as stage:
-            squash = stage / "layer.sqfs"
+            squash = stage / STAGED_SQUASH
             have = store.squash_file(lid)
             fetched = not have.is_file() or lazy_paths.is_lazy(have)  # a lazy one: unchecked
             if fetched:
@@ -264,7 +265,7 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
                 downloaded += artifact.squash.size
             split: Path | None = None
             if artifact.tar_split is not None and not store.tar_split_file(lid).is_file():
-                split = stage / "layer.tar-split.gz"
+                split = stage / STAGED_TAR_SPLIT
                 download(open_blob, artifact.tar_split, split, f"{what}: tar-split")
                 downloaded += artifact.tar_split.size
             if fetched:  # a layer the store has was made or checked by it already
@@ -296,7 +297,7 @@ def check_layer(squash: Path, split: Path | None, artifact: Artifact, what: str)
 def _json_annotation(artifact: Artifact, key: str) -> dict[str, Any]:
     try:
         value = json.loads(artifact.annotations.get(key, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -72,6 +72,9 @@ def _read(path: Path) -> dict[str, Any]:
         value = json.loads(data)
     except ValueError as exc:
         raise AuthError(f"{path}: the auth file is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise AuthError(f"{path}: the auth file is not valid JSON (nested too deeply)") \
+            from None
     if not isinstance(value, dict):
         raise AuthError(f"{path}: the auth file is not a JSON object")
     return value

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 from squashstore import tree
 from squashstore.squashfs import format
@@ -84,6 +84,19 @@ class SqInode:
         return self.kind.ifmt | self.mode
 
 
+class _Common(TypedDict):
+    """The fields every inode has (its header), passed on to `SqInode` by each parser."""
+
+    ref: int
+    number: int
+    kind: tree.Kind
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    extended: bool
+
+
 class InodeTable:
     """The inodes of one image, decoded on demand and cached (`cache_entries` of them)."""
 
@@ -135,7 +148,7 @@ class InodeTable:
         fields = body.unpack(cur.read(body.size))
         if number == 0 or number > self._sb.inode_count:
             raise SquashfsError(f"{self._path}: inode {ref:#x} has bad number {number}")
-        common = {
+        common: _Common = {
             "ref": ref,
             "number": number,
             "kind": KINDS[(itype - 1) % 7 + 1],
@@ -159,7 +172,7 @@ class InodeTable:
         block_pos, block_off = cur.position()
         return (block_pos - self._tables.inodes.start) << 16 | block_off
 
-    def _parse_dir(self, cur: Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
+    def _parse_dir(self, cur: Cursor, f: tuple[int, ...], c: _Common) -> SqInode:
         if len(f) == 5:  # basic
             start, nlink, size, offset, parent = f
             xattr, index = _NO_XATTR, tuple[DirIndex, ...]()
@@ -186,7 +199,7 @@ class InodeTable:
             entries.append(DirIndex(index, start, cur.read(name_size + 1)))
         return tuple(entries)
 
-    def _parse_file(self, cur: Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
+    def _parse_file(self, cur: Cursor, f: tuple[int, ...], c: _Common) -> SqInode:
         if len(f) == 4:
             start, fragment, frag_offset, size = f
             nlink, xattr = 1, _NO_XATTR
@@ -212,7 +225,7 @@ class InodeTable:
             fragment_offset=frag_offset, **c,
         )
 
-    def _parse_symlink(self, cur: Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
+    def _parse_symlink(self, cur: Cursor, f: tuple[int, ...], c: _Common) -> SqInode:
         nlink, size = f
         if size > _MAX_SYMLINK:
             raise SquashfsError(f"{self._path}: symlink inode {c['ref']:#x} has absurd size")
@@ -223,17 +236,17 @@ class InodeTable:
             (xattr,) = _U32.unpack(cur.read(4))
         return SqInode(nlink=nlink, size=size, xattr=_xattr(xattr), target_ref=target_ref, **c)
 
-    def _parse_device(self, cur: Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
+    def _parse_device(self, cur: Cursor, f: tuple[int, ...], c: _Common) -> SqInode:
         nlink, rdev = f[0], f[1]
         xattr = f[2] if len(f) == 3 else _NO_XATTR
         return SqInode(nlink=nlink, size=0, rdev=format.decode_rdev(rdev), xattr=_xattr(xattr), **c)
 
-    def _parse_ipc(self, cur: Cursor, f: tuple[int, ...], c: dict[str, Any]) -> SqInode:
+    def _parse_ipc(self, cur: Cursor, f: tuple[int, ...], c: _Common) -> SqInode:
         xattr = f[1] if len(f) == 2 else _NO_XATTR
         return SqInode(nlink=f[0], size=0, xattr=_xattr(xattr), **c)
 
 
-_Parser = Callable[[InodeTable, Cursor, tuple[int, ...], dict[str, Any]], SqInode]
+_Parser = Callable[[InodeTable, Cursor, tuple[int, ...], _Common], SqInode]
 _PARSERS: dict[int, _Parser] = {
     1: InodeTable._parse_dir,
     8: InodeTable._parse_dir,

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 from squashstore import oci, podmanstore
 from squashstore.blobs import (
@@ -76,13 +76,16 @@ def _check_driver(store: _Store, what: str) -> None:
                           "(overlay or vfs)")
 
 
-def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], what: str,
-                where: str) -> tuple[_Store, dict[str, Any]]:
+_Candidate = tuple[_Store, podmanstore.ImageRecord]
+
+
+def _find_image(name: str, candidates: Sequence[_Candidate], what: str,
+                where: str) -> _Candidate:
     """The image `name` means, as podman resolves it; `where` lists the stores for errors."""
     text = name.removeprefix("sha256:")
     if len(text) == 64 and _HEX.fullmatch(text):
         for store, record in candidates:
-            if record["id"] == text:
+            if record.id == text:
                 return store, record
     try:
         wanted = _candidate_names(name)
@@ -90,14 +93,14 @@ def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], 
         wanted = []
     for full in wanted:
         for store, record in candidates:
-            if full in (record.get("names") or []):
+            if full in record.names:
                 return store, record
     for full in wanted:
         found = _by_digest(full, candidates)
         if found is not None:
             return found
     if _HEX.fullmatch(text):
-        matches = [(s, r) for s, r in candidates if r["id"].startswith(text)]
+        matches = [(s, r) for s, r in candidates if r.id.startswith(text)]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -109,8 +112,7 @@ def _find_image(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]], 
     raise SourceError(f"{what}: no such image in the local podman store ({where})")
 
 
-def _by_short_name(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]
-                   ) -> tuple[_Store, dict[str, Any]] | None:
+def _by_short_name(name: str, candidates: Sequence[_Candidate]) -> _Candidate | None:
     """podman's last resort for a short name: the first image with a name in any registry
     whose path ends in it (``bar:1`` finds ``quay.io/foo/bar:1``)."""
     try:
@@ -125,21 +127,20 @@ def _by_short_name(name: str, candidates: Sequence[tuple[_Store, dict[str, Any]]
     if short.digest:
         suffix += "@" + short.digest
     for store, record in candidates:
-        if any(isinstance(n, str) and n.endswith(suffix) for n in record.get("names") or []):
+        if any(n.endswith(suffix) for n in record.names):
             return store, record
     return None
 
 
-def _by_digest(full: str, candidates: Sequence[tuple[_Store, dict[str, Any]]]
-               ) -> tuple[_Store, dict[str, Any]] | None:
+def _by_digest(full: str, candidates: Sequence[_Candidate]) -> _Candidate | None:
     """An image with a name in the same repository and that manifest digest."""
     head, at, digest = full.partition("@")
     if not at:
         return None
     repo = head.rsplit(":", 1)[0] if head.rfind(":") > head.rfind("/") else head
     for store, record in candidates:
-        digests = [record.get("digest"), *(record.get("digests") or [])]
-        repos = {n.partition("@")[0].rsplit(":", 1)[0] for n in record.get("names") or []}
+        digests = [record.digest, *record.digests]
+        repos = {n.partition("@")[0].rsplit(":", 1)[0] for n in record.names}
         if digest in digests and repo in repos:
             return store, record
     return None
@@ -149,14 +150,14 @@ def _read_big_data(store: _Store, image_id: str, key: str) -> bytes | None:
     return podmanstore.read_big_data(store.image_dir(image_id), key)
 
 
-def _storage_manifest(store: _Store, record: dict[str, Any], what: str) -> bytes:
-    image_id = record["id"]
+def _storage_manifest(store: _Store, record: podmanstore.ImageRecord, what: str) -> bytes:
+    image_id = record.id
     keys: list[str] = []
-    if isinstance(record.get("digest"), str):
-        keys.append("manifest-" + record["digest"])
-    keys.append("manifest")
-    keys += [k for k in record.get("big-data-names") or []
-             if isinstance(k, str) and k.startswith("manifest-") and k not in keys]
+    if record.digest:
+        keys.append(podmanstore.manifest_key(record.digest))
+    keys.append(podmanstore.MANIFEST_KEY)
+    keys += [k for k in record.big_data_names
+             if podmanstore.is_manifest_key(k) and k not in keys]
     for key in keys:
         data = _read_big_data(store, image_id, key)
         if data is None:
@@ -171,10 +172,10 @@ def open_containers_storage(ref: Reference) -> Image:
     what = ref.text if ref.text.startswith(CONTAINERS_STORAGE) else \
         f"{CONTAINERS_STORAGE}:{ref.text}"
     stores, _ = _stores(ref)
-    candidates: list[tuple[_Store, dict[str, Any]]] = []
+    candidates: list[_Candidate] = []
     for store in stores:
         with podmanstore.read_locked(store):
-            candidates += [(store, dict(r.raw)) for r in
+            candidates += [(store, r) for r in
                            _records(podmanstore.images, store.images_json, what)]
     where = ", ".join(str(s.root) for s in stores)
     store, record = _find_image(ref.name, candidates, what, where)
@@ -184,23 +185,21 @@ def open_containers_storage(ref: Reference) -> Image:
                   _records(podmanstore.layers, s.layers_json, what)}
         manifest_bytes = _storage_manifest(store, record, what)
         manifest = oci.parse_manifest(manifest_bytes, f"{what}: manifest")
-        config = _read_big_data(store, record["id"], manifest.config.digest)
+        config = _read_big_data(store, record.id, manifest.config.digest)
     if config is None:
         raise SourceError(f"{what}: the config {manifest.config.digest} is missing from the "
                           "store")
     check_bytes(config, manifest.config.digest, f"{what}: config")
-    top = record.get("layer")
     try:
-        chain = podmanstore.layer_chain(top, layers) if isinstance(top, str) and top else []
+        chain = podmanstore.layer_chain(record.layer, layers) if record.layer else []
     except podmanstore.PodmanStoreError as exc:
         raise SourceError(f"{what}: {exc}") from exc
     ids = oci.diff_ids(config, f"{what}: config")
     built = tuple(_storage_layer(stores, store, i, r, manifest, ids)
                   for i, r in enumerate(chain))
-    names = tuple(n for n in record.get("names") or [] if isinstance(n, str))
-    return Image(reference=ref.text, names=names, manifest=manifest_bytes,
+    return Image(reference=ref.text, names=record.names, manifest=manifest_bytes,
                  manifest_digest=digest_bytes(manifest_bytes), config=config,
-                 config_digest=manifest.config.digest, layers=built, source_id=record["id"])
+                 config_digest=manifest.config.digest, layers=built, source_id=record.id)
 
 
 def _is_empty_dir(path: Path) -> bool:

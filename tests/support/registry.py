@@ -8,15 +8,18 @@ trusting the issuer's certificate; `TokenIssuer` is the issuer: a tiny HTTP serv
 127.0.0.1 that checks basic credentials and returns an RS256 JWT signed with ``openssl``,
 carrying the certificate in ``x5c`` and granting what the scope asks). `kill()` stops the
 registry at once (SIGKILL), `start()` starts it again on the same port and storage; every
-request is in `access_log()` (distribution's combined log lines).
+request is in `access_log()` (distribution's combined log lines; `served(digest)` counts a
+blob's GETs and bytes from it); `push_blob` uploads a blob with plain requests.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.server
 import json
+import re
 import secrets
 import signal
 import socket
@@ -27,6 +30,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+ACCESS = re.compile(r'"GET (/v2/[^ "]*/blobs/[^ "]*) HTTP/[0-9.]+" (\d{3}) (\d+)')
+"""A blob GET in the access log: path, status, body bytes."""
 USER = "sqsuser1"
 PASSWORD = "s3cret-pass"
 
@@ -203,6 +208,43 @@ class RegistryServer:
 
     def access_log(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def blob_url(self, repository: str, digest: str) -> str:
+        return f"https://{self.host}/v2/{repository}/blobs/{digest}"
+
+    def push_blob(self, repository: str, data: bytes,
+                  auth: tuple[str, str] | None = None) -> str:
+        """Upload `data` as a blob with plain requests (one monolithic PUT); its digest."""
+        import requests
+
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        verify = str(self.pki.ca_cert)
+        start = requests.post(f"https://{self.host}/v2/{repository}/blobs/uploads/",
+                              auth=auth, timeout=30, verify=verify)
+        assert start.status_code == 202, start.text
+        location = urllib.parse.urljoin(f"https://{self.host}/", start.headers["Location"])
+        done = requests.put(location, params={"digest": digest}, data=data, auth=auth,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=60,
+                            verify=verify)
+        assert done.status_code == 201, done.text
+        return digest
+
+    def served(self, digest: str) -> tuple[int, int]:
+        """(GET requests answered 200/206, body bytes) for the blob in the access log, once
+        it has settled: the registry writes its access log lines asynchronously."""
+        def now() -> tuple[int, int]:
+            hits = [int(m.group(3)) for m in ACCESS.finditer(self.access_log())
+                    if m.group(1).endswith(digest) and m.group(2) in ("200", "206")]
+            return len(hits), sum(hits)
+
+        last, deadline = now(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            current = now()
+            if current == last:
+                break
+            last = current
+        return last
 
     def blob_data(self, digest: str) -> Path:
         hex_ = digest.removeprefix("sha256:")
