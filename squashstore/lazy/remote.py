@@ -23,6 +23,9 @@ from squashstore.registry.client import Client, RegistryOptions
 
 BACKOFF_CAP = 0.2
 """Longest wait between two attempts of one range request."""
+READ_STALL = 10.0
+"""Seconds a range request may receive nothing before it is given up (``[registry] stall``,
+30 s by default, is for whole downloads; a FUSE read waiting on it holds a process)."""
 
 
 def remote_for(client: Client, repository: str, digest: str, size: int, reference: str,
@@ -49,7 +52,8 @@ def open_source(remote: Remote) -> RangeSource:
     options = RegistryOptions(
         tls_verify=remote.tls_verify,
         cert_dir=Path(remote.cert_dir) if remote.cert_dir else None,
-        authfile=Path(remote.authfile) if remote.authfile else None)
+        authfile=Path(remote.authfile) if remote.authfile else None,
+        stall=READ_STALL)
     client = Client(remote.registry, options,
                     sleep=lambda seconds: time.sleep(min(seconds, BACKOFF_CAP)))
     return client_source(client, remote)
