@@ -311,7 +311,13 @@ chmod 600 /data/priv/secret && chmod 700 /data/priv && chown -R 1000:1000 /data/
 @pytest.fixture(scope="module")
 def image(session: UserSession) -> str:
     """A four-layer image in the user's rootless podman (import + COPY + RUN rm + RUN)."""
+    return _build(session)
+
+
+def _build(session: UserSession) -> str:
+    """Builds the fixture image in the user's podman (again, after a test removed it)."""
     ctx = session.base / "ctx"
+    shutil.rmtree(ctx, ignore_errors=True)
     rootfs = ctx / "rootfs"
     for d in ("bin", "etc", "data"):
         (rootfs / d).mkdir(parents=True)
@@ -423,6 +429,8 @@ def _migrated(session: UserSession, image: str) -> Path:
     store = str(session.store)
     listed = session.run("squashstore", "--store", store, "images", "--format", "json")
     if listed.returncode != 0 or image not in listed.stdout:
+        if session.run("podman", "image", "exists", image).returncode != 0:
+            _build(session)  # an earlier test migrated it with --rm-source, then rmi'd it
         session.ok("squashstore", "--store", store, "migrate", "--rm-source", image)
     config = session.ok("squashstore", "--store", store, "config")
     return session.write("consumer.conf", '[storage]\ndriver = "overlay"\n' + config)
