@@ -24,9 +24,9 @@ import io
 import posixpath
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
 from squashstore.image import Layer, LayerError
 from squashstore.tar import format as tarformat
@@ -137,6 +137,36 @@ def _step(node: _Upper | bool, name: str) -> _Upper | bool:
         return True
     child = node.children.get(name)
     return False if child is None else child
+
+N = TypeVar("N")
+
+
+def _from_nearest(path: str, cache: dict[str, N], root: N,
+                  step: Callable[[N, str], N]) -> N:
+    """What `step` finds at `path` from `root`, name by name, starting at the nearest
+    ancestor in `cache` (so a deep path costs one step, not its depth) and caching the
+    result (the cache starts afresh past `_CACHE_LIMIT` entries, bounding its memory)."""
+    if not path:
+        return root
+    found = cache.get(path)
+    if found is not None:
+        return found
+    names: list[str] = []
+    prefix, node = path, root
+    while prefix:
+        hit = cache.get(prefix)
+        if hit is not None:
+            node = hit
+            break
+        prefix, _, name = prefix.rpartition("/")
+        names.append(name)
+    for name in reversed(names):
+        node = step(node, name)
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[path] = node
+    return node
+
 
 
 _TAR_KINDS = {
@@ -504,27 +534,7 @@ class LayerMerge:
         everything below it, False when they have nothing there, else their trie node.
         Found from the nearest cached ancestor, so a deep path costs one step, not its
         depth (the walk from the root made a 10,000-deep layer take minutes)."""
-        if not path:
-            return self._upper
-        found = cache.get(path)
-        if found is not None:
-            return found
-        names: list[str] = []
-        prefix = path
-        node: _Upper | bool = self._upper
-        while prefix:
-            hit = cache.get(prefix)
-            if hit is not None:
-                node = hit
-                break
-            prefix, _, name = prefix.rpartition("/")
-            names.append(name)
-        for name in reversed(names):
-            node = _step(node, name)
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[path] = node
-        return node
+        return _from_nearest(path, cache, self._upper, _step)
 
     def _absorb(self, state: _LayerState) -> None:
         """Add what the finished layer shadows to the view of the layers above."""
@@ -541,27 +551,8 @@ class LayerMerge:
 
     def _upper_node(self, path: str, cache: dict[str, _Upper]) -> _Upper:
         """The trie node of `path`, made where missing; from the nearest cached ancestor."""
-        if not path:
-            return self._upper
-        node = cache.get(path)
-        if node is not None:
-            return node
-        parent, _, name = path.rpartition("/")
-        names = [name]
-        found = self._upper
-        while parent:
-            hit = cache.get(parent)
-            if hit is not None:
-                found = hit
-                break
-            parent, _, name = parent.rpartition("/")
-            names.append(name)
-        for name in reversed(names):
-            found = found.children.setdefault(name, _Upper())
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[path] = found
-        return found
+        return _from_nearest(path, cache, self._upper,
+                             lambda node, name: node.children.setdefault(name, _Upper()))
 
     # -- the tree ----------------------------------------------------------------------
     def _place(self, path: str, inode: Inode, content: IO[bytes] | None) -> MergedEntry:
