@@ -235,6 +235,11 @@ def cmd_push(args: argparse.Namespace) -> int:
             from squashstore.blobs import digest_bytes
 
             client.upload_bytes(ref.repository, plan.prefetch, digest_bytes(plan.prefetch))
+        if plan.chunk_digests:
+            from squashstore.blobs import digest_bytes
+
+            client.upload_bytes(ref.repository, plan.chunk_digests,
+                                digest_bytes(plan.chunk_digests))
         client.upload_bytes(ref.repository, plan.config, "sha256:" + image.id)
         client.put_manifest(ref.repository, ref.reference, plan.manifest,
                             "application/vnd.oci.image.manifest.v1+json")
@@ -278,6 +283,20 @@ def _prefetch_list(client: Any, repository: str, parsed: Any, what: str) -> Any:
     if listed is None:
         return None
     return prefetch.for_squash(listed, parsed.squash.digest, parsed.squash.size, what)
+
+
+def _chunk_digests(client: Any, repository: str, parsed: Any, what: str) -> Any:
+    """The artifact's per-chunk digests (`squashstore.lazy.chunkdigests`), checked to be of
+    its squash file in the lazy cache's chunks; None when it has none (pushed before them:
+    its chunks are then unverified until the image completes)."""
+    from squashstore.lazy import chunkdigests
+
+    if parsed.chunk_digests is None:
+        return None
+    data = client.read_blob(repository, parsed.chunk_digests,
+                            chunkdigests.limit(parsed.squash.size))
+    listed = chunkdigests.parse(data, f"{what}: chunk digests")
+    return chunkdigests.for_squash(listed, parsed.squash.digest, parsed.squash.size, what)
 
 
 def _keep_prefetch_list(squash: Path, listed: Any) -> None:
@@ -330,10 +349,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 if args.lazy:
                     from squashstore.lazy.install import install_lazy
 
+                    digests = _chunk_digests(client, ref.repository, parsed, what)
                     installed = install_lazy(store, parsed, config, client, ref.repository,
                                              registry_options(args), (name,), what, digest,
                                              registry.umount,
-                                             listed.spans if listed is not None else ())
+                                             listed.spans if listed is not None else (),
+                                             digests)
                 else:
                     installed = artifact.install(
                         store, parsed, config,

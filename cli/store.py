@@ -241,7 +241,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                               f"{_percent(status.present, status.remote.size)} present, "
                               f"{_human(status.present)} of {_human(status.remote.size)} "
                               f"from {status.remote.describe()}; structure checked, file "
-                              "data and digest only once complete (`pull` completes it)")
+                              "data and digest only once complete (`pull` completes it); "
+                              + ("each chunk checked against the artifact's chunk digests "
+                                 "as fetched" if status.chunks_verified else
+                                 "chunks unverified until complete (artifact without chunk "
+                                 "digests)"))
     for line in [*problems, *incomplete]:
         print(line)
     if problems:

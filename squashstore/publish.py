@@ -150,7 +150,7 @@ def _install_layer_files(store: Store, pub: Publication, lid: str, staged_layer:
         os.rename(pub.squash, existing)
         publish_hook("squash-file")
         if lazy:
-            for stale in (lazy_paths.marker_path(existing), lazy_paths.map_path(existing)):
+            for stale in lazy_paths.lazy_files(existing):
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
     if pub.tar_split is not None and not (kept and store.tar_split_file(lid).is_file()):

@@ -3,6 +3,7 @@ concurrent processes), and reading a squash file through a real registry by HTTP
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -602,6 +603,7 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
     assert status is not None
     share = 100 * status.present / pushed.size
     assert f"incomplete (lazy): {share:.1f} % present" in out.stdout, out.stdout
+    assert "chunks unverified until complete" in out.stdout  # staged without digests
     assert pushed.served() == before
     listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
     assert listed[0]["lazy_status"] == {"present": status.present, "size": pushed.size,
@@ -714,6 +716,12 @@ def test_pull_lazy_runs_in_podman_and_completes(
     image = node.store.resolve(iid)
     assert lazy_paths.is_lazy(image.squash)
     assert image.metadata  # listed like any other image
+    # The chunk digests came along (the push sent them) and sit beside the marker.
+    from squashstore.lazy import chunkdigests
+
+    kept = lazy_paths.chunks_path(image.squash).read_bytes()
+    assert chunkdigests.parse(kept, "x").table == \
+        chunkdigests.compute(origin.store.resolve(iid).squash).table
     meta_served = _squash_served(server, digest)
     t = time.perf_counter()
     hello = node.mig.consumer.text("run", "--rm", "--pull=never", ref, "cat", "/hello")
@@ -730,6 +738,7 @@ def test_pull_lazy_runs_in_podman_and_completes(
     done = json.loads(node.cli("pull", "--creds", CREDS, "--format", "json", ref).stdout)
     assert done["id"] == iid and done["downloaded"] > 0
     assert not lazy_paths.is_lazy(image.squash)
+    assert not lazy_paths.chunks_path(image.squash).exists()  # gone with the marker
     assert image.squash.read_bytes() == original
     assert node.mig.consumer.text("run", "--rm", "--pull=never", ref, "wc", "-c",
                                   "/data.bin").split()[0] == "6000000"
@@ -1077,3 +1086,188 @@ def test_a_damaged_marker_is_one_error_whatever_its_shape(tmp_path: Path) -> Non
     # The leftover check takes a marker it cannot read for one nobody is staging.
     assert lazy_paths.leftovers(squash.parent.parent, set(), ".tmp", 60) == \
         [lazy_paths.marker_path(squash)]
+
+
+# ---------------------------------------------------------------------------------------
+# Per-chunk digests: every chunk a lazy image fetches is checked before it is cached.
+
+from squashstore.lazy import chunkdigests  # noqa: E402
+from squashstore.lazy.cache import ChunkMismatch  # noqa: E402
+
+LAZY_CHUNK = chunkdigests.CHUNK
+"""The lazy cache's chunk (this module's `CHUNK` is a small one for the cache tests)."""
+
+
+@given(st.binary(max_size=5 * 4096 + 17), st.lists(st.integers(1, 5000), max_size=8))
+def test_chunk_digests_hash_every_chunk_however_the_file_streams(
+        blob: bytes, cuts: list[int]) -> None:
+    chunk = 4096
+    hasher = chunkdigests.Hasher(chunk)
+    pos = 0
+    for cut in cuts:  # the file arrives in pieces of any size
+        hasher.update(blob[pos:pos + cut])
+        pos += cut
+    hasher.update(blob[pos:])
+    listed = hasher.result()
+    assert listed.digest == digest_of(blob) and listed.size == len(blob)
+    pieces = [blob[i:i + chunk] for i in range(0, len(blob), chunk)]
+    assert listed.table == b"".join(hashlib.sha256(p).digest() for p in pieces)
+    assert all(listed.matches(i, p) for i, p in enumerate(pieces))
+    encoded = listed.to_bytes()
+    assert len(encoded) == chunkdigests.limit(len(blob), chunk)
+    assert chunkdigests.parse(encoded, "x") == listed
+
+
+def test_chunk_digest_lists_that_are_malformed_or_of_another_file_are_refused() -> None:
+    blob = blob_bytes(3 * LAZY_CHUNK + 5)
+    hasher = chunkdigests.Hasher()
+    hasher.update(blob)
+    listed = hasher.result()
+    encoded = listed.to_bytes()
+    for bad, message in ((encoded[:-1], "needs"), (encoded + b"\0" * 32, "needs"),
+                         (b"SQSCHKD2" + encoded[8:], "not a chunk digest list"),
+                         (encoded[:40], "too short")):
+        with pytest.raises(SourceError, match=message):
+            chunkdigests.parse(bad, "x")
+    with pytest.raises(SourceError, match="another squash file"):
+        chunkdigests.for_squash(listed, digest_of(b"other"), len(blob), "x")
+    with pytest.raises(SourceError, match="another squash file"):
+        chunkdigests.for_squash(listed, listed.digest, len(blob) + 1, "x")
+    small = chunkdigests.Hasher(4096)
+    small.update(blob)
+    with pytest.raises(SourceError, match="4096-byte chunks"):
+        chunkdigests.for_squash(small.result(), listed.digest, len(blob), "x")
+
+
+def test_cache_stores_only_chunks_matching_their_digests(cache_dir: Path) -> None:
+    blob = blob_bytes(4 * LAZY_CHUNK + 99)
+    hasher = chunkdigests.Hasher()
+    hasher.update(blob)
+    wrong = bytearray(blob)
+    wrong[2 * LAZY_CHUNK + 7] ^= 1
+    with RangeCache.in_directory(cache_dir, digest_of(blob), len(blob),
+                                 digests=hasher.result()) as cache:
+        with pytest.raises(ChunkMismatch, match="1 chunk") as raised:
+            cache.store([(Span(0, len(blob)), bytes(wrong))])
+        assert raised.value.errno == errno.EIO
+        # The other chunks are in; the wrong one is neither written nor marked.
+        assert cache.missing(Span(0, len(blob))) == [Span(2 * LAZY_CHUNK, 3 * LAZY_CHUNK)]
+        assert cache.read(Span(2 * LAZY_CHUNK, 3 * LAZY_CHUNK)) == bytes(LAZY_CHUNK)
+        cache.store([(Span(2 * LAZY_CHUNK, 3 * LAZY_CHUNK), blob[2 * LAZY_CHUNK:3 * LAZY_CHUNK])])
+        assert cache.complete() and cache.read(Span(0, len(blob))) == blob
+
+
+@pytest.fixture
+def tampered(pushed: Pushed) -> tuple[str, int]:
+    """The pushed squash file with one byte flipped inside /dir3/big3.bin's data (stored
+    uncompressed: random bytes), pushed as a blob of its own: what a lying registry or
+    blob storage would serve for the real digest. Its digest and the flipped offset."""
+    data = bytearray(pushed.squash.read_bytes())
+    content = read_file(SquashReader(pushed.squash), "/dir3/big3.bin")
+    offset = bytes(data).find(content[700_000:700_064])
+    assert offset > 0
+    data[offset] ^= 0xFF
+    return pushed.registry.push_blob(REPO, bytes(data)), offset
+
+
+def test_a_chunk_served_wrong_fails_its_read_and_is_not_cached(
+        pushed: Pushed, tampered: tuple[str, int], tmp_path: Path) -> None:
+    bad_digest, offset = tampered
+    digests = chunkdigests.compute(pushed.squash)
+    local = SquashReader(pushed.squash)
+    session = requests.Session()
+    session.verify = str(pushed.ca)
+    session.trust_env = False
+    (tmp_path / "cache").mkdir(mode=0o700)
+    liar = RangeSource(session_get(session, pushed.registry.blob_url(REPO, bad_digest)),
+                       pushed.size, "liar", backoff=0.05)
+    cache = RangeCache.in_directory(tmp_path / "cache", pushed.digest, pushed.size,
+                                    digests=digests)
+    lazy = LazyFile(cache, liar)
+    reader = lazy_reader(lazy)  # the metadata chunks are the right ones
+    assert read_file(reader, "/dir1/small3.txt") == read_file(local, "/dir1/small3.txt")
+    assert read_file(reader, "/dir0/big0.bin") == read_file(local, "/dir0/big0.bin")
+    with pytest.raises(SquashfsError) as raised:  # without the digests: wrong bytes
+        read_file(reader, "/dir3/big3.bin")
+    assert "wrong digest" in str(raised.value)
+    index = offset // LAZY_CHUNK
+    assert cache.missing(Span(index * LAZY_CHUNK, (index + 1) * LAZY_CHUNK))  # its bit not set
+    on_disk = cache.data_path.read_bytes()[index * LAZY_CHUNK:(index + 1) * LAZY_CHUNK]
+    assert on_disk in (bytes(len(on_disk)),
+                       pushed.squash.read_bytes()[index * LAZY_CHUNK:(index + 1) * LAZY_CHUNK])
+    # The mount stays alive: the right source (the registry fixed) serves it later.
+    honest = RangeSource(session_get(session, pushed.registry.blob_url(REPO, pushed.digest)),
+                         pushed.size, "honest", backoff=0.05)
+    lazy.source = honest
+    assert read_file(reader, "/dir3/big3.bin") == read_file(local, "/dir3/big3.bin")
+    assert not cache.missing(Span(index * LAZY_CHUNK, (index + 1) * LAZY_CHUNK))
+    reader.close()
+    lazy.close()
+    liar.close()
+    honest.close()
+
+
+@pytest.mark.podman
+@pytest.mark.slow
+def test_pull_lazy_refuses_bad_chunk_digests_and_pulls_artifacts_without(
+        request: pytest.FixtureRequest, data_image: str) -> None:
+    from squashstore.blobs import digest_bytes
+    from squashstore.registry import artifact
+    from squashstore.registry.client import Client, RegistryOptions
+
+    new_site: Any = request.getfixturevalue("make_site")
+    servers: dict[str, Any] = request.getfixturevalue("registries")
+    origin = new_site("origin")
+    iid = _migrated_id(origin, data_image)
+    server = servers["token"]
+    repo = "lazy/chunks"
+    origin.cli("push", "--creds", CREDS, data_image, f"{server.host}/{repo}:1")
+    squash = origin.store.resolve(iid).squash
+    plan = artifact.plan_push(origin.store, origin.store.resolve(iid))
+    manifest = json.loads(plan.manifest)
+    listed = [layer for layer in manifest["layers"]
+              if layer["mediaType"] == artifact.CHUNK_DIGESTS_TYPE]
+    assert listed == [{"mediaType": artifact.CHUNK_DIGESTS_TYPE,
+                       "digest": digest_bytes(plan.chunk_digests),
+                       "size": chunkdigests.limit(squash.stat().st_size),
+                       "annotations": listed[0]["annotations"]}]
+    assert chunkdigests.parse(plan.chunk_digests, "x") == chunkdigests.compute(squash)
+    others = [layer for layer in manifest["layers"]
+              if layer["mediaType"] != artifact.CHUNK_DIGESTS_TYPE]
+    wrong = bytearray(squash.read_bytes())
+    wrong[len(wrong) // 2] ^= 1
+    hasher = chunkdigests.Hasher()
+    hasher.update(bytes(wrong))
+    variants = {"other": hasher.result().to_bytes(),  # of another file of the same size
+                "short": plan.chunk_digests[:-32],
+                "long": plan.chunk_digests + bytes(32),
+                "garbage": b"\x00" * len(plan.chunk_digests)}
+    with Client(server.host, RegistryOptions(cert_dir=origin.certs, creds=CREDS)) as client:
+        for tag, blob in variants.items():
+            client.upload_bytes(repo, blob, digest_bytes(blob))
+            layer = {**listed[0], "digest": digest_bytes(blob), "size": len(blob)}
+            client.put_manifest(repo, tag, json.dumps({**manifest, "layers": [*others, layer]}
+                                                      ).encode(), oci_manifest_type)
+        client.put_manifest(repo, "old", json.dumps({**manifest, "layers": others}).encode(),
+                            oci_manifest_type)
+
+    node: Site = new_site("node")
+    node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
+    for tag, reason in (("other", "of another squash file"), ("short", "needs"),
+                        ("long", "more than"), ("garbage", "not a chunk digest list")):
+        out = node.cli("pull", "--lazy", f"{server.host}/{repo}:{tag}", check=False)
+        assert out.returncode != 0 and reason in out.stderr, (tag, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("squashstore: "), out.stderr
+        assert not node.store.images()  # nothing installed
+    # An artifact pushed before chunk digests existed still pulls lazily (unverified
+    # chunks until complete, as before) and runs.
+    node.cli("pull", "--lazy", f"{server.host}/{repo}:old")
+    image = node.store.resolve(iid)
+    assert lazy_paths.is_lazy(image.squash)
+    assert not lazy_paths.chunks_path(image.squash).exists()
+    hello = node.mig.consumer.text("run", "--rm", "--pull=never", iid, "cat", "/hello")
+    assert hello.strip() == "lazy-hello"
+
+
+oci_manifest_type = "application/vnd.oci.image.manifest.v1+json"

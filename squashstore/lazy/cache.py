@@ -10,6 +10,9 @@ are written and flushed to disk (`fdatasync`), under an exclusive ``flock`` of t
 by or-ing it into the bytes on disk; bits are never cleared except by `reset`, so readers
 need no lock: a bit they have not seen yet only costs a duplicate fetch, whose bytes are
 the same. The cache is `complete` when every bit is set; then the data file is the blob.
+Given the blob's per-chunk digests (`squashstore.lazy.chunkdigests`), `store` checks every
+chunk against its digest before writing it: a wrong one is neither written nor marked, and
+the store raises `ChunkMismatch` (errno EIO) once the right ones are in.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy import ranges
 from squashstore.lazy.ranges import Span
+
+if TYPE_CHECKING:
+    from squashstore.lazy.chunkdigests import ChunkDigests
 
 CHUNK = 64 << 10
 """Bytes per map bit: small enough that a few small files cost little, large enough that
@@ -39,6 +46,17 @@ HEADER_SIZE = 128
 
 class CacheError(SquashstoreError):
     """A cache file is unusable (not ours, of another blob, or unwritable)."""
+
+
+class ChunkMismatch(CacheError, OSError):
+    """Fetched bytes of a chunk do not match its digest (errno EIO: the read that needed
+    them fails, a later one fetches them again)."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _hex(digest: str) -> str:
@@ -117,14 +135,20 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 class RangeCache:
     """The cache of the blob `digest` of `size` bytes: its bytes in `data` and its map in
-    `map_` (both created if absent). `in_directory` names them after the digest."""
+    `map_` (both created if absent). `in_directory` names them after the digest. With
+    `digests` (the blob's per-chunk digests) every chunk stored is checked first."""
 
     def __init__(self, data: Path, map_: Path, digest: str, size: int,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int = CHUNK, digests: ChunkDigests | None = None) -> None:
         if size < 0 or chunk <= 0:
             raise CacheError(f"bad cache geometry (size {size}, chunk {chunk})")
         _hex(digest)
+        if digests is not None and (digests.digest, digests.size, digests.chunk) != \
+                (digest, size, chunk):
+            raise CacheError(f"the chunk digests of {digests.digest} for the cache of "
+                             f"{digest}")
         self.digest, self.size, self.chunk = digest, size, chunk
+        self.digests = digests
         self.chunks = ranges.chunk_count(size, chunk)
         self.data_path, self.map_path = Path(data), Path(map_)
         self._bitmap = bytearray(-(-self.chunks // 8))
@@ -143,10 +167,10 @@ class RangeCache:
 
     @classmethod
     def in_directory(cls, directory: Path, digest: str, size: int,
-                     chunk: int = CHUNK) -> RangeCache:
+                     chunk: int = CHUNK, digests: ChunkDigests | None = None) -> RangeCache:
         """The cache of `digest` in a cache directory of its own (``<hex>.data``/``.map``)."""
         return cls(data_path(directory, digest), map_path(directory, digest), digest, size,
-                   chunk)
+                   chunk, digests)
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -249,18 +273,53 @@ class RangeCache:
 
     # -- data --------------------------------------------------------------------------
 
+    def _verified(self, span: Span, data: bytes) -> tuple[list[tuple[Span, memoryview]],
+                                                          list[int]]:
+        """`span`'s chunks whose bytes match their digests (as runs) and the indices of
+        those that do not (all of them match without digests)."""
+        view = memoryview(data)
+        if self.digests is None:
+            return [(span, view)], []
+        good: list[tuple[Span, memoryview]] = []
+        bad: list[int] = []
+        run = span.start
+        for index in self._chunks(span):
+            start = index * self.chunk
+            end = min(start + self.chunk, self.size)
+            if self.digests.matches(index, view[start - span.start:end - span.start]):
+                continue
+            bad.append(index)
+            if run < start:
+                good.append((Span(run, start), view[run - span.start:start - span.start]))
+            run = end
+        if run < span.end:
+            good.append((Span(run, span.end), view[run - span.start:]))
+        return good, bad
+
     def store(self, pieces: Iterable[tuple[Span, bytes]]) -> None:
-        """Write fetched chunk-aligned pieces, flush them, then mark them present."""
+        """Write fetched chunk-aligned pieces, flush them, then mark them present; chunks
+        that do not match their digests are left out and raise `ChunkMismatch` after."""
         marks: list[range] = []
+        wrong: list[int] = []
         for span, data in pieces:
             if len(data) != len(span):
                 raise CacheError(f"{self.data_path}: {len(data)} bytes for span {span}")
             if span.start % self.chunk or (span.end % self.chunk and span.end != self.size):
                 raise CacheError(f"{self.data_path}: span {span} is not chunk-aligned")
-            _pwrite_all(self._data, data, span.start)
-            marks.append(self._chunks(span))
-        if not marks:
-            return
+            good, bad = self._verified(span, data)
+            wrong += bad
+            for piece, view in good:
+                _pwrite_all(self._data, view, piece.start)
+                marks.append(self._chunks(piece))
+        if marks:
+            self._mark(marks)
+        if wrong:
+            raise ChunkMismatch(
+                f"{self.digest}: {len(wrong)} chunk(s) from {wrong[0] * self.chunk} fetched "
+                "with the wrong digest (registry or blob storage served other bytes); "
+                "not cached")
+
+    def _mark(self, marks: list[range]) -> None:
         os.fdatasync(self._data)
         with self._locked():
             for chunks in marks:

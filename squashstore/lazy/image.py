@@ -5,7 +5,9 @@ the squash file at the store's squash-file place) whose squash file is still spa
 `RangeCache` data file IS the store's squash file, so the image never moves when it
 completes and no mount of it goes stale. Beside the store's ``squash/`` directory,
 ``lazy/<layer>.json`` (the marker: which registry, repository, digest and size the squash
-file comes from) and ``lazy/<layer>.map`` (the cache's chunk map) say it is lazy. This
+file comes from) and ``lazy/<layer>.map`` (the cache's chunk map) say it is lazy;
+``lazy/<layer>.chunks``, when the artifact had one, lists each chunk's digest (every chunk
+fetched is checked against it before it is cached, `squashstore.lazy.chunkdigests`). This
 module owns those paths, reading and writing the marker, opening the squash file as a
 `LazyFile` for the FUSE server, staging a new lazy squash file for `pull --lazy` (the
 superblock and every metadata table fetched up front), completing an image (everything
@@ -23,13 +25,25 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import RangeCache
 from squashstore.lazy.lazyfile import LazyFile
-from squashstore.lazy.paths import LAZY_DIR, WRITER, lazy_dir, map_path, marker_path
+from squashstore.lazy.paths import (
+    LAZY_DIR,
+    WRITER,
+    chunks_path,
+    lazy_dir,
+    lazy_files,
+    map_path,
+    marker_path,
+)
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
+
+if TYPE_CHECKING:
+    from squashstore.lazy.chunkdigests import ChunkDigests
 
 SourceOpener = Callable[["Remote"], RangeSource]
 """Opens the registry side of a lazy image (auth, TLS and redirects as the registry
@@ -98,9 +112,23 @@ def write_marker(squash: Path, remote: Remote) -> None:
     atomic_write(marker_path(squash), json.dumps(record, sort_keys=True).encode())
 
 
+def chunk_digests(squash: Path, remote: Remote) -> ChunkDigests | None:
+    """The per-chunk digests kept beside the marker (None: an artifact pushed without
+    them, whose chunks stay unverified until the image completes); `LazyError` when they
+    are damaged or of another file."""
+    from squashstore.lazy import chunkdigests
+
+    try:
+        return chunkdigests.load(squash, remote.digest, remote.size)
+    except SquashstoreError as exc:
+        raise LazyError(str(exc)) from None
+
+
 def open_cache(squash: Path, remote: Remote, data: Path | None = None) -> RangeCache:
-    """The cache of a lazy image; its bytes at `data` (a staged file) or the squash file."""
-    return RangeCache(data or squash, map_path(squash), remote.digest, remote.size)
+    """The cache of a lazy image; its bytes at `data` (a staged file) or the squash file;
+    every chunk stored checked against the image's chunk digests when it has them."""
+    return RangeCache(data or squash, map_path(squash), remote.digest, remote.size,
+                      digests=chunk_digests(squash, remote))
 
 
 SEED_PIECE = 4 << 20
@@ -120,7 +148,8 @@ def node_cache(directory: Path, squash: Path, remote: Remote) -> RangeCache:
         raise LazyError(f"{directory}: cannot create the lazy cache directory: "
                         f"{exc.strerror}") from None
     check_directory(directory)
-    cache = RangeCache.in_directory(directory, remote.digest, remote.size)
+    cache = RangeCache.in_directory(directory, remote.digest, remote.size,
+                                    digests=chunk_digests(squash, remote))
     try:
         shared = read_bitmap(map_path(squash), remote.digest, remote.size, cache.chunk)
         if shared is not None:
@@ -211,7 +240,7 @@ def open_lazy(squash: Path, open_source: SourceOpener | None,
     from squashstore import trust
 
     # Root reads where to fetch from, and writes the cache, only where only root can write.
-    for path in (lazy_dir(squash), marker_path(squash), map_path(squash)):
+    for path in (lazy_dir(squash), *lazy_files(squash)):
         if path.exists():
             trust.check_entry(path, what="a lazy image")
     if cache_dir is not None:
@@ -223,8 +252,9 @@ def open_lazy(squash: Path, open_source: SourceOpener | None,
         cache = open_cache(squash, remote)
         if not marker_path(squash).exists():  # completed meanwhile: an ordinary file now
             cache.close()
-            with contextlib.suppress(FileNotFoundError):
-                map_path(squash).unlink()
+            for path in lazy_files(squash)[1:]:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             return None
     try:
         source = open_source(remote) if open_source is not None else None
@@ -243,11 +273,19 @@ def prefetch_metadata(lazy: LazyFile) -> None:
 
 
 def stage(staged: Path, squash: Path, remote: Remote, source: RangeSource,
-          prefetch: Sequence[Span] = ()) -> int:
+          prefetch: Sequence[Span] = (), digests: ChunkDigests | None = None) -> int:
     """Make `staged` the sparse squash file of a lazy image to be published at `squash`
-    (its map and marker already where the published image finds them), with its metadata
-    and the `prefetch` spans (a start-up prefetch list) fetched; returns the bytes fetched."""
+    (its map, marker and chunk `digests` already where the published image finds them),
+    with its metadata and the `prefetch` spans (a start-up prefetch list) fetched, each
+    chunk checked against `digests`; returns the bytes fetched."""
     write_marker(squash, remote)
+    if digests is not None:
+        from squashstore.lazy import chunkdigests
+
+        chunkdigests.save(squash, digests)
+    else:  # a file of an earlier pull of this layer would check the wrong chunks
+        with contextlib.suppress(FileNotFoundError):
+            chunks_path(squash).unlink()
     lazy = LazyFile(open_cache(squash, remote, data=staged), source)
     try:
         before = source.bytes
@@ -324,10 +362,9 @@ def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
     problem = _layer_problem(squash)
     if problem:  # the pusher's claim, unchecked while lazy: it stays lazy (and unverified)
         raise LazyError(f"{squash}: {problem}")
-    with contextlib.suppress(FileNotFoundError):
-        marker_path(squash).unlink()
-    with contextlib.suppress(FileNotFoundError):
-        map_path(squash).unlink()
+    for path in lazy_files(squash):  # the marker first: from then on an ordinary image
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @dataclass(frozen=True)
@@ -337,6 +374,9 @@ class Status:
     remote: Remote
     present: int
     """Bytes present."""
+    chunks_verified: bool = False
+    """Whether each chunk is checked against the artifact's chunk digests as it arrives
+    (else only the whole file, once complete)."""
 
 
 def status(squash: Path) -> Status | None:
@@ -345,7 +385,8 @@ def status(squash: Path) -> Status | None:
         return None
     with open_cache(squash, remote) as cache:
         present = cache.present_bytes()
-    return Status(remote, present)
+        verified = cache.digests is not None
+    return Status(remote, present, verified)
 
 
 def open_for_verify(squash: Path) -> LazyFile | None:

@@ -21,6 +21,7 @@ from squashstore.blobs import check_bytes
 from squashstore.image import SourceError
 from squashstore.lazy import image as lazy_image
 from squashstore.lazy import paths as lazy_paths
+from squashstore.lazy.chunkdigests import ChunkDigests
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.remote import client_source, remote_for
 from squashstore.publish import STAGED_SQUASH, STAGED_TAR_SPLIT
@@ -32,10 +33,12 @@ from squashstore.store import Store, Unmounter, sha256_hex
 def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client: Client,
                  repository: str, options: RegistryOptions, names: tuple[str, ...],
                  reference: str, manifest_digest: str, unmount: Unmounter,
-                 prefetch: Sequence[Span] = ()) -> artifact.Installed:
+                 prefetch: Sequence[Span] = (),
+                 digests: ChunkDigests | None = None) -> artifact.Installed:
     """Install `parsed` lazily; `downloaded` counts the metadata, the `prefetch` spans (a
     start-up prefetch list, fetched in bulk before the image is published) and the
-    tar-split fetched."""
+    tar-split fetched. With `digests` (the artifact's chunk digests, checked to be of its
+    squash file) every chunk fetched, now and later, is checked before it is cached."""
     what = reference
     check_bytes(config, parsed.config.digest, f"{what}: config")
     diff_ids = oci.diff_ids(config, f"{what}: config")
@@ -67,7 +70,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                     try:
                         staged_marker = True
                         downloaded += lazy_image.stage(squash, final, remote, source,
-                                                       prefetch)
+                                                       prefetch, digests)
                     finally:
                         source.close()
                 split = None
@@ -87,7 +90,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
             if staged_marker and not final.is_file():
                 # Nothing published: a marker left behind would make a later full copy
                 # of this layer look lazy.
-                for path in (lazy_paths.marker_path(final), lazy_paths.map_path(final)):
+                for path in lazy_paths.lazy_files(final):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             raise

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from squashstore.lazy import ranges
-from squashstore.lazy.cache import RangeCache
+from squashstore.lazy.cache import ChunkMismatch, RangeCache
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
 from squashstore.squashfs import format
@@ -201,7 +201,10 @@ class LazyFile:
             try:
                 self.cache.store(zip(merged, self.source.fetch_many(merged), strict=True))
                 return
-            except FetchError:
+            except (FetchError, ChunkMismatch):
                 pass  # the readahead may be what failed: the read alone, once more
+            required = ranges.coalesce(m for s in required for m in self.cache.missing(s))
+            if not required:
+                return
         need = ranges.split(required, self._piece, chunk)
         self.cache.store(zip(need, self.source.fetch_many(need), strict=True))

@@ -2,7 +2,9 @@
 the mount path asks `is_lazy` on every container start).
 
 For a squash file at ``<store meta>/squash/<layer>.sqfs``: ``<store meta>/lazy/<layer>.json``
-is the marker (the registry location) and ``<store meta>/lazy/<layer>.map`` the chunk map.
+is the marker (the registry location), ``<store meta>/lazy/<layer>.map`` the chunk map and
+``<store meta>/lazy/<layer>.chunks`` the per-chunk digests (`squashstore.lazy.chunkdigests`),
+when the artifact had them; the map and the digests go with the marker.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def map_path(squash: Path) -> Path:
     return lazy_dir(squash) / f"{squash.stem}.map"
 
 
+def chunks_path(squash: Path) -> Path:
+    return lazy_dir(squash) / f"{squash.stem}.chunks"
+
+
+def lazy_files(squash: Path) -> tuple[Path, ...]:
+    """Every file that makes `squash` lazy, the marker first (removed first, it says
+    lazy)."""
+    return (marker_path(squash), map_path(squash), chunks_path(squash))
+
+
+COMPANIONS = ("map", "chunks")
+"""Suffixes of the files that live only as long as a layer's marker."""
+
+
 def is_lazy(squash: Path) -> bool:
     """Whether the squash file is a lazily pulled one not yet complete."""
     return marker_path(squash).is_file()
@@ -57,8 +73,8 @@ def leftovers(meta: Path, layer_ids: set[str], temp_suffix: str,
             continue
         marker = directory / f"{stem}.json"
         if stem in layer_ids:
-            if suffix == "map" and not marker.exists():
-                found.append(directory / entry)  # the map of a completed image
+            if suffix in COMPANIONS and not marker.exists():
+                found.append(directory / entry)  # the map/digests of a completed image
         elif not _being_staged(marker, foreign_age):
             found.append(directory / entry)
     return found

@@ -4,7 +4,9 @@ The format (docs/artifact-format.md) is an OCI image manifest with ``artifactTyp
 `ARTIFACT_TYPE` whose config blob is the image's own config (media type `CONFIG_TYPE`, so
 no runtime mistakes it for a runnable image; its digest is the image id) and whose layers
 are the squash file (`SQUASHFS_TYPE`, annotated with the layer's diff id and size) and,
-when the image has one, its gzip'd tar-split (`TAR_SPLIT_TYPE`). `push` uploads them
+when the image has one, its gzip'd tar-split (`TAR_SPLIT_TYPE`), start-up prefetch list
+(`PREFETCH_TYPE`), and always the squash file's per-chunk digests (`CHUNK_DIGESTS_TYPE`,
+which a lazy pull checks every fetched chunk against). `push` uploads them
 (chunked, memory flat, blobs the registry has skipped); `install` pulls one into a store
 without converting: every blob is hashed while it streams into the writer's staging
 directory, a mismatch fails before anything is published, then the same `Store.publish` as
@@ -25,8 +27,8 @@ from typing import Any, BinaryIO
 from squashstore import locking, oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
 from squashstore.image import SourceError
+from squashstore.lazy import chunkdigests, prefetch
 from squashstore.lazy import paths as lazy_paths
-from squashstore.lazy import prefetch
 from squashstore.migrate import rfc3339, squashed_manifest
 from squashstore.publish import STAGED_SQUASH, STAGED_TAR_SPLIT
 from squashstore.store import (
@@ -44,6 +46,7 @@ CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
 SQUASHFS_TYPE = "application/vnd.squashstore.image.squashfs.v1"
 TAR_SPLIT_TYPE = "application/vnd.squashstore.image.tar-split.v1+gzip"
 PREFETCH_TYPE = prefetch.MEDIA_TYPE
+CHUNK_DIGESTS_TYPE = chunkdigests.MEDIA_TYPE
 TITLE = "org.opencontainers.image.title"
 CREATED = "org.opencontainers.image.created"
 DIFF_ID = "io.squashstore.diff-id"
@@ -70,6 +73,9 @@ class Artifact:
     annotations: dict[str, str]
     prefetch: oci.Descriptor | None = None
     """The start-up prefetch list (`squashstore.lazy.prefetch`), when the pusher had one."""
+    chunk_digests: oci.Descriptor | None = None
+    """The squash file's per-chunk digests (`squashstore.lazy.chunkdigests`); None in
+    artifacts pushed before they existed."""
 
 
 def is_artifact(manifest: bytes) -> bool:
@@ -95,10 +101,12 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
     squash = [d for d in parsed if d.media_type == SQUASHFS_TYPE]
     split = [d for d in parsed if d.media_type == TAR_SPLIT_TYPE]
     lists = [d for d in parsed if d.media_type == PREFETCH_TYPE]
-    if len(squash) != 1 or len(split) > 1 or len(lists) > 1:
+    digests = [d for d in parsed if d.media_type == CHUNK_DIGESTS_TYPE]
+    if len(squash) != 1 or len(split) > 1 or len(lists) > 1 or len(digests) > 1:
         raise SourceError(f"{what}: a squashstore artifact has one {SQUASHFS_TYPE} layer, "
-                          "at most one tar-split and at most one prefetch list")
-    for descriptor in (config, *squash, *split, *lists):
+                          "at most one tar-split, at most one prefetch list and at most one "
+                          "chunk digest list")
+    for descriptor in (config, *squash, *split, *lists, *digests):
         if descriptor.size < 0:  # unbounded: a lying registry could send without end
             raise SourceError(f"{what}: the manifest gives {descriptor.digest} no size")
     annotations = doc.get("annotations") or {}
@@ -111,7 +119,8 @@ def parse_artifact(manifest: bytes, what: str) -> Artifact:
                           "(a size in bytes)")
     diff_size = int(size_text)
     return Artifact(config, squash[0], split[0] if split else None, diff_id, diff_size,
-                    annotations, lists[0] if lists else None)
+                    annotations, lists[0] if lists else None,
+                    digests[0] if digests else None)
 
 
 # --------------------------------------------------------------------------- push
@@ -141,6 +150,8 @@ class PushPlan:
     manifest: bytes
     prefetch: bytes | None = None
     """The image's start-up prefetch list (`squashstore record`), when it has one."""
+    chunk_digests: bytes = b""
+    """The squash file's per-chunk digests (`squashstore.lazy.chunkdigests`)."""
 
 
 def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) -> PushPlan:
@@ -158,7 +169,9 @@ def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) 
     diff_ids = oci.diff_ids(config, f"{image.id[:12]}: config")
     if len(diff_ids) != 1 or diff_ids[0] != "sha256:" + image.layer:
         raise SourceError(f"{image.id[:12]}: not a one-layer squashstore image")
-    squash_digest = file_digest(image.squash, hashing)
+    listed_chunks = _squash_digests(image.squash, hashing)
+    squash_digest = listed_chunks.digest
+    chunk_list = listed_chunks.to_bytes()
     split = store.tar_split_file(image.layer)
     tar_split = split if split.is_file() else None
     split_digest = file_digest(tar_split) if tar_split is not None else ""
@@ -182,6 +195,9 @@ def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) 
         layers.append({"mediaType": PREFETCH_TYPE, "digest": digest_bytes(listing),
                        "size": len(listing),
                        "annotations": {TITLE: f"{image.layer[:12]}.prefetch.json"}})
+    layers.append({"mediaType": CHUNK_DIGESTS_TYPE, "digest": digest_bytes(chunk_list),
+                   "size": len(chunk_list),
+                   "annotations": {TITLE: f"{image.layer[:12]}.chunk-digests"}})
     annotations = {VERSION: FORMAT_VERSION,
                    OPTIONS: json.dumps(squash_meta.get("options") or {}, sort_keys=True),
                    SOURCE: json.dumps(source, sort_keys=True)}
@@ -197,7 +213,19 @@ def plan_push(store: Store, image: StoreImage, hashing: Progress | None = None) 
         "annotations": annotations,
     }
     return PushPlan(config, image.squash, squash_digest, tar_split, split_digest,
-                    json.dumps(manifest, indent=2, sort_keys=True).encode(), listing)
+                    json.dumps(manifest, indent=2, sort_keys=True).encode(), listing,
+                    chunk_list)
+
+
+def _squash_digests(path: Path, progress: Progress | None) -> chunkdigests.ChunkDigests:
+    """The squash file's digest and per-chunk digests, in one read of it."""
+    hasher = chunkdigests.Hasher()
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            hasher.update(chunk)
+            if progress is not None:
+                progress(hasher.size)
+    return hasher.result()
 
 
 # --------------------------------------------------------------------------- pull
