@@ -1271,3 +1271,20 @@ def test_pull_lazy_refuses_bad_chunk_digests_and_pulls_artifacts_without(
 
 
 oci_manifest_type = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_cleanup_removes_chunk_digests_with_their_marker(tmp_path: Path) -> None:
+    meta = tmp_path / "meta"
+    live, done, gone = ("a1" * 32, "b2" * 32, "c3" * 32)
+    (meta / "squash").mkdir(parents=True)
+    lazy_paths.lazy_dir(meta / "squash" / "x.sqfs").mkdir()
+    for layer in (live, done, gone):
+        squash = meta / "squash" / f"{layer}.sqfs"
+        for path in lazy_paths.lazy_files(squash):
+            path.write_text("{}")
+    lazy_paths.marker_path(meta / "squash" / f"{done}.sqfs").unlink()  # completed
+    found = lazy_paths.leftovers(meta, {live, done}, ".tmp", 60)
+    squash = {layer: meta / "squash" / f"{layer}.sqfs" for layer in (live, done, gone)}
+    assert sorted(found) == sorted([
+        lazy_paths.map_path(squash[done]), lazy_paths.chunks_path(squash[done]),
+        *lazy_paths.lazy_files(squash[gone])])

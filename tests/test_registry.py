@@ -324,12 +324,14 @@ def test_push_pull_artifact_runs_in_podman(
     assert manifest["config"] == {"mediaType": "application/vnd.squashstore.image.config.v1+json",
                                   "digest": "sha256:" + iid,
                                   "size": manifest["config"]["size"]}
-    squash, split = manifest["layers"]
+    squash, split, chunks = manifest["layers"]
     assert squash["mediaType"] == "application/vnd.squashstore.image.squashfs.v1"
     assert squash["size"] == image.squash.stat().st_size
     assert squash["digest"] == "sha256:" + hashlib.sha256(image.squash.read_bytes()).hexdigest()
     assert squash["annotations"]["io.squashstore.diff-id"] == "sha256:" + image.layer
     assert split["mediaType"] == "application/vnd.squashstore.image.tar-split.v1+gzip"
+    assert chunks["mediaType"] == "application/vnd.squashstore.image.chunk-digests.v1"
+    assert chunks["size"] == 64 + 32 * -(-squash["size"] // 65536)
     assert not any(la["mediaType"].startswith("application/vnd.oci.")
                    for la in manifest["layers"])
     again = origin.cli("push", "--creds", CREDS, fixture_images["base"], ref)
