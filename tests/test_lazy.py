@@ -1288,3 +1288,22 @@ def test_cleanup_removes_chunk_digests_with_their_marker(tmp_path: Path) -> None
     assert sorted(found) == sorted([
         lazy_paths.map_path(squash[done]), lazy_paths.chunks_path(squash[done]),
         *lazy_paths.lazy_files(squash[gone])])
+
+
+def test_a_node_cache_skips_a_store_chunk_that_fails_its_digest(tmp_path: Path) -> None:
+    blob = blob_bytes(5 * LAZY_CHUNK + 11)
+    squash = tmp_path / "meta" / "squash" / ("d4" * 32 + ".sqfs")
+    squash.parent.mkdir(parents=True)
+    remote = lazy_image.Remote("127.0.0.1:1", "r", digest_of(blob), len(blob))
+    lazy_image.write_marker(squash, remote)
+    chunkdigests.save(squash, chunkdigests.compute_bytes(blob))
+    with lazy_image.open_cache(squash, remote) as shared:  # the store's cache: all present
+        shared.store([(Span(0, len(blob)), blob)])
+    with open(squash, "r+b") as f:  # then a byte of chunk 3 rots on disk
+        f.seek(3 * LAZY_CHUNK + 5)
+        f.write(b"\xff" if blob[3 * LAZY_CHUNK + 5] != 0xFF else b"\0")
+    node = tmp_path / "node"
+    with lazy_image.node_cache(node, squash, remote) as cache:
+        assert cache.missing(Span(0, len(blob))) == \
+            [Span(3 * LAZY_CHUNK, 4 * LAZY_CHUNK)]  # fetched anew from the registry
+        assert cache.read(Span(0, 3 * LAZY_CHUNK)) == blob[:3 * LAZY_CHUNK]

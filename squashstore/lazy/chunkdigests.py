@@ -107,6 +107,12 @@ def compute(path: Path, chunk: int = CHUNK) -> ChunkDigests:
     return hasher.result()
 
 
+def compute_bytes(data: bytes, chunk: int = CHUNK) -> ChunkDigests:
+    hasher = Hasher(chunk)
+    hasher.update(data)
+    return hasher.result()
+
+
 def parse(data: bytes, what: str) -> ChunkDigests:
     """A list read from a registry or a store; `SourceError` when it is malformed."""
     if len(data) < HEADER_SIZE:

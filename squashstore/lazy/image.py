@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squashstore.image import SquashstoreError
-from squashstore.lazy.cache import RangeCache
+from squashstore.lazy.cache import ChunkMismatch, RangeCache
 from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import (
     LAZY_DIR,
@@ -173,7 +173,9 @@ def _seed(cache: RangeCache, squash: Path, shared: bytes) -> None:
         for span in ranges.split(wanted, SEED_PIECE, cache.chunk):
             data = os.pread(fd, len(span), span.start)
             if len(data) == len(span):
-                cache.store([(span, data)])
+                # A chunk of the store's that fails its digest is left out: fetched anew.
+                with contextlib.suppress(ChunkMismatch):
+                    cache.store([(span, data)])
     finally:
         os.close(fd)
 
