@@ -585,35 +585,23 @@ class LayerMerge:
     def _directory(self, path: str, mtime: int) -> Inode:
         """The directory at `path`, made implicitly (0755, root) where missing; found from
         the nearest cached ancestor (entries come in tree order: usually the parent)."""
-        if not path:
-            return self.root
-        cached = self._dirs.get(path)
+        cached = self._dirs.get(path) if path else self.root
         if cached is not None:
             return cached
-        names: list[str] = []
-        prefix = path
-        node = self.root
-        while prefix:
-            hit = self._dirs.get(prefix)
-            if hit is not None:
-                node = hit
-                break
-            prefix, _, name = prefix.rpartition("/")
-            names.append(name)
-        for part in reversed(names):
-            assert node.children is not None
-            child = node.children.get(part)
-            if child is None or not child.is_dir():
-                if child is not None:
-                    self._dirs.clear()
-                child = new_dir(mtime=mtime)
-                self._implicit.add(id(child))
-                node.children[part] = child
-            node = child
-        if len(self._dirs) >= _CACHE_LIMIT:
-            self._dirs.clear()
-        self._dirs[path] = node
-        return node
+        return _from_nearest(path, self._dirs, self.root,
+                             lambda node, part: self._implied(node, part, mtime))
+
+    def _implied(self, node: Inode, part: str, mtime: int) -> Inode:
+        """The directory `part` of `node`, made implicitly where missing or not a directory."""
+        assert node.children is not None
+        child = node.children.get(part)
+        if child is None or not child.is_dir():
+            if child is not None:
+                self._dirs.clear()
+            child = new_dir(mtime=mtime)
+            self._implicit.add(id(child))
+            node.children[part] = child
+        return child
 
     def _finish_implicit(self) -> Iterator[MergedEntry]:
         """Yield the directories that no layer described (so tar sinks write them too)."""
