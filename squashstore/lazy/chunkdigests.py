@@ -21,7 +21,7 @@ from pathlib import Path
 
 from squashstore.image import SourceError
 from squashstore.lazy import ranges
-from squashstore.lazy.paths import chunks_path
+from squashstore.lazy.paths import chunks_path, read_kept
 
 MEDIA_TYPE = "application/vnd.squashstore.image.chunk-digests.v1"
 """The list's blob in an artifact (an optional layer; older pullers ignore it)."""
@@ -156,10 +156,7 @@ def load(squash: Path, digest: str, size: int, chunk: int = CHUNK) -> ChunkDiges
     """The list a store keeps for the lazy squash file `squash` (of blob `digest`), None
     when it has none (an artifact pushed without one: chunks unverified until complete)."""
     path = chunks_path(squash)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = read_kept(path)
+    if data is None:
         return None
-    except OSError as exc:
-        raise SourceError(f"{path}: {exc.strerror}") from None
     return for_squash(parse(data, str(path)), digest, size, str(path), chunk)

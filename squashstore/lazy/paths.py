@@ -49,6 +49,18 @@ COMPANIONS = ("map", "chunks")
 """Suffixes of the files that live only as long as a layer's marker."""
 
 
+def read_kept(path: Path) -> bytes | None:
+    """A list the store keeps beside a lazy layer (chunk digests, prefetch list): its bytes,
+    None when there is none; `SourceError` when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        from squashstore.image import SourceError  # image imports dataclasses: not at start
+        raise SourceError(f"{path}: {exc.strerror}") from None
+
+
 def is_lazy(squash: Path) -> bool:
     """Whether the squash file is a lazily pulled one not yet complete."""
     return marker_path(squash).is_file()

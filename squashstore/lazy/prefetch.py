@@ -21,7 +21,7 @@ from pathlib import Path
 
 from squashstore.image import SourceError
 from squashstore.lazy import ranges
-from squashstore.lazy.paths import PREFETCH_DIR
+from squashstore.lazy.paths import PREFETCH_DIR, read_kept
 from squashstore.lazy.ranges import Span
 from squashstore.squashfs.meta import ByteSource
 
@@ -115,13 +115,8 @@ def store_path(squash: Path) -> Path:
 def load(squash: Path) -> PrefetchList | None:
     """The list a store keeps for `squash`, None when it has none."""
     path = store_path(squash)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise SourceError(f"{path}: {exc.strerror}") from None
-    return parse(data, str(path))
+    data = read_kept(path)
+    return None if data is None else parse(data, str(path))
 
 
 def save(squash: Path, listed: PrefetchList) -> Path:
