@@ -414,3 +414,23 @@ def test_mount_program_fast_path_never_fsyncs(tmp_path: Path, podman: Podman,
         assert "fsync(" not in calls and "fdatasync(" not in calls
         record = Registry(env.runtime_dir).record(image.diff)
         assert record is not None and record.users[-1].merged == merged
+
+
+def test_mount_program_first_start_mounts_without_the_store_module(
+        tmp_path: Path, podman: Podman, make_podman: Any,
+        images: dict[str, SqLayer]) -> None:
+    """An unmounted layer: the mount program mounts it and records the image the store's
+    images.json names for it, without importing `squashstore.store` (~60 M instructions,
+    ~10 ms, on every first start)."""
+    backend, overlay = SETUPS["kernel"]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as env:
+        image = publish(env)
+        registry = Registry(env.runtime_dir)
+        registry.umount_all()
+        assert registry.record(image.diff) is None and mount_count(image.diff) == 0
+        modules = mount_layers(env, image, "/c1/merged")
+        assert "squashstore.mounts" in modules and "squashstore.store" not in modules
+        record = registry.record(image.diff)
+        assert record is not None and record.image == image.id
+        assert [u.merged for u in record.users] == ["/c1/merged"]
+        assert mount_count(image.diff) == 1
