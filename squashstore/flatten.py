@@ -75,7 +75,7 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
         recorder = TarSplitRecorder(split_file) if split_file is not None else None
         stream = TarStream(None, recorder)
         bar = Progress(image.reference, len(image.layers)) if progress else None
-        with SquashWriter(dest, options) as writer:
+        with SquashWriter(dest, options, worker=True) as writer:
             for entry in merge.entries():
                 if bar is not None:
                     bar.update(merge.layers_done, merge.files, merge.bytes)

@@ -11,6 +11,7 @@ reference for listings and the export table.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ from squashstore.squashfs.idtable import IdTable
 from squashstore.squashfs.metawriter import MetadataWriter, WriterError, clamp32
 from squashstore.squashfs.xattrwriter import XattrWriter
 from squashstore.tree import Inode, Kind, name_bytes
+
+_INODE_HEADER = fmt.InodeHeader.STRUCT
+_BASIC_FILE = struct.Struct("<" + _INODE_HEADER.format[1:] + fmt.FileInode.STRUCT.format[1:])
+"""A basic file inode's header and body in one pack (the commonest inode)."""
 
 
 def _is_dir(node: Inode) -> bool:
@@ -129,14 +134,17 @@ class InodeWriter:
         return b"".join(fmt.EXPORT_ENTRY.pack(self.refs[id(node)]) for node in self._order)
 
     def _header(self, node: Inode, inode_type: fmt.InodeType, number: int) -> bytes:
-        return fmt.InodeHeader(
+        # Packed straight from the fields: this runs once per inode (~20 % of finish).
+        index = self.ids.index
+        mtime = node.mtime
+        return _INODE_HEADER.pack(
             inode_type,
             node.mode & 0o7777,
-            self.ids.index(node.uid),
-            self.ids.index(node.gid),
-            clamp32(node.mtime),
+            index(node.uid),
+            index(node.gid),
+            mtime if 0 <= mtime <= 0xFFFF_FFFF else clamp32(mtime),
             number,
-        ).pack()
+        )
 
     def _write_other(self, node: Inode, number: int, nlink: int) -> int:
         xattr = self.xattrs.index(node)
@@ -184,8 +192,20 @@ class InodeWriter:
             and data.start <= fmt.BASIC_FILE_MAX
         )
         if basic:
-            header = self._header(node, fmt.InodeType.FILE, number)
-            body = fmt.FileInode(data.start, data.fragment, data.offset, data.size).pack()
+            index = self.ids.index
+            mtime = node.mtime
+            return _BASIC_FILE.pack(
+                fmt.InodeType.FILE,
+                node.mode & 0o7777,
+                index(node.uid),
+                index(node.gid),
+                mtime if 0 <= mtime <= 0xFFFF_FFFF else clamp32(mtime),
+                number,
+                data.start,
+                data.fragment,
+                data.offset,
+                data.size,
+            ) + blocks
         else:
             header = self._header(node, fmt.InodeType.LFILE, number)
             sparse = min(data.sparse, data.size - 1) if data.sparse else 0

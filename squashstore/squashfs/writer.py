@@ -27,6 +27,7 @@ from typing import BinaryIO
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import WRITABLE, CodecError, codec_for
+from squashstore.squashfs.dataworker import ProcessDataWriter
 from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
 from squashstore.squashfs.inodewriter import InodeWriter, TreeInfo, scan
 from squashstore.squashfs.metawriter import WriterError, clamp32, write_lookup_table
@@ -123,9 +124,13 @@ class _Layout:
 
 
 class SquashWriter:
-    """Writes one squashfs image; use as a context manager, call `finish` in it."""
+    """Writes one squashfs image; use as a context manager, call `finish` in it.
 
-    def __init__(self, dest: Path, options: SquashOptions) -> None:
+    With `worker` (and more than one job), file content is written by a worker process
+    (`dataworker.py`) while the caller keeps streaming: the same image, on two cores.
+    """
+
+    def __init__(self, dest: Path, options: SquashOptions, worker: bool = False) -> None:
         self._started = time.monotonic()
         self._dest = Path(dest)
         self._options = options
@@ -151,10 +156,23 @@ class SquashWriter:
             self._out.write(fmt.metadata_header(len(self._opts_block), False) + self._opts_block)
             start += 2 + len(self._opts_block)
         jobs = options.jobs or _default_jobs()
-        self._data = DataWriter(
-            self._out, start, self._codec, jobs, self._dest, self._block_size
-        )
         self._finished = False
+        self._data: DataWriter | ProcessDataWriter
+        if worker and jobs > 1:
+            try:
+                self._out.flush()
+                self._data = ProcessDataWriter(
+                    self._out.fileno(), start, options.compression, options.level, jobs,
+                    self._dest, self._block_size,
+                )
+            except BaseException:
+                self._out.close()
+                self._tmp.unlink(missing_ok=True)
+                raise
+        else:
+            self._data = DataWriter(
+                self._out, start, self._codec, jobs, self._dest, self._block_size
+            )
 
     # context manager
 
