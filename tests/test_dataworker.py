@@ -23,13 +23,17 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_migrate import Migration
+from test_store import store_snapshot, unmount_below
 
 from squashstore.image import LayerError
+from squashstore.mounts import Registry
 from squashstore.rootfs import tree_from_directory
 from squashstore.squashfs.dataworker import ProcessDataWriter
 from squashstore.squashfs.writer import SquashOptions, SquashWriter, WriterError
 from squashstore.tree import Inode, Kind, new_dir
 from support.fixture_trees import make_tree
+from support.podman import Podman
 
 _BS = 4096
 
@@ -185,3 +189,69 @@ def test_worker_dies_with_its_parent(tmp_path: Path) -> None:
     while pid in _pids() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pid not in _pids()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendants of `pid`."""
+    parents: dict[int, int] = {}
+    for child in _pids():
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue
+        parents[child] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _worker_of(pid: int) -> int | None:
+    for child in _descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"squashstore.squashfs.dataworker" in cmdline:
+            return child
+    return None
+
+
+def test_migrate_with_its_worker_killed_fails_cleanly(
+    tmp_path: Path, podman: Podman, make_podman: object, fixture_images: dict[str, str],
+) -> None:
+    """kill -9 of the worker mid-migrate: one ``squashstore:`` line, exit 1, store as before."""
+    mig = Migration(tmp_path, podman, make_podman)
+    try:
+        mig.migrate(fixture_images["base"])
+        before = store_snapshot(mig.store)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "squashstore.cli.main", "--store", str(mig.store.root),
+             "migrate", fixture_images["big"], "--no-mount"],
+            env=mig.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        worker = None
+        deadline = time.monotonic() + 120
+        while worker is None and proc.poll() is None and time.monotonic() < deadline:
+            worker = _worker_of(proc.pid)
+        assert worker is not None, "no worker seen"
+        os.kill(proc.pid, signal.SIGSTOP)  # the worker cannot finish while its parent waits
+        try:
+            assert worker in _pids()
+            os.kill(worker, signal.SIGKILL)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err
+        assert err.count("\n") == 1 and err.startswith("squashstore: "), err
+        assert "data writer process died (killed by signal 9)" in err
+        assert store_snapshot(mig.store) == before
+        assert os.listdir(mig.store.tmp_dir) == []
+    finally:
+        mig.consumer.close()
+        Registry(mig.runtime_dir).umount_all(lazy=True)
+        unmount_below(tmp_path)
