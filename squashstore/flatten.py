@@ -72,22 +72,37 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
     merge = LayerMerge(image.layers)
     split_file = tar_split.open("wb") if tar_split is not None else None
     try:
-        recorder = TarSplitRecorder(split_file) if split_file is not None else None
-        stream = TarStream(None, recorder)
         bar = Progress(image.reference, len(image.layers)) if progress else None
-        with SquashWriter(dest, options, worker=True) as writer:
-            for entry in merge.entries():
-                if bar is not None:
-                    bar.update(merge.layers_done, merge.files, merge.bytes)
-                stream.begin(entry)
-                if entry.content is not None:
-                    entry.inode.data = writer.add_file(
-                        TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
-                stream.end()
-            stream.close()
+        with SquashWriter(dest, options, worker=True, tar=True, tar_split=split_file) as writer:
+            if writer.writes_tar:
+                # Two cores: this process reads and merges, the writer's worker process
+                # makes the canonical tar and the squash file's data.
+                for entry in merge.entries():
+                    if bar is not None:
+                        bar.update(merge.layers_done, merge.files, merge.bytes)
+                    handle = writer.add_entry(entry.path, entry.inode, entry.link_to,
+                                              entry.content)
+                    if handle is not None:
+                        entry.inode.data = handle
+                digest = None
+            else:
+                recorder = TarSplitRecorder(split_file) if split_file is not None else None
+                stream = TarStream(None, recorder)
+                for entry in merge.entries():
+                    if bar is not None:
+                        bar.update(merge.layers_done, merge.files, merge.bytes)
+                    stream.begin(entry)
+                    if entry.content is not None:
+                        entry.inode.data = writer.add_file(
+                            TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
+                    stream.end()
+                stream.close()
+                digest = (stream.digest, stream.size)
             if bar is not None:
                 bar.done()
             summary = writer.finish(merge.root)
+            if digest is None:
+                digest = writer.tar_result()
     except BaseException:
         if split_file is not None:
             split_file.close()
@@ -96,6 +111,6 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
     if split_file is not None:
         split_file.close()
     return SquashResult(
-        path=dest, diff_digest=stream.digest, diff_size=stream.size, tar_split=tar_split,
+        path=dest, diff_digest=digest[0], diff_size=digest[1], tar_split=tar_split,
         files=merge.files, bytes_in=merge.bytes, bytes_out=summary.bytes_out,
         seconds=time.monotonic() - started)

@@ -9,6 +9,7 @@ parent that dies takes its worker with it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_migrate import Migration
 from test_store import store_snapshot, unmount_below
+from test_tar_conformance import _cases, _image
 
-from squashstore.image import LayerError
+from squashstore.errors import SquashstoreError
+from squashstore.flatten import squash_image
+from squashstore.image import Image, LayerError
 from squashstore.mounts import Registry
 from squashstore.rootfs import tree_from_directory
+from squashstore.sources import open_image
 from squashstore.squashfs.dataworker import ProcessDataWriter
 from squashstore.squashfs.writer import SquashOptions, SquashWriter, WriterError
 from squashstore.tree import Inode, Kind, new_dir
@@ -113,6 +119,48 @@ def test_fixture_tree_same_bytes_either_way(tmp_path: Path, options: SquashOptio
             writer.finish(tree_from_directory(src, writer.add_file, keep_holes=True))
         images.append(dest.read_bytes())
     assert images[0] == images[1]
+
+
+def _squash_both_ways(image: Callable[[], Image], tmp: Path) -> list[object]:
+    """squash_image with one job (all in this process) and with two (the worker makes the
+    data and the canonical tar): squash file, tar-split, digest, size, or the error."""
+    results: list[object] = []
+    for jobs in (1, 2):
+        dest, split = tmp / f"{jobs}.sqfs", tmp / f"{jobs}.tar-split.gz"
+        try:
+            got = squash_image(image(), dest, SquashOptions(compression="lz4", jobs=jobs),
+                               tar_split=split)
+        except (SquashstoreError, ValueError) as exc:
+            results.append((type(exc).__name__, str(exc).replace(str(dest), "DEST")))
+            assert not dest.exists() and not split.exists()
+            continue
+        results.append((got.diff_digest, got.diff_size, got.files, got.bytes_in,
+                        dest.read_bytes(), gzip.decompress(split.read_bytes())))
+    return results
+
+
+def test_every_tar_case_squashes_the_same_with_the_worker(tmp_path: Path) -> None:
+    """The tar conformance cases (PAX, GNU, long names, sparse files, xattrs, hard links,
+    devices, bad archives): with the worker, the same squash file, tar-split and digest."""
+    for name, data in _cases(tmp_path / "cases").items():
+        out = tmp_path / name.replace("/", "_").replace(" ", "_")
+        out.mkdir()
+        one, two = _squash_both_ways(lambda data=data: _image(data), out)  # type: ignore[misc]
+        assert one == two, name
+
+
+def test_every_fixture_image_squashes_the_same_with_the_worker(
+    tmp_path: Path, fixture_images: dict[str, str], podman: Podman,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, podman.env[key])
+    for name, ref in fixture_images.items():
+        out = tmp_path / name
+        out.mkdir()
+        one, two = _squash_both_ways(lambda ref=ref: open_image(ref), out)  # type: ignore[misc]
+        assert isinstance(one, tuple) and len(one) == 6, (name, one)
+        assert one == two, name
 
 
 def test_one_job_writes_in_process(tmp_path: Path) -> None:

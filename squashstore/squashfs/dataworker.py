@@ -17,23 +17,35 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import struct
 import subprocess
 import sys
 from array import array
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from squashstore.image import LayerError
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.datawriter import DataWriter, FileData, read_exact
 from squashstore.squashfs.metawriter import WriterError
+from squashstore.tree import Inode
 
-_HEADER = struct.Struct("<Q")
-_SPARSE = 1 << 63
-_END = (1 << 64) - 1
-_RESULT = struct.Struct("<QII")  # end position, fragment entries, files
+_ERRORS: dict[str, type[Exception]] = {"LayerError": LayerError, "ValueError": ValueError}
+"""Errors of the worker raised again as such in the parent (any other: `WriterError`)."""
+
+_RECORD = struct.Struct("<BBBIqqqQqqIIII")
+"""Every record's header: tag, kind, flags, mode, uid, gid, mtime, size, rdev major and
+minor, then the lengths of the path, symlink target and hard-link target, and the number
+of xattrs; those bytes (and each xattr's `_XATTR` lengths, name and value) follow, then the
+content (`size` bytes) when the record carries any."""
+_XATTR = struct.Struct("<II")
+_END, _FILE, _ENTRY = 0, 1, 2
+"""Record tags: the end of input, a file's content (`add_file`), a tree entry (`add_entry`)."""
+_SPARSE = _CONTENT = 1
+_LINK = 2
+_RESULT = struct.Struct("<QIIQ")  # end position, fragment entries, files, canonical tar size
 _SMALL = 256 << 10
 """Files up to this size are copied into the send buffer; larger ones are sent in chunks."""
 _FLUSH = 1 << 20
@@ -42,9 +54,11 @@ _F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
 
 _BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
     "from squashstore.squashfs.dataworker import main; sys.exit(main(sys.argv[2:]))"
 )
+"""The worker's start: ``-I`` ignores the environment and the working directory, so it
+imports from exactly the parent's module path (a venv, PYTHONPATH, a source checkout)."""
 
 
 class ProcessDataWriter:
@@ -59,21 +73,28 @@ class ProcessDataWriter:
         jobs: int,
         dest: Path,
         block_size: int,
+        tar: bool = False,
+        tar_split: int | None = None,
     ) -> None:
         self._dest = dest
         self._handles: list[FileData] = []
         self._buf = bytearray()
         self.fragment_entries: list[fmt.FragmentEntry | None] = []
-        root = str(Path(__file__).resolve().parents[2])
+        self.tar_digest = ""
+        """With `tar`: ``sha256:`` of the canonical tar of the entries (after `finish`)."""
+        self.tar_size = 0
+        path = json.dumps([os.path.abspath(entry) for entry in sys.path])
+        mode = "-" if not tar else "T" if tar_split is None else str(tar_split)
         args = [
-            sys.executable, "-I", "-c", _BOOT, root, str(fd), str(start), compression,
+            sys.executable, "-I", "-c", _BOOT, path, str(fd), str(start), compression,
             "" if level is None else str(level), str(block_size), str(jobs), str(dest),
-            str(os.getpid()),
+            str(os.getpid()), mode,
         ]
+        fds = (fd,) if tar_split is None else (fd, tar_split)
         try:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(fd,), cwd="/", close_fds=True,
+                pass_fds=fds, cwd="/", close_fds=True,
             )
         except OSError as exc:
             raise WriterError(f"cannot start the data writer process: {exc.strerror}") from None
@@ -91,9 +112,47 @@ class ProcessDataWriter:
         handle = FileData(size)
         if size == 0:
             return handle
+        self._buf += _RECORD.pack(_FILE, 0, _SPARSE if sparse else 0, 0, 0, 0, 0, size,
+                                  0, 0, 0, 0, 0, 0)
+        return self._content(handle, stream, size)
+
+    def add_entry(
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+    ) -> FileData | None:
+        """Send one tree entry for the canonical tar (the worker was started with `tar`),
+        and its content if it has any; returns the content's handle, or None."""
+        raw = path.encode("utf-8", "surrogateescape")
+        target = inode.target.encode("utf-8", "surrogateescape")
+        link = b"" if link_to is None else link_to.encode("utf-8", "surrogateescape")
+        size = inode.size
+        flags = (0 if content is None or size == 0 else _CONTENT) | (
+            0 if link_to is None else _LINK)
+        xattrs = inode.xattrs
+        major, minor = inode.rdev
+        buf = self._buf
+        buf += _RECORD.pack(_ENTRY, inode.kind, flags, inode.mode, inode.uid, inode.gid,
+                            inode.mtime, size, major, minor, len(raw), len(target), len(link),
+                            len(xattrs))
+        buf += raw
+        buf += target
+        buf += link
+        for name, value in xattrs.items():
+            key = name.encode("utf-8", "surrogateescape")
+            buf += _XATTR.pack(len(key), len(value))
+            buf += key
+            buf += value
+        if content is None:
+            if len(buf) >= _FLUSH:
+                self._flush()
+            return None
+        handle = FileData(size)
+        if size == 0:
+            return handle
+        return self._content(handle, content, size)
+
+    def _content(self, handle: FileData, stream: IO[bytes], size: int) -> FileData:
         self._handles.append(handle)
         buf = self._buf
-        buf += _HEADER.pack(size | _SPARSE if sparse else size)
         if size <= _SMALL:
             buf += read_exact(stream, size, size)
             if len(buf) >= _FLUSH:
@@ -111,7 +170,7 @@ class ProcessDataWriter:
 
     def finish(self) -> int:
         """Waits for the worker to write everything; returns the end position."""
-        self._buf += _HEADER.pack(_END)
+        self._buf += _RECORD.pack(_END, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         self._flush()
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
@@ -149,9 +208,10 @@ class ProcessDataWriter:
             result = self._proc.stdout.read()
             raise self._died(result, self._proc.wait()) from None
 
-    def _died(self, result: bytes, code: int) -> WriterError:
+    def _died(self, result: bytes, code: int) -> Exception:
         if result[:1] == b"E":
-            return WriterError(result[1:].decode("utf-8", "replace"))
+            kind, _, message = result[1:].decode("utf-8", "replace").partition("\0")
+            return _ERRORS.get(kind, WriterError)(message)
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         detail = ""
         if self._proc.stderr is not None:
@@ -160,10 +220,13 @@ class ProcessDataWriter:
         return WriterError(f"writing {self._dest}: the data writer process died ({how}){detail}")
 
     def _take(self, view: memoryview) -> int:
-        position, fragments, files = _RESULT.unpack_from(view)
+        position, fragments, files, self.tar_size = _RESULT.unpack_from(view)
         if files != len(self._handles):
             raise WriterError(f"writing {self._dest}: the data writer process lost files")
         at = _RESULT.size
+        digest_size = int(view[at])
+        self.tar_digest = bytes(view[at + 1:at + 1 + digest_size]).decode()
+        at += 1 + digest_size
         columns = []
         for code, count in (("Q", fragments), ("I", fragments), ("q", files), ("Q", files),
                             ("I", files), ("I", files), ("Q", files), ("I", files)):
@@ -214,7 +277,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _encode(handles: list[FileData], writer: DataWriter, position: int) -> bytes:
+def _encode(handles: list[FileData], writer: DataWriter, position: int, tar_size: int,
+            tar_digest: str) -> bytes:
     entries = [entry for entry in writer.fragment_entries if entry is not None]
     seen: dict[int, int] = {}
     same, start, fragment, offset = array("q"), array("Q"), array("I"), array("I")
@@ -232,7 +296,8 @@ def _encode(handles: list[FileData], writer: DataWriter, position: int) -> bytes
         else:
             nblocks.append(0)
     parts = [
-        _RESULT.pack(position, len(entries), len(handles)),
+        _RESULT.pack(position, len(entries), len(handles), tar_size),
+        bytes([len(tar_digest)]) + tar_digest.encode(),
         array("Q", [entry.start_block for entry in entries]).tobytes(),
         array("I", [entry.size for entry in entries]).tobytes(),
     ]
@@ -241,11 +306,64 @@ def _encode(handles: list[FileData], writer: DataWriter, position: int) -> bytes
     return b"".join(parts)
 
 
+class _Entries:
+    """The worker's side of `add_entry`: the canonical tar of the entries (`TarStream`)."""
+
+    def __init__(self, mode: str) -> None:
+        from squashstore.layers import MergedEntry
+        from squashstore.tar.split import TarSplitRecorder
+        from squashstore.tarstream import TarStream, TeeReader
+        from squashstore.tree import Kind
+
+        self._entry, self._tee, self._kinds = MergedEntry, TeeReader, {k.value: k for k in Kind}
+        self.split_file = None if mode == "T" else os.fdopen(int(mode), "wb")
+        recorder = None if self.split_file is None else TarSplitRecorder(self.split_file)
+        self.stream = TarStream(None, recorder)
+
+    def add(self, head: tuple[int, ...], source: BinaryIO, writer: DataWriter,
+            handles: list[FileData]) -> None:
+        _tag, kind, flags, mode, uid, gid, mtime, size, major, minor, plen, tlen, llen, count = (
+            head)
+        names = _read(source, plen + tlen + llen)
+        xattrs: dict[str, bytes] = {}
+        for _ in range(count):
+            klen, vlen = _XATTR.unpack(_read(source, _XATTR.size))
+            pair = _read(source, klen + vlen)
+            xattrs[pair[:klen].decode("utf-8", "surrogateescape")] = pair[klen:]
+        inode = Inode(self._kinds[kind], mode=mode, uid=uid, gid=gid, mtime=mtime, size=size,
+                      target=names[plen:plen + tlen].decode("utf-8", "surrogateescape"),
+                      rdev=(major, minor), xattrs=xattrs)
+        link = names[plen + tlen:].decode("utf-8", "surrogateescape") if flags & _LINK else None
+        stream = self.stream
+        stream.begin(self._entry(names[:plen].decode("utf-8", "surrogateescape"), inode, None,
+                                 link))
+        if flags & _CONTENT:
+            handles.append(writer.add_file(self._tee(source, stream), size))  # type: ignore[arg-type]
+        stream.end()
+
+    def close(self) -> tuple[int, str]:
+        self.stream.close()
+        if self.split_file is not None:
+            self.split_file.close()
+        return self.stream.size, self.stream.digest
+
+
+def _read(source: BinaryIO, size: int) -> bytes:
+    data = source.read(size)
+    if len(data) != size:
+        raise _ParentGone
+    return data
+
+
+class _ParentGone(Exception):
+    """The input ended mid-record: the parent went away."""
+
+
 def main(argv: list[str]) -> int:
-    """The worker: argv = fd start compression level block_size jobs dest parent_pid."""
-    fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s = argv
+    """The worker: argv = fd start compression level block_size jobs dest parent_pid tar,
+    where tar is ``-`` (no canonical tar), ``T`` (its digest only) or the tar-split's fd."""
+    fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode = argv
     _die_with_parent(int(parent_s))
-    from squashstore.errors import SquashstoreError
     from squashstore.squashfs.compress import CodecError, codec_for
 
     reply = sys.stdout.buffer
@@ -260,30 +378,38 @@ def main(argv: list[str]) -> int:
         start = int(start_s)
         out.seek(start)
         writer = DataWriter(out, start, codec, int(jobs_s), Path(dest), block_size)
+        entries = None if tar_mode == "-" else _Entries(tar_mode)
         source = os.fdopen(0, "rb", buffering=_FLUSH)
         handles: list[FileData] = []
         add = writer.add_file
         read = source.read
-        unpack = _HEADER.unpack
+        unpack = _RECORD.unpack
+        size = _RECORD.size
         while True:
-            head = read(8)
-            if len(head) != 8:
+            raw = read(size)
+            if len(raw) != size:
                 return 1  # the parent went away
-            (word,) = unpack(head)
-            if word == _END:
+            head = unpack(raw)
+            tag = head[0]
+            if tag == _FILE:
+                handles.append(add(source, head[7], bool(head[2] & _SPARSE)))
+            elif tag == _ENTRY and entries is not None:
+                entries.add(head, source, writer, handles)
+            elif tag == _END:
                 break
-            handles.append(add(source, word & ~_SPARSE, word >= _SPARSE))
+            else:
+                raise WriterError(f"writing {dest}: unexpected record {tag} from the parent")
         position = writer.finish()
         out.flush()
-        reply.write(b"K" + _encode(handles, writer, position))
+        tar_size, tar_digest = (0, "") if entries is None else entries.close()
+        reply.write(b"K" + _encode(handles, writer, position, tar_size, tar_digest))
         reply.flush()
         return 0
-    except SquashstoreError as exc:
-        reply.write(b"E" + str(exc).encode("utf-8", "replace"))
-        reply.flush()
+    except _ParentGone:
         return 1
-    except OSError as exc:
-        reply.write(b"E" + f"writing {dest}: {exc.strerror}".encode("utf-8", "replace"))
+    except Exception as exc:  # every failure goes to the parent as one line
+        message = f"writing {dest}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+        reply.write(b"E" + f"{type(exc).__name__}\0{message}".encode("utf-8", "replace"))
         reply.flush()
         return 1
     finally:

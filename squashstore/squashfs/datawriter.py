@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from squashstore.image import LayerError
 from squashstore.squashfs import format as fmt
@@ -259,7 +259,7 @@ def _block_setter(blocks: array[int], index: int) -> _Written:
     return written
 
 
-def read_exact(stream: BinaryIO, length: int, total: int) -> bytes:
+def read_exact(stream: IO[bytes], length: int, total: int) -> bytes:
     data = stream.read(length)
     if len(data) == length:
         return data

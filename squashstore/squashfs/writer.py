@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
@@ -127,10 +127,20 @@ class SquashWriter:
     """Writes one squashfs image; use as a context manager, call `finish` in it.
 
     With `worker` (and more than one job), file content is written by a worker process
-    (`dataworker.py`) while the caller keeps streaming: the same image, on two cores.
+    (`dataworker.py`) while the caller keeps streaming: the same image, on two cores. With
+    `tar` too, the caller gives whole tree entries to `add_entry` and the worker also makes
+    their canonical tar (`tarstream.TarStream`): its digest and size (`tar_result`) and its
+    tar-split (into `tar_split`). `writes_tar` says whether the worker runs.
     """
 
-    def __init__(self, dest: Path, options: SquashOptions, worker: bool = False) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        options: SquashOptions,
+        worker: bool = False,
+        tar: bool = False,
+        tar_split: BinaryIO | None = None,
+    ) -> None:
         self._started = time.monotonic()
         self._dest = Path(dest)
         self._options = options
@@ -157,13 +167,15 @@ class SquashWriter:
             start += 2 + len(self._opts_block)
         jobs = options.jobs or _default_jobs()
         self._finished = False
+        self._tar = tar
         self._data: DataWriter | ProcessDataWriter
         if worker and jobs > 1:
             try:
                 self._out.flush()
                 self._data = ProcessDataWriter(
                     self._out.fileno(), start, options.compression, options.level, jobs,
-                    self._dest, self._block_size,
+                    self._dest, self._block_size, tar,
+                    None if tar_split is None else tar_split.fileno(),
                 )
             except BaseException:
                 self._out.close()
@@ -212,6 +224,25 @@ class SquashWriter:
         if size < 0:
             raise WriterError(f"negative file size {size}")
         return self._data.add_file(stream, size, sparse)
+
+    @property
+    def writes_tar(self) -> bool:
+        """True when `add_entry` is there: a worker makes the canonical tar."""
+        return isinstance(self._data, ProcessDataWriter) and self._tar
+
+    def add_entry(
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+    ) -> object | None:
+        """One entry of the tree in tar order (see `writes_tar`); its content's handle."""
+        if self._finished:
+            raise WriterError("add_entry after finish or abort")
+        assert isinstance(self._data, ProcessDataWriter) and self._tar
+        return self._data.add_entry(path, inode, link_to, content)
+
+    def tar_result(self) -> tuple[str, int]:
+        """(``sha256:`` digest, size) of the canonical tar, once `finish` returned."""
+        assert isinstance(self._data, ProcessDataWriter) and self._tar
+        return self._data.tar_digest, self._data.tar_size
 
     # the image
 
