@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import os
 import struct
@@ -32,8 +33,19 @@ from squashstore.squashfs.datawriter import DataWriter, FileData, read_exact
 from squashstore.squashfs.metawriter import WriterError
 from squashstore.tree import Inode
 
-_ERRORS: dict[str, type[Exception]] = {"LayerError": LayerError, "ValueError": ValueError}
-"""Errors of the worker raised again as such in the parent (any other: `WriterError`)."""
+
+def _error(kind: str, message: str) -> Exception:
+    """The worker's error ``module:class`` raised again as such in the parent, when it is
+    squashstore's own or a ValueError (what the in-process path raises); else `WriterError`."""
+    module, _, name = kind.partition(":")
+    if module.startswith("squashstore.") or (module, name) == ("builtins", "ValueError"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, Exception):
+                return cls(message)
+        except Exception:
+            pass
+    return WriterError(message)
 
 _RECORD = struct.Struct("<BBBIqqqQqqIIII")
 """Every record's header: tag, kind, flags, mode, uid, gid, mtime, size, rdev major and
@@ -45,6 +57,9 @@ _END, _FILE, _ENTRY = 0, 1, 2
 """Record tags: the end of input, a file's content (`add_file`), a tree entry (`add_entry`)."""
 _SPARSE = _CONTENT = 1
 _LINK = 2
+_BIG = 4
+"""A number does not fit its field: all seven (mode to minor) follow as decimal text, the
+text's length in the mode field."""
 _RESULT = struct.Struct("<QIIQ")  # end position, fragment entries, files, canonical tar size
 _SMALL = 256 << 10
 """Files up to this size are copied into the send buffer; larger ones are sent in chunks."""
@@ -75,6 +90,7 @@ class ProcessDataWriter:
         block_size: int,
         tar: bool = False,
         tar_split: int | None = None,
+        tar_split_name: str = "",
     ) -> None:
         self._dest = dest
         self._handles: list[FileData] = []
@@ -88,7 +104,7 @@ class ProcessDataWriter:
         args = [
             sys.executable, "-I", "-c", _BOOT, path, str(fd), str(start), compression,
             "" if level is None else str(level), str(block_size), str(jobs), str(dest),
-            str(os.getpid()), mode,
+            str(os.getpid()), mode, tar_split_name,
         ]
         fds = (fd,) if tar_split is None else (fd, tar_split)
         try:
@@ -130,9 +146,15 @@ class ProcessDataWriter:
         xattrs = inode.xattrs
         major, minor = inode.rdev
         buf = self._buf
-        buf += _RECORD.pack(_ENTRY, inode.kind, flags, inode.mode, inode.uid, inode.gid,
-                            inode.mtime, size, major, minor, len(raw), len(target), len(link),
-                            len(xattrs))
+        numbers = (inode.mode, inode.uid, inode.gid, inode.mtime, size, major, minor)
+        try:
+            buf += _RECORD.pack(_ENTRY, inode.kind, flags, *numbers, len(raw), len(target),
+                                len(link), len(xattrs))
+        except struct.error:  # a tar header can hold any number: never lose one
+            text = " ".join(map(str, numbers)).encode()
+            buf += _RECORD.pack(_ENTRY, inode.kind, flags | _BIG, len(text), 0, 0, 0, 0,
+                                0, 0, len(raw), len(target), len(link), len(xattrs))
+            buf += text
         buf += raw
         buf += target
         buf += link
@@ -211,7 +233,7 @@ class ProcessDataWriter:
     def _died(self, result: bytes, code: int) -> Exception:
         if result[:1] == b"E":
             kind, _, message = result[1:].decode("utf-8", "replace").partition("\0")
-            return _ERRORS.get(kind, WriterError)(message)
+            return _error(kind, message)
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         detail = ""
         if self._proc.stderr is not None:
@@ -309,7 +331,7 @@ def _encode(handles: list[FileData], writer: DataWriter, position: int, tar_size
 class _Entries:
     """The worker's side of `add_entry`: the canonical tar of the entries (`TarStream`)."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, split_name: str) -> None:
         from squashstore.layers import MergedEntry
         from squashstore.tar.split import TarSplitRecorder
         from squashstore.tarstream import TarStream, TeeReader
@@ -317,6 +339,9 @@ class _Entries:
 
         self._entry, self._tee, self._kinds = MergedEntry, TeeReader, {k.value: k for k in Kind}
         self.split_file = None if mode == "T" else os.fdopen(int(mode), "wb")
+        if self.split_file is not None:
+            # gzip records the file's name in its header, as it would in the parent.
+            self.split_file.raw.name = split_name  # type: ignore[attr-defined]
         recorder = None if self.split_file is None else TarSplitRecorder(self.split_file)
         self.stream = TarStream(None, recorder)
 
@@ -324,6 +349,8 @@ class _Entries:
             handles: list[FileData]) -> None:
         _tag, kind, flags, mode, uid, gid, mtime, size, major, minor, plen, tlen, llen, count = (
             head)
+        if flags & _BIG:
+            mode, uid, gid, mtime, size, major, minor = map(int, _read(source, mode).split())
         names = _read(source, plen + tlen + llen)
         xattrs: dict[str, bytes] = {}
         for _ in range(count):
@@ -360,9 +387,10 @@ class _ParentGone(Exception):
 
 
 def main(argv: list[str]) -> int:
-    """The worker: argv = fd start compression level block_size jobs dest parent_pid tar,
-    where tar is ``-`` (no canonical tar), ``T`` (its digest only) or the tar-split's fd."""
-    fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode = argv
+    """The worker: argv = fd start compression level block_size jobs dest parent_pid tar
+    name, where tar is ``-`` (no canonical tar), ``T`` (its digest only) or the tar-split's
+    fd, and name that file's name."""
+    fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode, name = argv
     _die_with_parent(int(parent_s))
     from squashstore.squashfs.compress import CodecError, codec_for
 
@@ -378,7 +406,7 @@ def main(argv: list[str]) -> int:
         start = int(start_s)
         out.seek(start)
         writer = DataWriter(out, start, codec, int(jobs_s), Path(dest), block_size)
-        entries = None if tar_mode == "-" else _Entries(tar_mode)
+        entries = None if tar_mode == "-" else _Entries(tar_mode, name)
         source = os.fdopen(0, "rb", buffering=_FLUSH)
         handles: list[FileData] = []
         add = writer.add_file
@@ -409,7 +437,8 @@ def main(argv: list[str]) -> int:
         return 1
     except Exception as exc:  # every failure goes to the parent as one line
         message = f"writing {dest}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
-        reply.write(b"E" + f"{type(exc).__name__}\0{message}".encode("utf-8", "replace"))
+        kind = f"{type(exc).__module__}:{type(exc).__qualname__}"
+        reply.write(b"E" + f"{kind}\0{message}".encode("utf-8", "replace"))
         reply.flush()
         return 1
     finally:

@@ -108,6 +108,11 @@ def _default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _name_of(file: BinaryIO | None) -> str:
+    name = getattr(file, "name", "")
+    return name if isinstance(name, str) else ""
+
+
 # --- the writer ------------------------------------------------------------------------
 
 
@@ -176,6 +181,7 @@ class SquashWriter:
                     self._out.fileno(), start, options.compression, options.level, jobs,
                     self._dest, self._block_size, tar,
                     None if tar_split is None else tar_split.fileno(),
+                    _name_of(tar_split),
                 )
             except BaseException:
                 self._out.close()
