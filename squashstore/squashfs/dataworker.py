@@ -1,16 +1,21 @@
-"""File content written by a second process: the writer's data path on the other core.
+"""The writer's data path, and the canonical tar, in a second process: the other core.
 
 This module owns the split of one image's writing across two processes. The parent's
 `ProcessDataWriter` stands in for `DataWriter`: `add_file` only copies each file's bytes,
-behind an 8-byte header (size, sparse bit), into a pipe in large writes (which release the
-GIL); a fresh interpreter (``python -I -c`` bootstrap, never a fork of the threaded parent)
-runs the very same `DataWriter` over those bytes (block splitting, zero blocks, the dedup
-hash, fragments, compression on its own threads) and writes the blocks into the parent's
-temporary image file through an inherited descriptor. At `finish` the worker drains, and
-sends back the end position, the fragment table and every file's record in column arrays;
-the parent fills its handles, so the inode table (written by the parent) is byte-identical
-to a single-process write. The worker dies with its parent (pipe EOF, ``PR_SET_PDEATHSIG``);
-if the worker dies, the parent's next write or `finish` raises one `WriterError`.
+behind a fixed record, into a pipe in large writes (which release the GIL); a fresh
+interpreter (``python -I -c`` bootstrap, never a fork of the threaded parent) runs the very
+same `DataWriter` over those bytes (block splitting, zero blocks, the dedup hash, fragments,
+compression on its own threads) and writes the blocks into the parent's temporary image
+file through an inherited descriptor. Started with `tar`, it also takes whole merged
+entries (`add_entry`: the path, the inode's fields and xattrs, the hard-link target, then
+the content) and runs `tarstream.TarStream` over them, so the canonical tar's headers,
+sha256, CRC-64s and tar-split are made there too (`flatten.stream_entries`). At `finish`
+the worker drains and sends back the end position, the fragment table, every file's record
+in column arrays and the tar's digest and size; the parent fills its handles and writes
+the inode and directory tables, so the image is byte-identical to a one-process write.
+The worker dies with its parent (pipe EOF, ``PR_SET_PDEATHSIG``); if the worker dies, the
+parent's next write or `finish` raises one `WriterError`; the worker's own errors come
+back as their class and message.
 """
 
 from __future__ import annotations
