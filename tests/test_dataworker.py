@@ -164,6 +164,27 @@ def test_every_fixture_image_squashes_the_same_with_the_worker(
         assert one == two, name
 
 
+def test_no_worker_process_writes_in_process(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot start (here: no interpreter) leaves the write in one process."""
+    files = [(_content("random", 300_000, 1), False), (_content("text", 999, 2), False)]
+    options = SquashOptions(compression="gzip", level=1, jobs=2)
+    want = _write(tmp_path / "a.sqfs", files, options, worker=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with SquashWriter(tmp_path / "b.sqfs", options, worker=True, tar=True) as writer:
+        assert not writer.writes_tar and not isinstance(writer._data, ProcessDataWriter)
+        writer.abort()
+    root = new_dir(mtime=1)
+    assert root.children is not None
+    with SquashWriter(tmp_path / "b.sqfs", options, worker=True) as writer:
+        for index, (data, sparse) in enumerate(files):
+            handle = writer.add_file(io.BytesIO(data), len(data), sparse)
+            root.children[f"f{index}"] = Inode(Kind.FILE, mode=0o644, size=len(data),
+                                                data=handle)
+        writer.finish(root)
+    assert (tmp_path / "b.sqfs").read_bytes() == want
+
+
 def test_one_job_writes_in_process(tmp_path: Path) -> None:
     with SquashWriter(tmp_path / "x", SquashOptions(jobs=1), worker=True) as writer:
         assert not isinstance(writer._data, ProcessDataWriter)

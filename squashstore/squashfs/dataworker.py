@@ -25,6 +25,7 @@ import fcntl
 import importlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -81,6 +82,10 @@ _BOOT = (
 imports from exactly the parent's module path (a venv, PYTHONPATH, a source checkout)."""
 
 
+class WorkerUnavailable(WriterError):
+    """No worker process could be started (the caller writes in its own process)."""
+
+
 class ProcessDataWriter:
     """`DataWriter`'s interface, with the work done by a worker process."""
 
@@ -118,7 +123,8 @@ class ProcessDataWriter:
                 pass_fds=fds, cwd="/", close_fds=True,
             )
         except OSError as exc:
-            raise WriterError(f"cannot start the data writer process: {exc.strerror}") from None
+            raise WorkerUnavailable(
+                f"cannot start the data writer process: {exc.strerror}") from None
         assert self._proc.stdin is not None
         self._wfd = self._proc.stdin.fileno()
         with contextlib.suppress(OSError):  # a lower pipe-max-size: smaller writes
@@ -397,6 +403,8 @@ def main(argv: list[str]) -> int:
     fd, and name that file's name."""
     fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode, name = argv
     _die_with_parent(int(parent_s))
+    # ^C reaches the whole process group: the parent decides, and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from squashstore.squashfs.compress import CodecError, codec_for
 
     reply = sys.stdout.buffer

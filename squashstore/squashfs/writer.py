@@ -27,7 +27,7 @@ from typing import IO, BinaryIO
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import WRITABLE, CodecError, codec_for
-from squashstore.squashfs.dataworker import ProcessDataWriter
+from squashstore.squashfs.dataworker import ProcessDataWriter, WorkerUnavailable
 from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
 from squashstore.squashfs.inodewriter import InodeWriter, TreeInfo, scan
 from squashstore.squashfs.metawriter import WriterError, clamp32, write_lookup_table
@@ -182,6 +182,10 @@ class SquashWriter:
                     self._dest, self._block_size, tar,
                     None if tar_split is None else tar_split.fileno(),
                     _name_of(tar_split),
+                )
+            except WorkerUnavailable:  # e.g. a process limit: the same image, one process
+                self._data = DataWriter(
+                    self._out, start, self._codec, jobs, self._dest, self._block_size
                 )
             except BaseException:
                 self._out.close()
