@@ -1,7 +1,7 @@
-"""Cleanup commands: ``cleanup [--dry-run] [--grace SECONDS] [--format json]``,
-``hook poststop`` (the OCI hook entry) and ``slurm prolog|epilog [--job ID]`` (what
-``contrib/slurm/{prolog,epilog}`` run), over `squashstore.cleanup`, `squashstore.hook` and
-`squashstore.slurm`.
+"""Cleanup commands: ``cleanup [--dry-run] [--grace SECONDS] [--format json]`` and ``slurm
+prolog|epilog [--job ID]`` (what ``contrib/slurm/{prolog,epilog}`` run), over
+`squashstore.cleanup` and `squashstore.slurm` (``hook poststop``, the OCI hook entry, is
+`squashstore.cli.hook`'s, which also prints the outcomes: `report`).
 
 ``cleanup`` prints one line per mount it acted on (``--dry-run``: would act on) and exits 1 with
 one ``squashstore: `` line per failure on stderr when any action failed. ``--format json``
@@ -16,43 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from squashstore import cleanup, config, hook, slurm
-from squashstore.cli.output import add_format_option, print_json, seconds
+from squashstore import cleanup, config, slurm
+from squashstore.cli.hook import report as report
+from squashstore.cli.output import add_format_option, seconds
 from squashstore.mounts import Registry
 from squashstore.store import Store
-
-VERBS = {cleanup.UNMOUNT: ("unmounted", "would unmount"),
-         cleanup.UNMOUNT_DEAD: ("unmounted dead", "would unmount dead"),
-         cleanup.FORGET: ("forgot", "would forget"),
-         cleanup.KEEP: ("kept", "would keep")}
-
-
-def _line(outcome: cleanup.Outcome, dry_run: bool) -> str:
-    d = outcome.decision
-    done, planned = VERBS[d.action]
-    verb = planned if dry_run else done
-    if outcome.lazy:
-        verb += " (lazily)"
-    image = f" image {d.mount.image[:12]}" if d.mount.image else ""
-    notes = "".join(f"; {n}" for n in outcome.notes)
-    return f"{verb} {d.mount.mountpoint}{image}: {d.reason}{notes}"
-
-
-def report(outcomes: list[cleanup.Outcome], fmt: str, dry_run: bool) -> int:
-    """Print what was done; failures as one line each on stderr; the exit code."""
-    if fmt == "json":
-        print_json([o.to_json() for o in outcomes])
-    else:
-        for outcome in outcomes:
-            if not outcome.error and (outcome.decision.action != cleanup.KEEP
-                                      or "adopted" in outcome.notes):
-                sys.stdout.write(_line(outcome, dry_run) + "\n")
-    failed = [o for o in outcomes if o.error]
-    for outcome in failed:
-        m = outcome.decision.mount
-        sys.stderr.write(f"squashstore: {outcome.decision.action} {m.mountpoint}: "
-                         f"{outcome.error}\n")
-    return 1 if failed else 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -91,11 +59,6 @@ def _lazy_caches(settings: config.Config, store: Path, grace: float,
     return stale
 
 
-def cmd_hook(args: argparse.Namespace) -> int:
-    outcomes = hook.run_poststop(sys.stdin.read())
-    return report(outcomes, "table", False)
-
-
 def cmd_slurm(args: argparse.Namespace) -> int:
     ctx = slurm.JobContext.from_env(os.environ, args.job)
     if args.stage == "prolog":
@@ -127,6 +90,3 @@ def register(subparsers: Any) -> None:
     add_format_option(p)
     p.set_defaults(func=cmd_slurm)
 
-    p = subparsers.add_parser("hook", help="OCI hook entry points (podman runs them)")
-    p.add_argument("stage", choices=("poststop",), help="the hook stage")
-    p.set_defaults(func=cmd_hook)

@@ -13,13 +13,11 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from squashstore import __version__, host, userns
-from squashstore.errors import printable
-from squashstore.image import SquashstoreError
+from squashstore import __version__, host
+from squashstore.errors import SquashstoreError, printable
 
 # Command modules, in the order their commands appear in --help. A module that does not
 # exist yet is skipped, so the command line grows as the project does.
@@ -30,7 +28,8 @@ COMMANDS = {
                               "gc", "verify", "config"),
     "squashstore.cli.mounts": ("mount", "umount", "mounts", "record"),
     "squashstore.cli.serve": ("serve",),
-    "squashstore.cli.cleanup": ("cleanup", "slurm", "hook"),
+    "squashstore.cli.cleanup": ("cleanup", "slurm"),
+    "squashstore.cli.hook": ("hook",),
     "squashstore.cli.registry": ("login", "logout", "push", "pull"),
 }
 """Each command module and the commands it registers. A command line imports only its
@@ -125,11 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store is None:
         args.store = default_store()
     try:
-        if _in_podman_userns(args) and userns.should_reexec():
-            # The store is resolved here, where $HOME and friends mean what the user meant.
-            userns.reexec_in_podman_userns(
-                ["--store", str(args.store.absolute()),
-                 *(sys.argv[1:] if argv is None else argv)])
+        if _in_podman_userns(args):
+            from squashstore import userns  # not on the OCI hook's path (every stop)
+
+            if userns.should_reexec():
+                # The store is resolved here, where $HOME and friends mean what the user
+                # meant.
+                userns.reexec_in_podman_userns(
+                    ["--store", str(args.store.absolute()),
+                     *(sys.argv[1:] if argv is None else argv)])
         code = args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("squashstore: interrupted\n")
@@ -162,6 +165,8 @@ def _in_podman_userns(args: argparse.Namespace) -> bool:
 
 def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
     if args.debug:
+        import traceback
+
         traceback.print_exc()
     sys.stderr.write(f"squashstore: {one_line(exc)}\n")
     return code

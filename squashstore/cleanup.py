@@ -19,25 +19,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from squashstore import config, host, podmanstore, tracker, trust
+from squashstore import config, host, podmanstore, storelayout, tracker, trust
 from squashstore.config import Config, PodmanStore
-from squashstore.image import SquashstoreError
-from squashstore.mounts import (
-    FSTYPE_BACKENDS,
-    MountError,
-    MountRecord,
-    Registry,
-    mounter_for_fstype,
-)
-from squashstore.store import Store
+from squashstore.errors import SquashstoreError
+from squashstore.mountrecords import FSTYPE_BACKENDS, MountRecord
+from squashstore.mountrecords import RecordRegistry as Registry
 from squashstore.tracker import User
+
+# The OCI hook imports this module at every container stop: `squashstore.store` and the
+# mounters (`squashstore.mounts`) are imported only where a mount is adopted or unmounted
+# (NOTES.md, "Poststop hook cost (branch hook)").
 
 SERVER_EXIT_WAIT = 2.0
 """Seconds a FUSE server gets to exit by itself after its mount is gone."""
@@ -137,6 +134,8 @@ def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
 
 
 def _image_of(store_root: Path, layer: str) -> str:
+    from squashstore.store import Store
+
     with contextlib.suppress(SquashstoreError, OSError, ValueError):
         return Store(store_root).image_of_layer(layer)
     return ""
@@ -150,7 +149,7 @@ def _adoptable(mounts: Mapping[str, host.MountEntry], known: set[str],
         found = store_layer_of(point)
         if point in known or found is None or str(found[0]) not in roots:
             continue
-        if Store.is_store(found[0]):
+        if storelayout.is_store(found[0]):
             out.append((entry, found[0], found[1]))
     return out
 
@@ -196,11 +195,17 @@ def observe(registry: Registry, store_roots: Iterable[Path], settings: Config,
         age = host.process_age(pid) if pid is not None else None
         live = _liveness(entry)
         states.append(MountState(entry.mountpoint, layer, _image_of(root, layer),
-                                 mounter_for_fstype(entry.fstype).name, entry.fstype,
+                                 _mounter_name(entry.fstype), entry.fstype,
                                  live["alive"], None if age is None else now - age, pid,
                                  False, _users_of(entry.mountpoint, layer, users),
                                  devices.get(entry.mountpoint, ""), live["hung"]))
     return states
+
+
+def _mounter_name(fstype: str) -> str:
+    from squashstore.mounts import mounter_for_fstype  # only when a mount is adopted
+
+    return mounter_for_fstype(fstype).name
 
 
 def _users_of(mountpoint: str, layer: str, users: Iterable[User]) -> tuple[User, ...]:
@@ -229,7 +234,7 @@ def _forget(registry: Registry, mountpoint: str) -> None:
 
 def _adopt(registry: Registry, m: MountState, now: float) -> None:
     found = store_layer_of(m.mountpoint)
-    squash = str(Store(found[0]).squash_file(found[1])) if found else ""
+    squash = str(storelayout.squash_file(found[0], found[1])) if found else ""
     registry.write(MountRecord(m.image, m.layer, squash, m.mountpoint, m.backend, m.pid,
                                 m.since if m.since is not None else now))
 
@@ -237,13 +242,15 @@ def _adopt(registry: Registry, m: MountState, now: float) -> None:
 def _check_store_of(mountpoint: str) -> None:
     """As root, a mount in a store other users can change is left alone (`trust`)."""
     found = store_layer_of(mountpoint)
-    if found is not None and Store.is_store(found[0]):
-        Store(found[0]).check()
+    if found is not None and storelayout.is_store(found[0]):
+        storelayout.check(found[0])
 
 
 def _unmount(m: MountState, lazy: bool) -> bool:
     """Unmount; returns whether it had to be lazy. Raises MountError (UnsafeStore when the
     mount is not a squash mount reached without symlinks, or its store is unsafe)."""
+    from squashstore.mounts import MountError, mounter_for_fstype
+
     point = Path(m.mountpoint)
     trust.check_unmount(point, m.fstype, FSTYPE_BACKENDS)
     _check_store_of(m.mountpoint)
@@ -275,6 +282,8 @@ def _end_server(m: MountState, wait: float) -> str:
     if pid is None or not _serves(pid, m.mountpoint):
         return ""
     if not m.alive:
+        import signal  # its enums cost every hook call ~4 ms to import; needed only here
+
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
         return f"hung server {pid} killed"

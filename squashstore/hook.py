@@ -19,7 +19,7 @@ import pwd
 from pathlib import Path
 
 from squashstore import cleanup, host
-from squashstore.mounts import Registry
+from squashstore.mountrecords import RecordRegistry as Registry
 
 
 def hook_registry() -> Registry:

@@ -22,10 +22,8 @@ and the walk down a layer's parent chain.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -137,7 +135,13 @@ def big_data_name(key: str) -> str:
     alphabet, padded) of the key."""
     if all(c == "." or "0" <= c <= "9" or "a" <= c <= "z" for c in key):
         return key
-    return "=" + base64.standard_b64encode(key.encode()).decode()
+    return "=" + _b64(key)
+
+
+def _b64(key: str) -> str:
+    import base64  # imported when needed: the OCI hook reads podman's files at every stop
+
+    return base64.standard_b64encode(key.encode()).decode()
 
 
 _LEGACY_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
@@ -148,7 +152,7 @@ def legacy_big_data_name(key: str) -> str:
     where podman looks for ``=`` + base64): read, never written."""
     if _LEGACY_PLAIN.fullmatch(key) and not key.startswith("="):
         return key
-    return "=" + base64.standard_b64encode(key.encode()).decode()
+    return "=" + _b64(key)
 
 
 def big_data_paths(image_dir: Path, key: str) -> list[Path]:
@@ -319,6 +323,8 @@ def new_image_record(image_id: str, manifest_digest: str, names: Iterable[str], 
                      created: str, big_data: Mapping[str, bytes]) -> ImageRecord:
     """The record of an image with one top layer and these big-data items, with the
     fields containers/storage writes for one, in its order."""
+    import hashlib  # loads OpenSSL: not on the OCI hook's path, which only reads
+
     return ImageRecord.parse({
         "id": image_id,
         "digest": manifest_digest,

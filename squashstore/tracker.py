@@ -25,12 +25,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from squashstore import host, podmanstore
 from squashstore.config import Config, PodmanStore
-from squashstore.mounts import MountRecord, RecordedUse, Registry
-from squashstore.store import StoreImage
+from squashstore.mountrecords import MountRecord, RecordedUse
+from squashstore.mountrecords import RecordRegistry as Registry
+
+if TYPE_CHECKING:  # the OCI hook imports this module: not the store, nor the mounters
+    from squashstore.store import StoreImage
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from squashstore import host
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
 
 OPT_OUT = "SQUASHSTORE_UNSHARE"
 

@@ -52,7 +52,7 @@ def test_the_command_table_matches_the_modules() -> None:
         importlib.import_module(module).register(sub)
         assert tuple(sub.choices) == commands, module
     assert main.modules_for(["--store", "/s", "--debug", "hook", "poststop"]) == (
-        "squashstore.cli.cleanup",)
+        "squashstore.cli.hook",)
     assert main.modules_for(["--store=/s", "pull", "x"]) == ("squashstore.cli.registry",)
     assert main.modules_for(["--help"]) == main.modules_for(["nosuch"]) == main.COMMAND_MODULES
     for argv in (["cleanup"], ["hook", "poststop"], ["slurm", "epilog"], ["mounts"]):
