@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from squashstore import cleanup, hook
+
+TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
+if TYPE_CHECKING:
+    from typing import Any
 
 VERBS = {cleanup.UNMOUNT: ("unmounted", "would unmount"),
          cleanup.UNMOUNT_DEAD: ("unmounted dead", "would unmount dead"),

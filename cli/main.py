@@ -117,10 +117,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def hook_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """The OCI hook's command line (`config --hooks`) as the parser would parse it, without
+    building the parser: podman runs it at every container stop, and the parser costs
+    ~14 M instructions (argparse's help formatter imports shutil). None for any other."""
+    if list(argv) != ["hook", "poststop"]:
+        return None
+    from squashstore.cli import hook
+
+    return argparse.Namespace(store=None, debug=False, command="hook", stage="poststop",
+                              func=hook.cmd_hook)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    parser = build_parser(words)
-    args = parser.parse_args(words)
+    args = hook_args(words) or build_parser(words).parse_args(words)
     if args.store is None:
         args.store = default_store()
     try:

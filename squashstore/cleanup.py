@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from squashstore import config, host, podmanstore, storelayout, tracker, trust
 from squashstore.config import Config, PodmanStore
@@ -31,6 +30,10 @@ from squashstore.errors import SquashstoreError
 from squashstore.mountrecords import FSTYPE_BACKENDS, MountRecord
 from squashstore.mountrecords import RecordRegistry as Registry
 from squashstore.tracker import User
+
+TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
+if TYPE_CHECKING:
+    from typing import Any
 
 # The OCI hook imports this module at every container stop: `squashstore.store` and the
 # mounters (`squashstore.mounts`) are imported only where a mount is adopted or unmounted

@@ -30,11 +30,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from squashstore import locking
 from squashstore.errors import SquashstoreError
 from squashstore.storelayout import overlay_layer as overlay_layer  # the rule is shared
+
+TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class PodmanStoreError(SquashstoreError):

@@ -25,17 +25,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from squashstore import host, podmanstore
 from squashstore.config import Config, PodmanStore
 from squashstore.mountrecords import MountRecord, RecordedUse
 from squashstore.mountrecords import RecordRegistry as Registry
 
-if TYPE_CHECKING:  # the OCI hook imports this module: not the store, nor the mounters
+TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips it
+if TYPE_CHECKING:  # neither the store, nor the mounters, nor typing at run time
+    from typing import Any, TypeVar
+
     from squashstore.store import StoreImage
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 
 def graphroot_of_upperdir(path_text: str) -> str | None:
