@@ -607,7 +607,8 @@ def test_verify_and_gc_know_lazy_images(pushed: Pushed, tmp_path: Path) -> None:
     assert pushed.served() == before
     listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
     assert listed[0]["lazy_status"] == {"present": status.present, "size": pushed.size,
-                                        "source": status.remote.describe()}
+                                        "source": status.remote.describe(),
+                                        "node_present": None}
     # A stale marker of a layer nobody stages goes at the next gc; the live image's stays.
     stale = lazy_paths.marker_path(squash.with_name("cd" * 32 + ".sqfs"))
     stale.write_text(json.dumps({"registry": "x", "repository": "y", "digest": "sha256:00",
@@ -1307,3 +1308,54 @@ def test_a_node_cache_skips_a_store_chunk_that_fails_its_digest(tmp_path: Path) 
         assert cache.missing(Span(0, len(blob))) == \
             [Span(3 * LAZY_CHUNK, 4 * LAZY_CHUNK)]  # fetched anew from the registry
         assert cache.read(Span(0, 3 * LAZY_CHUNK)) == blob[:3 * LAZY_CHUNK]
+
+
+def test_verify_rechecks_cached_chunks_and_reads_the_node_cache(pushed: Pushed,
+                                                                 tmp_path: Path) -> None:
+    """`verify` of an incomplete lazy image said ok however the chunks already cached had
+    rotted (they have per-chunk digests), and neither it nor `images` looked at this node's
+    ``[lazy] cache_dir``. Both caches are read (never written), their present chunks hashed
+    again; a node cache another user owns is named and not counted."""
+    from test_store import cli
+
+    store, squash = publish_lazy(tmp_path / "store", pushed)
+    chunkdigests.save(squash, chunkdigests.compute(pushed.squash))
+    node = tmp_path / "node"
+    conf = tmp_path / "conf.toml"
+    conf.write_text(f'[lazy]\ncache_dir = "{node}"\n')
+    env = {**os.environ, "SQUASHSTORE_CONFIG": str(conf)}
+    remote = lazy_image.read_marker(squash)
+    assert remote is not None
+    listed = json.loads(cli(store.root, "images", "--format", "json", env=env).stdout)
+    assert listed[0]["lazy_status"]["node_present"] is None  # nothing cached on this node
+    with lazy_image.node_cache(node, squash, remote):  # seeded from the store's cache
+        pass
+    status = lazy_image.status(squash, check=True, node_dir=node)
+    assert status is not None and status.node is not None and status.store is not None
+    assert status.present > 0 and status.node.present == status.present
+    assert status.store.bad == () == status.node.bad
+    listed = json.loads(cli(store.root, "images", "--format", "json", env=env).stdout)
+    assert listed[0]["lazy_status"]["node_present"] == status.present
+    assert "ok: 1 image(s), 1 of them incomplete" in cli(store.root, "verify", env=env).stdout
+    before = {p: p.read_bytes() for p in (squash, lazy_paths.map_path(squash),
+                                           *node.iterdir())}
+    # A byte of the first chunk rots in the store's cache, another in the node's.
+    for data in (squash, status.node.data):
+        with open(data, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 1]))
+    out = cli(store.root, "verify", env=env, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"its cache in the store {squash}: 1 chunk(s) fail" in out.stdout, out.stdout
+    assert f"this node's cache {status.node.data}: 1 chunk(s) fail" in out.stdout
+    after = {p: p.read_bytes() for p in before}
+    assert [p for p in before if p not in (squash, status.node.data)
+            and before[p] != after[p]] == []  # maps untouched: verify wrote nothing
+    os.chown(node, 65534, 65534)  # another user's directory: not trusted, not counted
+    out = cli(store.root, "verify", env=env, check=False)
+    assert f"this node's cache is not used: {node}: cache directory must be owned" in \
+        out.stdout, out.stdout
+    listed = json.loads(cli(store.root, "images", "--format", "json", env=env).stdout)
+    assert listed[0]["lazy_status"]["node_present"] is None

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -370,25 +371,141 @@ def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
 
 
 @dataclass(frozen=True)
+class CacheState:
+    """One cache of a lazy image's bytes as read, never written: the store's own, or this
+    node's (``[lazy] cache_dir``)."""
+
+    data: Path
+    """Its data file."""
+    present: int
+    """Bytes present (0 when its map is absent or of another blob)."""
+    bad: tuple[int, ...] = ()
+    """Chunks present whose bytes fail the artifact's chunk digests (only when checked)."""
+    problem: str = ""
+    """Why it was not read (a symlink, another user's file or directory); then nothing
+    of it counts."""
+
+
+@dataclass(frozen=True)
 class Status:
     """How much of a lazy image is here."""
 
     remote: Remote
     present: int
-    """Bytes present."""
+    """Bytes present in the store."""
     chunks_verified: bool = False
     """Whether each chunk is checked against the artifact's chunk digests as it arrives
     (else only the whole file, once complete)."""
+    store: CacheState | None = None
+    """The store's cache, its chunks re-checked when `status` was asked to."""
+    node: CacheState | None = None
+    """This node's cache of the image (``[lazy] cache_dir``), None when it has none."""
 
 
-def status(squash: Path) -> Status | None:
+def _read_own(path: Path, owner: int | None, limit: int) -> bytes | None:
+    """The bytes of the regular file `path` (never through a symlink, never blocking on a
+    FIFO), at most `limit`; None when absent; `LazyError` when it is something else or
+    (with `owner`) another user's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LazyError(f"{path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LazyError(f"{path}: not a regular file")
+        if owner is not None and st.st_uid != owner:
+            raise LazyError(f"{path}: owned by uid {st.st_uid}, not {owner}")
+        return os.pread(fd, limit, 0)
+    finally:
+        os.close(fd)
+
+
+def _bad_chunks(data: Path, bitmap: bytes, digests: ChunkDigests) -> tuple[int, ...]:
+    """The chunks set in `bitmap` whose bytes in `data` fail their digests."""
+    from squashstore.lazy import ranges
+
+    bad = []
+    fd = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for index in range(digests.count):
+            if ranges.has_chunk(bitmap, index):
+                start = index * digests.chunk
+                piece = os.pread(fd, min(digests.chunk, digests.size - start), start)
+                if not digests.matches(index, piece):
+                    bad.append(index)
+    finally:
+        os.close(fd)
+    return tuple(bad)
+
+
+def _cache_state(data: Path, map_: Path, remote: Remote, digests: ChunkDigests | None,
+                 check: bool, owner: int | None) -> CacheState:
+    """A cache as its map says (read only), its present chunks re-hashed when `check`."""
+    from squashstore.lazy import ranges
+    from squashstore.lazy.cache import CHUNK, HEADER_SIZE, header
+
+    chunks = ranges.chunk_count(remote.size, CHUNK)
+    length = HEADER_SIZE + -(-chunks // 8)
+    try:
+        raw = _read_own(map_, owner, length + 1)
+        if raw is not None and owner is not None:
+            _read_own(data, owner, 0)  # the data file must be ours as well
+    except LazyError as exc:
+        return CacheState(data, 0, problem=str(exc))
+    if raw is None or len(raw) != length or raw[:HEADER_SIZE] != \
+            header(remote.digest, remote.size, CHUNK):
+        return CacheState(data, 0)
+    bitmap = raw[HEADER_SIZE:]
+    count = ranges.count_present(bitmap, chunks)
+    present = count * CHUNK
+    if chunks and ranges.has_chunk(bitmap, chunks - 1):
+        present -= chunks * CHUNK - remote.size
+    bad: tuple[int, ...] = ()
+    if check and digests is not None and count:
+        try:
+            bad = _bad_chunks(data, bitmap, digests)
+        except OSError as exc:
+            return CacheState(data, present, problem=f"{data}: {exc.strerror}")
+    return CacheState(data, present, bad)
+
+
+def node_state(directory: Path, remote: Remote, digests: ChunkDigests | None,
+               check: bool) -> CacheState | None:
+    """This node's cache of `remote` in `directory` (read only; None when it holds none):
+    used only when it is a directory of ours that only we can write, its files ours."""
+    from squashstore.lazy.cache import CacheError, check_directory, data_path
+    from squashstore.lazy.cache import map_path as cache_map_path
+
+    data, map_ = data_path(directory, remote.digest), cache_map_path(directory, remote.digest)
+    if not os.path.lexists(directory) or not (os.path.lexists(data)
+                                                or os.path.lexists(map_)):
+        return None
+    try:
+        check_directory(directory)
+    except CacheError as exc:
+        return CacheState(data, 0, problem=str(exc))
+    return _cache_state(data, map_, remote, digests, check, os.geteuid())
+
+
+def status(squash: Path, check: bool = False, node_dir: Path | None = None) -> Status | None:
+    """How much of the lazy image `squash` is here (None: it is not lazy), read without
+    writing anything: the store's cache and, with `node_dir` (``[lazy] cache_dir``), this
+    node's; with `check`, every chunk present is hashed again against the artifact's chunk
+    digests (`CacheState.bad`)."""
     remote = read_marker(squash)
     if remote is None:
         return None
-    with open_cache(squash, remote) as cache:
-        present = cache.present_bytes()
-        verified = cache.digests is not None
-    return Status(remote, present, verified)
+    from squashstore import trust
+
+    for path in (lazy_dir(squash), *lazy_files(squash)):
+        trust.check_entry(path, what="a lazy image")
+    digests = chunk_digests(squash, remote)
+    store = _cache_state(squash, map_path(squash), remote, digests, check, None)
+    node = node_state(node_dir, remote, digests, check) if node_dir is not None else None
+    return Status(remote, store.present, digests is not None, store, node)
 
 
 def open_for_verify(squash: Path) -> LazyFile | None:
