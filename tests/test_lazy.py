@@ -1359,3 +1359,109 @@ def test_verify_rechecks_cached_chunks_and_reads_the_node_cache(pushed: Pushed,
         out.stdout, out.stdout
     listed = json.loads(cli(store.root, "images", "--format", "json", env=env).stdout)
     assert listed[0]["lazy_status"]["node_present"] is None
+
+
+# ---------------------------------------------------------------------------------------
+# A registry that serves ranges slowly or too generously (session 4's adversarial pass).
+
+import contextlib  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+from squashstore.registry.options import Deadline, RegistryOptions  # noqa: E402
+
+
+class _RangeServer:
+    """A plain-HTTP 'registry' on 127.0.0.1 answering ``GET /v2/`` and, for a blob, a 206
+    with the right Content-Range whose body `behaviour` spoils: ``drip`` sends a byte every
+    0.2 s (for at most 15 s, then closes: never long enough to stall), ``flood`` sends
+    endless bytes (no Content-Length)."""
+
+    def __init__(self, behaviour: str, size: int) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if not self.path.startswith("/v2/r/blobs/"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                outer.requests += 1
+                first, last = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                if behaviour == "drip":
+                    self.send_header("Content-Length", str(last - first + 1))
+                self.end_headers()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    if behaviour == "drip":
+                        for _ in range(75):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                        return
+                    for _ in range(1 << 16):  # 4 GiB at most
+                        self.wfile.write(b"y" * 65536)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.requests = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("behaviour", ["drip", "flood"])
+def test_a_range_dripped_or_flooded_fails_in_bounded_time(behaviour: str) -> None:
+    """A FUSE read's range from a registry that drips a byte at a time never stalled, so
+    it held the read (and its process) as long as the registry liked; a 206 whose body does
+    not end was read whole into memory. Now a range has a time budget and is read to one
+    byte past its size."""
+    size = 1 << 20
+    server = _RangeServer(behaviour, size)
+    try:
+        remote = lazy_image.Remote(server.host, "r", "sha256:" + "ab" * 32, size,
+                                   tls_verify=False)
+        source = lazy_remote.open_source(remote)
+        source.budget = 2.0
+        started = time.monotonic()
+        with pytest.raises(FetchError) as info:
+            source.fetch(Span(0, 65536))
+        elapsed = time.monotonic() - started
+        source.close()
+        message = "too slow" if behaviour == "drip" else "sent more than the 65536 bytes"
+        assert message in str(info.value) and elapsed < 6, (str(info.value), elapsed)
+    finally:
+        server.close()
+
+
+def test_completing_a_lazy_image_keeps_the_commands_timeout() -> None:
+    """`pull` completing a lazy image opened its registry source without the command's
+    `--timeout` (and the range bodies were read without it): a dripping registry kept it
+    going. The command's deadline ends it with one line."""
+    size = 1 << 20
+    server = _RangeServer("drip", size)
+    try:
+        remote = lazy_image.Remote(server.host, "r", "sha256:" + "ab" * 32, size,
+                                   tls_verify=False)
+        source = lazy_remote.open_source(remote, RegistryOptions(deadline=Deadline.after(2)))
+        assert source.budget is None  # a whole download: no per-range budget
+        started = time.monotonic()
+        with pytest.raises(FetchError) as info:
+            source.fetch(Span(0, 65536))
+        elapsed = time.monotonic() - started
+        source.close()
+        assert elapsed < 6, (str(info.value), elapsed)
+        assert "\n" not in str(info.value)
+    finally:
+        server.close()

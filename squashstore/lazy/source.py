@@ -22,9 +22,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import requests
+import urllib3
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy.ranges import Span
+from squashstore.registry.options import Deadline
 
 WORKERS = 4
 """Ranges fetched at once per image."""
@@ -78,9 +80,15 @@ class RangeSource:
 
     def __init__(self, get: Get, size: int, what: str, *, workers: int = WORKERS,
                  retries: int = RETRIES, backoff: float = BACKOFF,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, budget: float | None = None,
+                 deadline: Deadline | None = None) -> None:
         self._get, self.size, self.what = get, size, what
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self.budget = budget
+        """Seconds one range may take, retries included (a FUSE read holds its process
+        meanwhile); None: no limit beyond each receive's stall limit."""
+        self.deadline = deadline
+        """The command's deadline (``--timeout``): every range ends by it."""
         self.workers = workers
         """Ranges fetched at once."""
         self._pool = ThreadPoolExecutor(max_workers=workers,
@@ -101,18 +109,30 @@ class RangeSource:
                              f"{self.size} bytes")
         if not len(span):
             return b""
+        stop = self._stop()
         delay = self._backoff
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                return self._fetch_once(span)
+                return self._fetch_once(span, stop)
             except _Retry as exc:
-                if last:
+                if last or (stop is not None and time.monotonic() + delay >= stop):
                     raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: "
                                      f"{exc}") from None
             self._sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stop(self) -> float | None:
+        """When a range fetched from now must be done (`time.monotonic`), None: never."""
+        now = time.monotonic()
+        stops = [now + self.budget] if self.budget is not None else []
+        if self.deadline is not None:
+            if self.deadline.remaining() <= 0:
+                raise FetchError(f"{self.what}: gave up after {self.deadline.seconds:g} s "
+                                 "(--timeout, [registry] timeout)")
+            stops.append(now + self.deadline.remaining())
+        return min(stops, default=None)
 
     def fetch_many(self, spans: Sequence[Span]) -> list[bytes]:
         """The bytes of every span, fetched concurrently; the first failure is raised after
@@ -164,7 +184,7 @@ class RangeSource:
         if error is not None:
             raise error
 
-    def _fetch_once(self, span: Span) -> bytes:
+    def _fetch_once(self, span: Span, stop: float | None) -> bytes:
         headers = {"Range": f"bytes={span.start}-{span.end - 1}",
                    "Accept-Encoding": "identity"}
         try:
@@ -180,12 +200,33 @@ class RangeSource:
             if status in _RETRY_STATUS:
                 raise _Retry(f"HTTP {status}")
             if status == 206:
-                return self._partial(response, span)
+                return self._partial(response, span, stop)
             if status == 200:
-                return self._whole(response, span)
+                return self._whole(response, span, stop)
             raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: HTTP {status}")
 
-    def _partial(self, response: requests.Response, span: Span) -> bytes:
+    def _body(self, response: requests.Response, limit: int, stop: float | None) -> bytes:
+        """At most `limit` bytes of the body, as each receive brings them, checking `stop`
+        between receives (a registry dripping a byte at a time cannot hold a read)."""
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while total < limit:
+                if stop is not None and time.monotonic() >= stop:
+                    raise _Retry(f"too slow: {total} bytes in time")
+                data = read(min(limit - total, 1 << 20))
+                if not data:
+                    break
+                parts.append(data)
+                total += len(data)
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise _Retry(_describe(exc)) from None
+        return b"".join(parts)
+
+    def _partial(self, response: requests.Response, span: Span, stop: float | None
+                 ) -> bytes:
         match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
         if match is None or int(match.group(1)) != span.start or \
                 int(match.group(2)) != span.end - 1 or \
@@ -193,28 +234,25 @@ class RangeSource:
             raise FetchError(f"{self.what}: the registry answered bytes {span.start}-"
                              f"{span.end - 1} with Content-Range "
                              f"{response.headers.get('Content-Range')!r}")
-        try:
-            data = response.content
-        except (requests.RequestException, OSError) as exc:
-            raise _Retry(_describe(exc)) from None
+        data = self._body(response, len(span) + 1, stop)  # one more: never read a flood
+        if len(data) > len(span):
+            raise FetchError(f"{self.what}: the registry sent more than the "
+                             f"{len(span)} bytes {span.start}-{span.end - 1} asked for")
         if len(data) != len(span):
             raise _Retry(f"got {len(data)} of {len(span)} bytes")
         self._count(len(data))
         return data
 
-    def _whole(self, response: requests.Response, span: Span) -> bytes:
+    def _whole(self, response: requests.Response, span: Span, stop: float | None
+               ) -> bytes:
         """A registry that ignores Range: skip to the span, read it, drop the rest."""
-        try:
-            raw = response.raw
-            skip = span.start
-            while skip:
-                piece = raw.read(min(skip, 1 << 20))
-                if not piece:
-                    raise _Retry("the blob ended early")
-                skip -= len(piece)
-            data = raw.read(len(span))
-        except (requests.RequestException, OSError) as exc:
-            raise _Retry(_describe(exc)) from None
+        skip = span.start
+        while skip:
+            piece = self._body(response, min(skip, 1 << 20), stop)
+            if not piece:
+                raise _Retry("the blob ended early")
+            skip -= len(piece)
+        data = self._body(response, len(span), stop)
         if len(data) != len(span):
             raise _Retry(f"got {len(data)} of {len(span)} bytes")
         self._count(span.end)
@@ -234,6 +272,6 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     if "Connection refused" in text or isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return "timed out"
     return " ".join(text.split())[:160] or type(exc).__name__
