@@ -1009,6 +1009,7 @@ def test_node_local_caches_leave_the_shared_store_alone(
     monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "node-a.toml"))
     with pytest.raises(CacheError, match="writable only by it"):
         lazy_image.open_lazy(squash, None, config.load().lazy.cache_path())
+    caches[0].chmod(0o700)
     (tmp_path / "rel.toml").write_text('[lazy]\ncache_dir = "relative/dir"\n')
     monkeypatch.setenv("SQUASHSTORE_CONFIG", str(tmp_path / "rel.toml"))
     with pytest.raises(config.ConfigError, match="absolute"):
@@ -1465,3 +1466,58 @@ def test_completing_a_lazy_image_keeps_the_commands_timeout() -> None:
         assert "\n" not in str(info.value)
     finally:
         server.close()
+
+
+def test_a_planted_node_cache_directory_is_refused_and_never_aims_removals(
+        tmp_path: Path) -> None:
+    """As root, `[lazy] cache_dir` in a shared place (/tmp) that another user made a symlink
+    to a directory of root's: the FUSE server stat()ed through it (ours, 0755: accepted)
+    and `cleanup` listed the target and removed its old ``*.data``/``*.map`` files. The
+    directory must be a real one of ours with no other user able to swap a parent; cleanup
+    removes only regular files of ours named after a digest."""
+    from test_store import cli
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    precious = [victim / ("ab" * 32 + ".data"), victim / ("ab" * 32 + ".map")]
+    for path in precious:
+        path.write_text("root's")
+        os.utime(path, (1, 1))
+    planted = tmp_path / "planted"
+    planted.symlink_to(victim)
+    theirs = tmp_path / "theirs"
+    (theirs / "cache").mkdir(parents=True, mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    blob = blob_bytes(3 * LAZY_CHUNK)
+    squash = tmp_path / "meta" / "squash" / ("d4" * 32 + ".sqfs")
+    squash.parent.mkdir(parents=True)
+    remote = lazy_image.Remote("127.0.0.1:1", "r", digest_of(blob), len(blob))
+    lazy_image.write_marker(squash, remote)
+    for directory, message in ((planted, "a symlink"), (other, "must be owned by uid 0"),
+                               (theirs / "cache", "can be changed by another user")):
+        with pytest.raises(CacheError, match=message):
+            lazy_image.node_cache(directory, squash, remote)
+        conf = tmp_path / "conf.toml"
+        conf.write_text(f'[lazy]\ncache_dir = "{directory}"\n')
+        env = {**os.environ, "SQUASHSTORE_CONFIG": str(conf),
+               "SQUASHSTORE_RUNTIME_DIR": str(tmp_path / "run")}
+        out = cli(tmp_path / "store", "cleanup", "--grace", "0", env=env, check=False)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert message in out.stderr and "not cleaned" in out.stderr
+    assert [p.read_text() for p in precious] == ["root's", "root's"]
+    # In a good directory, only our regular files named after a digest go.
+    good = tmp_path / "good"
+    good.mkdir(mode=0o700)
+    (good / ("cd" * 32 + ".data")).symlink_to(precious[0])
+    (good / ("ef" * 32 + ".data")).write_text("x")
+    os.chown(good / ("ef" * 32 + ".data"), 65534, 65534)
+    (good / "notes.data").write_text("x")
+    mine = [good / ("12" * 32 + ".data"), good / ("12" * 32 + ".map")]
+    for path in [*mine, good / "notes.data"]:
+        path.write_text("x")
+    for path in good.iterdir():
+        os.utime(path, (1, 1), follow_symlinks=False)
+    assert lazy_image.stale_node_caches(good, set(), set(), 60, time.time()) == mine

@@ -76,17 +76,37 @@ def map_path(directory: Path, digest: str) -> Path:
 
 
 def check_directory(directory: Path) -> None:
-    """Refuse a cache directory another user could write to (it would feed us bytes)."""
+    """Refuse a cache directory another user could write to or swap (it would feed us
+    bytes, or, for `cleanup`, point our removals elsewhere): it must be a real directory
+    (not a symlink), ours, writable only by us, and every directory above it root's or
+    ours and writable by no one else (a sticky one such as /tmp allowed)."""
     try:
-        st = os.stat(directory)
+        st = os.lstat(directory)
     except OSError as exc:
         raise CacheError(f"{directory}: cannot use as cache directory: {exc.strerror}") \
             from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheError(f"{directory}: a symlink, not a cache directory of its own")
     if not stat.S_ISDIR(st.st_mode):
         raise CacheError(f"{directory}: not a directory")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise CacheError(f"{directory}: cache directory must be owned by uid {os.geteuid()} "
+    me = os.geteuid()
+    if st.st_uid != me or st.st_mode & 0o022:
+        raise CacheError(f"{directory}: cache directory must be owned by uid {me} "
                          "and writable only by it")
+    given = Path(os.path.abspath(directory))
+    real = Path(os.path.realpath(directory))
+    for parent in {*given.parents, *real.parents}:
+        try:
+            pst = os.lstat(parent)
+        except OSError as exc:
+            raise CacheError(f"{parent}: {exc.strerror}") from None
+        # A symlink's owner can point it elsewhere; a directory's writers can swap entries.
+        writable = not stat.S_ISLNK(pst.st_mode) and pst.st_mode & 0o022 and \
+            not pst.st_mode & stat.S_ISVTX
+        if pst.st_uid not in (0, me) or writable:
+            raise CacheError(f"{directory}: {parent} (uid {pst.st_uid}, mode "
+                             f"{stat.S_IMODE(pst.st_mode):04o}) can be changed by another "
+                             "user: not a cache directory")
 
 
 def header(digest: str, size: int, chunk: int) -> bytes:

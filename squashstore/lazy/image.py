@@ -207,27 +207,43 @@ def stale_node_caches(directory: Path, keep: set[str], open_paths: set[str],
     """The files of a node-local cache `directory` that `cleanup` removes: the ``.data`` and
     ``.map`` of blobs whose digest is not in `keep` (the lazy images of the stores cleaned),
     neither of them open by any process (`open_paths`: a FUSE server still serving from
-    it), and untouched for `min_age` seconds (a server opening it right now)."""
-    from squashstore.lazy.cache import data_path
+    it), and untouched for `min_age` seconds (a server opening it right now). Only regular
+    files of ours named ``<hex>.data``/``.map`` count (never a symlink, nor what it points
+    to); `LazyError` when the directory itself is not a cache directory of ours
+    (`cache.check_directory`: a symlink planted there must not aim the removals)."""
+    from squashstore.lazy.cache import CacheError, check_directory, data_path
 
+    try:
+        check_directory(directory)
+    except CacheError as exc:
+        raise LazyError(f"{exc}; not cleaned") from None
+    directory = Path(os.path.realpath(directory))  # as the open files name it
     keep_names = {data_path(directory, d).name for d in keep if ":" in d}
     found = []
     try:
         entries = sorted(os.listdir(directory))
     except OSError:
         return []
+    me = os.geteuid()
     for entry in entries:
         stem, dot, suffix = entry.rpartition(".")
-        if not dot or suffix != "data" or entry in keep_names:
+        if not dot or suffix != "data" or entry in keep_names or not stem or \
+                stem.strip("0123456789abcdef"):
             continue
-        pair = [directory / entry, directory / f"{stem}.map"]
-        try:
-            recent = any(now - os.lstat(p).st_mtime < min_age for p in pair if p.exists())
-        except OSError:
-            continue
-        if recent or any(str(p) in open_paths for p in pair):
-            continue
-        found += [p for p in pair if p.exists()]
+        pair = []
+        for path in (directory / entry, directory / f"{stem}.map"):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != me or \
+                    now - st.st_mtime < min_age or str(path) in open_paths:
+                break
+            pair.append(path)
+        else:
+            found += pair
     return found
 
 
