@@ -293,7 +293,9 @@ def _chunk_digests(client: Any, repository: str, parsed: Any, what: str) -> Any:
     its squash file in the lazy cache's chunks; None when it has none (pushed before them:
     its chunks are then unverified until the image completes)."""
     from squashstore.lazy import chunkdigests
+    from squashstore.lazy.image import check_size
 
+    check_size(parsed.squash.size, what)  # the list's limit follows the size claimed
     if parsed.chunk_digests is None:
         return None
     data = client.read_blob(repository, parsed.chunk_digests,

@@ -1081,10 +1081,38 @@ def test_a_damaged_marker_is_one_error_whatever_its_shape(tmp_path: Path) -> Non
     squash = tmp_path / "meta" / "squash" / ("ef" * 32 + ".sqfs")
     squash.parent.mkdir(parents=True)
     lazy_paths.lazy_dir(squash).mkdir()
-    for text in ("{", "[]", '{"registry": 1}', "[" * 100_000 + "]" * 100_000):
+    good = {"registry": "h", "repository": "r", "digest": "sha256:" + "0" * 64}
+    for text in ("{", "[]", '{"registry": 1}', "[" * 100_000 + "]" * 100_000,
+                 json.dumps({**good, "size": 10**30}), json.dumps({**good, "size": -1}),
+                 "x" * (2 << 20)):
         lazy_paths.marker_path(squash).write_text(text)
         with pytest.raises(lazy_image.LazyError, match="damaged lazy-image marker"):
             lazy_image.read_marker(squash)
+    # A marker that is a FIFO or a symlink is not read through (a FIFO blocked for ever).
+    lazy_paths.marker_path(squash).unlink()
+    os.mkfifo(lazy_paths.marker_path(squash))
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            lazy_image.read_marker(squash)
+        except lazy_image.LazyError as exc:
+            failed.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock it before failing
+        with open(lazy_paths.marker_path(squash), "w"):
+            pass
+    assert not reader.is_alive() and "not a regular file" in str(failed[0])
+    lazy_paths.marker_path(squash).unlink()
+    (tmp_path / "elsewhere.json").write_text(json.dumps({**good, "size": 1}))
+    lazy_paths.marker_path(squash).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(lazy_image.LazyError, match="damaged lazy-image marker"):
+        lazy_image.read_marker(squash)
+    lazy_paths.marker_path(squash).unlink()
+    lazy_paths.marker_path(squash).write_text("{")
     # The leftover check takes a marker it cannot read for one nobody is staging.
     assert lazy_paths.leftovers(squash.parent.parent, set(), ".tmp", 60) == \
         [lazy_paths.marker_path(squash)]
@@ -1252,11 +1280,20 @@ def test_pull_lazy_refuses_bad_chunk_digests_and_pulls_artifacts_without(
                                                       ).encode(), oci_manifest_type)
         client.put_manifest(repo, "old", json.dumps({**manifest, "layers": others}).encode(),
                             oci_manifest_type)
+        # A squash file claimed to be 2**50 bytes with a chunk list to match (never served):
+        # pull --lazy allocated a 2 GiB chunk map and would read a 2**36-byte list.
+        huge = 1 << 50
+        claimed = [{**layer, "size": huge} if layer["mediaType"] == artifact.SQUASHFS_TYPE
+                   else layer for layer in others]
+        client.put_manifest(repo, "huge", json.dumps({**manifest, "layers": [
+            *claimed, {**listed[0], "size": chunkdigests.limit(huge)}]}).encode(),
+            oci_manifest_type)
 
     node: Site = new_site("node")
     node.cli("login", "-u", CREDS.split(":")[0], "-p", CREDS.split(":", 1)[1], server.host)
     for tag, reason in (("other", "of another squash file"), ("short", "needs"),
-                        ("long", "more than"), ("garbage", "not a chunk digest list")):
+                        ("long", "more than"), ("garbage", "not a chunk digest list"),
+                        ("huge", "lazy pulls take at most")):
         out = node.cli("pull", "--lazy", f"{server.host}/{repo}:{tag}", check=False)
         assert out.returncode != 0 and reason in out.stderr, (tag, out.stderr)
         lines = out.stderr.strip().splitlines()

@@ -33,12 +33,14 @@ from squashstore.lazy.cache import ChunkMismatch, RangeCache
 from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import (
     LAZY_DIR,
+    MARKER_LIMIT,
     WRITER,
     chunks_path,
     lazy_dir,
     lazy_files,
     map_path,
     marker_path,
+    read_small,
 )
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
@@ -53,6 +55,19 @@ client does them)."""
 
 class LazyError(SquashstoreError):
     """A lazy image's marker is damaged, or its completed bytes do not match the digest."""
+
+
+MAX_SIZE = 1 << 40
+"""Largest squash file pulled lazily (1 TiB: a 2 MiB chunk map, a 512 MiB chunk digest
+list): a manifest claiming more would make `pull --lazy` and every FUSE server of the image
+allocate maps and lists in proportion to the claim, not to anything real."""
+
+
+def check_size(size: int, what: str) -> None:
+    """`LazyError` unless `size` is one a lazy pull takes (0 to `MAX_SIZE` bytes)."""
+    if not 0 <= size <= MAX_SIZE:
+        raise LazyError(f"{what}: a squash file of {size} bytes: lazy pulls take at most "
+                        f"{MAX_SIZE} (pull it without --lazy)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,10 @@ def read_marker(squash: Path) -> Remote | None:
     """The registry location of a lazy squash file, None when it is an ordinary one."""
     path = marker_path(squash)
     try:
-        data = json.loads(path.read_bytes())
+        raw = read_small(path, MARKER_LIMIT)
+        if raw is None:
+            return None
+        data = json.loads(raw)
         remote = Remote(registry=str(data["registry"]), repository=str(data["repository"]),
                         digest=str(data["digest"]), size=int(data["size"]),
                         reference=str(data.get("reference", "")),
@@ -94,6 +112,8 @@ def read_marker(squash: Path) -> Remote | None:
                         ) from None
     if remote.tls_verify not in (None, True, False):
         raise LazyError(f"{path}: damaged lazy-image marker (tls_verify)")
+    if not 0 <= remote.size <= MAX_SIZE:
+        raise LazyError(f"{path}: damaged lazy-image marker (size {remote.size})")
     return remote
 
 
