@@ -652,6 +652,21 @@ def test_a_small_answer_cut_short_is_retried() -> None:
         hostile.close()
 
 
+def test_a_stall_limit_no_socket_takes_is_one_line(tmp_path: Path) -> None:
+    """``[registry] stall = 1e308`` passed the config's check and overflowed the socket
+    timeout once a registry answered: a traceback from urllib3."""
+    hostile = _HostileRegistry("escape")
+    try:
+        conf = tmp_path / "conf.toml"
+        conf.write_text("[registry]\nstall = 1e308\n")
+        proc = cli(tmp_path / "store", "pull", "--tls-verify=false", f"{hostile.host}/a/b:1",
+                   env={**os.environ, "SQUASHSTORE_CONFIG": str(conf)}, check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "DENIED" in proc.stderr
+    finally:
+        hostile.close()
+
+
 @pytest.mark.parametrize(("behaviour", "message"), [
     ("loop", "too many redirects"),
     ("endless", "the answer is larger than 1048576 bytes"),

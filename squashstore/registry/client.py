@@ -56,6 +56,9 @@ RETRIES = 4
 BACKOFF = 0.5
 """Seconds before the first retry; doubled each time."""
 CONNECT_TIMEOUT = 10.0
+STALL_MAX = 86400.0 * 365
+"""The longest stall limit used (``stall = 1e308`` in the config overflowed the socket
+timeout: a traceback from urllib3)."""
 """Seconds to establish a connection (the read timeout is the stall limit,
 `squashstore.config.DEFAULT_STALL`)."""
 UPLOAD_CHUNK = 16 << 20
@@ -228,7 +231,7 @@ class Client:
         self._explicit: Credentials | None = (parse_creds(self.options.creds)
                                               if self.options.creds else None)
         self._sleep = sleep
-        self.stall = self.options.stall or config.load().registry.stall
+        self.stall = min(self.options.stall or config.load().registry.stall, STALL_MAX)
         """Seconds without a byte before a request counts as stalled."""
         self.deadline = self.options.deadline
 
