@@ -1558,3 +1558,23 @@ def test_a_planted_node_cache_directory_is_refused_and_never_aims_removals(
     for path in good.iterdir():
         os.utime(path, (1, 1), follow_symlinks=False)
     assert lazy_image.stale_node_caches(good, set(), set(), 60, time.time()) == mine
+
+
+def test_verify_of_a_damaged_lazy_map_reports_it_and_writes_nothing(pushed: Pushed,
+                                                                    tmp_path: Path) -> None:
+    """`verify` opened a lazy image's cache read-write: a map one byte short (a crash, a
+    full disk) was taken for a half-made one and reset, forgetting every chunk the store
+    had, and verify said ok. It is read only now: the map is named, nothing is written."""
+    from test_store import cli
+
+    store, squash = publish_lazy(tmp_path / "store", pushed)
+    map_ = lazy_paths.map_path(squash)
+    damaged = map_.read_bytes()[:-1]
+    map_.write_bytes(damaged)
+    out = cli(store.root, "verify", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{map_}: not a whole chunk map" in out.stdout, out.stdout
+    assert map_.read_bytes() == damaged
+    listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
+    assert listed[0]["lazy_status"]["present"] == 0  # nothing counts from a damaged map
+    assert map_.read_bytes() == damaged

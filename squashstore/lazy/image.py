@@ -549,15 +549,24 @@ def open_for_verify(squash: Path) -> LazyFile | None:
     disk). A lazy one whose every chunk is present is completed here (its digest checked:
     `LazyError` when wrong) and then is ordinary; an incomplete one is its cache alone, whose
     metadata can be checked without fetching anything."""
-    lazy = open_lazy(squash, None)
+    remote = read_marker(squash)
+    if remote is None:
+        return None
+    from squashstore import trust
+
+    for path in (lazy_dir(squash), *lazy_files(squash)):
+        trust.check_entry(path, what="a lazy image")
+    # Read only: verify neither creates nor repairs a map (nor needs to own the store).
+    cache = RangeCache(squash, map_path(squash), remote.digest, remote.size,
+                       digests=chunk_digests(squash, remote), readonly=True)
+    if not cache.complete():
+        return LazyFile(cache, None)
+    cache.close()
+    lazy = open_lazy(squash, None)  # complete: finalised, which writes the store
     if lazy is None:
         return None
-    if not lazy.cache.complete():
-        return lazy
-    remote = read_marker(squash)
     try:
-        if remote is not None:
-            finalise(squash, lazy.cache, remote)
+        finalise(squash, lazy.cache, remote)
     finally:
         lazy.close()
     return None
