@@ -1413,7 +1413,7 @@ class _RangeServer:
     """A plain-HTTP 'registry' on 127.0.0.1 answering ``GET /v2/`` and, for a blob, a 206
     with the right Content-Range whose body `behaviour` spoils: ``drip`` sends a byte every
     0.2 s (for at most 15 s, then closes: never long enough to stall), ``flood`` sends
-    endless bytes (no Content-Length)."""
+    endless bytes (no Content-Length); ``whole`` ignores Range: 200 and the whole blob."""
 
     def __init__(self, behaviour: str, size: int) -> None:
         outer = self
@@ -1429,6 +1429,14 @@ class _RangeServer:
                     self.wfile.write(b"{}")
                     return
                 outer.requests += 1
+                if behaviour == "whole":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        for _ in range(size >> 20):
+                            self.wfile.write(bytes(1 << 20))
+                    return
                 first, last = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
@@ -1578,3 +1586,25 @@ def test_verify_of_a_damaged_lazy_map_reports_it_and_writes_nothing(pushed: Push
     listed = json.loads(cli(store.root, "images", "--format", "json").stdout)
     assert listed[0]["lazy_status"]["present"] == 0  # nothing counts from a damaged map
     assert map_.read_bytes() == damaged
+
+
+def test_a_registry_ignoring_range_serves_near_ranges_and_refuses_far_ones() -> None:
+    """A registry (or its blob storage) that answers every range with the whole blob was
+    read up to each range and the rest dropped: completing a big image so downloads it
+    once per range. The first `SKIP_MAX` bytes are still served that way; beyond, one line
+    says to pull it without --lazy."""
+    from squashstore.lazy.source import SKIP_MAX
+
+    size = SKIP_MAX + (2 << 20)
+    server = _RangeServer("whole", size)
+    try:
+        remote = lazy_image.Remote(server.host, "r", "sha256:" + "ab" * 32, size,
+                                   tls_verify=False)
+        source = lazy_remote.open_source(remote, RegistryOptions())
+        assert source.fetch(Span(1 << 20, (1 << 20) + 100)) == bytes(100)
+        with pytest.raises(FetchError, match="ignores Range requests"):
+            source.fetch(Span(SKIP_MAX + (1 << 20), SKIP_MAX + (1 << 20) + 100))
+        source.close()
+        assert server.requests == 2
+    finally:
+        server.close()

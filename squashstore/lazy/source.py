@@ -36,6 +36,10 @@ plus the timeouts before it fails with EIO."""
 BACKOFF = 0.2
 TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds of one request."""
+SKIP_MAX = 64 << 20
+"""Most bytes read and dropped to reach a range from a registry that ignores ``Range``
+(answers 200 with the whole blob): past it, every range would cost a download of the
+blob up to it (completing an image: quadratic in its size)."""
 _RETRY_STATUS = frozenset((429, 500, 502, 503, 504))
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -246,6 +250,10 @@ class RangeSource:
     def _whole(self, response: requests.Response, span: Span, stop: float | None
                ) -> bytes:
         """A registry that ignores Range: skip to the span, read it, drop the rest."""
+        if span.start > SKIP_MAX:
+            raise FetchError(f"{self.what}: the registry ignores Range requests (it answers "
+                             f"with the whole blob): bytes {span.start}-{span.end - 1} "
+                             "cannot be read lazily; pull the image without --lazy")
         skip = span.start
         while skip:
             piece = self._body(response, min(skip, 1 << 20), stop)
