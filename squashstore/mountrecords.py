@@ -13,6 +13,7 @@ live and recorded. Mounting, unmounting and replacing dead mounts are
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -159,18 +160,17 @@ RECORD_MAX = 16 << 20
 
 
 def _read_record(path: Path) -> MountRecord | None:
-    """The record in `path` if it is a regular file (not through a symlink, never blocking
-    on a FIFO); None when it is no record. OSError when it cannot be opened."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """The record in `path` if it is a regular file of at most `RECORD_MAX` bytes (not
+    through a symlink, never blocking on a FIFO); None when it is no record. OSError when it
+    cannot be opened."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        data = trust.read_regular(path, RECORD_MAX)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EFBIG):  # a FIFO, a huge file: no record
             return None
-        with os.fdopen(os.dup(fd), "rb") as file:
-            data = file.read(RECORD_MAX + 1)
-    finally:
-        os.close(fd)
-    if len(data) > RECORD_MAX:
-        return None
+        raise
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "gone", str(path))
     try:
         return parse_record(json.loads(data))
     except (ValueError, RecursionError):

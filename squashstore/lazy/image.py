@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from squashstore import trust
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import ChunkMismatch, RangeCache
 from squashstore.lazy.lazyfile import LazyFile
@@ -40,7 +41,6 @@ from squashstore.lazy.paths import (
     lazy_files,
     map_path,
     marker_path,
-    read_small,
 )
 from squashstore.lazy.ranges import Span
 from squashstore.lazy.source import FetchError, RangeSource
@@ -94,7 +94,7 @@ def read_marker(squash: Path) -> Remote | None:
     """The registry location of a lazy squash file, None when it is an ordinary one."""
     path = marker_path(squash)
     try:
-        raw = read_small(path, MARKER_LIMIT)
+        raw = trust.read_regular(path, MARKER_LIMIT)
         if raw is None:
             return None
         data = json.loads(raw)
@@ -276,8 +276,6 @@ def open_lazy(squash: Path, open_source: SourceOpener | None,
     remote = read_marker(squash)
     if remote is None:
         return None
-    from squashstore import trust
-
     # Root reads where to fetch from, and writes the cache, only where only root can write.
     for path in (lazy_dir(squash), *lazy_files(squash)):
         if path.exists():
@@ -439,24 +437,11 @@ class Status:
 
 
 def _read_own(path: Path, owner: int | None, limit: int) -> bytes | None:
-    """The bytes of the regular file `path` (never through a symlink, never blocking on a
-    FIFO), at most `limit`; None when absent; `LazyError` when it is something else or
-    (with `owner`) another user's."""
+    """`trust.read_regular` of `path`, its failures a `LazyError`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        return trust.read_regular(path, limit, owner)
     except OSError as exc:
         raise LazyError(f"{path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LazyError(f"{path}: not a regular file")
-        if owner is not None and st.st_uid != owner:
-            raise LazyError(f"{path}: owned by uid {st.st_uid}, not {owner}")
-        return os.pread(fd, limit, 0)
-    finally:
-        os.close(fd)
 
 
 def _bad_chunks(data: Path, bitmap: bytes, digests: ChunkDigests) -> tuple[int, ...]:
@@ -487,10 +472,14 @@ def _cache_state(data: Path, map_: Path, remote: Remote, digests: ChunkDigests |
     length = HEADER_SIZE + -(-chunks // 8)
     try:
         raw = _read_own(map_, owner, length + 1)
-        if raw is not None and owner is not None:
-            _read_own(data, owner, 0)  # the data file must be ours as well
+        if raw is not None and owner is not None:  # the data file must be ours as well
+            st = os.lstat(data)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+                raise LazyError(f"{data}: not a regular file of uid {owner}")
     except LazyError as exc:
         return CacheState(data, 0, problem=str(exc))
+    except OSError as exc:
+        return CacheState(data, 0, problem=f"{data}: {exc.strerror}")
     if raw is None or len(raw) != length or raw[:HEADER_SIZE] != \
             header(remote.digest, remote.size, CHUNK):
         return CacheState(data, 0)
@@ -534,8 +523,6 @@ def status(squash: Path, check: bool = False, node_dir: Path | None = None) -> S
     remote = read_marker(squash)
     if remote is None:
         return None
-    from squashstore import trust
-
     for path in (lazy_dir(squash), *lazy_files(squash)):
         trust.check_entry(path, what="a lazy image")
     digests = chunk_digests(squash, remote)
@@ -552,8 +539,6 @@ def open_for_verify(squash: Path) -> LazyFile | None:
     remote = read_marker(squash)
     if remote is None:
         return None
-    from squashstore import trust
-
     for path in (lazy_dir(squash), *lazy_files(squash)):
         trust.check_entry(path, what="a lazy image")
     # Read only: verify neither creates nor repairs a map (nor needs to own the store).

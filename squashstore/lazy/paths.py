@@ -53,38 +53,14 @@ MARKER_LIMIT = 1 << 20
 """Bytes of a marker read at most."""
 
 
-def read_small(path: Path, limit: int) -> bytes | None:
-    """The bytes of the regular file `path`, None when there is none; never through a
-    symlink, never blocking on a FIFO; `OSError` when it is something else or larger
-    than `limit` bytes."""
-    import errno
-    import stat
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        parts = []
-        total = 0
-        while data := os.read(fd, min(limit + 1 - total, 1 << 20)):
-            parts.append(data)
-            total += len(data)
-            if total > limit:
-                raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
 def read_kept(path: Path, limit: int) -> bytes | None:
     """A list the store keeps beside a lazy layer (chunk digests, prefetch list): its bytes,
     None when there is none; `SourceError` when it cannot be read (or is not a regular
     file of at most `limit` bytes)."""
+    from squashstore.trust import read_regular
+
     try:
-        return read_small(path, limit)
+        return read_regular(path, limit)
     except OSError as exc:
         from squashstore.image import SourceError  # image imports dataclasses: not at start
         raise SourceError(f"{path}: {exc.strerror}") from None
@@ -126,9 +102,10 @@ def _being_staged(marker: Path, foreign_age: float) -> bool:
     import time
 
     from squashstore import host
+    from squashstore.trust import read_regular
 
     try:
-        data = read_small(marker, MARKER_LIMIT)
+        data = read_regular(marker, MARKER_LIMIT)
         if data is None:
             return False
         writer = json.loads(data).get(WRITER, "")
