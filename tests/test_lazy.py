@@ -1608,3 +1608,25 @@ def test_a_registry_ignoring_range_serves_near_ranges_and_refuses_far_ones() -> 
         assert server.requests == 2
     finally:
         server.close()
+
+
+def test_a_full_disk_fails_the_store_and_marks_nothing_unwritten(tmp_path: Path) -> None:
+    """A cache on a file system that fills up (a real 256 KiB tmpfs): the store fails with
+    ENOSPC and no chunk whose bytes did not reach the disk is marked present; what was
+    written before reads back; the cache stays usable."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        blob = blob_bytes(16 * LAZY_CHUNK)
+        with RangeCache.in_directory(mnt, digest_of(blob), len(blob)) as cache:
+            cache.store([(Span(0, 2 * LAZY_CHUNK), blob[:2 * LAZY_CHUNK])])
+            with pytest.raises(OSError) as info:
+                cache.store([(Span(2 * LAZY_CHUNK, len(blob)), blob[2 * LAZY_CHUNK:])])
+            assert info.value.errno == errno.ENOSPC
+            assert cache.missing(Span(0, len(blob))) == [Span(2 * LAZY_CHUNK, len(blob))]
+            assert cache.read(Span(0, 2 * LAZY_CHUNK)) == blob[:2 * LAZY_CHUNK]
+        with RangeCache.in_directory(mnt, digest_of(blob), len(blob)) as again:
+            assert again.present_bytes() == 2 * LAZY_CHUNK
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
