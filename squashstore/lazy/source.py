@@ -20,13 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
-import requests
-import urllib3
+from typing import TYPE_CHECKING
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy.ranges import Span
-from squashstore.registry.options import Deadline
+
+if TYPE_CHECKING:  # requests is imported when a range is fetched: a FUSE server of an
+    import requests  # ordinary image, which imports this through lazy.image, never pays it
+
+    from squashstore.registry.options import Deadline
 
 WORKERS = 4
 """Ranges fetched at once per image."""
@@ -43,7 +45,7 @@ blob up to it (completing an image: quadratic in its size)."""
 _RETRY_STATUS = frozenset((429, 500, 502, 503, 504))
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
-Get = Callable[[Mapping[str, str]], requests.Response]
+Get = Callable[[Mapping[str, str]], "requests.Response"]
 """GETs the blob with these extra headers (a ``Range``), auth and redirects included; the
 response should be streamed (``stream=True``)."""
 AuthHeaders = Callable[[bool], Mapping[str, str]]
@@ -189,6 +191,8 @@ class RangeSource:
             raise error
 
     def _fetch_once(self, span: Span, stop: float | None) -> bytes:
+        import requests
+
         headers = {"Range": f"bytes={span.start}-{span.end - 1}",
                    "Accept-Encoding": "identity"}
         try:
@@ -212,6 +216,9 @@ class RangeSource:
     def _body(self, response: requests.Response, limit: int, stop: float | None) -> bytes:
         """At most `limit` bytes of the body, as each receive brings them, checking `stop`
         between receives (a registry dripping a byte at a time cannot hold a read)."""
+        import requests
+        import urllib3
+
         raw = response.raw
         read = getattr(raw, "read1", None) or raw.read
         parts: list[bytes] = []
@@ -277,6 +284,9 @@ class _Retry(Exception):
 
 
 def _describe(exc: BaseException) -> str:
+    import requests
+    import urllib3
+
     text = str(exc)
     if "Connection refused" in text or isinstance(exc, ConnectionRefusedError):
         return "connection refused"
