@@ -68,6 +68,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=4, metavar="N",
                         help="threads decompressing data at once (default 4; 0: none, "
                         "all reads on the server's main thread)")
+    parser.add_argument("--open-requests", action="store_true",
+                        help="answer the kernel's OPEN and OPENDIR requests (as with a "
+                        "stock pyfuse3 build) instead of leaving opens to the kernel; "
+                        "slower, for comparisons")
     parser.add_argument("--suid", action="store_true",
                         help="honour setuid bits (root only; default nosuid)")
     parser.add_argument("--dev", action="store_true",
@@ -90,6 +94,7 @@ def forwarded_arguments(args: argparse.Namespace) -> list[str]:
     if args.allow_other is not None:
         out.append("--allow-other" if args.allow_other else "--no-allow-other")
     out += ["--suid"] * bool(args.suid) + ["--dev"] * bool(args.dev)
+    out += ["--open-requests"] * bool(args.open_requests)
     return out
 
 
@@ -294,6 +299,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         metadata_cache_blocks=max(1, args.metadata_cache_size * MIB // 8192),
         dir_cache_entries=args.dir_cache_entries,
         threads=args.threads,
+        no_open=not args.open_requests,
         allow_other=bool(allow_other),
         suid=args.suid,
         dev=args.dev,
