@@ -161,6 +161,10 @@ class SquashOperations(pyfuse3.Operations):
     # then refuses every copy-up ("operation not supported"). With it the kernel reads the
     # ACL xattrs from us (ENODATA when the image has none) and checks them.
     enable_acl = True
+    # Let the kernel keep symlink targets in its page cache (FUSE_CAP_CACHE_SYMLINKS): a
+    # container resolves /bin -> usr/bin on every exec. Only the pyfuse3 that
+    # scripts/install builds asks for it; a stock one ignores this.
+    squashstore_cache_symlinks = True
 
     def __init__(self, reader: SquashReader, opts: ServerOptions | None = None) -> None:
         super().__init__()

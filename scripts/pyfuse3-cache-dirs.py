@@ -14,6 +14,10 @@ so in two places (NOTES.md, "Container start and FUSE, continued" and the noopen
   hands its handlers only the handle, not the inode. This passes the inode number instead
   when the handle is 0 (`fuse_read`, `fuse_readdirplus`), and sets the module attribute
   `pyfuse3.squashstore_no_open = True` so the server knows it may answer ENOSYS.
+- its `init` asks the kernel only for the capabilities it knows of: not for
+  FUSE_CAP_CACHE_SYMLINKS, so every resolution of every symlink (a container's /bin ->
+  usr/bin on each exec) reaches the server as READLINK again. This asks for it when the
+  `Operations` object has a true `squashstore_cache_symlinks` attribute.
 
 It fails loudly when the source is not the one it was written for, and a second run
 changes nothing. Used by scripts/install; without it squashstore works the same (the
@@ -25,6 +29,7 @@ from pathlib import Path
 
 TAG = "  # squashstore: the kernel may cache listings"
 NO_OPEN = "  # squashstore: no-open, the inode stands for handle 0"
+SYMLINKS = "  # squashstore: the kernel may cache symlink targets"
 EDITS = (
     ("Include/fuse_common.pxd",
      "        unsigned int keep_cache\n",
@@ -56,6 +61,15 @@ EDITS = (
      "    c.off = off\n"
      "    c.fh = fi.fh if fi.fh else ino" + NO_OPEN + "\n"
      "    save_retval(fuse_readdirplus_async(c))\n"),
+    ("Include/fuse_common.pxd",
+     "      FUSE_CAP_HANDLE_KILLPRIV\n",
+     "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS" + SYMLINKS + "\n"),
+    ("src/pyfuse3/handlers.pxi",
+     "        conn.want |= FUSE_CAP_POSIX_ACL\n",
+     "        conn.want |= FUSE_CAP_POSIX_ACL\n"
+     "    if (getattr(operations, 'squashstore_cache_symlinks', False) and" + SYMLINKS + "\n"
+     "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
+     "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n"),
     ("src/pyfuse3/__init__.pyx",
      "ROOT_INODE = FUSE_ROOT_ID\n",
      "ROOT_INODE = FUSE_ROOT_ID\n"

@@ -352,6 +352,36 @@ def test_warm_reads_reach_no_server(tmp_path: Path, mounts_: Mounts, mode: str) 
     assert not _gone(pid)
 
 
+def test_the_kernel_keeps_symlink_targets(tmp_path: Path, mounts_: Mounts) -> None:
+    """A symlink is read from the server once (FUSE_CAP_CACHE_SYMLINKS, which stock pyfuse3
+    3.5.0 cannot ask for: scripts/pyfuse3-cache-dirs.py): then READLINK never comes again."""
+    tree = tmp_path / "tree"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
+    (tree / "bin").symlink_to("usr/bin")
+    (tree / "link").symlink_to("usr/bin/tool")
+    image = tmp_path / "t.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress"])
+    mnt, pid = mounts_.serve(image)
+
+    def resolve() -> None:
+        assert os.readlink(mnt / "bin") == "usr/bin"
+        assert os.readlink(mnt / "link") == "usr/bin/tool"
+        assert os.stat(mnt / "bin" / "tool").st_size == 10
+        assert (mnt / "link").stat().st_size == 10
+
+    before = _settled_requests(pid)
+    resolve()
+    cold = _settled_requests(pid) - before
+    warm = []
+    for _ in range(3):
+        before = _settled_requests(pid)
+        resolve()
+        warm.append(_settled_requests(pid) - before)
+    assert cold >= 2, cold  # the READLINKs (and LOOKUPs) did reach the server
+    assert warm == [0, 0, 0], (cold, warm)
+
+
 def test_writes_are_refused_without_open_requests(tmp_path: Path, mounts_: Mounts) -> None:
     """With no OPEN reaching the server, the read-only mount itself refuses every write."""
     tree = tmp_path / "tree"
