@@ -34,6 +34,8 @@ from squashstore.image import SquashstoreError
 
 if TYPE_CHECKING:
     from squashstore.fuse.server import ServerOptions
+    from squashstore.lazy.image import Remote
+    from squashstore.lazy.source import RangeSource
     from squashstore.squashfs.meta import ByteSource
 
 MIB = 1 << 20
@@ -237,8 +239,7 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
     from squashstore import config
     from squashstore.fuse import server
-    from squashstore.lazy import image as lazy_image
-    from squashstore.lazy import remote
+    from squashstore.lazy import paths as lazy_paths
     from squashstore.squashfs.reader import SquashReader
 
     def ready(message: str) -> None:
@@ -252,10 +253,14 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
         check_arguments(args)
         set_process_name("squashstore-fs")
         opts = _server_options(args)
-        lazy = lazy_image.open_lazy(args.squash, remote.open_source,
-                                    config.load().lazy.cache_path())
-        if lazy is not None:  # a lazily pulled image: its cache, and the registry for the rest
-            lazy_image.prefetch_metadata(lazy)
+        lazy = None
+        if lazy_paths.is_lazy(args.squash):  # else no registry client to import (~45 ms)
+            from squashstore.lazy import image as lazy_image
+
+            lazy = lazy_image.open_lazy(args.squash, _open_source,
+                                        config.load().lazy.cache_path())
+            if lazy is not None:  # lazily pulled: its cache, and the registry for the rest
+                lazy_image.prefetch_metadata(lazy)
         source: ByteSource | None = lazy
         if args.record is not None:
             source = _recorder(args.squash, args.record, lazy)
@@ -278,6 +283,15 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     finally:
         reader.close()
     return 0
+
+
+def _open_source(remote: Remote) -> RangeSource:
+    """`squashstore.lazy.remote.open_source`, imported only for a lazy image: the registry
+    client (requests, urllib3) would cost every other mount ~260 M instructions (~45 ms)
+    of imports before it can answer the kernel (measured by helper start, session 4)."""
+    from squashstore.lazy import remote as registry
+
+    return registry.open_source(remote)
 
 
 def _recorder(squash: Path, record: Path, lazy: ByteSource | None) -> ByteSource:
