@@ -140,17 +140,38 @@ def umount(backend: str, mnt: Path, pid: int | None) -> None:
         _sh(["fusermount3", "-u", str(mnt)])
     if pid is None:
         return
-    # squashfuse (high-level libfuse) detaches into the background: once it exits it is a
-    # zombie until whoever adopted it reaps it, and on a loaded machine its exit can take
-    # longer than the 30 s this used to wait. A server that still has not gone by then is
-    # reported and killed, so one slow exit does not end the whole run.
+    # A server exits once the kernel drops the mount's last copy. A mount namespace made
+    # while the mount existed (rootless podman's, `unshare -m`: other users' tests on a
+    # shared machine) holds a copy the unmount here does not touch, so the server rightly
+    # goes on serving it; the old 30 s wait then ended the whole run. Wait, then say why
+    # and kill the server (the copy elsewhere then fails with ENOTCONN: bench mounts only).
     try:
         _wait(lambda: _state(pid) in ("", "Z", "X"), UNMOUNT_WAIT)
     except RuntimeError:
-        wchan = Path(f"/proc/{pid}/wchan").read_text() if _state(pid) else ""
+        holders = _namespaces_holding(mnt)
         sys.stderr.write(f"{backend}: server {pid} still running {UNMOUNT_WAIT:.0f}s after "
-                         f"its unmount (state {_state(pid)}, wchan {wchan}): killed\n")
+                         f"its unmount (state {_state(pid)}; the mount is still in the "
+                         f"mount namespace of {holders or 'no other process'}): killed\n")
         os.kill(pid, 9)
+
+
+def _namespaces_holding(mountpoint: Path) -> list[str]:
+    """"pid (comm)" of one process per other mount namespace that still has `mountpoint`."""
+    target, ours, seen, out = str(mountpoint), os.readlink("/proc/self/ns/mnt"), set(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(entry / "ns" / "mnt")
+            if ns == ours or ns in seen:
+                continue
+            seen.add(ns)
+            with open(entry / "mountinfo") as f:
+                if any(line.split()[4] == target for line in f):
+                    out.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:
+            continue
+    return out
 
 
 def drop_caches() -> None:
