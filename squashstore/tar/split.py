@@ -125,7 +125,7 @@ def _safe_relative(name: bytes, where: str) -> bytes:
     return b"/".join(parts)
 
 
-ContentOf = Callable[[bytes, int, "bytes | None"], Iterator[bytes]]
+ContentOf = Callable[[bytes, int, "bytes | None"], Iterable[bytes]]
 """``content_of(name, size, crc)``: the `size` content bytes of the file `name` (relative,
 never leaving the layer), for `rebuild_tar`; `crc` is what tar-split recorded (or None),
 for `crc_checked`."""
@@ -144,10 +144,39 @@ def crc_checked(chunks: Iterable[bytes], crc: bytes | None, failure: str) -> Ite
 
 
 def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
-                  where: str) -> Iterator[bytes]:
+                  where: str) -> Iterable[bytes]:
     """`size` bytes of the file `name` below `diff` (never through a symlink), checked
-    ("file integrity checksum failed")."""
-    path = os.path.join(diff, name)
+    ("file integrity checksum failed"). A file of at most `CHUNK` bytes is read, checked
+    and closed at once (the usual file: no generators per file)."""
+    path = diff + b"/" + name
+    if size > CHUNK:
+        return _streamed_file_content(path, size, crc, where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    try:
+        data = os.read(fd, size)
+        while 0 < len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the {size} bytes "
+                          "the layer recorded")
+    if crc is not None and crc64.go_iso(data).to_bytes(8, "big") != crc:
+        raise SourceError(f"{where}: file integrity checksum failed for {os.fsdecode(path)}")
+    return (data,) if data else ()
+
+
+def _streamed_file_content(path: bytes, size: int, crc: bytes | None,
+                           where: str) -> Iterator[bytes]:
+    """`_file_content` of a large file, chunk by chunk."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -206,44 +235,68 @@ def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[
     """
     diff = os.fsencode(diff_dir)
 
-    def content_of(name: bytes, size: int, crc: bytes | None) -> Iterator[bytes]:
+    def content_of(name: bytes, size: int, crc: bytes | None) -> Iterable[bytes]:
         return _file_content(diff, name, size, crc, where)
 
     return rebuild_tar(tar_split, content_of, where)
 
 
-def _lines(tar_split: Path, where: str) -> Iterator[bytes]:
-    """The lines of a gzip'd tar-split; a file that cannot be read is a SourceError."""
+_BATCH = 1 << 18
+"""Bytes of a tar-split's JSON lines parsed in one go."""
+_LOADS = json.JSONDecoder().decode
+
+
+def _line_batches(tar_split: Path, where: str) -> Iterator[list[bytes]]:
+    """The lines of a gzip'd tar-split (without their newlines), a batch at a time; a file
+    that cannot be read is a SourceError."""
     try:
-        with gzip.open(tar_split, "rb") as lines:
-            yield from lines
+        with gzip.open(tar_split, "rb") as stream:
+            rest = b""
+            while data := stream.read(_BATCH):
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                yield lines
+            if rest:
+                yield [rest]
     except (OSError, EOFError) as exc:
         raise SourceError(f"{where}: cannot read {tar_split}: {exc}") from exc
+
+
+def _entries(lines: list[bytes], where: str) -> list[dict[str, object]]:
+    """The tar-split entries of `lines`: parsed as one JSON array (one call for the batch,
+    not one per line) when that gives one object per line; else line by line, so a
+    blank line is skipped and an error names the first bad line as before."""
+    try:
+        parsed = _LOADS("[" + b",".join(lines).decode() + "]")
+    except ValueError:
+        parsed = None
+    if (isinstance(parsed, list) and len(parsed) == len(lines)
+            and all(type(entry) is dict for entry in parsed)):
+        return parsed
+    return [_parse_line(line, where) for line in lines if line.strip()]
 
 
 def rebuild_tar(tar_split: Path, content_of: ContentOf, where: str) -> Iterator[bytes]:
     """The tar `tar_split` describes: its segments as recorded, each file's content from
     `content_of` (a diff directory, a squash file; its errors pass through). `where` names
     the layer in errors."""
-    for line in _lines(tar_split, where):
-        if not line.strip():
-            continue
-        entry = _parse_line(line, where)
-        kind = entry.get("type")
-        if kind == SEGMENT:
-            data = _payload(entry, where)
-            if data:
-                yield data
-        elif kind == FILE:
-            size = entry.get("size", 0)
-            if not isinstance(size, int) or size < 0:
-                raise SourceError(f"{where}: invalid size in tar-split")
-            if size:
-                crc = _payload(entry, where) or None
-                yield from content_of(_safe_relative(_entry_name(entry, where), where), size,
-                                      crc)
-        else:
-            raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+    for lines in _line_batches(tar_split, where):
+        for entry in _entries(lines, where):
+            kind = entry.get("type")
+            if kind == SEGMENT:
+                data = _payload(entry, where)
+                if data:
+                    yield data
+            elif kind == FILE:
+                size = entry.get("size", 0)
+                if not isinstance(size, int) or size < 0:
+                    raise SourceError(f"{where}: invalid size in tar-split")
+                if size:
+                    crc = _payload(entry, where) or None
+                    yield from content_of(_safe_relative(_entry_name(entry, where), where),
+                                          size, crc)
+            else:
+                raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
 
 
 # --- a layer without a tar-split: walk the diff directory ----------------------------------
