@@ -270,7 +270,7 @@ class TarReader:
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
-            if not self._skip_rest():
+            if (self._remaining or self._pad) and not self._skip_rest():
                 return None  # Go: the stream ending inside the padding ends the archive
             read = self._read_header()
             if read is None:
@@ -483,11 +483,24 @@ class TarReader:
             if n >= 0:
                 return self._read_sparse(n)
             return b"".join(iter(lambda: self._read_sparse(_CHUNK), b""))
-        if n < 0 or n > self._remaining:
-            n = self._remaining
+        remaining = self._remaining
+        if n < 0 or n > remaining:
+            n = remaining
         if not n:
             return b""
-        return self._physical(n)
+        data = self._stream.read(n)
+        if len(data) != n:
+            data = self._complete(data, n)
+        self._remaining = remaining - n
+        return data
+
+    def _complete(self, data: bytes, n: int) -> bytes:
+        """`data`, a short read, completed to `n` bytes; truncation is an error."""
+        if data:
+            data += self._read_full(n - len(data))
+        if len(data) != n:
+            raise TarError(ERR_UNEXPECTED_EOF)
+        return data
 
     def _read_sparse(self, n: int) -> bytes:
         left = self._size - self._pos

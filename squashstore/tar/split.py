@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import gzip
 import json
 import os
@@ -41,6 +42,8 @@ _json_string = json.encoder.encode_basestring_ascii
 
 
 _LINES_BUFFER = 1 << 18
+_b64 = functools.partial(binascii.b2a_base64, newline=False)
+"""base64.b64encode without its Python wrapper."""
 """JSON lines gathered before one gzip write (a write per line cost more than the JSON)."""
 
 
@@ -65,14 +68,17 @@ class TarSplitRecorder:
     def file(self, name: str, size: int, crc: int | None) -> None:
         """An entry whose `size` content bytes come from the file `name` (CRC-64/ISO)."""
         self._flush_segment()
-        raw = name.encode("utf-8", "surrogateescape")
-        try:
-            field = '"name":' + _json_string(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            field = '"name_raw":"' + base64.b64encode(raw).decode() + '"'
+        if name.isascii():
+            field = '"name":' + _json_string(name)
+        else:
+            raw = name.encode("utf-8", "surrogateescape")
+            try:
+                field = '"name":' + _json_string(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                field = '"name_raw":"' + _b64(raw).decode() + '"'
         sized = f',"size":{size}' if size else ""
-        payload = ('"' + base64.b64encode(crc.to_bytes(8, "big")).decode() + '"'
-                   if crc is not None else "null")
+        payload = '"' + _b64(crc.to_bytes(8, "big")).decode() + '"' if crc is not None \
+            else "null"
         self._emit(f'{{"type":{FILE},{field}{sized},"payload":{payload},')
 
     def close(self) -> None:
@@ -82,7 +88,7 @@ class TarSplitRecorder:
 
     def _flush_segment(self) -> None:
         if self._segment:
-            payload = base64.b64encode(self._segment).decode()
+            payload = _b64(self._segment).decode()
             self._emit(f'{{"type":{SEGMENT},"payload":"{payload}",')
             self._segment.clear()
 
