@@ -663,7 +663,8 @@ class LayerMerge:
 
     def _finish_implicit(self) -> Iterator[MergedEntry]:
         """Yield the directories that no layer described (so tar sinks write them too)."""
-        if not self._implicit:
+        if not self._implicit - {id(self.root)}:
+            self._implicit.clear()  # at most the root, which is never yielded: no walk
             return
         stack: list[tuple[str, Inode]] = [("", self.root)]
         while stack:

@@ -229,7 +229,7 @@ def _payload(entry: dict[str, object], where: str) -> bytes:
     if not isinstance(payload, str):
         raise SourceError(f"{where}: invalid segment payload")
     try:
-        return base64.b64decode(payload, validate=True)
+        return binascii.a2b_base64(payload, strict_mode=True)  # b64decode(validate=True)
     except binascii.Error as exc:
         raise SourceError(f"{where}: invalid segment payload ({exc})") from exc
 
@@ -299,8 +299,15 @@ def rebuild_tar(tar_split: Path, content_of: ContentOf, where: str) -> Iterator[
                     raise SourceError(f"{where}: invalid size in tar-split")
                 if size:
                     crc = _payload(entry, where) or None
-                    yield from content_of(_safe_relative(_entry_name(entry, where), where),
-                                          size, crc)
+                    name = entry.get("name")
+                    if (type(name) is str and "name_raw" not in entry and name.isascii()
+                            and name and name[0] not in "/." and "//" not in name
+                            and "/." not in name and name[-1] != "/"):
+                        # What `_safe_relative` leaves of a clean relative name: itself.
+                        raw = name.encode()
+                    else:
+                        raw = _safe_relative(_entry_name(entry, where), where)
+                    yield from content_of(raw, size, crc)
             else:
                 raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
 
