@@ -4,24 +4,28 @@
 `squash_image` streams them into the native squashfs writer in one pass: each surviving
 file's bytes go to the writer as they stream past, and through a `TarStream` that computes
 the digest of the canonical tar of the flattened tree and records its tar-split, so the
-store can give podman a layer whose ``diff-digest`` is true and reproducible.
+store can give podman a layer whose ``diff-digest`` is true and reproducible. With more
+than one job that work is split over two processes (`stream_entries`): this one reads and
+merges the layers, the writer's worker process (`squashfs/dataworker.py`) makes the
+canonical tar and the squash file's data from the entries it is sent.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from squashstore.image import Image, LayerError
-from squashstore.layers import LayerMerge
+from squashstore.layers import LayerMerge, MergedEntry
 from squashstore.progress import Progress
 from squashstore.tar.split import TarSplitRecorder
 from squashstore.tarstream import TarStream, TeeReader
 
 if TYPE_CHECKING:
-    from squashstore.squashfs.writer import SquashOptions
+    from squashstore.squashfs.writer import SquashOptions, SquashWriter
 
 
 @dataclass(frozen=True)
@@ -72,22 +76,18 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
     merge = LayerMerge(image.layers)
     split_file = tar_split.open("wb") if tar_split is not None else None
     try:
-        recorder = TarSplitRecorder(split_file) if split_file is not None else None
-        stream = TarStream(None, recorder)
         bar = Progress(image.reference, len(image.layers)) if progress else None
-        with SquashWriter(dest, options) as writer:
-            for entry in merge.entries():
-                if bar is not None:
-                    bar.update(merge.layers_done, merge.files, merge.bytes)
-                stream.begin(entry)
-                if entry.content is not None:
-                    entry.inode.data = writer.add_file(
-                        TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
-                stream.end()
-            stream.close()
+
+        def tick() -> None:
+            if bar is not None:
+                bar.update(merge.layers_done, merge.files, merge.bytes)
+
+        with SquashWriter(dest, options, worker=True, tar=True, tar_split=split_file) as writer:
+            entries = stream_entries(writer, merge.entries(), split_file, tick)
             if bar is not None:
                 bar.done()
             summary = writer.finish(merge.root)
+            digest = entries() if callable(entries) else entries
     except BaseException:
         if split_file is not None:
             split_file.close()
@@ -96,6 +96,37 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
     if split_file is not None:
         split_file.close()
     return SquashResult(
-        path=dest, diff_digest=stream.digest, diff_size=stream.size, tar_split=tar_split,
+        path=dest, diff_digest=digest[0], diff_size=digest[1], tar_split=tar_split,
         files=merge.files, bytes_in=merge.bytes, bytes_out=summary.bytes_out,
         seconds=time.monotonic() - started)
+
+
+def stream_entries(
+    writer: SquashWriter, entries: Iterable[MergedEntry], split_file: BinaryIO | None,
+    tick: Callable[[], None] = lambda: None,
+) -> tuple[str, int] | Callable[[], tuple[str, int]]:
+    """Give every merged entry to `writer`: its content, and to the canonical tar.
+
+    With two cores the writer's worker process makes the canonical tar (the result is a
+    function to call once the writer finished); with one, this thread makes it with a
+    `TarStream` (the result is the canonical tar's digest and size). Both write the same
+    squash file, tar-split and digest.
+    """
+    if writer.writes_tar:
+        for entry in entries:
+            tick()
+            handle = writer.add_entry(entry.path, entry.inode, entry.link_to, entry.content)
+            if handle is not None:
+                entry.inode.data = handle
+        return writer.tar_result
+    recorder = TarSplitRecorder(split_file) if split_file is not None else None
+    stream = TarStream(None, recorder)
+    for entry in entries:
+        tick()
+        stream.begin(entry)
+        if entry.content is not None:
+            entry.inode.data = writer.add_file(
+                TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
+        stream.end()
+    stream.close()
+    return stream.digest, stream.size

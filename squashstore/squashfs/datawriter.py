@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from squashstore.image import LayerError
 from squashstore.squashfs import format as fmt
@@ -179,7 +179,7 @@ class DataWriter:
         bs = self._block_size
         hasher = hashlib.sha256()
         if size < bs:
-            tail = _read_exact(stream, size, size)
+            tail = read_exact(stream, size, size)
             hasher.update(tail)
             return self._complete(handle, hasher.digest(), tail, False)
         count = (size + bs - 1) // bs
@@ -188,7 +188,7 @@ class DataWriter:
         submitted = False
         for index in range(count):
             length = min(bs, size - index * bs)
-            data = _read_exact(stream, length, size)
+            data = read_exact(stream, length, size)
             hasher.update(data)
             if data == (self._zero_block if length == bs else bytes(length)):
                 if sparse:
@@ -259,7 +259,7 @@ def _block_setter(blocks: array[int], index: int) -> _Written:
     return written
 
 
-def _read_exact(stream: BinaryIO, length: int, total: int) -> bytes:
+def read_exact(stream: IO[bytes], length: int, total: int) -> bytes:
     data = stream.read(length)
     if len(data) == length:
         return data

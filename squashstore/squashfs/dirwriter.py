@@ -19,7 +19,8 @@ from squashstore.squashfs.metawriter import MetadataWriter
 from squashstore.tree import Inode
 
 _ENTRY_SIZE = fmt.DirEntry.STRUCT.size
-_HEADER_SIZE = fmt.DirHeader.STRUCT.size
+_DIR_HEADER = fmt.DirHeader.STRUCT
+_HEADER_SIZE = _DIR_HEADER.size
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,12 @@ def _listing(
     base_block = -1
     base_number = 0
     index_at = 0
+    pack_entry = fmt.DirEntry.STRUCT.pack
     for raw, child in entries:
-        ref = refs[id(child)]
-        number = numbers[id(child)]
-        block = fmt.ref_block(ref)
+        key = id(child)
+        ref = refs[key]
+        number = numbers[key]
+        block = ref >> 16
         delta = number - base_number
         grown = len(listing) + _ENTRY_SIZE + len(raw) - index_at > fmt.METADATA_SIZE
         if (
@@ -101,9 +104,8 @@ def _listing(
             base_block = block
             base_number = number
             delta = 0
-        listing += fmt.DirEntry(
-            fmt.ref_offset(ref), delta, fmt.InodeType(child.kind.value), len(raw) - 1
-        ).pack()
+        # The entry's type is the basic one, which is the tree's `Kind` value.
+        listing += pack_entry(ref & 0xFFFF, delta, child.kind, len(raw) - 1)
         listing += raw
         count += 1
     if count:
@@ -112,4 +114,4 @@ def _listing(
 
 
 def _patch_count(listing: bytearray, at: int, count: int, block: int, number: int) -> None:
-    listing[at : at + _HEADER_SIZE] = fmt.DirHeader(count - 1, block, number).pack()
+    _DIR_HEADER.pack_into(listing, at, count - 1, block, number)

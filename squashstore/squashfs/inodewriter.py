@@ -11,6 +11,7 @@ reference for listings and the export table.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -24,6 +25,10 @@ from squashstore.squashfs.idtable import IdTable
 from squashstore.squashfs.metawriter import MetadataWriter, WriterError, clamp32
 from squashstore.squashfs.xattrwriter import XattrWriter
 from squashstore.tree import Inode, Kind, name_bytes
+
+_INODE_HEADER = fmt.InodeHeader.STRUCT
+_BASIC_FILE = struct.Struct("<" + _INODE_HEADER.format[1:] + fmt.FileInode.STRUCT.format[1:])
+"""A basic file inode's header and body in one pack (the commonest inode)."""
 
 
 def _is_dir(node: Inode) -> bool:
@@ -100,43 +105,53 @@ class InodeWriter:
         self.xattrs = XattrWriter(codec, compress, xattrs)
         self.refs: dict[int, int] = {}
         self.file_totals = (0, 0)
-        self._order: list[Inode] = []
+        self._refs_in_order = array("Q")
 
     def write_inodes(self, info: TreeInfo) -> int:
         """Writes every inode and listing; returns the root's reference."""
         files = 0
         bytes_in = 0
-        self._order = info.order
         root_number = len(info.order)
-        for node in info.order:
+        refs, links, numbers, parents = self.refs, info.links, info.number, info.parent
+        in_order = self._refs_in_order
+        # Inode numbers are the write order (`scan` numbers them so), from 1.
+        for number, node in enumerate(info.order, 1):
             key = id(node)
-            number = info.number[key]
-            if node.kind is Kind.DIR:
-                parent = info.parent.get(key)
-                parent_number = root_number + 1 if parent is None else info.number[parent]
+            kind = node.kind
+            if kind is Kind.DIR:
+                parent = parents.get(key)
+                parent_number = root_number + 1 if parent is None else numbers[parent]
                 ref = self._write_dir(node, number, parent_number, info)
             else:
-                ref = self._write_other(node, number, info.links[key])
-                if node.kind is Kind.FILE:
+                ref = self._write_other(node, number, links[key])
+                if kind is Kind.FILE:
                     files += 1
                     bytes_in += file_data(node).size
-            self.refs[key] = ref
+            refs[key] = ref
+            in_order.append(ref)
         self.file_totals = (files, bytes_in)
         return self.refs[id(info.order[-1])]
 
     def export_table(self) -> bytes:
         """The export table's entries: each inode's reference, by inode number."""
-        return b"".join(fmt.EXPORT_ENTRY.pack(self.refs[id(node)]) for node in self._order)
+        if sys.byteorder == "little":
+            return self._refs_in_order.tobytes()
+        swapped = array("Q", self._refs_in_order)
+        swapped.byteswap()
+        return swapped.tobytes()
 
     def _header(self, node: Inode, inode_type: fmt.InodeType, number: int) -> bytes:
-        return fmt.InodeHeader(
+        # Packed straight from the fields: this runs once per inode (~20 % of finish).
+        index = self.ids.index
+        mtime = node.mtime
+        return _INODE_HEADER.pack(
             inode_type,
             node.mode & 0o7777,
-            self.ids.index(node.uid),
-            self.ids.index(node.gid),
-            clamp32(node.mtime),
+            index(node.uid),
+            index(node.gid),
+            mtime if 0 <= mtime <= 0xFFFF_FFFF else clamp32(mtime),
             number,
-        ).pack()
+        )
 
     def _write_other(self, node: Inode, number: int, nlink: int) -> int:
         xattr = self.xattrs.index(node)
@@ -184,8 +199,20 @@ class InodeWriter:
             and data.start <= fmt.BASIC_FILE_MAX
         )
         if basic:
-            header = self._header(node, fmt.InodeType.FILE, number)
-            body = fmt.FileInode(data.start, data.fragment, data.offset, data.size).pack()
+            index = self.ids.index
+            mtime = node.mtime
+            return _BASIC_FILE.pack(
+                fmt.InodeType.FILE,
+                node.mode & 0o7777,
+                index(node.uid),
+                index(node.gid),
+                mtime if 0 <= mtime <= 0xFFFF_FFFF else clamp32(mtime),
+                number,
+                data.start,
+                data.fragment,
+                data.offset,
+                data.size,
+            ) + blocks
         else:
             header = self._header(node, fmt.InodeType.LFILE, number)
             sparse = min(data.sparse, data.size - 1) if data.sparse else 0

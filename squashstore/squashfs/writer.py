@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.compress import WRITABLE, CodecError, codec_for
+from squashstore.squashfs.dataworker import ProcessDataWriter, WorkerUnavailable
 from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
 from squashstore.squashfs.inodewriter import InodeWriter, TreeInfo, scan
 from squashstore.squashfs.metawriter import WriterError, clamp32, write_lookup_table
@@ -107,6 +108,11 @@ def _default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _name_of(file: BinaryIO | None) -> str:
+    name = getattr(file, "name", "")
+    return name if isinstance(name, str) else ""
+
+
 # --- the writer ------------------------------------------------------------------------
 
 
@@ -123,9 +129,23 @@ class _Layout:
 
 
 class SquashWriter:
-    """Writes one squashfs image; use as a context manager, call `finish` in it."""
+    """Writes one squashfs image; use as a context manager, call `finish` in it.
 
-    def __init__(self, dest: Path, options: SquashOptions) -> None:
+    With `worker` (and more than one job), file content is written by a worker process
+    (`dataworker.py`) while the caller keeps streaming: the same image, on two cores. With
+    `tar` too, the caller gives whole tree entries to `add_entry` and the worker also makes
+    their canonical tar (`tarstream.TarStream`): its digest and size (`tar_result`) and its
+    tar-split (into `tar_split`). `writes_tar` says whether the worker runs.
+    """
+
+    def __init__(
+        self,
+        dest: Path,
+        options: SquashOptions,
+        worker: bool = False,
+        tar: bool = False,
+        tar_split: BinaryIO | None = None,
+    ) -> None:
         self._started = time.monotonic()
         self._dest = Path(dest)
         self._options = options
@@ -151,10 +171,30 @@ class SquashWriter:
             self._out.write(fmt.metadata_header(len(self._opts_block), False) + self._opts_block)
             start += 2 + len(self._opts_block)
         jobs = options.jobs or _default_jobs()
-        self._data = DataWriter(
-            self._out, start, self._codec, jobs, self._dest, self._block_size
-        )
         self._finished = False
+        self._tar = tar
+        self._data: DataWriter | ProcessDataWriter
+        if worker and jobs > 1:
+            try:
+                self._out.flush()
+                self._data = ProcessDataWriter(
+                    self._out.fileno(), start, options.compression, options.level, jobs,
+                    self._dest, self._block_size, tar,
+                    None if tar_split is None else tar_split.fileno(),
+                    _name_of(tar_split),
+                )
+            except WorkerUnavailable:  # e.g. a process limit: the same image, one process
+                self._data = DataWriter(
+                    self._out, start, self._codec, jobs, self._dest, self._block_size
+                )
+            except BaseException:
+                self._out.close()
+                self._tmp.unlink(missing_ok=True)
+                raise
+        else:
+            self._data = DataWriter(
+                self._out, start, self._codec, jobs, self._dest, self._block_size
+            )
 
     # context manager
 
@@ -194,6 +234,25 @@ class SquashWriter:
         if size < 0:
             raise WriterError(f"negative file size {size}")
         return self._data.add_file(stream, size, sparse)
+
+    @property
+    def writes_tar(self) -> bool:
+        """True when `add_entry` is there: a worker makes the canonical tar."""
+        return isinstance(self._data, ProcessDataWriter) and self._tar
+
+    def add_entry(
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+    ) -> object | None:
+        """One entry of the tree in tar order (see `writes_tar`); its content's handle."""
+        if self._finished:
+            raise WriterError("add_entry after finish or abort")
+        assert isinstance(self._data, ProcessDataWriter) and self._tar
+        return self._data.add_entry(path, inode, link_to, content)
+
+    def tar_result(self) -> tuple[str, int]:
+        """(``sha256:`` digest, size) of the canonical tar, once `finish` returned."""
+        assert isinstance(self._data, ProcessDataWriter) and self._tar
+        return self._data.tar_digest, self._data.tar_size
 
     # the image
 
