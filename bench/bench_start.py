@@ -7,12 +7,27 @@ and with the layer unmounted before each start (the mount program mounts it). Th
 itself is timed on its own (`Mounter.mount`, in this process) so the first start can be
 compared with "mounted start + mount". Each backend of `--backend` (default: fuse, the
 project's own server, and kernel) gets its own store and consumer podman.
-Run: .venv/bin/python bench/bench_start.py [--rounds N] [--backend fuse,kernel]
+
+Two peers split the gap: podman's own store with a *shell* mount program (``exec mount -t
+overlay overlay "$@"``: what podman itself pays for any mount program: the exec'd program
+and mount(8), and ``fusermount3 -u`` at cleanup) and the squash store with that shell
+program while the image is mounted (adds reading the additional store and a squash lower).
+Our mount program's own cost is the difference to "image mounted". Such a program cannot
+mount the layer, so it is timed only while the image is mounted; an unmounted start with
+it has an empty root file system (podman exit 127: "true" not found). `--program` takes
+full mount programs (e.g. an older checkout's, through a wrapper), timed like ours.
+
+The squashstore package is byte-compiled first (a mount program compiling its modules at
+every start, as it does under PYTHONDONTWRITEBYTECODE with no ``__pycache__``, costs ~90 M
+instructions more). `--nice` runs the timed commands at nice -20 (root): on a machine the
+other engineers load, their CPU share then barely stretches the starts.
+Run: .venv/bin/python bench/bench_start.py [--rounds N] [--backend fuse,kernel] [--nice]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -28,6 +43,8 @@ SQUASHSTORE = str(ROOT / ".venv/bin/squashstore")
 MOUNT_PROGRAM = str(ROOT / ".venv/bin/squashstore-mount-program")
 IMAGE = "localhost/bench-start:1"
 COMMAND = ("run", "--rm", "--pull=never", "--network", "none", IMAGE, "true")
+SHELL_PROGRAM = '#!/bin/sh\nexec mount -t overlay overlay "$@"\n'
+"""A mount program that only mounts the overlay (podman's own store needs nothing else)."""
 
 
 def run_seconds(env: dict[str, str], argv: list[str]) -> float:
@@ -44,8 +61,13 @@ def main() -> int:
     parser.add_argument("--program", action="append", default=[], metavar="LABEL=PATH",
                         help="another mount program to time in the same run (e.g. an older "
                         "checkout's, through a wrapper)")
+    parser.add_argument("--nice", action="store_true",
+                        help="time at nice -20 (root), against the machine's other load")
     args = parser.parse_args()
     programs = {"": MOUNT_PROGRAM} | dict(p.split("=", 1) for p in args.program)
+    if args.nice:
+        os.nice(-20)
+    compileall.compile_dir(ROOT / "squashstore", quiet=1)
     backends = [(b, label) for b in args.backend.split(",") if b for label in programs]
 
     from squashstore import host
@@ -59,7 +81,15 @@ def main() -> int:
     try:
         producer = make_podman(work / "producer")
         podmen.append(producer)
-        producer.import_tar(write_base_tar(work / "base.tar"), IMAGE, "ENV PATH=/bin")
+        base_tar = write_base_tar(work / "base.tar")
+        producer.import_tar(base_tar, IMAGE, "ENV PATH=/bin")
+        shell = work / "shell-mount-program"
+        shell.write_text(SHELL_PROGRAM)
+        shell.chmod(0o755)
+        own_shell = make_podman(work / "own-shell", [], str(shell))
+        podmen.append(own_shell)
+        own_shell.import_tar(base_tar, IMAGE, "ENV PATH=/bin")
+        shell_envs: dict[str, dict[str, str]] = {}
         for backend, label in backends:
             name = f"{backend}{' ' + label if label else ''}"
             run_dir = work / f"run-{backend}{label}"
@@ -76,17 +106,29 @@ def main() -> int:
             os.environ.update(extra)
             registry = Registry(run_dir)
             setups[name] = (env, registry)
+            if backend not in shell_envs:
+                shelled = make_podman(work / f"consumer-{backend}-shell", [store], str(shell))
+                podmen.append(shelled)
+                shell_envs[backend] = {**shelled.env, **extra}
 
-        times: dict[str, list[float]] = {"podman": []}
+        times: dict[str, list[float]] = {"podman": [], "podman shell": []}
         for _ in range(2):  # warm-up: page cache, podman's own first-run work
             run_seconds(producer.env, ["podman", *COMMAND])
+            run_seconds(own_shell.env, ["podman", *COMMAND])
             for env, _registry in setups.values():
+                run_seconds(env, ["podman", *COMMAND])
+            for env in shell_envs.values():
                 run_seconds(env, ["podman", *COMMAND])
         for _ in range(args.rounds):
             times["podman"].append(run_seconds(producer.env, ["podman", *COMMAND]))
+            times["podman shell"].append(run_seconds(own_shell.env, ["podman", *COMMAND]))
             for backend, (env, registry) in setups.items():
                 times.setdefault(f"{backend} mounted", []).append(
                     run_seconds(env, ["podman", *COMMAND]))
+                shelled_env = shell_envs.get(backend)
+                if shelled_env is not None:  # the layer is mounted now (the start above)
+                    times.setdefault(f"{backend} shell", []).append(
+                        run_seconds(shelled_env, ["podman", *COMMAND]))
                 registry.umount_all(lazy=True)
                 times.setdefault(f"{backend} unmounted", []).append(
                     run_seconds(env, ["podman", *COMMAND]))
@@ -106,8 +148,15 @@ def main() -> int:
                 run_seconds(env, ["podman", *COMMAND])  # mounted again for the next round
 
         base = statistics.median(times["podman"])
-        rows = [["podman's own store", f"{base:.3f}", "1.00", ""]]
+        own_shell_time = statistics.median(times["podman shell"])
+        rows = [["podman's own store", f"{base:.3f}", "1.00", ""],
+                ["podman's own store, shell mount program", f"{own_shell_time:.3f}",
+                 f"{own_shell_time / base:.2f}", ""]]
         for backend in setups:
+            if f"{backend} shell" in times:
+                shelled = statistics.median(times[f"{backend} shell"])
+                rows.append([f"store ({backend}), image mounted, shell mount program",
+                             f"{shelled:.3f}", f"{shelled / base:.2f}", ""])
             mounted = statistics.median(times[f"{backend} mounted"])
             cold = statistics.median(times[f"{backend} unmounted"])
             mount = statistics.median(times[f"{backend} mount itself"])

@@ -94,8 +94,12 @@ def temp_name(target: Path) -> Path:
                             f"{TMP_SUFFIX}")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
+
+    Without `durable` the two fsyncs are left out: still atomic for every reader, but not
+    ordered against a power loss. For runtime state a reboot makes meaningless anyway (the
+    mount registry's records): an fsync costs 10-140 ms where ``/run`` is not a tmpfs."""
     tmp = temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -104,7 +108,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -112,8 +117,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: Path, value: Any, durable: bool = True) -> None:
+    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode(),
+                 durable=durable)

@@ -297,4 +297,5 @@ def _write_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...],
                  tables: dict[str, Any]) -> None:
     """Keep `tables` for `stamp` (best effort: tables JSON cannot hold are not kept)."""
     with contextlib.suppress(OSError, TypeError, ValueError):
-        atomic_write_json(cache, {"stamp": [list(item) for item in stamp], "tables": tables})
+        atomic_write_json(cache, {"stamp": [list(item) for item in stamp], "tables": tables},
+                          durable=False)

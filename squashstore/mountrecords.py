@@ -263,8 +263,10 @@ class RecordRegistry:
         return done
 
     def write(self, record: MountRecord) -> None:
-        """Store a record (call with `locked` held)."""
-        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json())
+        """Store a record (call with `locked` held). Not fsynced: a record describes mounts
+        and processes a reboot erases, and a torn record reads as absent."""
+        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json(),
+                          durable=False)
 
     def forget(self, mountpoint: Path) -> None:
         """Drop the record of ``mountpoint`` (call with `locked` held)."""
