@@ -56,11 +56,11 @@ RETRIES = 4
 BACKOFF = 0.5
 """Seconds before the first retry; doubled each time."""
 CONNECT_TIMEOUT = 10.0
-STALL_MAX = 86400.0 * 365
-"""The longest stall limit used (``stall = 1e308`` in the config overflowed the socket
-timeout: a traceback from urllib3)."""
 """Seconds to establish a connection (the read timeout is the stall limit,
 `squashstore.config.DEFAULT_STALL`)."""
+STALL_MAX = config.MAX_SECONDS
+"""The longest stall limit used (``--stall``-like options are not checked by the config;
+``stall = 1e308`` overflowed the socket timeout: a traceback from urllib3)."""
 UPLOAD_CHUNK = 16 << 20
 """Bytes per PATCH of a chunked upload: the most a push holds in memory."""
 MANIFEST_LIMIT = 4 << 20
