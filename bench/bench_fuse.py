@@ -7,9 +7,13 @@ and warm (the same mount once more): ``find``, ``lstat`` of every path, reading 
 (MB/s), reading the files of 1 MiB and more (sequential MB/s), and
 ``python -c 'import ...'`` through the mount (PYTHONPATH into it), plus the FUSE servers'
 peak RSS. It prints medians and the ratios against squashfuse_ll and the kernel.
-Needs root (loop mounts, ``/proc/sys/vm/drop_caches``). Speed is reported, never asserted.
+Backends are interleaved (each operation runs on every backend in turn, the order rotating
+from run to run), so a load that comes and goes on a shared machine hits all of them alike;
+the load average is printed before and after. Needs root (loop mounts,
+``/proc/sys/vm/drop_caches``). Speed is reported, never asserted.
 
     sudo .venv/bin/python bench/bench_fuse.py [--tree DIR] [--runs 3] [--work DIR]
+        [--backends squashstore squashfuse_ll kernel ...]
 """
 
 from __future__ import annotations
@@ -27,8 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = ("numpy", "scipy", "pandas", "sympy")
-BACKENDS = ("squashstore", "squashstore-inline", "squashfuse_ll", "squashfuse", "kernel")
-"""squashstore-inline: the same server with ``--threads=0`` (no decompression threads)."""
+BACKENDS = ("squashstore", "squashstore-inline", "squashstore-open", "squashstore-stock",
+            "squashfuse_ll", "squashfuse", "kernel")
+"""squashstore-inline: the same server with ``--threads=0`` (no decompression threads);
+squashstore-open: with ``--open-requests`` (OPEN/RELEASE and OPENDIR/RELEASEDIR answered,
+as a stock pyfuse3 build must: what the kernel's no-open mode saves); squashstore-stock:
+the server run by ``--stock-python``, an interpreter with the stock pyfuse3 3.5.0 wheel
+(what scripts/pyfuse3-cache-dirs.py saves in all)."""
+SERVER_ARGS = {"squashstore": [], "squashstore-inline": ["--threads=0"],
+               "squashstore-open": ["--open-requests"], "squashstore-stock": []}
+STOCK_PYTHON: list[str] = []
+"""The interpreter of squashstore-stock (``--stock-python``)."""
+UNMOUNT_WAIT = 60.0
+"""Seconds a FUSE server may take to exit after its unmount (then it is killed)."""
 OPS = ("find", "stat", "read", "bigread", "import")
 BIG = 1 << 20
 """Files at least this large make the ``bigread`` (sequential throughput) set."""
@@ -42,19 +57,42 @@ def _sh(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
                           capture_output=True, **kw)  # type: ignore[call-overload]
 
 
+def _holds_dev_fuse(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _server_pid(mountpoint: Path) -> int | None:
-    """The pid of the FUSE server whose command line names `mountpoint`."""
+    """The pid of the FUSE server whose command line names `mountpoint` (the process that
+    holds /dev/fuse: not a parent still exiting, nor any other process naming the path)."""
     want = str(mountpoint).encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if want in argv and int(entry.name) != os.getpid():
+        if want in argv and _holds_dev_fuse(int(entry.name)):
             return int(entry.name)
     return None
+
+
+def _state(pid: int) -> str:
+    """The process state letter of `pid` ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _mounted(mountpoint: Path) -> bool:
@@ -76,14 +114,23 @@ def mount(backend: str, image: Path, mnt: Path) -> int | None:
     if backend == "kernel":
         _sh(["mount", "-t", "squashfs", "-o", "loop,ro", str(image), str(mnt)])
         return None
-    if backend.startswith("squashstore"):
-        extra = ["--threads=0"] if backend == "squashstore-inline" else []
-        _sh([sys.executable, "-m", "squashstore.fuse.daemon", *extra, str(image), str(mnt)])
+    if backend == "squashstore-stock":
+        root = str(Path(__file__).resolve().parent.parent)
+        _sh([*STOCK_PYTHON, "-m", "squashstore.fuse.daemon", str(image), str(mnt)],
+            env={**os.environ, "PYTHONPATH": root})
+    elif backend.startswith("squashstore"):
+        _sh([sys.executable, "-m", "squashstore.fuse.daemon", *SERVER_ARGS[backend],
+             str(image), str(mnt)])
     else:
         _sh([backend, str(image), str(mnt)])
     _wait(lambda: _mounted(mnt))
     os.stat(mnt)
-    return _server_pid(mnt)
+    deadline = time.monotonic() + 30
+    while (pid := _server_pid(mnt)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{backend}: no process holding /dev/fuse serves {mnt}")
+        time.sleep(0.01)
+    return pid
 
 
 def umount(backend: str, mnt: Path, pid: int | None) -> None:
@@ -91,9 +138,40 @@ def umount(backend: str, mnt: Path, pid: int | None) -> None:
         _sh(["umount", str(mnt)])
     else:
         _sh(["fusermount3", "-u", str(mnt)])
-    if pid is not None:
-        _wait(lambda: not Path(f"/proc/{pid}").exists()
-              or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3])
+    if pid is None:
+        return
+    # A server exits once the kernel drops the mount's last copy. A mount namespace made
+    # while the mount existed (rootless podman's, `unshare -m`: other users' tests on a
+    # shared machine) holds a copy the unmount here does not touch, so the server rightly
+    # goes on serving it; the old 30 s wait then ended the whole run. Wait, then say why
+    # and kill the server (the copy elsewhere then fails with ENOTCONN: bench mounts only).
+    try:
+        _wait(lambda: _state(pid) in ("", "Z", "X"), UNMOUNT_WAIT)
+    except RuntimeError:
+        holders = _namespaces_holding(mnt)
+        sys.stderr.write(f"{backend}: server {pid} still running {UNMOUNT_WAIT:.0f}s after "
+                         f"its unmount (state {_state(pid)}; the mount is still in the "
+                         f"mount namespace of {holders or 'no other process'}): killed\n")
+        os.kill(pid, 9)
+
+
+def _namespaces_holding(mountpoint: Path) -> list[str]:
+    """"pid (comm)" of one process per other mount namespace that still has `mountpoint`."""
+    target, ours, seen, out = str(mountpoint), os.readlink("/proc/self/ns/mnt"), set(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(entry / "ns" / "mnt")
+            if ns == ours or ns in seen:
+                continue
+            seen.add(ns)
+            with open(entry / "mountinfo") as f:
+                if any(line.split()[4] == target for line in f):
+                    out.append(f"{entry.name} ({(entry / 'comm').read_text().strip()})")
+        except OSError:
+            continue
+    return out
 
 
 def drop_caches() -> None:
@@ -213,21 +291,36 @@ class Result:
         return statistics.median(self.times[(op, phase)])
 
 
-def bench_backend(backend: str, image: Path, mnt: Path, w: Workload, runs: int) -> Result:
-    result = Result()
-    for _ in range(runs):
-        for op in OPS:
-            drop_caches()
-            pid = mount(backend, image, mnt)
-            try:
-                result.timed(op, "fresh", mnt, w, pid)
-                result.timed(op, "warm", mnt, w, pid)
-                rss = peak_rss_mib(pid)
-                if rss is not None:
-                    result.rss.append(rss)
-            finally:
-                umount(backend, mnt, pid)
-    return result
+def bench_once(backend: str, op: str, image: Path, mnt: Path, w: Workload,
+               result: Result) -> None:
+    """One fresh and one warm `op` on a new mount of `image` with `backend`."""
+    drop_caches()
+    pid = mount(backend, image, mnt)
+    try:
+        result.timed(op, "fresh", mnt, w, pid)
+        result.timed(op, "warm", mnt, w, pid)
+        rss = peak_rss_mib(pid)
+        if rss is not None:
+            result.rss.append(rss)
+    finally:
+        umount(backend, mnt, pid)
+
+
+def bench_interleaved(backends: list[str], ops: list[str], image: Path, mnt: Path,
+                      w: Workload, runs: int) -> dict[str, Result]:
+    """Every operation on every backend in turn, the backends' order rotating each run."""
+    results = {backend: Result() for backend in backends}
+    for run in range(runs):
+        order = backends[run % len(backends):] + backends[:run % len(backends)]
+        for op in ops:
+            for backend in order:
+                bench_once(backend, op, image, mnt, w, results[backend])
+        print(f"run {run + 1}/{runs} done, load {_load()}", flush=True)
+    return results
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def make_tree(work: Path, packages: tuple[str, ...]) -> Path:
@@ -268,14 +361,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def report(results: dict[str, Result], w: Workload) -> None:
+def report(results: dict[str, Result], w: Workload, ops: list[str]) -> None:
     mb = w.total_bytes / 1e6
-    cols = [(op, phase) for op in OPS for phase in ("fresh", "warm")]
+    cols = [(op, phase) for op in ops for phase in ("fresh", "warm")]
     volume = {"read": mb, "bigread": w.big_bytes / 1e6}
 
     def value(name: str, op: str, phase: str) -> float:
         s = results[name].median(op, phase)
-        return volume[op] / s if op in volume else s
+        return (volume[op] / s if s else 0.0) if op in volume else s
 
     head = ["backend"] + [f"{op} {ph}" + (" MB/s" if op in volume else " s")
                           for op, ph in cols] + ["peak RSS MiB"]
@@ -283,7 +376,7 @@ def report(results: dict[str, Result], w: Workload) -> None:
     for name, r in results.items():
         rows.append([name] + [_fmt(value(name, op, ph)) for op, ph in cols]
                     + [_fmt(max(r.rss) if r.rss else None, 1)])
-    for mine in ("squashstore", "squashstore-inline"):
+    for mine in ("squashstore", "squashstore-inline", "squashstore-open", "squashstore-stock"):
         for peer in ("squashfuse_ll", "kernel"):
             if peer not in results or mine not in results:
                 continue
@@ -291,7 +384,7 @@ def report(results: dict[str, Result], w: Workload) -> None:
             for op, ph in cols:
                 ours, theirs = value(mine, op, ph), value(peer, op, ph)
                 # Ratios > 1 mean squashstore is slower (times) or faster (read MB/s).
-                ratio.append(f"{ours / theirs:.2f}x")
+                ratio.append(f"{ours / theirs:.2f}x" if theirs else "-")
             rows.append([f"{mine} / {peer}", *ratio, ""])
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
@@ -313,7 +406,12 @@ def main() -> int:
     parser.add_argument("--packages", nargs="+", default=list(PACKAGES))
     parser.add_argument("--modules", nargs="+", default=None, help="what to import")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                        help="default: all but squashstore-stock")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--stock-python", type=Path, default=None,
+                        help="an interpreter whose pyfuse3 is the stock 3.5.0 wheel (with "
+                        "squashstore's other dependencies), for the squashstore-stock backend")
     parser.add_argument("--work", type=Path, default=None,
                         help="work directory (kept; default: a temporary one)")
     args = parser.parse_args()
@@ -334,16 +432,23 @@ def main() -> int:
           flush=True)
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
-    results = {}
-    for backend in args.backends:
+    backends = []
+    for backend in args.backends or [b for b in BACKENDS if b != "squashstore-stock"]:
         if backend != "kernel" and not backend.startswith("squashstore") \
                 and not shutil.which(backend):
             print(f"{backend}: not installed, skipped")
             continue
-        t = time.perf_counter()
-        results[backend] = bench_backend(backend, image, mnt, w, args.runs)
-        print(f"{backend}: done in {time.perf_counter() - t:.0f}s", flush=True)
-    report(results, w)
+        if backend == "squashstore-stock" and args.stock_python is None:
+            print(f"{backend}: needs --stock-python, skipped")
+            continue
+        backends.append(backend)
+    if args.stock_python is not None:
+        STOCK_PYTHON.append(str(args.stock_python))
+    t = time.perf_counter()
+    print(f"load before: {_load()}", flush=True)
+    results = bench_interleaved(backends, args.ops, image, mnt, w, args.runs)
+    print(f"done in {time.perf_counter() - t:.0f}s; load after: {_load()}", flush=True)
+    report(results, w, args.ops)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 from squashstore import cleanup, config, slurm
 from squashstore.cli.hook import report as report
 from squashstore.cli.output import add_format_option, seconds
+from squashstore.errors import SquashstoreError, printable
 from squashstore.mounts import Registry
 from squashstore.store import Store
 
@@ -28,7 +29,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     grace = settings.cleanup.grace if args.grace is None else args.grace
     outcomes = cleanup.cleanup(Registry(), [Path(args.store)], grace, args.dry_run, settings)
     code = report(outcomes, args.format, args.dry_run)
-    for path in _lazy_caches(settings, Path(args.store), grace, args.dry_run):
+    try:
+        stale = _lazy_caches(settings, Path(args.store), grace, args.dry_run)
+    except SquashstoreError as exc:
+        sys.stderr.write(f"squashstore: {printable(str(exc))}\n")
+        return 1
+    for path in stale:
         if args.format != "json":
             verb = "would remove" if args.dry_run else "removed"
             sys.stdout.write(f"{verb} lazy cache {path}\n")
@@ -41,7 +47,7 @@ def _lazy_caches(settings: config.Config, store: Path, grace: float,
     needs and no process has open, untouched for `grace` seconds: removed (listed when
     `dry_run`)."""
     directory = settings.lazy.cache_path()
-    if directory is None or not directory.is_dir():
+    if directory is None or not os.path.lexists(directory):
         return []
     import time
 
@@ -50,8 +56,10 @@ def _lazy_caches(settings: config.Config, store: Path, grace: float,
     from squashstore.storelayout import META
 
     real = Path(os.path.realpath(directory))
+    # The directory as configured is checked (no symlink, ours alone), then its real path
+    # is listed and open files are looked for there.
     stale = lazy_image.stale_node_caches(
-        real, lazy_image.lazy_digests(store / META), host.open_files_under(str(real)),
+        directory, lazy_image.lazy_digests(store / META), host.open_files_under(str(real)),
         max(grace, settings.cleanup.min_age), time.time())
     if not dry_run:
         for path in stale:

@@ -43,12 +43,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
     registry = Registry()
     if args.all:
         results = registry.umount_all(lazy=args.lazy)
-        for record, ok in results:
-            if ok:
+        for record, problem in results:
+            if not problem:
                 print(f"unmounted {record.image[:12]} {record.mountpoint}")
-        failed = [r.mountpoint for r, ok in results if not ok]
+        failed = [f"{r.mountpoint} ({problem})" for r, problem in results if problem]
         if failed:
-            raise SquashstoreError(f"{len(failed)} mount(s) busy: {', '.join(failed)}")
+            raise SquashstoreError(f"{len(failed)} mount(s) not unmounted: "
+                                   f"{'; '.join(failed)}")
         return 0
     if args.image is None:
         raise SquashstoreError("umount: give IMAGE or --all")

@@ -217,7 +217,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if ref.name.digest:
         raise RegistryUsageError("push: REF needs a tag, not a digest")
     bars = _transfer(sys.stderr.isatty() and not args.quiet)
-    _complete_lazy(image.squash, lambda label: None)  # a lazy image's file has holes
+    _complete_lazy(image.squash, lambda label: None,  # a lazy image's file has holes
+                   registry_options(args))
     size = image.squash.stat().st_size if image.squash.is_file() else -1
     update, done = bars("hashing squash file", size)
     plan = plan_push(store, image, update)
@@ -257,9 +258,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None] | None]
-                   ) -> int:
-    """Finish a lazily pulled image (`pull REF` of one); the bytes it fetched."""
+def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None] | None],
+                   options: RegistryOptions) -> int:
+    """Finish a lazily pulled image (`pull REF` of one) under the command's deadline and
+    stall limit (`options`); the bytes it fetched."""
     from squashstore.lazy import image as lazy_image
     from squashstore.lazy import paths as lazy_paths
     from squashstore.lazy import remote
@@ -267,7 +269,8 @@ def _complete_lazy(squash: Path, progress: Callable[[str], Callable[[int], None]
     status = lazy_image.status(squash) if lazy_paths.is_lazy(squash) else None
     if status is None:
         return 0
-    lazy_image.complete(squash, remote.open_source, progress("complete squash file"))
+    lazy_image.complete(squash, lambda r: remote.open_source(r, options),
+                        progress("complete squash file"))
     return status.remote.size - status.present
 
 
@@ -290,7 +293,9 @@ def _chunk_digests(client: Any, repository: str, parsed: Any, what: str) -> Any:
     its squash file in the lazy cache's chunks; None when it has none (pushed before them:
     its chunks are then unverified until the image completes)."""
     from squashstore.lazy import chunkdigests
+    from squashstore.lazy.image import check_size
 
+    check_size(parsed.squash.size, what)  # the list's limit follows the size claimed
     if parsed.chunk_digests is None:
         return None
     data = client.read_blob(repository, parsed.chunk_digests,
@@ -361,7 +366,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
                         lambda d: client.open_blob(ref.repository, d.digest, d.size),
                         (name,), what, digest, registry.umount, progress)
                     if not args.background:
-                        downloaded_lazily = _complete_lazy(installed.image.squash, progress)
+                        downloaded_lazily = _complete_lazy(installed.image.squash, progress,
+                                                           registry_options(args))
                 if args.background:
                     background = _complete_in_background(installed.image.squash)
             finally:

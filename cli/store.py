@@ -16,7 +16,7 @@ import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from squashstore import host, runtime, sources, tracker
 from squashstore.cli.output import add_format_option, print_json, print_table
@@ -27,6 +27,9 @@ from squashstore.mounts import Registry
 from squashstore.registry.options import RegistryOptions
 from squashstore.squashfs.reader import verify_file
 from squashstore.store import Store, StoreError, StoreImage
+
+if TYPE_CHECKING:
+    from squashstore.lazy import image as lazy_image
 
 """migrate's zstd level: see the module docstring."""
 
@@ -135,8 +138,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def _lazy_state(squash: Path) -> dict[str, Any] | None:
-    """``lazy_status`` of an image not yet complete: ``{"present", "size", "source"}`` (bytes
-    of its squash file here, of all, where the rest is); None once complete or ordinary.
+    """``lazy_status`` of an image not yet complete: ``{"present", "size", "source",
+    "node_present"}`` (bytes of its squash file in the store, of all, where the rest is, in
+    this node's ``[lazy] cache_dir``: None without one); None once complete or ordinary.
     (``lazy`` in its metadata says where a lazy pull came from, and stays.)"""
     from squashstore.lazy import paths as lazy_paths
 
@@ -145,13 +149,16 @@ def _lazy_state(squash: Path) -> dict[str, Any] | None:
     from squashstore.lazy import image as lazy_image  # brings requests: only when lazy
 
     try:
-        status = lazy_image.status(squash)
+        status = lazy_image.status(squash, node_dir=_node_dir())
     except (SquashstoreError, OSError):
-        return {"present": None, "size": None, "source": None}  # verify says what is wrong
+        return {"present": None, "size": None, "source": None,  # verify says what is wrong
+                "node_present": None}
     if status is None:
         return None
+    node = status.node
     return {"present": status.present, "size": status.remote.size,
-            "source": status.remote.describe()}
+            "source": status.remote.describe(),
+            "node_present": None if node is None or node.problem else node.present}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -231,19 +238,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
             from squashstore.lazy import image as lazy_image  # when used: it imports requests
 
             source = lazy_image.open_for_verify(image.squash)
-            status = lazy_image.status(image.squash) if source is not None else None
+            status = lazy_image.status(image.squash, check=True, node_dir=_node_dir()) \
+                if source is not None else None
         except (SquashstoreError, OSError) as exc:
             problems.append(f"{image.squash}: {exc}")
             continue
         problems.extend(verify_file(image.squash, source=source))
         if status is not None:
+            problems.extend(_cache_problems(image.id, status))
+            node = status.node
+            here = "" if node is None or node.problem else \
+                f"; this node's cache {_percent(node.present, status.remote.size)}"
             incomplete.append(f"{image.id[:12]}: incomplete (lazy): "
                               f"{_percent(status.present, status.remote.size)} present, "
                               f"{_human(status.present)} of {_human(status.remote.size)} "
-                              f"from {status.remote.describe()}; structure checked, file "
-                              "data and digest only once complete (`pull` completes it); "
-                              + ("each chunk checked against the artifact's chunk digests "
-                                 "as fetched" if status.chunks_verified else
+                              f"from {status.remote.describe()}{here}; structure checked, "
+                              "file data and digest only once complete (`pull` completes "
+                              "it); "
+                              + ("each chunk cached re-checked against the artifact's chunk "
+                                 "digests" if status.chunks_verified else
                                  "chunks unverified until complete (artifact without chunk "
                                  "digests)"))
     for line in [*problems, *incomplete]:
@@ -253,6 +266,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"ok: {len(images)} image(s)"
           + (f", {len(incomplete)} of them incomplete (lazy)" if incomplete else ""))
     return 0
+
+
+def _node_dir() -> Path | None:
+    """This node's lazy cache directory (``[lazy] cache_dir``), None without one."""
+    from squashstore import config
+
+    return config.load().lazy.cache_path()
+
+
+def _cache_problems(image: str, status: lazy_image.Status) -> list[str]:
+    """What `verify` reports of a lazy image's caches: chunks whose bytes no longer match
+    the artifact's chunk digests, and a node cache not used (another user's, a symlink)."""
+    from squashstore.lazy.cache import CHUNK
+
+    out = []
+    for what, cache in (("its cache in the store", status.store),
+                        ("this node's cache", status.node)):
+        if cache is None:
+            continue
+        if cache.problem:
+            out.append(f"image {image[:12]}: {what} is not used: {cache.problem}")
+        elif cache.bad:
+            out.append(f"image {image[:12]}: {what} {cache.data}: {len(cache.bad)} chunk(s) "
+                       f"fail the artifact's chunk digests (the first at byte "
+                       f"{cache.bad[0] * CHUNK}): the bytes changed after they were "
+                       "fetched; completing the image then fails its digest and starts over")
+    return out
 
 
 def _percent(part: int, whole: int) -> str:

@@ -34,6 +34,8 @@ from squashstore.image import SquashstoreError
 
 if TYPE_CHECKING:
     from squashstore.fuse.server import ServerOptions
+    from squashstore.lazy.image import Remote
+    from squashstore.lazy.source import RangeSource
     from squashstore.squashfs.meta import ByteSource
 
 MIB = 1 << 20
@@ -68,6 +70,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=4, metavar="N",
                         help="threads decompressing data at once (default 4; 0: none, "
                         "all reads on the server's main thread)")
+    parser.add_argument("--open-requests", action="store_true",
+                        help="answer the kernel's OPEN and OPENDIR requests (as with a "
+                        "stock pyfuse3 build) instead of leaving opens to the kernel; "
+                        "slower, for comparisons")
     parser.add_argument("--suid", action="store_true",
                         help="honour setuid bits (root only; default nosuid)")
     parser.add_argument("--dev", action="store_true",
@@ -90,6 +96,7 @@ def forwarded_arguments(args: argparse.Namespace) -> list[str]:
     if args.allow_other is not None:
         out.append("--allow-other" if args.allow_other else "--no-allow-other")
     out += ["--suid"] * bool(args.suid) + ["--dev"] * bool(args.dev)
+    out += ["--open-requests"] * bool(args.open_requests)
     return out
 
 
@@ -232,8 +239,7 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     """Serve in this process until unmounted; report readiness or failure on `ready_fd`."""
     from squashstore import config
     from squashstore.fuse import server
-    from squashstore.lazy import image as lazy_image
-    from squashstore.lazy import remote
+    from squashstore.lazy import paths as lazy_paths
     from squashstore.squashfs.reader import SquashReader
 
     def ready(message: str) -> None:
@@ -247,10 +253,14 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
         check_arguments(args)
         set_process_name("squashstore-fs")
         opts = _server_options(args)
-        lazy = lazy_image.open_lazy(args.squash, remote.open_source,
-                                    config.load().lazy.cache_path())
-        if lazy is not None:  # a lazily pulled image: its cache, and the registry for the rest
-            lazy_image.prefetch_metadata(lazy)
+        lazy = None
+        if lazy_paths.is_lazy(args.squash):  # else no registry client to import (~45 ms)
+            from squashstore.lazy import image as lazy_image
+
+            lazy = lazy_image.open_lazy(args.squash, _open_source,
+                                        config.load().lazy.cache_path())
+            if lazy is not None:  # lazily pulled: its cache, and the registry for the rest
+                lazy_image.prefetch_metadata(lazy)
         source: ByteSource | None = lazy
         if args.record is not None:
             source = _recorder(args.squash, args.record, lazy)
@@ -275,6 +285,15 @@ def run(args: argparse.Namespace, ready_fd: int | None = None) -> int:
     return 0
 
 
+def _open_source(remote: Remote) -> RangeSource:
+    """`squashstore.lazy.remote.open_source`, imported only for a lazy image: the registry
+    client (requests, urllib3) would cost every other mount ~260 M instructions (~45 ms)
+    of imports before it can answer the kernel (measured by helper start, session 4)."""
+    from squashstore.lazy import remote as registry
+
+    return registry.open_source(remote)
+
+
 def _recorder(squash: Path, record: Path, lazy: ByteSource | None) -> ByteSource:
     """The squash file (or its lazy cache) read through a `Recorder` appending to `record`."""
     from squashstore.lazy.prefetch import FileSource, Recorder
@@ -294,6 +313,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         metadata_cache_blocks=max(1, args.metadata_cache_size * MIB // 8192),
         dir_cache_entries=args.dir_cache_entries,
         threads=args.threads,
+        no_open=not args.open_requests,
         allow_other=bool(allow_other),
         suid=args.suid,
         dev=args.dev,

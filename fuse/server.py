@@ -8,7 +8,11 @@ number -> inode-reference array for every inode the kernel has been told about, 
 of decoded directory listings (name -> child), and leaves data blocks to the reader's bounded
 caches. Nothing can change, so every reply carries timeouts far longer than any job, misses
 are cached by the kernel as negative entries, opened files keep their page cache, and file
-and directory handles are just inode numbers. Data blocks decompress in worker threads so
+and directory handles are just inode numbers. With the pyfuse3 that scripts/install builds
+(`NO_OPEN`), OPEN and OPENDIR are answered ENOSYS: the kernel then never sends OPEN,
+RELEASE, OPENDIR or RELEASEDIR again, keeps file pages and listings by itself, and READ and
+READDIRPLUS name the inode (nothing here keeps per-open state; writes are refused by the
+``ro`` mount before they reach us). Data blocks decompress in worker threads so
 reads of different files proceed in parallel whenever other requests wait; a lone reader, and
 file tails (slices of shared, almost always cached fragment blocks), are answered on the
 loop's thread, since a thread hop costs more than it saves there. A corrupt image part fails only
@@ -41,6 +45,10 @@ log = logging.getLogger("squashstore.fuse")
 TIMEOUT = 3.0e7
 """Entry and attribute timeout in seconds (about a year): the image never changes."""
 
+NO_OPEN = bool(getattr(pyfuse3, "squashstore_no_open", False))
+"""Whether this pyfuse3 passes the inode to `read` and `readdir` when the file handle is 0
+(scripts/pyfuse3-cache-dirs.py): only then may OPEN and OPENDIR be answered ENOSYS."""
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -57,6 +65,8 @@ class ServerOptions:
     """Directory entries kept decoded, over all cached directories."""
     threads: int = 4
     """Worker threads decompressing data blocks at once (0: all on the loop's thread)."""
+    no_open: bool = NO_OPEN
+    """Answer OPEN and OPENDIR with ENOSYS (the kernel's no-open mode; needs `NO_OPEN`)."""
     allow_other: bool = False
     suid: bool = False
     dev: bool = False
@@ -151,6 +161,10 @@ class SquashOperations(pyfuse3.Operations):
     # then refuses every copy-up ("operation not supported"). With it the kernel reads the
     # ACL xattrs from us (ENODATA when the image has none) and checks them.
     enable_acl = True
+    # Let the kernel keep symlink targets in its page cache (FUSE_CAP_CACHE_SYMLINKS): a
+    # container resolves /bin -> usr/bin on every exec. Only the pyfuse3 that
+    # scripts/install builds asks for it; a stock one ignores this.
+    squashstore_cache_symlinks = True
 
     def __init__(self, reader: SquashReader, opts: ServerOptions | None = None) -> None:
         super().__init__()
@@ -167,6 +181,7 @@ class SquashOperations(pyfuse3.Operations):
         self._blocks = -(-reader.superblock.bytes_used // reader.block_size)
         self._in_threads = 0
         self._requests: select.poll | None = None
+        self._no_open = opts.no_open and NO_OPEN
 
     def watch_requests(self, fuse_fd: int) -> None:
         """Decompress on the loop's thread whenever the kernel has no other request queued
@@ -302,6 +317,8 @@ class SquashOperations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._no_open:  # the kernel keeps listings itself; READDIRPLUS names the inode
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self._directory(inode)
         return inode
 
@@ -367,6 +384,8 @@ class SquashOperations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self._no_open:  # the kernel keeps pages itself and READ names the inode
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)

@@ -332,6 +332,8 @@ def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
     if min_age is None:
         min_age = settings.cleanup.min_age
     with registry.locked():
+        if not dry_run:
+            registry.tidy()  # records `forget` cannot find: before they are observed
         now = time.time()
         decisions = decide(observe(registry, store_roots, settings, now), now, grace, min_age)
         if dry_run:

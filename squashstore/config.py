@@ -52,6 +52,8 @@ touches it (``[cleanup] min_age``)."""
 DEFAULT_STALL = 30.0
 """Seconds a registry transfer may go without receiving a byte before it counts as stalled
 and is retried (a download resumes where it stopped) (``[registry] stall``)."""
+MAX_SECONDS = 86400.0 * 365
+"""The longest any time setting may be (a year): a larger one overflows socket timeouts."""
 DEFAULT_REGISTRY_TIMEOUT = 0.0
 """Seconds a command may spend on a registry in all before it gives up; 0: no limit
 (``[registry] timeout``, ``--timeout``)."""
@@ -199,9 +201,9 @@ def _seconds(table: Mapping[str, Any], name: str, key: str, default: float,
              positive: bool = False) -> float:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-            value != value or value == float("inf") or (positive and value == 0):
+            value != value or value > MAX_SECONDS or (positive and value == 0):
         raise ConfigError(f"config [{name}] {key} = {value!r}: expected seconds "
-                          f"{'> 0' if positive else '>= 0'}")
+                          f"{'> 0' if positive else '>= 0'}, at most {MAX_SECONDS:.0f}")
     return float(value)
 
 

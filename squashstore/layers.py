@@ -38,8 +38,19 @@ MAX_NAME = 255
 MAX_FILE_SIZE = 1 << 46  # 64 TiB: larger than any real layer, smaller than absurd headers
 _MAYBE_LONG = re.compile(rf"[^/]{{{MAX_NAME // 4 + 1},}}")
 """Path parts that may be longer than MAX_NAME bytes (a character is at most 4 bytes)."""
+_SHORT = MAX_NAME // 4
+"""A path of at most this many characters has no part longer than MAX_NAME bytes."""
 _CACHE_LIMIT = 4096
 """Entries of each path-lookup cache of the merge before it starts afresh (memory bound)."""
+_CACHE_CHARS = 1 << 22
+"""About the most characters of paths each such cache holds: deep paths make it start
+afresh sooner (4,096 paths 10,000 deep would be 80 MB). It starts again from the path just
+looked up, the parent of the next one in tree order, so no walk from the root follows."""
+
+
+def _full(cache: dict[str, Any], path: str) -> bool:
+    """Whether `cache` must start afresh before it takes `path`."""
+    return len(cache) >= _CACHE_LIMIT or len(cache) * len(path) >= _CACHE_CHARS
 
 
 @dataclass(slots=True)
@@ -110,12 +121,19 @@ def normalise(name: str, layer: Layer) -> str:
         return ""
     if path == ".." or path.startswith("../"):
         raise LayerError(f"{layer.describe()}: entry {quote(name)} points outside the root")
-    # One C-level scan, not a Python loop over the parts: a 10,000-deep path stays cheap.
+    if len(path) > _SHORT and _long_part(path) is not None:
+        raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in "
+                         f"{quote(name)}")
+    return path
+
+
+def _long_part(path: str) -> str | None:
+    """A part of `path` longer than MAX_NAME bytes, if it has one. One C-level scan, not a
+    Python loop over the parts: a 10,000-deep path stays cheap."""
     for match in _MAYBE_LONG.finditer(path):
         if len(name_bytes(match.group())) > MAX_NAME:
-            raise LayerError(f"{layer.describe()}: name longer than {MAX_NAME} bytes in "
-                             f"{quote(name)}")
-    return path
+            return match.group()
+    return None
 
 
 def go_clean(name: str) -> str:
@@ -145,7 +163,7 @@ def _from_nearest(path: str, cache: dict[str, N], root: N,
                   step: Callable[[N, str], N]) -> N:
     """What `step` finds at `path` from `root`, name by name, starting at the nearest
     ancestor in `cache` (so a deep path costs one step, not its depth) and caching the
-    result (the cache starts afresh past `_CACHE_LIMIT` entries, bounding its memory)."""
+    result (the cache starts afresh when `_full`, bounding its memory)."""
     if not path:
         return root
     found = cache.get(path)
@@ -162,7 +180,7 @@ def _from_nearest(path: str, cache: dict[str, N], root: N,
         names.append(name)
     for name in reversed(names):
         node = step(node, name)
-    if len(cache) >= _CACHE_LIMIT:
+    if _full(cache, path):
         cache.clear()
     cache[path] = node
     return node
@@ -182,6 +200,7 @@ it refuses every other type (``unhandled tar header type``): ``S``, ``7``, ``D``
 
 
 _NO_CHANGE = (1 << 32) - 1
+_DEVICES = (Kind.CHARDEV, Kind.BLOCKDEV)
 """chown's "leave unchanged" id, (uid_t)-1: the file keeps extraction's owner, root."""
 
 
@@ -198,21 +217,25 @@ def inode_from_member(member: Header, layer: Layer) -> Inode:
     if kind is None:
         raise LayerError(f"{layer.describe()}: {quote(member.name)}: unhandled tar header type "
                          f"{ord(member.typeflag) if member.typeflag else 0}")
-    if kind is Kind.FILE and not 0 <= member.size <= MAX_FILE_SIZE:
-        raise LayerError(f"{layer.describe()}: {quote(member.name)} has an absurd size "
-                         f"{member.size}")
+    uid, gid, xattrs = member.uid & _NO_CHANGE, member.gid & _NO_CHANGE, member.xattrs
+    if kind is Kind.FILE:
+        if not 0 <= member.size <= MAX_FILE_SIZE:
+            raise LayerError(f"{layer.describe()}: {quote(member.name)} has an absurd size "
+                             f"{member.size}")
+        return Inode(kind, member.mode & 0o7777, 0 if uid == _NO_CHANGE else uid,
+                     0 if gid == _NO_CHANGE else gid, member.mtime, member.size, "", (0, 0),
+                     dict(xattrs) if xattrs else {})
     inode = Inode(
         kind,
         # Linux symlinks are always 0777: no lchmod (podman shows 0777 whatever the header).
-        mode=0o777 if kind is Kind.SYMLINK else member.mode & 0o7777,
-        uid=_owner(member.uid),
-        gid=_owner(member.gid),
-        mtime=member.mtime,
-        size=member.size if kind is Kind.FILE else 0,
-        target=member.linkname if kind is Kind.SYMLINK else "",
-        rdev=(member.devmajor, member.devminor) if kind in (Kind.CHARDEV, Kind.BLOCKDEV)
-        else (0, 0),
-        xattrs=dict(member.xattrs),
+        0o777 if kind is Kind.SYMLINK else member.mode & 0o7777,
+        0 if uid == _NO_CHANGE else uid,  # as `_owner`
+        0 if gid == _NO_CHANGE else gid,
+        member.mtime,
+        0,
+        member.linkname if kind is Kind.SYMLINK else "",
+        (member.devmajor, member.devminor) if kind in _DEVICES else (0, 0),
+        dict(xattrs) if xattrs else {},
     )
     if kind is Kind.DIR:
         inode.children = {}
@@ -278,6 +301,8 @@ def _content(tar: TarReader, member: Header, layer: Layer) -> IO[bytes]:
 
 
 _NOT_TARGETS = (tarformat.TYPE_LINK, tarformat.TYPE_XGLOBAL)
+_FAST_TYPES = frozenset(_TAR_KINDS)
+"""Entry types `LayerMerge._merge_layer`'s fast path takes (not links, not global headers)."""
 
 
 class LayerMerge:
@@ -305,9 +330,37 @@ class LayerMerge:
 
     def _merge_layer(self, layer: Layer) -> Iterator[MergedEntry]:
         state = _LayerState()
+        names, kinds, whiteouts, clean = state.names, state.kinds, state.whiteouts, state.clean
         with layer.open() as stream:
             tar = TarReader(stream)
             for member in _members(tar, layer):
+                # The usual entry takes the fast path: a clean name (no leading slash, no
+                # empty, "." or ".." part, no part starting with a dot: so no whiteout),
+                # not a hard link, a new path, its parent already checked and made. It
+                # does what `_member` does for such an entry, minus the checks that
+                # cannot fire; everything else goes through `_member`.
+                name = member.name
+                if (member.typeflag in _FAST_TYPES and name and name[0] != "/"
+                        and name[0] != "." and "//" not in name and "/." not in name):
+                    path = name[:-1] if name[-1] == "/" else name
+                    parent, _, base = path.rpartition("/")
+                    if (path not in names and path not in kinds and path not in whiteouts
+                            and (not parent or parent in clean)
+                            and (len(path) <= _SHORT or _long_part(path) is None)):
+                        names.add(path)
+                        inode = inode_from_member(member, layer)
+                        is_dir = inode.kind is Kind.DIR
+                        kinds[path] = "dir" if is_dir else "other"
+                        if (self._upper.children or self._upper.hides_below) and \
+                                self._hidden(path, is_dir, state):
+                            if not is_dir:
+                                state.hidden_files.add(path)
+                            continue
+                        state.yielded[path] = inode
+                        yield self._place_at(path, parent, base, inode,
+                                             _content(tar, member, layer)
+                                             if inode.kind is Kind.FILE else None)
+                        continue
                 yield from self._member(tar, member, layer, state)
         if state.pending_links:
             yield from self._resolve_pending(layer, state)
@@ -423,7 +476,7 @@ class LayerMerge:
                                  "refuses it: not a directory)")
             parent = _parent(parent)
         if checked:
-            if len(state.clean) >= _CACHE_LIMIT:
+            if _full(state.clean, checked):
                 state.clean.clear()
             state.clean[checked] = None
 
@@ -557,23 +610,40 @@ class LayerMerge:
     # -- the tree ----------------------------------------------------------------------
     def _place(self, path: str, inode: Inode, content: IO[bytes] | None) -> MergedEntry:
         """Put a surviving entry into the tree and describe it for the sinks."""
-        parent = self._directory(_parent(path), inode.mtime)
-        name = path.rpartition("/")[2]
-        assert parent.children is not None
-        existing = parent.children.get(name)
-        if existing is not None and existing.is_dir() and inode.is_dir():
-            self._fill_implicit(existing, inode)
-            return MergedEntry(path, existing)
-        if existing is not None and existing.is_dir():
+        parent_path, _, name = path.rpartition("/")
+        return self._place_at(path, parent_path, name, inode, content)
+
+    def _place_at(self, path: str, parent_path: str, name: str, inode: Inode,
+                  content: IO[bytes] | None) -> MergedEntry:
+        """`_place`, with `path` already split into its parent and its name."""
+        parent = self._dirs.get(parent_path) if parent_path else self.root
+        if parent is None:
+            parent = self._directory(parent_path, inode.mtime)
+        children = parent.children
+        assert children is not None
+        existing = children.get(name)
+        kind = inode.kind
+        if existing is not None and existing.kind is Kind.DIR:
+            if kind is Kind.DIR:
+                self._fill_implicit(existing, inode)
+                return MergedEntry(path, existing)
             self._dirs.clear()  # a directory is replaced: cached paths below it are stale
-        parent.children[name] = inode
+        children[name] = inode
+        if kind is Kind.DIR:
+            # Its entries come next: `_directory` finds it without a walk. A directory has
+            # one name (no hard links to it), so no first path is kept for it: a deep tree
+            # would hold every prefix of its deepest path.
+            if _full(self._dirs, path):
+                self._dirs.clear()
+            self._dirs[path] = inode
+            return MergedEntry(path, inode, content)
         first = self._first_path.setdefault(id(inode), path)
         if first != path:
-            return MergedEntry(path, inode, link_to=first)
-        if inode.kind is Kind.FILE:
+            return MergedEntry(path, inode, None, first)
+        if kind is Kind.FILE:
             self.files += 1
             self.bytes += inode.size
-        return MergedEntry(path, inode, content=content)
+        return MergedEntry(path, inode, content)
 
     def _fill_implicit(self, directory: Inode, source: Inode) -> None:
         """Give a directory made implicitly (or the root) the metadata of its real entry."""
@@ -605,7 +675,8 @@ class LayerMerge:
 
     def _finish_implicit(self) -> Iterator[MergedEntry]:
         """Yield the directories that no layer described (so tar sinks write them too)."""
-        if not self._implicit:
+        if not self._implicit - {id(self.root)}:
+            self._implicit.clear()  # at most the root, which is never yielded: no walk
             return
         stack: list[tuple[str, Inode]] = [("", self.root)]
         while stack:

@@ -13,7 +13,10 @@ live and recorded. Mounting, unmounting and replacing dead mounts are
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -152,6 +155,28 @@ def parse_record(data: object) -> MountRecord | None:
         return None
 
 
+RECORD_MAX = 16 << 20
+"""Bytes of a record file read at most (a record grows by one entry per live container)."""
+
+
+def _read_record(path: Path) -> MountRecord | None:
+    """The record in `path` if it is a regular file of at most `RECORD_MAX` bytes (not
+    through a symlink, never blocking on a FIFO); None when it is no record. OSError when it
+    cannot be opened."""
+    try:
+        data = trust.read_regular(path, RECORD_MAX)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EFBIG):  # a FIFO, a huge file: no record
+            return None
+        raise
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "gone", str(path))
+    try:
+        return parse_record(json.loads(data))
+    except (ValueError, RecursionError):
+        return None
+
+
 def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
     """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
     (The mount program records a use before the overlay exists; uses never pruned would
@@ -196,17 +221,46 @@ class RecordRegistry:
         except (OSError, ValueError, RecursionError):
             return None
 
-    def records(self) -> list[MountRecord]:
-        out = []
+    def _files(self) -> list[tuple[str, MountRecord | None]]:
+        """Every regular ``*.json`` file of the records directory with its record (None:
+        not one); symlinks, FIFOs and the like are never opened through."""
+        out: list[tuple[str, MountRecord | None]] = []
         with contextlib.suppress(FileNotFoundError):
-            for entry in sorted(self.records_dir.iterdir()):
-                if entry.suffix != ".json":
-                    continue
-                with contextlib.suppress(OSError, ValueError, RecursionError):
-                    record = parse_record(json.loads(entry.read_bytes()))
-                    if record is not None:
-                        out.append(record)
+            for name in sorted(os.listdir(self.records_dir)):
+                if name.endswith(".json"):
+                    with contextlib.suppress(OSError):
+                        out.append((name, _read_record(self.records_dir / name)))
         return out
+
+    def records(self) -> list[MountRecord]:
+        return [record for _, record in self._files() if record is not None]
+
+    def tidy(self) -> list[str]:
+        """With `locked` held: deal with record files not named by their mount point's key,
+        which `forget` would never remove: one whose key has no record is renamed to it (the
+        mount stays known), any other is removed, as is a file that is no record at all.
+        Only regular files this user owns, directly in the records directory, are touched
+        (a rename or unlink never follows a symlink). Returns what it did, one line each."""
+        done = []
+        for name, record in self._files():
+            path = self.records_dir / name
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+                if record is not None:
+                    right = self._record_path(Path(record.mountpoint))
+                    if right.name == name:
+                        continue
+                    if not os.path.lexists(right):
+                        os.rename(path, right)
+                        done.append(f"renamed stray record {name} to {right.name}")
+                        continue
+                os.unlink(path)
+                done.append(f"removed {'stray' if record else 'damaged'} record {name}")
+            except OSError as exc:
+                done.append(f"stray record {name}: {exc.strerror}")
+        return done
 
     def write(self, record: MountRecord) -> None:
         """Store a record (call with `locked` held). Not fsynced: a record describes mounts

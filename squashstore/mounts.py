@@ -238,9 +238,20 @@ class Registry(RecordRegistry):
         entry = host.mount_table().get(host.real_path(mountpoint))
         return entry is not None and entry.fstype in FSTYPE_BACKENDS
 
-    def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, bool]]:
+    def umount_all(self, lazy: bool = False) -> list[tuple[MountRecord, str]]:
+        """Unmount every recorded mount; each record with "" when it is gone, else why not
+        ("busy", or the refusal: a record naming /proc is refused and the others are still
+        unmounted)."""
+        out = []
         with self.locked():
-            return [(r, self._umount_locked(Path(r.mountpoint), lazy)) for r in self.records()]
+            for record in self.records():
+                try:
+                    ok = self._umount_locked(Path(record.mountpoint), lazy)
+                    out.append((record, "" if ok else "busy"))
+                except SquashstoreError as exc:
+                    text = " ".join(str(exc).split())
+                    out.append((record, text.removeprefix(f"{record.mountpoint}: ")))
+        return out
 
     def is_mounted(self, mountpoint: Path) -> bool:
         return host.is_mountpoint(mountpoint)

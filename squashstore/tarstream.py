@@ -24,12 +24,15 @@ from squashstore.layers import MergedEntry
 from squashstore.tar import format as f
 from squashstore.tar.format import BLOCK, quote
 from squashstore.tar.split import TarSplitRecorder
-from squashstore.tar.writer import encode_header
+from squashstore.tar.writer import encode_fields
 from squashstore.tree import Inode, Kind
 
 __all__ = ["TarSplitRecorder", "TarStream", "TeeReader", "header_for"]
 
 CHUNK = 1 << 20
+_ZEROS = [bytes(n) for n in range(BLOCK)]
+"""The padding after content, made once for each length."""
+_crc = crc64.go_iso
 _TYPES = {
     Kind.DIR: f.TYPE_DIR,
     Kind.FILE: f.TYPE_REG,
@@ -55,9 +58,8 @@ def header_for(path: str, inode: Inode, link_to: str | None = None) -> tuple[str
                              "in a tar stream") from None
         size = inode.size if inode.kind is Kind.FILE else 0
         linkname, rdev = inode.target, inode.rdev
-    header = encode_header(name, kind, mode=inode.mode & 0o7777, uid=inode.uid, gid=inode.gid,
-                           size=size, mtime=inode.mtime, linkname=linkname, devmajor=rdev[0],
-                           devminor=rdev[1], xattrs=inode.xattrs)
+    header = encode_fields(name, kind, inode.mode, inode.uid, inode.gid, size, inode.mtime,
+                           linkname, rdev[0], rdev[1], inode.xattrs)
     return name, size, header
 
 
@@ -139,11 +141,15 @@ class TarStream:
 
     def payload(self, data: bytes) -> None:
         """Content bytes of the entry begun last."""
-        assert self._pending is not None
-        self._raw(data)
-        name, size, crc = self._pending
-        self._pending = (name, size,
-                         crc64.go_iso(data) if crc is None else crc64.go_iso(data, crc))
+        pending = self._pending
+        assert pending is not None
+        self._sha.update(data)
+        self.size += len(data)
+        if self._out is not None:
+            self._out.write(data)
+        crc = pending[2]
+        self._pending = (pending[0], pending[1],
+                         _crc(data) if crc is None else _crc(data, crc))
 
     def end(self) -> None:
         """Close the entry begun last: record it and pad its content to a block."""
@@ -154,9 +160,10 @@ class TarStream:
             self._split.file(name, size, crc)
         pad = -size % BLOCK
         if pad:
-            self._raw(bytes(pad))
+            padding = _ZEROS[pad]
+            self._raw(padding)
             if self._split is not None:
-                self._split.segment(bytes(pad))
+                self._split.segment(padding)
 
     def add(self, entry: MergedEntry) -> None:
         """Write a whole entry, copying its content from `entry.content`."""

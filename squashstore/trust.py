@@ -195,3 +195,31 @@ def check_unmount(path: Path, fstype: str | None = None,
                           "unmount it")
     if fstype is not None:
         check_entry(path.parent)
+
+
+def read_regular(path: Path, limit: int, owner: int | None = None) -> bytes | None:
+    """The bytes of the regular file `path`; None when there is none. Never through a
+    symlink, never blocking on a FIFO (a planted one would hang the reader); `OSError` when
+    it is something else, larger than `limit` bytes, or (with `owner`) another uid's."""
+    import errno
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if owner is not None and st.st_uid != owner:
+            raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not {owner}", str(path))
+        parts = []
+        total = 0
+        while data := os.read(fd, min(limit + 1 - total, 1 << 20)):
+            parts.append(data)
+            total += len(data)
+            if total > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(parts)
+    finally:
+        os.close(fd)

@@ -553,8 +553,86 @@ def test_damaged_mount_records_are_skipped_by_every_command(tmp_path: Path) -> N
     (records / "good.json").write_text(json.dumps(good))
     env = {**os.environ, "SQUASHSTORE_RUNTIME_DIR": str(run),
            "SQUASHSTORE_CONFIG": str(tmp_path / "none.toml")}
-    for command in (["cleanup"], ["cleanup", "--grace", "0", "--dry-run"], ["mounts"]):
+    for command in (["cleanup", "--grace", "0", "--dry-run"], ["mounts"]):
         proc = cli(tmp_path / "store", *command, env=env, check=False)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     listed = cli(tmp_path / "store", "mounts", "--format", "json", env=env)
     assert [r["mountpoint"] for r in json.loads(listed.stdout)] == [good["mountpoint"]]
+    umount = cli(tmp_path / "store", "umount", "--all", env=env, check=False)
+    assert umount.returncode == 0 and "Traceback" not in umount.stderr, umount.stderr
+    (records / "good.json").write_text(json.dumps(good))
+    proc = cli(tmp_path / "store", "cleanup", env=env, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    # Cleanup removed the files that are no records; the stray good one was renamed to its
+    # key, then forgotten with its mount (gone).
+    assert sorted(records.iterdir()) == []
+
+
+def _record_json(mountpoint: str) -> dict[str, object]:
+    return {"image": "i" * 64, "layer": "l" * 64, "squash": "/s", "mountpoint": mountpoint,
+            "backend": "fuse", "pid": None, "since": 0}
+
+
+def test_umount_all_goes_on_past_a_refused_record(tmp_path: Path) -> None:
+    """`umount --all` stopped at the first record it refused (one naming /proc): the records
+    after it were never unmounted. Every record is tried; each refusal is named in the one
+    error line, and the exit is non-zero."""
+    from test_store import cli
+
+    run = tmp_path / "run"
+    registry = Registry(run)
+    proc_key = registry._key(Path("/proc"))
+    gone = []
+    for i in range(100):
+        point = tmp_path / f"gone{i}"
+        if registry._key(point) > proc_key:  # sorted after the refused one
+            gone.append(point)
+        if len(gone) == 2:
+            break
+    with registry.locked():
+        for point in (Path("/proc"), *gone):
+            registry.write(MountRecord("i" * 64, "l" * 64, "/s", str(point),
+                                       "fuse", None, 0.0))
+    env = {**os.environ, "SQUASHSTORE_RUNTIME_DIR": str(run),
+           "SQUASHSTORE_CONFIG": str(tmp_path / "none.toml")}
+    proc = cli(tmp_path / "store", "umount", "--all", env=env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("squashstore: 1 mount(s) not unmounted: "
+                                                   "/proc (a proc file system"), lines
+    assert [r.mountpoint for r in registry.records()] == ["/proc"]
+    assert sorted(proc.stdout.split()[2::3]) == sorted(map(str, gone))
+
+
+def test_cleanup_renames_or_removes_stray_records_and_nothing_else(tmp_path: Path) -> None:
+    """A record file not named by its mount point's key was never removed (`forget` unlinks
+    by key). `tidy` (cleanup) renames a stray to its key when that has no record, removes it
+    otherwise, and removes files that are no record; it never touches a symlink, its target,
+    a FIFO, a directory or another user's file, and never blocks on a FIFO."""
+    registry = Registry(tmp_path / "run")
+    records = registry.records_dir
+    records.mkdir(parents=True)
+    keyed, lone, dup = (str(tmp_path / n) for n in ("keyed", "lone", "dup"))
+    registry.write(MountRecord("i", "l", "/s", dup, "fuse", None, 0.0))
+    (records / "stray-lone.json").write_text(json.dumps(_record_json(lone)))
+    (records / "stray-dup.json").write_text(json.dumps(_record_json(dup)))
+    (records / "damaged.json").write_text("{")
+    registry.write(MountRecord("i", "l", "/s", keyed, "fuse", None, 0.0))
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(_record_json(str(tmp_path / "o"))))
+    (records / "link.json").symlink_to(outside)
+    os.mkfifo(records / "fifo.json")
+    (records / "dir.json").mkdir()
+    theirs = records / "theirs.json"
+    theirs.write_text("{")
+    os.chown(theirs, 65534, 65534)
+    expected = {registry._record_path(Path(p)).name for p in (keyed, lone, dup)}
+    with registry.locked():
+        done = registry.tidy()
+    assert len(done) == 3, done
+    names = {p.name for p in records.iterdir()}
+    assert names == expected | {"link.json", "fifo.json", "dir.json", "theirs.json"}
+    assert outside.is_file() and theirs.read_text() == "{"
+    assert sorted(r.mountpoint for r in registry.records()) == sorted([keyed, lone, dup])
+    record = registry.record(Path(lone))
+    assert record is not None and record.image == "i" * 64

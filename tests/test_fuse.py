@@ -260,8 +260,10 @@ def test_the_kernel_keeps_directory_listings(tmp_path: Path, mounts_: Mounts) ->
     """A listing is read from the server once: the next walks are the kernel's alone.
 
     pyfuse3 3.5.0 cannot ask for it (its opendir reply carries only a handle); scripts/install
-    builds it with `cache_readdir` and `keep_cache` set (scripts/pyfuse3-cache-dirs.py). With
-    the stock build every listing of this 20,000-entry directory takes ~30 requests again.
+    builds it with `cache_readdir` and `keep_cache` set and with no-open support
+    (scripts/pyfuse3-cache-dirs.py), so OPENDIR is answered ENOSYS and the kernel keeps the
+    listing by itself. With the stock build every listing of this 20,000-entry directory
+    takes ~30 requests again.
     """
     tree = tmp_path / "tree"
     (tree / "many").mkdir(parents=True)
@@ -279,7 +281,130 @@ def test_the_kernel_keeps_directory_listings(tmp_path: Path, mounts_: Mounts) ->
         assert len(os.listdir(mnt / "many")) == 20_000
         again.append(_requests_read(pid) - before)
     assert cold > 100, cold  # the first listing did reach the server
-    assert max(again) <= 4, (cold, again)  # only OPENDIR/RELEASEDIR after that
+    assert max(again) == 0, (cold, again)  # no OPENDIR/RELEASEDIR either (no-open)
+
+
+def _settled_requests(pid: int) -> int:
+    """`_requests_read` once the server has taken what the kernel sends in the background
+    after a close (RELEASE): the count has not moved for 0.3 s."""
+    last = _requests_read(pid)
+    while True:
+        time.sleep(0.3)
+        now = _requests_read(pid)
+        if now == last:
+            return now
+        last = now
+
+
+def _read_all(paths: list[Path], flags: int = 0) -> list[bytes]:
+    """Each file's bytes through os.open/os.read (no isatty ioctl, unlike Python's open)."""
+    out = []
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | flags)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            out.append(b"".join(chunks))
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["no-open", "open-requests"])
+def test_warm_reads_reach_no_server(tmp_path: Path, mounts_: Mounts, mode: str) -> None:
+    """A file read again sends the server nothing: no OPEN, RELEASE or READ.
+
+    The pyfuse3 scripts/install builds passes `read` the inode when the file handle is 0,
+    so the server answers OPEN and OPENDIR with ENOSYS and the kernel stops sending OPEN,
+    RELEASE, OPENDIR and RELEASEDIR and keeps the pages (FOPEN_KEEP_CACHE is its no-open
+    default). With ``--open-requests`` (what a stock pyfuse3 must do) every open of a file
+    still costs OPEN + RELEASE, and every listing OPENDIR + RELEASEDIR.
+    """
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    contents = {f"d/f{i}": os.urandom(i * 3000 + 1) for i in range(20)}
+    contents["big"] = os.urandom(3 << 20)
+    for name, data in contents.items():
+        (tree / name).write_bytes(data)
+    image = tmp_path / "t.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress"])
+    extra = ("--open-requests",) if mode == "open-requests" else ()
+    mnt, pid = mounts_.serve(image, "fuse", *extra)
+    paths = [mnt / name for name in contents]
+    before = _settled_requests(pid)
+    assert _read_all(paths) == list(contents.values())
+    assert len(os.listdir(mnt / "d")) == 20
+    cold = _settled_requests(pid) - before
+    before = _settled_requests(pid)
+    for _ in range(3):
+        assert _read_all(paths) == list(contents.values())
+        assert len(os.listdir(mnt / "d")) == 20
+    warm = _settled_requests(pid) - before
+    assert cold > len(paths), cold
+    if mode == "no-open":
+        assert warm == 0, (cold, warm)
+    else:  # OPEN + RELEASE per file, OPENDIR + RELEASEDIR per listing, nothing more
+        assert warm == 3 * 2 * (len(paths) + 1), (cold, warm)
+    # O_DIRECT reads bypass the page cache and still find the file with no open handle.
+    assert _read_all([mnt / "big", mnt / "d" / "f7"], os.O_DIRECT) == [
+        contents["big"], contents["d/f7"]]
+    assert not _gone(pid)
+
+
+def test_the_kernel_keeps_symlink_targets(tmp_path: Path, mounts_: Mounts) -> None:
+    """A symlink is read from the server once (FUSE_CAP_CACHE_SYMLINKS, which stock pyfuse3
+    3.5.0 cannot ask for: scripts/pyfuse3-cache-dirs.py): then READLINK never comes again."""
+    tree = tmp_path / "tree"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "tool").write_bytes(b"#!/bin/sh\n")
+    (tree / "bin").symlink_to("usr/bin")
+    (tree / "link").symlink_to("usr/bin/tool")
+    image = tmp_path / "t.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress"])
+    mnt, pid = mounts_.serve(image)
+
+    def resolve() -> None:
+        assert os.readlink(mnt / "bin") == "usr/bin"
+        assert os.readlink(mnt / "link") == "usr/bin/tool"
+        assert os.stat(mnt / "bin" / "tool").st_size == 10
+        assert (mnt / "link").stat().st_size == 10
+
+    before = _settled_requests(pid)
+    resolve()
+    cold = _settled_requests(pid) - before
+    warm = []
+    for _ in range(3):
+        before = _settled_requests(pid)
+        resolve()
+        warm.append(_settled_requests(pid) - before)
+    assert cold >= 2, cold  # the READLINKs (and LOOKUPs) did reach the server
+    assert warm == [0, 0, 0], (cold, warm)
+
+
+def test_writes_are_refused_without_open_requests(tmp_path: Path, mounts_: Mounts) -> None:
+    """With no OPEN reaching the server, the read-only mount itself refuses every write."""
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f").write_bytes(b"data\n")
+    image = tmp_path / "t.sqfs"
+    _run(["mksquashfs", str(tree), str(image), "-quiet", "-no-progress"])
+    mnt, pid = mounts_.serve(image)
+    f = mnt / "d" / "f"
+    assert f.read_bytes() == b"data\n"  # the kernel is in no-open mode from here on
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(OSError) as err:
+            os.open(f, flags)
+        assert err.value.errno == errno.EROFS, flags
+    for make in (lambda: os.open(mnt / "d" / "new", os.O_WRONLY | os.O_CREAT, 0o644),
+                 lambda: os.mkdir(mnt / "d" / "sub"), lambda: os.unlink(f),
+                 lambda: os.truncate(f, 0), lambda: os.chmod(f, 0o777),
+                 lambda: os.setxattr(f, "user.x", b"1")):
+        with pytest.raises(OSError) as err:
+            make()
+        assert err.value.errno == errno.EROFS
+    assert f.read_bytes() == b"data\n"
+    assert not _gone(pid)
 
 
 def test_mount_options_and_process(images: dict[str, Path], mounts_: Mounts) -> None:

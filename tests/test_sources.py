@@ -992,3 +992,33 @@ def test_tar_split_recorder_writes_the_lines_json_dumps_wrote(
     lines = [json.dumps({**e, "position": i}, separators=(",", ":")) + "\n"
              for i, e in enumerate(expected)]
     assert gzip.decompress(buf.getvalue()).decode() == "".join(lines)
+
+
+def test_tar_split_with_blank_lines_and_large_files_rebuilds_and_checks_crcs(
+        tmp_path: Path) -> None:
+    """tar-split lines are parsed a batch at a time (a blank line makes a batch go line
+    by line), small files are read in one go and large ones in chunks; both are checked
+    against their CRC-64."""
+    big = bytes(range(256)) * (8 * 1024 + 3)  # over 2 MiB: read in chunks
+    tar = make_tar({"small": b"12345" * 100, "big": big, "empty": b""})
+    diff = tmp_path / "diff"
+    diff.mkdir()
+    split = tmp_path / "l.tar-split.gz"
+    from fastcrc import crc64
+
+    lines = []
+    for line in gzip.decompress(_disassemble(tar, diff)).splitlines():
+        entry = json.loads(line)
+        if entry["type"] == 1 and entry["size"]:
+            crc = crc64.go_iso((diff / entry["name"]).read_bytes()).to_bytes(8, "big")
+            entry["payload"] = base64.b64encode(crc).decode()
+        lines.append(json.dumps(entry).encode())
+    split.write_bytes(gzip.compress(b"\n\n".join(lines[:2]) + b"\n  \n" + b"\n".join(lines[2:])))
+    assert b"".join(tar_from_tar_split(split, diff, "layer 3")) == tar
+    for name, data in (("small", b"12346" * 100), ("big", big[:-1] + b"x")):
+        original = (diff / name).read_bytes()
+        (diff / name).write_bytes(data)
+        with pytest.raises(SourceError, match=rf"layer 3: file integrity checksum failed for "
+                                              rf".*/{name}$"):
+            b"".join(tar_from_tar_split(split, diff, "layer 3"))
+        (diff / name).write_bytes(original)

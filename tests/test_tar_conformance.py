@@ -479,3 +479,53 @@ def test_device_numbers_no_header_or_squashfs_holds_are_one_line(major: int, min
         assert result.returncode == 1 and len(err) == 1, (command, result.stderr[-2000:])
         assert err[0].startswith("squashstore: ") and "Traceback" not in result.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+# -- the fast paths: the same result as the general ones -----------------------------------
+
+_FIELD_BYTES = st.sampled_from([b"0000644\x00", b" 644 \x00", b"0000000", b"\x80" + bytes(6)
+                                + b"\x05", b"12x\x00", b"", b"\x00" * 8, b"7777777\x00",
+                                b"01234567", b" \x00 12\x00"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.binary(max_size=100), prefix=st.binary(max_size=155), link=st.binary(max_size=100),
+       typeflag=st.sampled_from([b"0", b"5", b"2", b"1", b"3", b"x", b"\x00"]),
+       numbers=st.lists(_FIELD_BYTES, min_size=7, max_size=7),
+       magic=st.sampled_from(["ustar", "gnu", "v7"]), star=st.booleans(),
+       checksum_delta=st.sampled_from([0, 0, 0, 1]))
+def test_header_fast_path_reads_what_the_general_path_reads(
+        name: bytes, prefix: bytes, link: bytes, typeflag: bytes, numbers: list[bytes],
+        magic: str, star: bool, checksum_delta: int) -> None:
+    """`parse_header`'s ustar fast path (one unpack, remembered numeric fields) returns the
+    header, or raises the error, that the general path (Go's readHeader) does; twice, so
+    the second read takes the remembered fields."""
+    from squashstore.tar import reader as tr
+
+    offsets = (100, 108, 116, 329, 337, 124, 136)
+    block = bytearray(ts.header(name, typeflag, linkname=link, magic=magic, prefix=prefix))
+    for offset, raw in zip(offsets, numbers, strict=True):
+        block[offset:offset + 8] = raw.ljust(8, b"\x00")[:8]
+    if star:
+        block[508:512] = b"tar\x00"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % (sum(block) + checksum_delta)
+    data = bytes(block)
+
+    def outcome(parse: Callable[[bytes], object]) -> object:
+        try:
+            return repr(parse(data))
+        except TarError as exc:
+            return f"error {exc}"
+
+    general = outcome(tr._parse_header_general)
+    assert outcome(tr.parse_header) == general
+    assert outcome(tr.parse_header) == general
+
+
+@given(st.binary(min_size=512, max_size=512))
+def test_block_sum_is_the_byte_sum(block: bytes) -> None:
+    from squashstore.tar.format import block_sum
+
+    assert block_sum(block) == sum(block)
+    assert block_sum(b"\xff" * 512) == 255 * 512

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from squashstore.image import SquashstoreError
     from squashstore.lazy import image as lazy_image
     from squashstore.lazy import remote
+    from squashstore.registry.options import RegistryOptions
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
@@ -59,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("squashstore.lazy.background")
     log.info("completing")
     try:
-        done = lazy_image.complete(squash, remote.open_source)
+        done = lazy_image.complete(  # a whole download: [registry] stall, no budget
+            squash, lambda r: remote.open_source(r, RegistryOptions()))
     except (SquashstoreError, OSError) as exc:
         log.error("failed: %s", exc)
         return 1

@@ -76,17 +76,37 @@ def map_path(directory: Path, digest: str) -> Path:
 
 
 def check_directory(directory: Path) -> None:
-    """Refuse a cache directory another user could write to (it would feed us bytes)."""
+    """Refuse a cache directory another user could write to or swap (it would feed us
+    bytes, or, for `cleanup`, point our removals elsewhere): it must be a real directory
+    (not a symlink), ours, writable only by us, and every directory above it root's or
+    ours and writable by no one else (a sticky one such as /tmp allowed)."""
     try:
-        st = os.stat(directory)
+        st = os.lstat(directory)
     except OSError as exc:
         raise CacheError(f"{directory}: cannot use as cache directory: {exc.strerror}") \
             from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheError(f"{directory}: a symlink, not a cache directory of its own")
     if not stat.S_ISDIR(st.st_mode):
         raise CacheError(f"{directory}: not a directory")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise CacheError(f"{directory}: cache directory must be owned by uid {os.geteuid()} "
+    me = os.geteuid()
+    if st.st_uid != me or st.st_mode & 0o022:
+        raise CacheError(f"{directory}: cache directory must be owned by uid {me} "
                          "and writable only by it")
+    given = Path(os.path.abspath(directory))
+    real = Path(os.path.realpath(directory))
+    for parent in {*given.parents, *real.parents}:
+        try:
+            pst = os.lstat(parent)
+        except OSError as exc:
+            raise CacheError(f"{parent}: {exc.strerror}") from None
+        # A symlink's owner can point it elsewhere; a directory's writers can swap entries.
+        writable = not stat.S_ISLNK(pst.st_mode) and pst.st_mode & 0o022 and \
+            not pst.st_mode & stat.S_ISVTX
+        if pst.st_uid not in (0, me) or writable:
+            raise CacheError(f"{directory}: {parent} (uid {pst.st_uid}, mode "
+                             f"{stat.S_IMODE(pst.st_mode):04o}) can be changed by another "
+                             "user: not a cache directory")
 
 
 def header(digest: str, size: int, chunk: int) -> bytes:
@@ -111,13 +131,14 @@ def read_bitmap(map_: Path, digest: str, size: int, chunk: int = CHUNK) -> bytes
     return data[HEADER_SIZE:]
 
 
-def _open(path: Path) -> int:
+def _open(path: Path, readonly: bool = False) -> int:
+    flags = os.O_RDONLY | os.O_NONBLOCK if readonly else os.O_RDWR | os.O_CREAT
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise CacheError(f"{path}: cannot open cache file: {exc.strerror}") from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+    if not stat.S_ISREG(st.st_mode) or (st.st_uid != os.geteuid() and not readonly):
         os.close(fd)
         raise CacheError(f"{path}: not a cache file of uid {os.geteuid()}")
     return fd
@@ -139,7 +160,8 @@ class RangeCache:
     `digests` (the blob's per-chunk digests) every chunk stored is checked first."""
 
     def __init__(self, data: Path, map_: Path, digest: str, size: int,
-                 chunk: int = CHUNK, digests: ChunkDigests | None = None) -> None:
+                 chunk: int = CHUNK, digests: ChunkDigests | None = None,
+                 readonly: bool = False) -> None:
         if size < 0 or chunk <= 0:
             raise CacheError(f"bad cache geometry (size {size}, chunk {chunk})")
         _hex(digest)
@@ -153,9 +175,12 @@ class RangeCache:
         self.data_path, self.map_path = Path(data), Path(map_)
         self._bitmap = bytearray(-(-self.chunks // 8))
         self._lock = threading.Lock()
-        self._map = _open(self.map_path)
+        self.readonly = readonly
+        """Only read (`verify`, or another user's store): nothing created, written or
+        repaired; a map that is not whole and of this blob is a `CacheError`."""
+        self._map = _open(self.map_path, readonly)
         try:
-            self._data = _open(self.data_path)
+            self._data = _open(self.data_path, readonly)
         except BaseException:
             os.close(self._map)
             raise
@@ -208,6 +233,9 @@ class RangeCache:
                     os.fstat(self._data).st_size == self.size:
                 self._bitmap[:] = os.pread(self._map, len(self._bitmap), HEADER_SIZE)
                 return
+            if self.readonly:
+                raise CacheError(f"{self.map_path}: not a whole chunk map of {self.digest} "
+                                 f"(or {self.data_path} is not {self.size} bytes)")
             if current.strip(b"\0") and current != expected:
                 raise CacheError(f"{self.map_path}: the cache of another blob or format")
             # New (or left half-made by a crash): empty map first, header last. Bytes
@@ -299,6 +327,8 @@ class RangeCache:
     def store(self, pieces: Iterable[tuple[Span, bytes]]) -> None:
         """Write fetched chunk-aligned pieces, flush them, then mark them present; chunks
         that do not match their digests are left out and raise `ChunkMismatch` after."""
+        if self.readonly:
+            raise CacheError(f"{self.data_path}: opened read-only")
         marks: list[range] = []
         wrong: list[int] = []
         for span, data in pieces:
@@ -345,6 +375,8 @@ class RangeCache:
 
     def reset(self) -> None:
         """Forget everything (a complete cache whose digest turned out wrong)."""
+        if self.readonly:
+            raise CacheError(f"{self.data_path}: opened read-only")
         with self._locked():
             os.ftruncate(self._map, HEADER_SIZE)
             os.ftruncate(self._map, HEADER_SIZE + len(self._bitmap))

@@ -156,7 +156,7 @@ def load(squash: Path, digest: str, size: int, chunk: int = CHUNK) -> ChunkDiges
     """The list a store keeps for the lazy squash file `squash` (of blob `digest`), None
     when it has none (an artifact pushed without one: chunks unverified until complete)."""
     path = chunks_path(squash)
-    data = read_kept(path)
+    data = read_kept(path, limit(size, chunk))
     if data is None:
         return None
     return for_squash(parse(data, str(path)), digest, size, str(path), chunk)

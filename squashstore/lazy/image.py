@@ -21,17 +21,20 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from squashstore import trust
 from squashstore.image import SquashstoreError
 from squashstore.lazy.cache import ChunkMismatch, RangeCache
 from squashstore.lazy.lazyfile import LazyFile
 from squashstore.lazy.paths import (
     LAZY_DIR,
+    MARKER_LIMIT,
     WRITER,
     chunks_path,
     lazy_dir,
@@ -52,6 +55,19 @@ client does them)."""
 
 class LazyError(SquashstoreError):
     """A lazy image's marker is damaged, or its completed bytes do not match the digest."""
+
+
+MAX_SIZE = 1 << 40
+"""Largest squash file pulled lazily (1 TiB: a 2 MiB chunk map, a 512 MiB chunk digest
+list): a manifest claiming more would make `pull --lazy` and every FUSE server of the image
+allocate maps and lists in proportion to the claim, not to anything real."""
+
+
+def check_size(size: int, what: str) -> None:
+    """`LazyError` unless `size` is one a lazy pull takes (0 to `MAX_SIZE` bytes)."""
+    if not 0 <= size <= MAX_SIZE:
+        raise LazyError(f"{what}: a squash file of {size} bytes: lazy pulls take at most "
+                        f"{MAX_SIZE} (pull it without --lazy)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,10 @@ def read_marker(squash: Path) -> Remote | None:
     """The registry location of a lazy squash file, None when it is an ordinary one."""
     path = marker_path(squash)
     try:
-        data = json.loads(path.read_bytes())
+        raw = trust.read_regular(path, MARKER_LIMIT)
+        if raw is None:
+            return None
+        data = json.loads(raw)
         remote = Remote(registry=str(data["registry"]), repository=str(data["repository"]),
                         digest=str(data["digest"]), size=int(data["size"]),
                         reference=str(data.get("reference", "")),
@@ -93,6 +112,8 @@ def read_marker(squash: Path) -> Remote | None:
                         ) from None
     if remote.tls_verify not in (None, True, False):
         raise LazyError(f"{path}: damaged lazy-image marker (tls_verify)")
+    if not 0 <= remote.size <= MAX_SIZE:
+        raise LazyError(f"{path}: damaged lazy-image marker (size {remote.size})")
     return remote
 
 
@@ -206,27 +227,43 @@ def stale_node_caches(directory: Path, keep: set[str], open_paths: set[str],
     """The files of a node-local cache `directory` that `cleanup` removes: the ``.data`` and
     ``.map`` of blobs whose digest is not in `keep` (the lazy images of the stores cleaned),
     neither of them open by any process (`open_paths`: a FUSE server still serving from
-    it), and untouched for `min_age` seconds (a server opening it right now)."""
-    from squashstore.lazy.cache import data_path
+    it), and untouched for `min_age` seconds (a server opening it right now). Only regular
+    files of ours named ``<hex>.data``/``.map`` count (never a symlink, nor what it points
+    to); `LazyError` when the directory itself is not a cache directory of ours
+    (`cache.check_directory`: a symlink planted there must not aim the removals)."""
+    from squashstore.lazy.cache import CacheError, check_directory, data_path
 
+    try:
+        check_directory(directory)
+    except CacheError as exc:
+        raise LazyError(f"{exc}; not cleaned") from None
+    directory = Path(os.path.realpath(directory))  # as the open files name it
     keep_names = {data_path(directory, d).name for d in keep if ":" in d}
     found = []
     try:
         entries = sorted(os.listdir(directory))
     except OSError:
         return []
+    me = os.geteuid()
     for entry in entries:
         stem, dot, suffix = entry.rpartition(".")
-        if not dot or suffix != "data" or entry in keep_names:
+        if not dot or suffix != "data" or entry in keep_names or not stem or \
+                stem.strip("0123456789abcdef"):
             continue
-        pair = [directory / entry, directory / f"{stem}.map"]
-        try:
-            recent = any(now - os.lstat(p).st_mtime < min_age for p in pair if p.exists())
-        except OSError:
-            continue
-        if recent or any(str(p) in open_paths for p in pair):
-            continue
-        found += [p for p in pair if p.exists()]
+        pair = []
+        for path in (directory / entry, directory / f"{stem}.map"):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != me or \
+                    now - st.st_mtime < min_age or str(path) in open_paths:
+                break
+            pair.append(path)
+        else:
+            found += pair
     return found
 
 
@@ -239,8 +276,6 @@ def open_lazy(squash: Path, open_source: SourceOpener | None,
     remote = read_marker(squash)
     if remote is None:
         return None
-    from squashstore import trust
-
     # Root reads where to fetch from, and writes the cache, only where only root can write.
     for path in (lazy_dir(squash), *lazy_files(squash)):
         if path.exists():
@@ -370,25 +405,130 @@ def finalise(squash: Path, cache: RangeCache, remote: Remote) -> None:
 
 
 @dataclass(frozen=True)
+class CacheState:
+    """One cache of a lazy image's bytes as read, never written: the store's own, or this
+    node's (``[lazy] cache_dir``)."""
+
+    data: Path
+    """Its data file."""
+    present: int
+    """Bytes present (0 when its map is absent or of another blob)."""
+    bad: tuple[int, ...] = ()
+    """Chunks present whose bytes fail the artifact's chunk digests (only when checked)."""
+    problem: str = ""
+    """Why it was not read (a symlink, another user's file or directory); then nothing
+    of it counts."""
+
+
+@dataclass(frozen=True)
 class Status:
     """How much of a lazy image is here."""
 
     remote: Remote
     present: int
-    """Bytes present."""
+    """Bytes present in the store."""
     chunks_verified: bool = False
     """Whether each chunk is checked against the artifact's chunk digests as it arrives
     (else only the whole file, once complete)."""
+    store: CacheState | None = None
+    """The store's cache, its chunks re-checked when `status` was asked to."""
+    node: CacheState | None = None
+    """This node's cache of the image (``[lazy] cache_dir``), None when it has none."""
 
 
-def status(squash: Path) -> Status | None:
+def _read_own(path: Path, owner: int | None, limit: int) -> bytes | None:
+    """`trust.read_regular` of `path`, its failures a `LazyError`."""
+    try:
+        return trust.read_regular(path, limit, owner)
+    except OSError as exc:
+        raise LazyError(f"{path}: {exc.strerror}") from None
+
+
+def _bad_chunks(data: Path, bitmap: bytes, digests: ChunkDigests) -> tuple[int, ...]:
+    """The chunks set in `bitmap` whose bytes in `data` fail their digests."""
+    from squashstore.lazy import ranges
+
+    bad = []
+    fd = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for index in range(digests.count):
+            if ranges.has_chunk(bitmap, index):
+                start = index * digests.chunk
+                piece = os.pread(fd, min(digests.chunk, digests.size - start), start)
+                if not digests.matches(index, piece):
+                    bad.append(index)
+    finally:
+        os.close(fd)
+    return tuple(bad)
+
+
+def _cache_state(data: Path, map_: Path, remote: Remote, digests: ChunkDigests | None,
+                 check: bool, owner: int | None) -> CacheState:
+    """A cache as its map says (read only), its present chunks re-hashed when `check`."""
+    from squashstore.lazy import ranges
+    from squashstore.lazy.cache import CHUNK, HEADER_SIZE, header
+
+    chunks = ranges.chunk_count(remote.size, CHUNK)
+    length = HEADER_SIZE + -(-chunks // 8)
+    try:
+        raw = _read_own(map_, owner, length + 1)
+        if raw is not None and owner is not None:  # the data file must be ours as well
+            st = os.lstat(data)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+                raise LazyError(f"{data}: not a regular file of uid {owner}")
+    except LazyError as exc:
+        return CacheState(data, 0, problem=str(exc))
+    except OSError as exc:
+        return CacheState(data, 0, problem=f"{data}: {exc.strerror}")
+    if raw is None or len(raw) != length or raw[:HEADER_SIZE] != \
+            header(remote.digest, remote.size, CHUNK):
+        return CacheState(data, 0)
+    bitmap = raw[HEADER_SIZE:]
+    count = ranges.count_present(bitmap, chunks)
+    present = count * CHUNK
+    if chunks and ranges.has_chunk(bitmap, chunks - 1):
+        present -= chunks * CHUNK - remote.size
+    bad: tuple[int, ...] = ()
+    if check and digests is not None and count:
+        try:
+            bad = _bad_chunks(data, bitmap, digests)
+        except OSError as exc:
+            return CacheState(data, present, problem=f"{data}: {exc.strerror}")
+    return CacheState(data, present, bad)
+
+
+def node_state(directory: Path, remote: Remote, digests: ChunkDigests | None,
+               check: bool) -> CacheState | None:
+    """This node's cache of `remote` in `directory` (read only; None when it holds none):
+    used only when it is a directory of ours that only we can write, its files ours."""
+    from squashstore.lazy.cache import CacheError, check_directory, data_path
+    from squashstore.lazy.cache import map_path as cache_map_path
+
+    data, map_ = data_path(directory, remote.digest), cache_map_path(directory, remote.digest)
+    if not os.path.lexists(directory) or not (os.path.lexists(data)
+                                                or os.path.lexists(map_)):
+        return None
+    try:
+        check_directory(directory)
+    except CacheError as exc:
+        return CacheState(data, 0, problem=str(exc))
+    return _cache_state(data, map_, remote, digests, check, os.geteuid())
+
+
+def status(squash: Path, check: bool = False, node_dir: Path | None = None) -> Status | None:
+    """How much of the lazy image `squash` is here (None: it is not lazy), read without
+    writing anything: the store's cache and, with `node_dir` (``[lazy] cache_dir``), this
+    node's; with `check`, every chunk present is hashed again against the artifact's chunk
+    digests (`CacheState.bad`)."""
     remote = read_marker(squash)
     if remote is None:
         return None
-    with open_cache(squash, remote) as cache:
-        present = cache.present_bytes()
-        verified = cache.digests is not None
-    return Status(remote, present, verified)
+    for path in (lazy_dir(squash), *lazy_files(squash)):
+        trust.check_entry(path, what="a lazy image")
+    digests = chunk_digests(squash, remote)
+    store = _cache_state(squash, map_path(squash), remote, digests, check, None)
+    node = node_state(node_dir, remote, digests, check) if node_dir is not None else None
+    return Status(remote, store.present, digests is not None, store, node)
 
 
 def open_for_verify(squash: Path) -> LazyFile | None:
@@ -396,15 +536,22 @@ def open_for_verify(squash: Path) -> LazyFile | None:
     disk). A lazy one whose every chunk is present is completed here (its digest checked:
     `LazyError` when wrong) and then is ordinary; an incomplete one is its cache alone, whose
     metadata can be checked without fetching anything."""
-    lazy = open_lazy(squash, None)
+    remote = read_marker(squash)
+    if remote is None:
+        return None
+    for path in (lazy_dir(squash), *lazy_files(squash)):
+        trust.check_entry(path, what="a lazy image")
+    # Read only: verify neither creates nor repairs a map (nor needs to own the store).
+    cache = RangeCache(squash, map_path(squash), remote.digest, remote.size,
+                       digests=chunk_digests(squash, remote), readonly=True)
+    if not cache.complete():
+        return LazyFile(cache, None)
+    cache.close()
+    lazy = open_lazy(squash, None)  # complete: finalised, which writes the store
     if lazy is None:
         return None
-    if not lazy.cache.complete():
-        return lazy
-    remote = read_marker(squash)
     try:
-        if remote is not None:
-            finalise(squash, lazy.cache, remote)
+        finalise(squash, lazy.cache, remote)
     finally:
         lazy.close()
     return None

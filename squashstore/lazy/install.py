@@ -40,6 +40,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     tar-split fetched. With `digests` (the artifact's chunk digests, checked to be of its
     squash file) every chunk fetched, now and later, is checked before it is cached."""
     what = reference
+    lazy_image.check_size(parsed.squash.size, what)
     check_bytes(config, parsed.config.digest, f"{what}: config")
     diff_ids = oci.diff_ids(config, f"{what}: config")
     if len(diff_ids) != 1 or diff_ids[0] != parsed.diff_id or \

@@ -49,13 +49,18 @@ COMPANIONS = ("map", "chunks")
 """Suffixes of the files that live only as long as a layer's marker."""
 
 
-def read_kept(path: Path) -> bytes | None:
+MARKER_LIMIT = 1 << 20
+"""Bytes of a marker read at most."""
+
+
+def read_kept(path: Path, limit: int) -> bytes | None:
     """A list the store keeps beside a lazy layer (chunk digests, prefetch list): its bytes,
-    None when there is none; `SourceError` when it cannot be read."""
+    None when there is none; `SourceError` when it cannot be read (or is not a regular
+    file of at most `limit` bytes)."""
+    from squashstore.trust import read_regular
+
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+        return read_regular(path, limit)
     except OSError as exc:
         from squashstore.image import SourceError  # image imports dataclasses: not at start
         raise SourceError(f"{path}: {exc.strerror}") from None
@@ -97,9 +102,13 @@ def _being_staged(marker: Path, foreign_age: float) -> bool:
     import time
 
     from squashstore import host
+    from squashstore.trust import read_regular
 
     try:
-        writer = json.loads(marker.read_bytes()).get(WRITER, "")
+        data = read_regular(marker, MARKER_LIMIT)
+        if data is None:
+            return False
+        writer = json.loads(data).get(WRITER, "")
         age = time.time() - marker.stat().st_mtime
     except (OSError, ValueError, AttributeError, RecursionError):
         return False

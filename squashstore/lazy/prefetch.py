@@ -115,7 +115,7 @@ def store_path(squash: Path) -> Path:
 def load(squash: Path) -> PrefetchList | None:
     """The list a store keeps for `squash`, None when it has none."""
     path = store_path(squash)
-    data = read_kept(path)
+    data = read_kept(path, LIMIT)
     return None if data is None else parse(data, str(path))
 
 

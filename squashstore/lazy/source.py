@@ -20,11 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
-import requests
+from typing import TYPE_CHECKING
 
 from squashstore.image import SquashstoreError
 from squashstore.lazy.ranges import Span
+
+if TYPE_CHECKING:  # requests is imported when a range is fetched: a FUSE server of an
+    import requests  # ordinary image, which imports this through lazy.image, never pays it
+
+    from squashstore.registry.options import Deadline
 
 WORKERS = 4
 """Ranges fetched at once per image."""
@@ -34,10 +38,14 @@ plus the timeouts before it fails with EIO."""
 BACKOFF = 0.2
 TIMEOUT = (5.0, 30.0)
 """(connect, read) seconds of one request."""
+SKIP_MAX = 64 << 20
+"""Most bytes read and dropped to reach a range from a registry that ignores ``Range``
+(answers 200 with the whole blob): past it, every range would cost a download of the
+blob up to it (completing an image: quadratic in its size)."""
 _RETRY_STATUS = frozenset((429, 500, 502, 503, 504))
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
-Get = Callable[[Mapping[str, str]], requests.Response]
+Get = Callable[[Mapping[str, str]], "requests.Response"]
 """GETs the blob with these extra headers (a ``Range``), auth and redirects included; the
 response should be streamed (``stream=True``)."""
 AuthHeaders = Callable[[bool], Mapping[str, str]]
@@ -78,9 +86,15 @@ class RangeSource:
 
     def __init__(self, get: Get, size: int, what: str, *, workers: int = WORKERS,
                  retries: int = RETRIES, backoff: float = BACKOFF,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, budget: float | None = None,
+                 deadline: Deadline | None = None) -> None:
         self._get, self.size, self.what = get, size, what
         self._retries, self._backoff, self._sleep = retries, backoff, sleep
+        self.budget = budget
+        """Seconds one range may take, retries included (a FUSE read holds its process
+        meanwhile); None: no limit beyond each receive's stall limit."""
+        self.deadline = deadline
+        """The command's deadline (``--timeout``): every range ends by it."""
         self.workers = workers
         """Ranges fetched at once."""
         self._pool = ThreadPoolExecutor(max_workers=workers,
@@ -101,18 +115,30 @@ class RangeSource:
                              f"{self.size} bytes")
         if not len(span):
             return b""
+        stop = self._stop()
         delay = self._backoff
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                return self._fetch_once(span)
+                return self._fetch_once(span, stop)
             except _Retry as exc:
-                if last:
+                if last or (stop is not None and time.monotonic() + delay >= stop):
                     raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: "
                                      f"{exc}") from None
             self._sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stop(self) -> float | None:
+        """When a range fetched from now must be done (`time.monotonic`), None: never."""
+        now = time.monotonic()
+        stops = [now + self.budget] if self.budget is not None else []
+        if self.deadline is not None:
+            if self.deadline.remaining() <= 0:
+                raise FetchError(f"{self.what}: gave up after {self.deadline.seconds:g} s "
+                                 "(--timeout, [registry] timeout)")
+            stops.append(now + self.deadline.remaining())
+        return min(stops, default=None)
 
     def fetch_many(self, spans: Sequence[Span]) -> list[bytes]:
         """The bytes of every span, fetched concurrently; the first failure is raised after
@@ -164,7 +190,9 @@ class RangeSource:
         if error is not None:
             raise error
 
-    def _fetch_once(self, span: Span) -> bytes:
+    def _fetch_once(self, span: Span, stop: float | None) -> bytes:
+        import requests
+
         headers = {"Range": f"bytes={span.start}-{span.end - 1}",
                    "Accept-Encoding": "identity"}
         try:
@@ -180,12 +208,36 @@ class RangeSource:
             if status in _RETRY_STATUS:
                 raise _Retry(f"HTTP {status}")
             if status == 206:
-                return self._partial(response, span)
+                return self._partial(response, span, stop)
             if status == 200:
-                return self._whole(response, span)
+                return self._whole(response, span, stop)
             raise FetchError(f"{self.what}: bytes {span.start}-{span.end - 1}: HTTP {status}")
 
-    def _partial(self, response: requests.Response, span: Span) -> bytes:
+    def _body(self, response: requests.Response, limit: int, stop: float | None) -> bytes:
+        """At most `limit` bytes of the body, as each receive brings them, checking `stop`
+        between receives (a registry dripping a byte at a time cannot hold a read)."""
+        import requests
+        import urllib3
+
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while total < limit:
+                if stop is not None and time.monotonic() >= stop:
+                    raise _Retry(f"too slow: {total} bytes in time")
+                data = read(min(limit - total, 1 << 20))
+                if not data:
+                    break
+                parts.append(data)
+                total += len(data)
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            raise _Retry(_describe(exc)) from None
+        return b"".join(parts)
+
+    def _partial(self, response: requests.Response, span: Span, stop: float | None
+                 ) -> bytes:
         match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
         if match is None or int(match.group(1)) != span.start or \
                 int(match.group(2)) != span.end - 1 or \
@@ -193,28 +245,29 @@ class RangeSource:
             raise FetchError(f"{self.what}: the registry answered bytes {span.start}-"
                              f"{span.end - 1} with Content-Range "
                              f"{response.headers.get('Content-Range')!r}")
-        try:
-            data = response.content
-        except (requests.RequestException, OSError) as exc:
-            raise _Retry(_describe(exc)) from None
+        data = self._body(response, len(span) + 1, stop)  # one more: never read a flood
+        if len(data) > len(span):
+            raise FetchError(f"{self.what}: the registry sent more than the "
+                             f"{len(span)} bytes {span.start}-{span.end - 1} asked for")
         if len(data) != len(span):
             raise _Retry(f"got {len(data)} of {len(span)} bytes")
         self._count(len(data))
         return data
 
-    def _whole(self, response: requests.Response, span: Span) -> bytes:
+    def _whole(self, response: requests.Response, span: Span, stop: float | None
+               ) -> bytes:
         """A registry that ignores Range: skip to the span, read it, drop the rest."""
-        try:
-            raw = response.raw
-            skip = span.start
-            while skip:
-                piece = raw.read(min(skip, 1 << 20))
-                if not piece:
-                    raise _Retry("the blob ended early")
-                skip -= len(piece)
-            data = raw.read(len(span))
-        except (requests.RequestException, OSError) as exc:
-            raise _Retry(_describe(exc)) from None
+        if span.start > SKIP_MAX:
+            raise FetchError(f"{self.what}: the registry ignores Range requests (it answers "
+                             f"with the whole blob): bytes {span.start}-{span.end - 1} "
+                             "cannot be read lazily; pull the image without --lazy")
+        skip = span.start
+        while skip:
+            piece = self._body(response, min(skip, 1 << 20), stop)
+            if not piece:
+                raise _Retry("the blob ended early")
+            skip -= len(piece)
+        data = self._body(response, len(span), stop)
         if len(data) != len(span):
             raise _Retry(f"got {len(data)} of {len(span)} bytes")
         self._count(span.end)
@@ -231,9 +284,12 @@ class _Retry(Exception):
 
 
 def _describe(exc: BaseException) -> str:
+    import requests
+    import urllib3
+
     text = str(exc)
     if "Connection refused" in text or isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return "timed out"
     return " ".join(text.split())[:160] or type(exc).__name__

@@ -58,6 +58,9 @@ BACKOFF = 0.5
 CONNECT_TIMEOUT = 10.0
 """Seconds to establish a connection (the read timeout is the stall limit,
 `squashstore.config.DEFAULT_STALL`)."""
+STALL_MAX = config.MAX_SECONDS
+"""The longest stall limit used (``--stall``-like options are not checked by the config;
+``stall = 1e308`` overflowed the socket timeout: a traceback from urllib3)."""
 UPLOAD_CHUNK = 16 << 20
 """Bytes per PATCH of a chunked upload: the most a push holds in memory."""
 MANIFEST_LIMIT = 4 << 20
@@ -228,7 +231,7 @@ class Client:
         self._explicit: Credentials | None = (parse_creds(self.options.creds)
                                               if self.options.creds else None)
         self._sleep = sleep
-        self.stall = self.options.stall or config.load().registry.stall
+        self.stall = min(self.options.stall or config.load().registry.stall, STALL_MAX)
         """Seconds without a byte before a request counts as stalled."""
         self.deadline = self.options.deadline
 

@@ -4,10 +4,22 @@ encoder, the tar-split recorder and reader, and the layer merge."""
 
 from __future__ import annotations
 
+from zlib import adler32
+
 BLOCK = 512
 """Size of a tar header and of the unit content is padded to."""
 ZERO_BLOCK = bytes(BLOCK)
 END_OF_ARCHIVE = bytes(2 * BLOCK)
+
+
+
+def block_sum(block: bytes) -> int:
+    """``sum(block)`` of a 512-byte header block (the tar checksum's sum), in C: the low half
+    of zlib's Adler-32 is 1 + the byte sum modulo 65521, exact for 256 bytes (at most
+    65,280). Iterating the block's bytes in Python cost more than the rest of a header."""
+    view = memoryview(block)
+    return (adler32(view[:256]) & 0xFFFF) + (adler32(view[256:]) & 0xFFFF) - 2
+
 
 # Type flags (one byte), as Go's archive/tar names them.
 TYPE_REG = b"0"

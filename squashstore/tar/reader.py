@@ -29,6 +29,7 @@ Entry types are not judged here: what podman accepts is the layer merge's busine
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import IO
 
@@ -46,6 +47,16 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _ASCII = bytes(range(128))
 _NOT_ASCII = bytes(range(128, 256))
 _ZEROS: dict[int, bytes] = {}
+_LAYOUT = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
+"""A ustar block field by field: name, mode, uid, gid, size, mtime, checksum, type, link
+name, magic, version, user and group names, device numbers, prefix, the rest."""
+_NUMBERS: dict[bytes, int] = {}
+"""Numeric fields already parsed (raw bytes -> value): a layer repeats its modes, owners
+and times, so most fields are found here without parsing (errors are never kept)."""
+_NUMBERS_LIMIT = 1 << 16
+_SPECIAL_TYPES = frozenset((f.TYPE_XHEADER, f.TYPE_XGLOBAL, f.TYPE_GNU_LONGNAME,
+                            f.TYPE_GNU_LONGLINK, f.TYPE_GNU_SPARSE, f.TYPE_REGA))
+"""Types `TarReader.next` must do more for than return the header."""
 
 
 class TarError(Exception):
@@ -259,16 +270,27 @@ class TarReader:
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
-            if not self._skip_rest():
+            if (self._remaining or self._pad) and not self._skip_rest():
                 return None  # Go: the stream ending inside the padding ends the archive
             read = self._read_header()
             if read is None:
                 return None
             hdr, block = read
+            kind = hdr.typeflag
+            if kind not in _SPECIAL_TYPES and not pax and not long_name and not long_link:
+                # The usual entry: nothing to merge into it, no sparse map to read.
+                size = hdr.size
+                if kind in f.HEADER_ONLY_TYPES:
+                    self._remaining = self._pad = 0
+                elif size < 0:
+                    raise _bad(f"negative size {size}")
+                else:
+                    self._remaining, self._pad = size, -size % f.BLOCK
+                self._pos, self._size = 0, size
+                return hdr
             if hdr.typeflag not in f.HEADER_ONLY_TYPES and hdr.size < 0:
                 raise _bad(f"negative size {hdr.size}")
             self._start_content(hdr)
-            kind = hdr.typeflag
             if kind in (f.TYPE_XHEADER, f.TYPE_XGLOBAL):
                 pax = parse_pax(self._special())
                 if kind == f.TYPE_XGLOBAL:
@@ -461,11 +483,24 @@ class TarReader:
             if n >= 0:
                 return self._read_sparse(n)
             return b"".join(iter(lambda: self._read_sparse(_CHUNK), b""))
-        if n < 0 or n > self._remaining:
-            n = self._remaining
+        remaining = self._remaining
+        if n < 0 or n > remaining:
+            n = remaining
         if not n:
             return b""
-        return self._physical(n)
+        data = self._stream.read(n)
+        if len(data) != n:
+            data = self._complete(data, n)
+        self._remaining = remaining - n
+        return data
+
+    def _complete(self, data: bytes, n: int) -> bytes:
+        """`data`, a short read, completed to `n` bytes; truncation is an error."""
+        if data:
+            data += self._read_full(n - len(data))
+        if len(data) != n:
+            raise TarError(ERR_UNEXPECTED_EOF)
+        return data
 
     def _read_sparse(self, n: int) -> bytes:
         left = self._size - self._pos
@@ -496,7 +531,7 @@ def _format(block: bytes) -> str:
     if recorded.translate(None, b"01234567"):
         return "unknown"
     value = int(recorded, 8) if recorded else 0
-    unsigned = sum(block) - sum(field) + 8 * 32
+    unsigned = f.block_sum(block) - sum(field) + 8 * 32
     if value != unsigned:
         high = len(block.translate(None, _NOT_ASCII)) - len(field.translate(None, _NOT_ASCII))
         if value != unsigned - 256 * high:
@@ -509,8 +544,63 @@ def _format(block: bytes) -> str:
     return "v7"
 
 
+def _number(field: bytes, what: str) -> int:
+    """`_numeric`, remembered in `_NUMBERS`."""
+    value = _numeric(field, what)
+    if len(_NUMBERS) >= _NUMBERS_LIMIT:
+        _NUMBERS.clear()
+    _NUMBERS[field] = value
+    return value
+
+
+def _checksum(field: bytes) -> int:
+    """A checksum field's value (remembered), or -1 when it is not octal."""
+    try:
+        return _number(field, "checksum")
+    except TarError:
+        return -1
+
+
 def parse_header(block: bytes) -> Header:
-    """One 512-byte header block as Go's readHeader reads it."""
+    """One 512-byte header block as Go's readHeader reads it.
+
+    A ustar block whose checksum field was seen before (so is a valid octal number) is
+    read field by field from one unpack, its numbers from `_NUMBERS`; anything else (GNU,
+    STAR, V7, a first-seen checksum field, a signed checksum) takes the general path,
+    which reads the same header for such a block."""
+    (name, mode, uid, gid, size, mtime, checksum, typeflag, linkname, magic, _version,
+     _uname, _gname, devmajor, devminor, prefix, _) = _LAYOUT.unpack(block)
+    get = _NUMBERS.get
+    if (checksum[0] & 0x80 or magic != f.MAGIC_USTAR or block[508:] == f.TRAILER_STAR
+            or (v if (v := get(checksum)) is not None else _checksum(checksum))
+            != f.block_sum(block) - sum(checksum) + 256):
+        return _parse_header_general(block)
+    end = name.find(b"\x00")
+    if end >= 0:
+        name = name[:end]
+    end = prefix.find(b"\x00")
+    if end:
+        name = (prefix if end < 0 else prefix[:end]) + b"/" + name
+    end = linkname.find(b"\x00")
+    if end >= 0:
+        linkname = linkname[:end]
+    return Header(
+        typeflag,
+        name.decode("utf-8", "surrogateescape"),
+        linkname.decode("utf-8", "surrogateescape"),
+        v if (v := get(size)) is not None else _number(size, "size"),
+        v if (v := get(mode)) is not None else _number(mode, "mode"),
+        v if (v := get(uid)) is not None else _number(uid, "uid"),
+        v if (v := get(gid)) is not None else _number(gid, "gid"),
+        v if (v := get(mtime)) is not None else _number(mtime, "mtime"),
+        v if (v := get(devmajor)) is not None else _number(devmajor, "devmajor"),
+        v if (v := get(devminor)) is not None else _number(devminor, "devminor"),
+        {},
+    )
+
+
+def _parse_header_general(block: bytes) -> Header:
+    """`parse_header` for every kind of block."""
     fmt = _format(block)
     if fmt == "unknown":
         raise _bad("checksum mismatch")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import gzip
 import json
 import os
@@ -41,6 +42,8 @@ _json_string = json.encoder.encode_basestring_ascii
 
 
 _LINES_BUFFER = 1 << 18
+_b64 = functools.partial(binascii.b2a_base64, newline=False)
+"""base64.b64encode without its Python wrapper."""
 """JSON lines gathered before one gzip write (a write per line cost more than the JSON)."""
 
 
@@ -65,14 +68,17 @@ class TarSplitRecorder:
     def file(self, name: str, size: int, crc: int | None) -> None:
         """An entry whose `size` content bytes come from the file `name` (CRC-64/ISO)."""
         self._flush_segment()
-        raw = name.encode("utf-8", "surrogateescape")
-        try:
-            field = '"name":' + _json_string(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            field = '"name_raw":"' + base64.b64encode(raw).decode() + '"'
+        if name.isascii():
+            field = '"name":' + _json_string(name)
+        else:
+            raw = name.encode("utf-8", "surrogateescape")
+            try:
+                field = '"name":' + _json_string(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                field = '"name_raw":"' + _b64(raw).decode() + '"'
         sized = f',"size":{size}' if size else ""
-        payload = ('"' + base64.b64encode(crc.to_bytes(8, "big")).decode() + '"'
-                   if crc is not None else "null")
+        payload = '"' + _b64(crc.to_bytes(8, "big")).decode() + '"' if crc is not None \
+            else "null"
         self._emit(f'{{"type":{FILE},{field}{sized},"payload":{payload},')
 
     def close(self) -> None:
@@ -82,7 +88,7 @@ class TarSplitRecorder:
 
     def _flush_segment(self) -> None:
         if self._segment:
-            payload = base64.b64encode(self._segment).decode()
+            payload = _b64(self._segment).decode()
             self._emit(f'{{"type":{SEGMENT},"payload":"{payload}",')
             self._segment.clear()
 
@@ -125,7 +131,7 @@ def _safe_relative(name: bytes, where: str) -> bytes:
     return b"/".join(parts)
 
 
-ContentOf = Callable[[bytes, int, "bytes | None"], Iterator[bytes]]
+ContentOf = Callable[[bytes, int, "bytes | None"], Iterable[bytes]]
 """``content_of(name, size, crc)``: the `size` content bytes of the file `name` (relative,
 never leaving the layer), for `rebuild_tar`; `crc` is what tar-split recorded (or None),
 for `crc_checked`."""
@@ -144,10 +150,39 @@ def crc_checked(chunks: Iterable[bytes], crc: bytes | None, failure: str) -> Ite
 
 
 def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
-                  where: str) -> Iterator[bytes]:
+                  where: str) -> Iterable[bytes]:
     """`size` bytes of the file `name` below `diff` (never through a symlink), checked
-    ("file integrity checksum failed")."""
-    path = os.path.join(diff, name)
+    ("file integrity checksum failed"). A file of at most `CHUNK` bytes is read, checked
+    and closed at once (the usual file: no generators per file)."""
+    path = diff + b"/" + name
+    if size > CHUNK:
+        return _streamed_file_content(path, size, crc, where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    try:
+        data = os.read(fd, size)
+        while 0 < len(data) < size:
+            more = os.read(fd, size - len(data))
+            if not more:
+                break
+            data += more
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the {size} bytes "
+                          "the layer recorded")
+    if crc is not None and crc64.go_iso(data).to_bytes(8, "big") != crc:
+        raise SourceError(f"{where}: file integrity checksum failed for {os.fsdecode(path)}")
+    return (data,) if data else ()
+
+
+def _streamed_file_content(path: bytes, size: int, crc: bytes | None,
+                           where: str) -> Iterator[bytes]:
+    """`_file_content` of a large file, chunk by chunk."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -194,7 +229,7 @@ def _payload(entry: dict[str, object], where: str) -> bytes:
     if not isinstance(payload, str):
         raise SourceError(f"{where}: invalid segment payload")
     try:
-        return base64.b64decode(payload, validate=True)
+        return binascii.a2b_base64(payload, strict_mode=True)  # b64decode(validate=True)
     except binascii.Error as exc:
         raise SourceError(f"{where}: invalid segment payload ({exc})") from exc
 
@@ -206,44 +241,75 @@ def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[
     """
     diff = os.fsencode(diff_dir)
 
-    def content_of(name: bytes, size: int, crc: bytes | None) -> Iterator[bytes]:
+    def content_of(name: bytes, size: int, crc: bytes | None) -> Iterable[bytes]:
         return _file_content(diff, name, size, crc, where)
 
     return rebuild_tar(tar_split, content_of, where)
 
 
-def _lines(tar_split: Path, where: str) -> Iterator[bytes]:
-    """The lines of a gzip'd tar-split; a file that cannot be read is a SourceError."""
+_BATCH = 1 << 18
+"""Bytes of a tar-split's JSON lines parsed in one go."""
+_LOADS = json.JSONDecoder().decode
+
+
+def _line_batches(tar_split: Path, where: str) -> Iterator[list[bytes]]:
+    """The lines of a gzip'd tar-split (without their newlines), a batch at a time; a file
+    that cannot be read is a SourceError."""
     try:
-        with gzip.open(tar_split, "rb") as lines:
-            yield from lines
+        with gzip.open(tar_split, "rb") as stream:
+            rest = b""
+            while data := stream.read(_BATCH):
+                lines = (rest + data).split(b"\n")
+                rest = lines.pop()
+                yield lines
+            if rest:
+                yield [rest]
     except (OSError, EOFError) as exc:
         raise SourceError(f"{where}: cannot read {tar_split}: {exc}") from exc
+
+
+def _entries(lines: list[bytes], where: str) -> list[dict[str, object]]:
+    """The tar-split entries of `lines`: parsed as one JSON array (one call for the batch,
+    not one per line) when that gives one object per line; else line by line, so a
+    blank line is skipped and an error names the first bad line as before."""
+    try:
+        parsed = _LOADS("[" + b",".join(lines).decode() + "]")
+    except ValueError:
+        parsed = None
+    if (isinstance(parsed, list) and len(parsed) == len(lines)
+            and all(type(entry) is dict for entry in parsed)):
+        return parsed
+    return [_parse_line(line, where) for line in lines if line.strip()]
 
 
 def rebuild_tar(tar_split: Path, content_of: ContentOf, where: str) -> Iterator[bytes]:
     """The tar `tar_split` describes: its segments as recorded, each file's content from
     `content_of` (a diff directory, a squash file; its errors pass through). `where` names
     the layer in errors."""
-    for line in _lines(tar_split, where):
-        if not line.strip():
-            continue
-        entry = _parse_line(line, where)
-        kind = entry.get("type")
-        if kind == SEGMENT:
-            data = _payload(entry, where)
-            if data:
-                yield data
-        elif kind == FILE:
-            size = entry.get("size", 0)
-            if not isinstance(size, int) or size < 0:
-                raise SourceError(f"{where}: invalid size in tar-split")
-            if size:
-                crc = _payload(entry, where) or None
-                yield from content_of(_safe_relative(_entry_name(entry, where), where), size,
-                                      crc)
-        else:
-            raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
+    for lines in _line_batches(tar_split, where):
+        for entry in _entries(lines, where):
+            kind = entry.get("type")
+            if kind == SEGMENT:
+                data = _payload(entry, where)
+                if data:
+                    yield data
+            elif kind == FILE:
+                size = entry.get("size", 0)
+                if not isinstance(size, int) or size < 0:
+                    raise SourceError(f"{where}: invalid size in tar-split")
+                if size:
+                    crc = _payload(entry, where) or None
+                    name = entry.get("name")
+                    if (type(name) is str and "name_raw" not in entry and name.isascii()
+                            and name and name[0] not in "/." and "//" not in name
+                            and "/." not in name and name[-1] != "/"):
+                        # What `_safe_relative` leaves of a clean relative name: itself.
+                        raw = name.encode()
+                    else:
+                        raw = _safe_relative(_entry_name(entry, where), where)
+                    yield from content_of(raw, size, crc)
+            else:
+                raise SourceError(f"{where}: unknown tar-split entry type {kind!r}")
 
 
 # --- a layer without a tar-split: walk the diff directory ----------------------------------

@@ -1,0 +1,100 @@
+"""The front of `migrate` alone: reading the layers, the merge, the canonical tar.
+
+`squash_image` = this front + the squashfs writer. This runs the front without a writer
+(`LayerMerge(image.layers)` + `TarStream(None, recorder)`, each file's content read through
+`TeeReader` in the writer's chunk size), stage by stage, and prints the streaming thread's
+CPU time (`time.thread_time`) and entries. Deterministic comparisons: run one stage under
+``valgrind --tool=callgrind`` and compare instruction counts.
+Run: .venv/bin/python bench/bench_front.py IMAGE [STAGE...] [--profile]
+(IMAGE: any reference `migrate` takes, e.g. ``containers-storage:localhost/bench:1`` with
+the podman environment of bench/common.py's `build_image`; STAGE: read, merge, front).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+from squashstore.layers import LayerMerge
+from squashstore.sources import open_image
+from squashstore.tar.split import TarSplitRecorder
+from squashstore.tarstream import TarStream, TeeReader
+
+CHUNK = 1 << 17
+
+
+class _Null(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        return len(data)
+
+
+def read_stage(image_ref: str) -> int:
+    """Every layer's tar read to its end (no parsing)."""
+    image = open_image(image_ref)
+    total = 0
+    for layer in image.layers:
+        with layer.open() as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def merge_stage(image_ref: str) -> int:
+    """The merge, every surviving file's content read and dropped."""
+    merge = LayerMerge(open_image(image_ref).layers)
+    count = 0
+    for entry in merge.entries():
+        count += 1
+        if entry.content is not None:
+            while entry.content.read(CHUNK):
+                pass
+    return count
+
+
+def front_stage(image_ref: str) -> int:
+    """The merge and the canonical tar (digest, tar-split), as `squash_image` drives them."""
+    merge = LayerMerge(open_image(image_ref).layers)
+    stream = TarStream(None, TarSplitRecorder(_Null()))
+    count = 0
+    for entry in merge.entries():
+        count += 1
+        stream.begin(entry)
+        if entry.content is not None:
+            tee = TeeReader(entry.content, stream)  # type: ignore[arg-type]
+            while tee.read(CHUNK):
+                pass
+        stream.end()
+    stream.close()
+    print("digest", stream.digest, "size", stream.size)
+    return count
+
+
+STAGES = {"read": read_stage, "merge": merge_stage, "front": front_stage}
+
+
+def main() -> int:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    image_ref, stages = args[0], args[1:] or list(STAGES)
+    for stage in stages:
+        profile = cProfile.Profile() if "--profile" in sys.argv else None
+        started, cpu = time.perf_counter(), time.thread_time()
+        if profile is not None:
+            profile.enable()
+        count = STAGES[stage](image_ref)
+        if profile is not None:
+            profile.disable()
+        print(f"{stage}: {time.thread_time() - cpu:.2f} s thread CPU, "
+              f"{time.perf_counter() - started:.2f} s wall, {count}")
+        if profile is not None:
+            pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
