@@ -654,7 +654,8 @@ def test_a_small_answer_cut_short_is_retried() -> None:
 
 def test_a_stall_limit_no_socket_takes_is_one_line(tmp_path: Path) -> None:
     """``[registry] stall = 1e308`` passed the config's check and overflowed the socket
-    timeout once a registry answered: a traceback from urllib3."""
+    timeout once a registry answered: a traceback from urllib3. The config now refuses it
+    in one line, and the client still caps a stall given to it directly."""
     hostile = _HostileRegistry("escape")
     try:
         conf = tmp_path / "conf.toml"
@@ -662,7 +663,10 @@ def test_a_stall_limit_no_socket_takes_is_one_line(tmp_path: Path) -> None:
         proc = cli(tmp_path / "store", "pull", "--tls-verify=false", f"{hostile.host}/a/b:1",
                    env={**os.environ, "SQUASHSTORE_CONFIG": str(conf)}, check=False)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-        assert "DENIED" in proc.stderr
+        assert "stall = 1e+308: expected seconds > 0, at most" in proc.stderr
+        client = Client(hostile.host, RegistryOptions(tls_verify=False, stall=1e308))
+        with pytest.raises(RegistryError, match="DENIED"):
+            client.get_manifest("a/b", "1")
     finally:
         hostile.close()
 
