@@ -265,7 +265,7 @@ import requests  # noqa: E402
 from squashstore.lazy.lazyfile import LazyFile  # noqa: E402
 from squashstore.lazy.source import FetchError, RangeSource, session_get  # noqa: E402
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader  # noqa: E402
-from support.registry import PASSWORD, USER, RegistryServer  # noqa: E402
+from support.registry import PASSWORD, USER, LocalHTTP, RegistryServer  # noqa: E402
 
 REPO = "lazy/test"
 
@@ -1409,7 +1409,7 @@ import threading  # noqa: E402
 from squashstore.registry.options import Deadline, RegistryOptions  # noqa: E402
 
 
-class _RangeServer:
+class _RangeServer(LocalHTTP):
     """A plain-HTTP 'registry' on 127.0.0.1 answering ``GET /v2/`` and, for a blob, a 206
     with the right Content-Range whose body `behaviour` spoils: ``drip`` sends a byte every
     0.2 s (for at most 15 s, then closes: never long enough to stall), ``flood`` sends
@@ -1458,13 +1458,7 @@ class _RangeServer:
                 pass
 
         self.requests = 0
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.mark.parametrize("behaviour", ["drip", "flood"])

@@ -40,7 +40,15 @@ from squashstore.registry.client import (
 )
 from squashstore.store import Store
 from support.podman import Podman
-from support.registry import PASSWORD, USER, Pki, RegistryServer, TokenIssuer, make_pki
+from support.registry import (
+    PASSWORD,
+    USER,
+    LocalHTTP,
+    Pki,
+    RegistryServer,
+    TokenIssuer,
+    make_pki,
+)
 from support.stallproxy import StallProxy
 
 CREDS = f"{USER}:{PASSWORD}"
@@ -573,7 +581,7 @@ def test_a_registry_killed_mid_download(make_site: Callable[[str], Site], podman
         server.close()
 
 
-class _HostileRegistry:
+class _HostileRegistry(LocalHTTP):
     """A plain-HTTP 'registry' on 127.0.0.1 whose every answer is `behaviour`: ``loop``
     redirects to itself, ``endless`` answers 200 with a body without end, ``token`` asks
     for a bearer token from a realm that sends an endless body."""
@@ -634,13 +642,7 @@ class _HostileRegistry:
                 pass
 
         self.requests = 0
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_a_small_answer_cut_short_is_retried() -> None:

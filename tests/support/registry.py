@@ -252,3 +252,17 @@ class RegistryServer:
 
     def close(self) -> None:
         self.kill()
+
+
+class LocalHTTP:
+    """A plain-HTTP server on 127.0.0.1 running `handler` on a daemon thread: the base of the
+    tests' hostile and misbehaving 'registries'. `host` is ``127.0.0.1:PORT``."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
