@@ -137,10 +137,9 @@ def store_layer_of(mountpoint: str) -> tuple[Path, str] | None:
 
 
 def _image_of(store_root: Path, layer: str) -> str:
-    from squashstore.store import Store
-
+    layout = podmanstore.Layout(store_root, "overlay")
     with contextlib.suppress(SquashstoreError, OSError, ValueError):
-        return Store(store_root).image_of_layer(layer)
+        return podmanstore.image_of_layer(layout.images_json, layer)
     return ""
 
 

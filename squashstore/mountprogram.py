@@ -143,14 +143,14 @@ def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer
 def _mount(item: StoreLayer, registry: RecordRegistry, user: RecordedUse) -> None:
     """Mount (or adopt, or replace) one layer: the slow path, with the mounters.
 
-    The image id for the record comes from the store's ``images.json`` through `podmanstore`
-    (as `Store.image_of_layer` reads it), not through `squashstore.store`, whose import
-    costs ~60 M instructions (~10 ms) more on every first start (callgrind)."""
+    The image id for the record comes from `podmanstore.image_of_layer`, not through
+    `squashstore.store`, whose import costs ~60 M instructions (~10 ms) more on every first
+    start (callgrind)."""
     from squashstore import podmanstore  # imported when a mount is needed
     from squashstore.mounts import Registry
 
-    images = podmanstore.images(podmanstore.Layout(item.root, "overlay").images_json)
-    image = next((r.id for r in images if r.layer == item.layer), "")
+    image = podmanstore.image_of_layer(
+        podmanstore.Layout(item.root, "overlay").images_json, item.layer)
     Registry(registry.dir).ensure_mounted(image, item.layer, item.squash, item.diff,
                                           user=user)
 

@@ -381,6 +381,12 @@ def images(path: Path) -> list[ImageRecord]:
     return [ImageRecord.parse(r) for r in load_records(path)]
 
 
+def image_of_layer(path: Path, layer: str) -> str:
+    """The id of an image in the ``images.json`` at `path` whose top layer is `layer` (""
+    if none): the mount program asks at every first start, so no per-image file is read."""
+    return next((r.id for r in images(path) if r.layer == layer), "")
+
+
 def layers(path: Path) -> list[LayerRecord]:
     """The records of a ``layers.json``."""
     return [LayerRecord.parse(r) for r in load_records(path)]

@@ -56,7 +56,7 @@ from squashstore.storelayout import StoreError as StoreError
 R = TypeVar("R")
 
 
-def _records(load: Callable[[Path], list[R]], path: Path) -> list[R]:
+def _records(load: Callable[[Path], R], path: Path) -> R:
     """containers/storage's records (`podmanstore`'s loader and its one error policy), a
     damaged file reported as a `StoreError`."""
     try:
@@ -208,7 +208,7 @@ class Store:
     def image_of_layer(self, layer: str) -> str:
         """The id of an image whose layer is `layer` ("" if none), from images.json alone
         (the mount program asks at every container start: no per-image files read)."""
-        return next((r.id for r in self.image_records() if r.layer == layer), "")
+        return _records(lambda path: podmanstore.image_of_layer(path, layer), self.images_json)
 
     def images(self) -> list[StoreImage]:
         self.check()
