@@ -66,13 +66,18 @@ def write(target: str, python: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m squashstore.launcher [PATH]``: write the launcher to PATH (default: the
-    console script's name beside this interpreter) and print PATH."""
+    """``python -m squashstore.launcher [PATH]``: write the launcher to PATH (default: over
+    the console script, in this install's scripts directory) and print PATH."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0].startswith("-")):
         sys.stderr.write("usage: python -m squashstore.launcher [PATH]\n")
         return 2
-    target = args[0] if args else os.path.join(os.path.dirname(sys.executable), NAME)
+    if args:
+        target = args[0]
+    else:
+        import sysconfig
+
+        target = os.path.join(sysconfig.get_path("scripts"), NAME)
     try:
         write(target)
     except (OSError, ValueError) as exc:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import _thread
 import errno
-import fcntl
 import os
 
 from squashstore.errors import SquashstoreError
@@ -59,7 +58,10 @@ class exclusive:
     def __enter__(self) -> int:
         fd = _open(self.path, self.create)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            # glibc's lockf(F_LOCK, 0) is fcntl(F_SETLKW) with a write lock from the offset
+            # (0: just opened) to the end and beyond, the lock fcntl.lockf(LOCK_EX) takes; os
+            # has it built in, the fcntl module is one more shared object to load.
+            os.lockf(fd, os.F_LOCK, 0)
         except BaseException:
             os.close(fd)
             raise
