@@ -13,7 +13,7 @@ is imported from and the install's site-packages (the slow path's mounters may i
 dependency), then runs `squashstore.mountprogram.run`. pip cannot install it (its wheel
 installer rewrites a ``#!python`` shebang and drops the flags), so ``scripts/install``
 writes it over the console script of the same name, and an operator with a wheel install
-runs ``python -m squashstore.launcher PATH`` (with the install's python) and names PATH in
+runs ``python -I -m squashstore.launcher PATH`` (with the install's python) and names PATH in
 storage.conf's ``mount_program``; the plain console script keeps working, slower.
 """
 
