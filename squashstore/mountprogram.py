@@ -145,7 +145,7 @@ def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer
                        os.getpid(), time.time())
     with registry.locked():
         for item in found:
-            if not os.path.isfile(item.squash):
+            if not storelayout.is_file(item.squash):
                 raise MountProgramError(f"{item.root}: layer {item.layer[:12]} has no "
                                         "squash file (removed from the store?)")
             # As the slow path refuses to mount it, the fast path refuses to keep using a

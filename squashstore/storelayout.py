@@ -14,13 +14,16 @@ is followed only when it is a symlink whose target is exactly ``../<LID>/diff``.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 from squashstore import trust
 from squashstore.errors import SquashstoreError
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     StrPath = str | os.PathLike[str]
@@ -65,7 +68,28 @@ def format_path(root: StrPath) -> str:
 
 def is_store(root: StrPath) -> bool:
     """Whether `root` is marked as a squash store (its format-version file exists)."""
-    return os.path.isfile(format_path(root))
+    return is_file(format_path(root))
+
+
+def is_file(path: str) -> bool:
+    """``Path(path).is_file()`` without pathlib (the mount program starts without it)."""
+    return _is(path, stat.S_ISREG, follow=True)
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+"""The errors that mean "no such file" to `_is`, as they do to pathlib's ``is_file``."""
+
+
+def _is(path: str, kind: Callable[[int], bool], follow: bool) -> bool:
+    """pathlib's ``is_file``/``is_symlink`` on a string: False when absent, an `OSError`
+    such as EACCES raised (``os.path.isfile`` would call that absent)."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return False
+        raise
+    return kind(st.st_mode)
 
 
 def check(root: StrPath) -> None:
@@ -156,7 +180,7 @@ def lowerdir_layer(lowerdir: str) -> tuple[str, str, str | None] | None:
     overlay = os.path.dirname(links)
     if os.path.basename(links) == "l" and os.path.basename(overlay) == "overlay":
         root = os.path.dirname(overlay)
-        if not is_store(root) or not os.path.islink(path):
+        if not is_store(root) or not _is(path, stat.S_ISLNK, follow=False):
             return None
         layer = link_target_layer(os.readlink(path))
         return None if layer is None else (root, layer, path)

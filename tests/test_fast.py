@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_store import Env, SqLayer, images, publish, store_setup
 
-from squashstore import host, jsonfast, launcher
+from squashstore import host, jsonfast, launcher, storelayout
 from squashstore.mounts import Registry
 from support.podman import Podman
 
@@ -286,3 +286,37 @@ def test_jsonfast_refuses_what_json_cannot_write() -> None:
         jsonfast.dumps({"a": object()})
     with pytest.raises(RecursionError):
         jsonfast.loads("[" * 100_000)
+
+
+def test_string_path_checks_answer_as_pathlib_does(tmp_path: Path) -> None:
+    """`storelayout.is_file` and `lowerdir_layer` on strings answer as the pathlib code they
+    replace: absent, a file's child (ENOTDIR), a symlink loop (ELOOP) are "no"; the store
+    layer a link or a diff path leads to is found, anything else is not."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "to-file").symlink_to("file")
+    for name in ("file", "dir", "loop", "to-file", "missing", "file/child"):
+        path = tmp_path / name
+        assert storelayout.is_file(str(path)) == path.is_file(), name
+    root = tmp_path / "store"
+    lid = "a" * 64
+    (root / "squashstore").mkdir(parents=True)
+    (root / "squashstore" / "format-version").write_text("1\n")
+    (root / "overlay" / "l").mkdir(parents=True)
+    (root / "overlay" / "l" / "GOOD").symlink_to(f"../{lid}/diff")
+    (root / "overlay" / "l" / "UPPER").symlink_to(f"../{lid.upper()}/diff")
+    (root / "overlay" / "l" / "OUT").symlink_to(f"../../../{lid}/diff")
+    (root / "overlay" / "l" / "FILE").write_text("")
+    links = root / "overlay" / "l"
+    assert storelayout.lowerdir_layer(str(links / "GOOD")) == (str(root), lid,
+                                                               str(links / "GOOD"))
+    assert storelayout.lowerdir_layer(f"{root}/overlay/{lid}/diff") == (str(root), lid, None)
+    assert storelayout.lowerdir_layer(f"{root}/overlay/x/../{lid}/diff/") == (str(root), lid,
+                                                                             None)
+    for bad in ("UPPER", "OUT", "FILE", "MISSING"):
+        assert storelayout.lowerdir_layer(str(links / bad)) is None, bad
+    assert storelayout.lowerdir_layer(f"{tmp_path}/overlay/{lid}/diff") is None  # no store
+    assert storelayout.link_target_layer(f"../{lid}/diff") == lid
+    for target in (f"../{lid}/diff/", f"./{lid}/diff", f"../{lid[:-1]}/diff", "../diff"):
+        assert storelayout.link_target_layer(target) is None, target
