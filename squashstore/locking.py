@@ -60,8 +60,16 @@ class exclusive:
         try:
             # glibc's lockf(F_LOCK, 0) is fcntl(F_SETLKW) with a write lock from the offset
             # (0: just opened) to the end and beyond, the lock fcntl.lockf(LOCK_EX) takes; os
-            # has it built in, the fcntl module is one more shared object to load.
-            os.lockf(fd, os.F_LOCK, 0)
+            # has it built in, the fcntl module is one more shared object to load. Unlike
+            # fcntl.lockf, os.lockf does not retry EINTR (PEP 475): a signal whose Python
+            # handler returns would fail the wait, so retry here (a handler that raises,
+            # as SIGINT's, still ends it: it runs before the next call).
+            while True:
+                try:
+                    os.lockf(fd, os.F_LOCK, 0)
+                    break
+                except InterruptedError:
+                    continue
         except BaseException:
             os.close(fd)
             raise

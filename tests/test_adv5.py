@@ -1,0 +1,60 @@
+"""Adversarial checks of the mount program's fast path (session 5, helper adv5).
+
+Each test here failed against the fast path as merged (main 09e3742) and names what it
+holds: the str-path, `_thread` and `os.lockf` rewrites must keep the old semantics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+
+from squashstore import locking
+
+
+def _wait_for_lock_under_signals(path: Path, take: str) -> int:
+    """Fork a child with a Python handler for SIGUSR1 that waits for `path`'s lock (held
+    here) by `take` ("ours": `locking.exclusive`, "fcntl": ``fcntl.lockf``); signal it
+    while it waits, then release. The child's exit status: 0 when it got the lock."""
+    ready_r, ready_w = os.pipe()
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(holder, fcntl.LOCK_EX)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            os.close(ready_r)
+            signal.signal(signal.SIGUSR1, lambda *_: None)
+            os.write(ready_w, b"x")
+            if take == "ours":
+                with locking.exclusive(path):
+                    status = 0
+            else:
+                fd = os.open(path, os.O_RDWR)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        time.sleep(0.3)  # the child is in its lock call by now
+        for _ in range(3):
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.1)
+    finally:
+        os.close(holder)
+        os.close(ready_r)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_signal_does_not_break_a_wait_for_the_lock(tmp_path: Path) -> None:
+    """`locking.exclusive` waits through a signal whose Python handler returns, as the
+    ``fcntl.lockf`` it replaced did (PEP 475 retries EINTR there; ``os.lockf`` raised
+    InterruptedError): a process with a signal handler (or a thread that happens to get a
+    signal) must not fail to take the registry's or the store's lock."""
+    assert _wait_for_lock_under_signals(tmp_path / "old", "fcntl") == 0  # the old behaviour
+    assert _wait_for_lock_under_signals(tmp_path / "lock", "ours") == 0
