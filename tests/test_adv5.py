@@ -9,10 +9,14 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from squashstore import locking
+import pytest
+
+from squashstore import launcher, locking
 
 
 def _wait_for_lock_under_signals(path: Path, take: str) -> int:
@@ -58,3 +62,36 @@ def test_a_signal_does_not_break_a_wait_for_the_lock(tmp_path: Path) -> None:
     signal) must not fail to take the registry's or the store's lock."""
     assert _wait_for_lock_under_signals(tmp_path / "old", "fcntl") == 0  # the old behaviour
     assert _wait_for_lock_under_signals(tmp_path / "lock", "ours") == 0
+
+
+def test_the_launcher_installs_in_a_path_with_a_blank(tmp_path: Path) -> None:
+    """scripts/install in a checkout whose path has a blank (or is too long for a
+    shebang) still gets a working, isolated launcher (before the launcher, pip's console
+    script worked there; the launcher refused, failing the install's last step): the
+    interpreter is then started through ``/bin/sh``, as pip does, still ``-I -S``."""
+    real = Path(sys.executable).parent.parent  # this venv, reached by other paths:
+    blank = tmp_path / "my venv"
+    long = tmp_path / ("d" * 150) / ("e" * 100)
+    long.parent.mkdir()
+    planted = tmp_path / "planted"
+    (planted / "squashstore").mkdir(parents=True)
+    (planted / "squashstore" / "__init__.py").write_text("raise SystemExit('planted')\n")
+    env = {**os.environ, "PYTHONPATH": str(planted)}
+    for n, venv in enumerate((blank, long)):
+        os.symlink(real, venv)
+        python = venv / "bin" / "python"
+        target = tmp_path / "bin" / f"program{n}"
+        target.parent.mkdir(exist_ok=True)
+        proc = subprocess.run([str(python), "-I", "-m", "squashstore.launcher", str(target)],
+                              capture_output=True, text=True, check=False, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        text = target.read_text()
+        assert text.startswith("#!/bin/sh\n") and f"'{python}' -IS \"$0\"" in text, text
+        run = subprocess.run([str(target), "--version"], env=env, cwd=planted,
+                             capture_output=True, text=True, check=False)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"{launcher.NAME} version "), run.stdout
+    for bad in ("/a ' quote/python", "/a\nnewline/python", "relative/python",
+                "/a\\x/python"):
+        with pytest.raises(ValueError):
+            launcher.script(bad, ["/x"])
