@@ -209,8 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         call = parse_call(args)
         registry = RecordRegistry()
-        mount_layers(call, registry)
-        command = overlay_argv(call, args, registry.path)
+        # The overlay command first (it reads the configuration: a bad value, or as root
+        # a config cache others can change, is refused before anything is mounted or
+        # recorded), under the lock: `locked` checks the registry before its cache is read.
+        with registry.locked():
+            command = overlay_argv(call, args, registry.path)
+            mount_layers(call, registry)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1

@@ -12,11 +12,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import test_fast
+from test_store import Env, SqLayer, images, publish, store_setup
 
-from squashstore import launcher, locking
+from squashstore import host, launcher, locking
+from squashstore.mounts import Registry
+from support.podman import Podman
+
+__all__ = ["images"]  # the module-scoped fixture, shared with test_store
 
 
 def _wait_for_lock_under_signals(path: Path, take: str) -> int:
@@ -95,3 +103,56 @@ def test_the_launcher_installs_in_a_path_with_a_blank(tmp_path: Path) -> None:
                 "/a\\x/python"):
         with pytest.raises(ValueError):
             launcher.script(bad, ["/x"])
+
+
+def _bad_config(env: Env, case: str) -> Callable[[], None]:
+    """Break the configuration the mount program reads as `case` says; returns the undo."""
+    config = Path(env.env["SQUASHSTORE_CONFIG"])
+    if case == "config cache another user's":
+        cache = env.runtime_dir / "config.json"
+        assert cache.exists()  # the setup's runs wrote it
+        st = os.lstat(cache)
+        os.lchown(cache, test_fast._evil_uid(), -1)
+        return lambda: os.lchown(cache, st.st_uid, st.st_gid)
+    assert case == "config file with a bad value"
+    old = config.read_text()
+    config.write_text(old.replace('overlay = "auto"', 'overlay = "bogus"'))
+    return lambda: config.write_text(old)
+
+
+def test_a_refused_configuration_mounts_and_records_nothing(
+        tmp_path: Path, podman: Podman, make_podman: Any,
+        images: dict[str, SqLayer]) -> None:
+    """A 12th refusal for test_fast's list: the registry's config cache another user's
+    (refused as root), or a config file with a bad value. The program refused them only
+    after it had mounted the layer (slow path) or added the container to the record (fast
+    path): a container that never starts left a mount and a recorded use behind. Now, as
+    for the other refusals, nothing is mounted or recorded, in both states."""
+    assert host.is_real_root()
+    path = test_fast.stub_path(tmp_path)
+    with store_setup(tmp_path / "w", podman, make_podman, images, "kernel", "auto") as env:
+        image = publish(env, mount=False)
+        registry = Registry(env.runtime_dir)
+        merged = tmp_path / "c"
+        for case in ("config cache another user's", "config file with a bad value"):
+            for state in ("mounted", "unmounted"):
+                if state == "mounted":
+                    registry.ensure_mounted(image.id, image.layer, image.squash, image.diff)
+                else:
+                    registry.umount(image.diff)
+                # a good run first: it writes the config cache for these config files
+                proc = test_fast.run_program(env, image.layer, tmp_path / "ok", path)
+                assert proc.returncode == 0, proc.stderr
+                if state == "unmounted":
+                    registry.umount(image.diff)
+                before = registry.record(image.diff)
+                undo = _bad_config(env, case)
+                try:
+                    proc = test_fast.run_program(env, image.layer, merged, path)
+                finally:
+                    undo()
+                assert proc.returncode == 1, (case, state, proc.stderr)
+                lines = proc.stderr.splitlines()
+                assert len(lines) == 1, (case, state, lines)
+                assert host.is_mountpoint(image.diff) == (state == "mounted"), (case, state)
+                assert registry.record(image.diff) == before, (case, state)
