@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,8 @@ import pytest
 import test_fast
 from test_store import Env, SqLayer, images, publish, store_setup
 
-from squashstore import host, launcher, locking
+from squashstore import config, host, launcher, locking
+from squashstore.mountrecords import RecordRegistry
 from squashstore.mounts import Registry
 from support.podman import Podman
 
@@ -156,3 +160,95 @@ def test_a_refused_configuration_mounts_and_records_nothing(
                 assert len(lines) == 1, (case, state, lines)
                 assert host.is_mountpoint(image.diff) == (state == "mounted"), (case, state)
                 assert registry.record(image.diff) == before, (case, state)
+
+
+def test_the_fast_path_takes_any_spelling_podman_may_pass(
+        tmp_path: Path, podman: Podman, make_podman: Any,
+        images: dict[str, SqLayer]) -> None:
+    """The str-path rewrite against the pathlib code: a lowerdir spelled with ``//``, a
+    trailing slash or ``.``, relative to the working directory (podman runs the program in
+    its graph root), and a merged directory with non-UTF-8 bytes: each is the store layer,
+    the fast path records the container under the normalised merged path."""
+    path = test_fast.stub_path(tmp_path)
+    with store_setup(tmp_path / "w", podman, make_podman, images, "kernel", "auto") as env:
+        image = publish(env)
+        registry = Registry(env.runtime_dir)
+        links = env.store.links
+        link = (env.store.overlay / image.layer / "link").read_text()
+        spellings = [f"{links}//{link}/", f"{links}/./{link}", f"{links}/../l/{link}",
+                     f"overlay/l/{link}", f"{env.store.root}//overlay/{image.layer}/diff/"]
+        for n, lowerdir in enumerate(spellings):
+            merged = tmp_path / f"c{n}-\udcff"
+            proc = subprocess.run(
+                [str(test_fast.VENV_PROGRAM), "-o",
+                 f"lowerdir={lowerdir},upperdir={tmp_path}/u,workdir={tmp_path}/w", str(merged)],
+                env={**env.env, "PATH": path}, cwd=env.store.root, capture_output=True,
+                text=True, timeout=120, check=False)
+            assert proc.returncode == 0, (lowerdir, proc.stderr)
+            record = registry.record(image.diff)
+            assert record is not None and record.users[-1].merged == str(merged), lowerdir
+
+
+def _other_user_can_lock(path: str) -> bool:
+    """Whether the hostile user of test_fast can take any lock on `path` (a read lock is
+    enough to make root's write lock wait forever)."""
+    uid = test_fast._evil_uid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            fd = os.open(path, os.O_RDONLY)
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            status = 0
+        finally:
+            os._exit(status)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_another_user_cannot_hold_the_registry_lock() -> None:
+    """As root, the mount registry's lock file was 0644 in a 0755 directory (/run/
+    squashstore): any local user could open it read-only and hold a read lock, and every
+    container start (the mount program waits for the write lock), cleanup and mount then
+    hung until that user let go. The lock is root's alone (0600), also when an older
+    version made it 0644."""
+    assert host.is_real_root()
+    top = tempfile.mkdtemp(dir="/run", prefix="adv5-")  # reachable by others, as /run is
+    try:
+        os.chmod(top, 0o755)
+        registry = RecordRegistry(os.path.join(top, "squashstore"))
+        with registry.locked():
+            pass
+        assert not _other_user_can_lock(registry.lock_path)
+        os.chmod(registry.lock_path, 0o644)  # an older version's
+        assert _other_user_can_lock(registry.lock_path)  # (the check can fail)
+        with registry.locked():
+            pass
+        assert not _other_user_can_lock(registry.lock_path)
+        assert stat.S_IMODE(os.stat(registry.lock_path).st_mode) == 0o600
+    finally:
+        shutil.rmtree(top)
+
+
+def test_the_config_cache_sees_a_file_replaced_with_the_same_size_and_mtime(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount program's config cache (and the in-process one) stood for the config
+    files while their (path, mtime, size) stayed the same: a file replaced by one of the
+    same size whose mtime was kept (``cp -p``, ``rsync -t``, ``install -p``, a package or
+    an image unpacked with its times) kept the old settings for every container start.
+    The stamp now also has the inode and the change time (which no one can set)."""
+    path, cache = tmp_path / "config.toml", tmp_path / "config.json"
+    path.write_text('[mount]\noverlay = "kernel"\n')
+    monkeypatch.setenv("SQUASHSTORE_CONFIG", str(path))
+    config._loaded.clear()
+    assert config.load(cache).mount.overlay == "kernel"
+    old = os.stat(path)
+    new = tmp_path / "config.toml.new"
+    new.write_text('[mount]\noverlay = "auto"  \n')
+    assert new.stat().st_size == old.st_size
+    os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(new, path)
+    assert config.load(cache).mount.overlay == "auto"  # this process
+    config._loaded.clear()  # a new one, with the cache
+    assert config.load(cache).mount.overlay == "auto"
