@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import test_fast
+import test_store
 from test_store import Env, SqLayer, images, publish, store_setup
 
 from squashstore import config, host, launcher, locking
@@ -252,3 +253,39 @@ def test_the_config_cache_sees_a_file_replaced_with_the_same_size_and_mtime(
     assert config.load(cache).mount.overlay == "auto"  # this process
     config._loaded.clear()  # a new one, with the cache
     assert config.load(cache).mount.overlay == "auto"
+
+
+def test_a_refused_layer_leaves_the_other_layers_unrecorded(
+        tmp_path: Path, podman: Podman, make_podman: Any,
+        images: dict[str, SqLayer]) -> None:
+    """A call whose lowerdirs lead to two store layers, the second one's squash file
+    group-writable (refused as root): the first one was recorded (fast path) or mounted
+    (slow path) before the second was refused. Every layer is checked before any is
+    used now."""
+    assert host.is_real_root()
+    path = test_fast.stub_path(tmp_path)
+    with store_setup(tmp_path / "w", podman, make_podman, images, "kernel", "auto") as env:
+        first = publish(env, mount=False)
+        second = publish(env, test_store.IMAGE2, mount=False)
+        registry = Registry(env.runtime_dir)
+        links = [env.store.links / (env.store.overlay / layer / "link").read_text()
+                 for layer in (first.layer, second.layer)]
+        call = ["-o", f"lowerdir={links[0]}:{links[1]},upperdir={tmp_path}/u,"
+                f"workdir={tmp_path}/w", str(tmp_path / "c")]
+        for state in ("mounted", "unmounted"):
+            if state == "mounted":
+                registry.ensure_mounted(first.id, first.layer, first.squash, first.diff)
+            else:
+                registry.umount(first.diff)
+            before = registry.record(first.diff)
+            os.chmod(second.squash, 0o664)
+            try:
+                proc = subprocess.run([str(test_fast.VENV_PROGRAM), *call],
+                                      env={**env.env, "PATH": path}, capture_output=True,
+                                      text=True, timeout=120, check=False)
+            finally:
+                os.chmod(second.squash, 0o644)
+            assert proc.returncode == 1 and "refusing" in proc.stderr, (state, proc.stderr)
+            assert host.is_mountpoint(first.diff) == (state == "mounted"), state
+            assert registry.record(first.diff) == before, state
+            assert not host.is_mountpoint(second.diff), state
