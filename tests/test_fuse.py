@@ -424,6 +424,18 @@ def test_mount_options_and_process(images: dict[str, Path], mounts_: Mounts) -> 
     assert os.getsid(pid) == pid
 
 
+def test_the_server_names_itself_without_ctypes() -> None:
+    """`set_process_name` writes /proc/self/comm: through ctypes it imported ctypes and ran
+    ``ldconfig -p`` in a child process (`ctypes.util.find_library`) before every server
+    could answer the kernel's INIT."""
+    code = ("import sys; from squashstore.fuse import daemon; "
+            "daemon.set_process_name('squashstore-fs-and-more'); "
+            "print(open('/proc/self/comm').read().strip(), 'ctypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["squashstore-fs-", "False"]
+
+
 def test_command_returns_once_mounted_and_rejects_bad_images(images: dict[str, Path],
                                                            tmp_path: Path) -> None:
     mnt = tmp_path / "m"
