@@ -475,6 +475,36 @@ def test_foreground_serve_logs_and_exits_on_unmount(images: dict[str, Path],
             proc.kill()
 
 
+SERVER_HEAVY = ("requests", "urllib3", "squashstore.lazy.image", "squashstore.lazy.remote",
+                "squashstore.registry.client", "squashstore.store", "squashstore.mounts")
+"""Modules a server of an ordinary (not lazily pulled) image must not import: the
+registry client alone was ~260 M instructions (~45 ms) before a mount could answer INIT
+(NOTES.md, session 4); the others are the store's and the mount registry's."""
+
+
+def test_the_server_of_an_ordinary_image_imports_no_registry_client(
+        images: dict[str, Path], tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m",
+                             "squashstore.fuse.daemon", "-f", "--log-file",
+                             str(tmp_path / "log"), str(images["mksquashfs"]), str(mnt)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (mnt / "etc").exists())
+        _run(["fusermount3", "-u", str(mnt)])
+        assert proc.wait(timeout=15) == 0
+        stderr = proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        if proc.poll() is None:
+            proc.kill()
+    imported = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"pyfuse3", "squashstore.fuse.server", "squashstore.squashfs.reader"} <= imported
+    assert not imported & set(SERVER_HEAVY), sorted(imported & set(SERVER_HEAVY))
+
+
 def test_sigterm_unmounts_cleanly(images: dict[str, Path], mounts_: Mounts) -> None:
     mnt, pid = mounts_.serve(images["mksquashfs"])
     assert (mnt / "etc" / "config").read_bytes() == b"config\n"
