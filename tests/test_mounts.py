@@ -437,10 +437,12 @@ def test_mount_program_first_start_mounts_without_the_store_module(
 
 
 FIRST_START_HEAVY = ("squashstore.fuse.daemon", "squashstore.fuse.server", "squashstore.image",
-                     "pyfuse3", "trio", "argparse", "logging", "ctypes", "shutil")
+                     "pyfuse3", "trio", "argparse", "logging", "ctypes", "shutil",
+                     "dataclasses")
 """Modules the mount program must not import when it starts a FUSE server (the server
 imports what it serves with): the daemon's argparse, logging and ctypes, with typing and
-shutil, were ~98 M instructions (~16 ms) of every first start (callgrind, branch first).
+shutil, were ~98 M instructions (~16 ms) of every first start, dataclasses (podmanstore's and
+detach's records) ~41 M more (callgrind, branch first).
 typing is not listed: tomllib imports it whenever the config is read afresh, as here."""
 
 
