@@ -16,18 +16,21 @@ import hashlib
 import queue
 import threading
 import weakref
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import IO, BinaryIO, TypeVar
 
 from fastcrc import crc64
 
 from squashstore.layers import MergedEntry
 from squashstore.tar import format as f
 from squashstore.tar.format import BLOCK, quote
-from squashstore.tar.split import TarSplitRecorder
+from squashstore.tar.split import DiffFile, DiffFileReader, TarSplitRecorder
 from squashstore.tar.writer import encode_fields
 from squashstore.tree import Inode, Kind
 
-__all__ = ["TarSplitRecorder", "TarStream", "TeeReader", "header_for"]
+__all__ = ["TarSplitRecorder", "TarStream", "TeeReader", "add_content", "header_for"]
+
+H = TypeVar("H")
 
 CHUNK = 1 << 20
 _ZEROS = [bytes(n) for n in range(BLOCK)]
@@ -151,6 +154,12 @@ class TarStream:
         self._pending = (pending[0], pending[1],
                          _crc(data) if crc is None else _crc(data, crc))
 
+    @property
+    def content_crc(self) -> int | None:
+        """The CRC-64/ISO of the content given so far to the entry begun last."""
+        assert self._pending is not None
+        return self._pending[2]
+
     def end(self) -> None:
         """Close the entry begun last: record it and pad its content to a block."""
         assert self._pending is not None
@@ -185,6 +194,20 @@ class TarStream:
         if self._split is not None:
             self._split.segment(end)
             self._split.close()
+
+
+def add_content(stream: TarStream, content: IO[bytes], source: DiffFile | None, size: int,
+                add_file: Callable[[BinaryIO, int], H]) -> H:
+    """One file's `size` content bytes given to `add_file` (a writer's) and, as they pass,
+    to `stream` (the entry begun last). With `source` (`layers.content_source`) they are
+    read from that file in the layer's diff directory, not from `content`, and the CRC-64
+    the tar-split needs, computed once, is checked against the one podman recorded."""
+    if source is None:
+        return add_file(TeeReader(content, stream), size)  # type: ignore[arg-type]
+    with DiffFileReader(source) as reader:
+        handle = add_file(TeeReader(reader, stream), size)  # type: ignore[arg-type]
+    source.check(stream.content_crc)
+    return handle
 
 
 class TeeReader:

@@ -31,13 +31,16 @@ import subprocess
 import sys
 from array import array
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from squashstore.image import LayerError
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.datawriter import DataWriter, FileData, read_exact
 from squashstore.squashfs.metawriter import WriterError
 from squashstore.tree import Inode
+
+if TYPE_CHECKING:
+    from squashstore.tar.split import DiffFile
 
 
 def _error(kind: str, message: str) -> Exception:
@@ -66,6 +69,10 @@ _LINK = 2
 _BIG = 4
 """A number does not fit its field: all seven (mode to minor) follow as decimal text, the
 text's length in the mode field."""
+_SOURCE = 8
+"""The content is not in the pipe: a `_SOURCE_HEAD` and the `DiffFile`'s diff directory,
+name, layer name and recorded CRC follow; the worker reads the file itself."""
+_SOURCE_HEAD = struct.Struct("<IIII")
 _RESULT = struct.Struct("<QIIQ")  # end position, fragment entries, files, canonical tar size
 _SMALL = 256 << 10
 """Files up to this size are copied into the send buffer; larger ones are sent in chunks."""
@@ -144,16 +151,18 @@ class ProcessDataWriter:
         return self._content(handle, stream, size)
 
     def add_entry(
-        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None,
+        source: DiffFile | None = None,
     ) -> FileData | None:
         """Send one tree entry for the canonical tar (the worker was started with `tar`),
-        and its content if it has any; returns the content's handle, or None."""
+        and its content if it has any (with `source`, where the worker reads it instead);
+        returns the content's handle, or None."""
         raw = path.encode("utf-8", "surrogateescape")
         target = inode.target.encode("utf-8", "surrogateescape")
         link = b"" if link_to is None else link_to.encode("utf-8", "surrogateescape")
         size = inode.size
-        flags = (0 if content is None or size == 0 else _CONTENT) | (
-            0 if link_to is None else _LINK)
+        flags = (0 if content is None or size == 0 else
+                 _CONTENT if source is None else _SOURCE) | (0 if link_to is None else _LINK)
         xattrs = inode.xattrs
         major, minor = inode.rdev
         buf = self._buf
@@ -174,6 +183,20 @@ class ProcessDataWriter:
             buf += _XATTR.pack(len(key), len(value))
             buf += key
             buf += value
+        if flags & _SOURCE:
+            assert source is not None
+            where = source.where.encode("utf-8", "surrogateescape")
+            crc = source.crc or b""
+            buf += _SOURCE_HEAD.pack(len(source.diff), len(source.name), len(where), len(crc))
+            buf += source.diff
+            buf += source.name
+            buf += where
+            buf += crc
+            handle = FileData(size)
+            self._handles.append(handle)
+            if len(buf) >= _FLUSH:
+                self._flush()
+            return handle
         if content is None:
             if len(buf) >= _FLUSH:
                 self._flush()
@@ -344,11 +367,12 @@ class _Entries:
 
     def __init__(self, mode: str, split_name: str) -> None:
         from squashstore.layers import MergedEntry
-        from squashstore.tar.split import TarSplitRecorder
-        from squashstore.tarstream import TarStream, TeeReader
+        from squashstore.tar.split import DiffFile, TarSplitRecorder
+        from squashstore.tarstream import TarStream, add_content
         from squashstore.tree import Kind
 
-        self._entry, self._tee, self._kinds = MergedEntry, TeeReader, {k.value: k for k in Kind}
+        self._entry, self._kinds = MergedEntry, {k.value: k for k in Kind}
+        self._diff_file, self._add_content = DiffFile, add_content
         self.split_file = None if mode == "T" else os.fdopen(int(mode), "wb")
         if self.split_file is not None:
             # gzip records the file's name in its header, as it would in the parent.
@@ -372,11 +396,19 @@ class _Entries:
                       target=names[plen:plen + tlen].decode("utf-8", "surrogateescape"),
                       rdev=(major, minor), xattrs=xattrs)
         link = names[plen + tlen:].decode("utf-8", "surrogateescape") if flags & _LINK else None
+        where = None
+        if flags & _SOURCE:
+            dlen, nlen, wlen, clen = _SOURCE_HEAD.unpack(_read(source, _SOURCE_HEAD.size))
+            fields = _read(source, dlen + nlen + wlen + clen)
+            at = dlen + nlen + wlen
+            where = self._diff_file(fields[:dlen], fields[dlen:dlen + nlen], size,
+                                    fields[at:] or None, fields[dlen + nlen:at].decode(
+                                        "utf-8", "surrogateescape"))
         stream = self.stream
         stream.begin(self._entry(names[:plen].decode("utf-8", "surrogateescape"), inode, None,
                                  link))
-        if flags & _CONTENT:
-            handles.append(writer.add_file(self._tee(source, stream), size))  # type: ignore[arg-type]
+        if flags & (_CONTENT | _SOURCE):
+            handles.append(self._add_content(stream, source, where, size, writer.add_file))
         stream.end()
 
     def close(self) -> tuple[int, str]:

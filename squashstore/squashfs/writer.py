@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
@@ -32,6 +32,9 @@ from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
 from squashstore.squashfs.inodewriter import InodeWriter, TreeInfo, scan
 from squashstore.squashfs.metawriter import WriterError, clamp32, write_lookup_table
 from squashstore.tree import Inode
+
+if TYPE_CHECKING:
+    from squashstore.tar.split import DiffFile
 
 __all__ = [
     "FileData",
@@ -241,13 +244,15 @@ class SquashWriter:
         return isinstance(self._data, ProcessDataWriter) and self._tar
 
     def add_entry(
-        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None,
+        source: DiffFile | None = None,
     ) -> object | None:
-        """One entry of the tree in tar order (see `writes_tar`); its content's handle."""
+        """One entry of the tree in tar order (see `writes_tar`); its content's handle.
+        With `source`, the content is read from that file instead of `content`."""
         if self._finished:
             raise WriterError("add_entry after finish or abort")
         assert isinstance(self._data, ProcessDataWriter) and self._tar
-        return self._data.add_entry(path, inode, link_to, content)
+        return self._data.add_entry(path, inode, link_to, content, source)
 
     def tar_result(self) -> tuple[str, int]:
         """(``sha256:`` digest, size) of the canonical tar, once `finish` returned."""
