@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -360,3 +362,147 @@ def test_entries_with_numbers_beyond_the_records_fields(tmp_path: Path,
         except (SquashstoreError, ValueError) as exc:
             results.append((type(exc).__name__, str(exc).replace(str(tmp_path / str(jobs)), "T")))
     assert results[0] == results[1]
+
+
+# --- podman's store: file content read by the writer from the layer's diff -------------
+
+
+def _direct_image(tmp: Path, producer: Podman) -> tuple[str, dict[str, Path]]:
+    """A two-layer image in `producer`: an imported base (busybox, /data/shadowed) and a
+    COPY layer (/data/shadowed again, a small file, a 3 MiB one). Its name, and each
+    file's path in podman's diff directories."""
+    import tarfile
+
+    base = tmp / "base.tar"
+    with tarfile.open(base, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add("/bin/busybox", "bin/busybox")
+        info = tarfile.TarInfo("data/shadowed")
+        payload = b"lower layer's copy\n" * 100
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    producer.run("import", str(base), "localhost/sqs-direct-base:1")
+    ctx = tmp / "ctx"
+    ctx.mkdir()
+    (ctx / "shadowed").write_bytes(b"upper\n")
+    (ctx / "small").write_bytes(_content("text", 5000, 7))
+    (ctx / "big").write_bytes(_content("random", 3 << 20, 8))
+    (ctx / "Containerfile").write_text(
+        "FROM localhost/sqs-direct-base:1\nCOPY shadowed small big /data/\n")
+    producer.run("build", "--network", "none", "--pull=never", "-t", "localhost/sqs-direct:1",
+                 str(ctx), timeout=600)
+    diff_ids = producer.layers("localhost/sqs-direct:1")
+    records = json.loads((producer.graphroot / "overlay-layers" / "layers.json").read_text())
+    diffs = [producer.graphroot / "overlay" / next(
+        r["id"] for r in records if r.get("diff-digest") == d) / "diff" for d in diff_ids]
+    files = {"busybox": diffs[0] / "bin/busybox", "lower": diffs[0] / "data/shadowed",
+             "small": diffs[1] / "data/small", "big": diffs[1] / "data/big"}
+    return "localhost/sqs-direct:1", files
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _to_shadow(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/etc/shadow")
+
+
+def test_podmans_store_files_reach_the_writer_as_references(
+        tmp_path: Path, make_podman: Callable[..., Podman],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent never reads a file of podman's store it keeps: the merge's entry says
+    where the file is (diff directory, name, size, podman's CRC-64), the writer reads it.
+    A shadowed file is still read (and checked) by the parent; an archive gives bytes."""
+    from fastcrc import crc64
+
+    from squashstore.layers import LayerMerge, content_source
+    from squashstore.tar.split import DiffFile
+
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    sources: dict[str, DiffFile] = {}
+    for entry in LayerMerge(open_image(ref).layers).entries():
+        source = content_source(entry.content)
+        if entry.inode.kind is Kind.FILE and entry.inode.size:
+            assert isinstance(source, DiffFile), entry.path
+            assert entry.content is not None and entry.content.read() == b""  # taken
+            sources[entry.path] = source
+        else:
+            assert source is None
+    assert set(sources) == {"bin/busybox", "data/shadowed", "data/small", "data/big"}
+    for name, path in (("busybox", "bin/busybox"), ("small", "data/small"),
+                       ("big", "data/big")):
+        data = files[name].read_bytes()
+        source = sources[path]
+        assert source.path == os.fsencode(files[name]) and source.size == len(data)
+        assert source.crc == crc64.go_iso(data).to_bytes(8, "big")
+    assert sources["data/shadowed"].size == len(b"upper\n")
+    archive = private.save(ref, tmp_path / "image.tar")
+    for entry in LayerMerge(open_image(f"oci-archive:{archive}").layers).entries():
+        assert content_source(entry.content) is None
+
+
+@pytest.mark.parametrize(("victim", "tamper", "message"), [
+    ("small", _flip, r"file integrity checksum failed for {path}"),
+    ("big", _flip, r"file integrity checksum failed for {path}"),
+    ("small", _truncate, r"{path} is shorter than the 5000 bytes the layer recorded"),
+    ("big", _truncate, rf"{{path}} is shorter than the {3 << 20} bytes the layer recorded"),
+    ("big", _to_shadow, r"cannot read {path}: Too many levels of symbolic links"),
+    ("lower", _flip, r"file integrity checksum failed for {path}"),
+])
+def test_a_changed_diff_file_is_refused_the_same_with_one_and_two_jobs(
+        tmp_path: Path, make_podman: Callable[..., Podman], monkeypatch: pytest.MonkeyPatch,
+        victim: str, tamper: Callable[[Path], None], message: str) -> None:
+    """A file of podman's diff changed after tar-split recorded it (content, size, or a
+    symlink planted in its place, never followed): with one job (read in this process)
+    and with two (read by the worker) the same SourceError naming the file, nothing
+    written. The shadowed lower file is read by the parent, and refused too."""
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    (tmp_path / "good").mkdir()
+    good = _squash_both_ways(lambda: open_image(ref), tmp_path / "good")
+    assert isinstance(good[0], tuple) and len(good[0]) == 6 and good[0] == good[1]
+    tamper(files[victim])
+    (tmp_path / "bad").mkdir()
+    one, two = _squash_both_ways(lambda: open_image(ref), tmp_path / "bad")
+    assert one == two
+    assert isinstance(one, tuple) and one[0] == "SourceError", one
+    pattern = message.format(path=re.escape(str(files[victim])))
+    assert re.search(rf"^layer \d \(sha256:[0-9a-f]{{12}}\): {pattern}$", str(one[1])), one
+
+
+def test_migrate_refuses_a_changed_diff_file_with_one_line(
+    tmp_path: Path, make_podman: Callable[..., Podman],
+) -> None:
+    """`squashstore migrate` of an image whose diff file changed, with the worker and with
+    --jobs 1: one ``squashstore:`` line, exit 1, the store as it was, nothing staged."""
+    private = make_podman()
+    ref, files = _direct_image(tmp_path, private)
+    (tmp_path / "m").mkdir()
+    mig = Migration(tmp_path / "m", private, make_podman)
+    try:
+        _flip(files["big"])
+        before = store_snapshot(mig.store)
+        for jobs in ([], ["--jobs", "1"]):
+            done = mig.migrate(ref, "--no-mount", *jobs, check=False)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith("squashstore: ") and \
+                "file integrity checksum failed for" in done.stderr, done.stderr
+            assert store_snapshot(mig.store) == before
+            assert os.listdir(mig.store.tmp_dir) == []
+    finally:
+        mig.consumer.close()
+        Registry(mig.runtime_dir).umount_all(lazy=True)
+        unmount_below(tmp_path)
