@@ -69,13 +69,16 @@ def header_for(path: str, inode: Inode, link_to: str | None = None) -> tuple[str
 class _BackgroundSha256:
     """sha256 of a byte stream, computed on a thread of its own: hashlib lets go of the GIL
     for large buffers, so the canonical tar's digest costs the thread that streams only the
-    hand-over. Small pieces (headers, small files) are joined into batches first."""
+    hand-over. Small pieces (headers, small files) are joined into batches first; a large
+    one (a block of a file's content) is handed over as it is (joining copied every byte:
+    ~0.3 s of the streaming thread per 900 MB)."""
 
     BATCH = 1 << 20
+    DIRECT = 1 << 16
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
         self._parts: list[bytes] = []
         self._batched = 0
         self._thread = threading.Thread(target=_hash_worker, args=(self._queue, self._hash),
@@ -88,6 +91,11 @@ class _BackgroundSha256:
     def update(self, data: bytes) -> None:
         if self._hex is not None:
             raise ValueError("update after hexdigest")
+        if len(data) >= self.DIRECT:
+            if self._parts:
+                self._flush()
+            self._queue.put(bytes(data))
+            return
         self._parts.append(data)
         self._batched += len(data)
         if self._batched >= self.BATCH:
@@ -136,7 +144,11 @@ class TarStream:
 
     def begin(self, entry: MergedEntry) -> None:
         """Write the header of `entry`; content (if any) follows through `payload`."""
-        name, size, header = header_for(entry.path, entry.inode, entry.link_to)
+        self.begin_header(*header_for(entry.path, entry.inode, entry.link_to))
+
+    def begin_header(self, name: str, size: int, header: bytes) -> None:
+        """`begin` with what `header_for` made of the entry (elsewhere: the parent of the
+        writer's worker process makes it and sends it)."""
         self._raw(header)
         if self._split is not None:
             self._split.segment(header)
