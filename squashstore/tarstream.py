@@ -17,7 +17,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import IO, BinaryIO, TypeVar
+from typing import IO, BinaryIO, Protocol, TypeVar
 
 from fastcrc import crc64
 
@@ -30,7 +30,15 @@ from squashstore.tree import Inode, Kind
 
 __all__ = ["TarSplitRecorder", "TarStream", "TeeReader", "add_content", "header_for"]
 
-H = TypeVar("H")
+H = TypeVar("H", covariant=True)
+
+
+class AddFile(Protocol[H]):
+    """A writer's ``add_file(stream, size, again=...)``."""
+
+    def __call__(self, stream: BinaryIO, size: int, *,
+                 again: Callable[[], bytes] | None = None) -> H: ...
+
 
 CHUNK = 1 << 20
 _ZEROS = [bytes(n) for n in range(BLOCK)]
@@ -209,15 +217,17 @@ class TarStream:
 
 
 def add_content(stream: TarStream, content: IO[bytes], source: DiffFile | None, size: int,
-                add_file: Callable[[BinaryIO, int], H]) -> H:
+                add_file: AddFile[H]) -> H:
     """One file's `size` content bytes given to `add_file` (a writer's) and, as they pass,
     to `stream` (the entry begun last). With `source` (`layers.content_source`) they are
     read from that file in the layer's diff directory, not from `content`, and the CRC-64
-    the tar-split needs, computed once, is checked against the one podman recorded."""
+    the tar-split needs, computed once, is checked against the one podman recorded; the
+    writer may hash them later, read again (`DiffFile.sha256`), instead of now."""
     if source is None:
         return add_file(TeeReader(content, stream), size)  # type: ignore[arg-type]
     with DiffFileReader(source) as reader:
-        handle = add_file(TeeReader(reader, stream), size)  # type: ignore[arg-type]
+        handle = add_file(TeeReader(reader, stream), size,  # type: ignore[arg-type]
+                          again=source.sha256)
     source.check(stream.content_crc)
     return handle
 

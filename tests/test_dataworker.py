@@ -107,6 +107,46 @@ def test_worker_writes_the_same_bytes(
     assert sorted(p.name for p in tmp.iterdir()) == ["one.sqfs", "two.sqfs"]
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=_files(), block_size=st.sampled_from([4096, 131072]),
+       same_size=st.integers(0, 3))
+def test_files_hashed_only_when_their_size_repeats_dedup_the_same(
+    tmp_path_factory: pytest.TempPathFactory, files: list[tuple[bytes, bool]],
+    block_size: int, same_size: int,
+) -> None:
+    """`add_file(..., again=)`: a file of a size not seen before is not hashed while it
+    streams; a later file of that size hashes it from `again`. The image is the one
+    hashing every file gives (same-size files that differ, duplicates, zero files)."""
+    tmp = tmp_path_factory.mktemp("lazy")
+    base = files[0][0]
+    for flip in range(same_size):  # same size, other content
+        files.append((base[:-1] + bytes([flip]) if base else b"", False))
+    options = SquashOptions(compression="lz4", block_size=block_size, jobs=1)
+    images = []
+    for lazy in (False, True):
+        root = new_dir(mtime=1)
+        assert root.children is not None
+        asked: list[int] = []
+        dest = tmp / f"{lazy}.sqfs"
+        with SquashWriter(dest, options) as writer:
+            for index, (data, sparse) in enumerate(files):
+                def again(data: bytes = data, index: int = index,
+                          asked: list[int] = asked) -> bytes:
+                    asked.append(index)
+                    return hashlib.sha256(data).digest()
+
+                handle = writer.add_file(io.BytesIO(data), len(data), sparse,
+                                         again if lazy else None)
+                root.children[f"f{index}"] = Inode(Kind.FILE, mode=0o644, size=len(data),
+                                                    data=handle)
+            writer.finish(root)
+        images.append(dest.read_bytes())
+        assert len(asked) == len(set(asked))  # each file hashed again at most once
+        sizes = [len(data) for data, _ in files]
+        assert all(sizes.count(sizes[i]) > 1 for i in asked)
+    assert images[0] == images[1]
+
+
 @pytest.mark.parametrize("options", [
     SquashOptions(compression="lz4", jobs=2),
     SquashOptions(compression="zstd", level=3, jobs=2, export_table=False),

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -225,18 +226,22 @@ class SquashWriter:
 
     # content
 
-    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False) -> object:
+    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False,
+                 again: Callable[[], bytes] | None = None) -> object:
         """Read exactly `size` bytes of one file's content; return its handle.
 
         All-zero blocks are never stored. `sparse` says the source file has holes: then,
         as mksquashfs does for files sparse on disk, the inode reports those blocks as
-        sparse (an extended inode whose stat shows fewer blocks).
+        sparse (an extended inode whose stat shows fewer blocks). `again`: the sha256 of
+        the same content read again from its source, if it can be (`DataWriter.add_file`).
         """
         if self._finished:
             raise WriterError("add_file after finish or abort")
         if size < 0:
             raise WriterError(f"negative file size {size}")
-        return self._data.add_file(stream, size, sparse)
+        if again is None or isinstance(self._data, ProcessDataWriter):
+            return self._data.add_file(stream, size, sparse)
+        return self._data.add_file(stream, size, sparse, again)
 
     @property
     def writes_tar(self) -> bool:

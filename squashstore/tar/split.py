@@ -21,6 +21,7 @@ import base64
 import binascii
 import functools
 import gzip
+import hashlib
 import json
 import os
 import stat
@@ -171,6 +172,17 @@ class DiffFile:
     def chunks(self) -> Iterable[bytes]:
         """The content read here and checked (for a reader that wants the bytes)."""
         return _file_content(self.diff, self.name, self.size, self.crc, self.where)
+
+    def sha256(self) -> bytes:
+        """The sha256 of the content, read again (and checked again against the CRC)."""
+        digest = hashlib.sha256()
+        crc: int | None = None
+        with DiffFileReader(self) as reader:
+            while data := reader.read(CHUNK):
+                digest.update(data)
+                crc = crc64.go_iso(data) if crc is None else crc64.go_iso(data, crc)
+        self.check(crc)
+        return digest.digest()
 
     def check(self, crc: int | None) -> None:
         """Raise the error containers/storage gives if `crc` (the CRC-64 of the `size`
