@@ -454,6 +454,11 @@ def _to_shadow(path: Path) -> None:
     path.symlink_to("/etc/shadow")
 
 
+def _to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
 def test_podmans_store_files_reach_the_writer_as_references(
         tmp_path: Path, make_podman: Callable[..., Podman],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -497,15 +502,16 @@ def test_podmans_store_files_reach_the_writer_as_references(
     ("small", _truncate, r"{path} is shorter than the 5000 bytes the layer recorded"),
     ("big", _truncate, rf"{{path}} is shorter than the {3 << 20} bytes the layer recorded"),
     ("big", _to_shadow, r"cannot read {path}: Too many levels of symbolic links"),
+    ("small", _to_fifo, r"{path} is shorter than the 5000 bytes the layer recorded"),
     ("lower", _flip, r"file integrity checksum failed for {path}"),
 ])
 def test_a_changed_diff_file_is_refused_the_same_with_one_and_two_jobs(
         tmp_path: Path, make_podman: Callable[..., Podman], monkeypatch: pytest.MonkeyPatch,
         victim: str, tamper: Callable[[Path], None], message: str) -> None:
-    """A file of podman's diff changed after tar-split recorded it (content, size, or a
-    symlink planted in its place, never followed): with one job (read in this process)
-    and with two (read by the worker) the same SourceError naming the file, nothing
-    written. The shadowed lower file is read by the parent, and refused too."""
+    """A file of podman's diff changed after tar-split recorded it (content, size, a
+    symlink planted in its place, never followed; a FIFO, never waited for): with one job
+    (read in this process) and with two (read by the worker) the same SourceError naming
+    the file, nothing written. The shadowed lower file is read by the parent, refused too."""
     private = make_podman()
     for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
         monkeypatch.setenv(key, private.env[key])

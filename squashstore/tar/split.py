@@ -193,9 +193,10 @@ class DiffFile:
 
 def open_diff_file(path: bytes, where: str) -> int:
     """The one rule for opening a file of a layer's diff directory: read-only, never
-    through a symlink in its last component (names are `_safe_relative` already)."""
+    through a symlink in its last component (names are `_safe_relative` already), never
+    waiting (a FIFO planted there reads as empty, so as too short, instead of blocking)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _unreadable(path, exc, where) from exc
 
