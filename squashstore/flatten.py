@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from squashstore.image import Image, LayerError
 from squashstore.layers import LayerMerge, MergedEntry, content_source
 from squashstore.progress import Progress
-from squashstore.tar.split import TarSplitRecorder
+from squashstore.tar.split import TarSplitRecorder, diff_dirs
 from squashstore.tarstream import TarStream, add_content
 
 if TYPE_CHECKING:
@@ -57,8 +57,9 @@ def export_image(image: Image, out: BinaryIO) -> ExportResult:
     merge = LayerMerge(image.layers)
     stream = TarStream(out)
     try:
-        for entry in merge.entries():
-            stream.add(entry)
+        with diff_dirs():
+            for entry in merge.entries():
+                stream.add(entry)
     except EOFError as exc:
         raise LayerError(f"{image.reference}: {exc}") from exc
     stream.close()
@@ -84,7 +85,8 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
             if bar is not None:
                 bar.update(merge.layers_done, merge.files, merge.bytes)
 
-        with SquashWriter(dest, options, worker=True, tar=True, tar_split=split_file) as writer:
+        with SquashWriter(dest, options, worker=True, tar=True,
+                          tar_split=split_file) as writer, diff_dirs():
             entries = stream_entries(writer, merge.entries(), split_file, tick)
             if bar is not None:
                 bar.done()

@@ -528,6 +528,30 @@ def test_a_changed_diff_file_is_refused_the_same_with_one_and_two_jobs(
     assert re.search(rf"^layer \d \(sha256:[0-9a-f]{{12}}\): {pattern}$", str(one[1])), one
 
 
+def test_a_directory_of_a_diff_replaced_by_a_symlink_is_never_followed(
+        tmp_path: Path, make_podman: Callable[..., Podman],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory of podman's diff moved away and replaced by a symlink to it: the files
+    below it still match their CRC-64s, yet nothing is read through the link (openat2
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; O_NOFOLLOW guards only the last component),
+    with one job and with two: the same one SourceError, nothing written."""
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    data = files["small"].parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data.rename(elsewhere / "data")
+    data.symlink_to(elsewhere / "data")
+    (tmp_path / "out").mkdir()
+    one, two = _squash_both_ways(lambda: open_image(ref), tmp_path / "out")
+    assert one == two
+    assert isinstance(one, tuple) and one[0] == "SourceError", one
+    assert re.search(rf"^layer 1 \(sha256:[0-9a-f]{{12}}\): cannot read {re.escape(str(data))}"
+                     r"/[a-z]+: Too many levels of symbolic links$", str(one[1])), one
+
+
 def test_migrate_refuses_a_changed_diff_file_with_one_line(
     tmp_path: Path, make_podman: Callable[..., Podman],
 ) -> None:

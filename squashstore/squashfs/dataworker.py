@@ -346,10 +346,13 @@ class _Entries:
     """The worker's side of `add_entry`: the canonical tar of the entries (`TarStream`)."""
 
     def __init__(self, mode: str, split_name: str) -> None:
-        from squashstore.tar.split import DiffFile, TarSplitRecorder
+        from squashstore.tar.split import DiffFile, TarSplitRecorder, diff_dirs
         from squashstore.tarstream import TarStream, add_content
 
         self._diff_file, self._add_content = DiffFile, add_content
+        self.diff_dirs = diff_dirs()
+        """Each layer directory opened once for all its files (the worker's lifetime)."""
+        self.diff_dirs.__enter__()
         self.split_file = None if mode == "T" else os.fdopen(int(mode), "wb")
         if self.split_file is not None:
             # gzip records the file's name in its header, as it would in the parent.
@@ -377,6 +380,7 @@ class _Entries:
         stream.end()
 
     def close(self) -> tuple[int, str]:
+        self.diff_dirs.__exit__(None, None, None)
         self.stream.close()
         if self.split_file is not None:
             self.split_file.close()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -191,14 +193,97 @@ class DiffFile:
             raise _crc_failed(self.path, self.where)
 
 
-def open_diff_file(path: bytes, where: str) -> int:
-    """The one rule for opening a file of a layer's diff directory: read-only, never
-    through a symlink in its last component (names are `_safe_relative` already), never
-    waiting (a FIFO planted there reads as empty, so as too short, instead of blocking)."""
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_SYS_OPENAT2 = 437
+"""openat2(2)'s number, the same on every Linux architecture (Linux 5.6+)."""
+_RESOLVE_BENEATH_NO_LINKS = 0x08 | 0x04 | 0x02
+"""RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS."""
+_openat2: list[Callable[[int, bytes], int]] = []
+"""The openat2 call, once made (empty: not tried yet; `os.open` stands in where the
+kernel or a seccomp filter refuses openat2)."""
+
+
+def _make_openat2() -> Callable[[int, bytes], int]:
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                        ctypes.c_size_t]
+    how = OpenHow(_OPEN_FLAGS, 0, _RESOLVE_BENEATH_NO_LINKS)
+    pointer, size = ctypes.addressof(how), ctypes.sizeof(how)
+
+    def openat2(dirfd: int, name: bytes) -> int:
+        fd = syscall(_SYS_OPENAT2, dirfd, name, pointer, size)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return int(fd)
+
+    openat2.how = how  # type: ignore[attr-defined]  # keeps the struct alive
+    return openat2
+
+
+def _no_openat2(dirfd: int, name: bytes) -> int:
+    return os.open(name, _OPEN_FLAGS, dir_fd=dirfd)
+
+
+_DIRS: list[dict[bytes, int]] = []
+"""The open `diff_dirs` caches, innermost last."""
+
+
+@contextlib.contextmanager
+def diff_dirs() -> Iterator[None]:
+    """While this is open, `open_diff_file` opens each layer directory once for all its
+    files (a writer reading a whole image), and closes them at the end."""
+    cache: dict[bytes, int] = {}
+    _DIRS.append(cache)
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        yield
+    finally:
+        _DIRS.remove(cache)
+        for fd in cache.values():
+            os.close(fd)
+
+
+def open_diff_file(diff: bytes, name: bytes, where: str) -> int:
+    """The one rule for opening the file `name` (relative, `_safe_relative` already) of
+    the layer directory `diff`: read-only, never through a symlink in any component of
+    `name` nor out of `diff` (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; where the
+    kernel refuses openat2, only the last component is O_NOFOLLOW), never waiting (a
+    FIFO planted there reads as empty, so as too short, instead of blocking)."""
+    if not _openat2:
+        try:
+            _openat2.append(_make_openat2())
+        except (OSError, AttributeError):  # pragma: no cover - no libc syscall()
+            _openat2.append(_no_openat2)
+    cache = _DIRS[-1] if _DIRS else None
+    dirfd = cache.get(diff) if cache is not None else None
+    if dirfd is None:
+        try:
+            dirfd = os.open(diff, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _unreadable(diff + b"/" + name, exc, where) from exc
+        if cache is not None:
+            cache[diff] = dirfd
+    try:
+        try:
+            return _openat2[0](dirfd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM) or _openat2[0] is _no_openat2:
+                raise
+            _openat2[0] = _no_openat2  # pragma: no cover - an old kernel, a seccomp filter
+            return _no_openat2(dirfd, name)  # pragma: no cover
     except OSError as exc:
-        raise _unreadable(path, exc, where) from exc
+        raise _unreadable(diff + b"/" + name, exc, where) from exc
+    finally:
+        if cache is None:
+            os.close(dirfd)
 
 
 def _unreadable(path: bytes, exc: OSError, where: str) -> SourceError:
@@ -224,7 +309,7 @@ class DiffFileReader:
         self._where = ref.where
         self._size = ref.size
         self._left = ref.size
-        self._fd = open_diff_file(self._path, ref.where)
+        self._fd = open_diff_file(ref.diff, ref.name, ref.where)
 
     def read(self, size: int = -1) -> bytes:
         left = self._left
@@ -273,8 +358,8 @@ def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
     and closed at once (the usual file: no generators per file)."""
     path = diff + b"/" + name
     if size > CHUNK:
-        return _streamed_file_content(path, size, crc, where)
-    fd = open_diff_file(path, where)
+        return _streamed_file_content(diff, name, size, crc, where)
+    fd = open_diff_file(diff, name, where)
     try:
         data = os.read(fd, size)
         while 0 < len(data) < size:
@@ -293,10 +378,11 @@ def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
     return (data,) if data else ()
 
 
-def _streamed_file_content(path: bytes, size: int, crc: bytes | None,
+def _streamed_file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
                            where: str) -> Iterator[bytes]:
     """`_file_content` of a large file, chunk by chunk."""
-    fd = open_diff_file(path, where)
+    path = diff + b"/" + name
+    fd = open_diff_file(diff, name, where)
 
     def chunks() -> Iterator[bytes]:
         remaining = size
