@@ -11,33 +11,34 @@ directory for lazily pulled images' cached bytes), its defaults, and the one loa
 `load()` parses and checks every value into read-only records (`Slots`: the mount program
 reads this at every container start), and reads the files again only when one of them
 changed (so the mount program, cleanup and the CLI share one parse per process). podman's
-own configuration is not here (see `squashstore.podmanconf`).
+own configuration is not here (see `squashstore.podmanconf`). The mount program's path
+(`load` with a current cache) imports neither pathlib nor json nor threading: paths are
+strings and the cache is read with `squashstore.jsonfast`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _thread
 import os
-import threading
-from collections.abc import Mapping
-from pathlib import Path
 
-from squashstore import trust
-from squashstore.atomic import atomic_write_json
+from squashstore import jsonfast, trust
 from squashstore.errors import SquashstoreError
 from squashstore.slots import Slots
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
     from typing import Any
+
+    StrPath = str | os.PathLike[str]
 
 
 class ConfigError(SquashstoreError):
     """The project configuration file is unreadable or has a bad value."""
 
 
-SYSTEM_CONFIG = Path("/etc/squashstore/config.toml")
+SYSTEM_CONFIG = "/etc/squashstore/config.toml"
 TABLES = ("mount", "cleanup", "registry", "lazy")
 """The tables of the project configuration; each must be a TOML table."""
 MOUNT_BACKENDS = ("fuse", "kernel", "squashfuse")
@@ -128,6 +129,8 @@ class LazySettings(Slots):
         """`cache_dir` expanded (``~``, ``$VAR``); `ConfigError` when it is not absolute."""
         if self.cache_dir is None:
             return None
+        from pathlib import Path
+
         path = os.path.expandvars(os.path.expanduser(self.cache_dir))
         if not os.path.isabs(path):
             raise ConfigError(f"config [lazy] cache_dir = {self.cache_dir!r}: expected an "
@@ -154,21 +157,23 @@ class Config(Slots):
         self.lazy = LazySettings() if lazy is None else lazy
 
 
-def config_paths() -> list[Path]:
+def config_paths() -> list[str]:
     """Configuration files in the order they are read (later ones win)."""
     env = os.environ.get("SQUASHSTORE_CONFIG")
     if env:
-        return [Path(env)]
-    home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return [SYSTEM_CONFIG, Path(home) / "squashstore" / "config.toml"]
+        return [env]
+    home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".config")
+    return [SYSTEM_CONFIG, os.path.join(home, "squashstore", "config.toml")]
 
 
-def read_tables(paths: list[Path]) -> dict[str, Any]:
+def read_tables(paths: Sequence[StrPath]) -> dict[str, Any]:
     """The merged TOML of `paths` (missing files skipped; tables merged one level deep)."""
     merged: dict[str, Any] = {}
     for path in paths:
         try:
-            text = path.read_text()
+            with open(path) as file:
+                text = file.read()
         except FileNotFoundError:
             continue
         except (OSError, UnicodeDecodeError) as exc:
@@ -241,22 +246,22 @@ def parse(data: Mapping[str, Any]) -> Config:
 
 
 _loaded: dict[tuple[tuple[str, int, int], ...], Config] = {}
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # _thread, not threading: the mount program starts fast
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+def _stamp(paths: list[str]) -> tuple[tuple[str, int, int], ...]:
     out = []
     for path in paths:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError:
-            out.append((str(path), -1, -1))
+            out.append((path, -1, -1))
             continue
-        out.append((str(path), st.st_mtime_ns, st.st_size))
+        out.append((path, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 
-def load(cache: Path | None = None) -> Config:
+def load(cache: StrPath | None = None) -> Config:
     """The project configuration, parsed once per process while its files stay the same.
 
     With `cache`, the merged tables of the files are also kept there as JSON for the next
@@ -282,12 +287,14 @@ def load(cache: Path | None = None) -> Config:
     return config
 
 
-def _read_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, Any] | None:
+def _read_cache(cache: StrPath, stamp: tuple[tuple[str, int, int], ...]
+                ) -> dict[str, Any] | None:
     """The tables `_write_cache` kept for the files as they are now, else None."""
     trust.check_entry(cache, what="a mount registry")
     try:
-        data = json.loads(cache.read_bytes())
-    except (OSError, ValueError):
+        with open(cache, "rb") as file:
+            data = jsonfast.loads(file.read())
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("stamp") != [list(item) for item in stamp]:
         return None
@@ -295,9 +302,13 @@ def _read_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...]) -> dict[st
     return tables if isinstance(tables, dict) else None
 
 
-def _write_cache(cache: Path, stamp: tuple[tuple[str, int, int], ...],
+def _write_cache(cache: StrPath, stamp: tuple[tuple[str, int, int], ...],
                  tables: dict[str, Any]) -> None:
     """Keep `tables` for `stamp` (best effort: tables JSON cannot hold are not kept)."""
-    with contextlib.suppress(OSError, TypeError, ValueError):
+    from squashstore.atomic import atomic_write_json
+
+    try:  # noqa: SIM105 (contextlib is not on the mount program's path)
         atomic_write_json(cache, {"stamp": [list(item) for item in stamp], "tables": tables},
                           durable=False)
+    except (OSError, TypeError, ValueError):
+        pass

@@ -15,13 +15,18 @@ process age; whether a mount still answers (`probe`, statfs in a thread); the on
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 from squashstore.slots import Slots
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    StrPath = str | os.PathLike[str]
 
 MOUNT_TIMEOUT = 30.0
 """Seconds a FUSE server may take until its mount appears and answers."""
@@ -50,7 +55,8 @@ def outside_uid(uid_map: str) -> int | None:
 def own_uid_map() -> str | None:
     """This process's ``/proc/self/uid_map``, None when it cannot be read."""
     try:
-        return Path("/proc/self/uid_map").read_text()
+        with open("/proc/self/uid_map") as file:
+            return file.read()
     except OSError:
         return None
 
@@ -74,21 +80,30 @@ def is_real_root() -> bool:
 
 def runtime_dir() -> Path:
     """Per-host (per user namespace) state: the mount registry lives here."""
+    from pathlib import Path  # the mount program asks `runtime_path`
+
+    return Path(runtime_path())
+
+
+def runtime_path() -> str:
+    """`runtime_dir` as a string (the mount program starts without pathlib)."""
     env = os.environ.get("SQUASHSTORE_RUNTIME_DIR")
     if env:
-        return Path(env)
+        return env
     if is_real_root():
-        return Path("/run/squashstore")
+        return "/run/squashstore"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return Path(xdg) / "squashstore"
-    return Path(f"/run/user/{os.getuid()}/squashstore")
+        return os.path.join(xdg, "squashstore")
+    return f"/run/user/{os.getuid()}/squashstore"
 
 
 def server_log(mountpoint: Path, backend: str) -> Path:
     """Where the FUSE server of `backend` for `mountpoint` logs when nothing else is asked:
     ``<runtime dir>/logs/<backend>-<key>.log`` (the directory is made)."""
-    directory = runtime_dir() / "logs"
+    from pathlib import Path
+
+    directory = Path(runtime_path()) / "logs"
     directory.mkdir(parents=True, exist_ok=True)
     import hashlib  # imported when used: the mount program starts fast
 
@@ -141,7 +156,8 @@ def hostname() -> str:
 def process_start(pid: int) -> int | None:
     """The kernel start time (clock ticks since boot) of ``pid``, None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
@@ -159,7 +175,8 @@ def process_age(pid: int) -> float | None:
     if start is None:
         return None
     try:
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        with open("/proc/uptime") as file:
+            uptime = float(file.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     return uptime - start / os.sysconf("SC_CLK_TCK")
@@ -175,7 +192,8 @@ def pids() -> Iterator[int]:
 def cmdline(pid: int) -> list[bytes] | None:
     """A process's command line (arguments as bytes), None when it is gone or unreadable."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            raw = file.read()
     except OSError:
         return None
     return raw.split(b"\0")[:-1] if raw.endswith(b"\0") else raw.split(b"\0")
@@ -296,15 +314,15 @@ def mount_table() -> dict[str, MountEntry]:
     return {entry.mountpoint: entry for entry in read_mountinfo()}
 
 
-def is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: StrPath) -> bool:
     """Whether ``path`` is a mount point; unlike os.path.ismount, true for dead FUSE mounts."""
     return real_path(path) in mount_table()
 
 
-def real_path(path: Path) -> str:
+def real_path(path: StrPath) -> str:
     """``path`` with its parent's symlinks resolved, never stat-ing ``path`` itself."""
-    absolute = Path(os.path.abspath(path))
-    return os.path.join(os.path.realpath(absolute.parent), absolute.name)
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
 
 
 def other_namespace_devices() -> dict[str, int]:
@@ -335,7 +353,7 @@ def other_namespace_devices() -> dict[str, int]:
 # Whether a mount answers, and FUSE unmounts.
 
 
-def probe(mountpoint: Path, timeout: float = LIVENESS_TIMEOUT) -> bool | None:
+def probe(mountpoint: StrPath, timeout: float = LIVENESS_TIMEOUT) -> bool | None:
     """Whether a mount serves: True, False when dead (a FUSE mount whose server died gives
     ENOTCONN), None when it gave no answer within `timeout` (a hung server; the call would
     block forever, so it runs in a thread). Other errors count as serving: never unmount
@@ -345,22 +363,26 @@ def probe(mountpoint: Path, timeout: float = LIVENESS_TIMEOUT) -> bool | None:
     server's root from its cache, while statfs always reaches the server.
     """
     answer: list[bool] = []
+    done = _thread.allocate_lock()  # _thread, not threading: the mount program starts fast
+    done.acquire()
 
     def ask() -> None:
         try:
             os.statvfs(mountpoint)
         except OSError as exc:
             answer.append(exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO))
-            return
-        answer.append(True)
+        else:
+            answer.append(True)
+        finally:
+            done.release()
 
-    thread = threading.Thread(target=ask, name="statfs", daemon=True)
-    thread.start()
-    thread.join(timeout)
+    # a daemon thread: the interpreter never waits for it at exit (a hung statfs)
+    _thread.start_new_thread(ask, ())
+    done.acquire(timeout=timeout)
     return answer[0] if answer else None
 
 
-def answers(mountpoint: Path) -> bool:
+def answers(mountpoint: StrPath) -> bool:
     """Whether a mount serves within `LIVENESS_TIMEOUT` (dead and hung mounts do not)."""
     return probe(mountpoint) is True
 

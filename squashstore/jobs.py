@@ -15,18 +15,21 @@ own, see tests/support/slurm.py). This module is pure data and ``/proc`` reading
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from _collections_abc import Mapping  # not collections.abc: the mount program starts fast
 
 from squashstore.slots import Slots
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 CLAIM_SETUP_SECONDS = 120.0
 """A claim this young counts even before its job has a step on the node (the prolog runs
 before the first step's slurmstepd exists)."""
 
-_STEPD = re.compile(rb"^slurmstepd: \[(\d+)(?:_\d+)?\.[^\]]+\]")
+STEPD = rb"^slurmstepd: \[(\d+)(?:_\d+)?\.[^\]]+\]"
+"""A job step's process title (compiled where used: the mount program imports no re)."""
 
 
 class JobClaim(Slots):
@@ -87,18 +90,22 @@ def jobs_on_node() -> set[str]:
     """Ids of the jobs with a running step (a ``slurmstepd``, which runs as root) on this
     host. Any user can name a process ``slurmstepd: [JOB.0]``: only root's count, or a
     user could keep another job's mounts claimed for as long as they like."""
+    import re
+
+    stepd = re.compile(STEPD)
     uts = _readlink("/proc/self/ns/uts")
     found = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            title = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as file:
+                title = file.read()
             if not title.startswith(b"slurmstepd:") or entry.stat().st_uid != 0:
                 continue
         except OSError:
             continue
-        match = _STEPD.match(title)
+        match = stepd.match(title)
         if match and _readlink(f"/proc/{entry.name}/ns/uts") == uts:
             found.add(match.group(1).decode())
     return found

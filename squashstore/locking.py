@@ -7,20 +7,22 @@ containers/storage notices that a store changed when the lock file's first 64 by
 "last writer" id of 64 hex digits, written at offset 0 by ``Touch``) differ from what it saw
 last; `touch_token` writes a fresh one. Record locks belong to a (process, file) pair: closing
 ANY descriptor of the file releases them, so each lock file is opened exactly once per holder
-and this module never opens a locked file a second time.
+and this module never opens a locked file a second time. The context managers are classes, and
+the thread locks ``_thread``'s: the mount program takes the registry's lock at every
+container start, without importing contextlib or threading.
 """
 
 from __future__ import annotations
 
+import _thread
 import errno
-import fcntl
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from squashstore.errors import SquashstoreError
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    StrPath = str | os.PathLike[str]
 
 
 class LockError(SquashstoreError):
@@ -31,7 +33,7 @@ TOKEN_LENGTH = 64
 """containers/storage's last-writer id: 64 hex digits at offset 0 of the lock file."""
 
 
-def _open(path: Path, create: bool) -> int:
+def _open(path: StrPath, create: bool) -> int:
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
         fd = os.open(path, flags, 0o644)
@@ -45,44 +47,79 @@ def _open(path: Path, create: bool) -> int:
     return fd
 
 
-@contextmanager
-def exclusive(path: Path, create: bool = True) -> Iterator[int]:
-    """Hold a write (exclusive) record lock on ``path``; yields the descriptor."""
-    fd = _open(path, create)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
+class exclusive:
+    """Hold a write (exclusive) record lock on ``path``; ``with`` gives the descriptor."""
+
+    def __init__(self, path: StrPath, create: bool = True) -> None:
+        self.path = path
+        self.create = create
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        fd = _open(self.path, self.create)
+        try:
+            # glibc's lockf(F_LOCK, 0) is fcntl(F_SETLKW) with a write lock from the offset
+            # (0: just opened) to the end and beyond, the lock fcntl.lockf(LOCK_EX) takes; os
+            # has it built in, the fcntl module is one more shared object to load.
+            os.lockf(fd, os.F_LOCK, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return fd
+
+    def __exit__(self, *exc: object) -> None:
+        fd, self.fd = self.fd, -1
         os.close(fd)  # releases the lock
 
 
-_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_THREAD_LOCKS: dict[str, _thread.RLock] = {}
 _DEPTH: dict[str, int] = {}
-_GUARD = threading.Lock()
+_GUARD = _thread.allocate_lock()
 
 
-@contextmanager
-def reentrant(path: Path) -> Iterator[None]:
+class reentrant:
     """An exclusive lock on ``path`` that other processes AND other threads wait for, and
     that the holding thread may take again (nested use does nothing). A record lock alone
     excludes neither the process's other threads nor survives a nested open and close."""
-    key = os.path.abspath(path)
-    with _GUARD:
-        thread_lock = _THREAD_LOCKS.setdefault(key, threading.RLock())
-    with thread_lock:
-        if _DEPTH.get(key, 0):
-            _DEPTH[key] += 1
-            try:
-                yield
-            finally:
-                _DEPTH[key] -= 1
-            return
-        with exclusive(path):
-            _DEPTH[key] = 1
-            try:
-                yield
-            finally:
-                _DEPTH[key] = 0
+
+    def __init__(self, path: StrPath) -> None:
+        self.path = path
+        self.key = os.path.abspath(path)
+        self._thread_lock: _thread.RLock | None = None
+        self._file: exclusive | None = None
+
+    def __enter__(self) -> None:
+        key = self.key
+        with _GUARD:
+            thread_lock = _THREAD_LOCKS.setdefault(key, _thread.RLock())
+        thread_lock.acquire()
+        try:
+            if _DEPTH.get(key, 0):
+                _DEPTH[key] += 1
+                self._file = None
+            else:
+                file = exclusive(self.path)
+                file.__enter__()
+                _DEPTH[key] = 1
+                self._file = file
+        except BaseException:
+            thread_lock.release()
+            raise
+        self._thread_lock = thread_lock
+
+    def __exit__(self, *exc: object) -> None:
+        thread_lock, file = self._thread_lock, self._file
+        assert thread_lock is not None
+        self._thread_lock = self._file = None
+        try:
+            if file is None:
+                _DEPTH[self.key] -= 1
+            else:
+                _DEPTH[self.key] = 0
+                file.__exit__()
+        finally:
+            thread_lock.release()
 
 
 def touch_token(fd: int) -> None:
@@ -93,7 +130,7 @@ def touch_token(fd: int) -> None:
         raise OSError(errno.ENOSPC, "short write to lock file")
 
 
-def read_token(path: Path) -> bytes:
+def read_token(path: StrPath) -> bytes:
     """The lock file's current last-writer id (empty when never written)."""
     try:
         with open(path, "rb") as file:

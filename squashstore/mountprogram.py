@@ -12,6 +12,12 @@ mounted by exec'ing ``fuse-overlayfs`` with the same arguments, or ``mount -t ov
 real root when podman's options are plain overlay options, else fuse-overlayfs),
 ``fuse-overlayfs`` or ``kernel``. fuse-overlayfs over the kernel's squashfs refuses non-root
 container users (its ACL check gets EOPNOTSUPP from squashfs), hence the kernel default.
+
+The fast path (every store layer already mounted, live and recorded) is the same code as
+any other start, on string paths: it imports neither pathlib, re, fnmatch, json, threading,
+contextlib nor dataclasses (tests/test_fast.py), only the slow path (`_mount`) imports the
+mounters. Started by `squashstore.launcher`'s ``python -I -S`` script, the program's whole
+run is then ~1/3 of what it was with site and those modules (NOTES.md, branch fast).
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 
 from squashstore import __version__, config, host, storelayout, trust
 from squashstore.errors import SquashstoreError
 from squashstore.mountrecords import RecordedUse, RecordRegistry
 from squashstore.slots import Slots
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    StrPath = str | os.PathLike[str]
 
 PROGRAM = "squashstore-mount-program"
 KERNEL_OVERLAY_OPTIONS = ("lowerdir", "upperdir", "workdir", "volatile", "userxattr", "ro",
@@ -84,23 +94,24 @@ def parse_call(argv: Sequence[str]) -> OverlayCall:
 
 
 class StoreLayer(Slots):
-    """A layer of a squash store (`root` resolved) that a lowerdir leads to."""
+    """A layer of a squash store (`root` resolved) that a lowerdir leads to (paths as
+    strings)."""
 
     __slots__ = ("layer", "root")
-    root: Path
+    root: str
     layer: str
 
-    def __init__(self, root: Path, layer: str) -> None:
+    def __init__(self, root: str, layer: str) -> None:
         self.root = root
         self.layer = layer
 
     @property
-    def diff(self) -> Path:
-        return storelayout.diff_dir(self.root, self.layer)
+    def diff(self) -> str:
+        return storelayout.diff_path(self.root, self.layer)
 
     @property
-    def squash(self) -> Path:
-        return storelayout.squash_file(self.root, self.layer)
+    def squash(self) -> str:
+        return storelayout.squash_path(self.root, self.layer)
 
 
 def store_layer(lowerdir: str) -> StoreLayer | None:
@@ -112,18 +123,20 @@ def store_layer(lowerdir: str) -> StoreLayer | None:
     if found is None:
         return None
     root, layer, link = found
-    root = Path(os.path.realpath(root))
+    root = os.path.realpath(root)
     storelayout.check(root)
     if link is not None:
-        trust.check_entry(root.joinpath(*trust.LINK_DIR, link.name), symlink_ok=True)
+        trust.check_entry(os.path.join(root, *trust.LINK_DIR, os.path.basename(link)),
+                          symlink_ok=True)
     return StoreLayer(root, layer)
 
 
 def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer]:
     """Mount every store layer among the call's lowerdirs and record the container.
 
-    Under the registry's lock, a layer already mounted, live and recorded only gains the
-    container as a user (`RecordRegistry.use_if_live`: the fast path, which imports neither
+    Under the registry's lock, a layer already mounted, live and recorded (and whose squash
+    file passes `trust.check_squash_file`, as a mount needs) only gains the container as a
+    user (`RecordRegistry.use_if_live`: the fast path, which imports neither
     the store nor the mounters); any other is mounted, adopted or replaced by
     `squashstore.mounts.Registry.ensure_mounted`, imported only then (never
     `squashstore.store`)."""
@@ -132,9 +145,12 @@ def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer
                        os.getpid(), time.time())
     with registry.locked():
         for item in found:
-            if not item.squash.is_file():
+            if not storelayout.is_file(item.squash):
                 raise MountProgramError(f"{item.root}: layer {item.layer[:12]} has no "
                                         "squash file (removed from the store?)")
+            # As the slow path refuses to mount it, the fast path refuses to keep using a
+            # mount of a squash file others can change now (a live mount reads it).
+            trust.check_squash_file(item.squash)
             if registry.use_if_live(item.diff, user) is None:
                 _mount(item, registry, user)
     return found
@@ -146,13 +162,15 @@ def _mount(item: StoreLayer, registry: RecordRegistry, user: RecordedUse) -> Non
     The image id for the record comes from `podmanstore.image_of_layer`, not through
     `squashstore.store`, whose import costs ~60 M instructions (~10 ms) more on every first
     start (callgrind)."""
-    from squashstore import podmanstore  # imported when a mount is needed
+    from pathlib import Path  # imported when a mount is needed, as are the mounters
+
+    from squashstore import podmanstore
     from squashstore.mounts import Registry
 
     image = podmanstore.image_of_layer(
-        podmanstore.Layout(item.root, "overlay").images_json, item.layer)
-    Registry(registry.dir).ensure_mounted(image, item.layer, item.squash, item.diff,
-                                          user=user)
+        podmanstore.Layout(Path(item.root), "overlay").images_json, item.layer)
+    Registry(registry.dir).ensure_mounted(image, item.layer, Path(item.squash),
+                                          Path(item.diff), user=user)
 
 
 CONFIG_CACHE = "config.json"
@@ -160,10 +178,10 @@ CONFIG_CACHE = "config.json"
 (`config.load`'s cache)."""
 
 
-def overlay_argv(call: OverlayCall, argv: Sequence[str], registry: Path | None = None
+def overlay_argv(call: OverlayCall, argv: Sequence[str], registry: StrPath | None = None
                  ) -> list[str]:
     """The command that mounts the overlay itself."""
-    cache = registry / CONFIG_CACHE if registry is not None else None
+    cache = os.path.join(registry, CONFIG_CACHE) if registry is not None else None
     choice = config.load(cache).mount.overlay
     items = [item for group in call.options for item in group.split(",") if item]
     kernel_ok = host.is_real_root() and all(
@@ -192,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         call = parse_call(args)
         registry = RecordRegistry()
         mount_layers(call, registry)
-        command = overlay_argv(call, args, registry.dir)
+        command = overlay_argv(call, args, registry.path)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1

@@ -7,28 +7,30 @@ as `RecordedUse`). This module owns that format, the lock, which recorded uses a
 (`add_user`), the file systems squashstore mounts (`FSTYPE_BACKENDS`, the only ones it ever
 unmounts) and `use_if_live`: the whole of a container start whose layer is already mounted,
 live and recorded. Mounting, unmounting and replacing dead mounts are
-`squashstore.mounts.Registry`'s (a subclass), which needs the mounter backends.
+`squashstore.mounts.Registry`'s (a subclass), which needs the mounter backends. Paths are
+strings inside (`path`, `records_path`, `lock_path`; the `Path` properties `dir`,
+`records_dir` and `lock_file` are for other modules) and records are read and written with
+`squashstore.jsonfast`: that fast path imports neither pathlib nor json (nor re).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
 import stat
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
 
-from squashstore import host, jobs, locking, trust
-from squashstore.atomic import atomic_write_json
+from squashstore import host, jobs, jsonfast, locking, trust
+from squashstore.atomic import atomic_write
 from squashstore.slots import Slots
 
 TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
     from typing import Any
+
+    StrPath = str | os.PathLike[str]
 
 FSTYPE_BACKENDS = {"fuse.squashstore": "fuse", "squashfs": "kernel",
                    "fuse.squashfuse_ll": "squashfuse", "fuse.squashfuse": "squashfuse"}
@@ -159,7 +161,7 @@ RECORD_MAX = 16 << 20
 """Bytes of a record file read at most (a record grows by one entry per live container)."""
 
 
-def _read_record(path: Path) -> MountRecord | None:
+def _read_record(path: StrPath) -> MountRecord | None:
     """The record in `path` if it is a regular file of at most `RECORD_MAX` bytes (not
     through a symlink, never blocking on a FIFO); None when it is no record. OSError when it
     cannot be opened."""
@@ -172,7 +174,7 @@ def _read_record(path: Path) -> MountRecord | None:
     if data is None:
         raise FileNotFoundError(errno.ENOENT, "gone", str(path))
     try:
-        return parse_record(json.loads(data))
+        return parse_record(jsonfast.loads(data))
     except (ValueError, RecursionError):
         return None
 
@@ -181,7 +183,7 @@ def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
     """Whether a recorded use may still be live: its overlay is mounted, or it is recent.
     (The mount program records a use before the overlay exists; uses never pruned would
     grow the record with every container start.)"""
-    if not user.merged or host.real_path(Path(user.merged)) in mounted:
+    if not user.merged or host.real_path(user.merged) in mounted:
         return True
     return user.since is None or time.time() - user.since < host.STARTING_WINDOW
 
@@ -189,12 +191,30 @@ def _may_still_use(user: RecordedUse, mounted: Mapping[str, object]) -> bool:
 class RecordRegistry:
     """The records and lock of the mount registry of this host / user namespace."""
 
-    def __init__(self, directory: Path | None = None) -> None:
-        self.dir = directory or host.runtime_dir()
-        self.records_dir = self.dir / "mounts"
-        self.lock_file = self.dir / "lock"
+    def __init__(self, directory: StrPath | None = None) -> None:
+        self.path = os.fspath(directory) if directory else host.runtime_path()
+        self.records_path = os.path.join(self.path, "mounts")
+        self.lock_path = os.path.join(self.path, "lock")
 
-    def _key(self, mountpoint: Path) -> str:
+    @property
+    def dir(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.path)
+
+    @property
+    def records_dir(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.records_path)
+
+    @property
+    def lock_file(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.lock_path)
+
+    def _key(self, mountpoint: StrPath) -> str:
         try:  # hashlib loads OpenSSL: ~11 M instructions of every container start
             from _sha256 import sha256  # type: ignore[import-not-found]
         except ImportError:  # an interpreter without that module (3.12 has _sha2)
@@ -202,22 +222,27 @@ class RecordRegistry:
         digest: str = sha256(host.real_path(mountpoint).encode()).hexdigest()
         return digest[:32]
 
-    def _record_path(self, mountpoint: Path) -> Path:
-        return self.records_dir / f"{self._key(mountpoint)}.json"
+    def _record_file(self, mountpoint: StrPath) -> str:
+        return os.path.join(self.records_path, f"{self._key(mountpoint)}.json")
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """The registry's lock: other processes and threads wait; nesting is allowed.
+    def _record_path(self, mountpoint: StrPath) -> Path:
+        from pathlib import Path
+
+        return Path(self._record_file(mountpoint))
+
+    def locked(self) -> locking.reentrant:
+        """The registry's lock (``with registry.locked():``): other processes and threads
+        wait; nesting is allowed.
 
         As root, only a registry nobody else can change is used (`trust.check_top`)."""
-        self.records_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        trust.check_top(self.dir, ("lock", "mounts"), what="a mount registry")
-        with locking.reentrant(self.lock_file):
-            yield
+        os.makedirs(self.records_path, mode=0o755, exist_ok=True)
+        trust.check_top(self.path, ("lock", "mounts"), what="a mount registry")
+        return locking.reentrant(self.lock_path)
 
-    def record(self, mountpoint: Path) -> MountRecord | None:
+    def record(self, mountpoint: StrPath) -> MountRecord | None:
         try:
-            return parse_record(json.loads(self._record_path(mountpoint).read_bytes()))
+            with open(self._record_file(mountpoint), "rb") as file:
+                return parse_record(jsonfast.loads(file.read()))
         except (OSError, ValueError, RecursionError):
             return None
 
@@ -225,11 +250,16 @@ class RecordRegistry:
         """Every regular ``*.json`` file of the records directory with its record (None:
         not one); symlinks, FIFOs and the like are never opened through."""
         out: list[tuple[str, MountRecord | None]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in sorted(os.listdir(self.records_dir)):
-                if name.endswith(".json"):
-                    with contextlib.suppress(OSError):
-                        out.append((name, _read_record(self.records_dir / name)))
+        try:
+            names = sorted(os.listdir(self.records_path))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.endswith(".json"):
+                try:  # noqa: SIM105 (contextlib is not on the mount program's path)
+                    out.append((name, _read_record(os.path.join(self.records_path, name))))
+                except OSError:
+                    pass
         return out
 
     def records(self) -> list[MountRecord]:
@@ -243,18 +273,19 @@ class RecordRegistry:
         (a rename or unlink never follows a symlink). Returns what it did, one line each."""
         done = []
         for name, record in self._files():
-            path = self.records_dir / name
+            path = os.path.join(self.records_path, name)
             try:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     continue
                 if record is not None:
-                    right = self._record_path(Path(record.mountpoint))
-                    if right.name == name:
+                    right = self._record_file(record.mountpoint)
+                    right_name = os.path.basename(right)
+                    if right_name == name:
                         continue
                     if not os.path.lexists(right):
                         os.rename(path, right)
-                        done.append(f"renamed stray record {name} to {right.name}")
+                        done.append(f"renamed stray record {name} to {right_name}")
                         continue
                 os.unlink(path)
                 done.append(f"removed {'stray' if record else 'damaged'} record {name}")
@@ -263,15 +294,17 @@ class RecordRegistry:
         return done
 
     def write(self, record: MountRecord) -> None:
-        """Store a record (call with `locked` held). Not fsynced: a record describes mounts
-        and processes a reboot erases, and a torn record reads as absent."""
-        atomic_write_json(self._record_path(Path(record.mountpoint)), record.to_json(),
-                          durable=False)
+        """Store a record (call with `locked` held): one line of JSON. Not fsynced: a record
+        describes mounts and processes a reboot erases, and a torn record reads as absent."""
+        atomic_write(self._record_file(record.mountpoint),
+                     (jsonfast.dumps(record.to_json()) + "\n").encode(), durable=False)
 
-    def forget(self, mountpoint: Path) -> None:
+    def forget(self, mountpoint: StrPath) -> None:
         """Drop the record of ``mountpoint`` (call with `locked` held)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._record_path(mountpoint).unlink()
+        try:  # noqa: SIM105 (contextlib is not on the mount program's path)
+            os.unlink(self._record_file(mountpoint))
+        except FileNotFoundError:
+            pass
 
     @staticmethod
     def add_user(record: MountRecord, user: RecordedUse,
@@ -284,7 +317,7 @@ class RecordRegistry:
         record.users.append(user)
         record.claims = jobs.add_claim(record.claims, jobs.current_job())
 
-    def use_if_live(self, mountpoint: Path, user: RecordedUse) -> MountRecord | None:
+    def use_if_live(self, mountpoint: StrPath, user: RecordedUse) -> MountRecord | None:
         """With `locked` held: when a squash mount that this registry recorded is on
         `mountpoint` and answers (`host.answers`), record `user` on it and return the
         record. None otherwise: the caller mounts, adopts or replaces a dead mount

@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Container, Iterable
-from pathlib import Path
 
 from squashstore import host
 from squashstore.errors import SquashstoreError
+
+TYPE_CHECKING = False  # not typing's: the mount program starts without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Container, Iterable
+    from pathlib import Path
+
+    StrPath = str | os.PathLike[str]
 
 LINK_DIR = ("overlay", "l")
 """The one directory of a store whose entries are symlinks (``overlay/l/<short>``)."""
@@ -46,7 +51,7 @@ class UnsafeStore(SquashstoreError):
     """Root was asked to act on a store (or path) other users can change."""
 
 
-def _problem(path: Path, st: os.stat_result, symlink_ok: bool) -> str:
+def _problem(st: os.stat_result, symlink_ok: bool) -> str:
     if stat.S_ISLNK(st.st_mode) and not symlink_ok:
         return "is a symlink"
     if st.st_uid != 0:
@@ -58,14 +63,19 @@ def _problem(path: Path, st: os.stat_result, symlink_ok: bool) -> str:
     return ""
 
 
-def _refuse(path: Path, problem: str, what: str) -> UnsafeStore:
+def _refuse(path: StrPath, problem: str, what: str) -> UnsafeStore:
     return UnsafeStore(f"{path} {problem}: refusing to act as root on {what} other users can "
                        f"change ({FIX})")
 
 
-def check_ancestors(path: Path, what: str) -> None:
+def check_ancestors(path: StrPath, what: str) -> None:
     """Every directory above `path` is root's and writable by no one else (sticky allowed)."""
-    for parent in reversed(Path(os.path.realpath(path)).parents):
+    parents = []
+    child = os.path.realpath(path)
+    while child != "/":
+        child = os.path.dirname(child)
+        parents.append(child)
+    for parent in reversed(parents):
         st = os.lstat(parent)
         sticky = bool(st.st_mode & stat.S_ISVTX)
         if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky):
@@ -73,24 +83,24 @@ def check_ancestors(path: Path, what: str) -> None:
                           f"{stat.S_IMODE(st.st_mode):04o}) is not root's alone", what)
 
 
-def check_entry(path: Path, symlink_ok: bool = False, what: str = "a store") -> None:
+def check_entry(path: StrPath, symlink_ok: bool = False, what: str = "a store") -> None:
     """As real root: one path, lstat-ed: root's, no group or other write bit, a directory or
     a regular file (or a symlink when `symlink_ok`). `UnsafeStore` otherwise."""
     if host.is_real_root():
         _check_entry(path, symlink_ok, what)
 
 
-def _check_entry(path: Path, symlink_ok: bool, what: str) -> None:
+def _check_entry(path: StrPath, symlink_ok: bool, what: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    problem = _problem(path, st, symlink_ok)
+    problem = _problem(st, symlink_ok)
     if problem:
         raise _refuse(path, problem, what)
 
 
-def check_top(root: Path, parts: Iterable[str], what: str = "a store") -> None:
+def check_top(root: StrPath, parts: Iterable[str], what: str = "a store") -> None:
     """As real root, in O(1) stats: the ancestors of `root`, `root` and its fixed entries
     `parts` (relative paths). What an operation then touches below is checked by it
     (`check_entry`, `check_mountpoint`, ...); `check_tree` walks everything."""
@@ -99,19 +109,22 @@ def check_top(root: Path, parts: Iterable[str], what: str = "a store") -> None:
     check_ancestors(root, what)
     _check_entry(root, False, what)
     for part in parts:
-        _check_entry(root / part, False, what)
+        _check_entry(os.path.join(root, part), False, what)
 
 
-def check_tree(root: Path, mounted: Container[str] | None = None, what: str = "a store"
+def check_tree(root: StrPath, mounted: Container[str] | None = None, what: str = "a store"
                ) -> None:
     """As real root: raise `UnsafeStore` unless only root can change `root` (see the module
     docstring). Does nothing for other users or when `root` does not exist yet."""
     if not host.is_real_root() or not os.path.lexists(root):
         return
+    from pathlib import Path  # not on the mount program's path
+
+    root = Path(root)
     mounted = host.mount_table() if mounted is None else mounted
     check_ancestors(root, what)
     st = os.lstat(root)
-    problem = _problem(root, st, symlink_ok=False)
+    problem = _problem(st, symlink_ok=False)
     if problem:
         raise _refuse(root, problem, what)
     stack = [root]
@@ -126,7 +139,7 @@ def check_tree(root: Path, mounted: Container[str] | None = None, what: str = "a
             except FileNotFoundError:
                 continue  # removed meanwhile (a writer's temporary file)
             in_links = path.parent.relative_to(root).parts == LINK_DIR
-            problem = _problem(path, st, symlink_ok=in_links)
+            problem = _problem(st, symlink_ok=in_links)
             if problem:
                 raise _refuse(path, problem, what)
             layer_child = len(path.relative_to(root).parts) == 3 and \
@@ -142,7 +155,7 @@ def _listdir(directory: Path) -> Iterable[str]:
         return ()
 
 
-def parent_has_no_symlinks(path: Path) -> bool:
+def parent_has_no_symlinks(path: StrPath) -> bool:
     """Whether no directory above the absolute `path` is, or passes through, a symlink.
 
     `path` itself is never stat-ed (it may be a dead or hung FUSE mount)."""
@@ -150,16 +163,17 @@ def parent_has_no_symlinks(path: Path) -> bool:
     return os.path.realpath(parent) == parent
 
 
-def check_mountpoint(path: Path) -> None:
+def check_mountpoint(path: StrPath) -> None:
     """A mount point is a real directory reached without symlinks, owned as its parent
     (the layer directory) is, and as root both are root's alone; `UnsafeStore` if not."""
     if not parent_has_no_symlinks(path):
         raise UnsafeStore(f"{path}: a symlink leads elsewhere: refusing to mount there")
-    check_entry(path.parent)
+    parent_dir = os.path.dirname(os.path.abspath(path))
+    check_entry(parent_dir)
     check_entry(path)
     try:
         st = os.lstat(path)
-        parent = os.lstat(os.path.dirname(os.path.abspath(path)))
+        parent = os.lstat(parent_dir)
     except OSError as exc:
         raise UnsafeStore(f"{path}: cannot use as a mount point: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
@@ -171,7 +185,7 @@ def check_mountpoint(path: Path) -> None:
                           f"{parent.st_uid}: refusing to mount there")
 
 
-def check_squash_file(path: Path) -> None:
+def check_squash_file(path: StrPath) -> None:
     """A squash file to mount or read is a regular file reached without symlinks."""
     try:
         st = os.lstat(path)
@@ -183,7 +197,7 @@ def check_squash_file(path: Path) -> None:
     check_entry(path)
 
 
-def check_unmount(path: Path, fstype: str | None = None,
+def check_unmount(path: StrPath, fstype: str | None = None,
                   squash_fstypes: Container[str] = ()) -> None:
     """Only a squash file system (`fstype` as the mount table has it at `path`, one of
     `squash_fstypes`; None when nothing is mounted there) at a path reached without
@@ -194,10 +208,10 @@ def check_unmount(path: Path, fstype: str | None = None,
         raise UnsafeStore(f"{path}: a {fstype} file system, not a squash mount: refusing to "
                           "unmount it")
     if fstype is not None:
-        check_entry(path.parent)
+        check_entry(os.path.dirname(os.path.abspath(path)))
 
 
-def read_regular(path: Path, limit: int, owner: int | None = None) -> bytes | None:
+def read_regular(path: StrPath, limit: int, owner: int | None = None) -> bytes | None:
     """The bytes of the regular file `path`; None when there is none. Never through a
     symlink, never blocking on a FIFO (a planted one would hang the reader); `OSError` when
     it is something else, larger than `limit` bytes, or (with `owner`) another uid's."""

@@ -167,7 +167,7 @@ def test_mount_program_parses_podmans_call(benv: Env) -> None:
     assert call.lowerdirs() == [str(benv.store.links / link), "/nonstore/diff"]
     found = store_layer(call.lowerdirs()[0])
     assert found is not None and found.layer == image.layer
-    assert found.root == benv.store.root
+    assert found.root == str(benv.store.root)
     assert store_layer("/nonstore/diff") is None
     version = subprocess.run([str(PYTHON), "-m", "squashstore.mountprogram", "--version"],
                              capture_output=True, text=True, check=True)

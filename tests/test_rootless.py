@@ -151,6 +151,9 @@ def _user_venv(build: Path) -> Path:
             _pip(venv, str(build / "src"))
             (venv / ".deps-installed").touch()
         _pip(venv, "--no-deps", "--force-reinstall", str(build / "src"))
+        # The mount program as a wheel install's operator sets it up: the launcher
+        # (python -I -S) over the console script (squashstore/launcher.py).
+        _ok([str(venv / "bin/python"), "-I", "-m", "squashstore.launcher"])
     _ok(["chmod", "-R", "a+rX", str(venv)])
     return venv
 

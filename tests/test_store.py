@@ -114,10 +114,15 @@ def store_env(runtime_dir: Path, backend: str = "kernel",
     return {"SQUASHSTORE_RUNTIME_DIR": str(runtime_dir), "SQUASHSTORE_CONFIG": str(config)}
 
 
+MOUNT_PROGRAM = PYTHON.parent / "squashstore-mount-program"
+"""The installed mount program: `squashstore.launcher`'s ``python -I -S`` script, which
+scripts/install writes over the console script."""
+
+
 def write_wrapper(path: Path, env: dict[str, str]) -> Path:
-    """The mount program as podman calls it (until the console script is installed)."""
+    """The installed mount program as podman calls it, with `env` exported."""
     exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
-    path.write_text(f"#!/bin/sh\n{exports}exec {PYTHON} -m squashstore.mountprogram \"$@\"\n")
+    path.write_text(f"#!/bin/sh\n{exports}exec {MOUNT_PROGRAM} \"$@\"\n")
     path.chmod(0o755)
     return path
 

@@ -1,0 +1,91 @@
+"""The mount program's launcher: ``squashstore-mount-program`` as ``python -I -S``.
+
+podman runs the mount program at every container start, so its interpreter start is part of
+every start. A pip console script runs the interpreter with ``site``: with this package
+installed editable that alone imports pathlib, importlib.util and urllib.parse for the
+editable finder (~35 ms of a ~60 ms ``python -c pass`` here; ``-I -S``: ~20 ms), and it
+honours ``PYTHON*`` variables, the user's site directory and (for ``-c``/``-m``) the working
+directory: for a program root runs on behalf of podman, none of that is wanted. This module
+owns the launcher that avoids it: a script whose shebang is this interpreter with ``-IS``
+(isolated: no ``PYTHON*`` variables, no user site, no script or working directory on
+``sys.path``; no ``site``) and which sets ``sys.path`` by hand to the directory this package
+is imported from and the install's site-packages (the slow path's mounters may import a
+dependency), then runs `squashstore.mountprogram.run`. pip cannot install it (its wheel
+installer rewrites a ``#!python`` shebang and drops the flags), so ``scripts/install``
+writes it over the console script of the same name, and an operator with a wheel install
+runs ``python -I -m squashstore.launcher PATH`` (with the install's python) and names PATH in
+storage.conf's ``mount_program``; the plain console script keeps working, slower.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import squashstore
+
+NAME = "squashstore-mount-program"
+"""The console script's name; the launcher takes its place in ``scripts/install``'s venv."""
+
+
+def search_path() -> list[str]:
+    """The launcher's ``sys.path`` entries after the standard library: where this package
+    is imported from, then the install's site-packages (each once, in that order)."""
+    import sysconfig
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(squashstore.__file__)))
+    paths = sysconfig.get_paths()
+    out: list[str] = []
+    for entry in (package_root, paths["purelib"], paths["platlib"]):
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def script(python: str, path: list[str]) -> str:
+    """The launcher's text for interpreter `python` and ``sys.path`` entries `path`."""
+    if any(c in python for c in " \t\n") or len(python) > 200:
+        raise ValueError(f"{python!r}: a shebang needs a short path without blanks")
+    return (f"#!{python} -IS\n"
+            f"# {NAME}: podman's mount_program, started isolated and without site\n"
+            "# (written by `python -m squashstore.launcher`; squashstore/launcher.py says why)\n"
+            "import sys\n"
+            f"sys.path += {path!r}\n"
+            "from squashstore.mountprogram import run\n"
+            "run()\n")
+
+
+def write(target: str, python: str | None = None) -> None:
+    """Write the launcher to `target` (atomically, mode 0755) for this install."""
+    from pathlib import Path
+
+    from squashstore.atomic import atomic_write
+
+    text = script(python or sys.executable, search_path())
+    atomic_write(Path(target), text.encode(), mode=0o755, durable=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m squashstore.launcher [PATH]``: write the launcher to PATH (default: over
+    the console script, in this install's scripts directory) and print PATH."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        sys.stderr.write("usage: python -m squashstore.launcher [PATH]\n")
+        return 2
+    if args:
+        target = args[0]
+    else:
+        import sysconfig
+
+        target = os.path.join(sysconfig.get_path("scripts"), NAME)
+    try:
+        write(target)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"squashstore: {target}: {exc}\n")
+        return 1
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
