@@ -7,7 +7,9 @@ CPU time (`time.thread_time`) and entries. Deterministic comparisons: run one st
 ``valgrind --tool=callgrind`` and compare instruction counts.
 Run: .venv/bin/python bench/bench_front.py IMAGE [STAGE...] [--profile]
 (IMAGE: any reference `migrate` takes, e.g. ``containers-storage:localhost/bench:1`` with
-the podman environment of bench/common.py's `build_image`; STAGE: read, merge, front).
+the podman environment of bench/common.py's `build_image`; STAGE: read, merge, direct,
+front; ``direct`` is what migrate's parent keeps of the front when a worker reads podman's
+files itself).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import pstats
 import sys
 import time
 
-from squashstore.layers import LayerMerge
+from squashstore.layers import LayerMerge, content_source
 from squashstore.sources import open_image
 from squashstore.tar.split import TarSplitRecorder
-from squashstore.tarstream import TarStream, TeeReader
+from squashstore.tarstream import TarStream, TeeReader, header_for
 
 CHUNK = 1 << 17
 
@@ -57,6 +59,21 @@ def merge_stage(image_ref: str) -> int:
     return count
 
 
+def direct_stage(image_ref: str) -> int:
+    """What migrate's parent does per entry with a worker, for podman's store: the merge,
+    each file taken as where it lies (`content_source`; bytes read only where the layer
+    cannot say, e.g. an archive), and the canonical header made (`header_for`)."""
+    merge = LayerMerge(open_image(image_ref).layers)
+    count = 0
+    for entry in merge.entries():
+        count += 1
+        header_for(entry.path, entry.inode, entry.link_to)
+        if entry.content is not None and content_source(entry.content) is None:
+            while entry.content.read(CHUNK):
+                pass
+    return count
+
+
 def front_stage(image_ref: str) -> int:
     """The merge and the canonical tar (digest, tar-split), as `squash_image` drives them."""
     merge = LayerMerge(open_image(image_ref).layers)
@@ -75,7 +92,8 @@ def front_stage(image_ref: str) -> int:
     return count
 
 
-STAGES = {"read": read_stage, "merge": merge_stage, "front": front_stage}
+STAGES = {"read": read_stage, "merge": merge_stage, "direct": direct_stage,
+          "front": front_stage}
 
 
 def main() -> int:

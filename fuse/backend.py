@@ -2,7 +2,7 @@
 
 This module owns how the mount registry (`squashstore.mounts`) starts, stops and checks the
 project's FUSE server: `FuseMounter.mount` starts a detached server (see
-`squashstore.fuse.daemon.start`) and returns its pid once the mount answers, `umount` runs
+`squashstore.fuse.spawn.start`) and returns its pid once the mount answers, `umount` runs
 ``fusermount3 -u`` (``-z`` when lazy; a busy mount raises `MountError` whose cause has errno
 EBUSY), and `is_alive` tells a serving mount from a dead one (ENOTCONN after the server was
 killed; asked with statfs, which the kernel never answers from its caches). The registry
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from squashstore import host, mounts
-from squashstore.fuse import daemon
+from squashstore.fuse import spawn
 
 FSTYPE = "fuse.squashstore"
 """How /proc/self/mountinfo shows this server's mounts (``subtype=squashstore``)."""
@@ -31,9 +31,9 @@ class FuseMounter:
 
     def mount(self, squash: Path, mountpoint: Path) -> int | None:
         try:
-            pid: int = daemon.start(squash, mountpoint, self.extra_args,
+            pid: int = spawn.start(squash, mountpoint, self.extra_args,
                                     timeout=host.MOUNT_TIMEOUT)
-        except daemon.ServeError as exc:
+        except spawn.ServeError as exc:
             raise mounts.MountError(f"serve {squash}: {exc}") from None
         return pid
 

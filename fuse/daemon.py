@@ -1,13 +1,12 @@
 """Running the FUSE server as a process: start it detached, or run it in the foreground.
 
-This module owns the server's life as a process. `start` spawns a fresh interpreter running
-this module (new session, stdio on /dev/null, working directory /, no inherited descriptors
-but a readiness pipe), waits until the server reports that the kernel has the mount and the
-mount answers a `stat`, and returns the server's pid; a server that fails to start reports
-its one-line error through the pipe and `start` raises it. `run` is the server process
-itself: logging (a file named by --log-file, else syslog when detached, else stderr), the
-process name, opening the image before mounting (so a bad image fails before anything is
-mounted), then `squashstore.fuse.server.serve` until the mount goes away.
+This module owns the server's life as a process. `start` (`squashstore.fuse.spawn`, kept
+light for the mount program and re-exported here) spawns a fresh interpreter running this
+module and returns the server's pid once the mount answers; a server that fails to start
+reports its one-line error through the readiness pipe and `start` raises it. `run` is the
+server process itself: logging (a file named by --log-file, else syslog when detached, else
+stderr), the process name, opening the image before mounting (so a bad image fails before
+anything is mounted), then `squashstore.fuse.server.serve` until the mount goes away.
 Run ``python -m squashstore.fuse.daemon SQUASHFILE MOUNTPOINT [-f]`` by hand as well.
 """
 
@@ -15,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import logging
 import logging.handlers
 import os
-import select
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squashstore import host
-from squashstore.image import SquashstoreError
+from squashstore.errors import SquashstoreError
+from squashstore.fuse.spawn import ServeError as ServeError  # re-exported
+from squashstore.fuse.spawn import start as start  # re-exported
 
 if TYPE_CHECKING:
     from squashstore.fuse.server import ServerOptions
@@ -39,10 +34,6 @@ if TYPE_CHECKING:
     from squashstore.squashfs.meta import ByteSource
 
 MIB = 1 << 20
-
-
-class ServeError(SquashstoreError):
-    """The FUSE server could not mount or serve a squash file."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,90 +119,17 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Starting a detached server.
-
-
-def start(squash: Path, mountpoint: Path, extra: Sequence[str] = (),
-          timeout: float = host.MOUNT_TIMEOUT) -> int:
-    """Spawn a detached server for `squash` on `mountpoint`; return its pid once the mount
-    answers. `extra`: further server arguments (see `add_serve_arguments`)."""
-    # Resolved, as the mount table and the registry name them: cleanup finds a server by
-    # the mount point on its command line.
-    squash, mountpoint = Path(squash).resolve(), Path(mountpoint).resolve()
-    read_end, write_end = os.pipe()
-    try:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "squashstore.fuse.daemon", f"--ready-fd={write_end}",
-             *extra, str(squash), str(mountpoint)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(write_end,), close_fds=True, start_new_session=True, cwd="/",
-        )
-    finally:
-        os.close(write_end)
-    try:
-        message = _read_ready(read_end, server, timeout)
-    finally:
-        os.close(read_end)
-    if message != "ok":
-        server.wait(timeout=timeout)
-        raise ServeError(message or f"the server for {squash} exited ({server.returncode})")
-    try:
-        _wait_answers(mountpoint, server, timeout)
-    except BaseException:
-        server.kill()
-        server.wait()
-        raise
-    return server.pid
-
-
-def _read_ready(fd: int, server: subprocess.Popen[bytes], timeout: float) -> str:
-    """The server's first message on the readiness pipe: "ok" or an error line."""
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            server.kill()
-            raise ServeError(f"the server gave no sign of life within {timeout:.0f}s")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
-
-
-def _wait_answers(mountpoint: Path, server: subprocess.Popen[bytes], timeout: float) -> None:
-    """Block until `mountpoint` is a mount that answers (the server's first reply)."""
-    parent = os.stat(mountpoint.parent).st_dev
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.stat(mountpoint).st_dev != parent:
-                return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTCONN, errno.EIO):
-                raise
-        if server.poll() is not None:
-            raise ServeError(f"the server for {mountpoint} exited ({server.returncode})")
-        time.sleep(0.01)
-    raise ServeError(f"{mountpoint}: the mount did not answer within {timeout:.0f}s")
-
-
-# ---------------------------------------------------------------------------------------
 # The server process.
 
 
 def set_process_name(name: str) -> None:
-    """Name this process for ps/top (``comm``, 15 bytes); the command line keeps the rest."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        libc.prctl(15, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # PR_SET_NAME
+    """Name this process for ps/top (``comm``, 15 bytes); the command line keeps the rest.
+
+    Written to /proc/self/comm (what prctl(PR_SET_NAME) sets) rather than through ctypes:
+    `ctypes.util.find_library` runs ``ldconfig -p`` in a child process, and the import of
+    ctypes and the fork both stood between the server's start and its answer to INIT."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "wb", buffering=0) as comm:
+        comm.write(name.encode()[:15])
 
 
 def setup_logging(log_file: Path | None, detached: bool, mountpoint: Path) -> None:

@@ -7,7 +7,9 @@ the digest of the canonical tar of the flattened tree and records its tar-split,
 store can give podman a layer whose ``diff-digest`` is true and reproducible. With more
 than one job that work is split over two processes (`stream_entries`): this one reads and
 merges the layers, the writer's worker process (`squashfs/dataworker.py`) makes the
-canonical tar and the squash file's data from the entries it is sent.
+canonical tar and the squash file's data from the entries it is sent. A file of podman's
+store is sent as where it lies (`layers.content_source`), not as its bytes: the writer reads
+it from the layer's diff directory itself, once (`tarstream.add_content`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from squashstore.image import Image, LayerError
-from squashstore.layers import LayerMerge, MergedEntry
+from squashstore.layers import LayerMerge, MergedEntry, content_source
 from squashstore.progress import Progress
-from squashstore.tar.split import TarSplitRecorder
-from squashstore.tarstream import TarStream, TeeReader
+from squashstore.tar.split import TarSplitRecorder, diff_dirs
+from squashstore.tarstream import TarStream, add_content
 
 if TYPE_CHECKING:
     from squashstore.squashfs.writer import SquashOptions, SquashWriter
@@ -55,8 +57,9 @@ def export_image(image: Image, out: BinaryIO) -> ExportResult:
     merge = LayerMerge(image.layers)
     stream = TarStream(out)
     try:
-        for entry in merge.entries():
-            stream.add(entry)
+        with diff_dirs():
+            for entry in merge.entries():
+                stream.add(entry)
     except EOFError as exc:
         raise LayerError(f"{image.reference}: {exc}") from exc
     stream.close()
@@ -82,7 +85,8 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
             if bar is not None:
                 bar.update(merge.layers_done, merge.files, merge.bytes)
 
-        with SquashWriter(dest, options, worker=True, tar=True, tar_split=split_file) as writer:
+        with SquashWriter(dest, options, worker=True, tar=True,
+                          tar_split=split_file) as writer, diff_dirs():
             entries = stream_entries(writer, merge.entries(), split_file, tick)
             if bar is not None:
                 bar.done()
@@ -115,7 +119,9 @@ def stream_entries(
     if writer.writes_tar:
         for entry in entries:
             tick()
-            handle = writer.add_entry(entry.path, entry.inode, entry.link_to, entry.content)
+            content = entry.content
+            handle = writer.add_entry(entry.path, entry.inode, entry.link_to, content,
+                                      content_source(content))
             if handle is not None:
                 entry.inode.data = handle
         return writer.tar_result
@@ -124,9 +130,10 @@ def stream_entries(
     for entry in entries:
         tick()
         stream.begin(entry)
-        if entry.content is not None:
-            entry.inode.data = writer.add_file(
-                TeeReader(entry.content, stream), entry.inode.size)  # type: ignore[arg-type]
+        content = entry.content
+        if content is not None:
+            entry.inode.data = add_content(stream, content, content_source(content),
+                                           entry.inode.size, writer.add_file)
         stream.end()
     stream.close()
     return stream.digest, stream.size

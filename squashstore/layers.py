@@ -32,6 +32,7 @@ from squashstore.image import Layer, LayerError
 from squashstore.tar import format as tarformat
 from squashstore.tar.format import OPAQUE_MARKER, WHITEOUT_PREFIX, quote
 from squashstore.tar.reader import Header, TarError, TarReader
+from squashstore.tar.split import DiffFile
 from squashstore.tree import Inode, Kind, name_bytes, new_dir
 
 MAX_NAME = 255
@@ -294,6 +295,16 @@ def _members(tar: TarReader, layer: Layer) -> Iterator[Header]:
         if member is None:
             return
         yield member
+
+
+def content_source(content: IO[bytes] | None) -> DiffFile | None:
+    """Where a merged entry's `content` lies, when its layer can say instead of giving the
+    bytes (a layer of podman's store: the file in its diff directory); then the content
+    counts as read and the caller reads the file itself. None: read `content`. Ask before
+    the next entry, and before reading any of it."""
+    if not isinstance(content, _Content):
+        return None
+    return cast("DiffFile | None", content._tar.take_reference())
 
 
 def _content(tar: TarReader, member: Header, layer: Layer) -> IO[bytes]:

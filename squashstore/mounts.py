@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
-from squashstore import config, detach, host, trust
-from squashstore.image import SquashstoreError
+from squashstore import config, host, trust
+from squashstore.errors import SquashstoreError
 from squashstore.lazy import paths as lazy_paths
 from squashstore.mountrecords import FSTYPE_BACKENDS as FSTYPE_BACKENDS
 from squashstore.mountrecords import MountRecord as MountRecord
@@ -35,19 +33,24 @@ class MountError(SquashstoreError):
     """A squash file could not be mounted or unmounted."""
 
 
-class Mounter(Protocol):
-    """A way to serve a squash file read-only on a directory."""
+TYPE_CHECKING = False  # not typing's: a first start need not import typing (~10 M instructions)
+if TYPE_CHECKING:  # the protocol is for the type checker; nothing uses it at run time
+    from typing import Protocol
 
-    name: str
+    class Mounter(Protocol):
+        """A way to serve a squash file read-only on a directory."""
 
-    def mount(self, squash: Path, mountpoint: Path) -> int | None:
-        """Mount; return the server's pid (None for in-kernel mounts). Returns once mounted."""
+        name: str
 
-    def umount(self, mountpoint: Path, lazy: bool) -> None:
-        """Unmount; raise MountError (errno EBUSY on the cause) when it is busy."""
+        def mount(self, squash: Path, mountpoint: Path) -> int | None:
+            """Mount; return the server's pid (None for in-kernel mounts). Returns once
+            mounted."""
 
-    def is_alive(self, mountpoint: Path) -> bool:
-        """Whether a mount on ``mountpoint`` answers (False for a dead FUSE server)."""
+        def umount(self, mountpoint: Path, lazy: bool) -> None:
+            """Unmount; raise MountError (errno EBUSY on the cause) when it is busy."""
+
+        def is_alive(self, mountpoint: Path) -> bool:
+            """Whether a mount on ``mountpoint`` answers (False for a dead FUSE server)."""
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -96,6 +99,8 @@ class SquashfuseMounter:
     program = "squashfuse_ll"
 
     def mount(self, squash: Path, mountpoint: Path) -> int | None:
+        import shutil
+
         binary = shutil.which(self.program)
         if binary is None:
             raise MountError(f"{self.program} not found on PATH")
@@ -182,6 +187,8 @@ class Registry(RecordRegistry):
                 pid = chosen.mount(squash, mountpoint)
                 if pid is not None:
                     # The server serves every job's containers: it must not end with this one.
+                    from squashstore import detach
+
                     detach.leave_job(pid)
                 record = MountRecord(image, layer, str(squash), host.real_path(mountpoint),
                                      chosen.name, pid, time.time())

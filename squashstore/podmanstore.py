@@ -28,11 +28,11 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from squashstore import locking
 from squashstore.errors import SquashstoreError
+from squashstore.slots import Slots
 from squashstore.storelayout import overlay_layer as overlay_layer  # the rule is shared
 
 TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
@@ -48,13 +48,17 @@ class PodmanStoreError(SquashstoreError):
 # Layout.
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Slots):
     """Where one containers/storage store (a graph root or an additional image store) keeps
     its files for `driver` (``overlay`` or ``vfs``)."""
 
+    __slots__ = ("driver", "root")
     root: Path
-    driver: str = "overlay"
+    driver: str
+
+    def __init__(self, root: Path, driver: str = "overlay") -> None:
+        self.root = root
+        self.driver = driver
 
     @property
     def images_dir(self) -> Path:
@@ -208,23 +212,65 @@ def _to_json(record: object, read: object | None, raw: Mapping[str, Any],
     return out
 
 
-@dataclass(frozen=True)
-class ImageRecord:
+class _Record(Slots):
+    """A record of one of podman's JSON files: a `Slots` record whose ``raw`` slot (the
+    JSON object as read) takes no part in equality, hashing or ``repr``. Records are
+    `Slots`, not dataclasses: the mount program reads images.json at every first start,
+    and ``dataclasses`` alone is ~41 M instructions to import (callgrind, branch first)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__ if name != "raw")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__
+                           if name != "raw")
+        return f"{type(self).__name__}({fields})"
+
+
+class ImageRecord(_Record):
     """One entry of ``images.json``."""
 
+    __slots__ = (
+        "big_data_digests",
+        "big_data_names",
+        "created",
+        "digest",
+        "digests",
+        "id",
+        "layer",
+        "names",
+        "raw",
+    )
     id: str
-    names: tuple[str, ...] = ()
-    layer: str = ""
+    names: tuple[str, ...]
+    layer: str
     """The image's top layer ("" for an image without layers)."""
-    digest: str = ""
+    digest: str
     """The digest of its manifest."""
-    digests: tuple[str, ...] = ()
-    created: str = ""
-    big_data_names: tuple[str, ...] = ()
-    big_data_digests: Mapping[str, str] = field(default_factory=dict)
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    digests: tuple[str, ...]
+    created: str
+    big_data_names: tuple[str, ...]
+    big_data_digests: Mapping[str, str]
+    raw: Mapping[str, Any]
     """The whole JSON object as read, with the fields not modelled here (written back by
     `to_json`, so a rewrite never drops what podman or a later version wrote)."""
+
+    def __init__(self, id: str, names: tuple[str, ...] = (), layer: str = "",
+                 digest: str = "", digests: tuple[str, ...] = (), created: str = "",
+                 big_data_names: tuple[str, ...] = (),
+                 big_data_digests: Mapping[str, str] | None = None,
+                 raw: Mapping[str, Any] | None = None) -> None:
+        self.id = id
+        self.names = names
+        self.layer = layer
+        self.digest = digest
+        self.digests = digests
+        self.created = created
+        self.big_data_names = big_data_names
+        self.big_data_digests = {} if big_data_digests is None else big_data_digests
+        self.raw = {} if raw is None else raw
 
     FIELDS = (("id", "id"), ("names", "names"), ("layer", "layer"), ("digest", "digest"),
               ("digests", "digests"), ("created", "created"),
@@ -249,19 +295,27 @@ class ImageRecord:
                         self.FIELDS)
 
 
-@dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(_Record):
     """One entry of ``layers.json``."""
 
+    __slots__ = ("diff_digest", "diff_size", "id", "parent", "raw")
     id: str
-    parent: str = ""
+    parent: str
     """The layer below ("" for a bottom layer)."""
-    diff_digest: str = ""
+    diff_digest: str
     """The digest of its uncompressed tar (an image config's diff id)."""
-    diff_size: int = -1
+    diff_size: int
     """Bytes of that tar; -1 when not recorded."""
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    raw: Mapping[str, Any]
     """The whole JSON object as read (see `ImageRecord.raw`)."""
+
+    def __init__(self, id: str, parent: str = "", diff_digest: str = "",
+                 diff_size: int = -1, raw: Mapping[str, Any] | None = None) -> None:
+        self.id = id
+        self.parent = parent
+        self.diff_digest = diff_digest
+        self.diff_size = diff_size
+        self.raw = {} if raw is None else raw
 
     FIELDS = (("id", "id"), ("parent", "parent"), ("diff_digest", "diff-digest"),
               ("diff_size", "diff-size"))
@@ -281,16 +335,24 @@ class LayerRecord:
                         self.FIELDS)
 
 
-@dataclass(frozen=True)
-class ContainerRecord:
+class ContainerRecord(_Record):
     """One entry of ``containers.json``."""
 
+    __slots__ = ("id", "image", "layer", "names", "raw")
     id: str
-    names: tuple[str, ...] = ()
-    layer: str = ""
+    names: tuple[str, ...]
+    layer: str
     """The container's own (read-write) layer."""
-    image: str = ""
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    image: str
+    raw: Mapping[str, Any]
+
+    def __init__(self, id: str, names: tuple[str, ...] = (), layer: str = "",
+                 image: str = "", raw: Mapping[str, Any] | None = None) -> None:
+        self.id = id
+        self.names = names
+        self.layer = layer
+        self.image = image
+        self.raw = {} if raw is None else raw
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> ContainerRecord:
@@ -298,13 +360,18 @@ class ContainerRecord:
                    layer=_string(raw.get("layer")), image=_string(raw.get("image")), raw=raw)
 
 
-@dataclass(frozen=True)
-class MountCount:
+class MountCount(_Record):
     """One entry of a runroot's ``mountpoints.json``: how often a layer is mounted."""
 
+    __slots__ = ("count", "id", "raw")
     id: str
-    count: int = 0
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    count: int
+    raw: Mapping[str, Any]
+
+    def __init__(self, id: str, count: int = 0, raw: Mapping[str, Any] | None = None) -> None:
+        self.id = id
+        self.count = count
+        self.raw = {} if raw is None else raw
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> MountCount:

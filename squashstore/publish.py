@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +106,9 @@ def publish(store: Store, pub: Publication, unmount: Unmounter) -> StoreImage:
         images = store.image_records()
         old = next((r for r in images if r.id == iid), None)
         record = _image_record(pub, iid, lid, old)
-        images = [replace(r, names=tuple(n for n in r.names if n not in names))
+        images = [r.replace(names=tuple(n for n in r.names if n not in names))
                   for r in images if r.id != iid]
-        images.append(replace(record, names=tuple(dict.fromkeys([*record.names, *names]))))
+        images.append(record.replace(names=tuple(dict.fromkeys([*record.names, *names]))))
         store.write_image_records(images)
         publish_hook("image-record")
     return store.resolve(iid)

@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -309,7 +309,7 @@ class Store:
                 current = tuple(n for n in record.names if n not in full)
                 if record.id == iid:
                     current = tuple(dict.fromkeys([*record.names, *full]))
-                renamed.append(replace(record, names=current))
+                renamed.append(record.replace(names=current))
             self.write_image_records(renamed)
         return self.resolve(iid)
 
@@ -322,7 +322,7 @@ class Store:
                 raise ImageNotFound(f"{iid}: image not found in store {self.root}")
             if full not in record.names:
                 raise StoreError(f"image {iid[:12]} has no name {full}")
-            renamed = replace(record, names=tuple(n for n in record.names if n != full))
+            renamed = record.replace(names=tuple(n for n in record.names if n != full))
             self.write_image_records(renamed if r is record else r for r in images)
         return self.resolve(iid)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +105,46 @@ def test_worker_writes_the_same_bytes(
     two = _write(tmp / "two.sqfs", files, options, worker=True)
     assert hashlib.sha256(one).hexdigest() == hashlib.sha256(two).hexdigest()
     assert sorted(p.name for p in tmp.iterdir()) == ["one.sqfs", "two.sqfs"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=_files(), block_size=st.sampled_from([4096, 131072]),
+       same_size=st.integers(0, 3))
+def test_files_hashed_only_when_their_size_repeats_dedup_the_same(
+    tmp_path_factory: pytest.TempPathFactory, files: list[tuple[bytes, bool]],
+    block_size: int, same_size: int,
+) -> None:
+    """`add_file(..., again=)`: a file of a size not seen before is not hashed while it
+    streams; a later file of that size hashes it from `again`. The image is the one
+    hashing every file gives (same-size files that differ, duplicates, zero files)."""
+    tmp = tmp_path_factory.mktemp("lazy")
+    base = files[0][0]
+    for flip in range(same_size):  # same size, other content
+        files.append((base[:-1] + bytes([flip]) if base else b"", False))
+    options = SquashOptions(compression="lz4", block_size=block_size, jobs=1)
+    images = []
+    for lazy in (False, True):
+        root = new_dir(mtime=1)
+        assert root.children is not None
+        asked: list[int] = []
+        dest = tmp / f"{lazy}.sqfs"
+        with SquashWriter(dest, options) as writer:
+            for index, (data, sparse) in enumerate(files):
+                def again(data: bytes = data, index: int = index,
+                          asked: list[int] = asked) -> bytes:
+                    asked.append(index)
+                    return hashlib.sha256(data).digest()
+
+                handle = writer.add_file(io.BytesIO(data), len(data), sparse,
+                                         again if lazy else None)
+                root.children[f"f{index}"] = Inode(Kind.FILE, mode=0o644, size=len(data),
+                                                    data=handle)
+            writer.finish(root)
+        images.append(dest.read_bytes())
+        assert len(asked) == len(set(asked))  # each file hashed again at most once
+        sizes = [len(data) for data, _ in files]
+        assert all(sizes.count(sizes[i]) > 1 for i in asked)
+    assert images[0] == images[1]
 
 
 @pytest.mark.parametrize("options", [
@@ -360,3 +402,177 @@ def test_entries_with_numbers_beyond_the_records_fields(tmp_path: Path,
         except (SquashstoreError, ValueError) as exc:
             results.append((type(exc).__name__, str(exc).replace(str(tmp_path / str(jobs)), "T")))
     assert results[0] == results[1]
+
+
+# --- podman's store: file content read by the writer from the layer's diff -------------
+
+
+def _direct_image(tmp: Path, producer: Podman) -> tuple[str, dict[str, Path]]:
+    """A two-layer image in `producer`: an imported base (busybox, /data/shadowed) and a
+    COPY layer (/data/shadowed again, a small file, a 3 MiB one). Its name, and each
+    file's path in podman's diff directories."""
+    import tarfile
+
+    base = tmp / "base.tar"
+    with tarfile.open(base, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add("/bin/busybox", "bin/busybox")
+        info = tarfile.TarInfo("data/shadowed")
+        payload = b"lower layer's copy\n" * 100
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    producer.run("import", str(base), "localhost/sqs-direct-base:1")
+    ctx = tmp / "ctx"
+    ctx.mkdir()
+    (ctx / "shadowed").write_bytes(b"upper\n")
+    (ctx / "small").write_bytes(_content("text", 5000, 7))
+    (ctx / "big").write_bytes(_content("random", 3 << 20, 8))
+    (ctx / "Containerfile").write_text(
+        "FROM localhost/sqs-direct-base:1\nCOPY shadowed small big /data/\n")
+    producer.run("build", "--network", "none", "--pull=never", "-t", "localhost/sqs-direct:1",
+                 str(ctx), timeout=600)
+    diff_ids = producer.layers("localhost/sqs-direct:1")
+    records = json.loads((producer.graphroot / "overlay-layers" / "layers.json").read_text())
+    diffs = [producer.graphroot / "overlay" / next(
+        r["id"] for r in records if r.get("diff-digest") == d) / "diff" for d in diff_ids]
+    files = {"busybox": diffs[0] / "bin/busybox", "lower": diffs[0] / "data/shadowed",
+             "small": diffs[1] / "data/small", "big": diffs[1] / "data/big"}
+    return "localhost/sqs-direct:1", files
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _to_shadow(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/etc/shadow")
+
+
+def _to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_podmans_store_files_reach_the_writer_as_references(
+        tmp_path: Path, make_podman: Callable[..., Podman],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent never reads a file of podman's store it keeps: the merge's entry says
+    where the file is (diff directory, name, size, podman's CRC-64), the writer reads it.
+    A shadowed file is still read (and checked) by the parent; an archive gives bytes."""
+    from fastcrc import crc64
+
+    from squashstore.layers import LayerMerge, content_source
+    from squashstore.tar.split import DiffFile
+
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    sources: dict[str, DiffFile] = {}
+    for entry in LayerMerge(open_image(ref).layers).entries():
+        source = content_source(entry.content)
+        if entry.inode.kind is Kind.FILE and entry.inode.size:
+            assert isinstance(source, DiffFile), entry.path
+            assert entry.content is not None and entry.content.read() == b""  # taken
+            sources[entry.path] = source
+        else:
+            assert source is None
+    assert set(sources) == {"bin/busybox", "data/shadowed", "data/small", "data/big"}
+    for name, path in (("busybox", "bin/busybox"), ("small", "data/small"),
+                       ("big", "data/big")):
+        data = files[name].read_bytes()
+        source = sources[path]
+        assert source.path == os.fsencode(files[name]) and source.size == len(data)
+        assert source.crc == crc64.go_iso(data).to_bytes(8, "big")
+    assert sources["data/shadowed"].size == len(b"upper\n")
+    archive = private.save(ref, tmp_path / "image.tar")
+    for entry in LayerMerge(open_image(f"oci-archive:{archive}").layers).entries():
+        assert content_source(entry.content) is None
+
+
+@pytest.mark.parametrize(("victim", "tamper", "message"), [
+    ("small", _flip, r"file integrity checksum failed for {path}"),
+    ("big", _flip, r"file integrity checksum failed for {path}"),
+    ("small", _truncate, r"{path} is shorter than the 5000 bytes the layer recorded"),
+    ("big", _truncate, rf"{{path}} is shorter than the {3 << 20} bytes the layer recorded"),
+    ("big", _to_shadow, r"cannot read {path}: Too many levels of symbolic links"),
+    ("small", _to_fifo, r"{path} is shorter than the 5000 bytes the layer recorded"),
+    ("lower", _flip, r"file integrity checksum failed for {path}"),
+])
+def test_a_changed_diff_file_is_refused_the_same_with_one_and_two_jobs(
+        tmp_path: Path, make_podman: Callable[..., Podman], monkeypatch: pytest.MonkeyPatch,
+        victim: str, tamper: Callable[[Path], None], message: str) -> None:
+    """A file of podman's diff changed after tar-split recorded it (content, size, a
+    symlink planted in its place, never followed; a FIFO, never waited for): with one job
+    (read in this process) and with two (read by the worker) the same SourceError naming
+    the file, nothing written. The shadowed lower file is read by the parent, refused too."""
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    (tmp_path / "good").mkdir()
+    good = _squash_both_ways(lambda: open_image(ref), tmp_path / "good")
+    assert isinstance(good[0], tuple) and len(good[0]) == 6 and good[0] == good[1]
+    tamper(files[victim])
+    (tmp_path / "bad").mkdir()
+    one, two = _squash_both_ways(lambda: open_image(ref), tmp_path / "bad")
+    assert one == two
+    assert isinstance(one, tuple) and one[0] == "SourceError", one
+    pattern = message.format(path=re.escape(str(files[victim])))
+    assert re.search(rf"^layer \d \(sha256:[0-9a-f]{{12}}\): {pattern}$", str(one[1])), one
+
+
+def test_a_directory_of_a_diff_replaced_by_a_symlink_is_never_followed(
+        tmp_path: Path, make_podman: Callable[..., Podman],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory of podman's diff moved away and replaced by a symlink to it: the files
+    below it still match their CRC-64s, yet nothing is read through the link (openat2
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; O_NOFOLLOW guards only the last component),
+    with one job and with two: the same one SourceError, nothing written."""
+    private = make_podman()
+    for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"):
+        monkeypatch.setenv(key, private.env[key])
+    ref, files = _direct_image(tmp_path, private)
+    data = files["small"].parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data.rename(elsewhere / "data")
+    data.symlink_to(elsewhere / "data")
+    (tmp_path / "out").mkdir()
+    one, two = _squash_both_ways(lambda: open_image(ref), tmp_path / "out")
+    assert one == two
+    assert isinstance(one, tuple) and one[0] == "SourceError", one
+    assert re.search(rf"^layer 1 \(sha256:[0-9a-f]{{12}}\): cannot read {re.escape(str(data))}"
+                     r"/[a-z]+: Too many levels of symbolic links$", str(one[1])), one
+
+
+def test_migrate_refuses_a_changed_diff_file_with_one_line(
+    tmp_path: Path, make_podman: Callable[..., Podman],
+) -> None:
+    """`squashstore migrate` of an image whose diff file changed, with the worker and with
+    --jobs 1: one ``squashstore:`` line, exit 1, the store as it was, nothing staged."""
+    private = make_podman()
+    ref, files = _direct_image(tmp_path, private)
+    (tmp_path / "m").mkdir()
+    mig = Migration(tmp_path / "m", private, make_podman)
+    try:
+        _flip(files["big"])
+        before = store_snapshot(mig.store)
+        for jobs in ([], ["--jobs", "1"]):
+            done = mig.migrate(ref, "--no-mount", *jobs, check=False)
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith("squashstore: ") and \
+                "file integrity checksum failed for" in done.stderr, done.stderr
+            assert store_snapshot(mig.store) == before
+            assert os.listdir(mig.store.tmp_dir) == []
+    finally:
+        mig.consumer.close()
+        Registry(mig.runtime_dir).umount_all(lazy=True)
+        unmount_below(tmp_path)

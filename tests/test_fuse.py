@@ -424,6 +424,18 @@ def test_mount_options_and_process(images: dict[str, Path], mounts_: Mounts) -> 
     assert os.getsid(pid) == pid
 
 
+def test_the_server_names_itself_without_ctypes() -> None:
+    """`set_process_name` writes /proc/self/comm: through ctypes it imported ctypes and ran
+    ``ldconfig -p`` in a child process (`ctypes.util.find_library`) before every server
+    could answer the kernel's INIT."""
+    code = ("import sys; from squashstore.fuse import daemon; "
+            "daemon.set_process_name('squashstore-fs-and-more'); "
+            "print(open('/proc/self/comm').read().strip(), 'ctypes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["squashstore-fs-", "False"]
+
+
 def test_command_returns_once_mounted_and_rejects_bad_images(images: dict[str, Path],
                                                            tmp_path: Path) -> None:
     mnt = tmp_path / "m"
@@ -461,6 +473,36 @@ def test_foreground_serve_logs_and_exits_on_unmount(images: dict[str, Path],
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         if proc.poll() is None:
             proc.kill()
+
+
+SERVER_HEAVY = ("requests", "urllib3", "squashstore.lazy.image", "squashstore.lazy.remote",
+                "squashstore.registry.client", "squashstore.store", "squashstore.mounts")
+"""Modules a server of an ordinary (not lazily pulled) image must not import: the
+registry client alone was ~260 M instructions (~45 ms) before a mount could answer INIT
+(NOTES.md, session 4); the others are the store's and the mount registry's."""
+
+
+def test_the_server_of_an_ordinary_image_imports_no_registry_client(
+        images: dict[str, Path], tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m",
+                             "squashstore.fuse.daemon", "-f", "--log-file",
+                             str(tmp_path / "log"), str(images["mksquashfs"]), str(mnt)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (mnt / "etc").exists())
+        _run(["fusermount3", "-u", str(mnt)])
+        assert proc.wait(timeout=15) == 0
+        stderr = proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        if proc.poll() is None:
+            proc.kill()
+    imported = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"pyfuse3", "squashstore.fuse.server", "squashstore.squashfs.reader"} <= imported
+    assert not imported & set(SERVER_HEAVY), sorted(imported & set(SERVER_HEAVY))
 
 
 def test_sigterm_unmounts_cleanly(images: dict[str, Path], mounts_: Mounts) -> None:

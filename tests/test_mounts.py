@@ -434,3 +434,34 @@ def test_mount_program_first_start_mounts_without_the_store_module(
         assert record is not None and record.image == image.id
         assert [u.merged for u in record.users] == ["/c1/merged"]
         assert mount_count(image.diff) == 1
+
+
+FIRST_START_HEAVY = ("squashstore.fuse.daemon", "squashstore.fuse.server", "squashstore.image",
+                     "pyfuse3", "trio", "argparse", "logging", "ctypes", "shutil",
+                     "dataclasses")
+"""Modules the mount program must not import when it starts a FUSE server (the server
+imports what it serves with): the daemon's argparse, logging and ctypes, with typing and
+shutil, were ~98 M instructions (~16 ms) of every first start, dataclasses (podmanstore's and
+detach's records) ~41 M more (callgrind, branch first).
+typing is not listed: tomllib imports it whenever the config is read afresh, as here."""
+
+
+def test_mount_program_starts_a_fuse_server_without_the_servers_modules(
+        tmp_path: Path, podman: Podman, make_podman: Any,
+        images: dict[str, SqLayer]) -> None:
+    """An unmounted layer on the FUSE backend: the mount program starts the server through
+    `squashstore.fuse.spawn` alone and returns only once the mount answers."""
+    backend, overlay = SETUPS["fuse"]
+    with store_setup(tmp_path, podman, make_podman, images, backend, overlay) as env:
+        image = publish(env)
+        registry = Registry(env.runtime_dir)
+        registry.umount_all()
+        assert registry.record(image.diff) is None and mount_count(image.diff) == 0
+        modules = mount_layers(env, image, "/c1/merged")
+        assert "squashstore.fuse.spawn" in modules and "squashstore.mounts" in modules
+        assert not set(modules) & set(FIRST_START_HEAVY), sorted(
+            set(modules) & set(FIRST_START_HEAVY))
+        record = registry.record(image.diff)
+        assert record is not None and record.backend == "fuse" and record.pid is not None
+        assert mount_count(image.diff) == 1 and answers(image.diff)
+        assert os.listdir(image.diff)  # the image's root, not the empty directory below

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,12 +151,12 @@ def test_records_written_back_keep_unmodelled_fields_in_place() -> None:
            "layer": "l", "future": {"x": [1]}, "big-data-names": ["manifest"]}
     record = podmanstore.ImageRecord.parse(raw)
     assert record.to_json() == raw and list(record.to_json()) == list(raw)
-    renamed = replace(record, names=("a", "b")).to_json()
+    renamed = record.replace(names=("a", "b")).to_json()
     assert list(renamed) == list(raw) and renamed["names"] == ["a", "b"]
     assert renamed["future"] == {"x": [1]} and renamed["names-history"] == ["a", "old"]
     # A field podman left out stays out unless it is set.
     assert "digests" not in renamed
-    assert replace(record, digests=("sha256:bb",)).to_json()["digests"] == ["sha256:bb"]
+    assert record.replace(digests=("sha256:bb",)).to_json()["digests"] == ["sha256:bb"]
     layer = podmanstore.new_layer_record("l", "2024-01-01T00:00:00Z", "sha256:cc", 5)
     assert list(layer.to_json()) == ["id", "created", "compressed-diff-digest",
                                      "compressed-size", "diff-digest", "diff-size",

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1022,3 +1023,34 @@ def test_tar_split_with_blank_lines_and_large_files_rebuilds_and_checks_crcs(
                                               rf".*/{name}$"):
             b"".join(tar_from_tar_split(split, diff, "layer 3"))
         (diff / name).write_bytes(original)
+
+
+def test_a_diff_file_read_again_is_checked_again(tmp_path: Path) -> None:
+    """`DiffFile.sha256` (the writer's later hash of a file it did not hash while writing)
+    reads the file again and checks it against podman's CRC-64: a file changed since it
+    was written is refused, never hashed as if it were what the image holds."""
+    from fastcrc import crc64
+
+    from squashstore.tar.split import DiffFile, DiffFileReader
+
+    diff = tmp_path / "diff"
+    (diff / "d").mkdir(parents=True)
+    data = b"content\n" * 1000
+    (diff / "d" / "f").write_bytes(data)
+    ref = DiffFile(os.fsencode(diff), b"d/f", len(data),
+                   crc64.go_iso(data).to_bytes(8, "big"), "layer 2")
+    assert ref.sha256() == hashlib.sha256(data).digest()
+    with DiffFileReader(ref) as reader:
+        assert reader.read(10) == data[:10] and reader.read() == data[10:]
+        assert reader.read() == b""
+    (diff / "d" / "f").write_bytes(data.replace(b"c", b"C", 1))
+    with pytest.raises(SourceError, match=r"^layer 2: file integrity checksum failed for "
+                                          rf"{re.escape(str(diff))}/d/f$"):
+        ref.sha256()
+    (diff / "d" / "f").write_bytes(data[:-1])
+    with pytest.raises(SourceError, match=r"is shorter than the 8000 bytes the layer"):
+        ref.sha256()
+    (diff / "d" / "f").unlink()
+    (diff / "d" / "f").symlink_to(diff / "elsewhere")
+    with pytest.raises(SourceError, match=r"cannot read .*/d/f: Too many levels"):
+        ref.sha256()

@@ -7,9 +7,10 @@ interpreter (``python -I -c`` bootstrap, never a fork of the threaded parent) ru
 same `DataWriter` over those bytes (block splitting, zero blocks, the dedup hash, fragments,
 compression on its own threads) and writes the blocks into the parent's temporary image
 file through an inherited descriptor. Started with `tar`, it also takes whole merged
-entries (`add_entry`: the path, the inode's fields and xattrs, the hard-link target, then
-the content) and runs `tarstream.TarStream` over them, so the canonical tar's headers,
-sha256, CRC-64s and tar-split are made there too (`flatten.stream_entries`). At `finish`
+entries (`add_entry`: the entry's canonical tar header, made in the parent, and its name,
+then the content, or for a file of podman's store where the worker reads it, a
+`tar.split.DiffFile`) and runs `tarstream.TarStream` over them, so the canonical tar's
+sha256, CRC-64s and tar-split are made there (`flatten.stream_entries`). At `finish`
 the worker drains and sends back the end position, the fragment table, every file's record
 in column arrays and the tar's digest and size; the parent fills its handles and writes
 the inode and directory tables, so the image is byte-identical to a one-process write.
@@ -31,13 +32,16 @@ import subprocess
 import sys
 from array import array
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from squashstore.image import LayerError
 from squashstore.squashfs import format as fmt
 from squashstore.squashfs.datawriter import DataWriter, FileData, read_exact
 from squashstore.squashfs.metawriter import WriterError
 from squashstore.tree import Inode
+
+if TYPE_CHECKING:
+    from squashstore.tar.split import DiffFile
 
 
 def _error(kind: str, message: str) -> Exception:
@@ -53,19 +57,18 @@ def _error(kind: str, message: str) -> Exception:
             pass
     return WriterError(message)
 
-_RECORD = struct.Struct("<BBBIqqqQqqIIII")
-"""Every record's header: tag, kind, flags, mode, uid, gid, mtime, size, rdev major and
-minor, then the lengths of the path, symlink target and hard-link target, and the number
-of xattrs; those bytes (and each xattr's `_XATTR` lengths, name and value) follow, then the
-content (`size` bytes) when the record carries any."""
-_XATTR = struct.Struct("<II")
+_RECORD = struct.Struct("<BBQII")
+"""Every record's header: tag, flags, content size, and two lengths. A file (`add_file`)
+has its content (`size` bytes) next; a tree entry (`add_entry`) its tar name (as the
+tar-split records it) and its canonical tar header (made here, by the sender), then its
+content or, with `_SOURCE`, where the worker reads it."""
 _END, _FILE, _ENTRY = 0, 1, 2
 """Record tags: the end of input, a file's content (`add_file`), a tree entry (`add_entry`)."""
 _SPARSE = _CONTENT = 1
-_LINK = 2
-_BIG = 4
-"""A number does not fit its field: all seven (mode to minor) follow as decimal text, the
-text's length in the mode field."""
+_SOURCE = 8
+"""The content is not in the pipe: a `_SOURCE_HEAD` and the `DiffFile`'s diff directory,
+name, layer name and recorded CRC follow; the worker reads the file itself."""
+_SOURCE_HEAD = struct.Struct("<IIII")
 _RESULT = struct.Struct("<QIIQ")  # end position, fragment entries, files, canonical tar size
 _SMALL = 256 << 10
 """Files up to this size are copied into the send buffer; larger ones are sent in chunks."""
@@ -103,6 +106,10 @@ class ProcessDataWriter:
         tar_split_name: str = "",
     ) -> None:
         self._dest = dest
+        if tar:
+            from squashstore.tarstream import header_for
+
+            self._header_for = header_for
         self._handles: list[FileData] = []
         self._buf = bytearray()
         self.fragment_entries: list[fmt.FragmentEntry | None] = []
@@ -139,41 +146,37 @@ class ProcessDataWriter:
         handle = FileData(size)
         if size == 0:
             return handle
-        self._buf += _RECORD.pack(_FILE, 0, _SPARSE if sparse else 0, 0, 0, 0, 0, size,
-                                  0, 0, 0, 0, 0, 0)
+        self._buf += _RECORD.pack(_FILE, _SPARSE if sparse else 0, size, 0, 0)
         return self._content(handle, stream, size)
 
     def add_entry(
-        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None,
+        source: DiffFile | None = None,
     ) -> FileData | None:
         """Send one tree entry for the canonical tar (the worker was started with `tar`),
-        and its content if it has any; returns the content's handle, or None."""
-        raw = path.encode("utf-8", "surrogateescape")
-        target = inode.target.encode("utf-8", "surrogateescape")
-        link = b"" if link_to is None else link_to.encode("utf-8", "surrogateescape")
-        size = inode.size
-        flags = (0 if content is None or size == 0 else _CONTENT) | (
-            0 if link_to is None else _LINK)
-        xattrs = inode.xattrs
-        major, minor = inode.rdev
+        and its content if it has any (with `source`, where the worker reads it instead);
+        returns the content's handle, or None."""
+        name, size, header = self._header_for(path, inode, link_to)
+        raw = name.encode("utf-8", "surrogateescape")
+        flags = 0 if content is None or size == 0 else _CONTENT if source is None else _SOURCE
         buf = self._buf
-        numbers = (inode.mode, inode.uid, inode.gid, inode.mtime, size, major, minor)
-        try:
-            buf += _RECORD.pack(_ENTRY, inode.kind, flags, *numbers, len(raw), len(target),
-                                len(link), len(xattrs))
-        except struct.error:  # a tar header can hold any number: never lose one
-            text = " ".join(map(str, numbers)).encode()
-            buf += _RECORD.pack(_ENTRY, inode.kind, flags | _BIG, len(text), 0, 0, 0, 0,
-                                0, 0, len(raw), len(target), len(link), len(xattrs))
-            buf += text
+        buf += _RECORD.pack(_ENTRY, flags, size, len(raw), len(header))
         buf += raw
-        buf += target
-        buf += link
-        for name, value in xattrs.items():
-            key = name.encode("utf-8", "surrogateescape")
-            buf += _XATTR.pack(len(key), len(value))
-            buf += key
-            buf += value
+        buf += header
+        if flags & _SOURCE:
+            assert source is not None
+            where = source.where.encode("utf-8", "surrogateescape")
+            crc = source.crc or b""
+            buf += _SOURCE_HEAD.pack(len(source.diff), len(source.name), len(where), len(crc))
+            buf += source.diff
+            buf += source.name
+            buf += where
+            buf += crc
+            handle = FileData(size)
+            self._handles.append(handle)
+            if len(buf) >= _FLUSH:
+                self._flush()
+            return handle
         if content is None:
             if len(buf) >= _FLUSH:
                 self._flush()
@@ -203,7 +206,7 @@ class ProcessDataWriter:
 
     def finish(self) -> int:
         """Waits for the worker to write everything; returns the end position."""
-        self._buf += _RECORD.pack(_END, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self._buf += _RECORD.pack(_END, 0, 0, 0, 0)
         self._flush()
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
@@ -343,12 +346,13 @@ class _Entries:
     """The worker's side of `add_entry`: the canonical tar of the entries (`TarStream`)."""
 
     def __init__(self, mode: str, split_name: str) -> None:
-        from squashstore.layers import MergedEntry
-        from squashstore.tar.split import TarSplitRecorder
-        from squashstore.tarstream import TarStream, TeeReader
-        from squashstore.tree import Kind
+        from squashstore.tar.split import DiffFile, TarSplitRecorder, diff_dirs
+        from squashstore.tarstream import TarStream, add_content
 
-        self._entry, self._tee, self._kinds = MergedEntry, TeeReader, {k.value: k for k in Kind}
+        self._diff_file, self._add_content = DiffFile, add_content
+        self.diff_dirs = diff_dirs()
+        """Each layer directory opened once for all its files (the worker's lifetime)."""
+        self.diff_dirs.__enter__()
         self.split_file = None if mode == "T" else os.fdopen(int(mode), "wb")
         if self.split_file is not None:
             # gzip records the file's name in its header, as it would in the parent.
@@ -358,28 +362,25 @@ class _Entries:
 
     def add(self, head: tuple[int, ...], source: BinaryIO, writer: DataWriter,
             handles: list[FileData]) -> None:
-        _tag, kind, flags, mode, uid, gid, mtime, size, major, minor, plen, tlen, llen, count = (
-            head)
-        if flags & _BIG:
-            mode, uid, gid, mtime, size, major, minor = map(int, _read(source, mode).split())
-        names = _read(source, plen + tlen + llen)
-        xattrs: dict[str, bytes] = {}
-        for _ in range(count):
-            klen, vlen = _XATTR.unpack(_read(source, _XATTR.size))
-            pair = _read(source, klen + vlen)
-            xattrs[pair[:klen].decode("utf-8", "surrogateescape")] = pair[klen:]
-        inode = Inode(self._kinds[kind], mode=mode, uid=uid, gid=gid, mtime=mtime, size=size,
-                      target=names[plen:plen + tlen].decode("utf-8", "surrogateescape"),
-                      rdev=(major, minor), xattrs=xattrs)
-        link = names[plen + tlen:].decode("utf-8", "surrogateescape") if flags & _LINK else None
+        _tag, flags, size, name_size, header_size = head
+        names = _read(source, name_size + header_size)
+        where = None
+        if flags & _SOURCE:
+            dlen, nlen, wlen, clen = _SOURCE_HEAD.unpack(_read(source, _SOURCE_HEAD.size))
+            fields = _read(source, dlen + nlen + wlen + clen)
+            at = dlen + nlen + wlen
+            where = self._diff_file(fields[:dlen], fields[dlen:dlen + nlen], size,
+                                    fields[at:] or None, fields[dlen + nlen:at].decode(
+                                        "utf-8", "surrogateescape"))
         stream = self.stream
-        stream.begin(self._entry(names[:plen].decode("utf-8", "surrogateescape"), inode, None,
-                                 link))
-        if flags & _CONTENT:
-            handles.append(writer.add_file(self._tee(source, stream), size))  # type: ignore[arg-type]
+        stream.begin_header(names[:name_size].decode("utf-8", "surrogateescape"), size,
+                            names[name_size:])
+        if flags & (_CONTENT | _SOURCE):
+            handles.append(self._add_content(stream, source, where, size, writer.add_file))
         stream.end()
 
     def close(self) -> tuple[int, str]:
+        self.diff_dirs.__exit__(None, None, None)
         self.stream.close()
         if self.split_file is not None:
             self.split_file.close()
@@ -433,7 +434,7 @@ def main(argv: list[str]) -> int:
             head = unpack(raw)
             tag = head[0]
             if tag == _FILE:
-                handles.append(add(source, head[7], bool(head[2] & _SPARSE)))
+                handles.append(add(source, head[2], bool(head[1] & _SPARSE)))
             elif tag == _ENTRY and entries is not None:
                 entries.add(head, source, writer, handles)
             elif tag == _END:

@@ -167,19 +167,41 @@ class DataWriter:
         self._block_size = block_size
         self._zero_block = bytes(block_size)
         self._dedup: dict[tuple[int, bytes], FileData] = {}
+        self._sizes: set[int] = set()
+        """Sizes of the files added so far."""
+        self._unhashed: dict[int, tuple[FileData, Callable[[], bytes]]] = {}
+        """Size -> the file of that size added without hashing it (the first one, when it
+        could be read again), and how to hash it if another file of its size comes."""
         self._fragment = bytearray()
         self.fragment_entries: list[fmt.FragmentEntry | None] = []
         """The fragment table: one entry per fragment block (None until it is written)."""
 
-    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False) -> FileData:
-        """Read exactly `size` bytes of one file's content; return its handle."""
+    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False,
+                 again: Callable[[], bytes] | None = None) -> FileData:
+        """Read exactly `size` bytes of one file's content; return its handle.
+
+        Files are deduplicated by size and sha256. With `again` (the sha256 of the same
+        bytes, read again from their source), a file whose size no file had before is not
+        hashed: only a later file of that size makes it hash (most content, by bytes, is
+        in files of a size of their own)."""
         handle = FileData(size)
         if size == 0:
             return handle
+        hasher = None
+        if size in self._sizes or again is None:
+            hasher = hashlib.sha256()
+            first = self._unhashed.pop(size, None)
+            if first is not None:
+                self._dedup.setdefault((size, first[1]()), first[0])
+        self._sizes.add(size)
         bs = self._block_size
-        hasher = hashlib.sha256()
         if size < bs:
             tail = read_exact(stream, size, size)
+            if hasher is None:
+                assert again is not None
+                self._unhashed[size] = (handle, again)
+                self._add_fragment(handle, tail)
+                return handle
             hasher.update(tail)
             return self._complete(handle, hasher.digest(), tail, False)
         count = (size + bs - 1) // bs
@@ -189,13 +211,18 @@ class DataWriter:
         for index in range(count):
             length = min(bs, size - index * bs)
             data = read_exact(stream, length, size)
-            hasher.update(data)
+            if hasher is not None:
+                hasher.update(data)
             if data == (self._zero_block if length == bs else bytes(length)):
                 if sparse:
                     handle.sparse += length
                 continue
             self._pipe.submit(data, _block_setter(handle.blocks, index))
             submitted = True
+        if hasher is None:
+            assert again is not None
+            self._unhashed[size] = (handle, again)
+            return handle
         return self._complete(handle, hasher.digest(), b"", submitted)
 
     def finish(self) -> int:

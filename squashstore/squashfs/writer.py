@@ -19,10 +19,11 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from squashstore.atomic import PARTIAL_SUFFIX, fsync_dir
 from squashstore.squashfs import format as fmt
@@ -32,6 +33,9 @@ from squashstore.squashfs.datawriter import DataWriter, FileData, fragment_table
 from squashstore.squashfs.inodewriter import InodeWriter, TreeInfo, scan
 from squashstore.squashfs.metawriter import WriterError, clamp32, write_lookup_table
 from squashstore.tree import Inode
+
+if TYPE_CHECKING:
+    from squashstore.tar.split import DiffFile
 
 __all__ = [
     "FileData",
@@ -222,18 +226,22 @@ class SquashWriter:
 
     # content
 
-    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False) -> object:
+    def add_file(self, stream: BinaryIO, size: int, sparse: bool = False,
+                 again: Callable[[], bytes] | None = None) -> object:
         """Read exactly `size` bytes of one file's content; return its handle.
 
         All-zero blocks are never stored. `sparse` says the source file has holes: then,
         as mksquashfs does for files sparse on disk, the inode reports those blocks as
-        sparse (an extended inode whose stat shows fewer blocks).
+        sparse (an extended inode whose stat shows fewer blocks). `again`: the sha256 of
+        the same content read again from its source, if it can be (`DataWriter.add_file`).
         """
         if self._finished:
             raise WriterError("add_file after finish or abort")
         if size < 0:
             raise WriterError(f"negative file size {size}")
-        return self._data.add_file(stream, size, sparse)
+        if again is None or isinstance(self._data, ProcessDataWriter):
+            return self._data.add_file(stream, size, sparse)
+        return self._data.add_file(stream, size, sparse, again)
 
     @property
     def writes_tar(self) -> bool:
@@ -241,13 +249,15 @@ class SquashWriter:
         return isinstance(self._data, ProcessDataWriter) and self._tar
 
     def add_entry(
-        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None
+        self, path: str, inode: Inode, link_to: str | None, content: IO[bytes] | None,
+        source: DiffFile | None = None,
     ) -> object | None:
-        """One entry of the tree in tar order (see `writes_tar`); its content's handle."""
+        """One entry of the tree in tar order (see `writes_tar`); its content's handle.
+        With `source`, the content is read from that file instead of `content`."""
         if self._finished:
             raise WriterError("add_entry after finish or abort")
         assert isinstance(self._data, ProcessDataWriter) and self._tar
-        return self._data.add_entry(path, inode, link_to, content)
+        return self._data.add_entry(path, inode, link_to, content, source)
 
     def tar_result(self) -> tuple[str, int]:
         """(``sha256:`` digest, size) of the canonical tar, once `finish` returned."""

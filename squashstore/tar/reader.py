@@ -477,6 +477,22 @@ class TarReader:
             count, extended_at = 21, 504
 
     # -- content ----------------------------------------------------------------------
+    def take_reference(self) -> object | None:
+        """The current entry's content as a reference instead of bytes, when none of it was
+        read and the stream can give one (``take_reference(size)``: a rebuilt layer whose
+        files stay in their diff directory); the content then counts as read. None
+        otherwise (a sparse entry, a stream of bytes only)."""
+        remaining = self._remaining
+        if not remaining or remaining != self._size or self._sparse is not None:
+            return None
+        take = getattr(self._stream, "take_reference", None)
+        if take is None:
+            return None
+        ref: object | None = take(remaining)
+        if ref is not None:
+            self._remaining = 0
+        return ref
+
     def read(self, n: int = -1) -> bytes:
         """Up to `n` bytes (all with -1) of the current entry's content; b"" at its end."""
         if self._sparse is not None:

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import functools
 import gzip
+import hashlib
 import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from fastcrc import crc64
 
@@ -131,7 +134,8 @@ def _safe_relative(name: bytes, where: str) -> bytes:
     return b"/".join(parts)
 
 
-ContentOf = Callable[[bytes, int, "bytes | None"], Iterable[bytes]]
+T = TypeVar("T")
+ContentOf = Callable[[bytes, int, "bytes | None"], Iterable[T]]
 """``content_of(name, size, crc)``: the `size` content bytes of the file `name` (relative,
 never leaving the layer), for `rebuild_tar`; `crc` is what tar-split recorded (or None),
 for `crc_checked`."""
@@ -149,6 +153,204 @@ def crc_checked(chunks: Iterable[bytes], crc: bytes | None, failure: str) -> Ite
         raise SourceError(failure)
 
 
+class DiffFile:
+    """One file's content as tar-split names it, not yet read: `size` bytes of the file
+    `name` (relative, never leaving the layer) below the layer's diff directory `diff`, and
+    the CRC-64/ISO containers/storage recorded (or None). `where` names the layer in
+    errors. A reference a rebuilt layer hands out instead of the bytes
+    (`tar_parts_from_tar_split`), so whoever writes the content reads it once, itself
+    (`DiffFileReader`, then `check`)."""
+
+    __slots__ = ("crc", "diff", "name", "size", "where")
+
+    def __init__(self, diff: bytes, name: bytes, size: int, crc: bytes | None,
+                 where: str) -> None:
+        self.diff, self.name, self.size, self.crc, self.where = diff, name, size, crc, where
+
+    @property
+    def path(self) -> bytes:
+        return self.diff + b"/" + self.name
+
+    def chunks(self) -> Iterable[bytes]:
+        """The content read here and checked (for a reader that wants the bytes)."""
+        return _file_content(self.diff, self.name, self.size, self.crc, self.where)
+
+    def sha256(self) -> bytes:
+        """The sha256 of the content, read again (and checked again against the CRC)."""
+        digest = hashlib.sha256()
+        crc: int | None = None
+        with DiffFileReader(self) as reader:
+            while data := reader.read(CHUNK):
+                digest.update(data)
+                crc = crc64.go_iso(data) if crc is None else crc64.go_iso(data, crc)
+        self.check(crc)
+        return digest.digest()
+
+    def check(self, crc: int | None) -> None:
+        """Raise the error containers/storage gives if `crc` (the CRC-64 of the `size`
+        bytes read) is not the recorded one."""
+        if self.crc is not None and crc is not None and crc.to_bytes(8, "big") != self.crc:
+            raise _crc_failed(self.path, self.where)
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_SYS_OPENAT2 = 437
+"""openat2(2)'s number, the same on every Linux architecture (Linux 5.6+)."""
+_RESOLVE_BENEATH_NO_LINKS = 0x08 | 0x04 | 0x02
+"""RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS."""
+_openat2: list[Callable[[int, bytes], int]] = []
+"""The openat2 call, once made (empty: not tried yet; `os.open` stands in where the
+kernel or a seccomp filter refuses openat2)."""
+
+
+def _make_openat2() -> Callable[[int, bytes], int]:
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                        ctypes.c_size_t]
+    how = OpenHow(_OPEN_FLAGS, 0, _RESOLVE_BENEATH_NO_LINKS)
+    pointer, size = ctypes.addressof(how), ctypes.sizeof(how)
+
+    def openat2(dirfd: int, name: bytes) -> int:
+        fd = syscall(_SYS_OPENAT2, dirfd, name, pointer, size)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return int(fd)
+
+    openat2.how = how  # type: ignore[attr-defined]  # keeps the struct alive
+    return openat2
+
+
+def _no_openat2(dirfd: int, name: bytes) -> int:
+    return os.open(name, _OPEN_FLAGS, dir_fd=dirfd)
+
+
+_DIRS: list[dict[bytes, int]] = []
+"""The open `diff_dirs` caches, innermost last."""
+
+
+@contextlib.contextmanager
+def diff_dirs() -> Iterator[None]:
+    """While this is open, `open_diff_file` opens each layer directory once for all its
+    files (a writer reading a whole image), and closes them at the end."""
+    cache: dict[bytes, int] = {}
+    _DIRS.append(cache)
+    try:
+        yield
+    finally:
+        _DIRS.remove(cache)
+        for fd in cache.values():
+            os.close(fd)
+
+
+def open_diff_file(diff: bytes, name: bytes, where: str) -> int:
+    """The one rule for opening the file `name` (relative, `_safe_relative` already) of
+    the layer directory `diff`: read-only, never through a symlink in any component of
+    `name` nor out of `diff` (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; where the
+    kernel refuses openat2, only the last component is O_NOFOLLOW), never waiting (a
+    FIFO planted there reads as empty, so as too short, instead of blocking)."""
+    if not _openat2:
+        try:
+            _openat2.append(_make_openat2())
+        except (OSError, AttributeError):  # pragma: no cover - no libc syscall()
+            _openat2.append(_no_openat2)
+    cache = _DIRS[-1] if _DIRS else None
+    dirfd = cache.get(diff) if cache is not None else None
+    if dirfd is None:
+        try:
+            dirfd = os.open(diff, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _unreadable(diff + b"/" + name, exc, where) from exc
+        if cache is not None:
+            cache[diff] = dirfd
+    try:
+        try:
+            return _openat2[0](dirfd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM) or _openat2[0] is _no_openat2:
+                raise
+            _openat2[0] = _no_openat2  # pragma: no cover - an old kernel, a seccomp filter
+            return _no_openat2(dirfd, name)  # pragma: no cover
+    except OSError as exc:
+        raise _unreadable(diff + b"/" + name, exc, where) from exc
+    finally:
+        if cache is None:
+            os.close(dirfd)
+
+
+def _unreadable(path: bytes, exc: OSError, where: str) -> SourceError:
+    return SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}")
+
+
+def _too_short(path: bytes, size: int, where: str) -> SourceError:
+    return SourceError(f"{where}: {os.fsdecode(path)} is shorter than the {size} bytes "
+                       "the layer recorded")
+
+
+def _crc_failed(path: bytes, where: str) -> SourceError:
+    return SourceError(f"{where}: file integrity checksum failed for {os.fsdecode(path)}")
+
+
+class DiffFileReader:
+    """A `DiffFile`'s bytes as a stream: `read(n)` gives exactly n bytes (fewer only at
+    `size`); a file shorter than recorded is the same SourceError as for a rebuilt tar.
+    Close it (or use it as a context manager)."""
+
+    def __init__(self, ref: DiffFile) -> None:
+        self._path = ref.path
+        self._where = ref.where
+        self._size = ref.size
+        self._left = ref.size
+        self._fd = open_diff_file(ref.diff, ref.name, ref.where)
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._left
+        if size < 0 or size > left:
+            size = left
+        if not size:
+            return b""
+        try:
+            data = os.read(self._fd, size)
+            while 0 < len(data) < size:
+                more = os.read(self._fd, size - len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise _unreadable(self._path, exc, self._where) from exc
+        if len(data) != size:
+            raise _too_short(self._path, self._size, self._where)
+        self._left = left - size
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DiffFileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
                   where: str) -> Iterable[bytes]:
     """`size` bytes of the file `name` below `diff` (never through a symlink), checked
@@ -156,11 +358,8 @@ def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
     and closed at once (the usual file: no generators per file)."""
     path = diff + b"/" + name
     if size > CHUNK:
-        return _streamed_file_content(path, size, crc, where)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+        return _streamed_file_content(diff, name, size, crc, where)
+    fd = open_diff_file(diff, name, where)
     try:
         data = os.read(fd, size)
         while 0 < len(data) < size:
@@ -169,24 +368,21 @@ def _file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
                 break
             data += more
     except OSError as exc:
-        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+        raise _unreadable(path, exc, where) from exc
     finally:
         os.close(fd)
     if len(data) != size:
-        raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the {size} bytes "
-                          "the layer recorded")
+        raise _too_short(path, size, where)
     if crc is not None and crc64.go_iso(data).to_bytes(8, "big") != crc:
-        raise SourceError(f"{where}: file integrity checksum failed for {os.fsdecode(path)}")
+        raise _crc_failed(path, where)
     return (data,) if data else ()
 
 
-def _streamed_file_content(path: bytes, size: int, crc: bytes | None,
+def _streamed_file_content(diff: bytes, name: bytes, size: int, crc: bytes | None,
                            where: str) -> Iterator[bytes]:
     """`_file_content` of a large file, chunk by chunk."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
+    path = diff + b"/" + name
+    fd = open_diff_file(diff, name, where)
 
     def chunks() -> Iterator[bytes]:
         remaining = size
@@ -194,17 +390,14 @@ def _streamed_file_content(path: bytes, size: int, crc: bytes | None,
             try:
                 data = os.read(fd, min(CHUNK, remaining))
             except OSError as exc:
-                raise SourceError(f"{where}: cannot read {os.fsdecode(path)}: "
-                                  f"{exc.strerror}") from exc
+                raise _unreadable(path, exc, where) from exc
             if not data:
-                raise SourceError(f"{where}: {os.fsdecode(path)} is shorter than the "
-                                  f"{size} bytes the layer recorded")
+                raise _too_short(path, size, where)
             remaining -= len(data)
             yield data
 
     try:
-        yield from crc_checked(chunks(), crc, f"{where}: file integrity checksum failed for "
-                                              f"{os.fsdecode(path)}")
+        yield from crc_checked(chunks(), crc, str(_crc_failed(path, where)))
     finally:
         os.close(fd)
 
@@ -247,6 +440,18 @@ def tar_from_tar_split(tar_split: Path, diff_dir: Path, where: str) -> Iterator[
     return rebuild_tar(tar_split, content_of, where)
 
 
+def tar_parts_from_tar_split(tar_split: Path, diff_dir: Path,
+                             where: str) -> Iterator[bytes | DiffFile]:
+    """`tar_from_tar_split` with each file's content left where it is: a `DiffFile` in
+    place of its bytes (whoever needs them reads them; `DiffFile.chunks`)."""
+    diff = os.fsencode(diff_dir)
+
+    def content_of(name: bytes, size: int, crc: bytes | None) -> tuple[DiffFile]:
+        return (DiffFile(diff, name, size, crc, where),)
+
+    return rebuild_tar(tar_split, content_of, where)
+
+
 _BATCH = 1 << 18
 """Bytes of a tar-split's JSON lines parsed in one go."""
 _LOADS = json.JSONDecoder().decode
@@ -282,7 +487,7 @@ def _entries(lines: list[bytes], where: str) -> list[dict[str, object]]:
     return [_parse_line(line, where) for line in lines if line.strip()]
 
 
-def rebuild_tar(tar_split: Path, content_of: ContentOf, where: str) -> Iterator[bytes]:
+def rebuild_tar(tar_split: Path, content_of: ContentOf[T], where: str) -> Iterator[bytes | T]:
     """The tar `tar_split` describes: its segments as recorded, each file's content from
     `content_of` (a diff directory, a squash file; its errors pass through). `where` names
     the layer in errors."""
