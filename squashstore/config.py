@@ -245,19 +245,24 @@ def parse(data: Mapping[str, Any]) -> Config:
     )
 
 
-_loaded: dict[tuple[tuple[str, int, int], ...], Config] = {}
+Stamp = tuple[tuple[str, int, int, int, int, int], ...]
+"""What `load` knows the config files by: (path, device, inode, ctime, mtime, size) each
+(-1s when absent). The inode and the change time too: a file replaced by one of the same
+size with its mtime kept (``cp -p``, ``rsync -t``, a package) is another file, and no one
+can set a change time."""
+_loaded: dict[Stamp, Config] = {}
 _lock = _thread.allocate_lock()  # _thread, not threading: the mount program starts fast
 
 
-def _stamp(paths: list[str]) -> tuple[tuple[str, int, int], ...]:
+def _stamp(paths: list[str]) -> Stamp:
     out = []
     for path in paths:
         try:
             st = os.stat(path)
         except OSError:
-            out.append((path, -1, -1))
+            out.append((path, -1, -1, -1, -1, -1))
             continue
-        out.append((path, st.st_mtime_ns, st.st_size))
+        out.append((path, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 
@@ -287,8 +292,7 @@ def load(cache: StrPath | None = None) -> Config:
     return config
 
 
-def _read_cache(cache: StrPath, stamp: tuple[tuple[str, int, int], ...]
-                ) -> dict[str, Any] | None:
+def _read_cache(cache: StrPath, stamp: Stamp) -> dict[str, Any] | None:
     """The tables `_write_cache` kept for the files as they are now, else None."""
     trust.check_entry(cache, what="a mount registry")
     try:
@@ -302,7 +306,7 @@ def _read_cache(cache: StrPath, stamp: tuple[tuple[str, int, int], ...]
     return tables if isinstance(tables, dict) else None
 
 
-def _write_cache(cache: StrPath, stamp: tuple[tuple[str, int, int], ...],
+def _write_cache(cache: StrPath, stamp: Stamp,
                  tables: dict[str, Any]) -> None:
     """Keep `tables` for `stamp` (best effort: tables JSON cannot hold are not kept)."""
     from squashstore.atomic import atomic_write_json

@@ -26,6 +26,9 @@ import squashstore
 
 NAME = "squashstore-mount-program"
 """The console script's name; the launcher takes its place in ``scripts/install``'s venv."""
+SHEBANG_MAX = 200
+"""The longest interpreter path put in a shebang line (Linux reads 255 bytes of the line,
+kernels before 5.1 127): a longer one starts through ``/bin/sh``."""
 
 
 def search_path() -> list[str]:
@@ -43,10 +46,21 @@ def search_path() -> list[str]:
 
 
 def script(python: str, path: list[str]) -> str:
-    """The launcher's text for interpreter `python` and ``sys.path`` entries `path`."""
-    if any(c in python for c in " \t\n") or len(python) > 200:
-        raise ValueError(f"{python!r}: a shebang needs a short path without blanks")
-    return (f"#!{python} -IS\n"
+    """The launcher's text for interpreter `python` and ``sys.path`` entries `path`.
+
+    A path a shebang cannot hold (a blank, or longer than `SHEBANG_MAX`) starts the
+    interpreter through ``/bin/sh`` instead, as pip's scripts do (one exec more): a
+    checkout in a directory with a blank must still install."""
+    if not python.startswith("/") or not python.isprintable() or "'" in python or \
+            "\\" in python:
+        raise ValueError(f"{python!r}: the launcher needs an absolute, printable path "
+                         "without quotes or backslashes")
+    if any(c in python for c in " \t") or len(python) > SHEBANG_MAX:
+        # sh runs line 2 (the exec); Python reads lines 2-3 as one string literal.
+        start = f"#!/bin/sh\n'''exec' '{python}' -IS \"$0\" \"$@\"\n' '''\n"
+    else:
+        start = f"#!{python} -IS\n"
+    return (start +
             f"# {NAME}: podman's mount_program, started isolated and without site\n"
             "# (written by `python -m squashstore.launcher`; squashstore/launcher.py says why)\n"
             "import sys\n"

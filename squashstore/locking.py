@@ -33,35 +33,50 @@ TOKEN_LENGTH = 64
 """containers/storage's last-writer id: 64 hex digits at offset 0 of the lock file."""
 
 
-def _open(path: StrPath, create: bool) -> int:
+SHARED_MODE = 0o644
+"""A lock file's mode: read-only sharers (podman reading a store) open it too."""
+
+
+def _open(path: StrPath, create: bool, mode: int = SHARED_MODE) -> int:
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, mode)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise LockError(f"cannot write to the store: {path}: {exc.strerror}") from exc
         raise
     if create:
-        # umask may have removed the world-readable bit: read-only sharers must open it.
-        os.fchmod(fd, 0o644)
+        # umask may have removed the world-readable bit: read-only sharers must open it
+        # (and a private lock an older version made with SHARED_MODE becomes private).
+        os.fchmod(fd, mode)
     return fd
 
 
 class exclusive:
     """Hold a write (exclusive) record lock on ``path``; ``with`` gives the descriptor."""
 
-    def __init__(self, path: StrPath, create: bool = True) -> None:
+    def __init__(self, path: StrPath, create: bool = True, mode: int = SHARED_MODE
+                 ) -> None:
         self.path = path
         self.create = create
+        self.mode = mode
         self.fd = -1
 
     def __enter__(self) -> int:
-        fd = _open(self.path, self.create)
+        fd = _open(self.path, self.create, self.mode)
         try:
             # glibc's lockf(F_LOCK, 0) is fcntl(F_SETLKW) with a write lock from the offset
             # (0: just opened) to the end and beyond, the lock fcntl.lockf(LOCK_EX) takes; os
-            # has it built in, the fcntl module is one more shared object to load.
-            os.lockf(fd, os.F_LOCK, 0)
+            # has it built in, the fcntl module is one more shared object to load. Unlike
+            # fcntl.lockf, os.lockf does not retry EINTR (PEP 475): a signal whose Python
+            # handler returns would fail the wait, so retry here (a handler that raises,
+            # as SIGINT's, still ends it: it runs before the next call).
+            while True:
+                try:
+                    os.lockf(fd, os.F_LOCK, 0)
+                    break
+                except InterruptedError:
+                    continue
         except BaseException:
             os.close(fd)
             raise
@@ -83,8 +98,9 @@ class reentrant:
     that the holding thread may take again (nested use does nothing). A record lock alone
     excludes neither the process's other threads nor survives a nested open and close."""
 
-    def __init__(self, path: StrPath) -> None:
+    def __init__(self, path: StrPath, mode: int = SHARED_MODE) -> None:
         self.path = path
+        self.mode = mode
         self.key = os.path.abspath(path)
         self._thread_lock: _thread.RLock | None = None
         self._file: exclusive | None = None
@@ -99,7 +115,7 @@ class reentrant:
                 _DEPTH[key] += 1
                 self._file = None
             else:
-                file = exclusive(self.path)
+                file = exclusive(self.path, mode=self.mode)
                 file.__enter__()
                 _DEPTH[key] = 1
                 self._file = file

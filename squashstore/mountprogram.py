@@ -144,13 +144,14 @@ def mount_layers(call: OverlayCall, registry: RecordRegistry) -> list[StoreLayer
     user = RecordedUse(os.path.abspath(call.merged), call.option("upperdir") or "",
                        os.getpid(), time.time())
     with registry.locked():
-        for item in found:
+        for item in found:  # every layer checked before any is used or mounted
             if not storelayout.is_file(item.squash):
                 raise MountProgramError(f"{item.root}: layer {item.layer[:12]} has no "
                                         "squash file (removed from the store?)")
             # As the slow path refuses to mount it, the fast path refuses to keep using a
             # mount of a squash file others can change now (a live mount reads it).
             trust.check_squash_file(item.squash)
+        for item in found:
             if registry.use_if_live(item.diff, user) is None:
                 _mount(item, registry, user)
     return found
@@ -209,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         call = parse_call(args)
         registry = RecordRegistry()
-        mount_layers(call, registry)
-        command = overlay_argv(call, args, registry.path)
+        # The overlay command first (it reads the configuration: a bad value, or as root
+        # a config cache others can change, is refused before anything is mounted or
+        # recorded), under the lock: `locked` checks the registry before its cache is read.
+        with registry.locked():
+            command = overlay_argv(call, args, registry.path)
+            mount_layers(call, registry)
     except (SquashstoreError, OSError) as exc:
         sys.stderr.write(f"{PROGRAM}: {_one_line(exc)}\n")
         return 1

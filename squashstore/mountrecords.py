@@ -157,6 +157,10 @@ def parse_record(data: object) -> MountRecord | None:
         return None
 
 
+LOCK_MODE = 0o600
+"""The registry lock's mode: anyone who can open a lock file can hold a read lock on it,
+which the write lock waits for (a local user would hang every container start, cleanup and
+mount of root's registry, in /run/squashstore, 0755). Nobody else opens it."""
 RECORD_MAX = 16 << 20
 """Bytes of a record file read at most (a record grows by one entry per live container)."""
 
@@ -234,10 +238,11 @@ class RecordRegistry:
         """The registry's lock (``with registry.locked():``): other processes and threads
         wait; nesting is allowed.
 
-        As root, only a registry nobody else can change is used (`trust.check_top`)."""
+        As root, only a registry nobody else can change is used (`trust.check_top`); its
+        lock file is its owner's alone (`LOCK_MODE`)."""
         os.makedirs(self.records_path, mode=0o755, exist_ok=True)
         trust.check_top(self.path, ("lock", "mounts"), what="a mount registry")
-        return locking.reentrant(self.lock_path)
+        return locking.reentrant(self.lock_path, mode=LOCK_MODE)
 
     def record(self, mountpoint: StrPath) -> MountRecord | None:
         try:
