@@ -35,6 +35,11 @@ TOKEN_LENGTH = 64
 
 SHARED_MODE = 0o644
 """A lock file's mode: read-only sharers (podman reading a store) open it too."""
+PRIVATE_MODE = 0o600
+"""The mode of a lock only its owner's writers take (the mount registry's, the store's own
+project and pull locks): anyone who can open a lock file can hold a read lock on it, which
+a write lock waits for, so another local user could hang every writer for as long as they
+like. Nobody else opens these."""
 
 
 def _open(path: StrPath, create: bool, mode: int = SHARED_MODE) -> int:

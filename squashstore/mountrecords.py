@@ -157,10 +157,9 @@ def parse_record(data: object) -> MountRecord | None:
         return None
 
 
-LOCK_MODE = 0o600
-"""The registry lock's mode: anyone who can open a lock file can hold a read lock on it,
-which the write lock waits for (a local user would hang every container start, cleanup and
-mount of root's registry, in /run/squashstore, 0755). Nobody else opens it."""
+LOCK_MODE = locking.PRIVATE_MODE
+"""The registry lock's mode: root's registry is in /run/squashstore (0755), and a local user
+holding a read lock would hang every container start, cleanup and mount."""
 RECORD_MAX = 16 << 20
 """Bytes of a record file read at most (a record grows by one entry per live container)."""
 

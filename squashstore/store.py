@@ -136,6 +136,10 @@ class Store:
         installs (eager and lazy pulls alike)."""
         return self.squash_dir / f"{storelayout.checked_id(layer_id)}.pull{storegc.LOCK_SUFFIX}"
 
+    def pull_locked(self, layer_id: str) -> locking.exclusive:
+        """`pull_lock` held (the writers' own lock: `locking.PRIVATE_MODE`)."""
+        return locking.exclusive(self.pull_lock(layer_id), mode=locking.PRIVATE_MODE)
+
     def check(self) -> None:
         """Raise StoreError unless this is a store of our format (and, as root, one whose
         fixed directories nobody else can change: `trust.check_top`, before any file of
@@ -161,7 +165,7 @@ class Store:
                 raise StoreError(f"cannot create the store: {directory}: "
                                  f"{exc.strerror}") from exc
             os.chmod(directory, 0o755)
-        with locking.exclusive(self.lock_file):
+        with locking.exclusive(self.lock_file, mode=locking.PRIVATE_MODE):
             for lock in (self.layers_lock, self.images_lock):
                 with locking.exclusive(lock):
                     pass
@@ -276,7 +280,7 @@ class Store:
         """The project lock; leftovers of dead writers are removed on entry (yielded)."""
         self.init()
         trust.check_tree(self.root)  # leftover removal below may touch every entry
-        with locking.exclusive(self.lock_file):
+        with locking.exclusive(self.lock_file, mode=locking.PRIVATE_MODE):
             yield storegc.clean_leftovers(self, unmount)
 
     def write_layer_records(self, records: Iterable[LayerRecord]) -> None:

@@ -27,6 +27,7 @@ from test_store import Env, SqLayer, images, publish, store_setup
 from squashstore import config, host, launcher, locking
 from squashstore.mountrecords import RecordRegistry
 from squashstore.mounts import Registry
+from squashstore.store import Store
 from support.podman import Podman
 
 __all__ = ["images"]  # the module-scoped fixture, shared with test_store
@@ -289,3 +290,32 @@ def test_a_refused_layer_leaves_the_other_layers_unrecorded(
             assert host.is_mountpoint(first.diff) == (state == "mounted"), state
             assert registry.record(first.diff) == before, state
             assert not host.is_mountpoint(second.diff), state
+
+
+def test_another_user_cannot_hold_the_stores_own_locks() -> None:
+    """The store's project lock (``squashstore/lock``) and its pull locks were 0644 in a
+    store every user may read (0755): any local user could hold a read lock and hang every
+    migrate, pull, rmi and gc of root's store. They are the writers' alone (0600), also
+    when an older version made them 0644. (podman's own ``layers.lock``/``images.lock``
+    stay readable: podman's readers lock them.)"""
+    assert host.is_real_root()
+    top = tempfile.mkdtemp(dir="/run", prefix="adv5-")
+    try:
+        os.chmod(top, 0o755)
+        store = Store(Path(top) / "store")
+        store.init()
+        lid = "ab" * 32
+        with store.pull_locked(lid):
+            pass
+        locks = (str(store.lock_file), str(store.pull_lock(lid)))
+        assert not any(_other_user_can_lock(path) for path in locks)
+        for path in locks:
+            os.chmod(path, 0o644)  # an older version's
+        assert all(_other_user_can_lock(path) for path in locks)  # (the check can fail)
+        with store.write_lock(), store.pull_locked(lid):
+            pass
+        assert not any(_other_user_can_lock(path) for path in locks)
+        assert {stat.S_IMODE(os.stat(path).st_mode) for path in locks} == {0o600}
+        assert _other_user_can_lock(str(store.layers_lock))  # podman's, for its readers
+    finally:
+        shutil.rmtree(top)

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from squashstore import locking, oci
+from squashstore import oci
 from squashstore.blobs import check_bytes
 from squashstore.image import SourceError
 from squashstore.lazy import image as lazy_image
@@ -54,7 +54,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     lid = parsed.diff_id.removeprefix("sha256:")
     store.init()
     final = store.squash_file(lid)
-    with locking.exclusive(store.pull_lock(lid)):
+    with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]

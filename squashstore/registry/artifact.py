@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from squashstore import locking, oci, podmanstore
+from squashstore import oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
 from squashstore.image import SourceError
 from squashstore.lazy import chunkdigests, prefetch
@@ -277,7 +277,7 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
     iid = sha256_hex(config)
     lid = artifact.diff_id.removeprefix("sha256:")
     store.init()
-    with locking.exclusive(store.pull_lock(lid)):
+    with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
