@@ -336,6 +336,11 @@ def test_warm_reads_reach_no_server(tmp_path: Path, mounts_: Mounts, mode: str) 
     assert _read_all(paths) == list(contents.values())
     assert len(os.listdir(mnt / "d")) == 20
     cold = _settled_requests(pid) - before
+    # One more round before counting: under load a straggler of the cold round (the
+    # kernel's asynchronous readahead of "big") could reach the server after the 0.3 s
+    # settle and be counted as warm (seen once in CI at load ~5: warm 1).
+    assert _read_all(paths) == list(contents.values())
+    assert len(os.listdir(mnt / "d")) == 20
     before = _settled_requests(pid)
     for _ in range(3):
         assert _read_all(paths) == list(contents.values())
