@@ -65,6 +65,10 @@ def _records(load: Callable[[Path], R], path: Path) -> R:
         raise StoreError(str(exc)) from exc
 
 
+PULL_LOCK_SUFFIX = f".pull{storegc.LOCK_SUFFIX}"
+"""The name ending of a layer's pull lock in the squash directory (`Store.pull_lock`)."""
+
+
 # --------------------------------------------------------------------------- data types
 
 @dataclass(frozen=True)
@@ -134,7 +138,13 @@ class Store:
     def pull_lock(self, layer_id: str) -> Path:
         """The lock a pull of layer `layer_id` holds while it checks what the store has and
         installs (eager and lazy pulls alike)."""
-        return self.squash_dir / f"{storelayout.checked_id(layer_id)}.pull{storegc.LOCK_SUFFIX}"
+        return self.squash_dir / f"{storelayout.checked_id(layer_id)}{PULL_LOCK_SUFFIX}"
+
+    def is_private_lock(self, path: Path) -> bool:
+        """Whether `path` is one of the writers' own locks (the project lock, a pull lock):
+        mode `locking.PRIVATE_MODE`, never world-readable (`storeverify` allows it)."""
+        return path == self.lock_file or (path.parent == self.squash_dir
+                                          and path.name.endswith(PULL_LOCK_SUFFIX))
 
     def pull_locked(self, layer_id: str) -> locking.exclusive:
         """`pull_lock` held (the writers' own lock: `locking.PRIVATE_MODE`)."""

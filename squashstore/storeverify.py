@@ -125,6 +125,7 @@ def _verify_modes(store: Store) -> list[str]:
                 problems.append(f"{Path(root) / name}: not world-searchable")
         for name in files:
             mode = (Path(root) / name).lstat().st_mode
-            if mode & 0o004 == 0 and not name.endswith(TMP_SUFFIX):
+            if mode & 0o004 == 0 and not name.endswith(TMP_SUFFIX) \
+                    and not store.is_private_lock(Path(root) / name):
                 problems.append(f"{Path(root) / name}: not world-readable")
     return problems
