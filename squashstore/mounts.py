@@ -259,6 +259,3 @@ class Registry(RecordRegistry):
                     text = " ".join(str(exc).split())
                     out.append((record, text.removeprefix(f"{record.mountpoint}: ")))
         return out
-
-    def is_mounted(self, mountpoint: Path) -> bool:
-        return host.is_mountpoint(mountpoint)

@@ -122,10 +122,6 @@ class Store:
     def is_store(path: Path) -> bool:
         return storelayout.is_store(path)
 
-    @staticmethod
-    def _checked_id(layer_id: str) -> str:
-        return storelayout.checked_id(layer_id)
-
     def diff_dir(self, layer_id: str) -> Path:
         return storelayout.diff_dir(self.root, layer_id)
 
