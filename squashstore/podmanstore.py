@@ -430,15 +430,13 @@ def load_document(path: StrPath, owner: int | None = None) -> Any:
     (`imageconfig` checks it against podman's Go types); `PodmanStoreError` when it cannot
     be read or is not JSON.
 
-    With `owner` (a uid), as the OCI hook reads podman's files as root: only a regular file
-    of that uid, opened without following a symlink and without blocking on a FIFO, of at
-    most `RECORD_LIMIT` bytes (`trust.read_regular`); anything else cannot be read."""
+    Never a FIFO or a device (a planted one would hang the reader: the OCI hook, which
+    podman waits for). With `owner` (a uid), as the OCI hook reads podman's files as root:
+    only a regular file of that uid, opened without following a symlink, of at most
+    `RECORD_LIMIT` bytes (`trust.read_regular`); anything else cannot be read."""
     try:
-        if owner is None:
-            with open(path, "rb") as file:
-                data: bytes | None = file.read()
-        else:
-            data = trust.read_regular(path, RECORD_LIMIT, owner)
+        data = _read_file(path) if owner is None else \
+            trust.read_regular(path, RECORD_LIMIT, owner)
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -451,6 +449,22 @@ def load_document(path: StrPath, owner: int | None = None) -> Any:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
     except RecursionError:
         raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
+
+
+def _read_file(path: StrPath) -> bytes:
+    """The bytes of the regular file `path` (through symlinks); `OSError` for anything else,
+    found without waiting (``O_NONBLOCK``: opening a FIFO waits for a writer)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
 
 
 def load_records(path: StrPath, owner: int | None = None) -> list[dict[str, Any]]:
