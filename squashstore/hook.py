@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-from squashstore import jsonfast, podmanstore
+from squashstore import jsonfast, podmanstore, storelayout
 from squashstore.errors import SquashstoreError
 from squashstore.slots import Slots
 
@@ -93,9 +93,9 @@ class StoppingLayers(Slots):
     below: frozenset[str]
     """It and every layer below it (`podmanstore.ancestors`)."""
     local: bool
-    """Every one of them is a layer of the container's own store: none is a layer of an
-    additional image store, so none is a squash store's (podman uses a layer of its own
-    store before one of an additional store with the same id)."""
+    """Every one of them is a layer of the container's own store, which is no squash store:
+    none is a layer of an additional image store, so none is a squash store's (podman uses
+    a layer of its own store before one of an additional store with the same id)."""
 
     def __init__(self, layer: str = "", below: frozenset[str] = frozenset(),
                  local: bool = False) -> None:
@@ -132,7 +132,8 @@ def stopping_layers(container: StoppingContainer) -> StoppingLayers:
         layers = []
     chain = podmanstore.ancestors(layer, podmanstore.parents(layers))
     own = {r.id for r in layers}
-    local = len(chain) < podmanstore.MAX_CHAIN and all(lay in own for lay in chain)
+    local = len(chain) < podmanstore.MAX_CHAIN and all(lay in own for lay in chain) and \
+        not storelayout.is_store(root)  # (a squash store as podman's graphroot: no proof)
     return StoppingLayers(layer, frozenset(chain), local)
 
 

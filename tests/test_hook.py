@@ -19,7 +19,7 @@ import pytest
 from test_cleanup import A, _wait_until, base_image, setup_store  # noqa: F401 (a fixture)
 from test_store import SqLayer
 
-from squashstore import hook, launcher
+from squashstore import hook, launcher, storelayout
 from squashstore.cli import main
 from squashstore.image import Image
 from squashstore.mountrecords import MountRecord, RecordRegistry
@@ -169,6 +169,12 @@ def test_stopping_layers_are_local_only_on_proof(tmp_path: Path) -> None:
     assert not hook.stopping_layers(container).local, "another user's layers.json is no proof"
     os.chown(graphroot / "overlay-containers" / "containers.json", 65534, 65534)
     assert hook.stopping_layers(container) == hook.StoppingLayers()
+    _write_podman_files(graphroot, own, [{"id": cid, "layer": "top"}])
+    marker = Path(storelayout.format_path(graphroot))
+    marker.parent.mkdir()
+    marker.write_text("1\n")
+    assert storelayout.is_store(graphroot)
+    assert not hook.stopping_layers(container).local, "a squash store as graphroot"
     unknown = hook.StoppingContainer("d" * 64, str(graphroot))
     assert not hook.stopping_layers(unknown).may_use_a_store()
     assert hook.graphroot_of_bundle("/a//b/./overlay-containers/x/userdata/") == "/a/b"
