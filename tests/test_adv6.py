@@ -7,13 +7,23 @@ other user (``sqsuser``) for what another user can write, the real registry
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from test_registry import CREDS, Site, _migrated_id, make_site, pki, registries
 from test_store import cli
+
+from squashstore.lazy import paths as lazy_paths
+from squashstore.registry.client import Client, RegistryOptions
+from support.registry import Pki, RegistryServer
+
+__all__ = ["make_site", "pki", "registries"]  # test_registry's fixtures, shared
 
 OTHER_USER = "sqsuser"
 """A real unprivileged user of this machine (scripts/install creates it)."""
@@ -66,3 +76,48 @@ def test_root_never_creates_a_store_through_another_users_directory(tmp_path: Pa
     os.chown(theirs, user.pw_uid, user.pw_gid)
     _one_line(cli(theirs / "store", "init", check=False), "refusing to act as root")
     assert not (theirs / "store").exists()
+
+
+def _crafted_artifact(origin: Site, host: str, pki: Pki, fixture_images: dict[str, str],
+                      repository: str) -> tuple[str, str]:
+    """Push base and whiteouts as artifacts, then a hostile one claiming whiteouts' layer
+    (config, diff id, tar-split claims) with base's squash file: (hostile, genuine) refs."""
+    for name in ("base", "whiteouts"):
+        _migrated_id(origin, fixture_images[name])
+        origin.cli("push", "--creds", CREDS, fixture_images[name], f"{host}/{repository}:{name}")
+    client = Client(host, RegistryOptions(cert_dir=pki.certs, creds=CREDS))
+    claimed = json.loads(client.get_manifest(repository, "whiteouts")[0])
+    other = json.loads(client.get_manifest(repository, "base")[0])
+    for index in (0, 1, 2):
+        claimed["layers"][index]["digest"] = other["layers"][index]["digest"]
+        claimed["layers"][index]["size"] = other["layers"][index]["size"]
+    put = client.request("PUT", f"/v2/{repository}/manifests/crafted", repository, push=True,
+                         headers={"Content-Type": claimed["mediaType"]},
+                         data=json.dumps(claimed).encode())
+    assert put.status_code == 201, put.text
+    return f"{host}/{repository}:crafted", f"{host}/{repository}:whiteouts"
+
+
+@pytest.mark.podman
+def test_a_lazy_pull_never_shares_another_artifacts_unchecked_layer(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki) -> None:
+    """A hostile artifact claiming a popular layer's diff id, pulled --lazy (its claim
+    cannot be checked before its bytes are all here), stood in for that layer in every
+    later ``pull --lazy`` of the genuine artifact: the genuine image ran from the hostile
+    partial cache and its registry. The later lazy pull must refuse; an eager one replaces
+    the partial file with the genuine, checked one."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    hostile, genuine = _crafted_artifact(origin, host, pki, fixture_images, "adv6/lazy")
+    node = make_site("node")
+    node.cli("pull", "--lazy", "--no-mount", "--creds", CREDS, hostile)
+    proc = node.cli("pull", "--lazy", "--no-mount", "--creds", CREDS, genuine, check=False)
+    _one_line(proc, "pulled lazily from", "without --lazy")
+    assert len(node.store.images()) == 1
+    iid = node.image_id(node.cli("pull", "--no-mount", "--format", "json", "--creds", CREDS,
+                                 genuine))
+    want = origin.store.resolve(iid).squash.read_bytes()
+    assert node.store.resolve(iid).squash.read_bytes() == want
+    assert not lazy_paths.is_lazy(node.store.resolve(iid).squash)
+

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from squashstore import oci
 from squashstore.blobs import check_bytes
@@ -56,6 +57,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     final = store.squash_file(lid)
     with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
+        _refuse_another_lazy_copy(final, parsed, lid, what)
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
             return artifact.Installed(image, 0)
@@ -96,3 +98,17 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                         path.unlink()
             raise
     return artifact.Installed(image, downloaded)
+
+
+def _refuse_another_lazy_copy(final: Path, parsed: artifact.Artifact, lid: str,
+                              what: str) -> None:
+    """A lazy squash file of this layer already here is a partial cache of what another
+    artifact claimed, unchecked until complete: sharing it would run this image from that
+    artifact's bytes (a hostile artifact claiming a popular layer's diff id would stand in
+    for it in every later lazy pull of that layer). Shared only when it is the same blob."""
+    other = artifact.other_lazy_blob(final, parsed.squash.digest)
+    if other is None:
+        return
+    raise SourceError(f"{what}: layer {lid[:12]} is here already, pulled lazily from "
+                      f"{other.describe()} and not yet checked against its diff id: pull this "
+                      "one without --lazy, or complete that one first (`squashstore pull`)")
