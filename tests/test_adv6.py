@@ -121,3 +121,30 @@ def test_a_lazy_pull_never_shares_another_artifacts_unchecked_layer(
     assert node.store.resolve(iid).squash.read_bytes() == want
     assert not lazy_paths.is_lazy(node.store.resolve(iid).squash)
 
+
+@pytest.mark.podman
+def test_a_pushers_squash_options_annotation_is_shown_safely(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki) -> None:
+    """An artifact's squash-options annotation is the pusher's text, kept as the layer's
+    options. A later `migrate` of the same image keeps that layer and names its options:
+    a non-numeric block size was a traceback (after the migrate had published), and an
+    escape sequence in the compression reached the user's terminal raw."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    _migrated_id(origin, fixture_images["base"])
+    origin.cli("push", "--creds", CREDS, fixture_images["base"], f"{host}/adv6/opts:1")
+    client = Client(host, RegistryOptions(cert_dir=pki.certs, creds=CREDS))
+    manifest = json.loads(client.get_manifest("adv6/opts", "1")[0])
+    manifest["annotations"]["io.squashstore.squash-options"] = json.dumps(
+        {"compression": "\x1b]0;owned\x07\x1b[2J", "block_size": "lots", "level": [1]})
+    put = client.request("PUT", "/v2/adv6/opts/manifests/2", "adv6/opts", push=True,
+                         headers={"Content-Type": manifest["mediaType"]},
+                         data=json.dumps(manifest).encode())
+    assert put.status_code == 201, put.text
+    node = make_site("node")
+    node.cli("pull", "--no-mount", "--creds", CREDS, f"{host}/adv6/opts:2")
+    proc = node.cli("migrate", "--no-mount", fixture_images["base"], tls=False, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr + proc.stdout
+    assert "kept as it was written" in proc.stderr
