@@ -269,6 +269,13 @@ class Store:
                              "give the full name")
         raise ImageNotFound(f"{reference}: image not found in store {self.root}")
 
+    def has_layer(self, layer_id: str) -> bool:
+        """Whether layer `layer_id` is published: its squash file is here and a layer
+        record names it (a squash file no record names is a killed writer's leftover, which
+        the next writer removes)."""
+        return self.squash_file(layer_id).is_file() and \
+            any(r.id == layer_id for r in self.layer_records())
+
     def find_by_source(self, config_digest: str, manifest_digest: str,
                        options: dict[str, Any]) -> StoreImage | None:
         """An image migrated from this source with these squash options, if any."""

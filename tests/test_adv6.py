@@ -12,14 +12,16 @@ import os
 import pwd
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_registry import CREDS, Site, _migrated_id, make_site, pki, registries
-from test_store import cli
+from test_store import PYTHON, cli
 
 from squashstore.lazy import paths as lazy_paths
+from squashstore.publish import PUBLISH_HOOK, PUBLISH_STEPS
 from squashstore.registry.client import Client, RegistryOptions
 from support.registry import Pki, RegistryServer
 
@@ -148,3 +150,85 @@ def test_a_pushers_squash_options_annotation_is_shown_safely(
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr + proc.stdout
     assert "kept as it was written" in proc.stderr
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_pull_after_a_writer_killed_mid_publish_installs(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki, tmp_path: Path, lazy: bool) -> None:
+    """A migrate killed inside publish right after its squash file was renamed in (Ctrl-C,
+    OOM killer, a node's reboot) leaves that file with no record: a leftover the next
+    writer removes. A pull of an artifact of the same layer took the leftover for the
+    store's own layer (no download), then its publish removed the leftover and failed
+    with `layer.sqfs: No such file or directory`. It must install."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    _migrated_id(origin, fixture_images["base"])
+    ref = f"{host}/adv6/killed:1"
+    origin.cli("push", "--creds", CREDS, fixture_images["base"], ref)
+    node = make_site("node")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    writer = subprocess.Popen(
+        [str(PYTHON), "-m", "squashstore.cli.main", "--store", str(node.store.root),
+         "migrate", "--no-mount", fixture_images["base"]],
+        env={**node.env, PUBLISH_HOOK: str(hook)}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for step in PUBLISH_STEPS[:1]:
+            (hook / f"{step}.go").touch()
+        deadline = time.monotonic() + 240
+        while not (hook / "squash-file.reached").exists():
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert node.store.images() == [] and list(node.store.squash_dir.glob("*.sqfs"))
+    if lazy:  # (completing it would need `squashstore login`: the FUSE server's way)
+        node.cli("pull", "--lazy", "--no-mount", "--creds", CREDS, ref)
+        assert node.cli("verify", tls=False).returncode == 0
+        (image,) = node.store.images()
+        assert lazy_paths.is_lazy(image.squash)
+        return
+    iid = node.image_id(node.cli("pull", "--no-mount", "--format", "json", "--creds", CREDS,
+                                 ref))
+    image = node.store.resolve(iid)
+    assert image.squash.read_bytes() == origin.store.resolve(iid).squash.read_bytes()
+    assert node.cli("verify", tls=False).returncode == 0
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_pull_onto_a_full_disk_is_one_line_and_leaves_the_store_as_it_was(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki, tmp_path: Path, lazy: bool) -> None:
+    """A store on a file system too small for the squash file (a real tmpfs)."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    iid = _migrated_id(origin, fixture_images["base"])
+    squash = origin.store.resolve(iid).squash.stat().st_size
+    ref = f"{host}/adv6/full:1"
+    origin.cli("push", "--creds", CREDS, fixture_images["base"], ref)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={squash // 2}", "tmpfs", str(small)],
+                   check=True)
+    try:
+        store = small / "store"
+        cli(store, "init")
+        before = _tree(store)
+        proc = cli(store, "pull", *(("--lazy",) if lazy else ()), "--no-mount", "--creds",
+                   CREDS, "--cert-dir", str(pki.certs), ref, check=False,
+                   env={**os.environ, "SQUASHSTORE_RUNTIME_DIR": str(tmp_path / "run")})
+        if proc.returncode == 0:  # a lazy pull fits: only its metadata is here
+            assert lazy, proc.stderr
+            assert cli(store, "verify").returncode == 0
+            return
+        _one_line(proc)
+        assert "No space left on device" in proc.stderr or "space" in proc.stderr
+        after = {k: v for k, v in _tree(store).items() if not k.endswith(".pull.lock")}
+        assert after == before  # a pull lock stays: a waiter may hold it open
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

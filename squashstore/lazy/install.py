@@ -57,7 +57,9 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     final = store.squash_file(lid)
     with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
-        _refuse_another_lazy_copy(final, parsed, lid, what)
+        published = store.has_layer(lid)  # else a file here is a killed writer's leftover
+        if published:
+            _refuse_another_lazy_copy(final, parsed, lid, what)
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
             return artifact.Installed(image, 0)
@@ -68,7 +70,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
         try:
             with store.staging() as stage:
                 squash = stage / STAGED_SQUASH
-                if not final.is_file():
+                if not published:
                     source = client_source(client, remote)
                     try:
                         staged_marker = True
@@ -77,7 +79,8 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                     finally:
                         source.close()
                 split = None
-                if parsed.tar_split is not None and not store.tar_split_file(lid).is_file():
+                if parsed.tar_split is not None and (
+                        not published or not store.tar_split_file(lid).is_file()):
                     split = stage / STAGED_TAR_SPLIT
                     artifact.download(
                         lambda d: client.open_blob(repository, d.digest, d.size),

@@ -292,7 +292,9 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
         with store.staging() as stage:
             squash = stage / STAGED_SQUASH
             have = store.squash_file(lid)
-            fetched = not have.is_file() or lazy_paths.is_lazy(have)  # a lazy one: unchecked
+            # a lazy one is unchecked; one no layer record names is a killed writer's
+            # leftover, which this publish's leftover removal takes away
+            fetched = not store.has_layer(lid) or lazy_paths.is_lazy(have)
             if fetched:
                 download(open_blob, artifact.squash, squash, f"{what}: squash file",
                          progress("download squash file") if progress else None)
