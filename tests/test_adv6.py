@@ -7,6 +7,7 @@ other user (``sqsuser``) for what another user can write, the real registry
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -232,3 +233,64 @@ def test_a_pull_onto_a_full_disk_is_one_line_and_leaves_the_store_as_it_was(
         assert after == before  # a pull lock stays: a waiter may hold it open
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _altered_squash(squash: Path, work: Path, change: str) -> Path:
+    """`squash` with one change made by the real squashfs tools: an extra file, a setuid
+    bit, a symlink retargeted, a file's owner changed."""
+    tree = work / f"tree-{change}"
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(tree), str(squash)], check=True,
+                   capture_output=True)
+    if change == "extra":
+        (tree / "etc" / "ld.so.preload").write_text("/tmp/evil.so\n")
+    elif change == "setuid":
+        os.chmod(tree / "bin" / "busybox", 0o4755)
+    elif change == "symlink":
+        (tree / "links" / "rel").unlink()
+        (tree / "links" / "rel").symlink_to("/tmp/evil")
+    elif change == "owner":
+        os.chown(tree / "etc" / "passwd", 1001, 1001)
+    out = work / f"{change}.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(out), "-noappend", "-quiet", "-no-progress"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.podman
+def test_an_artifact_whose_squash_file_adds_or_alters_entries_is_refused(
+        make_site: Callable[[str], Site], fixture_images: dict[str, str],
+        registries: dict[str, RegistryServer], pki: Pki, tmp_path: Path) -> None:
+    """The layer check (session 2's critical finding: an artifact claiming another image's
+    layer) rebuilt the tar from the tar-split and read from the squash file only the files
+    the tar-split names, by path, checking their bytes: a squash file with an extra file
+    (``/etc/ld.so.preload``), a setuid bit, a symlink pointing elsewhere or another owner
+    passed, was filed as the genuine layer id, and a later migrate or pull of the genuine
+    image (its layer kept, as the store's own) ran from it."""
+    host = registries["token"].host
+    origin = make_site("origin")
+    iid = _migrated_id(origin, fixture_images["base"])
+    genuine_squash = origin.store.resolve(iid).squash
+    origin.cli("push", "--creds", CREDS, fixture_images["base"], f"{host}/adv6/alter:genuine")
+    client = Client(host, RegistryOptions(cert_dir=pki.certs, creds=CREDS))
+    genuine = json.loads(client.get_manifest("adv6/alter", "genuine")[0])
+    node = make_site("node")
+    for change in ("extra", "setuid", "symlink", "owner"):
+        altered = _altered_squash(genuine_squash, tmp_path, change)
+        digest = "sha256:" + hashlib.sha256(altered.read_bytes()).hexdigest()
+        client.upload_blob("adv6/alter", altered, digest)
+        manifest = json.loads(json.dumps(genuine))
+        manifest["layers"] = [layer for layer in manifest["layers"]
+                              if "chunk-digests" not in layer["mediaType"]]
+        manifest["layers"][0]["digest"] = digest
+        manifest["layers"][0]["size"] = altered.stat().st_size
+        put = client.request("PUT", f"/v2/adv6/alter/manifests/{change}", "adv6/alter",
+                             push=True, headers={"Content-Type": manifest["mediaType"]},
+                             data=json.dumps(manifest).encode())
+        assert put.status_code == 201, put.text
+        proc = node.cli("pull", "--no-mount", "--creds", CREDS, f"{host}/adv6/alter:{change}",
+                        check=False)
+        _one_line(proc, "does not hold the layer it claims")
+        assert node.store.images() == [], change
+    # the genuine artifact still passes the check
+    node.cli("pull", "--no-mount", "--creds", CREDS, f"{host}/adv6/alter:genuine")
+    assert node.store.resolve(iid).squash.read_bytes() == genuine_squash.read_bytes()
