@@ -22,6 +22,7 @@ from squashstore import host, runtime, sources, tracker
 from squashstore.cli.output import add_format_option, print_json, print_table
 from squashstore.cli.registry import MIGRATE_ZSTD_LEVEL, add_registry_options, registry_options
 from squashstore.cli.squash import add_squash_options, squash_options
+from squashstore.errors import printable
 from squashstore.image import Image, SquashstoreError
 from squashstore.mounts import Registry
 from squashstore.registry.options import RegistryOptions
@@ -113,10 +114,14 @@ def _warn(line: str) -> None:
     sys.stderr.write(f"squashstore: {line}\n")
 
 
-def _options_text(options: dict[str, Any]) -> str:
-    level = options.get("level")
-    text = str(options.get("compression", "?")) + (f" level {level}" if level is not None else "")
-    return f"{text}, {int(options.get('block_size', 0)) // 1024}K blocks"
+def _options_text(options: object) -> str:
+    """A layer's squash options as a phrase. A pulled layer's are the pusher's annotation:
+    any JSON, shown only through `printable` and never trusted to be numbers."""
+    given = options if isinstance(options, dict) else {}
+    level, block = given.get("level"), given.get("block_size")
+    text = str(given.get("compression", "?")) + (f" level {level}" if level is not None else "")
+    blocks = f"{block // 1024}K" if isinstance(block, int) else "?"
+    return printable(f"{text}, {blocks} blocks")
 
 
 def cmd_images(args: argparse.Namespace) -> int:

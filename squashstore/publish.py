@@ -146,6 +146,10 @@ def _install_layer_files(store: Store, pub: Publication, lid: str, staged_layer:
     lazy = existing.is_file() and lazy_paths.is_lazy(existing)
     kept = existing.is_file() and not lazy
     if not kept:
+        if not pub.squash.is_file():  # the writer took the layer for present: it went since
+            raise StoreError(f"layer {lid[:12]}: its squash file was removed while this "
+                             "image was being installed (rmi or gc at the same time): "
+                             "try again")
         os.chmod(pub.squash, 0o644)
         os.rename(pub.squash, existing)
         publish_hook("squash-file")

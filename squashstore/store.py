@@ -157,6 +157,7 @@ class Store:
         if self.format_file.exists():
             self.check()
             return
+        self._check_before_creating()
         foreign = set(storegc.listdir(self.root)) - {META, "overlay", "overlay-layers",
                                                    "overlay-images"}
         if foreign:
@@ -180,6 +181,23 @@ class Store:
                     atomic_write_json(path, [])
             if not self.format_file.exists():
                 atomic_write(self.format_file, f"{FORMAT_VERSION}\n".encode())
+
+    def _check_before_creating(self) -> None:
+        """As real root, before `init` makes or chmods anything: what exists of the store
+        and every directory above it is root's alone (`trust.check_top`), so no entry
+        another user planted (``overlay-images -> /root``) leads the mkdirs, chmods and
+        writes out of the store; for a store not there yet, its nearest existing ancestor
+        and those above it (a store created inside another user's directory could be
+        swapped for their symlinks between two mkdirs)."""
+        if not host.is_real_root():
+            return
+        if os.path.lexists(self.root):
+            trust.check_top(self.root, TOP_ENTRIES)
+            return
+        existing = self.root.parent
+        while not os.path.lexists(existing) and existing != existing.parent:
+            existing = existing.parent
+        trust.check_ancestors(existing / self.root.name, "a store")
 
     # ----------------------------------------------------------------- reading
 
@@ -250,6 +268,13 @@ class Store:
             raise StoreError(f"{reference}: short name matches {len(short)} images; "
                              "give the full name")
         raise ImageNotFound(f"{reference}: image not found in store {self.root}")
+
+    def has_layer(self, layer_id: str) -> bool:
+        """Whether layer `layer_id` is published: its squash file is here and a layer
+        record names it (a squash file no record names is a killed writer's leftover, which
+        the next writer removes)."""
+        return self.squash_file(layer_id).is_file() and \
+            any(r.id == layer_id for r in self.layer_records())
 
     def find_by_source(self, config_digest: str, manifest_digest: str,
                        options: dict[str, Any]) -> StoreImage | None:

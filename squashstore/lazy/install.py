@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from squashstore import oci
 from squashstore.blobs import check_bytes
@@ -56,6 +57,9 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
     final = store.squash_file(lid)
     with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
+        published = store.has_layer(lid)  # else a file here is a killed writer's leftover
+        if published:
+            _refuse_another_lazy_copy(final, parsed, lid, what)
         if iid in present:
             image = store.add_names(iid, names) if names else present[iid]
             return artifact.Installed(image, 0)
@@ -66,7 +70,7 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
         try:
             with store.staging() as stage:
                 squash = stage / STAGED_SQUASH
-                if not final.is_file():
+                if not published:
                     source = client_source(client, remote)
                     try:
                         staged_marker = True
@@ -75,7 +79,8 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                     finally:
                         source.close()
                 split = None
-                if parsed.tar_split is not None and not store.tar_split_file(lid).is_file():
+                if parsed.tar_split is not None and (
+                        not published or not store.tar_split_file(lid).is_file()):
                     split = stage / STAGED_TAR_SPLIT
                     artifact.download(
                         lambda d: client.open_blob(repository, d.digest, d.size),
@@ -96,3 +101,17 @@ def install_lazy(store: Store, parsed: artifact.Artifact, config: bytes, client:
                         path.unlink()
             raise
     return artifact.Installed(image, downloaded)
+
+
+def _refuse_another_lazy_copy(final: Path, parsed: artifact.Artifact, lid: str,
+                              what: str) -> None:
+    """A lazy squash file of this layer already here is a partial cache of what another
+    artifact claimed, unchecked until complete: sharing it would run this image from that
+    artifact's bytes (a hostile artifact claiming a popular layer's diff id would stand in
+    for it in every later lazy pull of that layer). Shared only when it is the same blob."""
+    other = artifact.other_lazy_blob(final, parsed.squash.digest)
+    if other is None:
+        return
+    raise SourceError(f"{what}: layer {lid[:12]} is here already, pulled lazily from "
+                      f"{other.describe()} and not yet checked against its diff id: pull this "
+                      "one without --lazy, or complete that one first (`squashstore pull`)")

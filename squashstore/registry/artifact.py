@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from squashstore import oci, podmanstore
 from squashstore.blobs import HashingReader, check_bytes, digest_bytes
@@ -40,6 +40,9 @@ from squashstore.store import (
     sha256_hex,
 )
 from squashstore.storelayer import layer_digest
+
+if TYPE_CHECKING:
+    from squashstore.lazy.image import Remote
 
 ARTIFACT_TYPE = "application/vnd.squashstore.image.v1"
 CONFIG_TYPE = "application/vnd.squashstore.image.config.v1+json"
@@ -279,20 +282,27 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
     store.init()
     with store.pull_locked(lid):
         present = {i.id: i for i in store.images()}
-        if iid in present:
+        # An image of this id whose squash file is a lazy copy of another blob stands on
+        # what another artifact claimed, unchecked: installed over, not shared.
+        if iid in present and other_lazy_blob(store.squash_file(lid),
+                                               artifact.squash.digest) is None:
             image = store.add_names(iid, names) if names else present[iid]
             return Installed(image, 0)
         downloaded = 0
         with store.staging() as stage:
             squash = stage / STAGED_SQUASH
             have = store.squash_file(lid)
-            fetched = not have.is_file() or lazy_paths.is_lazy(have)  # a lazy one: unchecked
+            # a lazy one is unchecked; one no layer record names is a killed writer's
+            # leftover, which this publish's leftover removal takes away
+            fetched = not store.has_layer(lid) or lazy_paths.is_lazy(have)
             if fetched:
                 download(open_blob, artifact.squash, squash, f"{what}: squash file",
                          progress("download squash file") if progress else None)
                 downloaded += artifact.squash.size
             split: Path | None = None
-            if artifact.tar_split is not None and not store.tar_split_file(lid).is_file():
+            # the store's tar-split of a lazy layer is the lazy artifact's claim too
+            if artifact.tar_split is not None and (fetched or
+                                                   not store.tar_split_file(lid).is_file()):
                 split = stage / STAGED_TAR_SPLIT
                 download(open_blob, artifact.tar_split, split, f"{what}: tar-split")
                 downloaded += artifact.tar_split.size
@@ -304,6 +314,19 @@ def install(store: Store, artifact: Artifact, config: bytes, open_blob: BlobOpen
                                manifest_digest)
             image = store.publish(pub, unmount=unmount)
     return Installed(image, downloaded)
+
+
+def other_lazy_blob(squash: Path, digest: str) -> Remote | None:
+    """Where the store's squash file `squash` of a layer is lazily pulled from, when it is
+    a lazy copy of another blob than `digest` (a partial cache of what another artifact
+    claimed, unchecked until complete: never to stand for this artifact's layer); None when
+    it is complete (checked when it was installed), absent, or of the same blob."""
+    if not lazy_paths.is_lazy(squash):
+        return None
+    from squashstore.lazy.image import read_marker  # brings requests only for lazy images
+
+    remote = read_marker(squash)
+    return remote if remote is not None and remote.digest != digest else None
 
 
 def check_layer(squash: Path, split: Path | None, artifact: Artifact, what: str) -> None:
