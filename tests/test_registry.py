@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import ssl
 import string
 import subprocess
 import tarfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_migrate import Migration
@@ -1069,3 +1071,17 @@ def test_an_artifact_claiming_another_layer_is_refused(
     assert lazy.store.resolve(iid).squash.read_bytes() == \
         origin.store.resolve(iid).squash.read_bytes()
     assert lazy.cli("verify", tls=False).returncode == 0
+
+
+def test_a_tls_close_mid_blob_reads_as_the_registry_closing() -> None:
+    """A peer's TLS close_notify mid-response: Debian's python 3.11.2 raises it as
+    SSLZeroReturnError ("TLS/SSL connection has been closed (EOF)") where a newer 3.11 gives
+    SSLEOFError; both are the registry closing the connection (the stall/cut test above
+    sees the first on Debian's python)."""
+    from squashstore.registry.client import describe_connection_error
+
+    for cause in (ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed (EOF)"),
+                  ssl.SSLEOFError(8, "EOF occurred in violation of protocol")):
+        exc = requests.ConnectionError("read failed")
+        exc.__cause__ = cause
+        assert describe_connection_error(exc) == "connection closed by the registry"

@@ -149,8 +149,9 @@ def describe_connection_error(exc: BaseException) -> str:
     if isinstance(exc, requests.TooManyRedirects):
         return "too many redirects"
     for cause in causes:
-        if isinstance(cause, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError,
-                              http.client.RemoteDisconnected, http.client.IncompleteRead,
+        if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError,
+                              BrokenPipeError, http.client.RemoteDisconnected,
+                              http.client.IncompleteRead,
                               urllib3.exceptions.IncompleteRead)):
             return "connection closed by the registry"
     if "NameResolutionError" in text or "Name or service not known" in text or \
