@@ -19,9 +19,13 @@ so in two places (NOTES.md, "Container start and FUSE, continued" and the noopen
   usr/bin on each exec) reaches the server as READLINK again. This asks for it when the
   `Operations` object has a true `squashstore_cache_symlinks` attribute.
 
-One more edit only shortens every server's start: `pyfuse3.__version__` was looked up
-through `importlib.metadata` at import (which imports email, zipfile, csv, datetime:
-NOTES.md, "FUSE server on asyncio"); it is now this source's version, written in.
+Two more edits only shorten every server's start (NOTES.md, "FUSE server on asyncio"):
+`import pyfuse3` imported trio (~430 M instructions, and a forked ``ldconfig -p``) although
+squashstore's server runs pyfuse3 on its own small loop (`squashstore.fuse.loop`, set as
+the module's `trio` before `main`, as `pyfuse3.asyncio.enable()` does): `trio` is now
+imported on its first use, which then never comes; and `pyfuse3.__version__` was looked up
+through `importlib.metadata` (email, zipfile, csv, datetime) at import: it is now this
+source's version, written in.
 
 It fails loudly when the source is not the one it was written for, and a second run
 changes nothing. Used by scripts/install; without it squashstore works the same (the
@@ -76,6 +80,17 @@ EDITS = (
      "    if (getattr(operations, 'squashstore_cache_symlinks', False) and" + SYMLINKS + "\n"
      "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
      "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n"),
+    ("src/pyfuse3/__init__.pyx",
+     "import sys\nimport trio\nimport threading\n",
+     "import sys\nimport threading\n\n"
+     "class _TrioOnFirstUse:" + LIGHT + "\n"
+     "    '''trio, imported when first used: never when the caller sets this\n"
+     "    module's `trio` to another loop's primitives before main().'''\n"
+     "    def __getattr__(self, name):\n"
+     "        global trio\n"
+     "        import trio\n"
+     "        return getattr(trio, name)\n\n"
+     "trio = _TrioOnFirstUse()\n"),
     ("src/pyfuse3/_pyfuse3.py",
      "from importlib.metadata import PackageNotFoundError, version as package_version\n",
      "# importlib.metadata: not imported, see __version__" + LIGHT + "\n"),
