@@ -167,7 +167,10 @@ class Loop:
     # -- what the server calls -----------------------------------------------------------
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in one of at most `threads` daemon threads; its result or exception."""
+        """`fn(*args)` in one of at most `threads` daemon threads (none: here, at once); its
+        result or exception."""
+        if not self._threads:
+            return fn(*args)
         if self._workers < self._threads:
             self._workers += 1
             threading.Thread(target=self._work, name=f"squashstore-read-{self._workers}",

@@ -282,6 +282,12 @@ def test_the_loop_hands_results_and_failures_back() -> None:
     with pytest.raises(ValueError, match="boom"):
         loop.run(main())
     assert order == [0, 1, 2, 3]
+    inline = Loop(threads=0)  # --threads=0: everything on the loop's own thread
+
+    async def here() -> None:
+        assert await inline.run_in_thread(threading.get_ident) == threading.get_ident()
+
+    inline.run(here())
 
 
 def _requests_read(pid: int) -> int:
