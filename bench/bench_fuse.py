@@ -32,16 +32,21 @@ from pathlib import Path
 
 PACKAGES = ("numpy", "scipy", "pandas", "sympy")
 BACKENDS = ("squashstore", "squashstore-inline", "squashstore-open", "squashstore-stock",
-            "squashfuse_ll", "squashfuse", "kernel")
+            "squashstore-base", "squashfuse_ll", "squashfuse", "kernel")
 """squashstore-inline: the same server with ``--threads=0`` (no decompression threads);
 squashstore-open: with ``--open-requests`` (OPEN/RELEASE and OPENDIR/RELEASEDIR answered,
 as a stock pyfuse3 build must: what the kernel's no-open mode saves); squashstore-stock:
 the server run by ``--stock-python``, an interpreter with the stock pyfuse3 3.5.0 wheel
-(what scripts/pyfuse3-cache-dirs.py saves in all)."""
+(what scripts/pyfuse3-cache-dirs.py saves in all); squashstore-base: the server of another
+checkout, run by that checkout's interpreter (``--base-python``, e.g. main's
+``.venv/bin/python``) with its own code and pyfuse3: an A/B of two branches in one run."""
 SERVER_ARGS = {"squashstore": [], "squashstore-inline": ["--threads=0"],
-               "squashstore-open": ["--open-requests"], "squashstore-stock": []}
+               "squashstore-open": ["--open-requests"], "squashstore-stock": [],
+               "squashstore-base": []}
 STOCK_PYTHON: list[str] = []
 """The interpreter of squashstore-stock (``--stock-python``)."""
+BASE_PYTHON: list[str] = []
+"""The interpreter of squashstore-base (``--base-python``)."""
 UNMOUNT_WAIT = 60.0
 """Seconds a FUSE server may take to exit after its unmount (then it is killed)."""
 OPS = ("find", "stat", "read", "bigread", "import")
@@ -118,6 +123,8 @@ def mount(backend: str, image: Path, mnt: Path) -> int | None:
         root = str(Path(__file__).resolve().parent.parent)
         _sh([*STOCK_PYTHON, "-m", "squashstore.fuse.daemon", str(image), str(mnt)],
             env={**os.environ, "PYTHONPATH": root})
+    elif backend == "squashstore-base":  # its own checkout's code: not this one's via cwd
+        _sh([*BASE_PYTHON, "-m", "squashstore.fuse.daemon", str(image), str(mnt)], cwd="/")
     elif backend.startswith("squashstore"):
         _sh([sys.executable, "-m", "squashstore.fuse.daemon", *SERVER_ARGS[backend],
              str(image), str(mnt)])
@@ -376,7 +383,8 @@ def report(results: dict[str, Result], w: Workload, ops: list[str]) -> None:
     for name, r in results.items():
         rows.append([name] + [_fmt(value(name, op, ph)) for op, ph in cols]
                     + [_fmt(max(r.rss) if r.rss else None, 1)])
-    for mine in ("squashstore", "squashstore-inline", "squashstore-open", "squashstore-stock"):
+    for mine in ("squashstore", "squashstore-inline", "squashstore-open", "squashstore-stock",
+                 "squashstore-base"):
         for peer in ("squashfuse_ll", "kernel"):
             if peer not in results or mine not in results:
                 continue
@@ -407,11 +415,14 @@ def main() -> int:
     parser.add_argument("--modules", nargs="+", default=None, help="what to import")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
-                        help="default: all but squashstore-stock")
+                        help="default: all but squashstore-stock and squashstore-base")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--stock-python", type=Path, default=None,
                         help="an interpreter whose pyfuse3 is the stock 3.5.0 wheel (with "
                         "squashstore's other dependencies), for the squashstore-stock backend")
+    parser.add_argument("--base-python", type=Path, default=None,
+                        help="another checkout's interpreter (its .venv/bin/python), for the "
+                        "squashstore-base backend")
     parser.add_argument("--work", type=Path, default=None,
                         help="work directory (kept; default: a temporary one)")
     args = parser.parse_args()
@@ -433,7 +444,8 @@ def main() -> int:
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
     backends = []
-    for backend in args.backends or [b for b in BACKENDS if b != "squashstore-stock"]:
+    for backend in args.backends or [b for b in BACKENDS
+                                     if b not in ("squashstore-stock", "squashstore-base")]:
         if backend != "kernel" and not backend.startswith("squashstore") \
                 and not shutil.which(backend):
             print(f"{backend}: not installed, skipped")
@@ -441,9 +453,14 @@ def main() -> int:
         if backend == "squashstore-stock" and args.stock_python is None:
             print(f"{backend}: needs --stock-python, skipped")
             continue
+        if backend == "squashstore-base" and args.base_python is None:
+            print(f"{backend}: needs --base-python, skipped")
+            continue
         backends.append(backend)
     if args.stock_python is not None:
         STOCK_PYTHON.append(str(args.stock_python))
+    if args.base_python is not None:
+        BASE_PYTHON.append(str(args.base_python))
     t = time.perf_counter()
     print(f"load before: {_load()}", flush=True)
     results = bench_interleaved(backends, args.ops, image, mnt, w, args.runs)

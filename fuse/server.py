@@ -1,7 +1,7 @@
 """The read-only FUSE file system over one squash file: `SquashOperations` and `serve`.
 
 This module owns the answers the kernel gets: a pyfuse3 `Operations` subclass over a
-`SquashReader` and the trio loop that runs it. FUSE inode numbers are the squashfs inode
+`SquashReader`, run on `squashstore.fuse.loop.Loop`. FUSE inode numbers are the squashfs inode
 numbers, except that the root's number and 1 trade places (FUSE's root is always 1), so hard
 links are one inode and numbers are stable across mounts. The server keeps a compact
 number -> inode-reference array for every inode the kernel has been told about, a bounded LRU
@@ -27,17 +27,18 @@ import logging
 import os
 import select
 import signal
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 
 from squashstore import host, tree
+from squashstore.fuse.loop import Loop
 from squashstore.squashfs.reader import SqInode, SquashfsError, SquashReader
 
 log = logging.getLogger("squashstore.fuse")
@@ -177,7 +178,9 @@ class SquashOperations(pyfuse3.Operations):
         self._refs[self._root] = reader.root.ref + 1
         self._dirs = _ListingCache(opts.dir_cache_entries)
         self._xattr_cache: OrderedDict[int, dict[bytes, bytes]] = OrderedDict()
-        self._limiter = trio.CapacityLimiter(opts.threads) if opts.threads > 0 else None
+        self.loop = Loop(opts.threads)
+        """The loop pyfuse3 runs on (`serve`); reads use its threads when `opts.threads`."""
+        self._threaded = opts.threads > 0
         self._blocks = -(-reader.superblock.bytes_used // reader.block_size)
         self._in_threads = 0
         self._requests: select.poll | None = None
@@ -399,7 +402,7 @@ class SquashOperations(pyfuse3.Operations):
         if off >= node.size:
             return b""
         try:
-            if self._limiter is None or (not self._reader.remote and (
+            if not self._threaded or (not self._reader.remote and (
                 off >= node.block_count * self._reader.block_size
                 or (not self._in_threads and not self._requests_waiting())
             )):
@@ -410,12 +413,7 @@ class SquashOperations(pyfuse3.Operations):
                 return self._reader.read(node, off, size)
             self._in_threads += 1
             try:
-                return cast(
-                    bytes,
-                    await trio.to_thread.run_sync(
-                        self._reader.read, node, off, size, limiter=self._limiter
-                    ),
-                )
+                return await self.loop.run_in_thread(self._reader.read, node, off, size)
             finally:
                 self._in_threads -= 1
         except SquashfsError as exc:
@@ -437,24 +435,21 @@ def lazy_unmount(mountpoint: Path) -> None:
         log.warning("fusermount3 -u -z %s: %s", mountpoint, message)
 
 
-async def _watch_signals(mountpoint: Path, state: dict[str, bool]) -> None:
-    """SIGTERM/SIGINT: detach the mount (exit follows when its last user is gone); a
+class _Signals:
+    """SIGTERM/SIGINT/SIGHUP: detach the mount (exit follows when its last user is gone); a
     second signal ends the loop at once."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting %s", signum, mountpoint)
-            if state.get("detached"):
-                pyfuse3.terminate()
-                return
-            state["detached"] = True
-            await trio.to_thread.run_sync(lazy_unmount, mountpoint)
 
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.detached = False
 
-async def _run(mountpoint: Path, state: dict[str, bool]) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, mountpoint, state)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+    def __call__(self, signum: int) -> None:
+        log.info("signal %d: unmounting %s", signum, self.mountpoint)
+        if self.detached:
+            pyfuse3.terminate()
+            return
+        self.detached = True
+        threading.Thread(target=lazy_unmount, args=(self.mountpoint,), daemon=True).start()
 
 
 def serve(
@@ -467,15 +462,18 @@ def serve(
     signal, or from outside). `on_mounted` runs once the kernel has the mount, before the
     loop starts answering (so it must not touch the mount itself)."""
     ops = SquashOperations(reader, opts)
+    pyfuse3.trio = ops.loop  # type: ignore[attr-defined]  # as pyfuse3.asyncio.enable() does
     pyfuse3.init(ops, str(mountpoint), mount_options(opts))
     fuse_fd = _fuse_fd()
     if fuse_fd is not None:
         ops.watch_requests(fuse_fd)
-    state: dict[str, bool] = {}
+    on_signal = _Signals(mountpoint)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        ops.loop.add_signal_handler(signum, on_signal)
     try:
         if on_mounted is not None:
             on_mounted()
-        trio.run(_run, mountpoint, state)
+        ops.loop.run(pyfuse3.main())
     finally:
         pyfuse3.close(unmount=_still_mounted(mountpoint))
     log.info("%s: unmounted, server exits", mountpoint)

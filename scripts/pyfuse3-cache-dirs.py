@@ -19,6 +19,14 @@ so in two places (NOTES.md, "Container start and FUSE, continued" and the noopen
   usr/bin on each exec) reaches the server as READLINK again. This asks for it when the
   `Operations` object has a true `squashstore_cache_symlinks` attribute.
 
+Two more edits only shorten every server's start (NOTES.md, "FUSE server on asyncio"):
+`import pyfuse3` imported trio (~430 M instructions, and a forked ``ldconfig -p``) although
+squashstore's server runs pyfuse3 on its own small loop (`squashstore.fuse.loop`, set as
+the module's `trio` before `main`, as `pyfuse3.asyncio.enable()` does): `trio` is now
+imported on its first use, which then never comes; and `pyfuse3.__version__` was looked up
+through `importlib.metadata` (email, zipfile, csv, datetime) at import: it is now this
+source's version, written in.
+
 It fails loudly when the source is not the one it was written for, and a second run
 changes nothing. Used by scripts/install; without it squashstore works the same (the
 server sees the attribute missing and keeps OPEN/RELEASE), only slower.
@@ -30,6 +38,8 @@ from pathlib import Path
 TAG = "  # squashstore: the kernel may cache listings"
 NO_OPEN = "  # squashstore: no-open, the inode stands for handle 0"
 SYMLINKS = "  # squashstore: the kernel may cache symlink targets"
+LIGHT = "  # squashstore: nothing imported that the server does not use"
+VERSION = "3.5.0"
 EDITS = (
     ("Include/fuse_common.pxd",
      "        unsigned int keep_cache\n",
@@ -71,6 +81,26 @@ EDITS = (
      "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
      "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n"),
     ("src/pyfuse3/__init__.pyx",
+     "import sys\nimport trio\nimport threading\n",
+     "import sys\nimport threading\n\n"
+     "class _TrioOnFirstUse:" + LIGHT + "\n"
+     "    '''trio, imported when first used: never when the caller sets this\n"
+     "    module's `trio` to another loop's primitives before main().'''\n"
+     "    def __getattr__(self, name):\n"
+     "        global trio\n"
+     "        import trio\n"
+     "        return getattr(trio, name)\n\n"
+     "trio = _TrioOnFirstUse()\n"),
+    ("src/pyfuse3/_pyfuse3.py",
+     "from importlib.metadata import PackageNotFoundError, version as package_version\n",
+     "# importlib.metadata: not imported, see __version__" + LIGHT + "\n"),
+    ("src/pyfuse3/_pyfuse3.py",
+     "try:\n"
+     "    __version__ = package_version('pyfuse3')\n"
+     "except PackageNotFoundError:\n"
+     "    __version__ = 'unknown'\n",
+     f"__version__ = '{VERSION}'" + LIGHT + "\n"),
+    ("src/pyfuse3/__init__.pyx",
      "ROOT_INODE = FUSE_ROOT_ID\n",
      "ROOT_INODE = FUSE_ROOT_ID\n"
      "squashstore_no_open = True" + NO_OPEN + "\n"),
@@ -78,6 +108,9 @@ EDITS = (
 
 
 def main(tree: Path) -> int:
+    if f"\nVersion: {VERSION}\n" not in (tree / "PKG-INFO").read_text():
+        print(f"pyfuse3-cache-dirs: {tree}: not pyfuse3 {VERSION}", file=sys.stderr)
+        return 1
     texts: dict[str, str] = {}
     for name, old, new in EDITS:
         text = texts.get(name) or (tree / name).read_text()

@@ -132,7 +132,7 @@ class SquashfuseMounter:
 
 
 def _fuse_mounter() -> Mounter:
-    # Imported when used (it brings pyfuse3 and trio); by name, since the fuse package
+    # Imported when used (it brings pyfuse3 and the server); by name, since the fuse package
     # lives in fuse/ of the checkout and is mapped to squashstore.fuse only when installed.
     backend = importlib.import_module("squashstore.fuse.backend")
     mounter: Mounter = backend.FuseMounter()

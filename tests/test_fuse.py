@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from squashstore import mounts
 from squashstore.fuse import backend, daemon, server
+from squashstore.fuse.loop import Loop
 from squashstore.squashfs.reader import SquashReader
 from support.fixture_trees import (
     CAP_NET_RAW_EP,
@@ -241,10 +241,53 @@ def test_lookup_misses_are_negative_entries_the_kernel_keeps(images: dict[str, P
             hit = await ops.lookup(1, b"etc", None)  # type: ignore[arg-type]
             return miss, hit
 
-        miss, hit = trio.run(ask)
+        got: list[tuple[object, object]] = []
+
+        async def main() -> None:
+            got.append(await ask())
+
+        Loop().run(main())
+        miss, hit = got[0]
     assert miss.st_ino == 0 and miss.entry_timeout >= 86400  # type: ignore[attr-defined]
     assert hit.st_ino > 1 and hit.attr_timeout >= 86400  # type: ignore[attr-defined]
     assert stat.S_ISDIR(hit.st_mode)  # type: ignore[attr-defined]
+
+
+def test_the_loop_hands_results_and_failures_back() -> None:
+    """`Loop`: a thread's result or exception goes back to the task that asked; a failing
+    task ends its nursery and `run` with its exception; pyfuse3's lock passes in order."""
+    loop = Loop(threads=2)
+    order: list[int] = []
+
+    async def hold(n: int, lock: object) -> None:
+        async with lock:  # type: ignore[attr-defined]
+            order.append(n)
+            await loop.run_in_thread(time.sleep, 0.01)
+
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    async def main() -> None:
+        assert await loop.run_in_thread(pow, 2, 10) == 1024
+        with pytest.raises(ZeroDivisionError):
+            await loop.run_in_thread(divmod, 1, 0)
+        lock = loop.Lock()
+        async with loop.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(hold, n, lock)
+        assert order == [0, 1, 2, 3]
+        async with loop.open_nursery() as nursery:
+            nursery.start_soon(fail)
+
+    with pytest.raises(ValueError, match="boom"):
+        loop.run(main())
+    assert order == [0, 1, 2, 3]
+    inline = Loop(threads=0)  # --threads=0: everything on the loop's own thread
+
+    async def here() -> None:
+        assert await inline.run_in_thread(threading.get_ident) == threading.get_ident()
+
+    inline.run(here())
 
 
 def _requests_read(pid: int) -> int:
@@ -481,10 +524,15 @@ def test_foreground_serve_logs_and_exits_on_unmount(images: dict[str, Path],
 
 
 SERVER_HEAVY = ("requests", "urllib3", "squashstore.lazy.image", "squashstore.lazy.remote",
-                "squashstore.registry.client", "squashstore.store", "squashstore.mounts")
+                "squashstore.registry.client", "squashstore.store", "squashstore.mounts",
+                "importlib.metadata", "trio", "asyncio", "ctypes")
 """Modules a server of an ordinary (not lazily pulled) image must not import: the
 registry client alone was ~260 M instructions (~45 ms) before a mount could answer INIT
-(NOTES.md, session 4); the others are the store's and the mount registry's."""
+(NOTES.md, session 4); the others are the store's and the mount registry's, and
+importlib.metadata (email, zipfile, csv, datetime), which pyfuse3 imported for its
+`__version__`, and trio (~430 M instructions; through ctypes a forked ``ldconfig -p``),
+which pyfuse3 imported although the server runs it on `squashstore.fuse.loop`: both
+deferred by scripts/pyfuse3-cache-dirs.py (session 6)."""
 
 
 def test_the_server_of_an_ordinary_image_imports_no_registry_client(
@@ -519,6 +567,30 @@ def test_sigterm_unmounts_cleanly(images: dict[str, Path], mounts_: Mounts) -> N
     assert not (mnt / "etc").exists()
     log = (mounts_.base / "fuse.log").read_text()
     assert "signal 15" in log and "server exits" in log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_detaches_and_a_second_one_ends_the_server(
+        signum: int, images: dict[str, Path], mounts_: Mounts) -> None:
+    """The first signal unmounts lazily: a file held open keeps being served (the server
+    exits when its last user is gone); a second signal ends the server at once."""
+    mnt, pid = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1")
+    want = (mnt / "big" / "large").read_bytes()
+    with open(mnt / "big" / "large", "rb", buffering=0) as held:
+        os.kill(pid, signum)
+        assert _wait_for(lambda: _mountinfo(mnt) is None)
+        os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(held.fileno(), 1 << 20, len(want) // 2) == want[len(want) // 2:][:1 << 20]
+        assert not _gone(pid)
+        os.kill(pid, signum)
+        assert _wait_for(lambda: _gone(pid))
+        os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as err:
+            os.pread(held.fileno(), 4096, 0)
+        assert err.value.errno == errno.ENOTCONN
+    log = (mounts_.base / "fuse.log").read_text()
+    assert log.count(f"signal {signum}:") == 2 and "server exits" in log
+    assert "Traceback" not in log
 
 
 def test_sigkill_leaves_a_dead_mount_that_lazy_fusermount_clears(images: dict[str, Path],
