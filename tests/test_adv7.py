@@ -14,6 +14,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from test_fuse import Mounts, _gone, _mountinfo, _wait_for, images, mounts_, tre
 from test_hook import _modules_opened, _traced_hook
 from test_store import SqLayer
 
+from squashstore import host, tracker
 from squashstore.image import Image
 
 pytestmark = pytest.mark.root
@@ -156,3 +158,36 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
         for fd in fds:
             os.close(fd)
     assert all(e <= {"ENOTCONN in phase 2"} for e in errors.values()), errors
+
+
+def test_the_root_hook_never_swallows_a_huge_file_a_user_plants_as_a_podman_record(
+        tmp_path: Path) -> None:
+    """A user can make root's hook (and cleanup) read their directory as a podman store: a
+    mount of their own (fusermount3) on ``<dir>/overlay/<x>/merged`` makes ``<dir>`` a
+    graphroot the tracker reads, with owner=None (through symlinks). A layers.json that is
+    a symlink to a 64 GiB sparse file was read whole (MemoryError, or the machine's memory
+    and minutes while podman waits for the hook): it must be refused unread."""
+    user_root = tmp_path / "user"
+    merged = user_root / "overlay" / "x" / "merged"
+    merged.mkdir(parents=True)
+    (user_root / "overlay-layers").mkdir()
+    (user_root / "overlay-containers").mkdir()
+    sparse = user_root / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 30)
+    (user_root / "overlay-layers" / "layers.json").symlink_to(sparse)
+    (user_root / "overlay-containers" / "containers.json").symlink_to(sparse)
+    for path in [user_root, *user_root.rglob("*")]:
+        os.lchown(path, 65534, 65534)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(merged)], check=True)
+    try:
+        assert str(user_root) in tracker.graphroots_mounted(host.mount_table())
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=True)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30));"
+            "from squashstore import tracker; from squashstore.config import PodmanStore;"
+            f"v = tracker.StoreView.read(PodmanStore({str(user_root)!r}));"
+            "print(v.parents, v.containers)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "{} {}\n", "")
