@@ -14,8 +14,10 @@ it from the layer's diff directory itself, once (`tarstream.add_content`).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -52,12 +54,28 @@ class ExportResult:
     bytes_in: int
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while an image streams: the merge creates no
+    reference cycles (a whole `--large` squash left 0 for `gc.collect()` to find), but the
+    tree of tens of thousands of inodes it builds made every full collection walk it
+    again (~0.3-0.5 s of CPU). Reference counting still frees everything as before."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def export_image(image: Image, out: BinaryIO) -> ExportResult:
     """Write the flattened root filesystem of `image` to `out` as one tar stream."""
     merge = LayerMerge(image.layers)
     stream = TarStream(out)
     try:
-        with diff_dirs():
+        with diff_dirs(), gc_paused():
             for entry in merge.entries():
                 stream.add(entry)
     except EOFError as exc:
@@ -86,7 +104,7 @@ def squash_image(image: Image, dest: Path, options: SquashOptions,
                 bar.update(merge.layers_done, merge.files, merge.bytes)
 
         with SquashWriter(dest, options, worker=True, tar=True,
-                          tar_split=split_file) as writer, diff_dirs():
+                          tar_split=split_file) as writer, diff_dirs(), gc_paused():
             entries = stream_entries(writer, merge.entries(), split_file, tick)
             if bar is not None:
                 bar.done()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import importlib
 import json
 import os
@@ -404,6 +405,9 @@ def main(argv: list[str]) -> int:
     fd, and name that file's name."""
     fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode, name = argv
     _die_with_parent(int(parent_s))
+    # No reference cycles are made per entry: the collector would only walk the growing
+    # list of handles again and again (flatten.gc_paused says the same of the parent).
+    gc.disable()
     # ^C reaches the whole process group: the parent decides, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from squashstore.squashfs.compress import CodecError, codec_for
