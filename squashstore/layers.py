@@ -362,6 +362,12 @@ class LayerMerge:
                         inode = inode_from_member(member, layer)
                         is_dir = inode.kind is Kind.DIR
                         kinds[path] = "dir" if is_dir else "other"
+                        if is_dir:
+                            # A directory below a clean one is clean: its entries take
+                            # this path too (not only from the second one on).
+                            if _full(clean, path):
+                                clean.clear()
+                            clean[path] = None
                         if (self._upper.children or self._upper.hides_below) and \
                                 self._hidden(path, is_dir, state):
                             if not is_dir:
