@@ -26,15 +26,29 @@ image is mounted (its fast path), with podman's call as it makes it but ``mount`
 ``fuse-overlayfs`` found first on PATH as stubs that do nothing (so no overlay is mounted):
 the per-start cost of the program itself, without podman's noise. The shell program is its
 floor (one exec of sh plus the stub).
+
+`--hook` times the OCI poststop hook as a user pays it instead: installed as docs/cleanup.md
+says (`config --hooks`'s JSON in a hooks directory named by ``hooks_dir`` in the podman's
+containers.conf, with the private registry and config in its ``env``), every `podman run
+--rm` stop runs it and waits for it. Interleaved rounds of: the image in podman's own store
+without and with the hook (a container that uses no squash store); the store image, mounted,
+without the hook; with the hook while another container holds the mount (the hook reads,
+decides and keeps it: its steady cost); and with the hook and nothing else holding it (each
+stop unmounts, so each run is a first start). Then the instructions of the hook command
+alone (``valgrind --tool=callgrind``, podman's empty environment plus the JSON's ``env``) for
+a stopping container of each store. `--hook-from LABEL=SQUASHSTORE` adds the hook another
+install's ``config --hooks`` prints (e.g. an older checkout's), timed the same way.
 Run: .venv/bin/python bench/bench_start.py [--rounds N] [--backend fuse,kernel] [--nice]
-[--direct N]
+[--direct N] [--hook [--hook-from LABEL=SQUASHSTORE]]
 """
 
 from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,6 +62,7 @@ from common import ROOT, print_table
 
 if TYPE_CHECKING:
     from squashstore.mounts import Registry
+    from support.podman import Podman
 
 SQUASHSTORE = str(ROOT / ".venv/bin/squashstore")
 MOUNT_PROGRAM = str(ROOT / ".venv/bin/squashstore-mount-program")
@@ -59,9 +74,13 @@ SHELL_PROGRAM = '#!/bin/sh\nexec mount -t overlay overlay "$@"\n'
 
 def run_seconds(env: dict[str, str], argv: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
+    proc = subprocess.run(argv, env=env, check=False, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)}: exit {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace')[-2000:]}")
+    return took
 
 
 def main() -> int:
@@ -75,7 +94,17 @@ def main() -> int:
                         help="time at nice -20 (root), against the machine's other load")
     parser.add_argument("--direct", type=int, default=0, metavar="N",
                         help="then time each mount program alone N times (image mounted)")
+    parser.add_argument("--hook", action="store_true",
+                        help="time the poststop hook as a user pays it (see the docstring)")
+    parser.add_argument("--hook-from", action="append", default=[], metavar="LABEL=SQUASHSTORE",
+                        help="also the hook another install's `config --hooks` prints")
     args = parser.parse_args()
+    if args.hook:
+        if args.nice:
+            os.nice(-20)
+        compileall.compile_dir(ROOT / "squashstore", quiet=1)
+        return hook_bench(args.rounds, [b for b in args.backend.split(",") if b],
+                          {"": SQUASHSTORE} | dict(h.split("=", 1) for h in args.hook_from))
     programs = {"": MOUNT_PROGRAM} | dict(p.split("=", 1) for p in args.program)
     if args.nice:
         os.nice(-20)
@@ -223,6 +252,156 @@ def direct(work: Path, setups: dict[str, tuple[dict[str, str], Registry]],
              f"{sorted(t)[len(t) // 4] * 1000:.1f}"] for name, t in times.items()]
     print_table(f"the mount program alone, image mounted: {runs} interleaved runs (load "
                 f"average {os.getloadavg()[0]:.1f})", ["program", "median ms", "p25 ms"], rows)
+
+
+def hook_json(squashstore: str, store: Path, env: dict[str, str]) -> dict[str, object]:
+    """`squashstore config --hooks` of an install, with the registry and config of `env` in
+    the hook's ``env`` (podman runs hooks with an empty environment), as the tests do."""
+    # Its own bin directory first on PATH: an older `config --hooks` names the first
+    # `squashstore` on PATH.
+    path = f"{Path(squashstore).parent}:{env.get('PATH', os.defpath)}"
+    out = subprocess.run([squashstore, "--store", str(store), "config", "--hooks"],
+                         env={**env, "PATH": path}, check=True, capture_output=True,
+                         text=True).stdout
+    hook: dict[str, object] = json.loads(out)
+    inner = hook["hook"]
+    assert isinstance(inner, dict)
+    inner["env"] = [f"{k}={env[k]}" for k in ("SQUASHSTORE_RUNTIME_DIR", "SQUASHSTORE_CONFIG")]
+    return hook
+
+
+def hooked_env(podman: Podman, env: dict[str, str], hook: dict[str, object], name: str
+               ) -> dict[str, str]:
+    """`env` (`podman`'s) with a containers.conf whose ``hooks_dir`` holds `hook`."""
+    hooks_dir = podman.root / f"hooks-{name}"
+    hooks_dir.mkdir()
+    (hooks_dir / "squashstore.json").write_text(json.dumps(hook))
+    conf = podman.root / "etc" / f"containers-{name}.conf"
+    conf.write_text(podman.containers_conf.read_text() + f'hooks_dir = ["{hooks_dir}"]\n')
+    return {**env, "CONTAINERS_CONF": str(conf)}
+
+
+def hook_instructions(hook: dict[str, object], state: dict[str, str]) -> int:
+    """Instructions of one run of the hook command, as podman runs it (callgrind; every
+    process it execs counted)."""
+    inner = hook["hook"]
+    assert isinstance(inner, dict)
+    env = dict(e.split("=", 1) for e in inner.get("env", []))
+    proc = subprocess.run(["valgrind", "--tool=callgrind", "--trace-children=yes",
+                           "--callgrind-out-file=/dev/null", inner["path"], *inner["args"][1:]],
+                          input=json.dumps(state), env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"hook failed under callgrind: {proc.stderr[-2000:]}")
+    return sum(int(n.replace(",", ""))
+               for n in re.findall(r"Collected : ([\d,]+)", proc.stderr))
+
+
+def hook_bench(rounds: int, backends: list[str], installs: dict[str, str]) -> int:
+    """The `--hook` runs (see the module docstring)."""
+    from squashstore.mounts import Registry
+    from support.fixture_trees import write_base_tar
+    from support.podman import make_podman
+
+    work = Path(tempfile.mkdtemp(prefix="sqs-bench-hook-"))
+    podmen: list[Podman] = []
+    registries: list[Registry] = []
+    holders: list[tuple[dict[str, str], str]] = []
+    cases: dict[str, dict[str, str]] = {}
+    states: dict[str, dict[str, str]] = {}
+    hooks: dict[str, dict[str, dict[str, object]]] = {label: {} for label in installs}
+    try:
+        producer = make_podman(work / "producer")
+        podmen.append(producer)
+        base_tar = write_base_tar(work / "base.tar")
+        producer.import_tar(base_tar, IMAGE, "ENV PATH=/bin")
+        first_env: dict[str, str] = {}
+        for backend in backends:
+            config = work / f"config-{backend}.toml"
+            config.write_text(f'[mount]\nbackend = "{backend}"\n')
+            for kind in ("plain", "held", "cycle"):
+                run_dir = work / f"run-{backend}-{kind}"
+                extra = {"SQUASHSTORE_RUNTIME_DIR": str(run_dir),
+                         "SQUASHSTORE_CONFIG": str(config)}
+                store = work / f"store-{backend}-{kind}"
+                subprocess.run([SQUASHSTORE, "--store", str(store), "migrate", IMAGE,
+                                "--no-mount"], env={**producer.env, **extra}, check=True,
+                               capture_output=True)
+                consumer = make_podman(work / f"consumer-{backend}-{kind}", [store],
+                                       MOUNT_PROGRAM)
+                podmen.append(consumer)
+                registries.append(Registry(run_dir))
+                env = {**consumer.env, **extra}
+                first_env = first_env or env
+                if kind == "plain":
+                    cases[f"store ({backend}), mounted, no hook"] = env
+                    continue
+                for label, squashstore in installs.items():
+                    hook = hook_json(squashstore, store, env)
+                    hooks[label][f"{backend}-{kind}"] = hook
+                    what = ("another container holds the mount" if kind == "held" else
+                            "each stop unmounts")
+                    name = f"store ({backend}), hook{' ' + label if label else ''}, {what}"
+                    cases[name] = hooked_env(consumer, env, hook, f"{label}-{kind}")
+                if kind == "held":
+                    holder = subprocess.run(
+                        ["podman", "run", "-d", "--pull=never", "--network", "none", IMAGE,
+                         "sleep", "100000"], env=env, check=True, capture_output=True,
+                        text=True).stdout.strip()
+                    holders.append((env, holder))
+                    other = subprocess.run(
+                        ["podman", "run", "-d", "--pull=never", "--network", "none", IMAGE,
+                         "sleep", "100000"], env=env, check=True, capture_output=True,
+                        text=True).stdout.strip()
+                    holders.append((env, other))
+                    states[f"store ({backend}), another container holds the mount"] = {
+                        "ociVersion": "1.0.2", "id": other, "status": "stopped",
+                        "bundle": str(consumer.graphroot / "overlay-containers" / other
+                                      / "userdata")}
+        own_cases = {"own store, no hook": producer.env}
+        for label, squashstore in installs.items():
+            hooks[label]["own"] = hook_json(squashstore, work / "store-own", first_env)
+            own_cases[f"own store, hook{' ' + label if label else ''}"] = hooked_env(
+                producer, producer.env, hooks[label]["own"], f"own-{label}")
+        cases = own_cases | cases
+        own = subprocess.run(["podman", "create", "--pull=never", "--network", "none", IMAGE,
+                              "true"], env=producer.env, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        states["own store (no squash layer)"] = {
+            "ociVersion": "1.0.2", "id": own, "status": "stopped",
+            "bundle": str(producer.graphroot / "overlay-containers" / own / "userdata")}
+
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(2):
+            for env in cases.values():
+                run_seconds(env, ["podman", *COMMAND])
+        for _ in range(rounds):
+            for name, env in cases.items():
+                times[name].append(run_seconds(env, ["podman", *COMMAND]))
+        base = statistics.median(times["own store, no hook"])
+        rows = [[name, f"{statistics.median(t):.3f}", f"{statistics.median(t) / base:.2f}",
+                 f"{sorted(t)[len(t) // 4]:.3f}"] for name, t in times.items()]
+        print_table(f"podman run --rm IMG true with the poststop hook: medians of {rounds} "
+                    f"interleaved rounds (load average {os.getloadavg()[0]:.1f})",
+                    ["start", "median s", "ratio", "p25 s"], rows)
+        rows = []
+        for label in installs:
+            for what, state in states.items():
+                key = ("own" if what.startswith("own") else
+                       f"{what.split('(')[1].split(')')[0]}-held")
+                count = hook_instructions(hooks[label][key], state)
+                rows.append([f"{label or 'this checkout'}: {what}", f"{count / 1e6:.1f}"])
+        print_table("the hook command alone (callgrind, podman's environment)",
+                    ["stopping container", "M instructions"], rows)
+    finally:
+        for env, cid in holders:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", cid], env=env,
+                           capture_output=True, check=False)
+        for registry in registries:
+            registry.umount_all(lazy=True)
+        for podman in podmen:
+            podman.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

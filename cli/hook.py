@@ -9,13 +9,13 @@ support, nor the mounters (`squashstore.cli.main.COMMANDS`; NOTES.md, "Poststop 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from squashstore import cleanup, hook
 
 TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # nor argparse: the hook's program prints its report through this module
+    import argparse
     from typing import Any
 
 VERBS = {cleanup.UNMOUNT: ("unmounted", "would unmount"),

@@ -118,14 +118,22 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def hook_args(argv: Sequence[str]) -> argparse.Namespace | None:
-    """The OCI hook's command line (`config --hooks`) as the parser would parse it, without
-    building the parser: podman runs it at every container stop, and the parser costs
-    ~14 M instructions (argparse's help formatter imports shutil). None for any other."""
-    if list(argv) != ["hook", "poststop"]:
+    """The OCI hook's command line as the parser would parse it, without building the
+    parser: podman runs it at every container stop, and the parser costs ~14 M
+    instructions (argparse's help formatter imports shutil). ``hook poststop``, after
+    ``--store S`` or ``--store=S`` as `config --hooks` printed before the hook had its own
+    program (`squashstore.hook.run`); None for any other."""
+    words = list(argv)
+    store = None
+    if words[:1] == ["--store"] and len(words) > 1 and not words[1].startswith("-"):
+        store, words = Path(words[1]), words[2:]  # (a value like an option: the parser's)
+    elif words[:1] and words[0].startswith("--store="):
+        store, words = Path(words[0].partition("=")[2]), words[1:]
+    if words != ["hook", "poststop"]:
         return None
     from squashstore.cli import hook
 
-    return argparse.Namespace(store=None, debug=False, command="hook", stage="poststop",
+    return argparse.Namespace(store=store, debug=False, command="hook", stage="poststop",
                               func=hook.cmd_hook)
 
 

@@ -317,13 +317,9 @@ def mount_program_path() -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.hooks:
-        squashstore = shutil.which("squashstore") or str(Path(sys.executable).parent
-                                                         / "squashstore")
-        print_json({"version": "1.0.0",
-                    "hook": {"path": squashstore,
-                             "args": ["squashstore", "--store", str(store.root), "hook",
-                                      "poststop"]},
-                    "when": {"always": True}, "stages": ["poststop"]})
+        from squashstore.hook import hook_json
+
+        print_json(hook_json())
         return 0
     print("[storage.options]")
     print(f"additionalimagestores = [{json.dumps(str(store.root))}]")

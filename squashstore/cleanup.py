@@ -17,7 +17,6 @@ container used are unmounted at once when no other container uses them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from pathlib import Path
 from squashstore import config, host, podmanstore, storelayout, tracker, trust
 from squashstore.config import Config, PodmanStore
 from squashstore.errors import SquashstoreError
+from squashstore.hook import HookError, StoppingContainer, StoppingLayers, stopping_layers
 from squashstore.mountrecords import FSTYPE_BACKENDS, MountRecord
 from squashstore.mountrecords import RecordRegistry as Registry
 from squashstore.tracker import User
@@ -45,8 +45,8 @@ SERVER_EXIT_WAIT = 2.0
 KEEP, UNMOUNT, UNMOUNT_DEAD, FORGET = "keep", "unmount", "unmount-dead", "forget"
 
 
-class CleanupError(SquashstoreError):
-    """Cleanup could not read its input (e.g. a bad hook state)."""
+CleanupError = HookError
+"""Cleanup could not read its input (a bad hook state; `squashstore.hook` parses it)."""
 
 
 @dataclass(frozen=True)
@@ -342,48 +342,16 @@ def cleanup(registry: Registry, store_roots: Iterable[Path], grace: float,
 
 # --------------------------------------------------------------------------- the hook
 
-@dataclass(frozen=True)
-class StoppingContainer:
-    """What the OCI state on a poststop hook's stdin says about the container."""
-
-    id: str
-    graphroot: str
-
-    @classmethod
-    def parse(cls, text: str) -> StoppingContainer:
-        try:
-            state = json.loads(text)
-            cid, bundle = state["id"], state["bundle"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CleanupError(f"hook: not an OCI container state on stdin ({exc})") from exc
-        except RecursionError:
-            raise CleanupError("hook: not an OCI container state on stdin (nested too "
-                               "deeply)") from None
-        if not isinstance(cid, str) or not isinstance(bundle, str):
-            raise CleanupError("hook: the container state has no id or bundle")
-        # podman's bundle: <graphroot>/overlay-containers/<id>/userdata
-        path = Path(bundle)
-        graphroot = (str(path.parent.parent.parent)
-                     if path.parent.parent.name.endswith("-containers") else "")
-        return cls(cid, graphroot)
-
-
-def stopping_layers(container: StoppingContainer) -> tuple[str, frozenset[str]]:
-    """The container's own layer and every layer below it, from podman's files."""
-    if not container.graphroot:
-        return "", frozenset()
-    view = tracker.StoreView.read(PodmanStore(container.graphroot))
-    layer = next((lay for lay, (cid, _) in view.containers.items() if cid == container.id), "")
-    return layer, frozenset(podmanstore.ancestors(layer, view.parents)) if layer else frozenset()
-
-
 def poststop(registry: Registry, container: StoppingContainer,
-             settings: Config | None = None) -> list[Outcome]:
-    """Unmount the squash mounts ``container`` used that no other container uses now."""
-    settings = config.load() if settings is None else settings
-    layer, below = stopping_layers(container)
-    if not below:
+             settings: Config | None = None,
+             layers: StoppingLayers | None = None) -> list[Outcome]:
+    """Unmount the squash mounts ``container`` used that no other container uses now
+    (`layers`: its `squashstore.hook.stopping_layers`, when read already)."""
+    layers = stopping_layers(container) if layers is None else layers
+    if not layers.may_use_a_store():
         return []
+    layer, below = layers.layer, layers.below
+    settings = config.load() if settings is None else settings
     stores = (*settings.cleanup.podman_stores, PodmanStore(container.graphroot))
     settings = settings.replace(cleanup=settings.cleanup.replace(podman_stores=stores))
     with registry.locked():

@@ -22,22 +22,24 @@ and the walk down a layer's parent chain.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 
-from squashstore import locking
+from squashstore import jsonfast, locking, trust
 from squashstore.errors import SquashstoreError
 from squashstore.slots import Slots
 from squashstore.storelayout import overlay_layer as overlay_layer  # the rule is shared
 
+# The OCI hook reads containers.json and layers.json at every container stop, through this
+# module: it imports no json, re, pathlib, contextlib or collections at module level (the
+# hook's fast exit imports os and a few small modules only; NOTES.md, branch hookfast).
+# Record files are parsed by json's own C scanner (`jsonfast`), locks are classes.
 TYPE_CHECKING = False  # not typing's: the OCI hook (every container stop) skips typing
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from pathlib import Path
     from typing import Any
+
+    StrPath = str | os.PathLike[str]
 
 
 class PodmanStoreError(SquashstoreError):
@@ -74,15 +76,15 @@ class Layout(Slots):
 
     @property
     def images_json(self) -> Path:
-        return self.images_dir / "images.json"
+        return self.root / record_file("", "images", self.driver)
 
     @property
     def layers_json(self) -> Path:
-        return self.layers_dir / "layers.json"
+        return self.root / record_file("", "layers", self.driver)
 
     @property
     def containers_json(self) -> Path:
-        return self.containers_dir / "containers.json"
+        return self.root / record_file("", "containers", self.driver)
 
     @property
     def images_lock(self) -> Path:
@@ -103,6 +105,13 @@ class Layout(Slots):
 
     def tar_split(self, layer_id: str) -> Path:
         return self.layers_dir / f"{layer_id}{TAR_SPLIT_SUFFIX}"
+
+
+def record_file(root: StrPath, kind: str, driver: str = "overlay") -> str:
+    """``<root>/<driver>-<kind>/<kind>.json``: a store's record file of `kind` (``images``,
+    ``layers`` or ``containers``), as a string (the OCI hook's path; `Layout` has them as
+    `Path`)."""
+    return os.path.join(root, f"{driver}-{kind}", f"{kind}.json")
 
 
 TAR_SPLIT_SUFFIX = ".tar-split.gz"
@@ -151,13 +160,14 @@ def _b64(key: str) -> str:
     return base64.standard_b64encode(key.encode()).decode()
 
 
-_LEGACY_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
+_LEGACY_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+"""The characters of a name squashstore 0.1 wrote plain (``[A-Za-z0-9._-]+``)."""
 
 
 def legacy_big_data_name(key: str) -> str:
     """The file name squashstore 0.1 wrote for a big-data item (plain for ``[A-Za-z0-9._-]``,
     where podman looks for ``=`` + base64): read, never written."""
-    if _LEGACY_PLAIN.fullmatch(key) and not key.startswith("="):
+    if key and all(c in _LEGACY_PLAIN for c in key) and not key.startswith("="):
         return key
     return "=" + _b64(key)
 
@@ -193,6 +203,8 @@ def _string(value: object) -> str:
 def _json_value(value: object) -> object:
     if isinstance(value, tuple):
         return list(value)
+    from collections.abc import Mapping  # only a writer gets here
+
     if isinstance(value, Mapping):
         return dict(value)
     return value
@@ -409,33 +421,60 @@ def new_image_record(image_id: str, manifest_digest: str, names: Iterable[str], 
     })
 
 
-def load_document(path: Path) -> Any:
+RECORD_LIMIT = 1 << 30
+"""The largest record file read with an `owner` (podman reads its files whole too)."""
+
+
+def load_document(path: StrPath, owner: int | None = None) -> Any:
     """The JSON document of a record file, unchecked: [] when it is missing or empty
     (`imageconfig` checks it against podman's Go types); `PodmanStoreError` when it cannot
-    be read or is not JSON."""
+    be read or is not JSON.
+
+    Never a FIFO or a device (a planted one would hang the reader: the OCI hook, which
+    podman waits for). With `owner` (a uid), as the OCI hook reads podman's files as root:
+    only a regular file of that uid, opened without following a symlink, of at most
+    `RECORD_LIMIT` bytes (`trust.read_regular`); anything else cannot be read."""
     try:
-        data = path.read_bytes()
+        data = _read_file(path) if owner is None else \
+            trust.read_regular(path, RECORD_LIMIT, owner)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise PodmanStoreError(f"cannot read {path}: {exc.strerror}") from exc
-    if not data.strip():
+    if data is None or not data.strip():
         return []
     try:
-        return json.loads(data)
+        return jsonfast.loads(data)
     except ValueError as exc:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
     except RecursionError:
         raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """The objects of a containers/storage record file; [] when it is missing or empty.
+def _read_file(path: StrPath) -> bytes:
+    """The bytes of the regular file `path` (through symlinks); `OSError` for anything else,
+    found without waiting (``O_NONBLOCK``: opening a FIFO waits for a writer)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
+
+
+def load_records(path: StrPath, owner: int | None = None) -> list[dict[str, Any]]:
+    """The objects of a containers/storage record file; [] when it is missing or empty
+    (`owner`: see `load_document`).
 
     `PodmanStoreError` when it cannot be read, is not JSON, is not an array, or holds an
     entry that is not an object with a string ``id`` (the one policy for every record file).
     """
-    records = load_document(path)
+    records = load_document(path, owner)
     if not isinstance(records, list):
         raise PodmanStoreError(f"{path} is not a JSON array")
     if not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records):
@@ -454,14 +493,14 @@ def image_of_layer(path: Path, layer: str) -> str:
     return next((r.id for r in images(path) if r.layer == layer), "")
 
 
-def layers(path: Path) -> list[LayerRecord]:
-    """The records of a ``layers.json``."""
-    return [LayerRecord.parse(r) for r in load_records(path)]
+def layers(path: StrPath, owner: int | None = None) -> list[LayerRecord]:
+    """The records of a ``layers.json`` (`owner`: see `load_document`)."""
+    return [LayerRecord.parse(r) for r in load_records(path, owner)]
 
 
-def containers(path: Path) -> list[ContainerRecord]:
-    """The records of a ``containers.json``."""
-    return [ContainerRecord.parse(r) for r in load_records(path)]
+def containers(path: StrPath, owner: int | None = None) -> list[ContainerRecord]:
+    """The records of a ``containers.json`` (`owner`: see `load_document`)."""
+    return [ContainerRecord.parse(r) for r in load_records(path, owner)]
 
 
 def mount_counts(path: Path) -> list[MountCount]:
@@ -473,37 +512,74 @@ def mount_counts(path: Path) -> list[MountCount]:
 # Locks.
 
 
-@contextlib.contextmanager
-def shared_lock(path: Path) -> Iterator[None]:
+class shared_lock:
     """containers/storage's read lock (a shared record lock) on `path`, when it exists."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield
-        return
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
+
+    def __init__(self, path: StrPath) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl  # os.lockf takes write locks only
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
-@contextlib.contextmanager
-def read_locked(layout: Layout) -> Iterator[None]:
+class read_locked:
     """A store's layer and image records held still for reading, as podman reads them (the
     layer store's lock before the image store's)."""
-    with shared_lock(layout.layers_lock), shared_lock(layout.images_lock):
-        yield
+
+    def __init__(self, layout: Layout) -> None:
+        self.layers = shared_lock(layout.layers_lock)
+        self.images = shared_lock(layout.images_lock)
+
+    def __enter__(self) -> None:
+        self.layers.__enter__()
+        try:
+            self.images.__enter__()
+        except BaseException:
+            self.layers.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.images.__exit__()
+        finally:
+            self.layers.__exit__()
 
 
-@contextlib.contextmanager
-def write_locked(lock: Path) -> Iterator[None]:
+class write_locked:
     """A record file's lock held for writing, as containers/storage writes: an exclusive
     record lock on the existing lock file, and on success a new last-writer token, so
     podman notices the change (`squashstore.locking` holds the mechanism)."""
-    with locking.exclusive(lock, create=False) as fd:
-        yield
-        locking.touch_token(fd)
+
+    def __init__(self, lock: StrPath) -> None:
+        self.lock = locking.exclusive(lock, create=False)
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = self.lock.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                locking.touch_token(self.fd)
+        finally:
+            self.lock.__exit__()
 
 
 # ---------------------------------------------------------------------------------------

@@ -226,8 +226,9 @@ def _install_hook(base: Path, store: Store, env: dict[str, str], consumer: Podma
                           "--hooks"], capture_output=True, text=True, env=env, check=True)
     hook = json.loads(out.stdout)
     assert hook["stages"] == ["poststop"] and hook["when"] == {"always": True}
-    assert hook["hook"]["args"][-2:] == ["hook", "poststop"]
-    assert Path(hook["hook"]["path"]).resolve() == (BIN / "squashstore").resolve()
+    # The hook's launcher scripts/install writes (python -I -S; squashstore/launcher.py).
+    assert hook["hook"]["args"] == [str(BIN / "squashstore-hook"), "poststop"]
+    assert hook["hook"]["path"] == str(BIN / "squashstore-hook")
     hook["hook"]["env"] = [f"{k}={env[k]}" for k in ("SQUASHSTORE_RUNTIME_DIR",
                                                     "SQUASHSTORE_CONFIG")]
     hooks_dir = base / "hooks.d"
