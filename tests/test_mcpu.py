@@ -141,3 +141,32 @@ def test_a_small_file_with_a_wrong_crc_is_refused_by_the_worker(tmp_path: Path,
                                           r".*/l1/f0$"):
         _write(tmp_path, "bad", files, True, crc_of=crc)
     assert not (tmp_path / "bad" / "out.sqfs").exists()
+
+
+class _Full(io.RawIOBase):
+    """A file that takes `room` bytes, then fails once like a full disk (later writes
+    succeed: the failure must not be lost)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if len(data) > self.room:
+            self.room = 1 << 40
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return len(data)
+
+
+def test_a_tar_split_that_cannot_be_written_fails_the_recording() -> None:
+    """The lines are gzipped on a thread of their own: a write error there is raised by
+    the recorder (at the latest by `close`), not lost, and nothing waits forever."""
+    recorder = TarSplitRecorder(_Full(1000))
+    with pytest.raises(OSError, match="No space left"):
+        for index in range(2000):
+            recorder.entry(os.urandom(512), f"f{index}", 100, index, bytes(412))
+        recorder.close()
