@@ -309,7 +309,10 @@ def test_config_prints_storage_conf_lines(tmp_path: Path) -> None:
     program = parsed["storage"]["options"]["overlay"]["mount_program"]
     assert program.endswith("squashstore-mount-program")
     hook = json.loads(cli(store.root, "config", "--hooks").stdout)
-    assert hook["stages"] == ["poststop"] and hook["hook"]["args"][-2:] == ["hook", "poststop"]
+    assert hook["stages"] == ["poststop"] and hook["hook"]["args"][-1] == "poststop"
+    # scripts/install wrote the hook's launcher: config --hooks names it (squashstore.hook)
+    assert hook["hook"]["path"].endswith("squashstore-hook")
+    assert os.access(hook["hook"]["path"], os.X_OK)
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:
