@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import importlib
 import json
 import os
@@ -57,18 +58,18 @@ def _error(kind: str, message: str) -> Exception:
             pass
     return WriterError(message)
 
-_RECORD = struct.Struct("<BBQII")
-"""Every record's header: tag, flags, content size, and two lengths. A file (`add_file`)
-has its content (`size` bytes) next; a tree entry (`add_entry`) its tar name (as the
-tar-split records it) and its canonical tar header (made here, by the sender), then its
-content or, with `_SOURCE`, where the worker reads it."""
-_END, _FILE, _ENTRY = 0, 1, 2
-"""Record tags: the end of input, a file's content (`add_file`), a tree entry (`add_entry`)."""
+_RECORD = struct.Struct("<BBHQIIII")
+"""Every record's header: tag, flags, layer, content size, and four lengths. A file
+(`add_file`) has its content (`size` bytes) next; a tree entry (`add_entry`) its tar name
+(as the tar-split records it) and its canonical tar header (made here, by the sender),
+then its content if it has any (`_CONTENT`). A file of podman's store (`_DIFF`) has its
+tar name, header, name in the layer's diff directory (none when it is the tar name's bytes)
+and the CRC-64 podman recorded; the worker reads it from the diff directory of `layer`,
+which a `_LAYER` record (the directory, the layer's name for errors) announced first."""
+_END, _FILE, _ENTRY, _LAYER, _DIFF = 0, 1, 2, 3, 4
+"""Record tags: the end of input, a file's content (`add_file`), a tree entry (`add_entry`),
+a layer directory, a tree entry whose content the worker reads itself."""
 _SPARSE = _CONTENT = 1
-_SOURCE = 8
-"""The content is not in the pipe: a `_SOURCE_HEAD` and the `DiffFile`'s diff directory,
-name, layer name and recorded CRC follow; the worker reads the file itself."""
-_SOURCE_HEAD = struct.Struct("<IIII")
 _RESULT = struct.Struct("<QIIQ")  # end position, fragment entries, files, canonical tar size
 _SMALL = 256 << 10
 """Files up to this size are copied into the send buffer; larger ones are sent in chunks."""
@@ -112,6 +113,10 @@ class ProcessDataWriter:
             self._header_for = header_for
         self._handles: list[FileData] = []
         self._buf = bytearray()
+        self._layers: dict[tuple[bytes, str], int] = {}
+        """Layer directories announced to the worker (`_LAYER`): their numbers."""
+        self._diff, self._where, self._layer = b"", "", 0
+        """The last layer directory an entry named, and its number."""
         self.fragment_entries: list[fmt.FragmentEntry | None] = []
         self.tar_digest = ""
         """With `tar`: ``sha256:`` of the canonical tar of the entries (after `finish`)."""
@@ -146,7 +151,7 @@ class ProcessDataWriter:
         handle = FileData(size)
         if size == 0:
             return handle
-        self._buf += _RECORD.pack(_FILE, _SPARSE if sparse else 0, size, 0, 0)
+        self._buf += _RECORD.pack(_FILE, _SPARSE if sparse else 0, 0, size, 0, 0, 0, 0)
         return self._content(handle, stream, size)
 
     def add_entry(
@@ -158,33 +163,48 @@ class ProcessDataWriter:
         returns the content's handle, or None."""
         name, size, header = self._header_for(path, inode, link_to)
         raw = name.encode("utf-8", "surrogateescape")
-        flags = 0 if content is None or size == 0 else _CONTENT if source is None else _SOURCE
         buf = self._buf
-        buf += _RECORD.pack(_ENTRY, flags, size, len(raw), len(header))
-        buf += raw
-        buf += header
-        if flags & _SOURCE:
-            assert source is not None
-            where = source.where.encode("utf-8", "surrogateescape")
+        if source is not None and size:
+            if source.diff is not self._diff or source.where is not self._where:
+                self._layer_of(source)
+            where = source.name
+            same = where == raw
             crc = source.crc or b""
-            buf += _SOURCE_HEAD.pack(len(source.diff), len(source.name), len(where), len(crc))
-            buf += source.diff
-            buf += source.name
-            buf += where
+            buf += _RECORD.pack(_DIFF, 0, self._layer, size, len(raw), len(header),
+                                0 if same else len(where), len(crc))
+            buf += raw
+            buf += header
+            if not same:
+                buf += where
             buf += crc
             handle = FileData(size)
             self._handles.append(handle)
             if len(buf) >= _FLUSH:
                 self._flush()
             return handle
-        if content is None:
+        flags = 0 if content is None or size == 0 else _CONTENT
+        buf += _RECORD.pack(_ENTRY, flags, 0, size, len(raw), len(header), 0, 0)
+        buf += raw
+        buf += header
+        if not flags:
             if len(buf) >= _FLUSH:
                 self._flush()
-            return None
-        handle = FileData(size)
-        if size == 0:
-            return handle
-        return self._content(handle, content, size)
+            return None if content is None else FileData(size)
+        assert content is not None
+        return self._content(FileData(size), content, size)
+
+    def _layer_of(self, source: DiffFile) -> None:
+        """Make the layer directory of `source` the current one (announced once)."""
+        self._diff, self._where = source.diff, source.where
+        key = (source.diff, source.where)
+        layer = self._layers.get(key)
+        if layer is None:
+            layer = self._layers[key] = len(self._layers)
+            where = source.where.encode("utf-8", "surrogateescape")
+            self._buf += _RECORD.pack(_LAYER, 0, 0, 0, len(source.diff), len(where), 0, 0)
+            self._buf += source.diff
+            self._buf += where
+        self._layer = layer
 
     def _content(self, handle: FileData, stream: IO[bytes], size: int) -> FileData:
         self._handles.append(handle)
@@ -206,7 +226,7 @@ class ProcessDataWriter:
 
     def finish(self) -> int:
         """Waits for the worker to write everything; returns the end position."""
-        self._buf += _RECORD.pack(_END, 0, 0, 0, 0)
+        self._buf += _RECORD.pack(_END, 0, 0, 0, 0, 0, 0, 0)
         self._flush()
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
@@ -345,11 +365,14 @@ def _encode(handles: list[FileData], writer: DataWriter, position: int, tar_size
 class _Entries:
     """The worker's side of `add_entry`: the canonical tar of the entries (`TarStream`)."""
 
-    def __init__(self, mode: str, split_name: str) -> None:
+    def __init__(self, mode: str, split_name: str, writer: DataWriter, block_size: int,
+                 handles: list[FileData]) -> None:
         from squashstore.tar.split import DiffFile, TarSplitRecorder, diff_dirs
-        from squashstore.tarstream import TarStream, add_content
+        from squashstore.tarstream import TarStream, add_content, add_small
 
-        self._diff_file, self._add_content = DiffFile, add_content
+        self._diff_file, self._add_content, self._add_small = DiffFile, add_content, add_small
+        self._writer, self._block_size, self._handles = writer, block_size, handles
+        self._layers: list[tuple[bytes, str]] = []
         self.diff_dirs = diff_dirs()
         """Each layer directory opened once for all its files (the worker's lifetime)."""
         self.diff_dirs.__enter__()
@@ -360,24 +383,44 @@ class _Entries:
         recorder = None if self.split_file is None else TarSplitRecorder(self.split_file)
         self.stream = TarStream(None, recorder)
 
-    def add(self, head: tuple[int, ...], source: BinaryIO, writer: DataWriter,
-            handles: list[FileData]) -> None:
-        _tag, flags, size, name_size, header_size = head
+    def add(self, head: tuple[int, ...], source: BinaryIO) -> None:
+        """An `_ENTRY` record: the header, and the content from the pipe."""
+        _tag, flags, _layer, size, name_size, header_size, _, _ = head
         names = _read(source, name_size + header_size)
-        where = None
-        if flags & _SOURCE:
-            dlen, nlen, wlen, clen = _SOURCE_HEAD.unpack(_read(source, _SOURCE_HEAD.size))
-            fields = _read(source, dlen + nlen + wlen + clen)
-            at = dlen + nlen + wlen
-            where = self._diff_file(fields[:dlen], fields[dlen:dlen + nlen], size,
-                                    fields[at:] or None, fields[dlen + nlen:at].decode(
-                                        "utf-8", "surrogateescape"))
         stream = self.stream
         stream.begin_header(names[:name_size].decode("utf-8", "surrogateescape"), size,
                             names[name_size:])
-        if flags & (_CONTENT | _SOURCE):
-            handles.append(self._add_content(stream, source, where, size, writer.add_file))
+        if flags & _CONTENT:
+            self._handles.append(self._add_content(stream, source, None, size,
+                                                   self._writer.add_file))
         stream.end()
+
+    def add_diff(self, head: tuple[int, ...], source: BinaryIO) -> None:
+        """A `_DIFF` record: the header, and the content read from the layer's directory."""
+        _tag, _flags, layer, size, name_size, header_size, diff_name_size, crc_size = head
+        at = name_size + header_size
+        fields = _read(source, at + diff_name_size + crc_size)
+        diff, where = self._layers[layer]
+        raw = fields[:name_size]
+        ref = self._diff_file(diff, fields[at:at + diff_name_size] if diff_name_size else raw,
+                              size, fields[at + diff_name_size:] or None, where)
+        name = raw.decode("utf-8", "surrogateescape")
+        if size < self._block_size:
+            self._handles.append(self._add_small(self.stream, name, fields[name_size:at], ref,
+                                                 self._writer.add_bytes))
+            return
+        stream = self.stream
+        stream.begin_header(name, size, fields[name_size:at])
+        self._handles.append(self._add_content(stream, source, ref, size,
+                                               self._writer.add_file))
+        stream.end()
+
+    def add_layer(self, head: tuple[int, ...], source: BinaryIO) -> None:
+        """A `_LAYER` record: the next layer directory and the layer's name for errors."""
+        diff_size, where_size = head[4], head[5]
+        fields = _read(source, diff_size + where_size)
+        self._layers.append((fields[:diff_size],
+                             fields[diff_size:].decode("utf-8", "surrogateescape")))
 
     def close(self) -> tuple[int, str]:
         self.diff_dirs.__exit__(None, None, None)
@@ -404,6 +447,9 @@ def main(argv: list[str]) -> int:
     fd, and name that file's name."""
     fd_s, start_s, compression, level_s, block_s, jobs_s, dest, parent_s, tar_mode, name = argv
     _die_with_parent(int(parent_s))
+    # No reference cycles are made per entry: the collector would only walk the growing
+    # list of handles again and again (flatten.gc_paused says the same of the parent).
+    gc.disable()
     # ^C reaches the whole process group: the parent decides, and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from squashstore.squashfs.compress import CodecError, codec_for
@@ -420,23 +466,29 @@ def main(argv: list[str]) -> int:
         start = int(start_s)
         out.seek(start)
         writer = DataWriter(out, start, codec, int(jobs_s), Path(dest), block_size)
-        entries = None if tar_mode == "-" else _Entries(tar_mode, name)
-        source = os.fdopen(0, "rb", buffering=_FLUSH)
         handles: list[FileData] = []
+        entries = (None if tar_mode == "-"
+                   else _Entries(tar_mode, name, writer, block_size, handles))
+        source = os.fdopen(0, "rb", buffering=_FLUSH)
         add = writer.add_file
         read = source.read
         unpack = _RECORD.unpack
         size = _RECORD.size
+        add_diff = entries.add_diff if entries is not None else None
         while True:
             raw = read(size)
             if len(raw) != size:
                 return 1  # the parent went away
             head = unpack(raw)
             tag = head[0]
-            if tag == _FILE:
-                handles.append(add(source, head[2], bool(head[1] & _SPARSE)))
+            if tag == _DIFF and add_diff is not None:
+                add_diff(head, source)
             elif tag == _ENTRY and entries is not None:
-                entries.add(head, source, writer, handles)
+                entries.add(head, source)
+            elif tag == _FILE:
+                handles.append(add(source, head[3], bool(head[1] & _SPARSE)))
+            elif tag == _LAYER and entries is not None:
+                entries.add_layer(head, source)
             elif tag == _END:
                 break
             else:

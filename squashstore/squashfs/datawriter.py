@@ -184,6 +184,8 @@ class DataWriter:
         bytes, read again from their source), a file whose size no file had before is not
         hashed: only a later file of that size makes it hash (most content, by bytes, is
         in files of a size of their own)."""
+        if 0 < size < self._block_size:
+            return self.add_bytes(read_exact(stream, size, size), again)
         handle = FileData(size)
         if size == 0:
             return handle
@@ -195,15 +197,6 @@ class DataWriter:
                 self._dedup.setdefault((size, first[1]()), first[0])
         self._sizes.add(size)
         bs = self._block_size
-        if size < bs:
-            tail = read_exact(stream, size, size)
-            if hasher is None:
-                assert again is not None
-                self._unhashed[size] = (handle, again)
-                self._add_fragment(handle, tail)
-                return handle
-            hasher.update(tail)
-            return self._complete(handle, hasher.digest(), tail, False)
         count = (size + bs - 1) // bs
         handle.blocks = array("I", bytes(4 * count))
         self._pipe.mark(lambda pos: setattr(handle, "start", pos))
@@ -224,6 +217,24 @@ class DataWriter:
             self._unhashed[size] = (handle, again)
             return handle
         return self._complete(handle, hasher.digest(), b"", submitted)
+
+    def add_bytes(self, data: bytes, again: Callable[[], bytes] | None = None) -> FileData:
+        """`add_file` of content already read: `data`, shorter than a block (a fragment)."""
+        size = len(data)
+        handle = FileData(size)
+        if not size:
+            return handle
+        sizes = self._sizes
+        if size in sizes or again is None:
+            first = self._unhashed.pop(size, None)
+            if first is not None:
+                self._dedup.setdefault((size, first[1]()), first[0])
+            sizes.add(size)
+            return self._complete(handle, hashlib.sha256(data).digest(), data, False)
+        sizes.add(size)
+        self._unhashed[size] = (handle, again)
+        self._add_fragment(handle, data)
+        return handle
 
     def finish(self) -> int:
         """Writes the last fragment and every pending block; returns the end position."""

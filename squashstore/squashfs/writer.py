@@ -15,6 +15,7 @@ image to write.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -242,6 +243,17 @@ class SquashWriter:
         if again is None or isinstance(self._data, ProcessDataWriter):
             return self._data.add_file(stream, size, sparse)
         return self._data.add_file(stream, size, sparse, again)
+
+    def add_bytes(self, data: bytes, again: Callable[[], bytes] | None = None) -> object:
+        """`add_file` of content already read (`DataWriter.add_bytes` for a fragment)."""
+        if isinstance(self._data, DataWriter) and len(data) < self._block_size \
+                and not self._finished:
+            return self._data.add_bytes(data, again)
+        return self.add_file(io.BytesIO(data), len(data), again=again)
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
 
     @property
     def writes_tar(self) -> bool:
