@@ -453,16 +453,27 @@ def load_document(path: StrPath, owner: int | None = None) -> Any:
 
 def _read_file(path: StrPath) -> bytes:
     """The bytes of the regular file `path` (through symlinks); `OSError` for anything else,
-    found without waiting (``O_NONBLOCK``: opening a FIFO waits for a writer)."""
+    found without waiting (``O_NONBLOCK``: opening a FIFO waits for a writer), and for a
+    file larger than `RECORD_LIMIT`, refused unread (a user's directory can be read as a
+    podman store by root's hook and cleanup: a symlink to a huge sparse file was read whole,
+    MemoryError or the machine's memory)."""
     import errno
     import stat
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with open(fd, "rb", closefd=False) as file:
-            return file.read()
+        if st.st_size > RECORD_LIMIT:
+            raise OSError(errno.EFBIG, f"larger than {RECORD_LIMIT} bytes", str(path))
+        parts, total = [], 0  # bounded too: a file that grows meanwhile
+        while chunk := os.read(fd, max(st.st_size + 1 - total, 1 << 16)):
+            parts.append(chunk)
+            total += len(chunk)
+            if total > RECORD_LIMIT:
+                raise OSError(errno.EFBIG, f"larger than {RECORD_LIMIT} bytes", str(path))
+        return b"".join(parts)
     finally:
         os.close(fd)
 
