@@ -422,7 +422,7 @@ def new_image_record(image_id: str, manifest_digest: str, names: Iterable[str], 
 
 
 RECORD_LIMIT = 1 << 30
-"""The largest record file read with an `owner` (podman reads its files whole too)."""
+"""The largest podman record file read (podman reads its files whole too)."""
 
 
 def load_document(path: StrPath, owner: int | None = None) -> Any:
@@ -435,10 +435,9 @@ def load_document(path: StrPath, owner: int | None = None) -> Any:
     only a regular file of that uid, opened without following a symlink, of at most
     `RECORD_LIMIT` bytes (`trust.read_regular`); anything else cannot be read."""
     try:
-        data = _read_file(path) if owner is None else \
-            trust.read_regular(path, RECORD_LIMIT, owner)
-    except FileNotFoundError:
-        return []
+        # Without an owner through symlinks (podman's own reading); bounded either way: a
+        # user's directory can be read as a podman store by root's hook and cleanup.
+        data = trust.read_regular(path, RECORD_LIMIT, owner, follow=owner is None)
     except OSError as exc:
         raise PodmanStoreError(f"cannot read {path}: {exc.strerror}") from exc
     if data is None or not data.strip():
@@ -449,33 +448,6 @@ def load_document(path: StrPath, owner: int | None = None) -> Any:
         raise PodmanStoreError(f"{path} is not valid JSON ({exc})") from exc
     except RecursionError:
         raise PodmanStoreError(f"{path} is not valid JSON (nested too deeply)") from None
-
-
-def _read_file(path: StrPath) -> bytes:
-    """The bytes of the regular file `path` (through symlinks); `OSError` for anything else,
-    found without waiting (``O_NONBLOCK``: opening a FIFO waits for a writer), and for a
-    file larger than `RECORD_LIMIT`, refused unread (a user's directory can be read as a
-    podman store by root's hook and cleanup: a symlink to a huge sparse file was read whole,
-    MemoryError or the machine's memory)."""
-    import errno
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if st.st_size > RECORD_LIMIT:
-            raise OSError(errno.EFBIG, f"larger than {RECORD_LIMIT} bytes", str(path))
-        parts, total = [], 0  # bounded too: a file that grows meanwhile
-        while chunk := os.read(fd, max(st.st_size + 1 - total, 1 << 16)):
-            parts.append(chunk)
-            total += len(chunk)
-            if total > RECORD_LIMIT:
-                raise OSError(errno.EFBIG, f"larger than {RECORD_LIMIT} bytes", str(path))
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def load_records(path: StrPath, owner: int | None = None) -> list[dict[str, Any]]:

@@ -211,14 +211,18 @@ def check_unmount(path: StrPath, fstype: str | None = None,
         check_entry(os.path.dirname(os.path.abspath(path)))
 
 
-def read_regular(path: StrPath, limit: int, owner: int | None = None) -> bytes | None:
-    """The bytes of the regular file `path`; None when there is none. Never through a
-    symlink, never blocking on a FIFO (a planted one would hang the reader); `OSError` when
-    it is something else, larger than `limit` bytes, or (with `owner`) another uid's."""
+def read_regular(path: StrPath, limit: int, owner: int | None = None,
+                 follow: bool = False) -> bytes | None:
+    """The bytes of the regular file `path`; None when there is none. Not through a
+    symlink unless `follow`; never blocking on a FIFO (a planted one would hang the reader);
+    `OSError` when it is something else, larger than `limit` bytes (a file that says so is
+    refused unread: a symlink to a huge sparse file would be read whole), or (with `owner`)
+    another uid's."""
     import errno
 
+    nofollow = 0 if follow else os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
@@ -227,7 +231,9 @@ def read_regular(path: StrPath, limit: int, owner: int | None = None) -> bytes |
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if owner is not None and st.st_uid != owner:
             raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not {owner}", str(path))
-        parts = []
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        parts = []  # bounded too: a file that grows meanwhile
         total = 0
         while data := os.read(fd, min(limit + 1 - total, 1 << 20)):
             parts.append(data)
