@@ -26,7 +26,7 @@ from pathlib import Path
 from squashstore import config, host, podmanstore, storelayout, tracker, trust
 from squashstore.config import Config, PodmanStore
 from squashstore.errors import SquashstoreError
-from squashstore.hook import HookError, StoppingContainer, StoppingLayers, stopping_layers
+from squashstore.hook import StoppingContainer, StoppingLayers, stopping_layers
 from squashstore.mountrecords import FSTYPE_BACKENDS, MountRecord
 from squashstore.mountrecords import RecordRegistry as Registry
 from squashstore.tracker import User
@@ -43,10 +43,6 @@ SERVER_EXIT_WAIT = 2.0
 """Seconds a FUSE server gets to exit by itself after its mount is gone."""
 
 KEEP, UNMOUNT, UNMOUNT_DEAD, FORGET = "keep", "unmount", "unmount-dead", "forget"
-
-
-CleanupError = HookError
-"""Cleanup could not read its input (a bad hook state; `squashstore.hook` parses it)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_store import SqLayer, make_squash, store_image_source
 
-from squashstore import cleanup, host, tracker
+from squashstore import cleanup, hook, host, tracker
 from squashstore.config import Config
 from squashstore.host import answers
 from squashstore.image import Image
@@ -108,12 +108,12 @@ def test_decide_examples() -> None:
 def test_hook_state_is_parsed_from_podmans_bundle() -> None:
     state = {"ociVersion": "1.0.2-dev", "id": "abc", "status": "stopped",
              "bundle": "/var/lib/containers/storage/overlay-containers/abc/userdata"}
-    parsed = cleanup.StoppingContainer.parse(json.dumps(state))
-    assert parsed == cleanup.StoppingContainer("abc", "/var/lib/containers/storage")
-    with pytest.raises(cleanup.CleanupError):
-        cleanup.StoppingContainer.parse("not json")
-    with pytest.raises(cleanup.CleanupError, match="nested too deeply"):
-        cleanup.StoppingContainer.parse("[" * 100_000)
+    parsed = hook.StoppingContainer.parse(json.dumps(state))
+    assert parsed == hook.StoppingContainer("abc", "/var/lib/containers/storage")
+    with pytest.raises(hook.HookError):
+        hook.StoppingContainer.parse("not json")
+    with pytest.raises(hook.HookError, match="nested too deeply"):
+        hook.StoppingContainer.parse("[" * 100_000)
 
 
 # --------------------------------------------------------------------------- real podman
