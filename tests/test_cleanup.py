@@ -224,16 +224,16 @@ def _install_hook(base: Path, store: Store, env: dict[str, str], consumer: Podma
     runs hooks with an empty environment)."""
     out = subprocess.run([str(BIN / "squashstore"), "--store", str(store.root), "config",
                           "--hooks"], capture_output=True, text=True, env=env, check=True)
-    hook = json.loads(out.stdout)
-    assert hook["stages"] == ["poststop"] and hook["when"] == {"always": True}
+    spec = json.loads(out.stdout)
+    assert spec["stages"] == ["poststop"] and spec["when"] == {"always": True}
     # The hook's launcher scripts/install writes (python -I -S; squashstore/launcher.py).
-    assert hook["hook"]["args"] == [str(BIN / "squashstore-hook"), "poststop"]
-    assert hook["hook"]["path"] == str(BIN / "squashstore-hook")
-    hook["hook"]["env"] = [f"{k}={env[k]}" for k in ("SQUASHSTORE_RUNTIME_DIR",
+    assert spec["hook"]["args"] == [str(BIN / "squashstore-hook"), "poststop"]
+    assert spec["hook"]["path"] == str(BIN / "squashstore-hook")
+    spec["hook"]["env"] = [f"{k}={env[k]}" for k in ("SQUASHSTORE_RUNTIME_DIR",
                                                     "SQUASHSTORE_CONFIG")]
     hooks_dir = base / "hooks.d"
     hooks_dir.mkdir()
-    (hooks_dir / "squashstore.json").write_text(json.dumps(hook))
+    (hooks_dir / "squashstore.json").write_text(json.dumps(spec))
     with open(consumer.containers_conf, "a") as conf:
         conf.write(f'hooks_dir = ["{hooks_dir}"]\n')
 
