@@ -83,7 +83,8 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
     """32 processes reading the same and different files (plain, O_DIRECT, mmap) while
     another reader is SIGKILLed mid-read and 3,000 missing names are looked up: every byte
     right, no request hangs, no CPU at idle; then readers holding files across a SIGTERM
-    (detached, still served) and a second one (ENOTCONN, no reader hangs, server gone)."""
+    (detached, still served) and a second one (ENOTCONN, or ECONNABORTED for a read in
+    flight at that moment; no reader hangs, server gone)."""
     mnt, pid = mounts_.serve(images["mksquashfs"], "fuse", "--cache-size=1",
                              f"--threads={threads}")
     names = ["big/large", "big/sparse", "big/zeros", *(f"many/f{i}" for i in range(0, 3000, 97))]
@@ -157,7 +158,11 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
         stop.set()
         for fd in fds:
             os.close(fd)
-    assert all(e <= {"ENOTCONN in phase 2"} for e in errors.values()), errors
+    # The second signal ends the server at once: the kernel fails a read it had already
+    # handed to the server with ECONNABORTED (fuse_abort_conn), every later one with ENOTCONN.
+    ended = {"ENOTCONN in phase 2", "ECONNABORTED in phase 2"}
+    assert all(e <= ended for e in errors.values()), errors
+    assert any(errors.values()), "no read failed after the server ended"
 
 
 def test_the_root_hook_never_swallows_a_huge_file_a_user_plants_as_a_podman_record(
