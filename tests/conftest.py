@@ -17,12 +17,20 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from support.fixture_trees import build_fixture_images
 from support.podman import Podman, mounts_below
 from support.podman import make_podman as _make_podman
 
 MakePodman = Callable[..., Podman]
+
+# Hypothesis' default 200 ms deadline per example measures the machine, not the code: on a
+# loaded 2-core CI machine one preempted example fails a property test ("Unreliable test
+# timings"). Properties here are about bytes; no example has a time limit.
+settings.register_profile("squashstore", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("squashstore")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -90,18 +90,22 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
     names = ["big/large", "big/sparse", "big/zeros", *(f"many/f{i}" for i in range(0, 3000, 97))]
     want = {n: hashlib.sha256((tree / n).read_bytes()).hexdigest() for n in names}
     killed = subprocess.Popen(["sh", "-c", f"while :; do cat {mnt}/big/large {mnt}/big/sparse"
-                               " >/dev/null; done"])
+                               " >/dev/null; done"], start_new_session=True)
     children = []
     for i in range(32):
         child = os.fork()
         if child == 0:  # pragma: no cover (child)
-            mode = ("plain", "direct", "mmap")[i % 3]
-            part = names[i % 4::4] if i % 2 else names
-            bad = sum(hashlib.sha256(_read(mnt / n, mode)).hexdigest() != want[n] for n in part)
-            os._exit(min(bad, 100))
+            bad = 100  # an exception in the child must never unwind into pytest
+            try:
+                mode = ("plain", "direct", "mmap")[i % 3]
+                part = names[i % 4::4] if i % 2 else names
+                bad = sum(hashlib.sha256(_read(mnt / n, mode)).hexdigest() != want[n]
+                          for n in part)
+            finally:
+                os._exit(min(bad, 100))
         children.append(child)
     time.sleep(0.3)
-    killed.kill()
+    os.killpg(killed.pid, signal.SIGKILL)  # the shell and the cat it runs, mid-read
     killed.wait()
     deadline = time.monotonic() + 120
     bad = []
@@ -116,7 +120,8 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
             os.stat(mnt / "many" / f"missing{i}")
     before = _cpu_ticks(pid)
     time.sleep(2)
-    assert _cpu_ticks(pid) - before <= 2, "the server spins at idle"
+    # A spinning server burns ~200 ticks in 2 s; a stray late request (a FORGET) a few.
+    assert _cpu_ticks(pid) - before <= 10, "the server spins at idle"
 
     data = (tree / "big" / "large").read_bytes()
     fds = [os.open(mnt / "big" / "large", os.O_RDONLY) for _ in range(8)]
@@ -144,12 +149,13 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
             t.start()
         time.sleep(0.5)
         os.kill(pid, signal.SIGTERM)
-        time.sleep(1.0)
-        assert _mountinfo(mnt) is None and not _gone(pid)
+        assert _wait_for(lambda: _mountinfo(mnt) is None), "the first signal detaches"
+        time.sleep(0.5)  # the readers go on through the detached mount
+        assert not _gone(pid)
         phase[0] = 2
         os.kill(pid, signal.SIGTERM)
         assert _wait_for(lambda: _gone(pid))
-        time.sleep(0.3)
+        assert _wait_for(lambda: any(errors.values())), "no read failed after the server ended"
         stop.set()
         for t in readers:
             t.join(20)
@@ -162,7 +168,6 @@ def test_the_loop_under_parallel_readers_a_killed_reader_and_signals(
     # handed to the server with ECONNABORTED (fuse_abort_conn), every later one with ENOTCONN.
     ended = {"ENOTCONN in phase 2", "ECONNABORTED in phase 2"}
     assert all(e <= ended for e in errors.values()), errors
-    assert any(errors.values()), "no read failed after the server ended"
 
 
 def test_the_root_hook_never_swallows_a_huge_file_a_user_plants_as_a_podman_record(

@@ -1023,9 +1023,9 @@ def test_node_local_caches_leave_the_shared_store_alone(
     files = sorted(caches[0].iterdir())
     for path in files:
         os.utime(path, (time.time() - 60, time.time() - 60))
-    for _ in range(50):  # the servers unmounted lazily: wait until they closed the cache
-        if not host.open_files_under(str(caches[0])):
-            break
+    deadline = time.monotonic() + 60  # the servers unmounted lazily: until they closed it
+    while host.open_files_under(str(caches[0])):
+        assert time.monotonic() < deadline, "a lazily unmounted server keeps its cache open"
         time.sleep(0.1)
     out = cli(store.root, "cleanup", "--grace", "0", env=env)
     assert "lazy cache" not in out.stdout and sorted(caches[0].iterdir()) == files

@@ -237,12 +237,13 @@ class RegistryServer:
                     if m.group(1).endswith(digest) and m.group(2) in ("200", "206")]
             return len(hits), sum(hits)
 
-        last, deadline = now(), time.monotonic() + 5
-        while time.monotonic() < deadline:
-            time.sleep(0.25)
+        # settled: unchanged over three samples (0.6 s), so that a log line delayed by a
+        # preempted registry is not counted on the wrong side of an exact comparison
+        last, same, deadline = now(), 0, time.monotonic() + 10
+        while same < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
             current = now()
-            if current == last:
-                break
+            same = same + 1 if current == last else 0
             last = current
         return last
 
