@@ -485,13 +485,13 @@ def test_cleanups_during_a_burst_of_starts_never_break_a_container(
             stop = time.monotonic()
             cleaned = [p for c in cleaners for p in c.result()]
         for proc in runs:
-            assert proc.returncode == 0, proc.stderr.decode()
-            assert proc.stdout.decode().strip() == "base config"
-        assert len(cleaned) >= 4
+            assert (proc.returncode, proc.stdout.decode().strip()) == (0, "base config"), \
+                proc.stderr.decode()
+        assert len(cleaned) >= 4, [(p.returncode, p.stdout, p.stderr) for p in cleaned]
         if not hooks:                  # they raced the starts (with hooks, the hooks did)
             assert any("unmounted" in p.stdout for p in cleaned)
         for proc in cleaned:
-            assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+            assert proc.returncode == 0 and proc.stderr == "", (proc.stdout, proc.stderr)
         assert s.podman("exec", keeper, "cat", "/etc/config") == "base config"
         assert A in s.mounted()
         s.cli("cleanup", "--grace", "0")
