@@ -12,10 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, build_image, print_table, realistic_tree, timed, tree_stats
+from common import ROOT, arguments, build_image, print_table, realistic_tree, timed, tree_stats
 
 
 def main() -> int:
+    arguments(__doc__).parse_args()
     tree = realistic_tree()
     files, size = tree_stats(tree)
     work = Path(tempfile.mkdtemp(prefix="sqs-bench-export-"))

@@ -20,6 +20,8 @@ import pstats
 import sys
 import time
 
+from common import arguments
+
 from squashstore.layers import LayerMerge, content_source
 from squashstore.sources import open_image
 from squashstore.tar.split import TarSplitRecorder
@@ -97,10 +99,17 @@ STAGES = {"read": read_stage, "merge": merge_stage, "direct": direct_stage,
 
 
 def main() -> int:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    image_ref, stages = args[0], args[1:] or list(STAGES)
+    parser = arguments(__doc__)
+    parser.add_argument("image", help="any reference `migrate` takes")
+    parser.add_argument("stages", nargs="*", default=[], metavar="STAGE",
+                        help=f"{', '.join(STAGES)} (default: all)")
+    parser.add_argument("--profile", action="store_true", help="cProfile each stage")
+    args = parser.parse_args()
+    if unknown := [s for s in args.stages if s not in STAGES]:
+        parser.error(f"unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
+    image_ref, stages = args.image, args.stages or list(STAGES)
     for stage in stages:
-        profile = cProfile.Profile() if "--profile" in sys.argv else None
+        profile = cProfile.Profile() if args.profile else None
         started, cpu = time.perf_counter(), time.thread_time()
         if profile is not None:
             profile.enable()

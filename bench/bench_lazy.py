@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, build_image, print_table, realistic_tree, tree_stats
+from common import ROOT, arguments, build_image, print_table, realistic_tree, tree_stats
 
 SQUASHSTORE = str(ROOT / ".venv/bin/squashstore")
 RATE = 100e6
@@ -119,6 +119,7 @@ def first_import(store: Path, argv: list[str], proxy: Throttle, env: dict[str, s
 
 
 def main() -> int:
+    arguments(__doc__).parse_args()
     from support.registry import RegistryServer, make_pki
 
     tree = realistic_tree()

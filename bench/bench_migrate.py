@@ -19,6 +19,7 @@ from pathlib import Path
 from common import (
     LARGE_PACKAGES,
     ROOT,
+    arguments,
     build_image,
     print_table,
     realistic_tree,
@@ -45,8 +46,11 @@ def podman_hpc(env: dict[str, str], image: str, out: Path, codec: str) -> tuple[
 
 
 def main() -> int:
-    tree = (realistic_tree(LARGE_PACKAGES, "site-packages-large") if "--large" in sys.argv
-            else realistic_tree())
+    parser = arguments(__doc__)
+    parser.add_argument("--large", action="store_true",
+                        help="the ~35,000-file Python environment (common.LARGE_PACKAGES)")
+    tree = (realistic_tree(LARGE_PACKAGES, "site-packages-large")
+            if parser.parse_args().large else realistic_tree())
     files, size = tree_stats(tree)
     work = Path(tempfile.mkdtemp(prefix="sqs-bench-migrate-"))
     podman = None

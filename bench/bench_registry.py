@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, build_image, print_table, realistic_tree, timed, tree_stats
+from common import ROOT, arguments, build_image, print_table, realistic_tree, timed, tree_stats
 
 SQUASHSTORE = str(ROOT / ".venv/bin/squashstore")
 BIG = 2 << 30
@@ -52,6 +52,7 @@ def _fake_big_image(store: Path, work: Path) -> str:
 
 
 def main() -> int:
+    arguments(__doc__).parse_args()
     from support.podman import make_podman
     from support.registry import RegistryServer, make_pki
 

@@ -44,7 +44,6 @@ Run: .venv/bin/python bench/bench_start.py [--rounds N] [--backend fuse,kernel] 
 
 from __future__ import annotations
 
-import argparse
 import compileall
 import json
 import os
@@ -58,7 +57,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import ROOT, print_table
+from common import ROOT, arguments, print_table
 
 if TYPE_CHECKING:
     from squashstore.mounts import Registry
@@ -84,7 +83,7 @@ def run_seconds(env: dict[str, str], argv: list[str]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--backend", default="fuse,kernel")
     parser.add_argument("--program", action="append", default=[], metavar="LABEL=PATH",

@@ -16,7 +16,7 @@ import tarfile
 import time
 from collections.abc import Callable
 
-from common import print_table, realistic_tree
+from common import arguments, print_table, realistic_tree
 from test_layers import make_layer
 
 from squashstore.flatten import export_image
@@ -75,6 +75,7 @@ def _sparse_layer(holes: int) -> bytes:
 
 
 def main() -> int:
+    arguments(__doc__).parse_args()
     tree = realistic_tree()
     data = subprocess.run(["tar", "--format=posix", "-cf", "-", "-C", str(tree), "."],
                           check=True, capture_output=True).stdout

@@ -7,6 +7,7 @@ jobs import from; without the network it falls back to the machine's /usr/lib/py
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -24,6 +25,13 @@ LARGE_PACKAGES = (*PACKAGES, "sympy", "matplotlib", "scikit-learn", "botocore", 
 """A Python environment of ~35,000 files (~41,000 entries), for `--large` runs."""
 
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A bench's command line: ``--help`` prints its docstring; an unknown argument is a
+    usage error, not ignored (a mistyped ``--large`` would silently bench the small tree)."""
+    return argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def realistic_tree(packages: tuple[str, ...] = PACKAGES, name: str = "site-packages") -> Path:
