@@ -44,9 +44,10 @@ def _big_image(store: Path, work: Path, megabytes: int) -> tuple[str, int]:
     try:
         subprocess.run(_cli(store, "migrate", "--no-mount", image), env=podman.env,
                        check=True, capture_output=True)
-    finally:
+    finally:  # the file's other copies (build context, podman's layer) go at once
         podman.close()
-        shutil.rmtree(tree, ignore_errors=True)
+        for path in (tree, work / "big-podman"):
+            shutil.rmtree(path, ignore_errors=True)
     found = json.loads(subprocess.run(_cli(store, "images", "--format", "json"), check=True,
                                       capture_output=True, text=True).stdout)
     size = sum(p.stat().st_size for p in (store / "squashstore" / "squash").iterdir())
